@@ -1,0 +1,122 @@
+"""Typed messages at the engine boundary (offline API and the engine process's ZMQ socket).
+
+Every message carries the request id. They are msgspec Structs, encoded with msgpack on
+sockets; nothing here is ever pickled.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from pdserve.engine.sampling_params import SamplingParams
+
+
+class GenerateReq(msgspec.Struct, frozen=True, tag=True):
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    return_prompt_logprobs: bool = False
+
+
+class AbortReq(msgspec.Struct, frozen=True, tag=True):
+    rid: str
+
+
+class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token_id: int
+    logprob: float
+
+
+class TokenOut(msgspec.Struct, tag=True):
+    """Incremental output for one request: the tokens produced since the last TokenOut.
+
+    `finish_reason` is None while running, else "stop" (EOS, stop token or stop string),
+    "length" (max_new_tokens or context end) or "abort"; `matched_stop` is the stop token id
+    or stop string that ended it; `error` is set when the engine failed the request.
+    """
+
+    rid: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[TopLogprob]] | None = None
+    finish_reason: str | None = None
+    matched_stop: int | str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class LoadInfo(msgspec.Struct, frozen=True):
+    num_running: int
+    num_waiting: int
+    num_pages: int
+    free_pages: int
+    cached_pages: int
+    page_size: int
+
+    @property
+    def kv_usage(self) -> float:
+        return 1.0 - self.free_pages / max(self.num_pages, 1)
+
+
+# --- Engine-process channel (pdserve/server/engine_proc.py <-> pdserve/server/engine_client.py).
+# The front PUSHes `EngineInMsg` values and PULLs `EngineOutMsg` values; control requests carry a
+# `cid` that the engine echoes in its answer so the front can match it to a waiting future.
+
+
+class GetLoadReq(msgspec.Struct, frozen=True, tag=True):
+    cid: int
+
+
+class FlushCacheReq(msgspec.Struct, frozen=True, tag=True):
+    cid: int
+
+
+class ShutdownReq(msgspec.Struct, frozen=True, tag=True):
+    """Ask the engine process to stop: it aborts what it runs and exits."""
+
+
+class EngineReady(msgspec.Struct, frozen=True, tag=True):
+    """First message of the engine process once its model is loaded."""
+
+    pid: int
+    model_path: str
+    vocab_size: int
+    max_model_len: int
+    page_size: int
+    num_pages: int
+    max_running: int
+    device: str = "cpu"
+    model_config: dict[str, int | float | str | bool | None] = {}
+
+
+class EngineFailed(msgspec.Struct, frozen=True, tag=True):
+    """The engine process failed (start-up or a step) and is exiting."""
+
+    message: str
+
+
+class TokenOutBatch(msgspec.Struct, tag=True):
+    """All TokenOuts of one engine step (plus immediate add_request errors)."""
+
+    outs: list[TokenOut]
+
+
+class LoadResp(msgspec.Struct, frozen=True, tag=True):
+    cid: int
+    load: LoadInfo
+    integrity_errors: int = 0  # how many idle check_integrity() calls failed so far
+
+
+class FlushCacheResp(msgspec.Struct, frozen=True, tag=True):
+    cid: int
+    ok: bool
+
+
+EngineInMsg = GenerateReq | AbortReq | GetLoadReq | FlushCacheReq | ShutdownReq
+EngineOutMsg = EngineReady | EngineFailed | TokenOutBatch | LoadResp | FlushCacheResp

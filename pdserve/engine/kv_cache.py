@@ -1,0 +1,86 @@
+"""The paged KV pool and its free-page allocator.
+
+Memory layout (one K and one V tensor for all layers):
+
+    k[layer] : [num_pages * page_size, kv_heads, head_dim]
+               └ page p holds slots p*page_size .. p*page_size + page_size - 1
+
+A token at position `pos` of a request lives in slot
+`pages[pos // page_size] * page_size + pos % page_size`, where `pages` is the request's
+page table. A page is contiguous per layer, so a transfer engine can move it as
+`num_layers * 2` spans of `page_size * kv_heads * head_dim * itemsize` bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.model.config import ModelConfig
+
+
+class OutOfPages(RuntimeError):
+    pass
+
+
+class PageAllocator:
+    """A free list of page ids. Page 0 is never handed out (a harmless pad target)."""
+
+    def __init__(self, num_pages: int) -> None:
+        if num_pages < 2:
+            raise ValueError(f"KV pool needs at least 2 pages, got {num_pages}")
+        self.num_pages = num_pages
+        self._free: list[int] = list(range(num_pages - 1, 0, -1))  # pop() yields 1, 2, 3, ...
+        self._is_free = [True] * num_pages
+        self._is_free[0] = False
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def capacity(self) -> int:
+        return self.num_pages - 1
+
+    def alloc(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfPages(f"need {n} pages, {len(self._free)} free")
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self._is_free[p] = False
+        return pages
+
+    def free(self, pages: list[int]) -> None:
+        for p in pages:
+            if self._is_free[p] or p == 0:
+                raise AssertionError(f"double free of page {p}")
+            self._is_free[p] = True
+        self._free.extend(reversed(pages))
+
+
+class KVPool:
+    """Per-layer K/V tensors in pages, on the model's device and dtype."""
+
+    def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.num_layers = cfg.num_hidden_layers
+        shape = (cfg.num_hidden_layers, num_pages * page_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @staticmethod
+    def pages_for_budget(cfg: ModelConfig, page_size: int, gigabytes: float, itemsize: int) -> int:
+        per_page = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize * page_size
+        return max(2, int(gigabytes * (1 << 30)) // per_page)
+
+    def page_bytes(self) -> int:
+        """Bytes of one page across all layers, K and V."""
+        return 2 * self.num_layers * self.k[0, : self.page_size].numel() * self.k.element_size()
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer].index_copy_(0, slots, k)
+        self.v[layer].index_copy_(0, slots, v)
+
+
+def pages_needed(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)

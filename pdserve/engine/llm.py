@@ -1,0 +1,81 @@
+"""Offline API: `LLM(model).generate(prompts, params)` drives an in-process Engine to completion."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, fields
+
+from tqdm import tqdm
+
+from pdserve.config import EngineConfig
+from pdserve.engine.engine import Engine
+from pdserve.engine.io import GenerateReq, TopLogprob
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.model.tokenizer import truncate_at_stop
+
+
+@dataclass
+class RequestOutput:
+    rid: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    finish_reason: str | None
+    matched_stop: int | str | None
+    cached_tokens: int
+    logprobs: list[float] | None
+    top_logprobs: list[list[TopLogprob]] | None
+
+
+class LLM:
+    _ids = itertools.count()
+
+    def __init__(self, model: str = "default", **engine_kwargs) -> None:
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = set(engine_kwargs) - known
+        if unknown:
+            raise TypeError(f"unknown engine options {sorted(unknown)}; known: {sorted(known)}")
+        self.engine = Engine(EngineConfig(model=model, **engine_kwargs))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(ids)
+        if len(plist) != len(ids):
+            raise ValueError(f"{len(plist)} sampling params for {len(ids)} prompts")
+        rids = [f"offline-{next(self._ids)}" for _ in ids]
+        for rid, p_ids, p in zip(rids, ids, plist):
+            self.engine.validate(GenerateReq(rid, p_ids, p))
+        for rid, p_ids, p in zip(rids, ids, plist):
+            self.engine.add_request(GenerateReq(rid, p_ids, p))
+        results = {rid: RequestOutput(rid, p_ids, [], "", None, None, 0, None, None)
+                   for rid, p_ids in zip(rids, ids)}
+        bar = tqdm(total=len(rids), desc="generate", disable=not use_tqdm, unit="req")
+        pending = set(rids)
+        while pending:
+            for out in self.engine.step():
+                res = results[out.rid]
+                res.output_ids.extend(out.token_ids)
+                if out.logprobs is not None:
+                    res.logprobs = (res.logprobs or []) + out.logprobs
+                if out.top_logprobs is not None:
+                    res.top_logprobs = (res.top_logprobs or []) + out.top_logprobs
+                if out.finished:
+                    res.finish_reason, res.matched_stop = out.finish_reason, out.matched_stop
+                    res.cached_tokens = out.cached_tokens
+                    pending.discard(out.rid)
+                    bar.update(1)
+        bar.close()
+        for rid, p in zip(rids, plist):
+            res = results[rid]
+            res.text = self.tokenizer.decode(res.output_ids, skip_special_tokens=p.skip_special_tokens)
+            if isinstance(res.matched_stop, str):
+                res.text = truncate_at_stop(res.text, res.matched_stop)
+        return [results[rid] for rid in rids]

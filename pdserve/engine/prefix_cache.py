@@ -1,0 +1,134 @@
+"""Radix prefix cache over KV pages, with reference counts and LRU eviction.
+
+The tree's radix is one page: each node holds one full page of `page_size` token ids (its
+key) and the KV page id that stores them. A path from the root spells a token prefix.
+
+    root ─ [t0..t15]:p7 ─ [t16..t31]:p9 ─ [t32..t47]:p2     request A's first 3 pages
+                        └ [u16..u31]:p4                        request B diverged at page 1
+
+Lifecycle of a request against the cache:
+  match   → longest cached page prefix; the request locks its deepest node (ref +1 on the
+            whole path) so nothing it reads can be evicted.
+  insert  → after prefill (still running) or at finish, its full pages join the tree; a
+            page whose content the tree already holds is a duplicate and is freed, the
+            request's table then points at the tree's page. The lock moves to the new node.
+  unlock  → at finish/abort/preemption; unreferenced leaves become evictable (LRU first).
+Only partial last pages and pages beyond the tree stay private to a request.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from pdserve.engine.kv_cache import PageAllocator
+
+
+@dataclass(eq=False)
+class Node:
+    key: tuple[int, ...]
+    page: int
+    parent: "Node | None"
+    children: dict[tuple[int, ...], "Node"] = field(default_factory=dict)
+    ref: int = 0
+    last_access: int = 0
+    depth: int = 0  # pages from the root
+
+
+class PrefixCache:
+    def __init__(self, allocator: PageAllocator, page_size: int, enabled: bool = True) -> None:
+        self.allocator = allocator
+        self.page_size = page_size
+        self.enabled = enabled
+        self.root = Node(key=(), page=-1, parent=None, ref=1)
+        self.num_pages = 0  # pages held by tree nodes
+        self._tick = 0
+
+    def _touch(self, node: Node) -> None:
+        self._tick += 1
+        node.last_access = self._tick
+
+    def _keys(self, tokens: list[int], num_pages: int) -> list[tuple[int, ...]]:
+        ps = self.page_size
+        return [tuple(tokens[i * ps:(i + 1) * ps]) for i in range(num_pages)]
+
+    def match(self, tokens: list[int]) -> tuple[list[int], Node]:
+        """Pages of the longest cached full-page prefix of `tokens`, and its deepest node."""
+        node = self.root
+        pages: list[int] = []
+        if not self.enabled:
+            return pages, node
+        for key in self._keys(tokens, len(tokens) // self.page_size):
+            child = node.children.get(key)
+            if child is None:
+                break
+            node = child
+            self._touch(node)
+            pages.append(node.page)
+        return pages, node
+
+    def lock(self, node: Node) -> None:
+        while node is not None:
+            node.ref += 1
+            node = node.parent  # type: ignore[assignment]
+
+    def unlock(self, node: Node) -> None:
+        while node is not None:
+            node.ref -= 1
+            assert node.ref >= 0, "prefix cache ref count below zero"
+            node = node.parent  # type: ignore[assignment]
+
+    def insert(self, tokens: list[int], pages: list[int]) -> tuple[list[int], Node]:
+        """Insert the full pages of `tokens` (stored in `pages`); return the page table to use
+        for them (duplicates replaced by the tree's pages, which are freed) and the deepest node."""
+        n = min(len(tokens) // self.page_size, len(pages))
+        node, out, dup = self.root, [], []
+        for i, key in enumerate(self._keys(tokens, n)):
+            child = node.children.get(key)
+            if child is None:
+                child = Node(key=key, page=pages[i], parent=node, depth=node.depth + 1)
+                node.children[key] = child
+                self.num_pages += 1
+            elif child.page != pages[i]:
+                dup.append(pages[i])
+            node = child
+            self._touch(node)
+            out.append(node.page)
+        if dup:
+            self.allocator.free(dup)
+        return out, node
+
+    def evict(self, num_pages: int) -> int:
+        """Free up to `num_pages` pages from unreferenced leaves, least recently used first."""
+        heap = [(n.last_access, id(n), n) for n in self._iter_nodes() if not n.children and n.ref == 0]
+        heapq.heapify(heap)
+        freed: list[int] = []
+        while heap and len(freed) < num_pages:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            assert parent is not None
+            del parent.children[node.key]
+            self.num_pages -= 1
+            freed.append(node.page)
+            if parent is not self.root and not parent.children and parent.ref == 0:
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        if freed:
+            self.allocator.free(freed)
+        return len(freed)
+
+    def evictable_pages(self) -> int:
+        return sum(1 for n in self._iter_nodes() if n.ref == 0)
+
+    def reset(self) -> bool:
+        """Drop every cached page (flush); refused while any request holds a lock."""
+        if any(n.ref for n in self._iter_nodes()):
+            return False
+        self.evict(self.num_pages)
+        return True
+
+    def _iter_nodes(self):
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())

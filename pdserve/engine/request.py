@@ -1,0 +1,63 @@
+"""A request as token counters, not phases.
+
+    tokens:   [ p0 p1 ... pN-1 | o0 o1 ... oM-1 ]   prompt then sampled output
+               <---- num_computed ---->             KV present in the pool
+                                      <-- todo -->  computed by the next forward(s)
+
+Prefill, chunked prefill, prefix-cache hits (num_computed starts > 0), decode (todo == 1),
+preemption (num_computed reset to 0, recompute) and "prebuilt from a transfer" are all just
+values of these counters. A forward that reaches the end of `tokens` samples one more token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pdserve.engine.io import TopLogprob
+from pdserve.engine.prefix_cache import Node
+from pdserve.engine.sampling_params import SamplingParams
+
+
+@dataclass(eq=False)
+class Request:
+    rid: str
+    prompt_len: int
+    params: SamplingParams
+    tokens: list[int]
+    arrival: int = 0  # admission order, for FCFS and preemption victims
+    num_computed: int = 0
+    cached_tokens: int = 0  # prefix-cache hit at first admission (reported)
+    pages: list[int] = field(default_factory=list)  # page table
+    tree_pages: int = 0  # pages[:tree_pages] belong to the prefix cache
+    tree_node: Node | None = None  # deepest locked cache node
+    generator: torch.Generator | None = None
+    # incremental output not yet reported
+    new_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[float] = field(default_factory=list)
+    new_top: list[list[TopLogprob]] = field(default_factory=list)
+    finish_reason: str | None = None
+    matched_stop: int | str | None = None
+    stop_text: str = ""  # decoded tail, kept only when the request has stop strings
+    admitted: bool = False
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def todo(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def remaining_new(self) -> int:
+        return max(self.params.max_new_tokens - self.num_output, 0)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

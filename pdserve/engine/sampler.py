@@ -1,0 +1,268 @@
+"""Token sampler: turns one step's logits into next tokens (plus optional logprobs).
+
+The engine calls `Sampler.sample(logits, rows)` once per step with a [B, V] float32 logits
+tensor and one `SampleRow` per sequence. Semantics follow vLLM / HF transformers:
+
+1. logprobs (for rows that ask) are `log_softmax` of the RAW logits, before any processing;
+2. `suppress_ids` are set to -inf (EOS / stop ids while below `min_new_tokens`);
+3. repetition penalty over prompt + output tokens (logit > 0 -> divide, else multiply);
+4. frequency / presence penalties over output tokens (OpenAI: minus f * count, minus p * [count > 0]);
+5. greedy rows (temperature == 0 or top_k == 1) take the argmax;
+6. other rows: divide by temperature, then top-k, top-p (nucleus), min-p, then draw a token
+   with the exponential race `argmax(probs / Exp(1))`; a row's own `torch.Generator` (seeded
+   per request) makes its draw depend only on the seed and its logits, not on the batch.
+
+The all-greedy, no-penalty, no-logprob batch is a single `argmax` (the hot path). Everything
+else is vectorised across the batch: per-row Python work is limited to collecting parameters
+and token ids. `process_logits` exposes the processed logits for tests and debugging.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.engine.io import TopLogprob
+from pdserve.engine.sampling_params import SamplingParams
+
+__all__ = ["SampleRow", "SampleResult", "Sampler", "apply_penalties", "process_logits"]
+
+# Nucleus boundary tolerance: a prefix whose mass is within this of top_p counts as reaching it,
+# so e.g. probs [0.5, 0.3, ...] with top_p 0.8 keeps exactly two tokens despite float rounding.
+_TOP_P_EPS = 1e-6
+# Temperatures below this are clamped (still effectively greedy) so logits / T cannot overflow.
+_MIN_TEMPERATURE = 1e-5
+
+
+@dataclass
+class SampleRow:
+    """What the engine gives per sequence that samples this step."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # seeded per request when params.seed is set, else None
+    prompt_ids: list[int]
+    output_ids: list[int]  # tokens generated so far
+    suppress_ids: tuple[int, ...] = ()  # ids to ban this step (EOS/stop ids below min_new_tokens)
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float] | None  # per row logprob of the chosen token (None when no row asked)
+    top_logprobs: list[list[TopLogprob]] | None
+
+
+def _is_greedy(p: SamplingParams) -> bool:
+    return p.temperature == 0.0 or p.top_k == 1
+
+
+def _wants_logprobs(p: SamplingParams) -> bool:
+    return p.logprobs or p.top_logprobs > 0
+
+
+def _needs_processing(r: SampleRow) -> bool:
+    p = r.params
+    return (
+        bool(r.suppress_ids)
+        or p.repetition_penalty != 1.0
+        or p.frequency_penalty != 0.0
+        or p.presence_penalty != 0.0
+    )
+
+
+def _token_matrix(
+    id_lists: list[list[int]], n_rows: int, vocab: int, device: torch.device, counts: bool
+) -> torch.Tensor:
+    """[n_rows, vocab] matrix from per-row id lists: float32 counts, or a bool presence mask."""
+    lengths = torch.tensor([len(ids) for ids in id_lists], dtype=torch.long)
+    flat = torch.tensor(list(itertools.chain.from_iterable(id_lists)), dtype=torch.long)
+    row_idx = torch.repeat_interleave(torch.arange(n_rows), lengths)
+    flat, row_idx = flat.to(device, non_blocking=True), row_idx.to(device, non_blocking=True)
+    if counts:
+        out = torch.zeros(n_rows, vocab, dtype=torch.float32, device=device)
+        out.index_put_((row_idx, flat), torch.ones_like(flat, dtype=torch.float32), accumulate=True)
+    else:
+        out = torch.zeros(n_rows, vocab, dtype=torch.bool, device=device)
+        out[row_idx, flat] = True
+    return out
+
+
+def _row_param(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """A per-row parameter as a [n, 1] column on `like`'s device and dtype."""
+    return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True).unsqueeze(1)
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Steps 2-4 IN PLACE on `logits` [B, V]: suppress ids, repetition, frequency and presence."""
+    device, vocab = logits.device, logits.shape[1]
+    neg_inf = float("-inf")
+
+    sup = [(i, r.suppress_ids) for i, r in enumerate(rows) if r.suppress_ids]
+    if sup:
+        row_idx = [i for i, ids in sup for _ in ids]
+        tok_idx = [t for _, ids in sup for t in ids]
+        logits[torch.tensor(row_idx, device=device), torch.tensor(tok_idx, device=device)] = neg_inf
+
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    if rep:
+        seen = _token_matrix(
+            [rows[i].prompt_ids + rows[i].output_ids for i in rep], len(rep), vocab, device, False
+        )
+        pen = _row_param([rows[i].params.repetition_penalty for i in rep], logits)
+        idx = torch.tensor(rep, device=device)
+        sub = logits[idx]
+        penalised = torch.where(sub > 0, sub / pen, sub * pen)
+        logits[idx] = torch.where(seen, penalised, sub)
+
+    fp = [
+        i
+        for i, r in enumerate(rows)
+        if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0
+    ]
+    if fp:
+        counts = _token_matrix([rows[i].output_ids for i in fp], len(fp), vocab, device, True)
+        freq = _row_param([rows[i].params.frequency_penalty for i in fp], logits)
+        pres = _row_param([rows[i].params.presence_penalty for i in fp], logits)
+        idx = torch.tensor(fp, device=device)
+        sub = logits[idx]
+        sub -= freq * counts
+        sub -= pres * (counts > 0).to(sub.dtype)
+        logits[idx] = sub
+    return logits
+
+
+def _truncate(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k / top-p / min-p masking (-inf) for sampled rows [n, V]."""
+    temps = [max(p.temperature, _MIN_TEMPERATURE) for p in params]
+    if any(t != 1.0 for t in temps):
+        logits = logits / _row_param(temps, logits)
+    vocab = logits.shape[1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    need_k = any(k < vocab for k in top_k)
+    need_p = any(p.top_p < 1.0 for p in params)
+    need_min_p = any(p.min_p > 0.0 for p in params)
+    if not (need_k or need_p or need_min_p):
+        return logits
+
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if need_k:
+        pos = torch.arange(vocab, device=logits.device).unsqueeze(0)
+        k = torch.tensor(top_k, dtype=torch.long).to(logits.device, non_blocking=True)
+        mask |= pos >= k.unsqueeze(1)  # exactly k kept, ties broken by sort order
+        sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+    if need_p or need_min_p:
+        probs = sorted_logits.softmax(dim=-1)
+        if need_p:
+            top_p = _row_param([p.top_p for p in params], probs)
+            mass_before = probs.cumsum(dim=-1) - probs  # exclusive prefix mass
+            p_mask = (mass_before >= top_p - _TOP_P_EPS) & (top_p < 1.0)
+            p_mask[:, 0] = False  # always keep the most likely token
+            mask |= p_mask
+        if need_min_p:
+            # min-p is relative to the max prob, which top-k/top-p renormalisation leaves unchanged
+            min_p = _row_param([p.min_p for p in params], probs)
+            mask |= probs < min_p * probs[:, :1]
+    full_mask = torch.empty_like(mask).scatter_(1, sorted_idx, mask)
+    return logits.masked_fill(full_mask, float("-inf"))
+
+
+def _draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of processed logits [n, V] via argmax(probs / Exp(1))."""
+    probs = logits.softmax(dim=-1)
+    q = torch.empty_like(probs)
+    if any(g is None for g in generators):
+        q.exponential_()  # global RNG, one batched draw (seeded rows are overwritten below)
+    for i, g in enumerate(generators):
+        if g is not None:
+            q[i].exponential_(generator=g)
+    q.clamp_min_(torch.finfo(q.dtype).tiny)  # exponential_ may return 0: avoid 0/0 = nan
+    return (probs / q).argmax(dim=-1)
+
+
+def process_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """The logits the sampler picks from, as a new tensor (the input is not modified).
+
+    Penalties and suppress ids apply to every row; sampled (non-greedy) rows are then divided by
+    temperature and masked (-inf) by top-k / top-p / min-p. A greedy row's token is the argmax
+    of its processed row; a sampled row's distribution is the softmax of its processed row.
+    """
+    x = logits.float().clone()
+    if any(_needs_processing(r) for r in rows):
+        apply_penalties(x, rows)
+    sampled = [i for i, r in enumerate(rows) if not _is_greedy(r.params)]
+    if sampled:
+        idx = torch.tensor(sampled, device=x.device)
+        x[idx] = _truncate(x[idx], [rows[i].params for i in sampled])
+    return x
+
+
+class Sampler:
+    """Stateless per-step sampler; per-request RNG state lives in each row's generator."""
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+
+    def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
+        """Pick one token per row from `logits` [B, V] (B == len(rows)).
+
+        Columns past `vocab_size` (padded lm_head) are ignored. Generators must live on the
+        logits' device.
+        """
+        if logits.shape[0] != len(rows):
+            raise ValueError(f"logits has {logits.shape[0]} rows but {len(rows)} sample rows")
+        if logits.shape[1] > self.vocab_size:
+            logits = logits[:, : self.vocab_size]
+        if not rows:
+            return SampleResult([], None, None)
+
+        # Hot path: all greedy, nothing to process, no logprobs -> a single argmax.
+        for r in rows:
+            p = r.params
+            if not _is_greedy(p) or _wants_logprobs(p) or _needs_processing(r):
+                break
+        else:
+            return SampleResult(logits.argmax(dim=-1).tolist(), None, None)
+
+        logits = logits.float()
+        device = logits.device
+        lp_rows = [i for i, r in enumerate(rows) if _wants_logprobs(r.params)]
+        raw_lp: torch.Tensor | None = None
+        if lp_rows:  # from the raw logits, before anything below touches them
+            raw = logits if len(lp_rows) == len(rows) else logits[torch.tensor(lp_rows, device=device)]
+            raw_lp = raw.log_softmax(dim=-1)
+
+        if any(_needs_processing(r) for r in rows):
+            logits = apply_penalties(logits.clone(), rows)
+
+        sampled = [i for i, r in enumerate(rows) if not _is_greedy(r.params)]
+        if len(sampled) == len(rows):
+            tokens = _draw(_truncate(logits, [r.params for r in rows]), [r.generator for r in rows])
+        else:
+            tokens = logits.argmax(dim=-1)
+            if sampled:
+                idx = torch.tensor(sampled, device=device)
+                sub = _truncate(logits[idx], [rows[i].params for i in sampled])
+                tokens[idx] = _draw(sub, [rows[i].generator for i in sampled])
+
+        token_ids: list[int] = tokens.tolist()
+        if raw_lp is None:
+            return SampleResult(token_ids, None, None)
+
+        chosen_t = torch.tensor([token_ids[i] for i in lp_rows], device=device).unsqueeze(1)
+        chosen = raw_lp.gather(1, chosen_t).squeeze(1).tolist()
+        logprobs = [0.0] * len(rows)
+        for j, i in enumerate(lp_rows):
+            logprobs[i] = chosen[j]
+        top: list[list[TopLogprob]] = [[] for _ in rows]
+        k_max = min(max(rows[i].params.top_logprobs for i in lp_rows), raw_lp.shape[1])
+        if k_max > 0:
+            vals, ids = raw_lp.topk(k_max, dim=-1)  # sorted descending
+            vals_l, ids_l = vals.tolist(), ids.tolist()
+            for j, i in enumerate(lp_rows):
+                k = rows[i].params.top_logprobs
+                top[i] = [TopLogprob(t, v) for t, v in zip(ids_l[j][:k], vals_l[j][:k])]
+        return SampleResult(token_ids, logprobs, top)

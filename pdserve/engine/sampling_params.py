@@ -1,0 +1,70 @@
+"""Per-request sampling parameters: one typed struct that crosses every process boundary.
+
+`SamplingParams` is a frozen msgspec Struct so the HTTP front, the engine process and the
+offline API share one definition and it encodes to msgpack without pickle. `validate` names
+the offending field in its error so the server can answer a 400 with `param` set.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SamplingError(ValueError):
+    """A request parameter is invalid; `param` names the field (OpenAI error bodies use it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 (or 0) disables
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False  # return the logprob of each sampled token
+    top_logprobs: int = 0  # and the k most likely alternatives
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self, max_top_logprobs: int = 20) -> None:
+        def bad(msg: str, param: str) -> None:
+            raise SamplingError(msg, param)
+
+        if self.max_new_tokens < 0:
+            bad(f"max_new_tokens must be >= 0, got {self.max_new_tokens}", "max_tokens")
+        if self.min_new_tokens < 0 or self.min_new_tokens > max(self.max_new_tokens, 0):
+            bad(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}", "min_tokens")
+        if not self.temperature >= 0.0:
+            bad(f"temperature must be >= 0, got {self.temperature}", "temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.top_k < -1:
+            bad(f"top_k must be -1 (off) or >= 1, got {self.top_k}", "top_k")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        if not self.repetition_penalty > 0.0:
+            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}", "frequency_penalty")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}", "presence_penalty")
+        if not 0 <= self.top_logprobs <= max_top_logprobs:
+            bad(f"top_logprobs must be in [0, {max_top_logprobs}], got {self.top_logprobs}", "top_logprobs")
+        if any(not s for s in self.stop):
+            bad("stop strings must be non-empty", "stop")
+        if any(t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids must be non-negative", "stop_token_ids")

@@ -1,0 +1,129 @@
+"""Continuous-batching scheduler composed of small managers.
+
+Each `schedule()` builds one forward under a token budget:
+  1. running requests, oldest first: a decode takes 1 token, an unfinished prefill its next
+     chunk. If pages run out, the newest running request is preempted (its computed pages
+     go to the prefix cache, it returns to the front of the waiting queue and recomputes).
+  2. waiting requests, FCFS, while budget, `max_running` and pages allow: a request is
+     admitted only if its whole remaining prompt fits with headroom kept for the decode of
+     those already running (`decode_headroom` × their remaining new tokens).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pdserve.engine.batch import Chunk, ScheduleBatch
+from pdserve.engine.kv_cache import pages_needed
+from pdserve.engine.kv_manager import KVManager
+from pdserve.engine.request import Request
+
+
+class WaitingQueue:
+    """FCFS queue; preempted requests re-enter at the front."""
+
+    def __init__(self) -> None:
+        self._q: deque[Request] = deque()
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def __iter__(self):
+        return iter(self._q)
+
+    def push(self, req: Request) -> None:
+        self._q.append(req)
+
+    def push_front(self, req: Request) -> None:
+        self._q.appendleft(req)
+
+    def peek(self) -> Request:
+        return self._q[0]
+
+    def pop(self) -> Request:
+        return self._q.popleft()
+
+    def remove(self, req: Request) -> bool:
+        try:
+            self._q.remove(req)
+            return True
+        except ValueError:
+            return False
+
+
+class Scheduler:
+    def __init__(self, kv: KVManager, chunk_budget: int, max_running: int, decode_headroom: float) -> None:
+        self.kv = kv
+        self.chunk_budget = chunk_budget
+        self.max_running = max_running
+        self.decode_headroom = decode_headroom
+        self.waiting = WaitingQueue()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.push(req)
+
+    def has_work(self) -> bool:
+        return bool(self.running) or bool(self.waiting)
+
+    def schedule(self) -> ScheduleBatch | None:
+        chunks: list[Chunk] = []
+        budget = self._schedule_running(chunks, self.chunk_budget)
+        self._admit_waiting(chunks, budget)
+        return ScheduleBatch(chunks) if chunks else None
+
+    def _schedule_running(self, chunks: list[Chunk], budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.todo, budget)
+            while not self.kv.ensure_pages(req, req.num_computed + n):
+                self.preempt(self.running[-1])
+                if self.running[-1:] == [] or req not in self.running:
+                    break
+            if req not in self.running:
+                break  # it preempted itself: everything after it went too
+            chunks.append(Chunk(req, req.num_computed, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _admit_waiting(self, chunks: list[Chunk], budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            req = self.waiting.peek()
+            self.kv.attach_prefix(req)
+            need = pages_needed(len(req.tokens), self.kv.page_size) - len(req.pages) + self._headroom()
+            n = min(req.todo, budget)
+            if self.kv.available() < need or not self.kv.ensure_pages(req, req.num_computed + n):
+                self.kv.release(req, keep_in_cache=False)
+                req.num_computed = 0
+                break
+            self.waiting.pop()
+            if not req.admitted:
+                req.cached_tokens, req.admitted = req.num_computed, True
+            self.running.append(req)
+            chunks.append(Chunk(req, req.num_computed, n))
+            budget -= n
+
+    def _headroom(self) -> int:
+        tokens = sum(r.remaining_new for r in self.running)
+        return pages_needed(int(tokens * self.decode_headroom), self.kv.page_size)
+
+    def preempt(self, req: Request) -> None:
+        """Recompute later: pages go to the prefix cache, the request to the queue front."""
+        self.running.remove(req)
+        self.kv.release(req, keep_in_cache=True)
+        req.num_computed = 0
+        self.waiting.push_front(req)
+        self.num_preemptions += 1
+
+    def finish(self, req: Request, keep_in_cache: bool = True) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.kv.release(req, keep_in_cache=keep_in_cache)
+
+    def live(self) -> list[Request]:
+        return [*self.running, *self.waiting]

@@ -1,0 +1,44 @@
+"""Stop conditions, checked after each sampled token (in priority order):
+stop token id → EOS (unless ignore_eos) → stop string (decoded text) → max_new_tokens →
+context end. Also tells the sampler which ids to suppress below `min_new_tokens`."""
+
+from __future__ import annotations
+
+from pdserve.engine.request import Request
+from pdserve.model.tokenizer import Tokenizer
+
+
+class StopChecker:
+    def __init__(self, tokenizer: Tokenizer, eos_ids: frozenset[int], max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_model_len = max_model_len
+
+    def suppressed(self, r: Request) -> tuple[int, ...]:
+        p = r.params
+        if r.num_output >= p.min_new_tokens:
+            return ()
+        return tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_ids))
+
+    def check(self, r: Request) -> None:
+        p, tok = r.params, r.tokens[-1]
+        if tok in p.stop_token_ids:
+            r.finish_reason, r.matched_stop = "stop", tok
+        elif not p.ignore_eos and tok in self.eos_ids:
+            r.finish_reason, r.matched_stop = "stop", tok
+        elif p.stop and self._stop_string(r):
+            r.finish_reason = "stop"
+        elif r.num_output >= p.max_new_tokens or len(r.tokens) >= self.max_model_len:
+            r.finish_reason = "length"
+
+    def _stop_string(self, r: Request) -> bool:
+        # Decode a window of recent tokens: wide enough for the longest stop string plus
+        # the newest token, since one token can complete a stop string begun earlier.
+        window = max(len(s) for s in r.params.stop) + 8
+        text = self.tokenizer.decode(r.output_ids[-window:], skip_special_tokens=r.params.skip_special_tokens)
+        tail = text[-(max(len(s) for s in r.params.stop) + 32):]
+        for s in r.params.stop:
+            if s in tail:
+                r.matched_stop = s
+                return True
+        return False

@@ -1,0 +1,156 @@
+"""Llama-family decoder over a flat token batch.
+
+The model sees one flat batch of T tokens (prefill chunks and decode tokens mixed) and calls
+`attn(layer, q, k, v)` for attention, a callable the runner supplies: it writes k/v into the
+paged KV cache and attends over each sequence's pages. The model itself knows no pages.
+q/k/v and gate/up are fused into single matmuls at load time (fewer, larger GEMMs on CPU).
+Parameter names follow Hugging Face so a safetensors folder loads by name.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.model.config import ModelConfig
+from pdserve.model.rope import RotaryEmbedding
+
+AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, attn: AttnFn) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q, k, v = q.view(t, self.hq, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        out = attn(self.layer, q, k, v)  # [T, Hq, D]
+        return self.o_proj(out.reshape(t, self.hq * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, attn: AttnFn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(tokens, positions, attn) -> hidden [T, H]; logits(hidden) -> [N, V]."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.rope = RotaryEmbedding(cfg, max_positions)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnFn) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions, self.rope, attn)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    # ---- weights ---------------------------------------------------------------------------
+    _FUSED = {  # HF name fragment -> (fused parameter fragment, shard index)
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors, stacking q/k/v and gate/up into the fused projections."""
+        params = dict(self.named_parameters())
+        seen: set[str] = set()
+        for name, tensor in weights:
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints store a copy
+            if "rotary_emb" in name:
+                continue
+            fused = next((f for f in self._FUSED if f".{f}." in name), None)
+            if fused is None:
+                target = params.get(name)
+                if target is None:
+                    raise KeyError(f"unexpected weight {name!r} in checkpoint")
+                target.data.copy_(tensor)
+                seen.add(name)
+                continue
+            new_frag, shard = self._FUSED[fused]
+            pname = name.replace(fused, new_frag)
+            target = params[pname]
+            offset, size = self._shard_range(new_frag, shard)
+            target.data[offset:offset + size].copy_(tensor)
+            seen.add(f"{pname}#{shard}")
+        self._check_complete(params, seen)
+
+    def _shard_range(self, frag: str, shard: int) -> tuple[int, int]:
+        c = self.config
+        if frag == "gate_up_proj":
+            return shard * c.intermediate_size, c.intermediate_size
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        return [(0, q), (q, kv), (q + kv, kv)][shard]
+
+    def _check_complete(self, params: dict[str, nn.Parameter], seen: set[str]) -> None:
+        missing = []
+        for name in params:
+            if "qkv_proj" in name:
+                missing += [f"{name}#{i}" for i in range(3) if f"{name}#{i}" not in seen]
+            elif "gate_up_proj" in name:
+                missing += [f"{name}#{i}" for i in range(2) if f"{name}#{i}" not in seen]
+            elif name not in seen:
+                missing.append(name)
+        if missing:
+            raise KeyError(f"checkpoint is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")

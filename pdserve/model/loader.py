@@ -1,0 +1,49 @@
+"""Build a model from a Hugging Face folder (config.json + one or many *.safetensors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from pdserve.model.config import ModelConfig
+from pdserve.model.llama import LlamaForCausalLM
+from pdserve.model.rope import RotaryEmbedding
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in model folder {folder}")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, max_positions: int) -> LlamaForCausalLM:
+    folder = Path(folder)
+    cfg = ModelConfig.from_folder(folder)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_positions=1)
+    model = model.to_empty(device=device).to(dtype)
+    model.rope = RotaryEmbedding(cfg, max_positions).to(device)  # fp32 tables, rebuilt off meta
+    model.load_weights(iter_safetensors(folder))
+    return model.eval().requires_grad_(False)

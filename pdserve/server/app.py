@@ -1,0 +1,77 @@
+"""The FastAPI application of one pdserve server.
+
+`build_app(config)` returns an ASGI app whose lifespan owns the engine:
+  startup  - `EngineClient.start()` spawns the engine process and waits until its model is
+             loaded (uvicorn binds the port only after this, so /health answers only when
+             ready), then `ServerState` (tokenizer, metrics, caps) goes into `app.state.server`;
+  serving  - routers: OpenAI (/v1/...), native (/generate), admin (health, info, load, ...);
+             errors always come back as OpenAI error bodies; API key and body cap run as
+             ASGI middleware around everything;
+  shutdown - `begin_shutdown(app)` (called from the signal handler) refuses new work and ends
+             in-flight streams with finish_reason "abort"; the lifespan's exit then stops the
+             engine process and removes its sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from pdserve.server import native_generate, openai_chat, openai_completions, routes_admin
+from pdserve.server.config import ServerConfig
+from pdserve.server.engine_client import EngineClient
+from pdserve.server.errors import install_error_handlers
+from pdserve.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from pdserve.server.state import ServerState
+
+logger = logging.getLogger("pdserve.server")
+
+
+def build_fastapi(config: ServerConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = EngineClient(config.engine, config.engine_start_timeout_s)
+        app.state.client = client
+        try:
+            info = await client.start()
+            app.state.server = ServerState.create(config, client, info)
+            logger.info("engine ready: model %s, max_model_len %d, %d KV pages of %d tokens",
+                        info.model_path, info.max_model_len, info.num_pages, info.page_size)
+            yield
+        finally:
+            app.state.server = None
+            await client.close(config.shutdown_timeout_s)
+            logger.info("engine stopped")
+
+    app = FastAPI(title="pdserve", version=routes_admin.VERSION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = None
+    app.state.client = None
+    install_error_handlers(app)
+    app.include_router(openai_completions.router)
+    app.include_router(openai_chat.router)
+    app.include_router(native_generate.router)
+    app.include_router(routes_admin.router)
+    return app
+
+
+def build_app(config: ServerConfig) -> Any:
+    """The ASGI app to serve: FastAPI wrapped in the body cap and (if set) the API key check."""
+    fastapi_app = build_fastapi(config)
+    app: Any = BodyLimitMiddleware(fastapi_app, config.max_body_bytes)
+    if config.api_key:
+        app = ApiKeyMiddleware(app, config.api_key)
+    app.fastapi = fastapi_app  # type: ignore[attr-defined]
+    return app
+
+
+def begin_shutdown(fastapi_app: FastAPI) -> None:
+    """Refuse new generations and end the in-flight ones (finish_reason "abort")."""
+    client: EngineClient | None = getattr(fastapi_app.state, "client", None)
+    if client is not None:
+        client.closing = True
+        client.abort_all("server shutting down")

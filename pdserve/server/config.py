@@ -1,0 +1,35 @@
+"""Frozen configuration of the HTTP front (`pdserve serve`); the engine's knobs live in EngineConfig.
+
+Built once by `launch_server.run_serve` from CLI flags (and `PDSERVE_API_KEY`), then read by the
+app, the engine client and the request handlers for the life of the server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdserve.config import EngineConfig
+
+API_KEY_ENV = "PDSERVE_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None  # protects every route but /health and /metrics
+    served_model_name: str | None = None  # default: the model folder's name
+    max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413
+    max_n: int = 16  # cap on `n` (choices per prompt)
+    max_prompts: int = 64  # cap on prompts in one batched request
+    max_tokens_cap: int | None = None  # cap on max_tokens; None = the engine's max_model_len
+    max_stop: int = 16  # cap on stop strings / stop token ids
+    completion_default_max_tokens: int = 16  # OpenAI's default for /v1/completions
+    generate_default_max_tokens: int = 128  # SGLang's default for /generate
+    engine_start_timeout_s: float = 900.0  # model load (first run converts the bundled GGUF)
+    control_timeout_s: float = 30.0  # /get_load, /flush_cache round trips to the engine
+    health_generate_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 10.0  # per stage: draining connections, stopping the engine
+    log_level: str = "info"
+    access_log: bool = False

@@ -1,0 +1,239 @@
+"""The engine process: one Engine driven by msgpack messages from the HTTP front over ZMQ.
+
+Lifecycle:
+  1. the front calls `spawn_engine_process` ('spawn' multiprocessing context); the child runs
+     `engine_main`: it dies with its parent (PR_SET_PDEATHSIG + a parent-pid check), ignores
+     SIGINT (the front decides when to stop), sets torch's threads, connects its sockets
+     (PULL for `EngineInMsg`, PUSH for `EngineOutMsg`) and builds the Engine (slow);
+  2. it sends `EngineReady` (or `EngineFailed` and exits 1);
+  3. `EngineLoop.run`: while there is work, drain the inbox without blocking, `step()`, and send
+     the step's TokenOuts as one `TokenOutBatch`; when idle, run `check_integrity()` once and
+     block on the inbox. A bad request (add_request raises) is answered at once with a TokenOut
+     whose `error` is set. Control requests are answered between steps;
+  4. `ShutdownReq` (or the parent's death) ends the loop; an exception in `step()` sends
+     `EngineFailed` and exits 1.
+Nothing is pickled on the sockets; the config crosses the spawn boundary as JSON bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import traceback
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import msgspec
+import zmq
+
+from pdserve.config import EngineConfig, default_threads
+from pdserve.engine.io import (
+    AbortReq,
+    EngineFailed,
+    EngineInMsg,
+    EngineReady,
+    FlushCacheReq,
+    FlushCacheResp,
+    GenerateReq,
+    GetLoadReq,
+    LoadResp,
+    ShutdownReq,
+    TokenOut,
+    TokenOutBatch,
+)
+
+logger = logging.getLogger("pdserve.engine_proc")
+
+IDLE_POLL_MS = 1000  # how often an idle engine checks that its parent is alive
+
+
+def spawn_engine_process(config: EngineConfig, in_addr: str, out_addr: str) -> BaseProcess:
+    """Start the engine process (daemonic, 'spawn' context) and return it; it connects to
+    `in_addr` (its inbox) and `out_addr` (its outbox), which the front has bound."""
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(
+        target=engine_main,
+        args=(msgspec.json.encode(config), in_addr, out_addr, os.getpid()),
+        name="pdserve-engine",
+        daemon=True,
+    )
+    proc.start()
+    return proc
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _set_threads(config: EngineConfig) -> None:
+    import torch
+
+    threads = config.threads or default_threads()
+    torch.set_num_threads(max(1, threads))
+
+
+def _model_summary(engine: Any) -> dict[str, int | float | str | bool | None]:
+    """The model config's scalar fields (for /model_info); lists and tuples become strings."""
+    mc = getattr(engine, "model_config", None)
+    items = {f.name: getattr(mc, f.name) for f in dataclasses.fields(mc)} if dataclasses.is_dataclass(mc) else {}
+    out: dict[str, int | float | str | bool | None] = {}
+    for key, value in items.items():
+        if isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        out[key] = value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def ready_message(engine: Any, config: EngineConfig) -> EngineReady:
+    load = engine.load()
+    mc = getattr(engine, "model_config", None)
+    vocab = int(getattr(mc, "vocab_size", 0) or engine.tokenizer.vocab_size)
+    return EngineReady(
+        pid=os.getpid(),
+        model_path=str(engine.model_path),
+        vocab_size=vocab,
+        max_model_len=int(engine.max_model_len),
+        page_size=int(load.page_size),
+        num_pages=int(load.num_pages),
+        max_running=config.max_running,
+        device=str(getattr(engine, "device", config.device)),
+        model_config=_model_summary(engine),
+    )
+
+
+class EngineLoop:
+    """Drives one Engine from the inbox socket and reports to the outbox socket."""
+
+    def __init__(self, engine: Any, inbox: zmq.Socket, outbox: zmq.Socket, parent_pid: int) -> None:
+        self.engine = engine
+        self.inbox = inbox
+        self.outbox = outbox
+        self.parent_pid = parent_pid
+        self.decoder = msgspec.msgpack.Decoder(EngineInMsg)
+        self.encoder = msgspec.msgpack.Encoder()
+        self.pending: list[TokenOut] = []  # immediate answers (add_request errors)
+        self.integrity_errors = 0
+        self.stopping = False
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        checked_idle = False
+        while not self.stopping:
+            if self.engine.has_work():
+                self._drain()
+                if self.stopping:
+                    break
+                outs = self.engine.step()
+                checked_idle = False
+                self._send_outs(outs)
+                continue
+            self._send_outs([])
+            if not checked_idle:
+                self._check_integrity()
+                checked_idle = True
+            if poller.poll(IDLE_POLL_MS):
+                self._drain()
+            elif os.getppid() != self.parent_pid:
+                logger.warning("parent process is gone; engine exits")
+                return
+
+    def _send(self, msg: Any) -> None:
+        self.outbox.send(self.encoder.encode(msg), copy=False)
+
+    def _send_outs(self, outs: list[TokenOut]) -> None:
+        if self.pending:
+            outs = self.pending + list(outs)
+            self.pending = []
+        if outs:
+            self._send(TokenOutBatch(outs=list(outs)))
+
+    def _check_integrity(self) -> None:
+        try:
+            self.engine.check_integrity()
+        except AssertionError as exc:
+            self.integrity_errors += 1
+            logger.error("KV pool integrity check failed: %s", exc)
+
+    def _drain(self) -> None:
+        while not self.stopping:
+            try:
+                raw = self.inbox.recv(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = self.decoder.decode(raw.buffer)
+            except msgspec.DecodeError as exc:
+                logger.error("dropping undecodable message: %s", exc)
+                continue
+            self._handle(msg)
+
+    def _handle(self, msg: Any) -> None:
+        if isinstance(msg, GenerateReq):
+            try:
+                self.engine.add_request(msg)
+            except Exception as exc:  # bad input: answer now, keep serving
+                self.pending.append(TokenOut(rid=msg.rid, token_ids=[], finish_reason="abort",
+                                             prompt_tokens=len(msg.input_ids), error=str(exc) or repr(exc)))
+        elif isinstance(msg, AbortReq):
+            try:
+                self.engine.abort(msg.rid)
+            except Exception as exc:  # unknown or already finished
+                logger.debug("abort %s: %s", msg.rid, exc)
+        elif isinstance(msg, GetLoadReq):
+            self._send(LoadResp(cid=msg.cid, load=self.engine.load(), integrity_errors=self.integrity_errors))
+        elif isinstance(msg, FlushCacheReq):
+            ok = bool(self.engine.flush_cache())
+            self._send(FlushCacheResp(cid=msg.cid, ok=ok))
+        elif isinstance(msg, ShutdownReq):
+            self.stopping = True
+
+
+def engine_main(config_json: bytes, in_addr: str, out_addr: str, parent_pid: int) -> None:
+    """Entry point of the engine process (see the module docstring)."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s engine: %(message)s")
+    config = msgspec.json.decode(config_json, type=EngineConfig)
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    outbox = ctx.socket(zmq.PUSH)
+    for sock in (inbox, outbox):
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+    inbox.connect(in_addr)
+    outbox.connect(out_addr)
+    code = 0
+    try:
+        _set_threads(config)
+        from pdserve.engine.engine import Engine
+
+        engine = Engine(config)
+        outbox.send(msgspec.msgpack.encode(ready_message(engine, config)))
+    except BaseException:
+        outbox.send(msgspec.msgpack.encode(EngineFailed(message="engine start-up failed:\n" + traceback.format_exc())))
+        code = 1
+    else:
+        try:
+            EngineLoop(engine, inbox, outbox, parent_pid).run()
+        except BaseException:
+            logger.exception("engine loop failed")
+            outbox.send(msgspec.msgpack.encode(EngineFailed(message="engine failed:\n" + traceback.format_exc())))
+            code = 1
+    inbox.close(linger=0)
+    outbox.close(linger=1000)
+    ctx.term()
+    if code:
+        sys.exit(code)

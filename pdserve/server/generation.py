@@ -1,0 +1,200 @@
+"""Running engine requests from a handler: text deltas, stop strings, fan-out, disconnects.
+
+A handler turns its body into `SubRequest`s (one per prompt × n), then either
+- streams: `merge(state, subs)` yields `Delta`s as they come, from all sub-requests at once; or
+- collects: `collect(state, subs)` returns one `Result` per sub-request.
+Each sub-request (`run_one`) sends a GenerateReq through the EngineClient, feeds token ids to a
+`TextStream` (incremental detokenization, stop strings held back and cut), records metrics, and
+ends on the engine's finished TokenOut or on a stop string it found itself (then leaving the
+`generate` iterator sends the engine an abort). Closing any of these iterators early (client
+gone) aborts every sub-request still running. `until_disconnect` guards non-streaming handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fastapi import Request
+
+from pdserve.engine.io import GenerateReq, TopLogprob
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.server.engine_client import DuplicateRequestError, EngineDeadError
+from pdserve.server.errors import APIError
+from pdserve.server.metrics import RequestTimer
+from pdserve.server.state import ServerState
+from pdserve.server.text_stream import TextStream
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SubRequest:
+    index: int  # choice index in the response
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    include_stop: bool = False
+
+
+@dataclass
+class Delta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[TopLogprob]] | None = None
+    finish_reason: str | None = None
+    matched: int | str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    e2e_latency: float = 0.0
+
+
+@dataclass
+class Result:
+    index: int
+    rid: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[TopLogprob]] | None = None
+    finish_reason: str | None = None
+    matched: int | str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    e2e_latency: float = 0.0
+
+    def add(self, d: Delta) -> None:
+        self.text += d.text
+        self.token_ids.extend(d.token_ids)
+        if d.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + d.logprobs
+        if d.top_logprobs is not None:
+            self.top_logprobs = (self.top_logprobs or []) + d.top_logprobs
+        if d.finish_reason is not None:
+            self.finish_reason, self.matched = d.finish_reason, d.matched
+            self.prompt_tokens, self.completion_tokens = d.prompt_tokens, d.completion_tokens
+            self.cached_tokens, self.e2e_latency = d.cached_tokens, d.e2e_latency
+
+
+def _engine_error(exc: Exception) -> APIError:
+    if isinstance(exc, DuplicateRequestError):
+        return APIError(400, str(exc), param="rid")
+    return APIError(503, f"the engine is unavailable: {exc}", code="engine_unavailable")
+
+
+async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
+    """Deltas of one engine request; the last one has `finish_reason` set."""
+    timer = RequestTimer(state.metrics)
+    text = TextStream(state.tokenizer, sub.prompt_ids, sub.params.stop,
+                      sub.params.skip_special_tokens, sub.include_stop)
+    count = 0
+    req = GenerateReq(rid=sub.rid, input_ids=sub.prompt_ids, params=sub.params)
+    try:
+        outs = state.client.generate(req)
+        async with contextlib.aclosing(outs):
+            async for out in outs:
+                if out.error is not None:
+                    raise APIError(400, out.error)
+                ids = out.token_ids
+                timer.tokens(len(ids))
+                count += len(ids)
+                piece = text.add(ids)
+                done = out.finished or text.stopped
+                if not done:
+                    if piece or ids:
+                        yield Delta(sub.index, piece, ids, out.logprobs, out.top_logprobs)
+                    continue
+                piece += text.finish()
+                reason, matched = out.finish_reason, out.matched_stop
+                if text.matched is not None:
+                    reason, matched = "stop", text.matched
+                prompt = out.prompt_tokens or len(sub.prompt_ids)
+                e2e = timer.finish(reason, prompt, count, out.cached_tokens)
+                yield Delta(sub.index, piece, ids, out.logprobs, out.top_logprobs, reason, matched,
+                            prompt, count, out.cached_tokens, e2e)
+                return
+    except (EngineDeadError, DuplicateRequestError) as exc:
+        raise _engine_error(exc) from None
+
+
+_DONE = object()
+
+
+async def merge(state: ServerState, subs: list[SubRequest]) -> AsyncIterator[Delta]:
+    """Deltas of all `subs` in arrival order; closing it aborts those still running."""
+    if len(subs) == 1:
+        it = run_one(state, subs[0])
+        async with contextlib.aclosing(it):
+            async for d in it:
+                yield d
+        return
+    queue: asyncio.Queue[object] = asyncio.Queue()
+
+    async def pump(sub: SubRequest) -> None:
+        it = run_one(state, sub)
+        try:
+            async with contextlib.aclosing(it):
+                async for d in it:
+                    queue.put_nowait(d)
+        except Exception as exc:
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(_DONE)
+
+    tasks = [asyncio.create_task(pump(s)) for s in subs]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is _DONE:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item  # type: ignore[misc]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect(state: ServerState, subs: list[SubRequest]) -> list[Result]:
+    results = [Result(s.index, s.rid) for s in subs]
+    by_index = {s.index: r for s, r in zip(subs, results)}
+    it = merge(state, subs)
+    async with contextlib.aclosing(it):
+        async for d in it:
+            by_index[d.index].add(d)
+    return results
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it (so its engine requests abort) if the client goes away."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    if not task.done() or task.cancelled():
+        with contextlib.suppress(BaseException):
+            await task
+        raise APIError(499, "client closed the request", code="client_closed")
+    return task.result()

@@ -1,0 +1,190 @@
+"""`pdserve serve`: CLI flags → ServerConfig → uvicorn (uvloop) serving the app.
+
+Lifecycle of `run_serve(args)`:
+  1. build the frozen ServerConfig (flags; API key also from $PDSERVE_API_KEY);
+  2. bind the listening socket first, so a taken port fails in a second, not after the model
+     loads (uvicorn starts listening on it only once the engine is ready);
+  3. run uvicorn: the app's lifespan spawns the engine process and waits for it;
+  4. on SIGTERM/SIGINT: stop accepting, abort in-flight requests (streams end with
+     finish_reason "abort"), wait (bounded) for connections to close, then the lifespan stops
+     the engine process; a second SIGINT forces the exit. Returns 0 after a clean stop.
+Also runnable as `python -m pdserve.server.launch_server serve ...` (or without `serve`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Generator
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from pdserve.config import EngineConfig
+from pdserve.server.app import begin_shutdown, build_app
+from pdserve.server.config import API_KEY_ENV, ServerConfig
+
+logger = logging.getLogger("pdserve.server")
+
+_ENGINE_FLAGS = {  # flag → (EngineConfig field, type, help)
+    "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
+    "--dtype": ("dtype", str, "compute dtype (float32 on CPU)"),
+    "--page-size": ("page_size", int, "tokens per KV page"),
+    "--kv-cache-gb": ("kv_cache_gb", float, "KV pool size in GiB (when --num-pages is not given)"),
+    "--num-pages": ("num_pages", int, "KV pool size in pages"),
+    "--max-model-len": ("max_model_len", int, "context length (default: the model's, capped by the pool)"),
+    "--max-running": ("max_running", int, "requests in the running batch"),
+    "--chunk-budget": ("chunk_budget", int, "tokens per forward (chunked prefill + decode)"),
+    "--decode-headroom": ("decode_headroom", float, "fraction of running decode kept free at admission"),
+    "--threads": ("threads", int, "torch intra-op threads in the engine process"),
+    "--max-top-logprobs": ("max_top_logprobs", int, "cap on top_logprobs"),
+    "--seed": ("seed", int, "engine random seed"),
+}
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "--model-path", dest="model", default="default",
+                   help="HF folder, .gguf file, or 'default' (bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (also ${API_KEY_ENV})")
+    p.add_argument("--served-model-name", default=None, help="model name shown by /v1/models")
+    for flag, (_, typ, text) in _ENGINE_FLAGS.items():
+        p.add_argument(flag, type=typ, default=None, help=f"{text} (default {getattr(EngineConfig(), _ENGINE_FLAGS[flag][0])})")
+    p.add_argument("--disable-prefix-cache", action="store_true", help="turn the radix prefix cache off")
+    d = ServerConfig()
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20, help="request body cap (MiB)")
+    p.add_argument("--max-n", type=int, default=d.max_n, help="cap on n")
+    p.add_argument("--max-prompts", type=int, default=d.max_prompts, help="cap on prompts per request")
+    p.add_argument("--max-tokens-cap", type=int, default=None, help="cap on max_tokens (default: context length)")
+    p.add_argument("--engine-start-timeout", type=float, default=d.engine_start_timeout_s, help="seconds")
+    p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s, help="seconds per stage")
+    p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `serve` sub-command to `subparsers` (from `ArgumentParser.add_subparsers()`)."""
+    p = subparsers.add_parser("serve", help="run an OpenAI-compatible HTTP server over one engine",
+                              description="Serve a model over HTTP (OpenAI + SGLang-native API).")
+    add_serve_arguments(p)
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    engine_kwargs: dict[str, Any] = {"model": args.model}
+    for flag, (name, _, _) in _ENGINE_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            engine_kwargs[name] = value
+    if args.disable_prefix_cache:
+        engine_kwargs["enable_prefix_cache"] = False
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    return ServerConfig(
+        engine=EngineConfig(**engine_kwargs), host=args.host, port=args.port, api_key=api_key,
+        served_model_name=args.served_model_name, max_body_bytes=int(args.max_body_mb * 2**20),
+        max_n=args.max_n, max_prompts=args.max_prompts, max_tokens_cap=args.max_tokens_cap,
+        engine_start_timeout_s=args.engine_start_timeout, shutdown_timeout_s=args.shutdown_timeout,
+        log_level=args.log_level, access_log=args.access_log)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A bound (not yet listening) TCP socket; raises OSError with a clear message if taken."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot bind {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server that aborts in-flight work on the first signal and exits normally."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Any) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            logger.info("received %s: shutting down", signal.Signals(sig).name)
+            try:
+                self._on_exit()
+            except Exception:  # never let a signal handler raise
+                logger.exception("shutdown hook failed")
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # like uvicorn's, but without re-raising the signal afterwards: we stopped cleanly
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("PDSERVE_LOG_LEVEL", config.log_level)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        logger.warning("binding %s without --api-key: anyone who can reach it can use it", config.host)
+    try:
+        sock = bind_socket(config.host, config.port)
+    except OSError as exc:
+        logger.error("%s", exc)
+        return 1
+    app = build_app(config)
+    uv_config = uvicorn.Config(app, loop="uvloop", log_level=config.log_level, access_log=config.access_log,
+                               timeout_graceful_shutdown=int(max(1, config.shutdown_timeout_s)),
+                               timeout_keep_alive=5, lifespan="on")
+    server = _Server(uv_config, on_exit=lambda: _schedule_shutdown(app))
+    logger.info("pdserve serving on http://%s:%d (model %s)", config.host, config.port, config.engine.model)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        logger.error("server failed to start")
+        return 1
+    return 0
+
+
+def _schedule_shutdown(app: Any) -> None:
+    import asyncio
+
+    fastapi_app = app.fastapi
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    if loop is not None:
+        loop.call_soon_threadsafe(begin_shutdown, fastapi_app)
+    else:
+        begin_shutdown(fastapi_app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(prog="pdserve serve", description="Serve a model over HTTP.")
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""POST /v1/chat/completions (OpenAI chat; streaming and not) over the model's chat template.
+
+Per request: decode + validate the body, turn the messages into plain {role, content} dicts
+(text parts only), render them with the model's chat template into prompt ids, fan out n
+sub-requests, then either stream `chat.completion.chunk`s (a role delta first, content deltas,
+a final delta with `finish_reason`, a usage chunk when `stream_options.include_usage`, then
+`[DONE]`) or answer one `chat.completion` body. `max_completion_tokens` wins over `max_tokens`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from pdserve.server.errors import bad_request
+from pdserve.server.generation import SubRequest, collect, merge, until_disconnect
+from pdserve.server.openai_common import TokenTexts, chat_logprobs, new_id, openai_params, sub_rid, usage
+from pdserve.server.params import check_n, check_prompt_ids, decode_json_object, resolve_max_tokens, with_seed
+from pdserve.server.protocol import ChatCompletionRequest
+from pdserve.server.sse import SSEResponse, frame
+from pdserve.server.state import ServerState, get_state
+
+router = APIRouter()
+
+_RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "tokenize", "add_generation_prompt", "tools",
+                             "documents", "continue_final_message", "return_tensors", "return_dict",
+                             "chat_template", "tokenizer_kwargs", "padding", "truncation", "max_length"}
+_ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
+
+
+def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    if not body.messages:
+        raise bad_request("messages must not be empty", param="messages")
+    out = []
+    for i, m in enumerate(body.messages):
+        if m.role not in _ROLES:
+            raise bad_request(f"messages[{i}].role {m.role!r} is not one of {sorted(_ROLES)}", param=f"messages.{i}.role")
+        if isinstance(m.content, list):
+            parts = []
+            for j, part in enumerate(m.content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(f"messages[{i}].content[{j}]: only text parts are supported, got {part.type!r}",
+                                      param=f"messages.{i}.content.{j}")
+                parts.append(part.text)
+            content = "".join(parts)
+        else:
+            content = m.content or ""
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out
+
+
+def _prompt_ids(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    kwargs = dict(body.chat_template_kwargs or {})
+    bad = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
+    if bad:
+        raise bad_request(f"chat_template_kwargs may not set {bad}", param="chat_template_kwargs")
+    if body.continue_final_message:
+        kwargs["continue_final_message"] = True
+    messages = _messages(body)
+    try:
+        ids = state.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
+            **kwargs)
+    except Exception as exc:  # template errors (jinja, bad roles/order) are the client's
+        raise bad_request(f"cannot apply the chat template: {exc}", param="messages") from None
+    check_prompt_ids(state, ids, "messages")
+    return ids
+
+
+def _build(state: ServerState, body: ChatCompletionRequest, rid: str) -> list[SubRequest]:
+    check_n(state, body.n)
+    if body.response_format is not None and body.response_format.type != "text":
+        raise bad_request(f"response_format {body.response_format.type!r} is not supported", param="response_format")
+    top = body.top_logprobs
+    if top is not None:
+        if not body.logprobs and top > 0:
+            raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+        if not 0 <= top <= state.config.engine.max_top_logprobs:
+            raise bad_request(f"top_logprobs must be in [0, {state.config.engine.max_top_logprobs}], got {top}",
+                              param="top_logprobs")
+    ids = _prompt_ids(state, body)
+    name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_new = resolve_max_tokens(state, requested, len(ids), None, param=name)
+    params = openai_params(state, body, max_new, body.logprobs, top or 0)
+    include_stop = body.include_stop_str_in_output or body.no_stop_trim
+    return [SubRequest(k, sub_rid(rid, k, body.n), ids, with_seed(params, k), include_stop) for k in range(body.n)]
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    state = get_state(request)
+    state.metrics.request("chat")
+    body = ChatCompletionRequest.model_validate(decode_json_object(await request.body()))
+    rid = new_id("chatcmpl")
+    subs = _build(state, body, rid)
+    head = {"id": rid, "created": int(time.time()), "model": body.model or state.model_name}
+    texts = TokenTexts(state)
+    if body.stream:
+        inc_usage = body.stream_options is not None and body.stream_options.include_usage
+        return SSEResponse(_stream(state, subs, head, texts, body.logprobs, inc_usage))
+    results = await until_disconnect(request, collect(state, subs))
+    choices = [{
+        "index": r.index,
+        "message": {"role": "assistant", "content": r.text},
+        "logprobs": chat_logprobs(texts, r.token_ids, r.logprobs, r.top_logprobs) if body.logprobs else None,
+        "finish_reason": r.finish_reason,
+        "matched_stop": r.matched,
+    } for r in results]
+    out = dict(head, object="chat.completion", choices=choices,
+               usage=usage(len(subs[0].prompt_ids), sum(r.completion_tokens for r in results), results[0].cached_tokens))
+    return Response(msgspec.json.encode(out), media_type="application/json")
+
+
+async def _stream(state: ServerState, subs: list[SubRequest], head: dict[str, Any], texts: TokenTexts,
+                  want_lp: bool, inc_usage: bool) -> AsyncIterator[bytes]:
+    base = dict(head, object="chat.completion.chunk")
+    extra = {"usage": None} if inc_usage else {}
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None,
+              matched: Any = None) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        if finish is not None:
+            choice["matched_stop"] = matched
+        return frame(dict(base, choices=[choice], **extra))
+
+    for s in subs:
+        yield chunk(s.index, {"role": "assistant", "content": ""})
+    completion_tokens = cached = 0
+    it = merge(state, subs)
+    async with contextlib.aclosing(it):
+        async for d in it:
+            lp = chat_logprobs(texts, d.token_ids, d.logprobs, d.top_logprobs) if want_lp and d.token_ids else None
+            if d.text or lp is not None:
+                yield chunk(d.index, {"content": d.text}, lp=lp)
+            if d.finish_reason is not None:
+                yield chunk(d.index, {}, d.finish_reason, matched=d.matched)
+                completion_tokens += d.completion_tokens
+                cached = d.cached_tokens if d.index == 0 else cached
+    if inc_usage:
+        yield frame(dict(base, choices=[], usage=usage(len(subs[0].prompt_ids), completion_tokens, cached)))

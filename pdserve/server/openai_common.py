@@ -1,0 +1,102 @@
+"""Pieces shared by /v1/completions and /v1/chat/completions: ids, sampling params from the
+OpenAI fields, usage blocks, and the two logprobs shapes (completions' and chat's).
+
+Pure helpers: called by the handlers while they build sub-requests and while they turn
+`Delta`s / `Result`s into OpenAI JSON, one call per chunk or response.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pdserve.engine.io import TopLogprob
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.server.params import make_params, stop_ids, stop_list
+from pdserve.server.protocol import _SamplingFields
+from pdserve.server.state import ServerState
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sub_rid(base: str, k: int, total: int) -> str:
+    return base if total == 1 else f"{base}-{k}"
+
+
+def openai_params(state: ServerState, body: _SamplingFields, max_new_tokens: int, logprobs: bool,
+                  top_logprobs: int) -> SamplingParams:
+    return make_params(
+        state,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=body.min_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        seed=body.seed,
+        stop=stop_list(state, body.stop),
+        stop_token_ids=stop_ids(state, body.stop_token_ids),
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        skip_special_tokens=body.skip_special_tokens,
+    )
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+class TokenTexts:
+    """Token id → its text (special tokens kept), cached; for logprobs entries."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.tokenizer = state.tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self.cache[token_id] = text
+        return text
+
+
+def completion_logprobs(texts: TokenTexts, ids: list[int], logprobs: list[float] | None,
+                        top: list[list[TopLogprob]] | None, offset: int) -> tuple[dict[str, Any], int]:
+    """Completions-style logprobs for `ids`; `offset` is the text offset of the first token.
+    Returns the block and the offset after the last token."""
+    tokens = [texts(i) for i in ids]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    block = {
+        "tokens": tokens,
+        "token_logprobs": list(logprobs or [None] * len(ids)),
+        "top_logprobs": [{texts(t.token_id): t.logprob for t in row} for row in top] if top is not None else None,
+        "text_offset": offsets,
+    }
+    return block, offset
+
+
+def _entry(text: str, logprob: float | None) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(texts: TokenTexts, ids: list[int], logprobs: list[float] | None,
+                  top: list[list[TopLogprob]] | None) -> dict[str, Any]:
+    content = []
+    for k, tid in enumerate(ids):
+        item = _entry(texts(tid), logprobs[k] if logprobs and k < len(logprobs) else None)
+        row = top[k] if top is not None and k < len(top) else []
+        item["top_logprobs"] = [_entry(texts(t.token_id), t.logprob) for t in row]
+        content.append(item)
+    return {"content": content, "refusal": None}

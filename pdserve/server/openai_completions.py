@@ -1,0 +1,119 @@
+"""POST /v1/completions (OpenAI legacy completions; streaming and not).
+
+Per request: decode + validate the body, tokenize each prompt (or take its ids), fan out
+prompt × n sub-requests with their sampling params (seed + choice for n > 1), then either
+stream `text_completion` chunks (SSE, usage chunk when `stream_options.include_usage`, then
+`[DONE]`) or wait for all choices and answer one JSON body. Choice index = prompt × n + k.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from pdserve.server.errors import bad_request
+from pdserve.server.generation import SubRequest, collect, merge, until_disconnect
+from pdserve.server.openai_common import TokenTexts, completion_logprobs, new_id, openai_params, sub_rid, usage
+from pdserve.server.params import check_n, check_prompt_ids, decode_json_object, resolve_max_tokens, with_seed
+from pdserve.server.protocol import CompletionRequest
+from pdserve.server.sse import SSEResponse, frame
+from pdserve.server.state import ServerState, get_state
+
+router = APIRouter()
+
+
+def _prompts(state: ServerState, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif not prompt:
+        raise bad_request("the prompt is empty", param="prompt")
+    elif isinstance(prompt[0], int):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if len(items) > state.config.max_prompts:
+        raise bad_request(f"at most {state.config.max_prompts} prompts per request, got {len(items)}", param="prompt")
+    ids = [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items]
+    for one in ids:
+        check_prompt_ids(state, one, "prompt")
+    return ids
+
+
+def _build(state: ServerState, body: CompletionRequest, rid: str) -> list[SubRequest]:
+    check_n(state, body.n)
+    k = body.logprobs
+    if k is not None and not 0 <= k <= state.config.engine.max_top_logprobs:
+        raise bad_request(f"logprobs must be in [0, {state.config.engine.max_top_logprobs}], got {k}",
+                          param="logprobs")
+    prompts = _prompts(state, body.prompt)
+    total = len(prompts) * body.n
+    include_stop = body.include_stop_str_in_output or body.no_stop_trim
+    subs = []
+    for p, ids in enumerate(prompts):
+        max_new = resolve_max_tokens(state, body.max_tokens, len(ids), state.config.completion_default_max_tokens)
+        params = openai_params(state, body, max_new, k is not None, k or 0)
+        for j in range(body.n):
+            index = p * body.n + j
+            subs.append(SubRequest(index, sub_rid(rid, index, total), ids, with_seed(params, j), include_stop))
+    return subs
+
+
+def _choice(index: int, text: str, logprobs: Any, finish: str | None, matched: Any) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, "matched_stop": matched}
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    state = get_state(request)
+    state.metrics.request("completions")
+    body = CompletionRequest.model_validate(decode_json_object(await request.body()))
+    rid = new_id("cmpl")
+    subs = _build(state, body, rid)
+    created = int(time.time())
+    echo = {s.index: state.tokenizer.decode(s.prompt_ids, skip_special_tokens=False) for s in subs} if body.echo else {}
+    head = {"id": rid, "object": "text_completion", "created": created, "model": body.model or state.model_name}
+    texts = TokenTexts(state)
+    want_lp = body.logprobs is not None
+    if body.stream:
+        inc_usage = body.stream_options is not None and body.stream_options.include_usage
+        return SSEResponse(_stream(state, subs, body.n, head, echo, texts, want_lp, inc_usage))
+    results = await until_disconnect(request, collect(state, subs))
+    choices = []
+    for r in results:
+        prefix = echo.get(r.index, "")
+        lp = completion_logprobs(texts, r.token_ids, r.logprobs, r.top_logprobs, len(prefix))[0] if want_lp else None
+        choices.append(_choice(r.index, prefix + r.text, lp, r.finish_reason, r.matched))
+    prompt_tokens = sum(len(s.prompt_ids) for s in subs if s.index % body.n == 0)
+    out = dict(head, choices=choices, usage=usage(prompt_tokens, sum(r.completion_tokens for r in results),
+                                                  sum(r.cached_tokens for r in results if r.index % body.n == 0)))
+    return Response(msgspec.json.encode(out), media_type="application/json")
+
+
+async def _stream(state: ServerState, subs: list[SubRequest], n: int, head: dict[str, Any], echo: dict[int, str],
+                  texts: TokenTexts, want_lp: bool, inc_usage: bool) -> AsyncIterator[bytes]:
+    extra = {"usage": None} if inc_usage else {}
+    offsets = {s.index: len(echo.get(s.index, "")) for s in subs}
+    for index, prefix in sorted(echo.items()):
+        yield frame(dict(head, choices=[_choice(index, prefix, None, None, None)], **extra))
+    completion_tokens = cached = 0
+    it = merge(state, subs)
+    async with contextlib.aclosing(it):
+        async for d in it:
+            lp = None
+            if want_lp and d.token_ids:
+                lp, offsets[d.index] = completion_logprobs(texts, d.token_ids, d.logprobs, d.top_logprobs,
+                                                           offsets[d.index])
+            if d.text or d.finish_reason is not None or lp is not None:
+                yield frame(dict(head, choices=[_choice(d.index, d.text, lp, d.finish_reason, d.matched)], **extra))
+            if d.finish_reason is not None:
+                completion_tokens += d.completion_tokens
+                cached += d.cached_tokens if d.index % n == 0 else 0
+    if inc_usage:
+        prompt_tokens = sum(len(s.prompt_ids) for s in subs if s.index % n == 0)
+        yield frame(dict(head, choices=[], usage=usage(prompt_tokens, completion_tokens, cached)))

@@ -1,0 +1,129 @@
+"""Request values → engine inputs, with every check the front can make before the engine.
+
+Used by the OpenAI and native handlers after pydantic validated the types: prompts are checked
+(non-empty, in-vocabulary, leaving room in the context), `max_tokens` is resolved against the
+caps and the context, and `SamplingParams` are built and validated. Every failure is an
+`APIError` 400 naming the field, so bad input never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+
+from pdserve.engine.sampling_params import SamplingError, SamplingParams
+from pdserve.server.errors import APIError, bad_request
+from pdserve.server.state import ServerState
+
+INT_LIMIT = 2**31 - 1  # ints beyond this are never meaningful here (and must encode to msgpack)
+SEED_LIMIT = 2**63 - 1
+
+
+def decode_json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 saying what is wrong with it."""
+    if not raw.strip():
+        raise APIError(400, "the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        data = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}",
+                       code="invalid_json")
+    return data
+
+
+def check_int(value: int | None, name: str, lo: int, hi: int) -> None:
+    if value is not None and not lo <= value <= hi:
+        raise bad_request(f"{name} must be in [{lo}, {hi}], got {value}", param=name)
+
+
+def check_prompt_ids(state: ServerState, ids: list[int], param: str = "prompt") -> None:
+    if not ids:
+        raise bad_request("the prompt is empty", param=param)
+    vocab = state.vocab_size
+    if min(ids) < 0 or max(ids) >= vocab:
+        bad = next(i for i in ids if i < 0 or i >= vocab)
+        raise bad_request(f"token id {bad} is out of vocabulary (valid ids are 0..{vocab - 1})", param=param)
+    if len(ids) >= state.max_model_len:
+        raise bad_request(f"the prompt has {len(ids)} tokens but the context is {state.max_model_len} "
+                          "tokens (it must leave room for at least one new token)",
+                          param=param, code="context_length_exceeded")
+
+
+def resolve_max_tokens(state: ServerState, requested: int | None, prompt_len: int, default: int | None,
+                       param: str = "max_tokens", minimum: int = 1) -> int:
+    """`requested` checked against the cap and the context; None → `default` (None = the rest
+    of the context), shortened to fit the context."""
+    room = state.max_model_len - prompt_len
+    if requested is None:
+        return max(min(default if default is not None else room, room, state.max_tokens_cap), 0)
+    if requested < minimum:
+        raise bad_request(f"{param} must be >= {minimum}, got {requested}", param=param)
+    if requested > state.max_tokens_cap:
+        raise bad_request(f"{param} must be <= {state.max_tokens_cap}, got {requested}", param=param)
+    if requested > room:
+        raise bad_request(f"the prompt ({prompt_len} tokens) plus {param} ({requested}) exceeds the "
+                          f"context of {state.max_model_len} tokens", param=param, code="context_length_exceeded")
+    return requested
+
+
+def stop_list(state: ServerState, stop: str | list[str] | None, param: str = "stop") -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else list(stop)
+    if len(items) > state.config.max_stop:
+        raise bad_request(f"at most {state.config.max_stop} stop strings are allowed, got {len(items)}", param=param)
+    if any(not s for s in items):
+        raise bad_request("stop strings must be non-empty", param=param)
+    return tuple(items)
+
+
+def stop_ids(state: ServerState, ids: list[int] | None, param: str = "stop_token_ids") -> tuple[int, ...]:
+    if not ids:
+        return ()
+    if len(ids) > state.config.max_stop * 16:
+        raise bad_request(f"too many stop token ids ({len(ids)})", param=param)
+    for i in ids:
+        if not 0 <= i < state.vocab_size:
+            raise bad_request(f"stop token id {i} is out of vocabulary", param=param)
+    return tuple(ids)
+
+
+def check_n(state: ServerState, n: int, param: str = "n") -> None:
+    if not 1 <= n <= state.config.max_n:
+        raise bad_request(f"n must be in [1, {state.config.max_n}], got {n}", param=param)
+
+
+def make_params(state: ServerState, **fields: Any) -> SamplingParams:
+    """SamplingParams from the given fields (None means the default), validated → 400."""
+    clean = {k: v for k, v in fields.items() if v is not None}
+    for name in ("top_k", "min_new_tokens", "top_logprobs"):
+        if name in clean:
+            check_int(clean[name], {"min_new_tokens": "min_tokens"}.get(name, name), -1 if name == "top_k" else 0,
+                      INT_LIMIT)
+    if "seed" in clean:
+        check_int(clean["seed"], "seed", -SEED_LIMIT, SEED_LIMIT)
+        clean["seed"] = clean["seed"] & SEED_LIMIT  # torch seeds are non-negative
+    try:
+        params = SamplingParams(**clean)
+        params.validate(state.config.engine.max_top_logprobs)
+    except SamplingError as exc:
+        raise bad_request(str(exc), param=exc.param) from None
+    except (TypeError, ValueError) as exc:
+        raise bad_request(str(exc)) from None
+    return params
+
+
+def with_seed(params: SamplingParams, offset: int) -> SamplingParams:
+    """Choice `offset` of n: a distinct seed so the choices differ (when a seed was given)."""
+    if offset == 0 or params.seed is None:
+        return params
+    return msgspec.structs.replace(params, seed=(params.seed + offset) & SEED_LIMIT)
+
+
+def short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[:limit] + "..."

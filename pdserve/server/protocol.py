@@ -1,0 +1,129 @@
+"""Request bodies of the HTTP API as pydantic models (strict types, unknown fields ignored).
+
+Handlers decode the raw JSON themselves (so malformed JSON gets a clean 400) and validate it
+with these models; a ValidationError becomes a 400 whose `param` names the field. Strict mode
+refuses `true` for an int, `"0.5"` for a float and the like; ints are accepted for floats.
+Value ranges (temperature >= 0, top_p in (0, 1], caps...) are checked in `params.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+_CONFIG = ConfigDict(extra="ignore", strict=True)
+
+Prompt = Union[str, list[str], list[int], list[list[int]]]
+Stop = Union[str, list[str], None]
+
+
+class _Model(BaseModel):
+    model_config = _CONFIG
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _SamplingFields(_Model):
+    """Sampling knobs shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM/SGLang extras)."""
+
+    model: str | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, allow_inf_nan=False)
+    top_k: int | None = None
+    min_p: float | None = Field(default=None, allow_inf_nan=False)
+    presence_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    seed: int | None = None
+    stop: Stop = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    no_stop_trim: bool = False
+    user: str | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Prompt
+    max_tokens: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(_Model):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Model):
+    role: str
+    content: Union[str, list[TextPart], None] = None
+    name: str | None = None
+
+
+class ResponseFormat(_Model):
+    type: str = "text"
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class NativeSamplingParams(_Model):
+    """SGLang's `sampling_params` names for /generate."""
+
+    max_new_tokens: int | None = None
+    min_new_tokens: int = 0
+    temperature: float = Field(default=1.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, allow_inf_nan=False)
+    top_k: int = -1
+    min_p: float = Field(default=0.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(default=1.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(default=0.0, allow_inf_nan=False)
+    presence_penalty: float = Field(default=0.0, allow_inf_nan=False)
+    stop: Stop = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    seed: int | None = Field(default=None, validation_alias=AliasChoices("seed", "sampling_seed"))
+    n: int = 1
+
+
+class GenerateRequest(_Model):
+    """SGLang's /generate body (single or batched prompt)."""
+
+    text: Union[str, list[str], None] = None
+    input_ids: Union[list[int], list[list[int]], None] = None
+    sampling_params: dict[str, Any] | None = None
+    stream: bool = False
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    logprob_start_len: int = -1
+    rid: Union[str, list[str], None] = None
+
+
+class AbortRequest(_Model):
+    rid: str = ""
+    abort_all: bool = False
+

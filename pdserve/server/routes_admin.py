@@ -1,0 +1,198 @@
+"""Health, info, load, abort, cache and metrics endpoints (SGLang-compatible shapes).
+
+Stateless handlers over `ServerState`: `/health` is cheap (engine process alive),
+`/health_generate` runs one 1-token generation, `/get_load` and `/flush_cache` are control
+round trips to the engine process, `/metrics` refreshes the engine gauges then renders
+Prometheus text. `/server_info` never shows the API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+import uuid
+from typing import Any
+
+import msgspec
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import Response
+
+from pdserve.engine.io import GenerateReq
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.server.engine_client import EngineDeadError
+from pdserve.server.errors import APIError
+from pdserve.server.params import decode_json_object
+from pdserve.server.protocol import AbortRequest
+from pdserve.server.state import ServerState, get_state
+
+router = APIRouter()
+
+VERSION = "0.1.0"
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+
+def _unavailable(exc: BaseException) -> APIError:
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return APIError(503, "the engine did not answer in time", code="engine_timeout")
+    return APIError(503, f"the engine is unavailable: {exc}", code="engine_unavailable")
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    state = get_state(request)
+    if not state.client.alive or state.client.closing:
+        raise APIError(503, state.client.dead_reason or "the server is shutting down", code="unhealthy")
+    return Response(status_code=200)
+
+
+@router.get("/health_generate")
+async def health_generate(request: Request) -> Response:
+    state = get_state(request)
+    ids = [state.tokenizer.bos_token_id if state.tokenizer.bos_token_id is not None else 0]
+    req = GenerateReq(rid=f"health-{uuid.uuid4().hex}", input_ids=ids,
+                      params=SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True))
+
+    async def run() -> None:
+        it = state.client.generate(req)
+        async with contextlib.aclosing(it):
+            async for out in it:
+                if out.error:
+                    raise APIError(503, f"health generation failed: {out.error}", code="unhealthy")
+
+    try:
+        await asyncio.wait_for(run(), state.config.health_generate_timeout_s)
+    except (asyncio.TimeoutError, EngineDeadError) as exc:
+        raise _unavailable(exc) from None
+    return Response(status_code=200)
+
+
+def _server_info(state: ServerState) -> dict[str, Any]:
+    cfg = state.config
+    server = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("engine", "api_key")}
+    return {
+        "version": VERSION,
+        "model_path": state.info.model_path,
+        "served_model_name": state.model_name,
+        "disaggregation_mode": "null",
+        "api_key_required": cfg.api_key is not None,
+        "max_model_len": state.max_model_len,
+        "context_length": state.max_model_len,
+        "max_total_num_tokens": state.info.num_pages * state.info.page_size,
+        "num_pages": state.info.num_pages,
+        "page_size": state.info.page_size,
+        "max_running_requests": state.info.max_running,
+        "device": state.info.device,
+        "engine_pid": state.info.pid,
+        "uptime_s": round(time.time() - state.started, 3),
+        **server,
+        "engine": dataclasses.asdict(cfg.engine),
+    }
+
+
+@router.get("/server_info")
+@router.get("/get_server_info")
+async def server_info(request: Request) -> Response:
+    return _json(_server_info(get_state(request)))
+
+
+@router.get("/model_info")
+@router.get("/get_model_info")
+async def model_info(request: Request) -> Response:
+    state = get_state(request)
+    mc = state.info.model_config
+    return _json({
+        "model_path": state.info.model_path,
+        "tokenizer_path": state.info.model_path,
+        "served_model_name": state.model_name,
+        "is_generation": True,
+        "preferred_sampling_params": None,
+        "weight_version": "default",
+        "has_image_understanding": False,
+        "has_audio_understanding": False,
+        "model_type": "llama",
+        "architectures": [mc.get("architecture") or "LlamaForCausalLM"],
+        "context_length": state.max_model_len,
+        "max_model_len": state.max_model_len,
+        "vocab_size": state.vocab_size,
+        "model_config": mc,
+    })
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> Response:
+    state = get_state(request)
+    card = {"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "pdserve",
+            "root": state.info.model_path, "parent": None, "max_model_len": state.max_model_len}
+    return _json({"object": "list", "data": [card]})
+
+
+async def _load(state: ServerState) -> dict[str, Any]:
+    try:
+        resp = await state.client.get_load(state.config.control_timeout_s)
+    except (asyncio.TimeoutError, EngineDeadError) as exc:
+        raise _unavailable(exc) from None
+    load = resp.load
+    state.metrics.set_load(load, state.client.num_in_flight)
+    return {
+        "num_running_reqs": load.num_running,
+        "num_waiting_reqs": load.num_waiting,
+        "num_reqs": load.num_running + load.num_waiting,
+        "load": load.num_running + load.num_waiting,
+        "num_in_flight": state.client.num_in_flight,
+        "num_pages": load.num_pages,
+        "free_pages": load.free_pages,
+        "cached_pages": load.cached_pages,
+        "used_pages": load.num_pages - load.free_pages - load.cached_pages,
+        "page_size": load.page_size,
+        "kv_usage": load.kv_usage,
+        "integrity_errors": resp.integrity_errors,
+    }
+
+
+@router.get("/get_load")
+async def get_load(request: Request) -> Response:
+    return _json(await _load(get_state(request)))
+
+
+@router.post("/abort_request")
+async def abort_request(request: Request) -> Response:
+    state = get_state(request)
+    body = AbortRequest.model_validate(decode_json_object(await request.body()))
+    try:
+        if body.abort_all:
+            aborted = state.client.in_flight()
+            for rid in aborted:
+                state.client.abort(rid)
+        elif body.rid:
+            aborted = state.client.abort(body.rid)
+        else:
+            raise APIError(400, "send 'rid' or 'abort_all': true", param="rid")
+    except EngineDeadError as exc:
+        raise _unavailable(exc) from None
+    return _json({"success": True, "aborted": aborted})
+
+
+@router.api_route("/flush_cache", methods=["GET", "POST"])
+async def flush_cache(request: Request) -> Response:
+    state = get_state(request)
+    try:
+        ok = await state.client.flush_cache(state.config.control_timeout_s)
+    except (asyncio.TimeoutError, EngineDeadError) as exc:
+        raise _unavailable(exc) from None
+    if not ok:
+        raise APIError(400, "cache not flushed: requests are still running; retry when idle", code="flush_failed")
+    return _json({"success": True, "message": "cache flushed"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    state = get_state(request)
+    with contextlib.suppress(APIError):
+        await _load(state)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

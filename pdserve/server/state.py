@@ -1,0 +1,66 @@
+"""What every request handler needs, gathered once the engine is ready (set by the app lifespan).
+
+Created in `app.lifespan` after `EngineClient.start()` returns the engine's `EngineReady`:
+the tokenizer is loaded from the model folder the engine resolved, the metrics registry is
+made, and the caps are fixed. Stored in `app.state.server`; read-only afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+
+from pdserve.engine.io import EngineReady
+from pdserve.model.tokenizer import Tokenizer
+from pdserve.server.config import ServerConfig
+from pdserve.server.engine_client import EngineClient
+from pdserve.server.errors import APIError
+from pdserve.server.metrics import ServerMetrics
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    client: EngineClient
+    info: EngineReady
+    tokenizer: Tokenizer
+    metrics: ServerMetrics
+    model_name: str
+    started: float = field(default_factory=time.time)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.info.vocab_size
+
+    @property
+    def max_tokens_cap(self) -> int:
+        cap = self.config.max_tokens_cap
+        return min(cap, self.max_model_len) if cap else self.max_model_len
+
+    @classmethod
+    def create(cls, config: ServerConfig, client: EngineClient, info: EngineReady) -> "ServerState":
+        tokenizer = Tokenizer(info.model_path)
+        name = config.served_model_name or model_display_name(config.engine.model, info.model_path)
+        return cls(config=config, client=client, info=info, tokenizer=tokenizer,
+                   metrics=ServerMetrics(name), model_name=name)
+
+
+def model_display_name(model_arg: str, model_path: str) -> str:
+    """The name /v1/models shows: "default" stays "default", else the folder/file stem."""
+    if model_arg.strip() in ("", "default"):
+        return "default"
+    return Path(model_arg).name or Path(model_path).name
+
+
+def get_state(request: Request) -> ServerState:
+    state: ServerState | None = getattr(request.app.state, "server", None)
+    if state is None:
+        raise APIError(503, "the server is starting up")
+    return state
