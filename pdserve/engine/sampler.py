@@ -133,8 +133,14 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
     return logits
 
 
-def _truncate(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, then top-k / top-p / min-p masking (-inf) for sampled rows [n, V]."""
+def _truncate(
+    logits: torch.Tensor, params: list[SamplingParams]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Temperature, then top-k / top-p / min-p for sampled rows [n, V].
+
+    Returns (candidate logits [n, C] with dropped ones at -inf, their vocab ids [n, C]); ids is
+    None when no truncation applies and the candidates are the whole vocab in order.
+    """
     temps = [max(p.temperature, _MIN_TEMPERATURE) for p in params]
     if any(t != 1.0 for t in temps):
         logits = logits / _row_param(temps, logits)
@@ -144,17 +150,21 @@ def _truncate(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
     need_p = any(p.top_p < 1.0 for p in params)
     need_min_p = any(p.min_p > 0.0 for p in params)
     if not (need_k or need_p or need_min_p):
-        return logits
+        return logits, None
 
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-    mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if all(k < vocab for k in top_k):
+        # Every row has a top-k: only the max(k) best can survive, so a partial sort suffices.
+        cand, cand_idx = logits.topk(max(top_k), dim=-1, sorted=True)
+    else:
+        cand, cand_idx = logits.sort(dim=-1, descending=True)
+    mask = torch.zeros_like(cand, dtype=torch.bool)
     if need_k:
-        pos = torch.arange(vocab, device=logits.device).unsqueeze(0)
+        pos = torch.arange(cand.shape[1], device=logits.device).unsqueeze(0)
         k = torch.tensor(top_k, dtype=torch.long).to(logits.device, non_blocking=True)
         mask |= pos >= k.unsqueeze(1)  # exactly k kept, ties broken by sort order
-        sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+        cand = cand.masked_fill(mask, float("-inf"))
     if need_p or need_min_p:
-        probs = sorted_logits.softmax(dim=-1)
+        probs = cand.softmax(dim=-1)
         if need_p:
             top_p = _row_param([p.top_p for p in params], probs)
             mass_before = probs.cumsum(dim=-1) - probs  # exclusive prefix mass
@@ -165,21 +175,38 @@ def _truncate(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
             # min-p is relative to the max prob, which top-k/top-p renormalisation leaves unchanged
             min_p = _row_param([p.min_p for p in params], probs)
             mask |= probs < min_p * probs[:, :1]
-    full_mask = torch.empty_like(mask).scatter_(1, sorted_idx, mask)
-    return logits.masked_fill(full_mask, float("-inf"))
+    return cand.masked_fill(mask, float("-inf")), cand_idx
 
 
-def _draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row of processed logits [n, V] via argmax(probs / Exp(1))."""
-    probs = logits.softmax(dim=-1)
+def _draw(
+    cand: torch.Tensor,
+    cand_idx: torch.Tensor | None,
+    generators: list[torch.Generator | None],
+    vocab: int,
+) -> torch.Tensor:
+    """One vocab id per row from candidate logits via the race argmax(probs / Exp(1)).
+
+    A seeded row always draws a full-vocab Exp(1) vector from its generator and reads it at
+    its candidates, so its token depends on seed + logits + params only, not on the batch.
+    """
+    probs = cand.softmax(dim=-1)
     q = torch.empty_like(probs)
     if any(g is None for g in generators):
         q.exponential_()  # global RNG, one batched draw (seeded rows are overwritten below)
     for i, g in enumerate(generators):
         if g is not None:
-            q[i].exponential_(generator=g)
+            qv = torch.empty(vocab, dtype=q.dtype, device=q.device).exponential_(generator=g)
+            q[i] = qv if cand_idx is None else qv[cand_idx[i]]
     q.clamp_min_(torch.finfo(q.dtype).tiny)  # exponential_ may return 0: avoid 0/0 = nan
-    return (probs / q).argmax(dim=-1)
+    choice = (probs / q).argmax(dim=-1)
+    return choice if cand_idx is None else cand_idx.gather(1, choice.unsqueeze(1)).squeeze(1)
+
+
+def _scatter_full(cand: torch.Tensor, cand_idx: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    if cand_idx is None:
+        return cand
+    out = torch.full((cand.shape[0], vocab), float("-inf"), dtype=cand.dtype, device=cand.device)
+    return out.scatter_(1, cand_idx, cand)
 
 
 def process_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
@@ -195,7 +222,8 @@ def process_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     sampled = [i for i, r in enumerate(rows) if not _is_greedy(r.params)]
     if sampled:
         idx = torch.tensor(sampled, device=x.device)
-        x[idx] = _truncate(x[idx], [rows[i].params for i in sampled])
+        cand, cand_idx = _truncate(x[idx], [rows[i].params for i in sampled])
+        x[idx] = _scatter_full(cand, cand_idx, x.shape[1])
     return x
 
 
@@ -240,13 +268,15 @@ class Sampler:
 
         sampled = [i for i, r in enumerate(rows) if not _is_greedy(r.params)]
         if len(sampled) == len(rows):
-            tokens = _draw(_truncate(logits, [r.params for r in rows]), [r.generator for r in rows])
+            cand, cand_idx = _truncate(logits, [r.params for r in rows])
+            tokens = _draw(cand, cand_idx, [r.generator for r in rows], logits.shape[1])
         else:
             tokens = logits.argmax(dim=-1)
             if sampled:
                 idx = torch.tensor(sampled, device=device)
-                sub = _truncate(logits[idx], [rows[i].params for i in sampled])
-                tokens[idx] = _draw(sub, [rows[i].generator for i in sampled])
+                cand, cand_idx = _truncate(logits[idx], [rows[i].params for i in sampled])
+                gens = [rows[i].generator for i in sampled]
+                tokens[idx] = _draw(cand, cand_idx, gens, logits.shape[1])
 
         token_ids: list[int] = tokens.tolist()
         if raw_lp is None:

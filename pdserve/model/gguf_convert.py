@@ -48,6 +48,13 @@ _LAYER_TENSORS: dict[str, str] = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+# Optional biases (Llama models with attention_bias=True).
+_LAYER_BIASES: dict[str, str] = {
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+}
 _GLOBAL_TENSORS: dict[str, str] = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -179,6 +186,8 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     match = _LAYER_RE.match(gguf_name)
     if match and match.group(2) in _LAYER_TENSORS:
         return f"model.layers.{match.group(1)}.{_LAYER_TENSORS[match.group(2)]}"
+    if match and match.group(2) in _LAYER_BIASES:
+        return f"model.layers.{match.group(1)}.{_LAYER_BIASES[match.group(2)]}"
     if gguf_name in _IGNORED_TENSORS:
         return None
     raise ValueError(f"unexpected GGUF tensor {gguf_name!r} for a Llama model")
@@ -198,9 +207,9 @@ def dequantize_tensors(reader: Any, config: dict[str, Any], progress: bool = Tru
             continue
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists ne0 first
         weights = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
-        if tensor.name.endswith("attn_q.weight"):
+        if tensor.name.endswith(("attn_q.weight", "attn_q.bias")):
             weights = reverse_permute(weights, n_heads)
-        elif tensor.name.endswith("attn_k.weight"):
+        elif tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
             weights = reverse_permute(weights, n_kv)
         out[name] = torch.from_numpy(np.require(weights, requirements=["C", "W"]))
     _check_complete(out, config)

@@ -43,7 +43,8 @@ def test_config_and_files(bundled_model_dir: Path) -> None:
         assert (bundled_model_dir / name).is_file(), name
     config = json.loads((bundled_model_dir / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
-    assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (30, 576, 1536)
+    layers_hidden_ffn = (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"])
+    assert layers_hidden_ffn == (30, 576, 1536)
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (9, 3, 64)
     assert config["vocab_size"] == 49152 and config["tie_word_embeddings"] is True
     assert config["rope_theta"] == 100000.0 and config["max_position_embeddings"] == 8192

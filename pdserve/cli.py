@@ -1,0 +1,92 @@
+"""`pdserve` command line: generate | convert | serve (more subcommands join as they land).
+
+Subcommand modules are imported lazily so `pdserve --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Flags for every EngineConfig knob (shared by generate and serve)."""
+    from pdserve.config import EngineConfig
+
+    d = EngineConfig()
+    p.add_argument("--model", default=d.model, help="HF folder, .gguf file, or 'default' (bundled SmolLM2-135M)")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default=d.dtype, help="compute dtype (float32 on CPU)")
+    p.add_argument("--page-size", type=int, default=d.page_size)
+    p.add_argument("--kv-cache-gb", type=float, default=d.kv_cache_gb, help="KV pool size")
+    p.add_argument("--num-pages", type=int, default=d.num_pages, help="KV pool pages (overrides --kv-cache-gb)")
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    p.add_argument("--max-running", type=int, default=d.max_running, help="max requests in the running batch")
+    p.add_argument("--chunk-budget", type=int, default=d.chunk_budget, help="tokens per forward (chunked prefill)")
+    p.add_argument("--disable-prefix-cache", action="store_true")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default: all usable cores)")
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    from pdserve.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
+        kv_cache_gb=args.kv_cache_gb, num_pages=args.num_pages, max_model_len=args.max_model_len,
+        max_running=args.max_running, chunk_budget=args.chunk_budget,
+        enable_prefix_cache=not args.disable_prefix_cache, threads=args.threads)
+
+
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser("generate", help="generate text offline with the engine in this process")
+    add_engine_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from pdserve.engine.llm import LLM
+    from pdserve.engine.sampling_params import SamplingParams
+
+    llm = LLM(**asdict(engine_config_from_args(args)))
+    prompts: list[Any] = args.prompt
+    if args.chat:
+        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed)
+    for prompt, out in zip(args.prompt, llm.generate(prompts, params)):
+        print(f"### {prompt}\n{out.text}\n[{len(out.output_ids)} tokens, finish: {out.finish_reason}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pdserve.cli_convert import add_convert_parser
+    from pdserve.server.launch_server import add_serve_parser
+
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    add_convert_parser(sub)
+    add_serve_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pdserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
