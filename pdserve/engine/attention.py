@@ -91,15 +91,19 @@ class PagedAttention:
         out = torch.empty_like(q)
         for s in meta.prefills:
             rows = slice(s.q_start, s.q_start + s.q_len)
-            qs = q[rows].transpose(0, 1)
+            # [1, H, L, D] views: SDPA's fused CPU kernel needs the batch dim (3-D falls back
+            # to the slow math path, ~10x slower here)
+            qs = q[rows].transpose(0, 1).unsqueeze(0)
             if s.kv_slots is None:
-                ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+                ks, vs = k[rows], v[rows]
+                mask, causal = None, True
             else:
-                ks = pool.k[layer].index_select(0, s.kv_slots).transpose(0, 1)
-                vs = pool.v[layer].index_select(0, s.kv_slots).transpose(0, 1)
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=s.mask, enable_gqa=True)
-            out[rows] = o.transpose(0, 1)
+                ks, vs = pool.k[layer].index_select(0, s.kv_slots), pool.v[layer].index_select(0, s.kv_slots)
+                mask, causal = s.mask, False
+            o = F.scaled_dot_product_attention(
+                qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask, is_causal=causal, enable_gqa=True)
+            out[rows] = o[0].transpose(0, 1)
         if meta.decode_rows is not None:
             out[meta.decode_rows] = self._decode(layer, q[meta.decode_rows])
         return out

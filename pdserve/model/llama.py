@@ -43,12 +43,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, attn: AttnFn) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        q, k, v = q.view(t, self.hq, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
+        qk, v = self.qkv_proj(x).split([(self.hq + self.hkv) * self.d, self.hkv * self.d], dim=-1)
+        qk = qk.view(t, self.hq + self.hkv, self.d)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
-        out = attn(self.layer, q, k, v)  # [T, Hq, D]
+            qk = torch.cat((self.q_norm(qk[:, : self.hq]), self.k_norm(qk[:, self.hq:])), dim=1)
+        qk = rope(positions, qk)  # q and k heads rotated in one pass
+        q, k = qk[:, : self.hq], qk[:, self.hq:]
+        out = attn(self.layer, q, k, v.view(t, self.hkv, self.d))  # [T, Hq, D]
         return self.o_proj(out.reshape(t, self.hq * self.d))
 
 

@@ -21,7 +21,9 @@ def row(params: SamplingParams = GREEDY, prompt=(), output=(), suppress=(), seed
     return SampleRow(params, gen, list(prompt), list(output), tuple(suppress))
 
 
-def draw_many(logits_row: torch.Tensor, params: SamplingParams, n: int = 20000, **kw) -> torch.Tensor:
+def draw_many(
+    logits_row: torch.Tensor, params: SamplingParams, n: int = 20000, **kw
+) -> torch.Tensor:
     """Sample n times from the same row in one batch; returns counts per token id."""
     sampler = Sampler(logits_row.numel(), torch.device("cpu"))
     logits = logits_row.unsqueeze(0).expand(n, -1).contiguous()
@@ -39,7 +41,7 @@ def assert_matches(counts: torch.Tensor, probs: torch.Tensor) -> None:
     chi2 = float(((counts[support] - exp) ** 2 / exp).sum())
     df = int(support.sum()) - 1
     limit = df + 6 * math.sqrt(2 * max(df, 1)) + 5  # far beyond p=1e-4 for these small df
-    assert chi2 < limit, f"chi2={chi2:.1f} (df={df}) counts={counts.tolist()} probs={probs.tolist()}"
+    assert chi2 < limit, f"chi2={chi2:.1f} df={df} counts={counts.tolist()} probs={probs.tolist()}"
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +63,8 @@ def test_padded_vocab_columns_ignored() -> None:
     logits[:, 11] = 100.0  # padding column beyond the real vocab
     logits[0, 3] = 1.0
     logits[1, 7] = 1.0
-    res = Sampler(10, torch.device("cpu")).sample(logits, [row(), row(SamplingParams(seed=1), seed=1)])
+    rows = [row(), row(SamplingParams(seed=1), seed=1)]
+    res = Sampler(10, torch.device("cpu")).sample(logits, rows)
     assert res.token_ids[0] == 3 and res.token_ids[1] < 10
 
 
@@ -120,7 +123,10 @@ def test_seeded_sampling_reproducible_and_batch_independent() -> None:
 def test_different_seeds_differ() -> None:
     logits = torch.zeros(1, 1000)  # uniform
     sampler = Sampler(1000, torch.device("cpu"))
-    toks = {sampler.sample(logits, [row(SamplingParams(seed=s), seed=s)]).token_ids[0] for s in range(20)}
+    toks = {
+        sampler.sample(logits, [row(SamplingParams(seed=s), seed=s)]).token_ids[0]
+        for s in range(20)
+    }
     assert len(toks) > 10
 
 
@@ -148,6 +154,20 @@ def test_top_k_never_outside_k_largest() -> None:
     for k in (0, -1, 100):
         c = draw_many(logits, SamplingParams(top_k=k), n=20000)
         assert_matches(c, torch.softmax(logits, -1))
+
+
+def test_top_k_exact_count_on_every_path() -> None:
+    logits = torch.randn(2, 100)
+    batches = {
+        "same_k": [3, 3],  # partial sort, K == k
+        "bigger_k": [3, 6],  # partial sort, K > k for row 0
+        "no_k": [3, -1],  # full sort
+    }
+    for name, ks in batches.items():
+        rows = [row(SamplingParams(temperature=0.9, top_k=k)) for k in ks]
+        out = process_logits(logits, rows)
+        kept = (out[0] > -math.inf).nonzero().flatten().tolist()
+        assert sorted(kept) == sorted(logits[0].topk(3).indices.tolist()), name
 
 
 def test_top_p_keeps_exact_nucleus() -> None:
@@ -204,7 +224,11 @@ def test_repetition_penalty_exact() -> None:
 def test_frequency_and_presence_penalties_exact() -> None:
     logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
     rows = [
-        row(SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), prompt=[0, 0, 0], output=[3, 3, 3, 1]),
+        row(
+            SamplingParams(frequency_penalty=0.5, presence_penalty=0.25),
+            prompt=[0, 0, 0],
+            output=[3, 3, 3, 1],
+        ),
         row(SamplingParams(frequency_penalty=-1.0), output=[0, 0]),
     ]
     out = process_logits(logits, rows)
