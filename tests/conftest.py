@@ -32,3 +32,13 @@ def tiny_llm(tiny_model_dir: Path):
     from pdserve import LLM
 
     return LLM(str(tiny_model_dir), num_pages=256, page_size=4, chunk_budget=64, threads=1)
+
+
+@pytest.fixture(autouse=True)
+def _kv_integrity_after_test(request: pytest.FixtureRequest):
+    """Every test that used the shared tiny engine leaves its KV pool whole."""
+    yield
+    if "tiny_llm" in request.fixturenames:
+        engine = request.getfixturevalue("tiny_llm").engine
+        assert not engine.has_work(), "test left requests in the engine"
+        engine.check_integrity()

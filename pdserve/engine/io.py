@@ -11,11 +11,20 @@ import msgspec
 from pdserve.engine.sampling_params import SamplingParams
 
 
+class Bootstrap(msgspec.Struct, frozen=True):
+    """Where a PD request's KV comes from / goes to (the fields SGLang's router injects)."""
+
+    host: str
+    port: int
+    room: int
+
+
 class GenerateReq(msgspec.Struct, frozen=True, tag=True):
     rid: str
     input_ids: list[int]
     params: SamplingParams
     return_prompt_logprobs: bool = False
+    bootstrap: Bootstrap | None = None  # set: a PD request (prefill or decode side)
 
 
 class AbortReq(msgspec.Struct, frozen=True, tag=True):
