@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,11 +32,14 @@ from pdserve.model.config import ModelConfig
 from pdserve.model.loader import load_model, resolve_device, resolve_dtype
 from pdserve.model.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from pdserve.disagg.config import DisaggConfig
+
 log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, disagg: "DisaggConfig | None" = None) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype)
@@ -48,7 +52,13 @@ class Engine:
         num_pages = config.num_pages or KVPool.pages_for_budget(cfg, ps, config.kv_cache_gb, dtype.itemsize)
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, (num_pages - 1) * ps)
         self.model = load_model(self.model_path, self.device, dtype, self.max_model_len + 1)
-        self.pool = KVPool(cfg, num_pages, ps, self.device, dtype)
+        self.pd = None  # PrefillQueues | DecodeQueues in a PD server
+        tensors = None
+        if disagg is not None and disagg.mode != "null":
+            from pdserve.disagg.setup import pool_tensors  # shared memory for a shm decode
+
+            tensors = pool_tensors(disagg, KVPool.shape(cfg, num_pages, ps), dtype, self.device)
+        self.pool = KVPool(cfg, num_pages, ps, self.device, dtype, tensors)
         self.kv = KVManager(num_pages, ps, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.kv, config.chunk_budget, config.max_running, config.decode_headroom)
         self.runner = ModelRunner(self.model, self.pool, self.device)
@@ -59,6 +69,10 @@ class Engine:
         self._aborted: list[str] = []
         self._arrivals = 0
         self.num_forward_tokens = 0
+        if disagg is not None and disagg.mode != "null":
+            from pdserve.disagg.setup import attach_disagg
+
+            self.pd = attach_disagg(self, disagg)
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, req: GenerateReq) -> None:
@@ -71,7 +85,10 @@ class Engine:
         r = Request(rid=req.rid, prompt_len=len(req.input_ids), params=req.params,
                     tokens=list(req.input_ids), arrival=self._arrivals, generator=gen)
         self._requests[req.rid] = r
-        self.scheduler.add(r)
+        if self.pd is not None and req.bootstrap is not None:
+            self.pd.add(r, req.bootstrap)
+        else:
+            self.scheduler.add(r)
 
     def validate(self, req: GenerateReq) -> None:
         req.params.validate(self.config.max_top_logprobs)
@@ -93,14 +110,26 @@ class Engine:
             self._aborted.append(rid)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._aborted)
+        return self.scheduler.has_work() or bool(self._aborted) or bool(self.pd)
+
+    def is_waiting_on_transfers(self) -> bool:
+        """True when the only pending work is KV moving (the caller may sleep briefly)."""
+        return bool(self.pd) and not self.scheduler.has_work() and not self._aborted
 
     # ---- one iteration -------------------------------------------------------------------
     def step(self) -> list[TokenOut]:
-        outputs = [self._finish(self._requests[rid], "abort") for rid in self._drain_aborts()]
+        outputs: list[TokenOut] = []
+        for rid in self._drain_aborts():
+            r = self._requests[rid]
+            if self.pd is not None and self.pd.owns(r):
+                self.pd.abort(r)  # answered once the transfer is terminal: pages are safe then
+            else:
+                outputs.append(self.finish_request(r, "abort"))
+        if self.pd is not None:
+            outputs += self.pd.poll()
         batch = self.scheduler.schedule()
         if batch is None:
-            if not self.scheduler.has_work():
+            if not self.has_work():
                 self.check_integrity()
             return outputs
         self.num_forward_tokens += batch.num_tokens
@@ -111,12 +140,15 @@ class Engine:
             result = self.sampler.sample(logits, [self._sample_row(c.req) for c in sampled])
             for i, c in enumerate(sampled):
                 self._append(c.req, i, result)
+        handed_off = self.pd.after_forward(batch.chunks) if self.pd is not None else set()
         for c in batch.chunks:
             r = c.req
+            if r in handed_off:
+                continue
             if r.finished:
-                outputs.append(self._finish(r, r.finish_reason or "stop"))
+                outputs.append(self.finish_request(r, r.finish_reason or "stop"))
             elif r.new_ids:
-                outputs.append(self._take_output(r))
+                outputs.append(self.take_output(r))
         return outputs
 
     def _drain_aborts(self) -> list[str]:
@@ -132,7 +164,7 @@ class Engine:
         if r.params.max_new_tokens == 0:
             r.finish_reason = "length"
             return
-        if r.num_output == 0:
+        if r.num_output == 0 and r.transfer is None:  # (a PD prefill caches after its transfer)
             self.kv.cache_prefix(r)  # the prompt is done: share its pages with later requests
         tok = result.token_ids[i]
         r.tokens.append(tok)
@@ -143,7 +175,7 @@ class Engine:
                 r.new_top.append(result.top_logprobs[i])
         self.stops.check(r)
 
-    def _take_output(self, r: Request, finish_reason: str | None = None) -> TokenOut:
+    def take_output(self, r: Request, finish_reason: str | None = None) -> TokenOut:
         wants_lp = r.params.logprobs or r.params.top_logprobs > 0
         out = TokenOut(
             rid=r.rid, token_ids=r.new_ids,
@@ -154,11 +186,11 @@ class Engine:
         r.new_ids, r.new_logprobs, r.new_top = [], [], []
         return out
 
-    def _finish(self, r: Request, reason: str, keep_in_cache: bool = True) -> TokenOut:
+    def finish_request(self, r: Request, reason: str, keep_in_cache: bool = True) -> TokenOut:
         self.scheduler.finish(r, keep_in_cache=keep_in_cache)
         del self._requests[r.rid]
         r.finish_reason = reason
-        return self._take_output(r, reason)
+        return self.take_output(r, reason)
 
     # ---- introspection -------------------------------------------------------------------
     def load(self) -> LoadInfo:
@@ -171,4 +203,5 @@ class Engine:
         return self.kv.cache.reset()
 
     def check_integrity(self) -> None:
-        self.kv.check_integrity(self.scheduler.live())
+        pd_live = [] if self.pd is None else self.pd.live()
+        self.kv.check_integrity([*self.scheduler.live(), *pd_live])

@@ -60,13 +60,20 @@ class PageAllocator:
 class KVPool:
     """Per-layer K/V tensors in pages, on the model's device and dtype."""
 
-    def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, device: torch.device,
+                 dtype: torch.dtype, tensors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.page_size = page_size
         self.num_pages = num_pages
         self.num_layers = cfg.num_hidden_layers
-        shape = (cfg.num_hidden_layers, num_pages * page_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = self.shape(cfg, num_pages, page_size)
+        if tensors is None:  # (a shm decode server passes tensors that live in shared memory)
+            tensors = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = tensors
+        assert tuple(self.k.shape) == shape and tuple(self.v.shape) == shape
+
+    @staticmethod
+    def shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
+        return (cfg.num_hidden_layers, num_pages * page_size, cfg.num_key_value_heads, cfg.head_dim)
 
     @staticmethod
     def pages_for_budget(cfg: ModelConfig, page_size: int, gigabytes: float, itemsize: int) -> int:

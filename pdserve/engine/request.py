@@ -12,6 +12,7 @@ values of these counters. A forward that reaches the end of `tokens` samples one
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,7 @@ class Request:
     matched_stop: int | str | None = None
     stop_text: str = ""  # decoded tail, kept only when the request has stop strings
     admitted: bool = False
+    transfer: Any = None  # PD state (disagg queues) while KV moves to / from a peer
 
     @property
     def output_ids(self) -> list[int]:

@@ -78,10 +78,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.todo, budget)
-            while not self.kv.ensure_pages(req, req.num_computed + n):
+            while req in self.running and not self.kv.ensure_pages(req, req.num_computed + n):
                 self.preempt(self.running[-1])
-                if self.running[-1:] == [] or req not in self.running:
-                    break
             if req not in self.running:
                 break  # it preempted itself: everything after it went too
             chunks.append(Chunk(req, req.num_computed, n))
@@ -93,7 +91,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting.peek()
             self.kv.attach_prefix(req)
-            need = pages_needed(len(req.tokens), self.kv.page_size) - len(req.pages) + self._headroom()
+            need = pages_needed(len(req.tokens), self.kv.page_size) - len(req.pages) + self.decode_headroom_pages()
             n = min(req.todo, budget)
             if self.kv.available() < need or not self.kv.ensure_pages(req, req.num_computed + n):
                 self.kv.release(req, keep_in_cache=False)
@@ -106,7 +104,7 @@ class Scheduler:
             chunks.append(Chunk(req, req.num_computed, n))
             budget -= n
 
-    def _headroom(self) -> int:
+    def decode_headroom_pages(self) -> int:
         tokens = sum(r.remaining_new for r in self.running)
         return pages_needed(int(tokens * self.decode_headroom), self.kv.page_size)
 

@@ -1,0 +1,145 @@
+"""Decode side of PD disaggregation: prealloc queue → transfer queue → running batch.
+
+    add ──▶ prealloc queue ── pages for the prompt fit (with decode headroom) ──▶ reserve them,
+            receiver.init(pages) tells the prefill rank where to write ──▶ transfer queue
+            ── receiver Success, record.room == room ──▶ commit the first token without a
+               forward (num_computed = prompt_len), join the running batch, decode, stream
+            └─ Failed / timeout / wrong record ──▶ answer: error; pages back to the pool
+A reserved page returns to the pool only once the receiver is terminal (Success or Failed):
+a write into it may otherwise still land. Aborts wait for that too.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pdserve.disagg.bootstrap import BootstrapClient
+from pdserve.disagg.messages import MetadataRecord
+from pdserve.disagg.transfer.base import KVPoll, KVReceiver, TransferManager
+from pdserve.engine.io import Bootstrap, TokenOut, TopLogprob
+from pdserve.engine.kv_cache import pages_needed
+from pdserve.engine.request import Request
+
+if TYPE_CHECKING:
+    from pdserve.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class DecodeTransfer:
+    boot: Bootstrap
+    receiver: KVReceiver | None = None
+    aborting: bool = False
+    error: str | None = None
+
+
+class DecodeQueues:
+    def __init__(self, engine: "Engine", manager: TransferManager, client: BootstrapClient) -> None:
+        self.engine = engine
+        self.manager = manager
+        self.client = client
+        self.prealloc: list[Request] = []
+        self.transfer: list[Request] = []
+
+    def __len__(self) -> int:
+        return len(self.prealloc) + len(self.transfer)
+
+    def add(self, req: Request, boot: Bootstrap) -> None:
+        req.transfer = DecodeTransfer(boot)
+        self.prealloc.append(req)
+
+    def live(self) -> list[Request]:
+        return [*self.prealloc, *self.transfer]
+
+    def owns(self, req: Request) -> bool:
+        return req in self.prealloc or req in self.transfer
+
+    def abort(self, req: Request) -> None:
+        t: DecodeTransfer = req.transfer
+        t.aborting = True
+        if t.receiver is not None:
+            t.receiver.abort()
+
+    def poll(self) -> list[TokenOut]:
+        out = self._poll_transfers()
+        out += self._preallocate()
+        return out
+
+    def _preallocate(self) -> list[TokenOut]:
+        out: list[TokenOut] = []
+        eng, kv = self.engine, self.engine.kv
+        while self.prealloc:
+            req = self.prealloc[0]
+            t: DecodeTransfer = req.transfer
+            if t.aborting:
+                self.prealloc.pop(0)
+                out.append(eng.finish_request(req, "abort", keep_in_cache=False))
+                continue
+            if len(eng.scheduler.running) + len(self.transfer) >= eng.config.max_running:
+                break
+            need = pages_needed(req.prompt_len + 1, kv.page_size) + eng.scheduler.decode_headroom_pages()
+            if kv.available() < need:
+                break
+            try:
+                endpoint = self.client.route(t.boot.host, t.boot.port)
+            except Exception as e:  # unreachable prefill or layout mismatch: a clean error
+                self.prealloc.pop(0)
+                out.append(self._fail(req, f"cannot reach prefill bootstrap {t.boot.host}:{t.boot.port}: {e}"))
+                continue
+            self.prealloc.pop(0)
+            kv.ensure_pages(req, req.prompt_len)
+            t.receiver = self.manager.receiver(t.boot.room, endpoint)
+            t.receiver.init(req.pages[: pages_needed(req.prompt_len, kv.page_size)])
+            self.transfer.append(req)
+        return out
+
+    def _poll_transfers(self) -> list[TokenOut]:
+        out: list[TokenOut] = []
+        for req in list(self.transfer):
+            t: DecodeTransfer = req.transfer
+            assert t.receiver is not None
+            state = t.receiver.poll()
+            if state not in (KVPoll.Success, KVPoll.Failed):
+                continue
+            self.transfer.remove(req)
+            if t.aborting:
+                out.append(self.engine.finish_request(req, "abort", keep_in_cache=False))
+            elif state == KVPoll.Failed:
+                out.append(self._fail(req, "KV transfer from the prefill server failed or timed out"))
+            else:
+                record = t.receiver.metadata()
+                if record is None or record.room != t.boot.room:
+                    out.append(self._fail(req, "rejected a corrupted or wrong-room metadata record"))
+                elif not 0 <= record.first_token < self.engine.model_config.vocab_size:
+                    out.append(self._fail(req, "rejected a metadata record with an invalid token"))
+                else:
+                    out.extend(self._commit(req, record))
+        return out
+
+    def _commit(self, req: Request, rec: MetadataRecord) -> list[TokenOut]:
+        """The prompt's KV is in place: take the first token as if this engine sampled it."""
+        eng = self.engine
+        req.transfer = None
+        req.num_computed = req.prompt_len
+        req.admitted = True
+        req.cached_tokens = rec.cached_tokens
+        req.tokens.append(rec.first_token)
+        req.new_ids.append(rec.first_token)
+        if rec.logprob is not None:
+            req.new_logprobs.append(rec.logprob)
+        if rec.top_logprobs is not None:
+            req.new_top.append([TopLogprob(int(i), float(lp)) for i, lp in rec.top_logprobs])
+        eng.stops.check(req)
+        if req.finished:
+            return [eng.finish_request(req, req.finish_reason or "stop")]
+        eng.scheduler.running.append(req)
+        return [eng.take_output(req)]
+
+    def _fail(self, req: Request, error: str) -> TokenOut:
+        log.warning("request %s: %s", req.rid, error)
+        out = self.engine.finish_request(req, "abort", keep_in_cache=False)
+        out.error = error
+        return out

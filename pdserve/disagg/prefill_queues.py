@@ -1,0 +1,129 @@
+"""Prefill side of PD disaggregation: bootstrap queue → forward (chunked) → inflight queue.
+
+    add ──▶ bootstrap queue ── decode's page list arrived (sender ≥ WaitingForInput) ──▶
+            scheduler (waiting → running; chunked prefill as usual)
+            after each chunk: push the full pages computed so far
+            ┌──────── prompt done (first token sampled) ────────┐
+            │ push the rest (incl. the partial last page) and the │
+            │ metadata record; leave the running batch            │
+            └──────────────────────▶ inflight queue ── sender Success ──▶ answer: 1 token
+                                                     └─ Failed ─▶ answer: error
+Pages are released (computed full pages to the prefix cache) only when the sender reaches a
+terminal state, so no queued send ever reads a page that was freed and reused.
+
+Page push arithmetic (page_size 4, prompt 10 tokens, chunks of 6 and 4):
+    chunk 1 computes tokens 0..5 → full pages [0] → send(src=[pages[0]], start_page=0)
+    chunk 2 computes tokens 6..9 → last: pages[1:3] → send(src=pages[1:3], start_page=1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pdserve.disagg.messages import MetadataRecord
+from pdserve.disagg.transfer.base import KVPoll, KVSender, TransferManager
+from pdserve.engine.batch import Chunk
+from pdserve.engine.io import TokenOut
+from pdserve.engine.kv_cache import pages_needed
+from pdserve.engine.request import Request
+
+if TYPE_CHECKING:
+    from pdserve.engine.engine import Engine
+
+
+@dataclass(eq=False)
+class PrefillTransfer:
+    sender: KVSender
+    room: int
+    pages_sent: int = 0
+    aborting: bool = False
+
+
+class PrefillQueues:
+    def __init__(self, engine: "Engine", manager: TransferManager) -> None:
+        self.engine = engine
+        self.manager = manager
+        self.bootstrap: list[Request] = []
+        self.inflight: list[Request] = []
+
+    def __len__(self) -> int:
+        return len(self.bootstrap) + len(self.inflight)
+
+    def add(self, req: Request, room: int) -> None:
+        req.transfer = PrefillTransfer(self.manager.sender(room), room)
+        self.bootstrap.append(req)
+
+    def live(self) -> list[Request]:
+        return [*self.bootstrap, *self.inflight]
+
+    def owns(self, req: Request) -> bool:
+        return req in self.bootstrap or req in self.inflight
+
+    def abort(self, req: Request) -> None:
+        t: PrefillTransfer = req.transfer
+        t.aborting = True
+        t.sender.abort()
+
+    def poll(self) -> list[TokenOut]:
+        """Move bootstrapped requests to the scheduler; finish completed or failed transfers."""
+        out: list[TokenOut] = []
+        for req in list(self.bootstrap):
+            t: PrefillTransfer = req.transfer
+            state = t.sender.poll()
+            if state == KVPoll.Failed or t.aborting:
+                self.bootstrap.remove(req)
+                out.append(self._end(req, "bootstrap failed: no decode server claimed this room in time"
+                                     if not t.aborting else None))
+            elif state >= KVPoll.WaitingForInput:
+                self.bootstrap.remove(req)
+                want = pages_needed(req.prompt_len, self.engine.kv.page_size)
+                if t.sender.num_dst_pages != want:
+                    t.sender.abort()
+                    self.inflight.append(req)  # wait for the abort to settle, then answer
+                    t.aborting = True
+                    continue
+                self.engine.scheduler.add(req)
+        for req in list(self.inflight):
+            t = req.transfer
+            state = t.sender.poll()
+            if state in (KVPoll.Success, KVPoll.Failed):
+                self.inflight.remove(req)
+                err = None if state == KVPoll.Success else "KV transfer to the decode server failed"
+                out.append(self._end(req, None if t.aborting else err, aborted=t.aborting))
+        return out
+
+    def after_forward(self, chunks: list[Chunk]) -> set[Request]:
+        """Push the pages each PD chunk completed; hand finished prompts to the inflight queue."""
+        taken: set[Request] = set()
+        ps = self.engine.kv.page_size
+        for c in chunks:
+            req = c.req
+            t: PrefillTransfer | None = req.transfer
+            if t is None:
+                continue
+            if c.samples:
+                last = pages_needed(req.prompt_len, ps)
+                t.sender.send(req.pages[t.pages_sent:last], t.pages_sent, True, self._record(req, t.room))
+                t.pages_sent = last
+                self.engine.scheduler.running.remove(req)
+                self.inflight.append(req)
+                taken.add(req)
+            else:
+                full = req.num_computed // ps
+                if full > t.pages_sent:
+                    t.sender.send(req.pages[t.pages_sent:full], t.pages_sent, False)
+                    t.pages_sent = full
+        return taken
+
+    def _record(self, req: Request, room: int) -> MetadataRecord:
+        top = [[x.token_id, x.logprob] for x in req.new_top[0]] if req.new_top else None
+        return MetadataRecord(room=room, first_token=req.tokens[req.prompt_len],
+                              logprob=req.new_logprobs[0] if req.new_logprobs else None,
+                              top_logprobs=top, cached_tokens=req.cached_tokens)
+
+    def _end(self, req: Request, error: str | None, aborted: bool = False) -> TokenOut:
+        reason = "abort" if (error or aborted) else (req.finish_reason or "length")
+        out = self.engine.finish_request(req, reason, keep_in_cache=True)
+        out.error = error
+        return out
