@@ -3,17 +3,17 @@
 Per forward the runner builds `AttentionMetadata` once; every layer then
   1. writes the new k/v rows into their slots of the pool,
   2. attends: each prefill chunk with SDPA (causal; against its gathered pages when it has
-     a cached/computed prefix), all single-token rows together as one padded batch:
+     a cached/computed prefix), all single-token rows together as one padded SDPA batch:
 
-     page_table [B, P] ──gather──▶ K [B, P*page_size, Hkv, D]   (pad pages are page 0)
-     q [B, Hkv, G, D] @ Kᵀ → scores [B, Hkv, G, L], masked where position ≥ seq_len
+     page_table [B, P] → slots [B * P*page_size] = page*page_size + offset   (pad page 0)
+     K = k[layer].index_select(slots) → [B, L, Hkv, D] → SDPA(q [B, Hq, 1, D], GQA),
+     masked where position ≥ seq_len
 
 The same code runs on CUDA; only the tensors' device changes.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +36,7 @@ class AttentionMetadata:
     slots: torch.Tensor  # [T] where each new token's k/v is written
     prefills: list[PrefillSeq]
     decode_rows: torch.Tensor | None  # [B] rows of single-token sequences
-    decode_pages: torch.Tensor | None  # [B, P] page table, padded with page 0
+    decode_slots: torch.Tensor | None  # [B * P*page_size] slots of the padded page tables
     decode_mask: torch.Tensor | None  # [B, 1, 1, P*page_size] True where attendable
 
 
@@ -73,7 +73,7 @@ def build_metadata(
         lens = torch.tensor(dec_lens, dtype=torch.long)
         mask = torch.arange(width * page_size)[None, :] < lens[:, None]
         meta.decode_rows = torch.tensor(dec_rows, dtype=torch.long, device=device)
-        meta.decode_pages = table.to(device)
+        meta.decode_slots = (table[:, :, None] * page_size + torch.arange(page_size)).flatten().to(device)
         meta.decode_mask = mask[:, None, None, :].to(device)
     return meta
 
@@ -110,13 +110,11 @@ class PagedAttention:
 
     def _decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         meta, pool = self.meta, self.pool
-        assert meta.decode_pages is not None and meta.decode_mask is not None
+        assert meta.decode_slots is not None and meta.decode_mask is not None
         b, hq, d = q.shape
-        ps, hkv = pool.page_size, pool.k.shape[2]
-        kpages = pool.k[layer].view(-1, ps, hkv, d)[meta.decode_pages].view(b, -1, hkv, d)
-        vpages = pool.v[layer].view(-1, ps, hkv, d)[meta.decode_pages].view(b, -1, hkv, d)
-        qg = q.view(b, hkv, hq // hkv, d)
-        scores = torch.matmul(qg, kpages.permute(0, 2, 3, 1)) * (1.0 / math.sqrt(d))
-        scores = scores.masked_fill(~meta.decode_mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, vpages.transpose(1, 2)).view(b, hq, d)
+        hkv = pool.k.shape[2]
+        # index_select on flat slots is ~5x faster on CPU than advanced indexing by page
+        ks = pool.k[layer].index_select(0, meta.decode_slots).view(b, -1, hkv, d).transpose(1, 2)
+        vs = pool.v[layer].index_select(0, meta.decode_slots).view(b, -1, hkv, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=meta.decode_mask, enable_gqa=True)
+        return o.view(b, hq, d)
