@@ -34,7 +34,7 @@ logger = logging.getLogger("pdserve.server")
 def build_fastapi(config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = EngineClient(config.engine, config.engine_start_timeout_s)
+        client = EngineClient(config.engine, config.engine_start_timeout_s, on_dead=lambda _: _request_exit(app))
         app.state.client = client
         try:
             info = await client.start()
@@ -51,6 +51,7 @@ def build_fastapi(config: ServerConfig) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = None
     app.state.client = None
+    app.state.request_exit = None  # set by the launcher: ask the HTTP server to stop
     install_error_handlers(app)
     app.include_router(openai_completions.router)
     app.include_router(openai_chat.router)
@@ -67,6 +68,12 @@ def build_app(config: ServerConfig) -> Any:
         app = ApiKeyMiddleware(app, config.api_key)
     app.fastapi = fastapi_app  # type: ignore[attr-defined]
     return app
+
+
+def _request_exit(app: FastAPI) -> None:
+    hook = getattr(app.state, "request_exit", None)
+    if hook is not None:
+        hook()
 
 
 def begin_shutdown(fastapi_app: FastAPI) -> None:

@@ -10,7 +10,8 @@ Lifecycle (one per server, owned by the app's lifespan):
   3. `abort_all()` on shutdown signals ends every stream at once with finish_reason "abort";
   4. `close()`: ShutdownReq, join the process (bounded), terminate/kill it if needed, close the
      sockets and remove the temp dir.
-If the engine dies, every in-flight stream raises `EngineDeadError` and new calls fail fast.
+If the engine dies, every in-flight stream raises `EngineDeadError`, new calls fail fast and
+`on_dead` tells the server to exit (a supervisor restarts it; a front without engine is useless).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -58,9 +59,11 @@ class DuplicateRequestError(ValueError):
 
 
 class EngineClient:
-    def __init__(self, config: EngineConfig, start_timeout_s: float = 900.0) -> None:
+    def __init__(self, config: EngineConfig, start_timeout_s: float = 900.0,
+                 on_dead: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.start_timeout_s = start_timeout_s
+        self.on_dead = on_dead  # called once if the engine dies while serving
         self.info: EngineReady | None = None
         self.proc: BaseProcess | None = None
         self.dead_reason: str | None = None
@@ -121,7 +124,10 @@ class EngineClient:
         self.closing = True
         self.abort_all("server shutting down")
         if self.proc is not None and self.proc.is_alive() and self._push is not None:
-            self._send(ShutdownReq())
+            try:
+                self._send(ShutdownReq())
+            except EngineDeadError:
+                pass  # _reap terminates it
         await self._reap(timeout=timeout_s)
         for task in self._tasks:
             task.cancel()
@@ -275,6 +281,8 @@ class EngineClient:
         if self.dead_reason is None:
             self.dead_reason = reason
             logger.error("engine is dead: %s", reason)
+            if self.on_dead is not None and not self.closing:
+                self.on_dead(reason)
         err = EngineDeadError(self.dead_reason)
         for queue in self._queues.values():
             queue.put_nowait(err)

@@ -7,8 +7,8 @@ Lifecycle:
      (PULL for `EngineInMsg`, PUSH for `EngineOutMsg`) and builds the Engine (slow);
   2. it sends `EngineReady` (or `EngineFailed` and exits 1);
   3. `EngineLoop.run`: while there is work, drain the inbox without blocking, `step()`, and send
-     the step's TokenOuts as one `TokenOutBatch`; when idle, run `check_integrity()` once and
-     block on the inbox. A bad request (add_request raises) is answered at once with a TokenOut
+     the step's TokenOuts as one `TokenOutBatch` (a step that made no progress naps 1 ms on the
+     inbox instead of spinning); when idle, run `check_integrity()` once and block on the inbox. A bad request (add_request raises) is answered at once with a TokenOut
      whose `error` is set. Control requests are answered between steps;
   4. `ShutdownReq` (or the parent's death) ends the loop; an exception in `step()` sends
      `EngineFailed` and exits 1.
@@ -50,6 +50,7 @@ from pdserve.engine.io import (
 logger = logging.getLogger("pdserve.engine_proc")
 
 IDLE_POLL_MS = 1000  # how often an idle engine checks that its parent is alive
+NAP_MS = 1  # nap between steps that made no progress (KV in transit, nothing admissible)
 
 
 def spawn_engine_process(config: EngineConfig, in_addr: str, out_addr: str) -> BaseProcess:
@@ -134,9 +135,13 @@ class EngineLoop:
                 self._drain()
                 if self.stopping:
                     break
+                before = getattr(self.engine, "num_forward_tokens", None)
                 outs = self.engine.step()
                 checked_idle = False
                 self._send_outs(outs)
+                stalled = not outs and before is not None and self.engine.num_forward_tokens == before
+                if (stalled or self._waiting_on_transfers()) and poller.poll(NAP_MS):
+                    self._drain()  # don't spin a core while nothing can move
                 continue
             self._send_outs([])
             if not checked_idle:
@@ -147,6 +152,10 @@ class EngineLoop:
             elif os.getppid() != self.parent_pid:
                 logger.warning("parent process is gone; engine exits")
                 return
+
+    def _waiting_on_transfers(self) -> bool:
+        check = getattr(self.engine, "is_waiting_on_transfers", None)
+        return bool(check()) if check is not None else False
 
     def _send(self, msg: Any) -> None:
         self.outbox.send(self.encoder.encode(msg), copy=False)

@@ -58,18 +58,27 @@ def api_error_response(exc: APIError) -> Response:
     return error_response(exc.status, exc.message, exc.param, exc.code, exc.type)
 
 
+def _clean_loc(loc: Any) -> list[str]:
+    # drop 'body' and pydantic's union-member tags such as 'str' / 'list[int]' from the path
+    parts = [str(p) for p in loc if p != "body"]
+    return [p for p in parts if not (p.startswith(("list[", "dict[", "tuple[")) or p in ("str", "int", "float", "bool"))]
+
+
 def from_validation_error(exc: ValidationError | RequestValidationError, prefix: str = "") -> APIError:
     """The first pydantic error as a 400 naming the field (dotted path) in `param`."""
     errors = exc.errors()
     if not errors:
         return bad_request("invalid request")
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
-    # drop pydantic's union-member tags such as 'str' / 'list[int]' from the path
-    loc = [p for p in loc if not (p.startswith(("list[", "dict[")) or p in ("str", "int", "float", "bool"))]
-    param = ".".join(([prefix] if prefix else []) + loc) or None
-    msg = first.get("msg", "invalid value")
-    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    locs = [".".join(([prefix] if prefix else []) + _clean_loc(e.get("loc", ()))) for e in errors]
+    param = locs[0] or None
+    same = [e for e, loc in zip(errors, locs) if loc == locs[0]]
+    if len(same) > 1:  # a union: none of its types matched
+        got = type(same[0].get("input")).__name__
+        msg = f"invalid type ({got}); {'; or '.join(dict.fromkeys(e.get('msg', '') for e in same))}"
+    else:
+        msg = errors[0].get("msg", "invalid value")
+    others = len(set(locs)) - 1
+    more = f" (and {others} more invalid fields)" if others > 0 else ""
     return bad_request(f"{param or 'request'}: {msg}{more}", param=param)
 
 
@@ -77,22 +86,29 @@ def from_sampling_error(exc: SamplingError) -> APIError:
     return bad_request(str(exc), param=exc.param)
 
 
+def _counted(request: Request, exc: APIError) -> Response:
+    state = getattr(request.app.state, "server", None)
+    if state is not None:
+        state.metrics.error(exc.status)
+    return api_error_response(exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api(_: Request, exc: APIError) -> Response:
-        return api_error_response(exc)
+    async def _api(request: Request, exc: APIError) -> Response:
+        return _counted(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _req_validation(_: Request, exc: RequestValidationError) -> Response:
-        return api_error_response(from_validation_error(exc))
+    async def _req_validation(request: Request, exc: RequestValidationError) -> Response:
+        return _counted(request, from_validation_error(exc))
 
     @app.exception_handler(ValidationError)
-    async def _validation(_: Request, exc: ValidationError) -> Response:
-        return api_error_response(from_validation_error(exc))
+    async def _validation(request: Request, exc: ValidationError) -> Response:
+        return _counted(request, from_validation_error(exc))
 
     @app.exception_handler(SamplingError)
-    async def _sampling(_: Request, exc: SamplingError) -> Response:
-        return api_error_response(from_sampling_error(exc))
+    async def _sampling(request: Request, exc: SamplingError) -> Response:
+        return _counted(request, from_sampling_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:

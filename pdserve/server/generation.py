@@ -74,9 +74,13 @@ class Result:
         self.text += d.text
         self.token_ids.extend(d.token_ids)
         if d.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + d.logprobs
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(d.logprobs)
         if d.top_logprobs is not None:
-            self.top_logprobs = (self.top_logprobs or []) + d.top_logprobs
+            if self.top_logprobs is None:
+                self.top_logprobs = []
+            self.top_logprobs.extend(d.top_logprobs)
         if d.finish_reason is not None:
             self.finish_reason, self.matched = d.finish_reason, d.matched
             self.prompt_tokens, self.completion_tokens = d.prompt_tokens, d.completion_tokens
@@ -95,19 +99,20 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
     text = TextStream(state.tokenizer, sub.prompt_ids, sub.params.stop,
                       sub.params.skip_special_tokens, sub.include_stop)
     count = 0
+    finished = False
     req = GenerateReq(rid=sub.rid, input_ids=sub.prompt_ids, params=sub.params)
     try:
         outs = state.client.generate(req)
         async with contextlib.aclosing(outs):
             async for out in outs:
                 if out.error is not None:
+                    finished = True  # rejected by the engine: nothing ran
                     raise APIError(400, out.error)
                 ids = out.token_ids
                 timer.tokens(len(ids))
                 count += len(ids)
                 piece = text.add(ids)
-                done = out.finished or text.stopped
-                if not done:
+                if not (out.finished or text.stopped):
                     if piece or ids:
                         yield Delta(sub.index, piece, ids, out.logprobs, out.top_logprobs)
                     continue
@@ -116,12 +121,16 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
                 if text.matched is not None:
                     reason, matched = "stop", text.matched
                 prompt = out.prompt_tokens or len(sub.prompt_ids)
+                finished = True
                 e2e = timer.finish(reason, prompt, count, out.cached_tokens)
                 yield Delta(sub.index, piece, ids, out.logprobs, out.top_logprobs, reason, matched,
                             prompt, count, out.cached_tokens, e2e)
                 return
     except (EngineDeadError, DuplicateRequestError) as exc:
         raise _engine_error(exc) from None
+    finally:
+        if not finished:  # client gone, error or cancellation: count it as aborted
+            timer.finish("abort", len(sub.prompt_ids), count, 0)
 
 
 _DONE = object()

@@ -7,7 +7,8 @@ Lifecycle of `run_serve(args)`:
   3. run uvicorn: the app's lifespan spawns the engine process and waits for it;
   4. on SIGTERM/SIGINT: stop accepting, abort in-flight requests (streams end with
      finish_reason "abort"), wait (bounded) for connections to close, then the lifespan stops
-     the engine process; a second SIGINT forces the exit. Returns 0 after a clean stop.
+     the engine process; a second SIGINT forces the exit. Returns 0 after a clean stop, 1 if
+     the engine process died (the server then stops by itself).
 Also runnable as `python -m pdserve.server.launch_server serve ...` (or without `serve`).
 """
 
@@ -152,6 +153,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                timeout_graceful_shutdown=int(max(1, config.shutdown_timeout_s)),
                                timeout_keep_alive=5, lifespan="on")
     server = _Server(uv_config, on_exit=lambda: _schedule_shutdown(app))
+    app.fastapi.state.request_exit = lambda: setattr(server, "should_exit", True)
     logger.info("pdserve serving on http://%s:%d (model %s)", config.host, config.port, config.engine.model)
     try:
         server.run(sockets=[sock])
@@ -159,6 +161,10 @@ def run_serve(args: argparse.Namespace) -> int:
         sock.close()
     if not server.started:
         logger.error("server failed to start")
+        return 1
+    client = app.fastapi.state.client
+    if client is not None and client.dead_reason is not None:
+        logger.error("exiting because the engine process died: %s", client.dead_reason)
         return 1
     return 0
 

@@ -30,6 +30,7 @@ from pdserve.server.params import (
     check_n,
     check_prompt_ids,
     decode_json_object,
+    encode_text,
     make_params,
     resolve_max_tokens,
     stop_ids,
@@ -43,13 +44,13 @@ from pdserve.server.state import ServerState, get_state
 router = APIRouter()
 
 
-def _prompts(state: ServerState, body: GenerateRequest) -> tuple[list[list[int]], bool]:
+async def _prompts(state: ServerState, body: GenerateRequest) -> tuple[list[list[int]], bool]:
     if (body.text is None) == (body.input_ids is None):
         raise bad_request("send exactly one of 'text' and 'input_ids'", param="text")
     if body.text is not None:
         batched = isinstance(body.text, list)
         texts = body.text if isinstance(body.text, list) else [body.text]
-        ids = [state.tokenizer.encode(t) if t else [] for t in texts]
+        ids = [await encode_text(state, t) if t else [] for t in texts]
         param = "text"
     else:
         raw = body.input_ids or []
@@ -65,14 +66,14 @@ def _prompts(state: ServerState, body: GenerateRequest) -> tuple[list[list[int]]
     return ids, batched
 
 
-def _build(state: ServerState, body: GenerateRequest) -> tuple[list[SubRequest], bool]:
+async def _build(state: ServerState, body: GenerateRequest) -> tuple[list[SubRequest], bool]:
     try:
         sp = NativeSamplingParams.model_validate(body.sampling_params or {})
     except ValidationError as exc:
         raise from_validation_error(exc, prefix="sampling_params") from None
     check_n(state, sp.n, "sampling_params.n")
     check_int(body.top_logprobs_num, "top_logprobs_num", 0, state.config.engine.max_top_logprobs)
-    prompts, batched = _prompts(state, body)
+    prompts, batched = await _prompts(state, body)
     total = len(prompts) * sp.n
     rids = _rids(body.rid, total)
     subs = []
@@ -80,7 +81,7 @@ def _build(state: ServerState, body: GenerateRequest) -> tuple[list[SubRequest],
         max_new = resolve_max_tokens(state, sp.max_new_tokens, len(ids), state.config.generate_default_max_tokens,
                                      param="sampling_params.max_new_tokens", minimum=0)
         params = make_params(
-            state, max_new_tokens=max_new, min_new_tokens=sp.min_new_tokens, temperature=sp.temperature,
+            state, "sampling_params.", max_new_tokens=max_new, min_new_tokens=sp.min_new_tokens, temperature=sp.temperature,
             top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p, repetition_penalty=sp.repetition_penalty,
             frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty, seed=sp.seed,
             stop=stop_list(state, sp.stop, "sampling_params.stop"),
@@ -142,7 +143,7 @@ async def generate(request: Request) -> Response:
     state = get_state(request)
     state.metrics.request("generate")
     body = GenerateRequest.model_validate(decode_json_object(await request.body()))
-    subs, many = _build(state, body)
+    subs, many = await _build(state, body)
     texts = TokenTexts(state) if body.return_text_in_logprobs else None
     if body.stream:
         return SSEResponse(_stream(state, subs, body, texts))

@@ -21,7 +21,14 @@ from starlette.responses import Response
 from pdserve.server.errors import bad_request
 from pdserve.server.generation import SubRequest, collect, merge, until_disconnect
 from pdserve.server.openai_common import TokenTexts, chat_logprobs, new_id, openai_params, sub_rid, usage
-from pdserve.server.params import check_n, check_prompt_ids, decode_json_object, resolve_max_tokens, with_seed
+from pdserve.server.params import (
+    check_n,
+    check_prompt_ids,
+    decode_json_object,
+    off_loop,
+    resolve_max_tokens,
+    with_seed,
+)
 from pdserve.server.protocol import ChatCompletionRequest
 from pdserve.server.sse import SSEResponse, frame
 from pdserve.server.state import ServerState, get_state
@@ -55,7 +62,7 @@ def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     return out
 
 
-def _prompt_ids(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+async def _prompt_ids(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     kwargs = dict(body.chat_template_kwargs or {})
     bad = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
     if bad:
@@ -64,16 +71,17 @@ def _prompt_ids(state: ServerState, body: ChatCompletionRequest) -> list[int]:
         kwargs["continue_final_message"] = True
     messages = _messages(body)
     try:
-        ids = state.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
-            **kwargs)
+        size = sum(len(m["content"]) for m in messages)
+        ids = await off_loop(size, state.tokenizer.apply_chat_template, messages,
+                             add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
+                             **kwargs)
     except Exception as exc:  # template errors (jinja, bad roles/order) are the client's
         raise bad_request(f"cannot apply the chat template: {exc}", param="messages") from None
     check_prompt_ids(state, ids, "messages")
     return ids
 
 
-def _build(state: ServerState, body: ChatCompletionRequest, rid: str) -> list[SubRequest]:
+async def _build(state: ServerState, body: ChatCompletionRequest, rid: str) -> list[SubRequest]:
     check_n(state, body.n)
     if body.response_format is not None and body.response_format.type != "text":
         raise bad_request(f"response_format {body.response_format.type!r} is not supported", param="response_format")
@@ -84,7 +92,7 @@ def _build(state: ServerState, body: ChatCompletionRequest, rid: str) -> list[Su
         if not 0 <= top <= state.config.engine.max_top_logprobs:
             raise bad_request(f"top_logprobs must be in [0, {state.config.engine.max_top_logprobs}], got {top}",
                               param="top_logprobs")
-    ids = _prompt_ids(state, body)
+    ids = await _prompt_ids(state, body)
     name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_new = resolve_max_tokens(state, requested, len(ids), None, param=name)
@@ -99,7 +107,7 @@ async def chat_completions(request: Request) -> Response:
     state.metrics.request("chat")
     body = ChatCompletionRequest.model_validate(decode_json_object(await request.body()))
     rid = new_id("chatcmpl")
-    subs = _build(state, body, rid)
+    subs = await _build(state, body, rid)
     head = {"id": rid, "created": int(time.time()), "model": body.model or state.model_name}
     texts = TokenTexts(state)
     if body.stream:

@@ -20,7 +20,14 @@ from starlette.responses import Response
 from pdserve.server.errors import bad_request
 from pdserve.server.generation import SubRequest, collect, merge, until_disconnect
 from pdserve.server.openai_common import TokenTexts, completion_logprobs, new_id, openai_params, sub_rid, usage
-from pdserve.server.params import check_n, check_prompt_ids, decode_json_object, resolve_max_tokens, with_seed
+from pdserve.server.params import (
+    check_n,
+    check_prompt_ids,
+    decode_json_object,
+    encode_text,
+    resolve_max_tokens,
+    with_seed,
+)
 from pdserve.server.protocol import CompletionRequest
 from pdserve.server.sse import SSEResponse, frame
 from pdserve.server.state import ServerState, get_state
@@ -28,7 +35,7 @@ from pdserve.server.state import ServerState, get_state
 router = APIRouter()
 
 
-def _prompts(state: ServerState, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+async def _prompts(state: ServerState, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
     elif not prompt:
@@ -39,19 +46,19 @@ def _prompts(state: ServerState, prompt: str | list[str] | list[int] | list[list
         items = list(prompt)
     if len(items) > state.config.max_prompts:
         raise bad_request(f"at most {state.config.max_prompts} prompts per request, got {len(items)}", param="prompt")
-    ids = [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items]
+    ids = [await encode_text(state, p) if isinstance(p, str) else list(p) for p in items]
     for one in ids:
         check_prompt_ids(state, one, "prompt")
     return ids
 
 
-def _build(state: ServerState, body: CompletionRequest, rid: str) -> list[SubRequest]:
+async def _build(state: ServerState, body: CompletionRequest, rid: str) -> list[SubRequest]:
     check_n(state, body.n)
     k = body.logprobs
     if k is not None and not 0 <= k <= state.config.engine.max_top_logprobs:
         raise bad_request(f"logprobs must be in [0, {state.config.engine.max_top_logprobs}], got {k}",
                           param="logprobs")
-    prompts = _prompts(state, body.prompt)
+    prompts = await _prompts(state, body.prompt)
     total = len(prompts) * body.n
     include_stop = body.include_stop_str_in_output or body.no_stop_trim
     subs = []
@@ -74,7 +81,7 @@ async def completions(request: Request) -> Response:
     state.metrics.request("completions")
     body = CompletionRequest.model_validate(decode_json_object(await request.body()))
     rid = new_id("cmpl")
-    subs = _build(state, body, rid)
+    subs = await _build(state, body, rid)
     created = int(time.time())
     echo = {s.index: state.tokenizer.decode(s.prompt_ids, skip_special_tokens=False) for s in subs} if body.echo else {}
     head = {"id": rid, "object": "text_completion", "created": created, "model": body.model or state.model_name}

@@ -8,8 +8,10 @@ caps and the context, and `SamplingParams` are built and validated. Every failur
 
 from __future__ import annotations
 
-import json
-from typing import Any
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -17,8 +19,22 @@ from pdserve.engine.sampling_params import SamplingError, SamplingParams
 from pdserve.server.errors import APIError, bad_request
 from pdserve.server.state import ServerState
 
+T = TypeVar("T")
 INT_LIMIT = 2**31 - 1  # ints beyond this are never meaningful here (and must encode to msgpack)
 SEED_LIMIT = 2**63 - 1
+LONG_TEXT = 8192  # characters; longer texts are tokenized off the event loop
+_TOKENIZE_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-tokenize")
+
+
+async def off_loop(size: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args)` inline when `size` is small, else in the tokenizer thread (keeps streams smooth)."""
+    if size < LONG_TEXT:
+        return fn(*args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZE_POOL, lambda: fn(*args, **kwargs))
+
+
+async def encode_text(state: ServerState, text: str) -> list[int]:
+    return await off_loop(len(text), state.tokenizer.encode, text)
 
 
 def decode_json_object(raw: bytes) -> dict[str, Any]:
@@ -97,21 +113,29 @@ def check_n(state: ServerState, n: int, param: str = "n") -> None:
         raise bad_request(f"n must be in [1, {state.config.max_n}], got {n}", param=param)
 
 
-def make_params(state: ServerState, **fields: Any) -> SamplingParams:
-    """SamplingParams from the given fields (None means the default), validated → 400."""
+def make_params(state: ServerState, prefix: str = "", **fields: Any) -> SamplingParams:
+    """SamplingParams from the given fields (None means the default), validated → 400 whose
+    `param` is the field name, after `prefix` (e.g. "sampling_params.")."""
     clean = {k: v for k, v in fields.items() if v is not None}
     for name in ("top_k", "min_new_tokens", "top_logprobs"):
         if name in clean:
-            check_int(clean[name], {"min_new_tokens": "min_tokens"}.get(name, name), -1 if name == "top_k" else 0,
-                      INT_LIMIT)
+            label = prefix + (name if prefix else {"min_new_tokens": "min_tokens"}.get(name, name))
+            check_int(clean[name], label, -1 if name == "top_k" else 0, INT_LIMIT)
     if "seed" in clean:
-        check_int(clean["seed"], "seed", -SEED_LIMIT, SEED_LIMIT)
+        check_int(clean["seed"], prefix + "seed", -SEED_LIMIT, SEED_LIMIT)
         clean["seed"] = clean["seed"] & SEED_LIMIT  # torch seeds are non-negative
     try:
         params = SamplingParams(**clean)
         params.validate(state.config.engine.max_top_logprobs)
     except SamplingError as exc:
-        raise bad_request(str(exc), param=exc.param) from None
+        param = exc.param
+        if prefix and param:
+            param = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}.get(param, param)
+            if param == "top_logprobs":
+                param = "top_logprobs_num"
+            else:
+                param = prefix + param
+        raise bad_request(str(exc), param=param) from None
     except (TypeError, ValueError) as exc:
         raise bad_request(str(exc)) from None
     return params
@@ -122,8 +146,3 @@ def with_seed(params: SamplingParams, offset: int) -> SamplingParams:
     if offset == 0 or params.seed is None:
         return params
     return msgspec.structs.replace(params, seed=(params.seed + offset) & SEED_LIMIT)
-
-
-def short(value: Any, limit: int = 80) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= limit else text[:limit] + "..."

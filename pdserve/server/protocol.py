@@ -24,7 +24,6 @@ class _Model(BaseModel):
 
 class StreamOptions(_Model):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
 
 
 class _SamplingFields(_Model):
@@ -57,8 +56,6 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = None
     logprobs: int | None = None
     echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
 
 
 class TextPart(_Model):
@@ -119,7 +116,6 @@ class GenerateRequest(_Model):
     return_logprob: bool = False
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
-    logprob_start_len: int = -1
     rid: Union[str, list[str], None] = None
 
 
