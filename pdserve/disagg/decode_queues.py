@@ -54,6 +54,10 @@ class DecodeQueues:
     def live(self) -> list[Request]:
         return [*self.prealloc, *self.transfer]
 
+    def close(self) -> None:
+        self.manager.close()
+        self.client.close()
+
     def owns(self, req: Request) -> bool:
         return req in self.prealloc or req in self.transfer
 
@@ -67,6 +71,10 @@ class DecodeQueues:
         out = self._poll_transfers()
         out += self._preallocate()
         return out
+
+    def after_forward(self, chunks: list) -> set[Request]:
+        """Nothing to push on the decode side: its requests run like any other once committed."""
+        return set()
 
     def _preallocate(self) -> list[TokenOut]:
         out: list[TokenOut] = []
@@ -83,15 +91,17 @@ class DecodeQueues:
             need = pages_needed(req.prompt_len + 1, kv.page_size) + eng.scheduler.decode_headroom_pages()
             if kv.available() < need:
                 break
-            try:
-                endpoint = self.client.route(t.boot.host, t.boot.port)
+            try:  # non-blocking: the first contact with a prefill is fetched in the background
+                route = self.client.poll_route(t.boot.host, t.boot.port)
             except Exception as e:  # unreachable prefill or layout mismatch: a clean error
                 self.prealloc.pop(0)
-                out.append(self._fail(req, f"cannot reach prefill bootstrap {t.boot.host}:{t.boot.port}: {e}"))
+                out.append(self._fail(req, str(e)))
                 continue
+            if route is None:
+                break
             self.prealloc.pop(0)
             kv.ensure_pages(req, req.prompt_len)
-            t.receiver = self.manager.receiver(t.boot.room, endpoint)
+            t.receiver = self.manager.receiver(t.boot.room, route.endpoint)
             t.receiver.init(req.pages[: pages_needed(req.prompt_len, kv.page_size)])
             self.transfer.append(req)
         return out
@@ -108,7 +118,8 @@ class DecodeQueues:
             if t.aborting:
                 out.append(self.engine.finish_request(req, "abort", keep_in_cache=False))
             elif state == KVPoll.Failed:
-                out.append(self._fail(req, "KV transfer from the prefill server failed or timed out"))
+                why = t.receiver.failure or "unknown"
+                out.append(self._fail(req, f"KV transfer from the prefill server failed: {why}"))
             else:
                 record = t.receiver.metadata()
                 if record is None or record.room != t.boot.room:
@@ -141,5 +152,5 @@ class DecodeQueues:
     def _fail(self, req: Request, error: str) -> TokenOut:
         log.warning("request %s: %s", req.rid, error)
         out = self.engine.finish_request(req, "abort", keep_in_cache=False)
-        out.error = error
+        out.error, out.error_status = error, 503
         return out

@@ -21,10 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pdserve.disagg.bootstrap import BootstrapServer
 from pdserve.disagg.messages import MetadataRecord
 from pdserve.disagg.transfer.base import KVPoll, KVSender, TransferManager
 from pdserve.engine.batch import Chunk
-from pdserve.engine.io import TokenOut
+from pdserve.engine.io import Bootstrap, TokenOut
 from pdserve.engine.kv_cache import pages_needed
 from pdserve.engine.request import Request
 
@@ -41,21 +42,26 @@ class PrefillTransfer:
 
 
 class PrefillQueues:
-    def __init__(self, engine: "Engine", manager: TransferManager) -> None:
+    def __init__(self, engine: "Engine", manager: TransferManager, bootstrap: BootstrapServer) -> None:
         self.engine = engine
         self.manager = manager
+        self.bootstrap_server = bootstrap
         self.bootstrap: list[Request] = []
         self.inflight: list[Request] = []
 
     def __len__(self) -> int:
         return len(self.bootstrap) + len(self.inflight)
 
-    def add(self, req: Request, room: int) -> None:
-        req.transfer = PrefillTransfer(self.manager.sender(room), room)
+    def add(self, req: Request, boot: Bootstrap) -> None:
+        req.transfer = PrefillTransfer(self.manager.sender(boot.room), boot.room)
         self.bootstrap.append(req)
 
     def live(self) -> list[Request]:
         return [*self.bootstrap, *self.inflight]
+
+    def close(self) -> None:
+        self.manager.close()
+        self.bootstrap_server.close()
 
     def owns(self, req: Request) -> bool:
         return req in self.bootstrap or req in self.inflight
@@ -73,8 +79,7 @@ class PrefillQueues:
             state = t.sender.poll()
             if state == KVPoll.Failed or t.aborting:
                 self.bootstrap.remove(req)
-                out.append(self._end(req, "bootstrap failed: no decode server claimed this room in time"
-                                     if not t.aborting else None))
+                out.append(self._end(req, None if t.aborting else f"bootstrap failed: {t.sender.failure}"))
             elif state >= KVPoll.WaitingForInput:
                 self.bootstrap.remove(req)
                 want = pages_needed(req.prompt_len, self.engine.kv.page_size)
@@ -89,7 +94,7 @@ class PrefillQueues:
             state = t.sender.poll()
             if state in (KVPoll.Success, KVPoll.Failed):
                 self.inflight.remove(req)
-                err = None if state == KVPoll.Success else "KV transfer to the decode server failed"
+                err = None if state == KVPoll.Success else f"KV transfer to the decode server failed: {t.sender.failure}"
                 out.append(self._end(req, None if t.aborting else err, aborted=t.aborting))
         return out
 
@@ -102,7 +107,7 @@ class PrefillQueues:
             t: PrefillTransfer | None = req.transfer
             if t is None:
                 continue
-            if c.samples:
+            if c.end >= req.prompt_len:  # the prompt is done and its first token sampled
                 last = pages_needed(req.prompt_len, ps)
                 t.sender.send(req.pages[t.pages_sent:last], t.pages_sent, True, self._record(req, t.room))
                 t.pages_sent = last
@@ -117,7 +122,7 @@ class PrefillQueues:
         return taken
 
     def _record(self, req: Request, room: int) -> MetadataRecord:
-        top = [[x.token_id, x.logprob] for x in req.new_top[0]] if req.new_top else None
+        top = [(x.token_id, x.logprob) for x in req.new_top[0]] if req.new_top else None
         return MetadataRecord(room=room, first_token=req.tokens[req.prompt_len],
                               logprob=req.new_logprobs[0] if req.new_logprobs else None,
                               top_logprobs=top, cached_tokens=req.cached_tokens)
@@ -125,5 +130,5 @@ class PrefillQueues:
     def _end(self, req: Request, error: str | None, aborted: bool = False) -> TokenOut:
         reason = "abort" if (error or aborted) else (req.finish_reason or "length")
         out = self.engine.finish_request(req, reason, keep_in_cache=True)
-        out.error = error
+        out.error, out.error_status = error, 503
         return out

@@ -202,6 +202,11 @@ class Engine:
     def flush_cache(self) -> bool:
         return self.kv.cache.reset()
 
+    def close(self) -> None:
+        """Stop PD threads and sockets (the engine process calls this on shutdown)."""
+        if self.pd is not None:
+            self.pd.close()
+
     def check_integrity(self) -> None:
         pd_live = [] if self.pd is None else self.pd.live()
         self.kv.check_integrity([*self.scheduler.live(), *pd_live])

@@ -54,6 +54,7 @@ class TokenOut(msgspec.Struct, tag=True):
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    error_status: int = 400  # HTTP status for `error`: 400 bad input, 503 a failed PD transfer
 
     @property
     def finished(self) -> bool:

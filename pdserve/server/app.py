@@ -34,7 +34,8 @@ logger = logging.getLogger("pdserve.server")
 def build_fastapi(config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = EngineClient(config.engine, config.engine_start_timeout_s, on_dead=lambda _: _request_exit(app))
+        client = EngineClient(config.engine, config.engine_start_timeout_s, on_dead=lambda _: _request_exit(app),
+                              disagg=config.disagg)
         app.state.client = client
         try:
             info = await client.start()

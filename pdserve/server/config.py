@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdserve.config import EngineConfig
+from pdserve.disagg.config import DisaggConfig
 
 API_KEY_ENV = "PDSERVE_API_KEY"
 
@@ -16,6 +17,7 @@ API_KEY_ENV = "PDSERVE_API_KEY"
 @dataclass(frozen=True)
 class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)  # PD role, backend, bootstrap
     host: str = "127.0.0.1"
     port: int = 30000
     api_key: str | None = None  # protects every route but /health and /metrics

@@ -45,6 +45,7 @@ from pdserve.engine.io import (
     TokenOut,
     TokenOutBatch,
 )
+from pdserve.disagg.config import DisaggConfig
 from pdserve.server.engine_proc import spawn_engine_process
 
 logger = logging.getLogger("pdserve.engine_client")
@@ -60,8 +61,9 @@ class DuplicateRequestError(ValueError):
 
 class EngineClient:
     def __init__(self, config: EngineConfig, start_timeout_s: float = 900.0,
-                 on_dead: Callable[[str], None] | None = None) -> None:
+                 on_dead: Callable[[str], None] | None = None, disagg: DisaggConfig | None = None) -> None:
         self.config = config
+        self.disagg = disagg or DisaggConfig()
         self.start_timeout_s = start_timeout_s
         self.on_dead = on_dead  # called once if the engine dies while serving
         self.info: EngineReady | None = None
@@ -95,7 +97,7 @@ class EngineClient:
             sock.setsockopt(zmq.LINGER, 0)
         self._push.bind(in_addr)
         self._pull.bind(out_addr)
-        self.proc = spawn_engine_process(self.config, in_addr, out_addr)
+        self.proc = spawn_engine_process(self.config, in_addr, out_addr, self.disagg)
         self.info = await self._wait_ready()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._recv_loop(), name="engine-recv"),

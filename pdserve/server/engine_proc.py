@@ -32,6 +32,7 @@ import msgspec
 import zmq
 
 from pdserve.config import EngineConfig, default_threads
+from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.io import (
     AbortReq,
     EngineFailed,
@@ -53,13 +54,15 @@ IDLE_POLL_MS = 1000  # how often an idle engine checks that its parent is alive
 NAP_MS = 1  # nap between steps that made no progress (KV in transit, nothing admissible)
 
 
-def spawn_engine_process(config: EngineConfig, in_addr: str, out_addr: str) -> BaseProcess:
+def spawn_engine_process(config: EngineConfig, in_addr: str, out_addr: str,
+                         disagg: DisaggConfig | None = None) -> BaseProcess:
     """Start the engine process (daemonic, 'spawn' context) and return it; it connects to
     `in_addr` (its inbox) and `out_addr` (its outbox), which the front has bound."""
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(
         target=engine_main,
-        args=(msgspec.json.encode(config), in_addr, out_addr, os.getpid()),
+        args=(msgspec.json.encode(config), in_addr, out_addr, os.getpid(),
+              msgspec.json.encode(disagg or DisaggConfig())),
         name="pdserve-engine",
         daemon=True,
     )
@@ -208,13 +211,14 @@ class EngineLoop:
             self.stopping = True
 
 
-def engine_main(config_json: bytes, in_addr: str, out_addr: str, parent_pid: int) -> None:
+def engine_main(config_json: bytes, in_addr: str, out_addr: str, parent_pid: int, disagg_json: bytes = b"{}") -> None:
     """Entry point of the engine process (see the module docstring)."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s engine: %(message)s")
     config = msgspec.json.decode(config_json, type=EngineConfig)
+    disagg = msgspec.json.decode(disagg_json, type=DisaggConfig)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     outbox = ctx.socket(zmq.PUSH)
@@ -229,7 +233,7 @@ def engine_main(config_json: bytes, in_addr: str, out_addr: str, parent_pid: int
         _set_threads(config)
         from pdserve.engine.engine import Engine
 
-        engine = Engine(config)
+        engine = Engine(config, disagg)
         outbox.send(msgspec.msgpack.encode(ready_message(engine, config)))
     except BaseException:
         outbox.send(msgspec.msgpack.encode(EngineFailed(message="engine start-up failed:\n" + traceback.format_exc())))

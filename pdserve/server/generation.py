@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from pdserve.engine.io import GenerateReq, TopLogprob
+from pdserve.engine.io import Bootstrap, GenerateReq, TopLogprob
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.engine_client import DuplicateRequestError, EngineDeadError
 from pdserve.server.errors import APIError
@@ -38,6 +38,7 @@ class SubRequest:
     prompt_ids: list[int]
     params: SamplingParams
     include_stop: bool = False
+    bootstrap: Bootstrap | None = None  # a PD request: where its KV comes from / goes to
 
 
 @dataclass
@@ -100,14 +101,15 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
                       sub.params.skip_special_tokens, sub.include_stop)
     count = 0
     finished = False
-    req = GenerateReq(rid=sub.rid, input_ids=sub.prompt_ids, params=sub.params)
+    req = GenerateReq(rid=sub.rid, input_ids=sub.prompt_ids, params=sub.params, bootstrap=sub.bootstrap)
     try:
         outs = state.client.generate(req)
         async with contextlib.aclosing(outs):
             async for out in outs:
                 if out.error is not None:
-                    finished = True  # rejected by the engine: nothing ran
-                    raise APIError(400, out.error)
+                    finished = True  # rejected by the engine, or its PD transfer failed
+                    raise APIError(out.error_status, out.error,
+                                   code="kv_transfer_failed" if out.error_status >= 500 else None)
                 ids = out.token_ids
                 timer.tokens(len(ids))
                 count += len(ids)

@@ -28,6 +28,7 @@ from typing import Any
 import uvicorn
 
 from pdserve.config import EngineConfig
+from pdserve.disagg.config import DisaggConfig
 from pdserve.server.app import begin_shutdown, build_app
 from pdserve.server.config import API_KEY_ENV, ServerConfig
 
@@ -66,6 +67,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens-cap", type=int, default=None, help="cap on max_tokens (default: context length)")
     p.add_argument("--engine-start-timeout", type=float, default=d.engine_start_timeout_s, help="seconds")
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s, help="seconds per stage")
+    g = p.add_argument_group("PD disaggregation (knobs: PDSERVE_DISAGGREGATION_* env, see README)")
+    g.add_argument("--disaggregation-mode", default="null", choices=["null", "prefill", "decode"])
+    g.add_argument("--disaggregation-transfer-backend", default="tcp",
+                   choices=["tcp", "shm", "fake", "nixl", "mooncake"])
+    g.add_argument("--disaggregation-bootstrap-port", type=int, default=8998,
+                   help="bootstrap server port on a prefill server")
+    g.add_argument("--disaggregation-bootstrap-host", default=None,
+                   help="address the bootstrap server and transfer endpoint bind (default: --host)")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
 
@@ -88,8 +97,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.disable_prefix_cache:
         engine_kwargs["enable_prefix_cache"] = False
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    disagg = DisaggConfig.from_env(
+        mode=args.disaggregation_mode, backend=args.disaggregation_transfer_backend,
+        bootstrap_port=args.disaggregation_bootstrap_port,
+        bootstrap_host=args.disaggregation_bootstrap_host or args.host)
     return ServerConfig(
-        engine=EngineConfig(**engine_kwargs), host=args.host, port=args.port, api_key=api_key,
+        engine=EngineConfig(**engine_kwargs), disagg=disagg, host=args.host, port=args.port, api_key=api_key,
         served_model_name=args.served_model_name, max_body_bytes=int(args.max_body_mb * 2**20),
         max_n=args.max_n, max_prompts=args.max_prompts, max_tokens_cap=args.max_tokens_cap,
         engine_start_timeout_s=args.engine_start_timeout, shutdown_timeout_s=args.shutdown_timeout,

@@ -26,6 +26,7 @@ from pdserve.server.errors import bad_request, from_validation_error
 from pdserve.server.generation import Result, SubRequest, collect, merge, until_disconnect
 from pdserve.server.openai_common import TokenTexts
 from pdserve.server.params import (
+    pd_bootstrap,
     check_int,
     check_n,
     check_prompt_ids,
@@ -76,6 +77,7 @@ async def _build(state: ServerState, body: GenerateRequest) -> tuple[list[SubReq
     prompts, batched = await _prompts(state, body)
     total = len(prompts) * sp.n
     rids = _rids(body.rid, total)
+    boot = pd_bootstrap(state, body, total)
     subs = []
     for p, ids in enumerate(prompts):
         max_new = resolve_max_tokens(state, sp.max_new_tokens, len(ids), state.config.generate_default_max_tokens,
@@ -90,7 +92,7 @@ async def _build(state: ServerState, body: GenerateRequest) -> tuple[list[SubReq
             logprobs=body.return_logprob, top_logprobs=body.top_logprobs_num if body.return_logprob else 0)
         for j in range(sp.n):
             index = p * sp.n + j
-            subs.append(SubRequest(index, rids[index], ids, with_seed(params, j), sp.no_stop_trim))
+            subs.append(SubRequest(index, rids[index], ids, with_seed(params, j), sp.no_stop_trim, boot))
     return subs, batched or sp.n > 1
 
 

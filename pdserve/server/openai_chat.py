@@ -22,6 +22,7 @@ from pdserve.server.errors import bad_request
 from pdserve.server.generation import SubRequest, collect, merge, until_disconnect
 from pdserve.server.openai_common import TokenTexts, chat_logprobs, new_id, openai_params, sub_rid, usage
 from pdserve.server.params import (
+    pd_bootstrap,
     check_n,
     check_prompt_ids,
     decode_json_object,
@@ -98,7 +99,9 @@ async def _build(state: ServerState, body: ChatCompletionRequest, rid: str) -> l
     max_new = resolve_max_tokens(state, requested, len(ids), None, param=name)
     params = openai_params(state, body, max_new, body.logprobs, top or 0)
     include_stop = body.include_stop_str_in_output or body.no_stop_trim
-    return [SubRequest(k, sub_rid(rid, k, body.n), ids, with_seed(params, k), include_stop) for k in range(body.n)]
+    boot = pd_bootstrap(state, body, body.n)
+    return [SubRequest(k, sub_rid(rid, k, body.n), ids, with_seed(params, k), include_stop, boot)
+            for k in range(body.n)]
 
 
 @router.post("/v1/chat/completions")

@@ -21,6 +21,7 @@ from pdserve.server.errors import bad_request
 from pdserve.server.generation import SubRequest, collect, merge, until_disconnect
 from pdserve.server.openai_common import TokenTexts, completion_logprobs, new_id, openai_params, sub_rid, usage
 from pdserve.server.params import (
+    pd_bootstrap,
     check_n,
     check_prompt_ids,
     decode_json_object,
@@ -61,13 +62,14 @@ async def _build(state: ServerState, body: CompletionRequest, rid: str) -> list[
     prompts = await _prompts(state, body.prompt)
     total = len(prompts) * body.n
     include_stop = body.include_stop_str_in_output or body.no_stop_trim
+    boot = pd_bootstrap(state, body, total)
     subs = []
     for p, ids in enumerate(prompts):
         max_new = resolve_max_tokens(state, body.max_tokens, len(ids), state.config.completion_default_max_tokens)
         params = openai_params(state, body, max_new, k is not None, k or 0)
         for j in range(body.n):
             index = p * body.n + j
-            subs.append(SubRequest(index, sub_rid(rid, index, total), ids, with_seed(params, j), include_stop))
+            subs.append(SubRequest(index, sub_rid(rid, index, total), ids, with_seed(params, j), include_stop, boot))
     return subs
 
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from pdserve.engine.io import Bootstrap
 from pdserve.engine.sampling_params import SamplingError, SamplingParams
 from pdserve.server.errors import APIError, bad_request
 from pdserve.server.state import ServerState
@@ -146,3 +147,21 @@ def with_seed(params: SamplingParams, offset: int) -> SamplingParams:
     if offset == 0 or params.seed is None:
         return params
     return msgspec.structs.replace(params, seed=(params.seed + offset) & SEED_LIMIT)
+
+
+def pd_bootstrap(state: ServerState, body: Any, num_subs: int) -> Bootstrap | None:
+    """The PD bootstrap of a request, or None to serve it locally.
+
+    A unified server ignores the fields (as a decode server does for requests without them:
+    prefill on decode). In a PD server they must come together, for one sequence."""
+    fields = (body.bootstrap_host, body.bootstrap_port, body.bootstrap_room)
+    if state.config.disagg.mode == "null" or all(f is None for f in fields):
+        return None
+    if any(f is None for f in fields):
+        raise bad_request("bootstrap_host, bootstrap_port and bootstrap_room must be given together",
+                          param="bootstrap_room")
+    check_int(body.bootstrap_port, "bootstrap_port", 1, 65535)
+    check_int(body.bootstrap_room, "bootstrap_room", 0, 2**63 - 1)
+    if num_subs != 1:
+        raise bad_request("a disaggregated request carries one sequence (n = 1, one prompt)", param="n")
+    return Bootstrap(host=body.bootstrap_host, port=body.bootstrap_port, room=body.bootstrap_room)

@@ -26,7 +26,15 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
-class _SamplingFields(_Model):
+class _BootstrapFields(_Model):
+    """PD fields a router adds (SGLang's names): where the prefill's bootstrap server is."""
+
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
+
+
+class _SamplingFields(_BootstrapFields):
     """Sampling knobs shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM/SGLang extras)."""
 
     model: str | None = None
@@ -106,7 +114,7 @@ class NativeSamplingParams(_Model):
     n: int = 1
 
 
-class GenerateRequest(_Model):
+class GenerateRequest(_BootstrapFields):
     """SGLang's /generate body (single or batched prompt)."""
 
     text: Union[str, list[str], None] = None

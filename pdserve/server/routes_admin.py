@@ -74,12 +74,16 @@ async def health_generate(request: Request) -> Response:
 
 def _server_info(state: ServerState) -> dict[str, Any]:
     cfg = state.config
-    server = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("engine", "api_key")}
+    server = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("engine", "api_key", "disagg")}
+    pd = cfg.disagg
     return {
         "version": VERSION,
         "model_path": state.info.model_path,
         "served_model_name": state.model_name,
-        "disaggregation_mode": "null",
+        "disaggregation_mode": pd.mode,
+        "disaggregation_transfer_backend": pd.backend,
+        "disaggregation_bootstrap_port": pd.bootstrap_port,
+        "disaggregation": {k: v for k, v in dataclasses.asdict(pd).items() if k != "cluster_token"},
         "api_key_required": cfg.api_key is not None,
         "max_model_len": state.max_model_len,
         "context_length": state.max_model_len,

@@ -1,0 +1,185 @@
+"""The bootstrap server on each prefill server: where decode learns a prefill rank's transfer
+endpoint and KV layout, and checks that the prefill is alive.
+
+Lifecycle (prefill server):
+    server = BootstrapServer.from_config(config).start()     # aiohttp in its own thread + loop
+    server.register(rank, manager.endpoint, layout)          # rank 0 in-process, or
+    register_route(host, port, rank, endpoint, layout, token) # other ranks over HTTP PUT
+    ... serve ...
+    server.close()
+
+HTTP (JSON bodies from pdserve.disagg.messages):
+    PUT /route          RouteRegistration -> 200 | 400 bad body | 401 token | 409 layout conflict
+    GET /route?rank=N   -> RouteInfo (404 until rank N registered; rank defaults to 0)
+    GET /health         -> Health {status, instance}; `instance` changes when the server restarts
+Writes need `Authorization: Bearer <cluster token>` when a token is configured. Binds 127.0.0.1
+unless told otherwise. The decode side lives in bootstrap_client.py (re-exported here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import threading
+import urllib.error
+import urllib.request
+import uuid
+
+import msgspec
+from aiohttp import web
+
+from pdserve.disagg.bootstrap_client import _OPENER, BootstrapClient, BootstrapError, PrefillAddr, Route, http_url
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.messages import Health, HttpError, KVLayout, LayoutMismatch, RouteInfo, RouteRegistration
+
+__all__ = ["BootstrapClient", "BootstrapError", "BootstrapServer", "PrefillAddr", "Route", "register_route"]
+
+MAX_BODY = 1 << 20
+
+
+def _json(obj: msgspec.Struct, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(obj), status=status, content_type="application/json")
+
+
+class BootstrapServer:
+    def __init__(self, host: str = "127.0.0.1", port: int = 8998, cluster_token: str | None = None) -> None:
+        self.host = host
+        self.requested_port = port
+        self.cluster_token = cluster_token
+        self.instance = uuid.uuid4().hex
+        self._routes: dict[int, RouteRegistration] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._port: int | None = None
+
+    @classmethod
+    def from_config(cls, config: DisaggConfig) -> BootstrapServer:
+        return cls(config.bootstrap_host, config.bootstrap_port, config.cluster_token)
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("bootstrap server not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return http_url(self.host, self.port, "")
+
+    # --- routes -------------------------------------------------------------------------------
+
+    def register(self, rank: int, endpoint: str, layout: KVLayout) -> None:
+        """Register (or replace) a rank; every rank must share one layout (LayoutMismatch)."""
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        with self._lock:
+            for other_rank, other in self._routes.items():
+                if other_rank != rank:
+                    other.layout.check_compatible(layout, mine=f"rank {other_rank}", theirs=f"rank {rank}")
+            self._routes[rank] = RouteRegistration(rank=rank, endpoint=endpoint, layout=layout)
+
+    def route(self, rank: int) -> RouteInfo | None:
+        with self._lock:
+            reg = self._routes.get(rank)
+            return None if reg is None else RouteInfo(rank=rank, endpoint=reg.endpoint, layout=reg.layout,
+                                                      instance=self.instance, num_ranks=len(self._routes))
+
+    # --- HTTP handlers ------------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return _json(Health(status="ok", instance=self.instance))
+
+    async def _get_route(self, request: web.Request) -> web.Response:
+        raw = request.query.get("rank", "0")
+        try:
+            rank = int(raw)
+        except ValueError:
+            return _json(HttpError(error=f"rank must be an integer, got {raw!r}"), 400)
+        info = self.route(rank)
+        if info is None:
+            return _json(HttpError(error=f"prefill rank {rank} is not registered"), 404)
+        return _json(info)
+
+    async def _put_route(self, request: web.Request) -> web.Response:
+        if self.cluster_token is not None:
+            got = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {self.cluster_token}".encode()):
+                return _json(HttpError(error="missing or wrong cluster token"), 401)
+        try:
+            reg = msgspec.json.decode(await request.read(), type=RouteRegistration)
+            self.register(reg.rank, reg.endpoint, reg.layout)
+        except LayoutMismatch as exc:
+            return _json(HttpError(error=str(exc)), 409)
+        except (msgspec.DecodeError, ValueError) as exc:
+            return _json(HttpError(error=f"bad route registration: {exc}"), 400)
+        return _json(Health(status="ok", instance=self.instance))
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> BootstrapServer:
+        self._thread = threading.Thread(target=self._run, name="pd-bootstrap", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"bootstrap server did not start within {timeout} s")
+        if self._error is not None:
+            raise OSError(f"bootstrap server cannot listen on {self.host}:{self.requested_port}: {self._error}")
+        return self
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/route", self._get_route)
+        app.router.add_put("/route", self._put_route)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        try:
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, self.host, self.requested_port, backlog=128)
+            loop.run_until_complete(site.start())
+            self._port = runner.addresses[0][1]
+        except BaseException as exc:  # noqa: BLE001 - reported by start()
+            self._error = exc
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+    def close(self, timeout: float = 5.0) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None and thread.is_alive():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout)
+
+    def __enter__(self) -> BootstrapServer:
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def register_route(host: str, port: int, rank: int, endpoint: str, layout: KVLayout,
+                   token: str | None = None, timeout: float = 10.0) -> None:
+    """PUT /route from a prefill rank that does not host the bootstrap server."""
+    body = msgspec.json.encode(RouteRegistration(rank=rank, endpoint=endpoint, layout=layout))
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(http_url(host, port, "/route"), data=body, headers=headers, method="PUT")
+    try:
+        with _OPENER.open(req, timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        raise BootstrapError(f"bootstrap server {host}:{port} refused rank {rank}: HTTP {exc.code} {detail}") from None
+    except OSError as exc:
+        raise BootstrapError(f"cannot reach bootstrap server {host}:{port}: {exc}") from None

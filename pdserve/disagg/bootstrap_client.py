@@ -1,0 +1,246 @@
+"""Decode's view of the prefill bootstrap servers: cached routes, layout check, heartbeat.
+
+Lifecycle (decode server):
+    client = BootstrapClient(my_layout, config)        # starts the heartbeat thread
+    manager.watch(client)                               # dead prefill -> its rooms fail
+    route = client.poll_route(host, port, rank)         # engine loop: never blocks (None = not yet)
+      or  client.get_route(host, port, rank)            # blocking, bounded (tools, tests)
+    ... receiver(room, route.endpoint) ...
+    client.close()
+
+First contact with a prefill fetches GET /route and checks its KV layout against ours
+(LayoutMismatch names the differing fields). The heartbeat polls GET /health of every known
+prefill each `heartbeat_interval`; after `heartbeat_max_failure` consecutive misses, or when the
+server's instance id changes (a restart at the same address), the prefill is declared dead:
+its generation counter goes up, the dead callbacks get its endpoints, and its cached routes are
+forgotten so that the next lookup re-learns a restarted prefill instead of serving stale data.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple, TypeVar
+
+import msgspec
+
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.messages import Health, KVLayout, LayoutMismatch, RouteInfo
+
+logger = logging.getLogger("pdserve.disagg.bootstrap")
+
+RETRY_S = 0.2
+T = TypeVar("T")
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
+
+
+class BootstrapError(RuntimeError):
+    """A prefill's bootstrap server could not be reached or refused the request."""
+
+
+class PrefillAddr(NamedTuple):
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Route:
+    addr: PrefillAddr
+    rank: int
+    endpoint: str  # the prefill rank's transfer endpoint: pass to manager.receiver()
+    layout: KVLayout
+    instance: str
+    generation: int  # bumps each time this prefill is declared dead
+
+
+DeadCallback = Callable[[PrefillAddr, list[str], str], None]  # (addr, transfer endpoints, reason)
+
+
+@dataclass
+class _Peer:
+    instance: str | None = None
+    routes: dict[int, Route] = field(default_factory=dict)
+    misses: int = 0
+
+
+def http_url(host: str, port: int, path: str) -> str:
+    return f"http://[{host}]:{port}{path}" if ":" in host else f"http://{host}:{port}{path}"
+
+
+class _HttpStatus(Exception):
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"HTTP {code}: {detail}")
+        self.code = code
+
+
+def fetch_json(url: str, typ: type[T], timeout: float, token: str | None = None) -> T:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with _OPENER.open(req, timeout=timeout) as resp:
+            return msgspec.json.decode(resp.read(), type=typ)
+    except urllib.error.HTTPError as exc:
+        raise _HttpStatus(exc.code, exc.read().decode(errors="replace")[:500]) from None
+
+
+class BootstrapClient:
+    def __init__(self, layout: KVLayout, config: DisaggConfig, *, fetch_timeout: float = 30.0,
+                 heartbeat: bool = True) -> None:
+        self.layout = layout
+        self.config = config
+        self.fetch_timeout = fetch_timeout
+        self._lock = threading.Lock()
+        self._peers: dict[PrefillAddr, _Peer] = {}
+        self._generations: dict[PrefillAddr, int] = {}
+        self._callbacks: list[DeadCallback] = []
+        self._inflight: dict[tuple[PrefillAddr, int], threading.Thread] = {}
+        self._errors: dict[tuple[PrefillAddr, int], Exception] = {}
+        self._stop = threading.Event()
+        self._hb = threading.Thread(target=self._heartbeat, name="pd-heartbeat", daemon=True)
+        if heartbeat:
+            self._hb.start()
+
+    # --- routes -------------------------------------------------------------------------------
+
+    def cached(self, host: str, port: int, rank: int = 0) -> Route | None:
+        with self._lock:
+            peer = self._peers.get(PrefillAddr(host, port))
+            return None if peer is None else peer.routes.get(rank)
+
+    def get_route(self, host: str, port: int, rank: int = 0, timeout: float | None = None) -> Route:
+        """The cached route, or fetch it (retrying while the server is down or the rank is not yet
+        registered, up to `timeout`, default fetch_timeout). Raises LayoutMismatch/BootstrapError."""
+        route = self.cached(host, port, rank)
+        if route is not None:
+            return route
+        addr = PrefillAddr(host, port)
+        url = http_url(host, port, f"/route?rank={rank}")
+        deadline = time.monotonic() + (self.fetch_timeout if timeout is None else timeout)
+        while True:
+            try:
+                info = fetch_json(url, RouteInfo, timeout=max(0.5, min(5.0, deadline - time.monotonic())),
+                                  token=self.config.cluster_token)
+                break
+            except _HttpStatus as exc:
+                if exc.code != 404 or time.monotonic() >= deadline:
+                    raise BootstrapError(f"bootstrap server {host}:{port}: {exc}") from None
+            except (OSError, msgspec.DecodeError) as exc:
+                if time.monotonic() >= deadline:
+                    raise BootstrapError(f"cannot reach prefill bootstrap server {host}:{port}: {exc}") from None
+            time.sleep(RETRY_S)
+        self.layout.check_compatible(info.layout, mine="decode", theirs=f"prefill {host}:{port}")
+        return self._store(addr, info)
+
+    def poll_route(self, host: str, port: int, rank: int = 0) -> Route | None:
+        """Non-blocking: the route, or None while a background fetch runs; raises that fetch's
+        error (LayoutMismatch / BootstrapError) once, after which a later call retries."""
+        route = self.cached(host, port, rank)
+        if route is not None:
+            return route
+        key = (PrefillAddr(host, port), rank)
+        with self._lock:
+            error = self._errors.pop(key, None)
+            if error is not None:
+                raise error
+            if key not in self._inflight:
+                t = threading.Thread(target=self._fetch, args=key, name="pd-route-fetch", daemon=True)
+                self._inflight[key] = t
+                t.start()
+        return None
+
+    def _fetch(self, addr: PrefillAddr, rank: int) -> None:
+        try:
+            self.get_route(addr.host, addr.port, rank)
+        except (BootstrapError, LayoutMismatch) as exc:
+            with self._lock:
+                self._errors[(addr, rank)] = exc
+        finally:
+            with self._lock:
+                self._inflight.pop((addr, rank), None)
+
+    def _store(self, addr: PrefillAddr, info: RouteInfo) -> Route:
+        restarted: list[str] = []
+        with self._lock:
+            peer = self._peers.setdefault(addr, _Peer())
+            if peer.instance is not None and peer.instance != info.instance:
+                restarted = self._drop_locked(addr)
+                peer = self._peers.setdefault(addr, _Peer())
+            peer.instance = info.instance
+            route = Route(addr=addr, rank=info.rank, endpoint=info.endpoint, layout=info.layout,
+                          instance=info.instance, generation=self._generations.get(addr, 0))
+            peer.routes[info.rank] = route
+        if restarted:
+            self._notify(addr, restarted, "restarted")
+        return route
+
+    # --- liveness -----------------------------------------------------------------------------
+
+    def add_dead_callback(self, callback: DeadCallback) -> None:
+        with self._lock:
+            self._callbacks.append(callback)
+
+    def generation(self, host: str, port: int) -> int:
+        with self._lock:
+            return self._generations.get(PrefillAddr(host, port), 0)
+
+    def known(self) -> list[PrefillAddr]:
+        with self._lock:
+            return list(self._peers)
+
+    def forget(self, host: str, port: int, reason: str = "forgotten") -> None:
+        """Declare a prefill dead now (callbacks run, routes dropped)."""
+        addr = PrefillAddr(host, port)
+        with self._lock:
+            endpoints = self._drop_locked(addr) if addr in self._peers else None
+        if endpoints is not None:
+            self._notify(addr, endpoints, reason)
+
+    def _drop_locked(self, addr: PrefillAddr) -> list[str]:
+        peer = self._peers.pop(addr)
+        self._generations[addr] = self._generations.get(addr, 0) + 1
+        return [r.endpoint for r in peer.routes.values()]
+
+    def _notify(self, addr: PrefillAddr, endpoints: list[str], reason: str) -> None:
+        logger.warning("prefill %s:%d declared dead: %s", addr.host, addr.port, reason)
+        with self._lock:
+            callbacks = list(self._callbacks)
+        for cb in callbacks:
+            try:
+                cb(addr, endpoints, reason)
+            except Exception:
+                logger.exception("dead-prefill callback failed")
+
+    def _heartbeat(self) -> None:
+        interval = self.config.heartbeat_interval
+        while not self._stop.wait(interval):
+            for addr in self.known():
+                try:
+                    health = fetch_json(http_url(addr.host, addr.port, "/health"), Health,
+                                        timeout=max(0.2, min(interval, 2.0)))
+                    instance: str | None = health.instance
+                except (OSError, _HttpStatus, msgspec.DecodeError):
+                    instance = None
+                dead: tuple[list[str], str] | None = None
+                with self._lock:
+                    peer = self._peers.get(addr)
+                    if peer is None:
+                        continue
+                    if instance is not None and instance == peer.instance:
+                        peer.misses = 0
+                    elif instance is not None:
+                        dead = (self._drop_locked(addr), "restarted (new bootstrap instance)")
+                    else:
+                        peer.misses += 1
+                        if peer.misses >= self.config.heartbeat_max_failure:
+                            dead = (self._drop_locked(addr), f"missed {peer.misses} heartbeats")
+                if dead is not None:
+                    self._notify(addr, *dead)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._hb.is_alive():
+            self._hb.join(5.0)

@@ -1,0 +1,160 @@
+"""Disaggregation knobs: one frozen dataclass, read from the environment once.
+
+Lifecycle: a server builds `DisaggConfig.from_env(mode=..., backend=..., ...)` once at start-up
+(CLI flags as keyword overrides, environment knobs for the rest) and hands the same frozen object
+to the bootstrap server/client and to the transfer manager. Nothing re-reads the environment later.
+
+Environment (`PDSERVE_DISAGGREGATION_<NAME>`; the seed's `SGLANG_DISAGGREGATION_<NAME>` is accepted
+as an alias, and the PDSERVE name wins when both are set):
+
+| NAME                  | default                                 | meaning; what raising it costs              |
+|-----------------------|-----------------------------------------|---------------------------------------------|
+| THREAD_POOL_SIZE      | min(max(4, int(0.75*cpu_count)//8), 12) | transfer threads per rank: each of the      |
+|                       |                                         | queue_size queues gets THREAD_POOL_SIZE //  |
+|                       |                                         | QUEUE_SIZE helpers for copies (shm); more = |
+|                       |                                         | more threads competing with the model       |
+| QUEUE_SIZE            | 4                                       | parallel transfer queues; a decode always   |
+|                       |                                         | maps to the same one (FCFS); 1 = one by one;|
+|                       |                                         | more = one consumer thread each             |
+| BOOTSTRAP_TIMEOUT     | 300 s                                   | prefill waits for decode's page list; longer|
+|                       |                                         | = slower cleanup when a decode never comes  |
+| WAITING_TIMEOUT       | 300 s                                   | decode waits for its KV after init (prefill |
+|                       |                                         | waits as long for decode's ack); longer =   |
+|                       |                                         | reserved pages held longer by a hung peer   |
+| HEARTBEAT_INTERVAL    | 5 s                                     | decode polls each prefill's /health; a dead |
+| HEARTBEAT_MAX_FAILURE | 2                                       | prefill is noticed within interval x misses;|
+|                       |                                         | larger = slower detection, fewer false ones |
+| FAIL_RATE (test only) | 0.0                                     | probability that one queued send fails      |
+
+plus `PDSERVE_CLUSTER_TOKEN` (cluster_token: required on bootstrap writes and transfer sessions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+MODES = ("null", "prefill", "decode")
+BACKENDS = ("tcp", "shm", "fake", "nixl", "mooncake")
+ENV_PREFIX = "PDSERVE_DISAGGREGATION_"
+ALIAS_PREFIX = "SGLANG_DISAGGREGATION_"
+TOKEN_ENV = "PDSERVE_CLUSTER_TOKEN"
+
+
+def default_thread_pool_size(cpu_count: int | None = None) -> int:
+    """The seed's default: min(max(4, int(0.75 * cpu_count) // 8), 12)."""
+    n = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return min(max(4, int(0.75 * n) // 8), 12)
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    mode: str = "null"  # null | prefill | decode
+    backend: str = "tcp"  # tcp | shm | fake | nixl | mooncake
+    bootstrap_host: str = "127.0.0.1"
+    bootstrap_port: int = 8998  # 0 = any free port (tests)
+    thread_pool_size: int = field(default_factory=default_thread_pool_size)
+    queue_size: int = 4
+    bootstrap_timeout: float = 300.0  # s a prefill room waits for decode's page list
+    waiting_timeout: float = 300.0  # s a decode room waits for its KV after init
+    heartbeat_interval: float = 5.0  # s between decode's /health polls of each prefill
+    heartbeat_max_failure: int = 2  # consecutive misses that declare a prefill dead
+    cluster_token: str | None = None
+    fail_rate: float = 0.0  # test-only: probability that one queued send fails
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"disaggregation mode must be one of {MODES}, got {self.mode!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"disaggregation transfer backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not 0 <= self.bootstrap_port <= 65535:
+            raise ValueError(f"bootstrap_port must be in 0..65535, got {self.bootstrap_port}")
+        for name in ("thread_pool_size", "queue_size", "heartbeat_max_failure"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("bootstrap_timeout", "waiting_timeout", "heartbeat_interval"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if not 0.0 <= self.fail_rate <= 1.0:
+            raise ValueError(f"fail_rate must be in [0, 1], got {self.fail_rate}")
+        if self.cluster_token is not None and not self.cluster_token:
+            raise ValueError("cluster_token must be non-empty when set")
+
+    @property
+    def heartbeat_deadline(self) -> float:
+        """Seconds after which a silent prefill is declared dead (interval x max failures)."""
+        return self.heartbeat_interval * self.heartbeat_max_failure
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> DisaggConfig:
+        """The defaults, then the environment, then `overrides` (an override of None counts as
+        not given, so CLI flags left unset fall through to the environment)."""
+        env = os.environ if env is None else env
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown DisaggConfig field(s): {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        for fname, (suffix, parse) in _ENV_KNOBS.items():
+            raw, var = _lookup(env, suffix)
+            if raw is not None:
+                values[fname] = _parse(var, raw, parse)
+        token = env.get(TOKEN_ENV)
+        if token:
+            values["cluster_token"] = token
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _lookup(env: Mapping[str, str], suffix: str) -> tuple[str | None, str]:
+    for prefix in (ENV_PREFIX, ALIAS_PREFIX):
+        var = prefix + suffix
+        raw = env.get(var)
+        if raw is not None and raw.strip() != "":
+            return raw.strip(), var
+    return None, ENV_PREFIX + suffix
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError
+    return value
+
+
+def _rate(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError
+    return value
+
+
+_EXPECTED = {_positive_int: "an integer >= 1", _positive_float: "a number of seconds > 0",
+             _rate: "a probability in [0, 1]"}
+
+_ENV_KNOBS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "thread_pool_size": ("THREAD_POOL_SIZE", _positive_int),
+    "queue_size": ("QUEUE_SIZE", _positive_int),
+    "bootstrap_timeout": ("BOOTSTRAP_TIMEOUT", _positive_float),
+    "waiting_timeout": ("WAITING_TIMEOUT", _positive_float),
+    "heartbeat_interval": ("HEARTBEAT_INTERVAL", _positive_float),
+    "heartbeat_max_failure": ("HEARTBEAT_MAX_FAILURE", _positive_int),
+    "fail_rate": ("FAIL_RATE", _rate),
+}
+
+
+def _parse(var: str, raw: str, parse: Callable[[str], Any]) -> Any:
+    try:
+        return parse(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {var}={raw!r}: expected {_EXPECTED[parse]}") from None

@@ -1,0 +1,205 @@
+"""Typed wire messages between a prefill rank and a decode rank (msgspec; never pickled).
+
+Two channels cross this process boundary:
+
+1. Bootstrap HTTP (JSON bodies, msgspec.json), on the prefill host:
+     prefill rank --PUT /route  RouteRegistration--> BootstrapServer
+     decode       --GET /route?rank=N-------------> BootstrapServer --> RouteInfo
+     decode       --GET /health-------------------> BootstrapServer --> Health
+2. The transfer session (one TCP connection per decode rank x prefill rank, opened by decode),
+   frames of `[u32 little-endian header length][msgpack header][payload bytes]`:
+     decode  -> prefill : Hello (once), RoomInfo, AbortRoom, Ack
+     prefill -> decode  : HelloAck (once), DataFrame (+ payload, tcp only), Done, RoomFailed
+
+Session frames are tagged structs (a `type` field names the message); the HTTP bodies and
+nested records are plain.
+
+Per-room lifecycle on the session: RoomInfo (decode reserved pages) -> zero or more DataFrames
+(or one-sided writes: shm) -> Done (carries the MetadataRecord) -> Ack (decode has it all). Either
+side may cut a room short: AbortRoom (decode asks) / RoomFailed (prefill tells: no write of this
+room can land any more; also the answer to AbortRoom).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Union
+
+import msgspec
+import torch
+
+
+class LayoutMismatch(ValueError):
+    """Prefill and decode disagree on the KV layout; the message names every differing field."""
+
+
+class KVLayout(msgspec.Struct, frozen=True):
+    model: str
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
+    page_size: int
+
+    @classmethod
+    def for_pool(cls, model: str, k: torch.Tensor, page_size: int) -> KVLayout:
+        """The layout of a pool tensor shaped [num_layers, num_pages*page_size, kv_heads, head_dim]."""
+        if k.dim() != 4:
+            raise ValueError(f"KV pool tensor must be 4-D [layers, slots, kv_heads, head_dim], got {tuple(k.shape)}")
+        return cls(model=model, num_layers=k.shape[0], kv_heads=k.shape[2], head_dim=k.shape[3],
+                   dtype=str(k.dtype).removeprefix("torch."), page_size=page_size)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dt = getattr(torch, self.dtype, None)
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"unknown KV dtype {self.dtype!r}")
+        return dt
+
+    @property
+    def span_bytes(self) -> int:
+        """Bytes of one page of one layer of K (or V): page_size x kv_heads x head_dim x itemsize."""
+        return self.page_size * self.kv_heads * self.head_dim * torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page over all layers, K and V."""
+        return 2 * self.num_layers * self.span_bytes
+
+    def check_compatible(self, other: KVLayout, *, mine: str = "decode", theirs: str = "prefill") -> None:
+        """Raise LayoutMismatch naming each differing field with both values."""
+        diffs = [f"{name} ({mine}={getattr(self, name)!r}, {theirs}={getattr(other, name)!r})"
+                 for name in self.__struct_fields__ if getattr(self, name) != getattr(other, name)]
+        if diffs:
+            raise LayoutMismatch(f"KV layout mismatch between {mine} and {theirs}: " + "; ".join(diffs))
+
+    def check_pool(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Raise ValueError unless k and v are pool tensors of this layout."""
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 4 or (t.shape[0], t.shape[2], t.shape[3]) != (self.num_layers, self.kv_heads, self.head_dim):
+                raise ValueError(f"KV pool {name} has shape {tuple(t.shape)}, layout wants "
+                                 f"[{self.num_layers}, slots, {self.kv_heads}, {self.head_dim}]")
+            if t.dtype != self.torch_dtype:
+                raise ValueError(f"KV pool {name} dtype {t.dtype} != layout dtype {self.dtype}")
+            if t.shape[1] % self.page_size:
+                raise ValueError(f"KV pool {name} has {t.shape[1]} slots, not a multiple of page_size {self.page_size}")
+        if k.shape != v.shape:
+            raise ValueError(f"KV pool k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
+
+
+class MetadataRecord(msgspec.Struct, frozen=True):
+    """What decode needs to commit the first token without a forward pass."""
+
+    room: int  # the guard: decode checks record.room == its room
+    first_token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # [(token id, logprob)]
+    cached_tokens: int = 0
+
+
+# --- Bootstrap HTTP bodies (msgspec.json) ------------------------------------------------------
+
+
+class RouteRegistration(msgspec.Struct, frozen=True):
+    rank: int
+    endpoint: str
+    layout: KVLayout
+
+
+class RouteInfo(msgspec.Struct, frozen=True):
+    rank: int
+    endpoint: str
+    layout: KVLayout
+    instance: str  # the bootstrap server's instance id; changes when the prefill restarts
+    num_ranks: int
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: str
+    instance: str
+
+
+class HttpError(msgspec.Struct, frozen=True):
+    error: str
+
+
+# --- Transfer session frames (msgspec.msgpack) --------------------------------------------------
+
+
+class PeerIdentity(msgspec.Struct, frozen=True):
+    instance: str  # random per manager
+    host: str
+    boot_id: str  # /proc/sys/kernel/random/boot_id: same machine iff equal (with host)
+    pid: int
+    start_time: int  # /proc/<pid>/stat field 22: tells a live process from a reused pid
+
+
+class ShmRegion(msgspec.Struct, frozen=True):
+    """Where the decode's KV pool lives in shared memory (the shm backend's Hello.region)."""
+
+    path: str
+    size: int
+    k_offset: int
+    v_offset: int
+    num_slots: int  # decode's num_pages * page_size
+
+
+class Hello(msgspec.Struct, frozen=True, tag=True):
+    identity: PeerIdentity
+    layout: KVLayout
+    backend: str
+    token: str | None = None
+    region: bytes = b""  # backend-specific, e.g. an encoded ShmRegion
+
+
+class HelloAck(msgspec.Struct, frozen=True, tag=True):
+    identity: PeerIdentity
+    error: str | None = None  # set: the session is refused and closed
+
+
+class RoomInfo(msgspec.Struct, frozen=True, tag=True):
+    room: int
+    dst_pages: list[int]
+    decode_id: str  # the decode manager's instance id (logs, sanity)
+
+
+class AbortRoom(msgspec.Struct, frozen=True, tag=True):
+    room: int
+    reason: str
+
+
+class RoomFailed(msgspec.Struct, frozen=True, tag=True):
+    room: int
+    reason: str
+
+
+class DataFrame(msgspec.Struct, frozen=True, tag=True):
+    """Header of `nbytes` payload bytes: for layer in [layer_start, layer_end), for K then V, for
+    each (dst_page, n_pages) run: the n_pages contiguous page spans of that layer."""
+
+    room: int
+    seq: int
+    layer_start: int
+    layer_end: int
+    runs: list[tuple[int, int]]
+    nbytes: int
+
+
+class Done(msgspec.Struct, frozen=True, tag=True):
+    room: int
+    num_frames: int  # DataFrames of this room sent before Done (0 for one-sided backends)
+    metadata: MetadataRecord
+
+
+class Ack(msgspec.Struct, frozen=True, tag=True):
+    room: int
+
+
+SessionMsg = Union[Hello, HelloAck, RoomInfo, AbortRoom, RoomFailed, DataFrame, Done, Ack]
+
+FRAME_PREFIX = struct.Struct("<I")
+MAX_HEADER_BYTES = 64 << 20  # a RoomInfo with millions of pages still fits; garbage does not
+
+session_encoder = msgspec.msgpack.Encoder()
+session_decoder = msgspec.msgpack.Decoder(SessionMsg)
+region_decoder = msgspec.msgpack.Decoder(ShmRegion)

@@ -1,0 +1,218 @@
+"""The transfer-backend interface every backend implements (tcp, shm, fake; nixl, mooncake next).
+
+Lifecycle, per rank and per room:
+
+    prefill rank                                      decode rank
+    mgr = create_manager(backend, "prefill", k, v..)  mgr = create_manager(backend, "decode", k, v..)
+    bootstrap.register(rank, mgr.endpoint, layout)    route = client.get_route(host, port, rank)
+                                                      mgr.watch(client)   # heartbeat -> peer_dead
+    s = mgr.sender(room)          Bootstrapping       r = mgr.receiver(room, route.endpoint)
+                                                      r.init(dst_pages)   # RoomInfo -> prefill
+    s.poll() -> WaitingForInput   (RoomInfo arrived)
+    s.send(pages, start, False)   Transferring        r.poll() -> WaitingForInput / Transferring
+    s.send(pages, start, True, metadata)
+    s.poll() -> Success           (decode acked)      r.poll() -> Success; r.metadata()
+    mgr.close()                                       mgr.close()
+
+State per room: Failed < Bootstrapping < WaitingForInput < Transferring < Success. It only moves
+forward, except Failed, which always wins (`advance`). A terminal state (Success/Failed) is
+reported by poll() only when no write of the room can land any more, and it sticks once reported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from enum import IntEnum
+from typing import TYPE_CHECKING
+
+import torch
+
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.messages import KVLayout, MetadataRecord
+
+if TYPE_CHECKING:
+    from pdserve.disagg.bootstrap_client import BootstrapClient, PrefillAddr
+
+ROLES = ("prefill", "decode")
+
+
+class KVPoll(IntEnum):
+    Failed = 0
+    Bootstrapping = 1
+    WaitingForInput = 2
+    Transferring = 3
+    Success = 4
+
+
+TERMINAL = (KVPoll.Failed, KVPoll.Success)
+
+
+def advance(current: KVPoll, new: KVPoll) -> KVPoll:
+    """The room state machine: forward only (max), except Failed, which always wins."""
+    return KVPoll.Failed if new == KVPoll.Failed else KVPoll(max(current, new))
+
+
+class BackendUnavailable(ImportError):
+    """An optional backend's package is not installed; the message says what to install."""
+
+
+class KVSender(ABC):
+    """Prefill side of one room. All methods are non-blocking (except `wait`)."""
+
+    room: int
+
+    @property
+    @abstractmethod
+    def num_dst_pages(self) -> int | None:
+        """Pages decode reserved for this room; None until its RoomInfo arrived."""
+
+    @abstractmethod
+    def poll(self) -> KVPoll: ...
+
+    @abstractmethod
+    def send(self, src_pages: list[int], start_page: int, is_last: bool,
+             metadata: MetadataRecord | None = None) -> None:
+        """Queue src_pages -> decode's dst_pages[start_page : start_page + len(src_pages)];
+        `metadata` is required with is_last (and only then)."""
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def failure(self) -> str | None:
+        """Why the room failed (for the client's error), or None."""
+
+    def wait(self, timeout: float, until: KVPoll | None = None) -> KVPoll:
+        """Block until a terminal state (or `until` reached), at most `timeout` seconds.
+        For tests and tools only: the engine polls and must never call this on its loop."""
+        return _wait(self.poll, timeout, until, self._wait_change)
+
+    def _wait_change(self, timeout: float, seen: KVPoll) -> None:
+        """Backends may block here until the state moves on (default: sleep)."""
+        time.sleep(timeout)
+
+
+class KVReceiver(ABC):
+    """Decode side of one room. All methods are non-blocking (except `wait`)."""
+
+    room: int
+
+    @abstractmethod
+    def init(self, dst_pages: list[int]) -> None:
+        """Tell the prefill rank (room, dst_pages, my identity); the clock of waiting_timeout starts."""
+
+    @abstractmethod
+    def poll(self) -> KVPoll: ...
+
+    @abstractmethod
+    def metadata(self) -> MetadataRecord | None:
+        """The record sent with the last chunk, after Success (check record.room == room)."""
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def failure(self) -> str | None: ...
+
+    def wait(self, timeout: float, until: KVPoll | None = None) -> KVPoll:
+        """As KVSender.wait: tests and tools only."""
+        return _wait(self.poll, timeout, until, self._wait_change)
+
+    def _wait_change(self, timeout: float, seen: KVPoll) -> None:
+        time.sleep(timeout)
+
+
+class TransferManager(ABC):
+    """One per rank: registers the KV pool memory once, owns the backend's threads and sockets."""
+
+    endpoint: str  # what the peer needs; the prefill publishes it through the bootstrap server
+
+    def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor, page_size: int, layout: KVLayout,
+                 config: DisaggConfig, host: str = "127.0.0.1") -> None:
+        if role not in ROLES:
+            raise ValueError(f"transfer role must be one of {ROLES}, got {role!r}")
+        if layout.page_size != page_size:
+            raise ValueError(f"layout page_size {layout.page_size} != page_size {page_size}")
+        layout.check_pool(k, v)
+        self.role = role
+        self.k = k
+        self.v = v
+        self.page_size = page_size
+        self.num_pages = k.shape[1] // page_size
+        self.layout = layout
+        self.config = config
+        self.host = host
+
+    @abstractmethod
+    def sender(self, room: int) -> KVSender: ...
+
+    @abstractmethod
+    def receiver(self, room: int, prefill_endpoint: str) -> KVReceiver: ...
+
+    @abstractmethod
+    def peer_dead(self, endpoint: str, reason: str) -> None:
+        """Decode: the prefill at `endpoint` is gone; fail its rooms (as soon as no write can land)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def watch(self, client: BootstrapClient) -> None:
+        """Decode: fail rooms of a prefill that the client's heartbeat declares dead."""
+        def on_dead(addr: PrefillAddr, endpoints: list[str], reason: str) -> None:
+            for endpoint in endpoints:
+                self.peer_dead(endpoint, f"prefill {addr.host}:{addr.port} {reason}")
+
+        client.add_dead_callback(on_dead)
+
+    def __enter__(self) -> TransferManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# backend -> (module, class, what to install when the module's dependency is missing)
+BACKENDS: dict[str, tuple[str, str, str | None]] = {
+    "tcp": ("pdserve.disagg.transfer.tcp", "TcpTransferManager", None),
+    "shm": ("pdserve.disagg.transfer.shm", "ShmTransferManager", None),
+    "fake": ("pdserve.disagg.transfer.fake", "FakeTransferManager", None),
+    "nixl": ("pdserve.disagg.transfer.nixl", "NixlTransferManager",
+             "pip install 'pdserve[nixl]' (or: pip install --no-deps nixl nixl-cu12)"),
+    "mooncake": ("pdserve.disagg.transfer.mooncake", "MooncakeTransferManager",
+                 "pip install 'pdserve[mooncake]' (mooncake-transfer-engine-non-cuda; needs libibverbs1)"),
+}
+
+
+def create_manager(backend: str, role: str, k: torch.Tensor, v: torch.Tensor, page_size: int, layout: KVLayout,
+                   config: DisaggConfig, host: str = "127.0.0.1", **kwargs: object) -> TransferManager:
+    """Build the backend's manager; a missing optional backend raises BackendUnavailable (one line)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown transfer backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    module_name, cls_name, install = BACKENDS[backend]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise BackendUnavailable(f"transfer backend {backend!r} is not implemented in this pdserve build") from None
+        raise BackendUnavailable(f"transfer backend {backend!r} needs the {exc.name!r} package: "
+                                 f"{install or 'pip install ' + str(exc.name)}") from None
+    cls: type[TransferManager] = getattr(module, cls_name)
+    return cls(role, k, v, page_size, layout, config, host, **kwargs)
+
+
+def _wait(poll: Callable[[], KVPoll], timeout: float, until: KVPoll | None,
+          wait_change: Callable[[float, KVPoll], None]) -> KVPoll:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = poll()
+        if state in TERMINAL or (until is not None and state >= until):
+            return state
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return state
+        wait_change(min(0.05, left), state)  # re-poll at least every 50 ms (timeouts, liveness)

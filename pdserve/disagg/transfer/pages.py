@@ -1,0 +1,130 @@
+"""Page arithmetic shared by the backends: runs of pages, byte spans of the pool, frame plans.
+
+Lifecycle: a manager wraps its pool once (`PoolBytes(k, v, page_size)`); per send it turns
+(src_pages, dst_pages) into runs, plans frames/copies over (runs x layer groups), and maps each
+(layer, K|V, run) to a byte span of the pool.
+
+Pool memory (one tensor each for K and V, contiguous):
+
+    k: [num_layers, num_slots = num_pages * page_size, kv_heads, head_dim]
+
+    byte 0                                                          layer_bytes = num_slots * slot_bytes
+    |<------------------------------- layer 0 ------------------------------->|<--- layer 1 ...
+    | page 0 | page 1 | page 2 | ...                              | page N-1   | page 0 | ...
+    |<-span->|   span = page_size * slot_bytes,  slot_bytes = kv_heads * head_dim * itemsize
+
+    offset(layer, page) = layer * layer_bytes + page * span
+    pages p..p+n-1 of one layer are ONE contiguous byte range of n * span bytes
+
+Runs merge pages that are consecutive on BOTH sides (src and dst ids differ):
+
+    src_pages = [7, 8, 9, 3]          runs (src, dst, n) = [(7, 20, 3), (3, 40, 1)]
+    dst_pages = [20, 21, 22, 40]      -> 2 spans per layer per K/V instead of 4
+
+A frame (tcp) or copy group (shm) covers runs[a:b] x layers[l0:l1); its bytes are ordered
+    for layer in l0..l1-1: for K, then V: for run in runs[a:b]: span(layer, run)
+which both sides compute from the same header, so no per-page metadata crosses the wire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Run = tuple[int, int, int]  # (src_page, dst_page, n_pages)
+
+MAX_IOV = 512  # spans per frame (Linux IOV_MAX is 1024)
+MAX_FRAME_BYTES = 32 << 20  # bounds how long one frame holds a room "being written"
+
+
+def page_runs(src_pages: list[int], dst_pages: list[int]) -> list[Run]:
+    """Merge pages consecutive on both sides into (src, dst, n) runs, in order."""
+    if len(src_pages) != len(dst_pages):
+        raise ValueError(f"{len(src_pages)} source pages but {len(dst_pages)} destination pages")
+    runs: list[Run] = []
+    for s, d in zip(src_pages, dst_pages):
+        if runs:
+            s0, d0, n = runs[-1]
+            if s == s0 + n and d == d0 + n:
+                runs[-1] = (s0, d0, n + 1)
+                continue
+        runs.append((s, d, 1))
+    return runs
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    run_start: int
+    run_end: int
+    layer_start: int
+    layer_end: int
+    nbytes: int
+
+
+def plan_frames(runs: list[Run], num_layers: int, span_bytes: int,
+                max_iov: int = MAX_IOV, max_bytes: int = MAX_FRAME_BYTES) -> list[FramePlan]:
+    """Cut runs x layers into frames of at most `max_iov` spans and about `max_bytes` bytes
+    (a single layer of a single run may exceed max_bytes; it is never split)."""
+    plans: list[FramePlan] = []
+    a = 0
+    while a < len(runs):
+        b, pages = a, 0
+        while b < len(runs) and 2 * (b - a + 1) <= max_iov and (b == a or 2 * (pages + runs[b][2]) * span_bytes <= max_bytes):
+            pages += runs[b][2]
+            b += 1
+        per_layer = 2 * pages * span_bytes
+        layers = max(1, min(num_layers, max_iov // (2 * (b - a)), max_bytes // max(per_layer, 1)))
+        for l0 in range(0, num_layers, layers):
+            l1 = min(num_layers, l0 + layers)
+            plans.append(FramePlan(a, b, l0, l1, (l1 - l0) * per_layer))
+        a = b
+    return plans
+
+
+def check_pages(pages: list[int], num_pages: int, what: str) -> None:
+    """Raise ValueError naming the page ids outside 0..num_pages-1."""
+    bad = [p for p in pages if not 0 <= p < num_pages]
+    if bad:
+        raise ValueError(f"{what} page ids out of range 0..{num_pages - 1}: {bad[:8]}")
+
+
+def byte_rows(t: torch.Tensor) -> np.ndarray:
+    """A CPU pool tensor as uint8 rows [num_layers, layer_bytes] sharing its memory."""
+    if t.device.type != "cpu":
+        raise ValueError(f"this transfer backend moves host memory; the KV pool is on {t.device} "
+                         "(use a GPU-capable backend such as nixl for device pools)")
+    if not t.is_contiguous():
+        raise ValueError("the KV pool tensor must be contiguous")
+    return t.detach().reshape(t.shape[0], -1).view(torch.uint8).numpy()
+
+
+def copy_runs(dst_rows: np.ndarray, src_rows: np.ndarray, runs: list[Run], span: int, l0: int, l1: int) -> None:
+    """dst pages <- src pages for layers [l0, l1): one strided numpy copy per run (plain memcpy
+    of each layer's row; no torch intra-op threads, and the GIL is released while copying)."""
+    for s, d, n in runs:
+        np.copyto(dst_rows[l0:l1, d * span:(d + n) * span], src_rows[l0:l1, s * span:(s + n) * span])
+
+
+class PoolBytes:
+    """Byte views of a CPU KV pool (k, v): numpy rows, and flat memoryviews for socket I/O."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, page_size: int) -> None:
+        self.k_rows, self.v_rows = byte_rows(k), byte_rows(v)
+        self.k_bytes = memoryview(self.k_rows.reshape(-1))
+        self.v_bytes = memoryview(self.v_rows.reshape(-1))
+        self.num_layers = k.shape[0]
+        self.num_pages = k.shape[1] // page_size
+        self.span = page_size * k.shape[2] * k.shape[3] * k.element_size()
+        self.layer_bytes = self.num_pages * self.span
+
+    def spans(self, runs: list[Run], plan: FramePlan, side: int) -> Iterator[memoryview]:
+        """The frame's byte spans in wire order; side 0 = source pages, 1 = destination pages."""
+        for layer in range(plan.layer_start, plan.layer_end):
+            base = layer * self.layer_bytes
+            for buf in (self.k_bytes, self.v_bytes):
+                for run in runs[plan.run_start:plan.run_end]:
+                    start = base + run[side] * self.span
+                    yield buf[start:start + run[2] * self.span]

@@ -1,0 +1,102 @@
+"""The manager shared by pdserve's own backends: a control session per (decode, prefill) pair
+plus a backend-specific data path, plugged in through five hooks.
+
+Lifecycle: `__init__` registers the pool (the backend's view of it) and starts the role's side:
+  prefill -> PrefillSide: listens on `endpoint` (host:port, published via the bootstrap server),
+             accepts decode sessions, runs the sharded send queues;
+  decode  -> DecodeSide: opens a session to each prefill endpoint on first use.
+`close()` fails the live rooms (telling the peer), stops the threads (bounded joins) and closes
+the sockets. A backend subclass sets `backend_name` / `one_sided` and overrides the hooks:
+
+  hook                 side     tcp                        shm                         fake
+  hello_region()       decode   b""                        ShmRegion of our pool       b""
+  open_region(hello)   prefill  None                       map decode's pool           None
+  close_region(r)      prefill  -                          drop the mapping            -
+  write_pages(...)     prefill  send DataFrames            copy into the mapping       nothing
+  read_frame(...)      decode   payload -> dst pages       (protocol error)            (protocol error)
+  check_done(r, done)  decode   frames received == sent    -                           -
+
+NIXL and Mooncake fit the same shape (one-sided WRITEs registered once; descriptors/session ids
+in Hello.region; completion per room still announced by Done), or implement TransferManager
+directly if their engines' notifications replace the session.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.messages import DataFrame, Done, Hello, KVLayout
+from pdserve.disagg.transfer.base import TransferManager
+from pdserve.disagg.transfer.decode_side import DecodeSide, PeerReceiver
+from pdserve.disagg.transfer.identity import local_identity
+from pdserve.disagg.transfer.pages import Run
+from pdserve.disagg.transfer.prefill_side import PeerSender, PrefillSide
+from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed
+
+
+class PeerTransferManager(TransferManager):
+    backend_name = "peer"
+    one_sided = False  # True: the prefill process writes into decode memory itself
+
+    def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor, page_size: int, layout: KVLayout,
+                 config: DisaggConfig, host: str = "127.0.0.1", *, port: int = 0,
+                 advertise_host: str | None = None) -> None:
+        super().__init__(role, k, v, page_size, layout, config, host)
+        self.identity = local_identity(host)
+        self._prefill: PrefillSide | None = None
+        self._decode: DecodeSide | None = None
+        if role == "prefill":
+            self._prefill = PrefillSide(self, port, advertise_host)
+            self.endpoint = self._prefill.endpoint
+        else:
+            self._decode = DecodeSide(self)
+            self.endpoint = f"decode:{self.identity.instance}"
+
+    # --- TransferManager ----------------------------------------------------------------------
+
+    def sender(self, room: int) -> PeerSender:
+        if self._prefill is None:
+            raise RuntimeError("sender() is for the prefill role")
+        return self._prefill.sender(room)
+
+    def receiver(self, room: int, prefill_endpoint: str) -> PeerReceiver:
+        if self._decode is None:
+            raise RuntimeError("receiver() is for the decode role")
+        return self._decode.receiver(room, prefill_endpoint)
+
+    def peer_dead(self, endpoint: str, reason: str) -> None:
+        if self._decode is not None:
+            self._decode.peer_dead(endpoint, reason)
+
+    def close(self) -> None:
+        if self._prefill is not None:
+            self._prefill.close()
+        if self._decode is not None:
+            self._decode.close()
+
+    # --- backend hooks ------------------------------------------------------------------------
+
+    def hello_region(self) -> bytes:
+        return b""
+
+    def open_region(self, hello: Hello) -> Any:
+        return None
+
+    def close_region(self, region: Any) -> None:
+        pass
+
+    def write_pages(self, sock: FrameSocket, region: Any, room: int, runs: list[Run],
+                    executor: ThreadPoolExecutor | None) -> int:
+        """Move the runs' pages (all layers, K and V) to decode; returns DataFrames sent."""
+        return 0
+
+    def read_frame(self, sock: FrameSocket, frame: DataFrame, receiver: PeerReceiver | None) -> None:
+        raise SessionClosed(f"backend {self.backend_name!r} does not send DataFrames")
+
+    def check_done(self, receiver: PeerReceiver, done: Done) -> str | None:
+        """A reason to reject a Done, or None."""
+        return None

@@ -1,0 +1,399 @@
+"""Prefill side of the two-sided control plane: sessions from decode ranks, senders, the queues.
+
+Lifecycle of one room on the prefill rank (state in brackets):
+
+  1. `sender(room)` [Bootstrapping]. Decode's RoomInfo may come before or after it: one that
+     comes first waits in `_pending` (dropped with a RoomFailed after bootstrap_timeout).
+  2. RoomInfo bound [WaitingForInput]; `num_dst_pages` is known.
+  3. `send(...)` [Transferring]: a task goes to the shard queue of this decode (FCFS per decode);
+     the consumer moves the pages (the backend's `write_pages`) inside begin_write/end_write, and
+     after the is_last task sends Done(room, frames, metadata).
+  4. Decode's Ack [Success]. Failures [Failed]: abort(), AbortRoom from decode, the session
+     dropping (decode died), bootstrap_timeout without RoomInfo, no Ack within waiting_timeout
+     after the last send, a send error or an injected failure. A failure that decode may not know
+     about yet is told with RoomFailed, sent from the room's shard after any write in hand, so it
+     also means "no write of this room can land any more" (what one-sided decode waits for).
+
+Threads: an acceptor, one reader per decode session, a housekeeper (timeouts), the shard
+consumers. The engine thread only calls sender/send/poll/abort, which never block.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import random
+import socket
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pdserve.disagg.messages import Ack, AbortRoom, Done, Hello, HelloAck, MetadataRecord, RoomFailed, RoomInfo
+from pdserve.disagg.transfer.base import KVPoll, KVSender
+from pdserve.disagg.transfer.pages import Run, check_pages, page_runs
+from pdserve.disagg.transfer.room import RoomState
+from pdserve.disagg.transfer.shards import ShardedQueues
+from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed, advertised_host, join_endpoint, listen
+
+if TYPE_CHECKING:
+    from pdserve.disagg.transfer.peer import PeerTransferManager
+
+logger = logging.getLogger("pdserve.disagg.prefill")
+
+HOUSEKEEPING_S = 0.25
+HANDSHAKE_TIMEOUT_S = 10.0
+FINISHED_MEMORY = 65536  # rooms remembered after they end (to answer late RoomInfo/AbortRoom)
+
+
+class InjectedFailure(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class PrefillSession:
+    sock: FrameSocket
+    key: str = ""  # the decode manager's instance id: picks the shard queue
+    region: Any = None  # what the backend opened for this decode (shm: mapped pool)
+    peer: Any = None  # decode's PeerIdentity
+    thread: threading.Thread | None = None
+
+
+@dataclass(frozen=True)
+class SendTask:
+    runs: list[Run]
+    is_last: bool
+    metadata: MetadataRecord | None
+    seq: int
+
+
+class PeerSender(KVSender):
+    def __init__(self, side: PrefillSide, room: int) -> None:
+        self.room = room
+        self._side = side
+        self._state = RoomState(room, on_terminal=side.on_terminal)
+        self._created = time.monotonic()
+        self._session: PrefillSession | None = None
+        self._dst_pages: list[int] | None = None
+        self._tasks = 0
+        self._last_at: float | None = None  # when the is_last send was queued
+        self.frames = 0  # data frames sent (consumer thread only)
+
+    @property
+    def num_dst_pages(self) -> int | None:
+        return None if self._dst_pages is None else len(self._dst_pages)
+
+    @property
+    def failure(self) -> str | None:
+        return self._state.failure
+
+    def bind(self, session: PrefillSession, info: RoomInfo) -> None:
+        self._dst_pages = list(info.dst_pages)
+        self._session = session
+        self._state.advance(KVPoll.WaitingForInput)
+
+    def poll(self) -> KVPoll:
+        self._side.check_timeouts(self)
+        return self._state.poll()
+
+    def send(self, src_pages: list[int], start_page: int, is_last: bool,
+             metadata: MetadataRecord | None = None) -> None:
+        if is_last != (metadata is not None):
+            raise ValueError("send(): metadata is required with is_last=True and only then")
+        if metadata is not None and metadata.room != self.room:
+            raise ValueError(f"metadata.room {metadata.room} != sender room {self.room}")
+        if self._last_at is not None:
+            raise RuntimeError(f"room {self.room}: send() after the is_last send")
+        check_pages(list(src_pages), self._side.mgr.num_pages, "source")
+        if is_last:
+            self._last_at = time.monotonic()
+        if self._state.failing or self._state.state == KVPoll.Failed:
+            return
+        if self._dst_pages is None or self._session is None:
+            raise RuntimeError(f"room {self.room}: send() before decode's page list arrived "
+                               "(wait for poll() == WaitingForInput)")
+        end = start_page + len(src_pages)
+        if start_page < 0 or end > len(self._dst_pages):
+            self._side.fail_sender(self, f"pages [{start_page}, {end}) exceed the {len(self._dst_pages)} "
+                                         "pages decode reserved")
+            return
+        if not src_pages and not is_last:
+            return
+        task = SendTask(page_runs(list(src_pages), self._dst_pages[start_page:end]), is_last, metadata, self._tasks)
+        self._tasks += 1
+        self._state.advance(KVPoll.Transferring)
+        self._side.submit(self._session, lambda ex: self._side.run_send(self, task, ex))
+
+    def abort(self) -> None:
+        self._side.fail_sender(self, "aborted by prefill")
+
+    def _wait_change(self, timeout: float, seen: KVPoll) -> None:
+        self._state.wait_change(timeout, seen)
+
+
+class PrefillSide:
+    def __init__(self, mgr: PeerTransferManager, port: int, advertise_host: str | None) -> None:
+        self.mgr = mgr
+        self.config = mgr.config
+        self._listener = listen(mgr.host, port)
+        bound_port = self._listener.getsockname()[1]
+        self.endpoint = join_endpoint(advertise_host or advertised_host(mgr.host), bound_port)
+        self._lock = threading.Lock()
+        self._senders: dict[int, PeerSender] = {}
+        self._pending: dict[int, tuple[PrefillSession, RoomInfo, float]] = {}
+        self._finished: OrderedDict[int, str] = OrderedDict()
+        self._sessions: set[PrefillSession] = set()
+        self._closing = threading.Event()
+        self.queues = ShardedQueues(self.config.queue_size, self.config.thread_pool_size, "pd-send")
+        self._threads = [threading.Thread(target=self._accept_loop, name="pd-accept", daemon=True),
+                         threading.Thread(target=self._housekeeping, name="pd-prefill-hk", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    # --- engine-facing ------------------------------------------------------------------------
+
+    def sender(self, room: int) -> PeerSender:
+        with self._lock:
+            if room in self._senders:
+                raise ValueError(f"room {room} already has a live sender")
+            s = PeerSender(self, room)
+            self._senders[room] = s
+            pending = self._pending.pop(room, None)
+            if pending is not None:
+                s.bind(pending[0], pending[1])
+        return s
+
+    def submit(self, session: PrefillSession, task: Any) -> None:
+        self.queues.submit(session.key, task)
+
+    def fail_sender(self, s: PeerSender, reason: str, reply_to: PrefillSession | None = None) -> None:
+        """Fail a room; tell decode with RoomFailed once no write of it is in hand (the notice
+        runs on the room's shard, after the task in hand). `reply_to` answers an AbortRoom."""
+        first = s._state.fail(reason)
+        target = reply_to or (s._session if first else None)
+        if target is None or target.sock.closed:
+            return
+        notice = RoomFailed(room=s.room, reason=s.failure or reason)
+        if s._session is None:  # no RoomInfo bound: nothing was ever written
+            self._send_quietly(target, notice)
+        else:
+            try:
+                self.submit(s._session, lambda ex: self._send_quietly(target, notice))
+            except RuntimeError:  # queues closed
+                pass
+
+    def check_timeouts(self, s: PeerSender) -> None:
+        if s._state.failing or s._state.state in (KVPoll.Success, KVPoll.Failed):
+            return
+        now = time.monotonic()
+        if s._dst_pages is None and now - s._created > self.config.bootstrap_timeout:
+            self.fail_sender(s, f"bootstrap timeout: decode's page list did not arrive within "
+                                f"{self.config.bootstrap_timeout:g} s")
+        elif s._last_at is not None and now - s._last_at > self.config.waiting_timeout:
+            self.fail_sender(s, f"decode did not acknowledge the transfer within {self.config.waiting_timeout:g} s")
+
+    def on_terminal(self, state: RoomState) -> None:
+        with self._lock:
+            s = self._senders.get(state.room)
+            if s is not None and s._state is state:
+                del self._senders[state.room]
+            self._finished[state.room] = state.failure or "succeeded"
+            while len(self._finished) > FINISHED_MEMORY:
+                self._finished.popitem(last=False)
+
+    # --- shard consumers ----------------------------------------------------------------------
+
+    def run_send(self, s: PeerSender, task: SendTask, executor: ThreadPoolExecutor | None) -> None:
+        session = s._session
+        assert session is not None
+        if not s._state.begin_write():
+            return
+        error: str | None = None
+        try:
+            if self.config.fail_rate > 0 and random.Random(s.room * 1000003 + task.seq).random() < self.config.fail_rate:
+                raise InjectedFailure(f"injected transfer failure (fail_rate={self.config.fail_rate:g})")
+            if task.runs:
+                s.frames += self.mgr.write_pages(session.sock, session.region, s.room, task.runs, executor)
+            if task.is_last:
+                assert task.metadata is not None
+                session.sock.send(Done(room=s.room, num_frames=s.frames, metadata=task.metadata))
+        except SessionClosed as exc:
+            s._state.fail(f"decode connection lost: {exc}")
+        except Exception as exc:  # a backend error (or an injected one) fails this room only
+            error = str(exc) if isinstance(exc, InjectedFailure) else f"{type(exc).__name__}: {exc}"
+        finally:
+            s._state.end_write()
+        if error is not None:
+            self.fail_sender(s, f"transfer failed: {error}")
+
+    @staticmethod
+    def _send_quietly(session: PrefillSession, msg: RoomFailed) -> None:
+        try:
+            session.sock.send(msg)
+        except SessionClosed:
+            pass
+
+    # --- sessions -----------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._closing.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._closing.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            session = PrefillSession(FrameSocket(sock, stall_timeout=max(10.0, 2 * self.config.heartbeat_deadline)))
+            session.thread = threading.Thread(target=self._serve, args=(session,), name="pd-prefill-rx", daemon=True)
+            with self._lock:
+                self._sessions.add(session)
+            session.thread.start()
+
+    def _handshake(self, session: PrefillSession) -> None:
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+
+        def idle() -> None:
+            if time.monotonic() > deadline or self._closing.is_set():
+                raise SessionClosed("no Hello from decode")
+
+        hello = session.sock.recv_msg(idle)
+        if not isinstance(hello, Hello):
+            raise SessionClosed(f"expected Hello, got {type(hello).__name__}")
+        error = self._refusal(hello)
+        if error is None:
+            try:
+                session.region = self.mgr.open_region(hello)
+            except Exception as exc:
+                error = f"prefill cannot reach decode memory: {exc}"
+        session.sock.send(HelloAck(identity=self.mgr.identity, error=error))
+        if error is not None:
+            raise SessionClosed(error)
+        session.key, session.peer = hello.identity.instance, hello.identity
+
+    def _refusal(self, hello: Hello) -> str | None:
+        token = self.config.cluster_token
+        if token is not None and not hmac.compare_digest((hello.token or "").encode(), token.encode()):
+            return "cluster token rejected"
+        if hello.backend != self.mgr.backend_name:
+            return f"backend mismatch: decode uses {hello.backend!r}, prefill uses {self.mgr.backend_name!r}"
+        try:
+            self.mgr.layout.check_compatible(hello.layout, mine="prefill", theirs="decode")
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    def _serve(self, session: PrefillSession) -> None:
+        reason = "closed"
+        try:
+            self._handshake(session)
+            while True:
+                msg = session.sock.recv_msg()
+                if isinstance(msg, RoomInfo):
+                    self._on_room_info(session, msg)
+                elif isinstance(msg, AbortRoom):
+                    self._on_abort(session, msg)
+                elif isinstance(msg, Ack):
+                    self._on_ack(session, msg)
+                else:
+                    raise SessionClosed(f"unexpected {type(msg).__name__} from decode")
+        except SessionClosed as exc:
+            reason = str(exc)
+        except Exception as exc:  # never let a reader die silently
+            logger.exception("decode session reader crashed")
+            reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._session_lost(session, reason)
+
+    def _on_room_info(self, session: PrefillSession, info: RoomInfo) -> None:
+        reply: str | None = None
+        with self._lock:
+            s = self._senders.get(info.room)
+            if s is None:
+                if info.room in self._finished:
+                    reply = f"prefill already ended this room ({self._finished[info.room]})"
+                elif info.room in self._pending:
+                    reply = "duplicate RoomInfo"
+                else:
+                    self._pending[info.room] = (session, info, time.monotonic())
+            elif s._session is not None:
+                reply = "duplicate RoomInfo"
+            else:
+                s.bind(session, info)
+        if reply is not None:
+            self._send_quietly(session, RoomFailed(room=info.room, reason=reply))
+
+    def _on_abort(self, session: PrefillSession, msg: AbortRoom) -> None:
+        with self._lock:
+            s = self._senders.get(msg.room)
+            self._pending.pop(msg.room, None)
+        if s is None:  # unknown or ended: nothing can be writing it
+            self._send_quietly(session, RoomFailed(room=msg.room, reason=f"decode gave up: {msg.reason}"))
+        else:
+            self.fail_sender(s, f"decode gave up: {msg.reason}", reply_to=session)
+
+    def _on_ack(self, session: PrefillSession, msg: Ack) -> None:
+        with self._lock:
+            s = self._senders.get(msg.room)
+        if s is not None and s._session is session and s._last_at is not None:
+            s._state.succeed()
+
+    def _session_lost(self, session: PrefillSession, reason: str) -> None:
+        with self._lock:
+            self._sessions.discard(session)
+            hit = [s for s in self._senders.values() if s._session is session]
+            for room in [r for r, (sess, _, _) in self._pending.items() if sess is session]:
+                del self._pending[room]
+        for s in hit:
+            s._state.fail(f"decode connection lost: {reason}")
+        session.sock.dispose()
+        if session.region is not None:
+            self.mgr.close_region(session.region)
+        if hit and not self._closing.is_set():
+            logger.warning("decode session lost (%s); failed %d room(s)", reason, len(hit))
+
+    def _housekeeping(self) -> None:
+        while not self._closing.wait(HOUSEKEEPING_S):
+            with self._lock:
+                senders = list(self._senders.values())
+                now = time.monotonic()
+                expired = [(room, sess) for room, (sess, _, t) in self._pending.items()
+                           if now - t > self.config.bootstrap_timeout]
+                for room, _ in expired:
+                    del self._pending[room]
+            for s in senders:
+                self.check_timeouts(s)
+            for room, sess in expired:
+                self._send_quietly(sess, RoomFailed(room=room, reason="prefill never got this request within "
+                                                                      f"{self.config.bootstrap_timeout:g} s"))
+
+    # --- shutdown -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the acceptor at once
+        except OSError:
+            pass
+        with self._lock:
+            senders = list(self._senders.values())
+        for s in senders:
+            self.fail_sender(s, "prefill transfer manager closed")
+        self.queues.close()  # runs the RoomFailed notices; sends of failed rooms are skipped
+        with self._lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.sock.close()
+        for session in sessions:
+            if session.thread is not None:
+                session.thread.join(5.0)
+        for t in self._threads:
+            t.join(5.0)
+        self._listener.close()
+

@@ -1,0 +1,100 @@
+"""The shm backend (same host): the prefill copies pages straight into the decode's KV pool,
+which lives in shared memory (one-sided, like an RDMA WRITE).
+
+Lifecycle:
+  decode   pool = allocate_shared_pool(shape, dtype); manager on pool.k / pool.v; its Hello
+           carries ShmRegion(path, size, offsets, num_slots) for each prefill session.
+  prefill  on Hello: check same machine, map the file -> decode's K/V as uint8 rows per layer;
+           per send task, for each run: one strided memcpy of the run's bytes over a layer group
+           (numpy: no torch intra-op threads, which thrash on a busy CPU; GIL released), layer
+           groups in parallel on the shard's executor when it has more than one thread; then Done.
+  decode   learns completion from Done (the prefill finished every copy of the room before
+           sending it); a failed room is freed only after prefill's RoomFailed (sent from the
+           room's shard once no copy is in hand) or once the prefill process is gone.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import numpy as np
+import torch
+
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.messages import Hello, KVLayout, ShmRegion, region_decoder
+from pdserve.disagg.transfer.identity import same_machine
+from pdserve.disagg.transfer.pages import PoolBytes, Run, byte_rows, copy_runs
+from pdserve.disagg.transfer.peer import PeerTransferManager
+from pdserve.disagg.transfer.shm_pool import lookup_shared_pool, map_shared_pool
+from pdserve.disagg.transfer.wire import FrameSocket
+
+
+@dataclass(eq=False)
+class MappedPool:
+    k: np.ndarray | None  # decode's K as uint8 rows [num_layers, layer_bytes]
+    v: np.ndarray | None
+    num_pages: int
+
+
+class ShmTransferManager(PeerTransferManager):
+    backend_name = "shm"
+    one_sided = True
+
+    def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor, page_size: int, layout: KVLayout,
+                 config: DisaggConfig, host: str = "127.0.0.1", **kwargs: Any) -> None:
+        if k.device.type != "cpu":
+            raise ValueError(f"the shm backend moves host memory; the KV pool is on {k.device}")
+        self._shared = lookup_shared_pool(k, v) if role == "decode" else None
+        if role == "decode" and self._shared is None:
+            raise ValueError("shm backend: the decode KV pool must live in shared memory; allocate its k/v "
+                             "with pdserve.disagg.transfer.shm_pool.allocate_shared_pool(shape, dtype)")
+        super().__init__(role, k, v, page_size, layout, config, host, **kwargs)
+        self.pool = PoolBytes(k, v, page_size)
+
+    def hello_region(self) -> bytes:
+        p = self._shared
+        assert p is not None
+        return msgspec.msgpack.encode(ShmRegion(path=p.path, size=p.size, k_offset=p.k_offset,
+                                                v_offset=p.v_offset, num_slots=p.k.shape[1]))
+
+    def open_region(self, hello: Hello) -> MappedPool:
+        if not same_machine(hello.identity):
+            raise ValueError("the shm backend needs prefill and decode on the same machine")
+        region = region_decoder.decode(hello.region)
+        if region.num_slots % self.page_size:
+            raise ValueError(f"decode pool has {region.num_slots} slots, not a multiple of {self.page_size}")
+        L, _, H, D = self.k.shape
+        k, v = map_shared_pool(region.path, region.size, region.k_offset, region.v_offset,
+                               (L, region.num_slots, H, D), self.k.dtype)
+        return MappedPool(byte_rows(k), byte_rows(v), region.num_slots // self.page_size)
+
+    def close_region(self, region: Any) -> None:
+        region.k = region.v = None  # the mapping goes with the last tensor view
+
+    def write_pages(self, sock: FrameSocket, region: Any, room: int, runs: list[Run],
+                    executor: ThreadPoolExecutor | None) -> int:
+        dst: MappedPool = region
+        bad = [d + i for _, d, n in runs for i in range(n) if not 0 <= d + i < dst.num_pages]
+        if bad:
+            raise ValueError(f"destination pages outside decode's pool of {dst.num_pages}: {bad[:8]}")
+        num_layers = self.k.shape[0]
+        workers = executor._max_workers if executor is not None else 1  # noqa: SLF001
+        step = -(-num_layers // max(1, min(workers, num_layers)))
+        groups = [(l0, min(num_layers, l0 + step)) for l0 in range(0, num_layers, step)]
+        if executor is None or len(groups) == 1:
+            for l0, l1 in groups:
+                self._copy(dst, runs, l0, l1)
+        else:
+            for f in [executor.submit(self._copy, dst, runs, l0, l1) for l0, l1 in groups]:
+                f.result()
+        return 0
+
+    def _copy(self, dst: MappedPool, runs: list[Run], l0: int, l1: int) -> None:
+        dk, dv = dst.k, dst.v
+        if dk is None or dv is None:
+            raise RuntimeError("decode session closed")
+        copy_runs(dk, self.pool.k_rows, runs, self.pool.span, l0, l1)
+        copy_runs(dv, self.pool.v_rows, runs, self.pool.span, l0, l1)

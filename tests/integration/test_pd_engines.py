@@ -1,0 +1,129 @@
+"""PD at the engine level: a prefill Engine and a decode Engine in this process, stepped in
+turn, moving real KV pages through each transfer backend. Fast (tiny model), exact."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdserve.config import EngineConfig
+from pdserve.disagg.config import DisaggConfig
+from pdserve.engine.engine import Engine
+from pdserve.engine.io import Bootstrap, GenerateReq, TokenOut
+from pdserve.engine.sampling_params import SamplingParams
+
+PARAMS = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2)
+
+
+def engine_cfg(folder: Path, **kw) -> EngineConfig:
+    base = dict(model=str(folder), num_pages=200, page_size=4, chunk_budget=24, threads=1)
+    return EngineConfig(**{**base, **kw})
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 49000) for _ in range(rng.randint(3, 70))] for _ in range(n)]
+
+
+def run_until_done(engines: list[Engine], rids: set[str], timeout: float = 60.0) -> dict[str, list[TokenOut]]:
+    outs: dict[str, list[TokenOut]] = {}
+    done: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while done != rids:
+        assert time.monotonic() < deadline, f"stuck: {rids - done}"
+        for e in engines:
+            for o in e.step():
+                outs.setdefault(o.rid, []).append(o)
+                if o.finished:
+                    done.add(o.rid)
+        time.sleep(0.001)
+    return outs
+
+
+def tokens(outs: list[TokenOut]) -> list[int]:
+    return [t for o in outs for t in o.token_ids]
+
+
+@pytest.fixture(scope="module")
+def unified(tiny_model_dir: Path) -> Engine:
+    return Engine(engine_cfg(tiny_model_dir))
+
+
+@pytest.mark.parametrize("backend", ["tcp", "shm"])
+def test_pd_equals_unified_and_kv_bytes_match(backend: str, tiny_model_dir: Path, unified: Engine) -> None:
+    base = DisaggConfig(backend=backend, bootstrap_port=0, heartbeat_interval=0.5)
+    pre = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**base.__dict__, "mode": "prefill"}))
+    dec = Engine(engine_cfg(tiny_model_dir, num_pages=150), DisaggConfig(**{**base.__dict__, "mode": "decode"}))
+    try:
+        port = pre.pd.bootstrap_server.port
+        ps = prompts(12)
+        for i, p in enumerate(ps):
+            unified.add_request(GenerateReq(f"u{i}", p, PARAMS))
+        ref = run_until_done([unified], {f"u{i}" for i in range(len(ps))})
+        rids = set()
+        for i, p in enumerate(ps):
+            boot = Bootstrap("127.0.0.1", port, room=1000 + i)
+            pre.add_request(GenerateReq(f"p{i}", p, PARAMS, bootstrap=boot))
+            dec.add_request(GenerateReq(f"d{i}", p, PARAMS, bootstrap=boot))
+            rids |= {f"p{i}", f"d{i}"}
+        got = run_until_done([pre, dec], rids)
+        for i in range(len(ps)):
+            assert [o.error for o in got[f"d{i}"]] == [None] * len(got[f"d{i}"])
+            assert tokens(got[f"p{i}"]) == tokens(ref[f"u{i}"])[:1]  # prefill answers one token
+            assert tokens(got[f"d{i}"]) == tokens(ref[f"u{i}"])
+            lp = [x for o in got[f"d{i}"] for x in (o.logprobs or [])]
+            ref_lp = [x for o in ref[f"u{i}"] for x in (o.logprobs or [])]
+            assert max(abs(a - b) for a, b in zip(lp, ref_lp)) < 1e-5
+        pre.check_integrity()
+        dec.check_integrity()
+        assert pre.load().num_running == dec.load().num_running == 0
+    finally:
+        pre.close()
+        dec.close()
+
+
+def test_decode_kv_bytes_equal_prefill_pages(tiny_model_dir: Path) -> None:
+    """After a transfer (before decode writes more), decode's pages hold the prefill's bytes."""
+    cfg = DisaggConfig(backend="tcp", bootstrap_port=0)
+    pre = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**cfg.__dict__, "mode": "prefill"}))
+    dec = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**cfg.__dict__, "mode": "decode"}))
+    try:
+        p = prompts(1, seed=3)[0] * 2
+        boot = Bootstrap("127.0.0.1", pre.pd.bootstrap_server.port, room=77)
+        one = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+        pre.add_request(GenerateReq("p", p, one, bootstrap=boot))
+        dec.add_request(GenerateReq("d", p, one, bootstrap=boot))
+        seen: dict[str, list[int]] = {}
+        orig_commit = dec.pd._commit
+
+        def spy(req, rec):  # capture both page tables at the moment decode commits
+            seen["dec"] = list(req.pages)
+            seen["pre"] = list(pre._requests["p"].pages) if "p" in pre._requests else seen.get("pre_pages", [])
+            return orig_commit(req, rec)
+
+        orig_after = pre.pd.after_forward
+
+        def spy_after(chunks):
+            for c in chunks:
+                seen["pre_pages"] = list(c.req.pages)
+            return orig_after(chunks)
+
+        dec.pd._commit = spy
+        pre.pd.after_forward = spy_after
+        run_until_done([pre, dec], {"p", "d"})
+        n = -(-len(p) // 4)
+        ps = 4
+        for layer in range(pre.pool.k.shape[0]):
+            for sp, dp in zip(seen["pre_pages"][:n], seen["dec"][:n]):
+                for t in (("k"), ("v")):
+                    a = getattr(pre.pool, t)[layer, sp * ps:(sp + 1) * ps]
+                    b = getattr(dec.pool, t)[layer, dp * ps:(dp + 1) * ps]
+                    rows = min(ps, len(p) - (seen["pre_pages"].index(sp)) * ps)
+                    assert torch.equal(a[:rows], b[:rows])
+    finally:
+        pre.close()
+        dec.close()

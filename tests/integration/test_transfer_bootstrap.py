@@ -1,0 +1,135 @@
+"""Bootstrap server and client in this process (HTTP on 127.0.0.1, free ports): routes, the
+cluster token, layout check at first contact, heartbeat death and re-learning a restarted
+prefill at the same address."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import msgspec
+import pytest
+
+from pdserve.disagg.bootstrap import BootstrapClient, BootstrapError, BootstrapServer, PrefillAddr, register_route
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.messages import KVLayout, LayoutMismatch
+
+LAYOUT = KVLayout(model="tiny", num_layers=2, kv_heads=2, head_dim=16, dtype="float32", page_size=4)
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@pytest.fixture
+def server() -> Iterator[BootstrapServer]:
+    srv = BootstrapServer("127.0.0.1", 0, cluster_token="tok").start()
+    srv.register(0, "127.0.0.1:5555", LAYOUT)
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def _http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with NO_PROXY.open(req, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_routes_health_and_token(server: BootstrapServer) -> None:
+    status, health = _http("GET", server.url + "/health")
+    assert status == 200 and health["status"] == "ok" and health["instance"] == server.instance
+    status, info = _http("GET", server.url + "/route?rank=0")
+    assert status == 200 and info["endpoint"] == "127.0.0.1:5555" and info["layout"]["page_size"] == 4
+    assert _http("GET", server.url + "/route?rank=3")[0] == 404
+    assert _http("GET", server.url + "/route?rank=x")[0] == 400
+    body = json.dumps({"rank": 1, "endpoint": "127.0.0.1:6666",
+                       "layout": json.loads(msgspec.json.encode(LAYOUT))}).encode()
+    assert _http("PUT", server.url + "/route", body)[0] == 401
+    assert _http("PUT", server.url + "/route", body, {"Authorization": "Bearer nope"})[0] == 401
+    assert _http("PUT", server.url + "/route", b"{", {"Authorization": "Bearer tok"})[0] == 400
+    with pytest.raises(BootstrapError, match="401"):
+        register_route("127.0.0.1", server.port, 1, "127.0.0.1:6666", LAYOUT, token=None)
+    register_route("127.0.0.1", server.port, 1, "127.0.0.1:6666", LAYOUT, token="tok")
+    with pytest.raises(BootstrapError, match="409"):  # every rank must share the layout
+        register_route("127.0.0.1", server.port, 2, "x:1", msgspec.structs.replace(LAYOUT, head_dim=8), token="tok")
+    assert server.route(1).endpoint == "127.0.0.1:6666" and server.route(1).num_ranks == 2
+
+
+def test_layout_checked_at_first_contact(server: BootstrapServer) -> None:
+    client = BootstrapClient(msgspec.structs.replace(LAYOUT, page_size=16, dtype="bfloat16"),
+                             DisaggConfig(), heartbeat=False, fetch_timeout=2)
+    try:
+        with pytest.raises(LayoutMismatch, match=r"page_size \(decode=16, prefill 127.0.0.1:\d+=4\)"):
+            client.get_route("127.0.0.1", server.port)
+        deadline = time.monotonic() + 5
+        while True:  # the non-blocking form reports the same error
+            try:
+                assert client.poll_route("127.0.0.1", server.port) is None
+            except LayoutMismatch as exc:
+                assert "dtype" in str(exc)
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        client.close()
+
+
+def test_unreachable_prefill_is_a_clear_error() -> None:
+    client = BootstrapClient(LAYOUT, DisaggConfig(), heartbeat=False, fetch_timeout=0.5)
+    try:
+        with pytest.raises(BootstrapError, match="cannot reach prefill bootstrap server 127.0.0.1:1"):
+            client.get_route("127.0.0.1", 1)
+    finally:
+        client.close()
+
+
+def test_heartbeat_declares_death_and_relearns_a_restart(server: BootstrapServer) -> None:
+    cfg = DisaggConfig(heartbeat_interval=0.2, heartbeat_max_failure=2)
+    client = BootstrapClient(LAYOUT, cfg)
+    dead: list[tuple[PrefillAddr, list[str], str]] = []
+    fired = threading.Event()
+    client.add_dead_callback(lambda addr, eps, why: (dead.append((addr, eps, why)), fired.set()))
+    port = server.port
+    try:
+        route = None
+        while route is None:
+            route = client.poll_route("127.0.0.1", port)
+            time.sleep(0.01)
+        assert route.endpoint == "127.0.0.1:5555" and route.generation == 0
+        time.sleep(0.5)
+        assert not fired.is_set()  # alive and well
+        t0 = time.monotonic()
+        server.close()
+        assert fired.wait(cfg.heartbeat_deadline + 2.0), "heartbeat never declared the prefill dead"
+        elapsed = time.monotonic() - t0
+        assert elapsed < cfg.heartbeat_deadline + 1.5
+        assert dead[0][0] == PrefillAddr("127.0.0.1", port) and dead[0][1] == ["127.0.0.1:5555"]
+        assert "missed 2 heartbeats" in dead[0][2]
+        assert client.cached("127.0.0.1", port) is None and client.generation("127.0.0.1", port) == 1
+
+        restarted = BootstrapServer("127.0.0.1", port).start()  # same address, new instance
+        try:
+            restarted.register(0, "127.0.0.1:7777", LAYOUT)
+            again = client.get_route("127.0.0.1", port)
+            assert again.endpoint == "127.0.0.1:7777" and again.instance == restarted.instance
+            assert again.generation == 1
+            fired.clear()
+            restarted.close()  # a quick restart between heartbeats is noticed by the instance id
+            quick = BootstrapServer("127.0.0.1", port).start()
+            try:
+                quick.register(0, "127.0.0.1:8888", LAYOUT)
+                assert fired.wait(3.0)
+                assert dead[-1][1] == ["127.0.0.1:7777"]
+                assert client.get_route("127.0.0.1", port).endpoint == "127.0.0.1:8888"
+            finally:
+                quick.close()
+        finally:
+            restarted.close()
+    finally:
+        client.close()

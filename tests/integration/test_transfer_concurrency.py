@@ -1,0 +1,68 @@
+"""Many rooms at once, in this process: one prefill manager serving two decode managers (so
+several shard queues and sessions), chunked sends, random aborts from either side and injected
+failures. Every room must end in the same terminal state on both sides, successes byte-exact."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.messages import KVLayout, MetadataRecord
+from pdserve.disagg.transfer import KVPoll, create_manager
+from pdserve.disagg.transfer.shm_pool import allocate_shared_pool
+
+L, H, D, PS, PAGES = 2, 2, 16, 4, 256
+
+
+@pytest.mark.parametrize("backend", ["tcp", "shm"])
+def test_concurrent_rooms_with_aborts_and_failures(backend: str) -> None:
+    rng = random.Random(7)
+    shape = (L, PAGES * PS, H, D)
+    k, v = torch.randn(shape), torch.randn(shape)
+    layout = KVLayout.for_pool("tiny", k, PS)
+    pools = [allocate_shared_pool(shape, torch.float32) for _ in range(2)]
+    prefill = create_manager(backend, "prefill", k, v, PS, layout, DisaggConfig(queue_size=3, fail_rate=0.05))
+    decodes = [create_manager(backend, "decode", p.k, p.v, PS, layout, DisaggConfig()) for p in pools]
+    try:
+        free = [list(range(1, PAGES)) for _ in decodes]
+        rooms = []
+        for i in range(48):
+            d = i % 2
+            n = rng.randint(1, 6)
+            dst = [free[d].pop(rng.randrange(len(free[d]))) for _ in range(n)]
+            src = rng.sample(range(1, PAGES), n)
+            r = decodes[d].receiver(1000 + i, prefill.endpoint)
+            s = prefill.sender(1000 + i)
+            r.init(dst)
+            rooms.append((d, s, r, src, dst))
+        for d, s, r, src, dst in rooms:
+            assert s.wait(10, until=KVPoll.WaitingForInput) >= KVPoll.WaitingForInput
+            action = rng.random()
+            half = len(src) // 2
+            if half:
+                s.send(src[:half], 0, False)
+            if action < 0.1:
+                s.abort()
+            elif action < 0.2:
+                r.abort()
+            s.send(src[half:], half, True, MetadataRecord(room=s.room, first_token=3))
+        outcomes = []
+        for d, s, r, src, dst in rooms:
+            ss, rs = s.wait(10), r.wait(10)
+            assert ss in (KVPoll.Success, KVPoll.Failed) and ss == rs, (s.failure, r.failure)
+            outcomes.append(ss)
+            if ss == KVPoll.Success:
+                assert r.metadata().room == s.room
+                for a, b in zip(src, dst):
+                    assert torch.equal(pools[d].k[:, b * PS:(b + 1) * PS], k[:, a * PS:(a + 1) * PS])
+                    assert torch.equal(pools[d].v[:, b * PS:(b + 1) * PS], v[:, a * PS:(a + 1) * PS])
+        assert outcomes.count(KVPoll.Success) >= 24 and KVPoll.Failed in outcomes
+    finally:
+        prefill.close()
+        for m in decodes:
+            m.close()
+        for p in pools:
+            p.close()
