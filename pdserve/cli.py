@@ -9,44 +9,18 @@ import argparse
 import sys
 from typing import Any
 
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Flags for every EngineConfig knob (shared by generate and serve)."""
-    from pdserve.config import EngineConfig
-
-    d = EngineConfig()
-    p.add_argument("--model", default=d.model, help="HF folder, .gguf file, or 'default' (bundled SmolLM2-135M)")
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default=d.dtype, help="compute dtype (float32 on CPU)")
-    p.add_argument("--page-size", type=int, default=d.page_size)
-    p.add_argument("--kv-cache-gb", type=float, default=d.kv_cache_gb, help="KV pool size")
-    p.add_argument("--num-pages", type=int, default=d.num_pages, help="KV pool pages (overrides --kv-cache-gb)")
-    p.add_argument("--max-model-len", type=int, default=d.max_model_len)
-    p.add_argument("--max-running", type=int, default=d.max_running, help="max requests in the running batch")
-    p.add_argument("--chunk-budget", type=int, default=d.chunk_budget, help="tokens per forward (chunked prefill)")
-    p.add_argument("--disable-prefix-cache", action="store_true")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default: all usable cores)")
-
-
-def engine_config_from_args(args: argparse.Namespace):
-    from pdserve.config import EngineConfig
-
-    return EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
-        kv_cache_gb=args.kv_cache_gb, num_pages=args.num_pages, max_model_len=args.max_model_len,
-        max_running=args.max_running, chunk_budget=args.chunk_budget,
-        enable_prefix_cache=not args.disable_prefix_cache, threads=args.threads)
+from pdserve.engine_args import add_engine_arguments, engine_config_from_args
 
 
 def _add_generate(sub: Any) -> None:
     p = sub.add_parser("generate", help="generate text offline with the engine in this process")
-    add_engine_args(p)
+    add_engine_arguments(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
     p.set_defaults(func=_run_generate)
 
 
@@ -61,7 +35,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.chat:
         prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed)
+                            top_p=args.top_p, seed=args.sampling_seed)
     for prompt, out in zip(args.prompt, llm.generate(prompts, params)):
         print(f"### {prompt}\n{out.text}\n[{len(out.output_ids)} tokens, finish: {out.finish_reason}]")
     return 0

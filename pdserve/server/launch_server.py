@@ -27,39 +27,21 @@ from typing import Any
 
 import uvicorn
 
-from pdserve.config import EngineConfig
+from pdserve.engine_args import add_engine_arguments, engine_config_from_args
 from pdserve.disagg.config import DisaggConfig
 from pdserve.server.app import begin_shutdown, build_app
 from pdserve.server.config import API_KEY_ENV, ServerConfig
 
 logger = logging.getLogger("pdserve.server")
 
-_ENGINE_FLAGS = {  # flag → (EngineConfig field, type, help)
-    "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
-    "--dtype": ("dtype", str, "compute dtype (float32 on CPU)"),
-    "--page-size": ("page_size", int, "tokens per KV page"),
-    "--kv-cache-gb": ("kv_cache_gb", float, "KV pool size in GiB (when --num-pages is not given)"),
-    "--num-pages": ("num_pages", int, "KV pool size in pages"),
-    "--max-model-len": ("max_model_len", int, "context length (default: the model's, capped by the pool)"),
-    "--max-running": ("max_running", int, "requests in the running batch"),
-    "--chunk-budget": ("chunk_budget", int, "tokens per forward (chunked prefill + decode)"),
-    "--decode-headroom": ("decode_headroom", float, "fraction of running decode kept free at admission"),
-    "--threads": ("threads", int, "torch intra-op threads in the engine process"),
-    "--max-top-logprobs": ("max_top_logprobs", int, "cap on top_logprobs"),
-    "--seed": ("seed", int, "engine random seed"),
-}
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "--model-path", dest="model", default="default",
-                   help="HF folder, .gguf file, or 'default' (bundled SmolLM2-135M-Instruct)")
+    add_engine_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (also ${API_KEY_ENV})")
     p.add_argument("--served-model-name", default=None, help="model name shown by /v1/models")
-    for flag, (_, typ, text) in _ENGINE_FLAGS.items():
-        p.add_argument(flag, type=typ, default=None, help=f"{text} (default {getattr(EngineConfig(), _ENGINE_FLAGS[flag][0])})")
-    p.add_argument("--disable-prefix-cache", action="store_true", help="turn the radix prefix cache off")
     d = ServerConfig()
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20, help="request body cap (MiB)")
     p.add_argument("--max-n", type=int, default=d.max_n, help="cap on n")
@@ -89,20 +71,13 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    engine_kwargs: dict[str, Any] = {"model": args.model}
-    for flag, (name, _, _) in _ENGINE_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            engine_kwargs[name] = value
-    if args.disable_prefix_cache:
-        engine_kwargs["enable_prefix_cache"] = False
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     disagg = DisaggConfig.from_env(
         mode=args.disaggregation_mode, backend=args.disaggregation_transfer_backend,
         bootstrap_port=args.disaggregation_bootstrap_port,
         bootstrap_host=args.disaggregation_bootstrap_host or args.host)
     return ServerConfig(
-        engine=EngineConfig(**engine_kwargs), disagg=disagg, host=args.host, port=args.port, api_key=api_key,
+        engine=engine_config_from_args(args), disagg=disagg, host=args.host, port=args.port, api_key=api_key,
         served_model_name=args.served_model_name, max_body_bytes=int(args.max_body_mb * 2**20),
         max_n=args.max_n, max_prompts=args.max_prompts, max_tokens_cap=args.max_tokens_cap,
         engine_start_timeout_s=args.engine_start_timeout, shutdown_timeout_s=args.shutdown_timeout,
