@@ -15,8 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(PY) -m pdserve.cli generate --chat --prompt "What is the capital of France?" \
-		--prompt "Write a haiku about the sea." --max-new-tokens 64
+	$(PY) -m pdserve.cli launch
 
 test: setup
 	$(PY) -m pytest tests

@@ -1,4 +1,4 @@
-"""`pdserve` command line: generate | convert | serve (more subcommands join as they land).
+"""`pdserve` command line: generate | convert | serve | router | launch.
 
 Subcommand modules are imported lazily so `pdserve --help` stays fast.
 """
@@ -43,6 +43,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pdserve.cli_convert import add_convert_parser
+    from pdserve.launch import add_launch_parser
+    from pdserve.router.cli import add_router_parser
     from pdserve.server.launch_server import add_serve_parser
 
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
@@ -50,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     add_convert_parser(sub)
     add_serve_parser(sub)
+    add_router_parser(sub)
+    add_launch_parser(sub)
     return parser
 
 

@@ -1,0 +1,245 @@
+"""`pdserve launch`: one command, a whole cluster on this machine (router + model servers).
+
+Lifecycle of `run_launch(args)`:
+  1. plan: free local ports for every server (and each prefill's bootstrap port), the cores
+     each server is pinned to and its torch thread count (`launch_procs.plan_cpus`), a log
+     folder (`--log-dir`, default a fresh temp folder) with one log per process;
+  2. start the model servers (`pdserve serve`, bundled model unless `--model`): `--prefill N`
+     prefill + `--decode M` decode servers in PD mode, or `--workers K` unified servers with
+     `--mode unified`; then the router (`pdserve router`) over them, which health-checks them
+     itself;
+  3. wait (bounded by `--start-timeout`) until every server answers /health and the router's
+     /readiness is 200, with a progress bar; a process that exits early stops everything and
+     its log tail is shown;
+  4. print the URL, an example `curl` and where the logs are, then supervise: if a child
+     dies, everything stops (exit 1);
+  5. Ctrl-C or SIGTERM: stop the router first (it drains), then the servers, each with
+     SIGTERM, a bounded wait, then SIGKILL of its process group; exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from pdserve.launch_procs import Child, plan_cpus, python_module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def add_launch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=["pd", "unified"], default="pd",
+                   help="pd: prefill + decode servers behind the router; unified: plain load balancing")
+    p.add_argument("--prefill", type=int, default=1, help="prefill servers (pd mode)")
+    p.add_argument("--decode", type=int, default=1, help="decode servers (pd mode)")
+    p.add_argument("--workers", type=int, default=1, help="unified servers (unified mode)")
+    p.add_argument("--model", default="default", help="model for every server (default: the bundled SmolLM2-135M)")
+    p.add_argument("--host", default="127.0.0.1", help="router bind address")
+    p.add_argument("--port", type=int, default=8000, help="router port (0: a free one)")
+    p.add_argument("--policy", default="cache_aware", help="router policy (random, round_robin, power_of_two, "
+                                                            "cache_aware)")
+    p.add_argument("--transfer-backend", default="tcp", help="PD KV transfer backend (tcp, shm, fake, ...)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per server (default: its core share)")
+    p.add_argument("--no-pin", action="store_true", help="do not pin servers to cores")
+    p.add_argument("--api-key", default=None, help="key for the router and the servers (also $PDSERVE_API_KEY)")
+    p.add_argument("--log-dir", type=Path, default=None, help="folder for the logs (default: a new temp folder)")
+    p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for everything to be ready")
+    p.add_argument("--stop-timeout", type=float, default=30.0, help="seconds each process gets to stop")
+    p.add_argument("--server-args", default="", help="extra flags for every `pdserve serve`, one string")
+    p.add_argument("--router-args", default="", help="extra flags for `pdserve router`, one string")
+
+
+def add_launch_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `launch` sub-command to `subparsers` (from `ArgumentParser.add_subparsers()`)."""
+    p = subparsers.add_parser("launch", help="start a router and its model servers on this machine",
+                              description="Start a router plus prefill/decode (or unified) servers, "
+                                          "wait until ready, stop all on Ctrl-C.")
+    add_launch_arguments(p)
+    p.set_defaults(func=run_launch)
+    return p
+
+
+class Cluster:
+    """The children of one launch, in start order (servers first, router last)."""
+
+    def __init__(self, args: argparse.Namespace, log_dir: Path) -> None:
+        self.args = args
+        self.log_dir = log_dir
+        self.servers: list[Child] = []
+        self.router: Child | None = None
+        self.router_url = ""
+        api_key = args.api_key if args.api_key is not None else os.environ.get("PDSERVE_API_KEY") or None
+        self.api_key = api_key
+        roles = (["prefill"] * args.prefill + ["decode"] * args.decode) if args.mode == "pd" \
+            else ["unified"] * args.workers
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        plans = plan_cpus(len(roles), cpus)
+        counts: dict[str, int] = {}
+        prefill_args: list[str] = []
+        decode_args: list[str] = []
+        for role, cpu_set in zip(roles, plans):
+            i = counts[role] = counts.get(role, -1) + 1
+            port = free_port()
+            threads = args.threads or max(1, len(cpu_set))
+            cmd = python_module("pdserve.cli", "serve", "--model", args.model, "--host", "127.0.0.1", "--port",
+                                str(port), "--threads", str(threads))
+            if role != "unified":
+                cmd += ["--disaggregation-mode", role, "--disaggregation-transfer-backend", args.transfer_backend]
+            if role == "prefill":
+                bport = free_port()
+                cmd += ["--disaggregation-bootstrap-port", str(bport)]
+                prefill_args += ["--prefill", f"http://127.0.0.1:{port}", str(bport)]
+            elif role == "decode":
+                decode_args += ["--decode", f"http://127.0.0.1:{port}"]
+            else:
+                decode_args.append(f"http://127.0.0.1:{port}")
+            if api_key:
+                cmd += ["--api-key", api_key]
+            cmd += shlex.split(args.server_args)
+            self.servers.append(Child(f"{role}-{i}", cmd, log_dir / f"{role}-{i}.log",
+                                      f"http://127.0.0.1:{port}/health",
+                                      None if args.no_pin else cpu_set, threads))
+        rport = args.port or free_port()
+        self.router_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{rport}"
+        rcmd = python_module("pdserve.router", "--host", args.host, "--port", str(rport), "--policy", args.policy,
+                             "--health-check-interval-secs", "5")
+        rcmd += (["--pd-disaggregation", *prefill_args, *decode_args] if args.mode == "pd"
+                 else ["--worker-urls", *decode_args])
+        if api_key:
+            rcmd += ["--api-key", api_key]
+        rcmd += shlex.split(args.router_args)
+        self.router = Child("router", rcmd, log_dir / "router.log", f"{self.router_url}/readiness")
+
+    @property
+    def children(self) -> list[Child]:
+        return [*self.servers, *([self.router] if self.router else [])]
+
+    def start(self) -> None:
+        for child in self.children:
+            child.start()
+
+    def wait_ready(self, timeout: float) -> None:
+        from tqdm import tqdm
+
+        deadline = time.monotonic() + timeout
+        pending = list(self.children)
+        with tqdm(total=len(pending), desc="starting", unit="proc", file=sys.stderr, dynamic_ncols=True) as bar:
+            while pending:
+                for child in list(pending):
+                    code = child.exited()
+                    if code is not None:
+                        raise RuntimeError(f"{child.name} exited with {code} while starting; last lines of "
+                                           f"{child.log_path}:\n{child.log_tail()}")
+                    if child.healthy():
+                        pending.remove(child)
+                        bar.update(1)
+                        bar.set_postfix_str(f"{child.name} ready")
+                if not pending:
+                    break
+                if time.monotonic() > deadline:
+                    names = ", ".join(c.name for c in pending)
+                    raise TimeoutError(f"not ready after {timeout:.0f} s: {names} (logs in {self.log_dir})")
+                desc = f"waiting for {pending[0].name}"
+                if bar.desc != desc:
+                    bar.set_description(desc)
+                time.sleep(0.5)
+
+    def dead_child(self) -> Child | None:
+        return next((c for c in self.children if c.exited() is not None), None)
+
+    def stop(self, timeout: float) -> None:
+        if self.router is not None:  # the router first: it stops taking requests and drains
+            self.router.terminate()
+            self.router.wait_or_kill(timeout)
+        for child in self.servers:
+            child.terminate()
+        for child in self.servers:
+            child.wait_or_kill(timeout)
+
+    def banner(self) -> str:
+        auth = f" -H 'Authorization: Bearer {self.api_key}'" if self.api_key else ""
+        body = '{"model": "default", "messages": [{"role": "user", "content": "What is the capital of France?"}], ' \
+               '"max_tokens": 32, "temperature": 0}'
+        lines = [f"pdserve is ready: {self.router_url}  ({len(self.servers)} servers, mode {self.args.mode})"]
+        for c in self.children:
+            pin = f", cores {','.join(map(str, c.cpus))}" if c.cpus else ""
+            lines.append(f"  {c.name:<10} pid {c.pid}{pin}  log {c.log_path}")
+        lines += ["try:", f"  curl -s {self.router_url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+                          f"-d '{body}'", "Ctrl-C stops everything."]
+        return "\n".join(lines)
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    if args.mode == "pd" and (args.prefill < 1 or args.decode < 1):
+        print("pdserve launch: pd mode needs --prefill >= 1 and --decode >= 1", file=sys.stderr)
+        return 2
+    if args.mode == "unified" and args.workers < 1:
+        print("pdserve launch: --workers must be >= 1", file=sys.stderr)
+        return 2
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="pdserve-launch-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(args, log_dir)
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        raise _Stop(signal.Signals(sig).name)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        cluster.start()
+        cluster.wait_ready(args.start_timeout)
+        print(cluster.banner(), flush=True)
+        while True:
+            time.sleep(0.5)
+            dead = cluster.dead_child()
+            if dead is not None:
+                print(f"pdserve launch: {dead.name} exited with {dead.exited()}; stopping everything. "
+                      f"Last lines of {dead.log_path}:\n{dead.log_tail()}", file=sys.stderr)
+                code = 1
+                break
+    except _Stop as exc:
+        print(f"\npdserve launch: {exc}: stopping...", file=sys.stderr, flush=True)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"pdserve launch: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean stop short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            cluster.stop(args.stop_timeout)
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+        print(f"pdserve launch: stopped (logs in {log_dir})", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "launch":
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(prog="pdserve launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_launch_arguments(parser)
+    return run_launch(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

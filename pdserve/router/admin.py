@@ -1,0 +1,181 @@
+"""Operational endpoints of the router: workers, readiness, metrics, info pass-through.
+
+- `GET /health`, `/liveness`: the router process is up (always 200).
+- `GET /readiness`: 200 when traffic can be served — a routable worker in regular mode, a
+  routable prefill *and* decode in PD mode — else 503 with the counts.
+- `GET/POST/DELETE /workers` (and `DELETE /workers/{url}`): list, add (probed at once, then
+  health-checked like the others) and remove workers at runtime; API-key protected.
+- `GET /metrics`: Prometheus text. `GET /get_loads`: per-worker load.
+- `GET /v1/models`, `/server_info`, `/model_info`, `/health_generate`: answered by one
+  routable (decode or regular) worker; `POST /flush_cache`: sent to every worker.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from pdserve.router.config import WorkerSpec
+from pdserve.router.errors import RouterError
+from pdserve.router.http.client import UpstreamError
+from pdserve.router.http.server import Request, Response
+from pdserve.router.worker import Worker
+
+if TYPE_CHECKING:
+    from pdserve.router.app import RouterApp
+
+_enc = msgspec.json.Encoder()
+
+
+def _json(obj: Any, rid: str, status: int = 200) -> Response:
+    return Response(_enc.encode(obj), status, headers=[("x-request-id", rid)])
+
+
+class Admin:
+    def __init__(self, app: RouterApp) -> None:
+        self.app = app
+
+    def routes(self) -> dict[str, dict[str, Any]]:
+        info = {"GET": self.pass_through}
+        return {
+            "/health": {"GET": self.health}, "/liveness": {"GET": self.health},
+            "/readiness": {"GET": self.readiness}, "/metrics": {"GET": self.metrics},
+            "/workers": {"GET": self.list_workers, "POST": self.add_worker, "DELETE": self.remove_worker},
+            "/workers/{url}": {"DELETE": self.remove_worker, "GET": self.get_worker},
+            "/get_loads": {"GET": self.loads},
+            "/v1/models": info, "/server_info": info, "/get_server_info": info, "/model_info": info,
+            "/get_model_info": info, "/health_generate": info,
+            "/flush_cache": {"POST": self.flush_cache, "GET": self.flush_cache},
+        }
+
+    async def health(self, req: Request, rid: str) -> Response:
+        return _json({"status": "ok"}, rid)
+
+    def _counts(self) -> dict[str, dict[str, int]]:
+        reg = self.app.registry
+        roles = ("prefill", "decode") if self.app.cfg.pd else ("regular",)
+        return {r: {"total": len(reg.by_role(r)), "routable": len(reg.routable(r))} for r in roles}
+
+    async def readiness(self, req: Request, rid: str) -> Response:
+        counts = self._counts()
+        ready = all(c["routable"] > 0 for c in counts.values())
+        body = {"status": "ready" if ready else "not ready", "mode": "pd" if self.app.cfg.pd else "regular",
+                "workers": counts}
+        return _json(body, rid, 200 if ready else 503)
+
+    async def metrics(self, req: Request, rid: str) -> Response:
+        lim = self.app.limiter
+        text = self.app.metrics.render(self.app.registry.all(), lim.active, lim.queued)
+        return Response(text, 200, CONTENT_TYPE_LATEST, [("x-request-id", rid)])
+
+    async def list_workers(self, req: Request, rid: str) -> Response:
+        workers = [w.describe() for w in self.app.registry.all()]
+        return _json({"workers": workers, "total": len(workers), **self._counts()}, rid)
+
+    async def get_worker(self, req: Request, rid: str) -> Response:
+        worker = self.app.registry.get(self._url_from(req))
+        if worker is None:
+            raise RouterError(404, "no such worker", code="worker_not_found")
+        return _json(worker.describe(), rid)
+
+    async def loads(self, req: Request, rid: str) -> Response:
+        return _json({"workers": [{"url": w.url, "role": w.role, "load": w.load, "in_flight": w.in_flight}
+                                  for w in self.app.registry.all()]}, rid)
+
+    async def add_worker(self, req: Request, rid: str) -> Response:
+        try:
+            body = msgspec.json.decode(req.body) if req.body else {}
+        except msgspec.DecodeError:
+            raise RouterError(400, "request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise RouterError(400, "request body must be a JSON object", code="invalid_json")
+        pd = self.app.cfg.pd
+        url, role, port = body.get("url"), body.get("role"), body.get("bootstrap_port")
+        if not isinstance(url, str):
+            raise RouterError(400, "'url' (string) is required", param="url")
+        if role is None:
+            if pd:
+                raise RouterError(400, "PD mode: 'role' must be 'prefill' or 'decode'", param="role")
+            role = "regular"
+        if role not in (("prefill", "decode") if pd else ("regular",)):
+            raise RouterError(400, f"role {role!r} does not fit a {'PD' if pd else 'regular'} router", param="role")
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool)):
+            raise RouterError(400, "'bootstrap_port' must be an integer", param="bootstrap_port")
+        try:
+            spec = WorkerSpec(url=url, role=role, bootstrap_port=port)
+        except ValueError as exc:
+            raise RouterError(400, str(exc), param="url") from None
+        if self.app.registry.get(spec.url) is not None:
+            raise RouterError(409, f"worker {spec.url} is already registered", code="worker_exists")
+        worker = self.app.new_worker(spec)
+        self.app.registry.add(worker)
+        if self.app.health is not None and self.app.cfg.health.enabled:
+            await self.app.health.check(worker)
+        return _json({"added": worker.describe()}, rid, 201)
+
+    @staticmethod
+    def _url_from(req: Request) -> str:
+        if req.path.startswith("/workers/"):
+            return unquote(req.path[len("/workers/"):])
+        values = parse_qs(req.query).get("url")
+        if values:
+            return values[0]
+        if req.body:
+            try:
+                body = msgspec.json.decode(req.body)
+            except msgspec.DecodeError:
+                raise RouterError(400, "request body is not valid JSON", code="invalid_json") from None
+            if isinstance(body, dict) and isinstance(body.get("url"), str):
+                return body["url"]
+        raise RouterError(400, "say which worker: DELETE /workers?url=URL or a body {\"url\": URL}", param="url")
+
+    async def remove_worker(self, req: Request, rid: str) -> Response:
+        raw = self._url_from(req)
+        try:
+            url = WorkerSpec(url=raw).url
+        except ValueError as exc:
+            raise RouterError(400, str(exc), param="url") from None
+        worker = self.app.registry.remove(url)
+        if worker is None:
+            raise RouterError(404, f"no worker {url}", code="worker_not_found")
+        return _json({"removed": url}, rid)
+
+    def _info_worker(self) -> Worker:
+        role = "decode" if self.app.cfg.pd else "regular"
+        workers = self.app.registry.routable(role)
+        if not workers:
+            raise RouterError(503, f"no healthy {role} worker to ask", code="no_healthy_workers")
+        return min(workers, key=lambda w: w.in_flight)
+
+    async def pass_through(self, req: Request, rid: str) -> Response:
+        w = self._info_worker()
+        try:
+            resp = await self.app.pool.request(w.host, w.port, "GET", req.target,
+                                               w.fwd_headers + f"x-request-id: {rid}\r\n".encode(), b"",
+                                               self.app.cfg.health.timeout_s * 6)
+            try:
+                body = await resp.read()
+            finally:
+                resp.release()
+        except UpstreamError as exc:
+            raise RouterError(502, f"worker {w.url}: {exc}", code=f"worker_{exc.kind}") from None
+        return Response(body, resp.status, resp.content_type, [("x-request-id", rid)])
+
+    async def flush_cache(self, req: Request, rid: str) -> Response:
+        results: dict[str, int | str] = {}
+        for w in self.app.registry.all():
+            try:
+                resp = await self.app.pool.request(w.host, w.port, "POST", "/flush_cache", w.fwd_headers, b"",
+                                                   self.app.cfg.health.timeout_s * 6)
+                try:
+                    await resp.read()
+                finally:
+                    resp.release()
+                results[w.url] = resp.status
+            except UpstreamError as exc:
+                results[w.url] = str(exc)
+        ok = all(v == 200 for v in results.values())
+        return _json({"success": ok, "workers": results}, rid, 200 if ok else 502)

@@ -1,0 +1,183 @@
+"""The router application: composition, request dispatch, auth, limits.
+
+Lifecycle of `RouterApp`:
+  - construction builds the parts from the frozen config: worker registry (workers start
+    unhealthy until a first good health check, or healthy when checks are off), one policy
+    per role, the upstream connection pool, the limiter, metrics, and the regular or PD
+    forwarder;
+  - `start()` opens the control-plane aiohttp session, runs one round of health checks and
+    starts the background loops (health checks, `/get_load` polling for power_of_two, tree
+    eviction for cache_aware);
+  - `handle(request)` (called by the HTTP server for every request) tags it with a request
+    id, routes it, checks the API key (all routes except /health, /liveness, /readiness,
+    /metrics), and for generation routes takes a concurrency slot (429/408), forwards it and
+    records metrics; every error is an OpenAI-style body with the request id header;
+  - `stop()` cancels the loops and closes the pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from pdserve.router.admin import Admin
+from pdserve.router.config import RouterConfig
+from pdserve.router.context import RequestCtx, pick_request_id
+from pdserve.router.errors import RouterError, error_body
+from pdserve.router.forward import RegularForwarder
+from pdserve.router.health import HealthChecker, LoadMonitor
+from pdserve.router.http.client import UpstreamPool
+from pdserve.router.http.server import Request, Response
+from pdserve.router.limiter import ConcurrencyLimiter
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.pd import PDForwarder
+from pdserve.router.policies import Policy, make_policy
+from pdserve.router.registry import WorkerRegistry
+from pdserve.router.worker import Worker
+
+logger = logging.getLogger("pdserve.router")
+GENERATE_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
+OPEN_PATHS = frozenset({"/health", "/liveness", "/readiness", "/metrics"})
+RouteFn = Callable[[Request, str], Awaitable["Response | None"]]
+
+
+class RouterApp:
+    def __init__(self, cfg: RouterConfig) -> None:
+        self.cfg = cfg
+        self.registry = WorkerRegistry()
+        self.metrics = RouterMetrics()
+        self.pool = UpstreamPool(cfg.limits.connect_timeout_s)
+        self.limiter = ConcurrencyLimiter(cfg.limits.max_concurrent, cfg.limits.queue_size,
+                                          cfg.limits.queue_timeout_s)
+        roles = ("prefill", "decode") if cfg.pd else ("regular",)
+        self.policies: dict[str, Policy] = {role: make_policy(cfg.policy_for(role)) for role in roles}
+        self.session: aiohttp.ClientSession | None = None
+        self.health: HealthChecker | None = None
+        self.registry.subscribe(self._on_registry_change)
+        for spec in cfg.workers:
+            self.registry.add(self.new_worker(spec))
+        if cfg.pd:
+            self.forwarder: Any = PDForwarder(cfg, self.registry, self.pool, self.policies["prefill"],
+                                              self.policies["decode"], self.metrics)
+        else:
+            self.forwarder = RegularForwarder(cfg, self.registry, self.pool, self.policies["regular"], self.metrics)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._key = cfg.api_key.encode() if cfg.api_key else None
+        self._forward_client_auth = cfg.worker_key is None
+        self.admin = Admin(self)
+        self.routes: dict[str, dict[str, RouteFn]] = {path: {"POST": self.generate} for path in GENERATE_ROUTES}
+        for path, methods in self.admin.routes().items():
+            self.routes.setdefault(path, {}).update(methods)
+
+    def new_worker(self, spec: Any) -> Worker:
+        return Worker(spec, self.cfg.circuit, self.cfg.worker_key, healthy=not self.cfg.health.enabled)
+
+    def _on_registry_change(self, event: str, worker: Worker) -> None:
+        if event == "removed":
+            policy = self.policies.get(worker.role)
+            if policy is not None:
+                policy.on_removed(worker)
+        elif self.health is not None:
+            self.health.wake()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        self.health = HealthChecker(self.cfg.health, self.registry, self.session, self.cfg.worker_key)
+        if self.cfg.health.enabled:
+            await self.health.first_round()
+            self._tasks.append(asyncio.create_task(self.health.run(), name="health-checks"))
+        else:
+            await asyncio.gather(*(self.health.fetch_info(w) for w in self.registry.all()))
+        if any(p.name == "power_of_two" for p in self.policies.values()):
+            monitor = LoadMonitor(self.cfg.health.load_interval_s, self.cfg.health.timeout_s, self.registry,
+                                  self.session, self.cfg.worker_key)
+            self._tasks.append(asyncio.create_task(monitor.run(), name="load-monitor"))
+        if any(p.name == "cache_aware" for p in self.policies.values()):
+            self._tasks.append(asyncio.create_task(self._maintain(), name="tree-eviction"))
+
+    async def _maintain(self) -> None:
+        interval = min(self.cfg.policy_for(r).eviction_interval_s for r in self.policies)
+        while True:
+            await asyncio.sleep(interval)
+            for policy in self.policies.values():
+                policy.maintain()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self.session is not None:
+            await self.session.close()
+        self.pool.close()
+
+    # -- requests ---------------------------------------------------------------------------
+    def authorized(self, headers: dict[str, str]) -> bool:
+        key = self._key
+        if key is None:
+            return True
+        auth = headers.get("authorization")
+        if auth is not None:
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key):
+                return True
+        other = headers.get("x-api-key")
+        return other is not None and hmac.compare_digest(other.strip().encode(), key)
+
+    async def handle(self, req: Request) -> Response | None:
+        rid = pick_request_id(req.headers, self.cfg.request_id_headers)
+        try:
+            methods = self.routes.get(req.path)
+            if methods is None and req.path.startswith("/workers/"):
+                methods = self.routes.get("/workers/{url}")
+            if methods is None:
+                raise RouterError(404, f"no route {req.path}")
+            if self._key is not None and req.path not in OPEN_PATHS and not self.authorized(req.headers):
+                raise RouterError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')")
+            fn = methods.get(req.method)
+            if fn is None:
+                raise RouterError(405, f"{req.method} is not allowed on {req.path}; use {', '.join(methods)}")
+            return await fn(req, rid)
+        except RouterError as exc:
+            headers = [("x-request-id", rid)]
+            if exc.status == 401:
+                headers.append(("www-authenticate", "Bearer"))
+            return Response(error_body(exc.status, exc.message, exc.code, exc.param), exc.status,
+                            headers=headers)
+
+    async def generate(self, req: Request, rid: str) -> Response | None:
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            try:
+                await self.limiter.acquire()
+            except RouterError as exc:
+                status = exc.status
+                self.metrics.rejected.labels("queue_full" if exc.status == 429 else "queue_timeout").inc()
+                raise
+            try:
+                ctx = RequestCtx(req, rid, req.path,
+                                 req.headers.get("authorization") if self._forward_client_auth else None)
+                resp = await self.forwarder.handle(ctx)
+                status = resp.status if resp is not None else req.writer.status
+                return resp
+            except RouterError as exc:
+                status = exc.status
+                raise
+            except asyncio.CancelledError:
+                status = 499  # the client went away
+                raise
+            finally:
+                self.limiter.release()
+        finally:
+            self.metrics.request_done(req.path, status, time.perf_counter() - t0)

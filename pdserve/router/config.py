@@ -1,0 +1,170 @@
+"""Frozen configuration of the router: every knob with its default, one dataclass per concern.
+
+Built once from the CLI (`pdserve.router.cli.config_from_args`) or directly in tests; nothing
+mutates it afterwards. Flag names and defaults follow SGLang's router where one exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+ROLES = ("regular", "prefill", "decode")
+POLICIES = ("random", "round_robin", "power_of_two", "cache_aware")
+API_KEY_ENV = "PDSERVE_API_KEY"  # same variable as `pdserve serve`
+
+
+def normalize_url(url: str) -> str:
+    """`http://host:port` without a trailing slash; raises ValueError for anything else."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        raise ValueError(f"worker url {url!r}: only http:// is supported")
+    if not parts.hostname or parts.path or parts.query or parts.fragment:
+        raise ValueError(f"worker url {url!r}: expected http://host:port")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"worker url {url!r}: bad port") from None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"http://{host}:{port or 80}"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    url: str
+    role: str = "regular"  # regular | prefill | decode
+    bootstrap_port: int | None = None  # prefill only; None = ask /server_info, else none
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", normalize_url(self.url))
+        if self.role not in ROLES:
+            raise ValueError(f"worker role {self.role!r}: expected one of {', '.join(ROLES)}")
+        if self.bootstrap_port is not None:
+            if self.role != "prefill":
+                raise ValueError("bootstrap_port applies to prefill workers only")
+            if not 0 < self.bootstrap_port < 65536:
+                raise ValueError(f"bootstrap_port {self.bootstrap_port} out of range")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    name: str = "cache_aware"
+    cache_threshold: float = 0.3
+    balance_abs_threshold: int = 64
+    balance_rel_threshold: float = 1.5
+    eviction_interval_s: float = 60.0
+    max_tree_size: int = 2**26
+
+    def __post_init__(self) -> None:
+        if self.name not in POLICIES:
+            raise ValueError(f"policy {self.name!r}: expected one of {', '.join(POLICIES)}")
+        if not 0.0 <= self.cache_threshold <= 1.0:
+            raise ValueError("cache_threshold must be in [0, 1]")
+        if self.max_tree_size < 1 or self.eviction_interval_s <= 0:
+            raise ValueError("max_tree_size and eviction_interval must be positive")
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    max_attempts: int = 5  # total tries per request (SGLang's --retry-max-retries); 1 = no retry
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 30.0
+    multiplier: float = 1.5
+    jitter: float = 0.2  # +/- fraction of the delay
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or not 0 <= self.jitter <= 1 or self.multiplier < 1:
+            raise ValueError("retry: attempts >= 1, multiplier >= 1, jitter in [0, 1]")
+
+
+@dataclass(frozen=True)
+class CircuitConfig:
+    enabled: bool = True
+    failure_threshold: int = 10  # consecutive failures that open the circuit
+    success_threshold: int = 3  # successes in half-open that close it
+    open_duration_s: float = 60.0  # how long it stays open before a trial (half-open)
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1 or self.success_threshold < 1 or self.open_duration_s < 0:
+            raise ValueError("circuit breaker thresholds must be >= 1")
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    enabled: bool = True
+    interval_s: float = 10.0
+    timeout_s: float = 5.0
+    failure_threshold: int = 3
+    success_threshold: int = 2
+    endpoint: str = "/health"
+    load_interval_s: float = 1.0  # /get_load polling (power_of_two)
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0 or self.timeout_s <= 0 or self.failure_threshold < 1 or self.success_threshold < 1:
+            raise ValueError("health check interval/timeout must be > 0 and thresholds >= 1")
+        if not self.endpoint.startswith("/"):
+            raise ValueError("health check endpoint must start with '/'")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_concurrent: int = -1  # -1: no limit
+    queue_size: int = 100
+    queue_timeout_s: float = 60.0
+    max_payload_bytes: int = 512 * 1024 * 1024
+    request_timeout_s: float = 1800.0
+    connect_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent == 0 or self.max_concurrent < -1:
+            raise ValueError("max_concurrent_requests must be positive or -1 (no limit)")
+        if self.queue_size < 0 or self.queue_timeout_s <= 0 or self.max_payload_bytes < 1:
+            raise ValueError("queue size >= 0, queue timeout > 0, max payload >= 1")
+        if self.request_timeout_s <= 0 or self.connect_timeout_s <= 0:
+            raise ValueError("timeouts must be > 0")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    pd: bool = False
+    workers: tuple[WorkerSpec, ...] = ()
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    prefill_policy: PolicyConfig | None = None  # PD: defaults to `policy`
+    decode_policy: PolicyConfig | None = None
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    circuit: CircuitConfig = field(default_factory=CircuitConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    api_key: str | None = None
+    worker_api_key: str | None = None  # sent to workers; defaults to api_key
+    request_id_headers: tuple[str, ...] = ("x-request-id", "x-correlation-id", "request-id")
+    log_level: str = "info"
+    shutdown_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        roles = {w.role for w in self.workers}
+        if self.pd and "regular" in roles:
+            raise ValueError("PD mode takes --prefill and --decode workers, not --worker-urls")
+        if not self.pd and roles - {"regular"}:
+            raise ValueError("--prefill/--decode need --pd-disaggregation")
+        urls = [w.url for w in self.workers]
+        if len(set(urls)) != len(urls):
+            raise ValueError("a worker url is listed twice")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port {self.port} out of range")
+
+    @property
+    def worker_key(self) -> str | None:
+        return self.worker_api_key if self.worker_api_key is not None else self.api_key
+
+    def policy_for(self, role: str) -> PolicyConfig:
+        if role == "prefill" and self.prefill_policy is not None:
+            return self.prefill_policy
+        if role == "decode" and self.decode_policy is not None:
+            return self.decode_policy
+        return self.policy

@@ -1,0 +1,102 @@
+"""Per-request context: id, body, lazily parsed JSON and the routing text.
+
+Created by the app for each generation request; the JSON body is parsed only when something
+needs it (PD injection, cache-aware text, logprob merging), so plain load balancing forwards
+the raw bytes untouched. Request ids come from the first configured request-id header the
+client sent (if it is sane) or are generated (process prefix + counter, cheap and unique).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any
+
+import msgspec
+
+from pdserve.router.errors import RouterError
+from pdserve.router.http.server import Request
+
+_PREFIX = os.urandom(4).hex()
+_COUNTER = itertools.count(1)
+_decoder = msgspec.json.Decoder()
+
+
+def new_request_id() -> str:
+    return f"{_PREFIX}-{next(_COUNTER):x}"
+
+
+def pick_request_id(headers: dict[str, str], names: tuple[str, ...]) -> str:
+    for name in names:
+        value = headers.get(name)
+        if value and len(value) <= 128 and value.isascii() and value.isprintable():
+            return value
+    return new_request_id()
+
+
+def _messages_text(messages: Any) -> str:
+    parts: list[str] = []
+    if isinstance(messages, list):
+        for m in messages:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return "\n".join(parts)
+
+
+def _prompt_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        if isinstance(value[0], str):
+            return value[0]
+        if isinstance(value[0], int):
+            return " ".join(map(str, value))
+        if isinstance(value[0], list):
+            return " ".join(map(str, value[0]))
+    return ""
+
+
+def routing_text(route: str, body: dict[str, Any]) -> str:
+    if route == "/v1/chat/completions":
+        return _messages_text(body.get("messages"))
+    if route == "/v1/completions":
+        return _prompt_text(body.get("prompt"))
+    text = body.get("text")
+    return _prompt_text(text if text is not None else body.get("input_ids"))
+
+
+class RequestCtx:
+    __slots__ = ("_json", "_text", "fwd_headers", "req", "resp_headers", "rid", "route", "t0")
+
+    def __init__(self, req: Request, rid: str, route: str, client_auth: str | None) -> None:
+        self.req = req
+        self.rid = rid
+        self.route = route
+        self.t0 = time.perf_counter()
+        self._json: dict[str, Any] | None = None
+        self._text: str | None = None
+        extra = f"x-request-id: {rid}\r\n"
+        if client_auth is not None:
+            extra += f"authorization: {client_auth}\r\n"
+        self.fwd_headers = extra.encode("latin-1")
+        self.resp_headers = [("x-request-id", rid)]
+
+    def json(self) -> dict[str, Any]:
+        if self._json is None:
+            try:
+                obj = _decoder.decode(self.req.body)
+            except msgspec.DecodeError as exc:
+                raise RouterError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+            if not isinstance(obj, dict):
+                raise RouterError(400, "request body must be a JSON object", code="invalid_json")
+            self._json = obj
+        return self._json
+
+    def text(self) -> str:
+        if self._text is None:
+            self._text = routing_text(self.route, self.json())
+        return self._text

@@ -1,0 +1,155 @@
+"""Active health checks and load polling of the workers (control plane, aiohttp).
+
+`HealthChecker` lifecycle: `first_round()` probes every worker once before the router takes
+traffic; `run()` then probes each worker every `interval_s` (a worker that has never been
+healthy, e.g. still loading its model, every 0.5 s), with `timeout_s` per probe. A first
+success makes a new worker healthy at once; afterwards `failure_threshold` consecutive
+failures eject it and `success_threshold` consecutive successes bring it back. Every probe
+of a worker that has been healthy once also feeds its circuit breaker, so a dead worker both
+leaves rotation and opens its circuit (a server still loading its model trips nothing). A prefill without a known bootstrap port learns it from its `/server_info`.
+`LoadMonitor.run()` polls `/get_load` of healthy workers for `power_of_two`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import aiohttp
+
+from pdserve.router.config import HealthConfig
+from pdserve.router.registry import WorkerRegistry
+from pdserve.router.worker import Worker
+
+logger = logging.getLogger("pdserve.router")
+STARTING_INTERVAL_S = 0.5
+
+
+def _auth(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+class HealthChecker:
+    def __init__(self, cfg: HealthConfig, registry: WorkerRegistry, session: aiohttp.ClientSession,
+                 api_key: str | None) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.session = session
+        self.api_key = api_key
+        self._due: dict[str, float] = {}
+        self._wake = asyncio.Event()
+
+    async def probe(self, worker: Worker) -> tuple[bool, str | None]:
+        try:
+            async with self.session.get(worker.url + self.cfg.endpoint, headers=_auth(self.api_key),
+                                        timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s)) as resp:
+                await resp.read()
+                return resp.status == 200, None if resp.status == 200 else f"health check answered {resp.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            return False, f"health check failed: {type(exc).__name__}: {exc}"
+
+    def apply(self, worker: Worker, ok: bool, error: str | None = None) -> None:
+        if worker.ever_healthy:  # a server still starting up must not trip its breaker
+            worker.breaker.record(ok)
+        if ok:
+            worker.health_failures = 0
+            worker.health_successes += 1
+            if not worker.healthy and (not worker.ever_healthy
+                                       or worker.health_successes >= self.cfg.success_threshold):
+                worker.healthy = worker.ever_healthy = True
+                worker.last_error = None
+                logger.info("worker %s (%s) is healthy", worker.url, worker.role)
+            return
+        worker.health_successes = 0
+        worker.health_failures += 1
+        worker.last_error = error
+        if worker.healthy and worker.health_failures >= self.cfg.failure_threshold:
+            worker.healthy = False
+            logger.warning("worker %s (%s) is unhealthy: %s", worker.url, worker.role, error)
+
+    async def check(self, worker: Worker) -> bool:
+        ok, error = await self.probe(worker)
+        if worker.removed:
+            return ok
+        self.apply(worker, ok, error)
+        if ok and not worker.info:
+            await self.fetch_info(worker)
+        interval = self.cfg.interval_s if worker.healthy else min(self.cfg.interval_s, STARTING_INTERVAL_S)
+        self._due[worker.url] = time.monotonic() + interval
+        return ok
+
+    async def fetch_info(self, worker: Worker) -> None:
+        """Remember /server_info; learn a prefill's bootstrap port when none was given."""
+        try:
+            async with self.session.get(worker.url + "/server_info", headers=_auth(self.api_key),
+                                        timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s)) as resp:
+                if resp.status != 200:
+                    return
+                info: Any = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            return
+        if not isinstance(info, dict):
+            return
+        worker.info = info
+        mode = info.get("disaggregation_mode")
+        expected = {"regular": "null", "prefill": "prefill", "decode": "decode"}[worker.role]
+        if mode is not None and str(mode) != expected:
+            logger.warning("worker %s was added as %s but reports disaggregation_mode=%s", worker.url,
+                           worker.role, mode)
+        if worker.role == "prefill" and worker.bootstrap_port is None:
+            port = info.get("disaggregation_bootstrap_port", info.get("bootstrap_port"))
+            if isinstance(port, int) and 0 < port < 65536:
+                worker.bootstrap_port = port
+                logger.info("prefill %s: bootstrap port %d (from /server_info)", worker.url, port)
+
+    async def first_round(self) -> None:
+        if self.cfg.enabled:
+            await asyncio.gather(*(self.check(w) for w in self.registry.all()))
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            now = time.monotonic()
+            due = [w for w in self.registry.all() if self._due.get(w.url, 0.0) <= now]
+            if due:
+                await asyncio.gather(*(self.check(w) for w in due))
+            known = [self._due.get(w.url, 0.0) for w in self.registry.all()]
+            delay = min([*known, now + 1.0]) - time.monotonic()
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.01, delay))
+
+
+class LoadMonitor:
+    def __init__(self, interval_s: float, timeout_s: float, registry: WorkerRegistry,
+                 session: aiohttp.ClientSession, api_key: str | None) -> None:
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.registry = registry
+        self.session = session
+        self.api_key = api_key
+
+    async def poll(self, worker: Worker) -> None:
+        try:
+            async with self.session.get(worker.url + "/get_load", headers=_auth(self.api_key),
+                                        timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
+                if resp.status != 200:
+                    return
+                data: Any = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            return
+        if isinstance(data, list):  # one entry per data-parallel rank
+            data = {"num_reqs": sum(int(d.get("num_reqs", 0)) for d in data if isinstance(d, dict))}
+        if isinstance(data, dict):
+            value = data.get("num_reqs", data.get("load", 0))
+            worker.load = int(value) if isinstance(value, (int, float)) else 0
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.gather(*(self.poll(w) for w in self.registry.all() if w.healthy))
+            await asyncio.sleep(self.interval_s)

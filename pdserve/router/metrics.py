@@ -1,0 +1,86 @@
+"""Prometheus metrics of the router (a private registry per router instance).
+
+Per request: `pdserve_router_requests_total{route,status}` and a duration histogram; per retry
+`..._retries_total{route}`; rejections by the limiter `..._rejected_total{reason}`; PD:
+`..._pd_ttft_seconds` (request start → first decode byte) and
+`..._pd_transfer_failures_total{leg,reason}`. Per-worker gauges (in-flight, polled load,
+health, circuit state 0 closed / 1 half-open / 2 open) are rebuilt from the registry at each
+scrape, so removed workers disappear. Label children are cached: a request costs a few dict
+lookups, not label parsing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pdserve.router.circuit_breaker import STATE_CODES
+
+P = "pdserve_router_"
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(P + "requests_total", "Requests answered", ["route", "status"], registry=r)
+        self.duration = Histogram(P + "request_duration_seconds", "Request time in the router", ["route"],
+                                  buckets=_BUCKETS, registry=r)
+        self.retries = Counter(P + "retries_total", "Retries on another worker or pair", ["route"], registry=r)
+        self.rejected = Counter(P + "rejected_total", "Requests refused by the limiter", ["reason"], registry=r)
+        self.worker_requests = Counter(P + "worker_requests_total", "Upstream attempts", ["worker", "outcome"],
+                                       registry=r)
+        self.pd_ttft = Histogram(P + "pd_ttft_seconds", "PD: request start to first decode byte",
+                                 buckets=_BUCKETS, registry=r)
+        self.pd_failures = Counter(P + "pd_transfer_failures_total", "PD: failed legs", ["leg", "reason"],
+                                   registry=r)
+        self.active = Gauge(P + "active_requests", "Requests holding a concurrency slot", registry=r)
+        self.queued = Gauge(P + "queued_requests", "Requests waiting for a slot", registry=r)
+        self.w_in_flight = Gauge(P + "worker_in_flight", "Requests in flight per worker", ["worker", "role"],
+                                 registry=r)
+        self.w_load = Gauge(P + "worker_load", "Last /get_load of each worker", ["worker", "role"], registry=r)
+        self.w_healthy = Gauge(P + "worker_healthy", "1 if healthy", ["worker", "role"], registry=r)
+        self.w_circuit = Gauge(P + "worker_circuit_state", "0 closed, 1 half-open, 2 open", ["worker", "role"],
+                               registry=r)
+        self._req: dict[tuple[str, int], Any] = {}
+        self._dur: dict[str, Any] = {}
+        self._retry: dict[str, Any] = {}
+        self._wreq: dict[tuple[str, str], Any] = {}
+
+    def request_done(self, route: str, status: int, seconds: float) -> None:
+        c = self._req.get((route, status))
+        if c is None:
+            c = self._req[(route, status)] = self.requests.labels(route, str(status))
+        c.inc()
+        h = self._dur.get(route)
+        if h is None:
+            h = self._dur[route] = self.duration.labels(route)
+        h.observe(seconds)
+
+    def retry(self, route: str) -> None:
+        c = self._retry.get(route)
+        if c is None:
+            c = self._retry[route] = self.retries.labels(route)
+        c.inc()
+
+    def worker_outcome(self, url: str, outcome: str) -> None:
+        c = self._wreq.get((url, outcome))
+        if c is None:
+            c = self._wreq[(url, outcome)] = self.worker_requests.labels(url, outcome)
+        c.inc()
+
+    def pd_failure(self, leg: str, reason: str) -> None:
+        self.pd_failures.labels(leg, reason).inc()
+
+    def render(self, workers: list[Any], active: int, queued: int) -> bytes:
+        self.active.set(active)
+        self.queued.set(queued)
+        for g in (self.w_in_flight, self.w_load, self.w_healthy, self.w_circuit):
+            g.clear()
+        for w in workers:
+            self.w_in_flight.labels(w.url, w.role).set(w.in_flight)
+            self.w_load.labels(w.url, w.role).set(w.load)
+            self.w_healthy.labels(w.url, w.role).set(1 if w.healthy else 0)
+            self.w_circuit.labels(w.url, w.role).set(STATE_CODES[w.breaker.state])
+        return generate_latest(self.registry)

@@ -1,0 +1,231 @@
+"""PD mode: pair a prefill with a decode per request and run both legs at once.
+
+Per attempt:
+  1. the prefill and decode policies pick independently among routable workers (ones that
+     failed this request are skipped while others remain);
+  2. the body gets `bootstrap_host`/`bootstrap_port` of the chosen prefill and a random
+     63-bit `bootstrap_room` (lists of them for batches, as SGLang's router does);
+  3. the same body goes to both workers concurrently; the prefill's answer is read whole in
+     its own task; the decode's head and first body bytes are awaited in another;
+  4. whichever leg fails first (connection error or an error status) cancels the other at
+     once — closing its connection, which makes that worker abort the room and free its KV
+     pages — and the attempt fails (retried on a new pair, with backoff, if nothing reached
+     the client yet);
+  5. the decode's answer is relayed (streamed unbuffered), with the prefill's input logprobs
+     merged in front when `return_logprob` is set.
+A prefill failure after the decode started answering cannot hurt the answer and is only
+counted. Metrics: PD TTFT (start → first decode byte) and failed legs by reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+import msgspec
+
+from pdserve.router.config import RouterConfig
+from pdserve.router.context import RequestCtx
+from pdserve.router.errors import RouterError
+from pdserve.router.http.client import UpstreamError, UpstreamPool, UpstreamResponse
+from pdserve.router.http.server import Response
+from pdserve.router.logprobs import SSEMerger, merge_body, prefill_metas
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.policies import Policy
+from pdserve.router.registry import WorkerRegistry
+from pdserve.router.relay import Failure, relay_stream
+from pdserve.router.retry import backoff_s, breaker_failure
+from pdserve.router.worker import Worker
+
+logger = logging.getLogger("pdserve.router")
+_enc = msgspec.json.Encoder()
+_rand = random.SystemRandom()
+Leg = tuple[int, bytes, "str | None"]
+
+
+def batch_size(body: dict[str, Any]) -> int | None:
+    """How many bootstrap rooms the request needs (None: a single one)."""
+    n = body.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+        return n
+    for key in ("prompt", "text"):
+        value = body.get(key)
+        if isinstance(value, list):
+            if not value:
+                raise RouterError(400, f"'{key}' is an empty list", param=key)
+            if isinstance(value[0], (str, list)):
+                return len(value)
+    ids = body.get("input_ids")
+    if isinstance(ids, list) and ids and isinstance(ids[0], list):
+        return len(ids)
+    return None
+
+
+def inject_bootstrap(body: dict[str, Any], prefill: Worker, batch: int | None) -> bytes:
+    host, port = prefill.bootstrap_host, prefill.bootstrap_port
+    if batch is None:
+        extra: dict[str, Any] = {"bootstrap_host": host, "bootstrap_port": port,
+                                 "bootstrap_room": _rand.getrandbits(63)}
+    else:
+        extra = {"bootstrap_host": [host] * batch, "bootstrap_port": [port] * batch,
+                 "bootstrap_room": [_rand.getrandbits(63) for _ in range(batch)]}
+    return _enc.encode({**body, **extra})
+
+
+def _release_late(task: asyncio.Task[Any]) -> None:
+    """A decode leg that finished after we gave up on it: drop its connection."""
+    if not task.cancelled() and task.exception() is None:
+        task.result()[0].release()
+
+
+class PDForwarder:
+    def __init__(self, cfg: RouterConfig, registry: WorkerRegistry, pool: UpstreamPool, prefill_policy: Policy,
+                 decode_policy: Policy, metrics: RouterMetrics) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.pool = pool
+        self.prefill_policy = prefill_policy
+        self.decode_policy = decode_policy
+        self.metrics = metrics
+        self.timeout = cfg.limits.request_timeout_s
+
+    async def handle(self, ctx: RequestCtx) -> Response | None:
+        body = ctx.json()
+        batch = batch_size(body)
+        want_lp = body.get("return_logprob") is True
+        tried_p: set[str] = set()
+        tried_d: set[str] = set()
+        last: Failure | None = None
+        for attempt in range(self.cfg.retry.max_attempts):
+            if attempt:
+                self.metrics.retry(ctx.route)
+                await asyncio.sleep(backoff_s(self.cfg.retry, attempt - 1))
+            prefills = self.registry.routable("prefill")
+            decodes = self.registry.routable("decode")
+            if not prefills or not decodes:
+                break
+            p = self.prefill_policy.select([w for w in prefills if w.url not in tried_p] or prefills, ctx.text)
+            d = self.decode_policy.select([w for w in decodes if w.url not in tried_d] or decodes, ctx.text)
+            outcome, blame = await self.pair(ctx, inject_bootstrap(body, p, batch), p, d, want_lp)
+            if not isinstance(outcome, Failure):
+                return outcome
+            last = outcome
+            if blame == "prefill":
+                tried_p.add(p.url)
+            else:
+                tried_d.add(d.url)
+            if outcome.sent or not outcome.retryable:
+                break
+        if last is None:
+            raise RouterError(503, "no healthy prefill/decode pair is available", code="no_healthy_workers")
+        return None if last.sent else last.response(ctx)
+
+    async def _prefill(self, ctx: RequestCtx, p: Worker, payload: bytes) -> Leg:
+        resp = await self.pool.request(p.host, p.port, "POST", ctx.req.target, p.fwd_headers + ctx.fwd_headers,
+                                       payload, self.timeout)
+        try:
+            return resp.status, await resp.read(), resp.content_type
+        finally:
+            resp.release()
+
+    async def _decode(self, ctx: RequestCtx, d: Worker, payload: bytes) -> tuple[UpstreamResponse, bytes | None, bool]:
+        """The decode's response with its first bytes (all of them for a whole answer)."""
+        resp = await self.pool.request(d.host, d.port, "POST", ctx.req.target, d.fwd_headers + ctx.fwd_headers,
+                                       payload, self.timeout)
+        try:
+            if resp.buffered or resp.status >= 400:
+                return resp, await resp.read(), True
+            return resp, await resp.next_chunk(), False
+        except BaseException:
+            resp.release()
+            raise
+
+    def _prefill_done(self, task: asyncio.Task[Leg], p: Worker) -> None:
+        p.in_flight -= 1
+        p.processed += 1
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            p.record(False, str(exc))
+            self.metrics.pd_failure("prefill", getattr(exc, "kind", "error"))
+            return
+        status = task.result()[0]
+        if status >= 400:
+            p.record(not breaker_failure(status), f"answered {status}")
+            self.metrics.pd_failure("prefill", str(status))
+        else:
+            p.record(True)
+
+    @staticmethod
+    def _prefill_failure(task: asyncio.Task[Leg], p: Worker) -> Failure | None:
+        exc = task.exception()
+        if isinstance(exc, UpstreamError):
+            return Failure.upstream(exc, f"prefill {p.url}")
+        if exc is not None:
+            raise exc
+        status, body, ctype = task.result()
+        return Failure.answer(status, body, ctype) if status >= 400 else None
+
+    async def pair(self, ctx: RequestCtx, payload: bytes, p: Worker, d: Worker,
+                   want_lp: bool) -> tuple[Response | Failure | None, str | None]:
+        loop = asyncio.get_running_loop()
+        p.in_flight += 1
+        d.in_flight += 1
+        p_task = loop.create_task(self._prefill(ctx, p, payload))
+        p_task.add_done_callback(lambda t: self._prefill_done(t, p))
+        d_task = loop.create_task(self._decode(ctx, d, payload))
+        resp: UpstreamResponse | None = None
+        ok = False  # on success the prefill leg may finish in the background; otherwise it is cancelled
+        try:
+            done, _ = await asyncio.wait((p_task, d_task), return_when=asyncio.FIRST_COMPLETED)
+            if p_task in done and (fail := self._prefill_failure(p_task, p)) is not None:
+                return fail, "prefill"  # `finally` cancels the decode leg now
+            try:
+                resp, first, complete = await d_task
+            except UpstreamError as exc:
+                d.record(False, str(exc))
+                self.metrics.pd_failure("decode", exc.kind)
+                return Failure.upstream(exc, f"decode {d.url}"), "decode"
+            status = resp.status
+            if status >= 400:
+                d.record(not breaker_failure(status), f"answered {status}")
+                self.metrics.pd_failure("decode", str(status))
+                return Failure.answer(status, first or b"", resp.content_type), "decode"
+            d.record(True)
+            self.metrics.pd_ttft.observe(time.perf_counter() - ctx.t0)
+            metas: list[dict[str, Any]] = []
+            if want_lp:
+                try:
+                    p_status, p_body, p_ctype = await p_task
+                    if p_status < 400:
+                        metas = prefill_metas(p_body, p_ctype)
+                except UpstreamError:
+                    pass  # the decode has its KV already; answer without the prompt logprobs
+            ok = True
+            if complete:
+                return Response(merge_body(first or b"", metas) if metas else first or b"", status,
+                                resp.content_type, ctx.resp_headers), None
+            merger = SSEMerger(metas) if metas else None
+            err = await relay_stream(ctx, resp, first, merger.feed if merger else None,
+                                     merger.flush if merger else None)
+            if err is not None:
+                d.record(False, str(err))
+                self.metrics.pd_failure("decode", err.kind)
+                return Failure(502, b"", sent=True), "decode"
+            return None, None
+        finally:
+            if not ok and not p_task.done():
+                p_task.cancel()
+            if not d_task.done():
+                d_task.cancel()
+                d_task.add_done_callback(_release_late)
+            elif resp is None and not d_task.cancelled() and d_task.exception() is None:
+                d_task.result()[0].release()
+            if resp is not None:
+                resp.release()
+            d.in_flight -= 1
+            d.processed += 1
