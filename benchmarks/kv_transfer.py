@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--contiguous", action="store_true", help="consecutive page ids instead of random ones")
     ap.add_argument("--threads", type=int, default=_cores(), help="torch threads in each agent")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--skip-ttft", action="store_true", help="skip the PD-vs-unified TTFT servers (minutes)")
     return ap.parse_args(argv)
 
 
@@ -112,10 +113,13 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def ttft_pd_vs_unified(a: argparse.Namespace) -> dict[str, Any] | None:
-    """Hook for the engine integration: TTFT at concurrency 1 of a prefill+decode pair (this
-    backend) vs one unified server, same prompts, in one run; target: PD adds <= one decode
-    step. Returns None until the PD engine queues land."""
-    return None
+    """TTFT at concurrency 1 of a prefill+decode pair (tcp) vs one unified server, same prompts,
+    in one run (real servers, see pd_ttft.py); target: PD adds <= one decode step."""
+    if a.skip_ttft:
+        return None
+    from pd_ttft import measure as measure_ttft
+
+    return measure_ttft("tcp", 8, 256)
 
 
 def report(r: dict[str, Any], ttft: dict[str, Any] | None) -> str:
@@ -137,7 +141,7 @@ def report(r: dict[str, Any], ttft: dict[str, Any] | None) -> str:
             target = f">= {goal:.0%} {'ok' if share >= goal else 'MISS'}"
         lines.append(f"{name:<12} {best:>10.2f} {med:>12.2f} {ratio:>22} {paired:>8} {target:>8}")
     lines += ["", "TTFT cost of PD vs unified (concurrency 1): "
-              + ("pending the engine integration" if ttft is None else json.dumps(ttft))]
+              + ("skipped" if ttft is None else json.dumps(ttft))]
     return "\n".join(lines)
 
 
