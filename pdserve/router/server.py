@@ -27,19 +27,14 @@ from pdserve.router.app import RouterApp
 from pdserve.router.config import RouterConfig
 from pdserve.router.errors import protocol_error_body
 from pdserve.router.http.server import HttpServer
+from pdserve.sockets import bind_socket as bind_shared
+
 
 logger = logging.getLogger("pdserve.router")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(addr)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"cannot bind {host}:{port}: {exc.strerror}") from None
+    sock = bind_shared(host, port)
     sock.setblocking(False)
     return sock
 

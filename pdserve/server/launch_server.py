@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Generator
 from types import FrameType
@@ -27,6 +26,7 @@ from typing import Any
 
 import uvicorn
 
+from pdserve.sockets import bind_socket
 from pdserve.engine_args import add_engine_arguments, engine_config_from_args
 from pdserve.disagg.config import DisaggConfig
 from pdserve.server.app import begin_shutdown, build_app
@@ -82,20 +82,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_n=args.max_n, max_prompts=args.max_prompts, max_tokens_cap=args.max_tokens_cap,
         engine_start_timeout_s=args.engine_start_timeout, shutdown_timeout_s=args.shutdown_timeout,
         log_level=args.log_level, access_log=args.access_log)
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A bound (not yet listening) TCP socket; raises OSError with a clear message if taken."""
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(addr)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"cannot bind {host}:{port}: {exc.strerror}") from None
-    sock.set_inheritable(False)
-    return sock
 
 
 class _Server(uvicorn.Server):
