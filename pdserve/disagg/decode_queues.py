@@ -79,13 +79,11 @@ class DecodeQueues:
     def _preallocate(self) -> list[TokenOut]:
         out: list[TokenOut] = []
         eng, kv = self.engine, self.engine.kv
-        while self.prealloc:
-            req = self.prealloc[0]
+        for req in [r for r in self.prealloc if r.transfer.aborting]:  # anywhere in the queue
+            self.prealloc.remove(req)
+            out.append(eng.finish_request(req, "abort", keep_in_cache=False))
+        for req in list(self.prealloc):  # FCFS for pages; a prefill not yet reached blocks only its own
             t: DecodeTransfer = req.transfer
-            if t.aborting:
-                self.prealloc.pop(0)
-                out.append(eng.finish_request(req, "abort", keep_in_cache=False))
-                continue
             if len(eng.scheduler.running) + len(self.transfer) >= eng.config.max_running:
                 break
             need = pages_needed(req.prompt_len + 1, kv.page_size) + eng.scheduler.decode_headroom_pages()
@@ -94,14 +92,19 @@ class DecodeQueues:
             try:  # non-blocking: the first contact with a prefill is fetched in the background
                 route = self.client.poll_route(t.boot.host, t.boot.port)
             except Exception as e:  # unreachable prefill or layout mismatch: a clean error
-                self.prealloc.pop(0)
+                self.prealloc.remove(req)
                 out.append(self._fail(req, str(e)))
                 continue
             if route is None:
-                break
-            self.prealloc.pop(0)
+                continue  # still fetching its prefill's route (up to fetch_timeout): serve the others
+            self.prealloc.remove(req)
+            try:
+                t.receiver = self.manager.receiver(t.boot.room, route.endpoint)
+            except ValueError as e:  # another live request holds this room: refuse this one, keep serving
+                out.append(self._fail(req, f"bootstrap_room {t.boot.room} is taken: {e}"))
+                out[-1].error_status = 400
+                continue
             kv.ensure_pages(req, req.prompt_len)
-            t.receiver = self.manager.receiver(t.boot.room, route.endpoint)
             t.receiver.init(req.pages[: pages_needed(req.prompt_len, kv.page_size)])
             self.transfer.append(req)
         return out

@@ -39,6 +39,7 @@ class PrefillTransfer:
     room: int
     pages_sent: int = 0
     aborting: bool = False
+    error: str | None = None  # why prefill itself gave the room up (answered once it is terminal)
 
 
 class PrefillQueues:
@@ -64,12 +65,19 @@ class PrefillQueues:
         self.bootstrap_server.close()
 
     def owns(self, req: Request) -> bool:
-        return req in self.bootstrap or req in self.inflight
+        """Every PD request, also while its prompt runs in the scheduler (its sends may be queued)."""
+        return isinstance(req.transfer, PrefillTransfer)
 
     def abort(self, req: Request) -> None:
         t: PrefillTransfer = req.transfer
         t.aborting = True
-        t.sender.abort()
+        t.sender.abort()  # tells decode (RoomFailed), so its request ends now, not at its timeout
+        sched = self.engine.scheduler
+        if req in sched.running:  # mid-prefill: stop computing it; it keeps its pages in the
+            sched.running.remove(req)  # inflight queue until no queued send can read them
+        elif not sched.waiting.remove(req):
+            return  # bootstrap or inflight queue: poll() answers it once the sender is terminal
+        self.inflight.append(req)
 
     def poll(self) -> list[TokenOut]:
         """Move bootstrapped requests to the scheduler; finish completed or failed transfers."""
@@ -79,23 +87,36 @@ class PrefillQueues:
             state = t.sender.poll()
             if state == KVPoll.Failed or t.aborting:
                 self.bootstrap.remove(req)
-                out.append(self._end(req, None if t.aborting else f"bootstrap failed: {t.sender.failure}"))
+                out.append(self._end(req, None if t.aborting else f"bootstrap failed: {t.sender.failure}",
+                                     aborted=t.aborting))
             elif state >= KVPoll.WaitingForInput:
                 self.bootstrap.remove(req)
                 want = pages_needed(req.prompt_len, self.engine.kv.page_size)
-                if t.sender.num_dst_pages != want:
+                if t.sender.num_dst_pages != want:  # decode got another prompt under this room
+                    t.error = (f"decode reserved {t.sender.num_dst_pages} KV pages for room {t.room}, "
+                               f"the prompt needs {want}: prefill and decode got different prompts")
                     t.sender.abort()
                     self.inflight.append(req)  # wait for the abort to settle, then answer
-                    t.aborting = True
                     continue
                 self.engine.scheduler.add(req)
+        sched = self.engine.scheduler
+        for req in [r for r in sched.live() if isinstance(r.transfer, PrefillTransfer)]:
+            if req.transfer.sender.poll() == KVPoll.Failed:  # decode died or gave up: stop computing
+                if req in sched.running:  # the prompt, and answer with the failure (just below)
+                    sched.running.remove(req)
+                else:
+                    sched.waiting.remove(req)
+                self.inflight.append(req)
         for req in list(self.inflight):
             t = req.transfer
             state = t.sender.poll()
             if state in (KVPoll.Success, KVPoll.Failed):
                 self.inflight.remove(req)
                 err = None if state == KVPoll.Success else f"KV transfer to the decode server failed: {t.sender.failure}"
-                out.append(self._end(req, None if t.aborting else err, aborted=t.aborting))
+                if t.error is not None:
+                    out.append(self._end(req, t.error))
+                else:
+                    out.append(self._end(req, None if t.aborting else err, aborted=t.aborting))
         return out
 
     def after_forward(self, chunks: list[Chunk]) -> set[Request]:

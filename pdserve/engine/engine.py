@@ -84,11 +84,11 @@ class Engine:
         self._arrivals += 1
         r = Request(rid=req.rid, prompt_len=len(req.input_ids), params=req.params,
                     tokens=list(req.input_ids), arrival=self._arrivals, generator=gen)
-        self._requests[req.rid] = r
         if self.pd is not None and req.bootstrap is not None:
-            self.pd.add(r, req.bootstrap)
+            self.pd.add(r, req.bootstrap)  # may refuse it (its room is taken): register it only after
         else:
             self.scheduler.add(r)
+        self._requests[req.rid] = r
 
     def validate(self, req: GenerateReq) -> None:
         req.params.validate(self.config.max_top_logprobs)
@@ -195,7 +195,8 @@ class Engine:
     # ---- introspection -------------------------------------------------------------------
     def load(self) -> LoadInfo:
         return LoadInfo(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + (len(self.pd) if self.pd is not None else 0),  # PD queues too
             num_pages=self.kv.capacity, free_pages=self.kv.allocator.num_free,
             cached_pages=self.kv.cache.num_pages, page_size=self.config.page_size)
 

@@ -245,6 +245,8 @@ def engine_main(config_json: bytes, in_addr: str, out_addr: str, parent_pid: int
             logger.exception("engine loop failed")
             outbox.send(msgspec.msgpack.encode(EngineFailed(message="engine failed:\n" + traceback.format_exc())))
             code = 1
+        finally:
+            engine.close()  # PD: close transfer sessions and the bootstrap server cleanly
     inbox.close(linger=0)
     outbox.close(linger=1000)
     ctx.term()

@@ -269,6 +269,7 @@ class DecodeSide:
         if problem is not None:
             r._state.fail(problem)
             r._state.set_remote_writer(False)
+            self.post(r, AbortRoom(room=r.room, reason=problem))  # the prefill stops waiting for our Ack
             return
         if r._state.succeed():
             sock.send(Ack(room=r.room))
