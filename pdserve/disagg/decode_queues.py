@@ -12,13 +12,14 @@ a write into it may otherwise still land. Aborts wait for that too.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pdserve.disagg.bootstrap import BootstrapClient
 from pdserve.disagg.messages import MetadataRecord
 from pdserve.disagg.transfer.base import KVPoll, KVReceiver, TransferManager
-from pdserve.engine.io import Bootstrap, TokenOut, TopLogprob
+from pdserve.engine.io import Bootstrap, TokenOut, TopLogprob, TransferStats
 from pdserve.engine.kv_cache import pages_needed
 from pdserve.engine.request import Request
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 class DecodeTransfer:
     boot: Bootstrap
     receiver: KVReceiver | None = None
+    started: float = 0.0  # receiver.init time
     aborting: bool = False
     error: str | None = None
 
@@ -43,6 +45,7 @@ class DecodeQueues:
         self.client = client
         self.prealloc: list[Request] = []
         self.transfer: list[Request] = []
+        self.stats = TransferStats()
 
     def __len__(self) -> int:
         return len(self.prealloc) + len(self.transfer)
@@ -106,6 +109,7 @@ class DecodeQueues:
                 continue
             kv.ensure_pages(req, req.prompt_len)
             t.receiver.init(req.pages[: pages_needed(req.prompt_len, kv.page_size)])
+            t.started = time.monotonic()
             self.transfer.append(req)
         return out
 
@@ -118,6 +122,8 @@ class DecodeQueues:
             if state not in (KVPoll.Success, KVPoll.Failed):
                 continue
             self.transfer.remove(req)
+            num_bytes = pages_needed(req.prompt_len, self.engine.kv.page_size) * self.manager.layout.page_bytes
+            self.stats.record(state == KVPoll.Success, num_bytes, time.monotonic() - t.started)
             if t.aborting:
                 out.append(self.engine.finish_request(req, "abort", keep_in_cache=False))
             elif state == KVPoll.Failed:

@@ -18,6 +18,7 @@ Page push arithmetic (page_size 4, prompt 10 tokens, chunks of 6 and 4):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ from pdserve.disagg.bootstrap import BootstrapServer
 from pdserve.disagg.messages import MetadataRecord
 from pdserve.disagg.transfer.base import KVPoll, KVSender, TransferManager
 from pdserve.engine.batch import Chunk
-from pdserve.engine.io import Bootstrap, TokenOut
+from pdserve.engine.io import Bootstrap, TokenOut, TransferStats
 from pdserve.engine.kv_cache import pages_needed
 from pdserve.engine.request import Request
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 class PrefillTransfer:
     sender: KVSender
     room: int
+    started: float = 0.0
     pages_sent: int = 0
     aborting: bool = False
     error: str | None = None  # why prefill itself gave the room up (answered once it is terminal)
@@ -48,13 +50,14 @@ class PrefillQueues:
         self.manager = manager
         self.bootstrap_server = bootstrap
         self.bootstrap: list[Request] = []
+        self.stats = TransferStats()
         self.inflight: list[Request] = []
 
     def __len__(self) -> int:
         return len(self.bootstrap) + len(self.inflight)
 
     def add(self, req: Request, boot: Bootstrap) -> None:
-        req.transfer = PrefillTransfer(self.manager.sender(boot.room), boot.room)
+        req.transfer = PrefillTransfer(self.manager.sender(boot.room), boot.room, time.monotonic())
         self.bootstrap.append(req)
 
     def live(self) -> list[Request]:
@@ -112,6 +115,8 @@ class PrefillQueues:
             state = t.sender.poll()
             if state in (KVPoll.Success, KVPoll.Failed):
                 self.inflight.remove(req)
+                self.stats.record(state == KVPoll.Success, t.pages_sent * self.manager.layout.page_bytes,
+                                  time.monotonic() - t.started)
                 err = None if state == KVPoll.Success else f"KV transfer to the decode server failed: {t.sender.failure}"
                 if t.error is not None:
                     out.append(self._end(req, t.error))

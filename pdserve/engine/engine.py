@@ -198,7 +198,8 @@ class Engine:
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting) + (len(self.pd) if self.pd is not None else 0),  # PD queues too
             num_pages=self.kv.capacity, free_pages=self.kv.allocator.num_free,
-            cached_pages=self.kv.cache.num_pages, page_size=self.config.page_size)
+            cached_pages=self.kv.cache.num_pages, page_size=self.config.page_size,
+            transfer=None if self.pd is None else self.pd.stats)
 
     def flush_cache(self) -> bool:
         return self.kv.cache.reset()

@@ -61,6 +61,23 @@ class TokenOut(msgspec.Struct, tag=True):
         return self.finish_reason is not None
 
 
+class TransferStats(msgspec.Struct):
+    """Cumulative KV transfers of a PD server (either side), counted when a room is terminal."""
+
+    success: int = 0
+    failed: int = 0
+    bytes: int = 0  # KV bytes of successful rooms
+    latency_sum_s: float = 0.0  # successful rooms: sender created / receiver init -> Success
+
+    def record(self, ok: bool, num_bytes: int, seconds: float) -> None:
+        if ok:
+            self.success += 1
+            self.bytes += num_bytes
+            self.latency_sum_s += seconds
+        else:
+            self.failed += 1
+
+
 class LoadInfo(msgspec.Struct, frozen=True):
     num_running: int
     num_waiting: int
@@ -68,6 +85,7 @@ class LoadInfo(msgspec.Struct, frozen=True):
     free_pages: int
     cached_pages: int
     page_size: int
+    transfer: TransferStats | None = None  # PD servers only
 
     @property
     def kv_usage(self) -> float:

@@ -48,6 +48,12 @@ class ServerMetrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self._e2e = Histogram("pdserve:e2e_request_latency_seconds", "End-to-end request latency", labels,
                               buckets=_E2E_BUCKETS, registry=r)
+        self._xfer = Gauge("pdserve:kv_transfers", "PD KV transfers ended (cumulative), by result",
+                           labels + ["result"], registry=r)
+        self._xfer_bytes = Gauge("pdserve:kv_transfer_bytes", "KV bytes moved by successful PD transfers "
+                                 "(cumulative)", labels, registry=r)
+        self._xfer_latency = Gauge("pdserve:kv_transfer_latency_seconds_mean",
+                                   "Mean time from room start to transfer success", labels, registry=r)
         self.model_name = model_name
 
     def request(self, endpoint: str) -> None:
@@ -63,6 +69,12 @@ class ServerMetrics:
         self._kv.labels(m).set(load.kv_usage)
         self._free.labels(m).set(load.free_pages)
         self._in_flight.labels(m).set(in_flight)
+        x = load.transfer
+        if x is not None:
+            self._xfer.labels(m, "success").set(x.success)
+            self._xfer.labels(m, "failed").set(x.failed)
+            self._xfer_bytes.labels(m).set(x.bytes)
+            self._xfer_latency.labels(m).set(x.latency_sum_s / x.success if x.success else 0.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -81,6 +81,10 @@ def test_pd_equals_unified_and_kv_bytes_match(backend: str, tiny_model_dir: Path
         pre.check_integrity()
         dec.check_integrity()
         assert pre.load().num_running == dec.load().num_running == 0
+        for side in (pre, dec):  # what /metrics reports
+            stats = side.load().transfer
+            assert stats is not None and (stats.success, stats.failed) == (len(ps), 0)
+            assert stats.bytes >= sum(len(p) for p in ps) * pre.pool.page_bytes() // 4 and stats.latency_sum_s > 0
     finally:
         pre.close()
         dec.close()

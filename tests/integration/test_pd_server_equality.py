@@ -200,3 +200,13 @@ def test_openai_endpoints_equal_unified(pair: PDPair, prompts: dict[str, list[li
 
 def test_pools_back_and_servers_healthy(pair: PDPair) -> None:
     pair.settled()
+
+
+def test_metrics_report_transfers(pair: PDPair) -> None:
+    """After the equality tests, both sides' /metrics count the successful transfers and bytes."""
+    for url in (pair.prefill.url, pair.decode.url):
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        ok = [line for line in text.splitlines() if line.startswith("pdserve:kv_transfers{") and 'result="success"' in line]
+        assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 20, ok
+        nbytes = [line for line in text.splitlines() if line.startswith("pdserve:kv_transfer_bytes{")]
+        assert nbytes and float(nbytes[0].rsplit(" ", 1)[1]) > 0
