@@ -46,17 +46,10 @@ N = 10
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory, bundled_model_dir: Path) -> Iterator:
-    from tests.integration.pd_cluster import PDPair
+    from tests.integration.pd_cluster import running_pair
 
-    p = PDPair(tmp_path_factory.mktemp("router-pd"), "tcp", ARGS)
-    try:
-        p.start()
+    with running_pair(tmp_path_factory.mktemp("router-pd"), "tcp", ARGS) as p:
         yield p
-    except BaseException:
-        print(p.logs())
-        raise
-    finally:
-        p.stop()
 
 
 @pytest.fixture(scope="module")

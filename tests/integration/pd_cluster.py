@@ -23,6 +23,7 @@ at a mark (free + cached equal, nothing used).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -31,6 +32,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -334,3 +336,17 @@ def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.05) -> An
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def running_pair(tmp: Path, backend: str, args: list[str], **env: dict[str, str] | None) -> Iterator[PDPair]:
+    """A started PDPair for a fixture; prints both servers' logs if the block fails; always stops."""
+    p = PDPair(tmp, backend, args, **env)
+    try:
+        p.start()
+        yield p
+    except BaseException:
+        print(p.logs())
+        raise
+    finally:
+        p.stop()

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from pdserve import SamplingParams
-from tests.integration.pd_cluster import PDPair, PDResult
+from tests.integration.pd_cluster import PDPair, PDResult, running_pair
 
 PAGE = 16
 CHUNK = 64
@@ -94,15 +94,8 @@ def expected(reference: Any, prompts: dict[str, list[list[int]]]) -> dict[tuple[
 @pytest.fixture(scope="module", params=["tcp", "shm"])
 def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
          bundled_model_dir: Path) -> Iterator[PDPair]:
-    p = PDPair(tmp_path_factory.mktemp(f"pd-{request.param}"), request.param, ENGINE_ARGS)
-    try:
-        p.start()
+    with running_pair(tmp_path_factory.mktemp(f"pd-{request.param}"), request.param, ENGINE_ARGS) as p:
         yield p
-    except BaseException:
-        print(p.logs())
-        raise
-    finally:
-        p.stop()
 
 
 def _gen_body(ids: list[int]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from pdserve.engine.engine import Engine
 from pdserve.engine.io import Bootstrap, GenerateReq, TokenOut
 from pdserve.engine.sampling_params import SamplingParams
 from tests.integration.conftest import free_port
-from tests.integration.pd_cluster import (PDPair, Reply, call, clean_error, get_load, healthy, wait_for,
+from tests.integration.pd_cluster import (PDPair, Reply, call, running_pair, clean_error, get_load, healthy, wait_for,
                                           wait_settled)
 from tests.integration.test_pd_engines import engine_cfg, prompts, run_until_done, tokens
 
@@ -184,15 +184,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory, bundled_model_dir: Path) -> I
     env = {"PDSERVE_DISAGGREGATION_BOOTSTRAP_TIMEOUT": str(BOOT_TIMEOUT),
            "PDSERVE_DISAGGREGATION_HEARTBEAT_INTERVAL": str(HB_INTERVAL),
            "PDSERVE_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": str(HB_MAX)}
-    p = PDPair(tmp_path_factory.mktemp("pd-faults"), "tcp", ENGINE_ARGS, prefill_env=env, decode_env=env)
-    try:
-        p.start()
+    with running_pair(tmp_path_factory.mktemp("pd-faults"), "tcp", ENGINE_ARGS, prefill_env=env, decode_env=env) as p:
         yield p
-    except BaseException:
-        print(p.logs())
-        raise
-    finally:
-        p.stop()
 
 
 def _body(ids: list[int], rid: str | None = None, max_new: int = 4) -> dict[str, Any]:
