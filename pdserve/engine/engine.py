@@ -127,6 +127,8 @@ class Engine:
                 outputs.append(self.finish_request(r, "abort"))
         if self.pd is not None:
             outputs += self.pd.poll()
+            if outputs:  # stream committed first tokens and errors now, not after a forward:
+                return outputs  # that would add a decode step to PD TTFT; the next step runs it
         batch = self.scheduler.schedule()
         if batch is None:
             if not self.has_work():
