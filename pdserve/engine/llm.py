@@ -27,6 +27,10 @@ class RequestOutput:
     top_logprobs: list[list[TopLogprob]] | None
 
 
+OFFLINE_CHUNK_BUDGET = 2048  # offline favours throughput: fewer, larger GEMMs (a server keeps
+                             # EngineConfig's 512 so prefill chunks stall running decodes less)
+
+
 class LLM:
     _ids = itertools.count()
 
@@ -35,6 +39,7 @@ class LLM:
         unknown = set(engine_kwargs) - known
         if unknown:
             raise TypeError(f"unknown engine options {sorted(unknown)}; known: {sorted(known)}")
+        engine_kwargs.setdefault("chunk_budget", OFFLINE_CHUNK_BUDGET)
         self.engine = Engine(EngineConfig(model=model, **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
 

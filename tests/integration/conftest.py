@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = float(os.environ.get("PDSERVE_TEST_START_TIMEOUT", "300"))
 SHARED_ARGS = ["--max-model-len", "1024", "--num-pages", "600", "--page-size", "16", "--max-body-mb", "1",
                "--max-n", "8", "--max-tokens-cap", "512", "--seed", "0"]
-ENGINE_KWARGS: dict[str, Any] = {"max_model_len": 1024, "num_pages": 600, "page_size": 16, "seed": 0}
+ENGINE_KWARGS: dict[str, Any] = {"max_model_len": 1024, "num_pages": 600, "page_size": 16, "chunk_budget": 512, "seed": 0}
 
 
 def free_port() -> int:
