@@ -33,6 +33,18 @@ def plan_cpus(n_servers: int, cpus: list[int]) -> list[list[int]]:
     return [[cpus[i % len(cpus)]] for i in range(n_servers)]
 
 
+def kill_group(proc: subprocess.Popen, wait_s: float = 5.0) -> None:
+    """SIGKILL a child's whole process group (front and engine processes), then reap it, bounded."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 class Child:
     def __init__(self, name: str, cmd: list[str], log_path: Path, health_url: str | None = None,
                  cpus: list[int] | None = None, threads: int | None = None) -> None:
@@ -96,14 +108,7 @@ class Child:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # anything left in its group (engine processes)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_group(self.proc)  # anything left in its group (engine processes)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -22,6 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
+from pdserve.launch_procs import kill_group
+
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = float(os.environ.get("PDSERVE_TEST_START_TIMEOUT", "300"))
 SHARED_ARGS = ["--max-model-len", "1024", "--num-pages", "600", "--page-size", "16", "--max-body-mb", "1",
@@ -117,14 +119,7 @@ class ServerProcess:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # anything left in its group
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_group(self.proc)  # anything left in its group
         self._log.close()
         return self.proc.returncode
 

@@ -25,10 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
-import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from pdserve.launch_procs import kill_group
 from tests.integration.conftest import ServerProcess, free_port
 
 PD_TIMEOUT_S = 120.0  # one PD request, end to end (bounded: a hang fails the test, never blocks it)
@@ -192,14 +190,7 @@ class PDPair:
         """kill -9 the server's whole process group (front and engine process), bounded."""
         if server is None:
             return
-        try:
-            os.killpg(server.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            server.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_group(server.proc, wait_s=10)
         server.stop(timeout=5)  # reaps, closes the log
 
     def kill_decode(self) -> None:
