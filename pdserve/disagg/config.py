@@ -24,6 +24,12 @@ as an alias, and the PDSERVE name wins when both are set):
 | HEARTBEAT_INTERVAL    | 5 s                                     | decode polls each prefill's /health; a dead |
 | HEARTBEAT_MAX_FAILURE | 2                                       | prefill is noticed within interval x misses;|
 |                       |                                         | larger = slower detection, fewer false ones |
+| NIXL_BACKEND          | UCX                                     | the NIXL backend plugin (nixl backend only) |
+| MOONCAKE_PROTOCOL     | tcp                                     | mooncake transport: tcp, or rdma (needs     |
+|                       |                                         | --disaggregation-ib-device)                 |
+| MOONCAKE_METADATA     | P2PHANDSHAKE                            | mooncake metadata server: P2PHANDSHAKE (none|
+|                       |                                         | needed) or an etcd/http URL                 |
+| IB_DEVICE             | (none)                                  | RDMA device(s) for mooncake/nixl, e.g. mlx5_0|
 | FAIL_RATE (test only) | 0.0                                     | probability that one queued send fails      |
 
 plus `PDSERVE_CLUSTER_TOKEN` (cluster_token: required on bootstrap writes and transfer sessions).
@@ -64,6 +70,10 @@ class DisaggConfig:
     heartbeat_max_failure: int = 2  # consecutive misses that declare a prefill dead
     cluster_token: str | None = None
     fail_rate: float = 0.0  # test-only: probability that one queued send fails
+    nixl_backend: str = "UCX"  # the NIXL backend plugin the agent creates
+    mooncake_protocol: str = "tcp"  # tcp | rdma
+    mooncake_metadata: str = "P2PHANDSHAKE"  # or an etcd:// / http:// metadata server URL
+    ib_device: str | None = None  # RDMA device(s), e.g. "mlx5_0" (rdma protocol)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -80,6 +90,10 @@ class DisaggConfig:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if not 0.0 <= self.fail_rate <= 1.0:
             raise ValueError(f"fail_rate must be in [0, 1], got {self.fail_rate}")
+        if self.mooncake_protocol not in ("tcp", "rdma"):
+            raise ValueError(f"mooncake protocol must be tcp or rdma, got {self.mooncake_protocol!r}")
+        if not self.nixl_backend or not self.mooncake_metadata:
+            raise ValueError("nixl_backend and mooncake_metadata must be non-empty")
         if self.cluster_token is not None and not self.cluster_token:
             raise ValueError("cluster_token must be non-empty when set")
 
@@ -140,7 +154,7 @@ def _rate(raw: str) -> float:
 
 
 _EXPECTED = {_positive_int: "an integer >= 1", _positive_float: "a number of seconds > 0",
-             _rate: "a probability in [0, 1]"}
+             _rate: "a probability in [0, 1]", str: "a string"}
 
 _ENV_KNOBS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "thread_pool_size": ("THREAD_POOL_SIZE", _positive_int),
@@ -150,6 +164,10 @@ _ENV_KNOBS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "heartbeat_interval": ("HEARTBEAT_INTERVAL", _positive_float),
     "heartbeat_max_failure": ("HEARTBEAT_MAX_FAILURE", _positive_int),
     "fail_rate": ("FAIL_RATE", _rate),
+    "nixl_backend": ("NIXL_BACKEND", str),
+    "mooncake_protocol": ("MOONCAKE_PROTOCOL", str),
+    "mooncake_metadata": ("MOONCAKE_METADATA", str),
+    "ib_device": ("IB_DEVICE", str),
 }
 
 

@@ -144,6 +144,32 @@ class ShmRegion(msgspec.Struct, frozen=True):
     num_slots: int  # decode's num_pages * page_size
 
 
+class PoolRegion(msgspec.Struct, frozen=True):
+    """Where the decode's KV pool lives in its process's memory, for one-sided engines (nixl,
+    mooncake): K and V are each [num_layers, num_slots, heads, head_dim] contiguous, so layer l,
+    slot s starts at base + (l * num_slots + s) * slot_bytes."""
+
+    k_base: int
+    v_base: int
+    num_slots: int  # decode's num_pages * page_size
+    slot_bytes: int  # heads * head_dim * itemsize
+
+
+class NixlRegion(msgspec.Struct, frozen=True):
+    """The nixl backend's Hello.region: the decode agent's metadata and its registered pool."""
+
+    agent_name: str
+    agent_metadata: bytes  # nixl_agent.get_agent_metadata()
+    pool: PoolRegion
+
+
+class MooncakeRegion(msgspec.Struct, frozen=True):
+    """The mooncake backend's Hello.region: the decode engine's session id and its registered pool."""
+
+    session_id: str  # "host:rpc_port" (P2PHANDSHAKE)
+    pool: PoolRegion
+
+
 class Hello(msgspec.Struct, frozen=True, tag=True):
     identity: PeerIdentity
     layout: KVLayout

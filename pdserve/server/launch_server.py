@@ -57,6 +57,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="bootstrap server port on a prefill server")
     g.add_argument("--disaggregation-bootstrap-host", default=None,
                    help="address the bootstrap server and transfer endpoint bind (default: --host)")
+    g.add_argument("--disaggregation-ib-device", default=None,
+                   help="RDMA device(s) for the mooncake backend's rdma protocol, e.g. mlx5_0 "
+                        "(env PDSERVE_DISAGGREGATION_IB_DEVICE)")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
 
@@ -75,7 +78,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     disagg = DisaggConfig.from_env(
         mode=args.disaggregation_mode, backend=args.disaggregation_transfer_backend,
         bootstrap_port=args.disaggregation_bootstrap_port,
-        bootstrap_host=args.disaggregation_bootstrap_host or args.host)
+        bootstrap_host=args.disaggregation_bootstrap_host or args.host, ib_device=args.disaggregation_ib_device)
     return ServerConfig(
         engine=engine_config_from_args(args), disagg=disagg, host=args.host, port=args.port, api_key=api_key,
         served_model_name=args.served_model_name, max_body_bytes=int(args.max_body_mb * 2**20),

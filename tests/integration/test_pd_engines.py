@@ -53,7 +53,7 @@ def unified(tiny_model_dir: Path) -> Engine:
     return Engine(engine_cfg(tiny_model_dir))
 
 
-@pytest.mark.parametrize("backend", ["tcp", "shm"])
+@pytest.mark.parametrize("backend", ["tcp", "shm", "nixl", "mooncake"])
 def test_pd_equals_unified_and_kv_bytes_match(backend: str, tiny_model_dir: Path, unified: Engine) -> None:
     base = DisaggConfig(backend=backend, bootstrap_port=0, heartbeat_interval=0.5)
     pre = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**base.__dict__, "mode": "prefill"}))

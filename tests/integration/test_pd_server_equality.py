@@ -91,7 +91,7 @@ def expected(reference: Any, prompts: dict[str, list[list[int]]]) -> dict[tuple[
     return {tuple(p): o for p, o in zip(every + [chat_ids], outs)}
 
 
-@pytest.fixture(scope="module", params=["tcp", "shm"])
+@pytest.fixture(scope="module", params=["tcp", "shm", "nixl", "mooncake"])
 def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
          bundled_model_dir: Path) -> Iterator[PDPair]:
     with running_pair(tmp_path_factory.mktemp(f"pd-{request.param}"), request.param, ENGINE_ARGS) as p:

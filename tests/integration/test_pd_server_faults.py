@@ -6,8 +6,8 @@ wrong-room or corrupted metadata record is rejected, at the queue (decode_queues
 wire (the transfer's Done), and every page returns; a second request under a live room is
 refused on either side without hurting the first.
 
-Part 2, one tcp prefill + decode server pair (module fixture; tests run in file order and each
-leaves the pair healthy and idle):
+Part 2, one prefill + decode server pair per backend (tcp, nixl, mooncake; module fixture; tests run
+in file order and each leaves the pair healthy and idle):
   bootstrap timeout (2 s, no decode) → prefill answers a clean 503 within ~2–4 s;
   abort in each queue: prefill bootstrap queue (abort_request, client disconnect), decode
   prealloc queue (its prefill unreachable), decode transfer queue (KV never comes), and mid
@@ -179,12 +179,13 @@ ENGINE_ARGS = ["--model", "default", "--threads", "1", "--max-model-len", "1024"
 LONG = 900  # tokens: ~15 chunks of 64, KV pushed after each (a wide "mid-transfer" window)
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory, bundled_model_dir: Path) -> Iterator[PDPair]:
+@pytest.fixture(scope="module", params=["tcp", "nixl", "mooncake"])
+def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+         bundled_model_dir: Path) -> Iterator[PDPair]:
     env = {"PDSERVE_DISAGGREGATION_BOOTSTRAP_TIMEOUT": str(BOOT_TIMEOUT),
            "PDSERVE_DISAGGREGATION_HEARTBEAT_INTERVAL": str(HB_INTERVAL),
            "PDSERVE_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": str(HB_MAX)}
-    with running_pair(tmp_path_factory.mktemp("pd-faults"), "tcp", ENGINE_ARGS, prefill_env=env, decode_env=env) as p:
+    with running_pair(tmp_path_factory.mktemp(f"pd-faults-{request.param}"), request.param, ENGINE_ARGS, prefill_env=env, decode_env=env) as p:
         yield p
 
 

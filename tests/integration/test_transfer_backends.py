@@ -27,7 +27,7 @@ from pdserve.disagg.messages import KVLayout, LayoutMismatch
 from pdserve.disagg.transfer import KVPoll, create_manager
 from pdserve.disagg.transfer.shm_pool import sweep_stale_pools
 
-BACKENDS = ["tcp", "shm", "fake"]
+BACKENDS = ["tcp", "shm", "fake", "nixl", "mooncake"]
 HB = {"heartbeat_interval": 0.5, "heartbeat_max_failure": 2}
 NUM_PAGES, PAGE_SIZE, LAYERS = 64, 4, 2
 S = KVPoll

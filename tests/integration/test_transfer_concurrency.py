@@ -17,7 +17,7 @@ from pdserve.disagg.transfer.shm_pool import allocate_shared_pool
 L, H, D, PS, PAGES = 2, 2, 16, 4, 256
 
 
-@pytest.mark.parametrize("backend", ["tcp", "shm"])
+@pytest.mark.parametrize("backend", ["tcp", "shm", "nixl", "mooncake"])
 def test_concurrent_rooms_with_aborts_and_failures(backend: str) -> None:
     rng = random.Random(7)
     shape = (L, PAGES * PS, H, D)
