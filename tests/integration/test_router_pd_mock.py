@@ -44,8 +44,12 @@ def test_bootstrap_fields_reach_both_legs(pd: tuple[MockWorker, MockWorker]) -> 
             assert resp.status_code == 200, resp.text
             info = resp.json()["meta_info"] if path == "/generate" else resp.json()["mock_worker"]
             assert info["role"] == "decode"  # the decode's answer is the client's
+        # the router answers with the decode leg; the prefill leg may be recorded a moment later
+        wait_until(lambda: len(p.generation_records()) == 3, 10, "the prefill leg of every request")
+        prefill_by_room = {r.body["bootstrap_room"]: r for r in p.generation_records()}
         rooms = set()
-        for pre, dec in zip(p.generation_records(), d.generation_records()):
+        for dec in d.generation_records():
+            pre = prefill_by_room[dec.body["bootstrap_room"]]
             assert pre.path == dec.path
             for key in ("bootstrap_host", "bootstrap_port", "bootstrap_room"):
                 assert pre.body[key] == dec.body[key]

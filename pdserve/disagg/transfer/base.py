@@ -182,9 +182,10 @@ BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "shm": ("pdserve.disagg.transfer.shm", "ShmTransferManager", None),
     "fake": ("pdserve.disagg.transfer.fake", "FakeTransferManager", None),
     "nixl": ("pdserve.disagg.transfer.nixl", "NixlTransferManager",
-             "pip install 'pdserve[nixl]' (or: pip install --no-deps nixl nixl-cu12)"),
+             "pip install 'pdserve[nixl]' (the nixl-cu12 wheel; it also runs on CPU)"),
     "mooncake": ("pdserve.disagg.transfer.mooncake", "MooncakeTransferManager",
-                 "pip install 'pdserve[mooncake]' (mooncake-transfer-engine-non-cuda; needs libibverbs1)"),
+                 "pip install 'pdserve[mooncake]' (mooncake-transfer-engine-non-cuda; "
+                 "needs the system library libibverbs1: apt-get install libibverbs1)"),
 }
 
 
