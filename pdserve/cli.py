@@ -1,4 +1,4 @@
-"""`pdserve` command line: generate | convert | serve | router | launch.
+"""`pdserve` command line: generate | convert | serve | router | launch | bench.
 
 Subcommand modules are imported lazily so `pdserve --help` stays fast.
 """
@@ -42,6 +42,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pdserve.bench.cli import add_bench_parser
     from pdserve.cli_convert import add_convert_parser
     from pdserve.launch import add_launch_parser
     from pdserve.router.cli import add_router_parser
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_router_parser(sub)
     add_launch_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
