@@ -161,6 +161,8 @@ class NixlRegion(msgspec.Struct, frozen=True):
     agent_name: str
     agent_metadata: bytes  # nixl_agent.get_agent_metadata()
     pool: PoolRegion
+    mem_type: str = "DRAM"  # DRAM | VRAM: what the prefill's remote descriptors must say
+    device_id: int = 0  # the GPU of a VRAM pool
 
 
 class MooncakeRegion(msgspec.Struct, frozen=True):
@@ -229,3 +231,4 @@ MAX_HEADER_BYTES = 64 << 20  # a RoomInfo with millions of pages still fits; gar
 session_encoder = msgspec.msgpack.Encoder()
 session_decoder = msgspec.msgpack.Decoder(SessionMsg)
 region_decoder = msgspec.msgpack.Decoder(ShmRegion)
+mooncake_region_decoder = msgspec.msgpack.Decoder(MooncakeRegion)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -18,11 +20,20 @@ def test_unknown_backend() -> None:
         create_manager("rdma", "prefill", K, K, 4, LAYOUT, DisaggConfig())
 
 
+# what `import` must fail on to look like a machine without the extra (the meta package and the wheels)
+MISSING = {"nixl": ["nixl", "nixl_cu12", "nixl_cu12._api", "nixl_cu13", "nixl_cu13._api"],
+           "mooncake": ["mooncake", "mooncake.engine"]}
+
+
 @pytest.mark.parametrize("backend", ["nixl", "mooncake"])
-def test_missing_optional_backend_is_one_line(backend: str) -> None:
+def test_missing_optional_backend_is_one_line(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, f"pdserve.disagg.transfer.{backend}", raising=False)
+    for name in MISSING[backend]:
+        monkeypatch.setitem(sys.modules, name, None)  # "import name" raises ModuleNotFoundError
     with pytest.raises(BackendUnavailable) as err:
         create_manager(backend, "decode", K, K, 4, LAYOUT, DisaggConfig())
-    assert backend in str(err.value) and "\n" not in str(err.value)
+    msg = str(err.value)
+    assert backend in msg and f"pdserve[{backend}]" in msg and "\n" not in msg
 
 
 def test_manager_checks_role_layout_and_shm_pool() -> None:

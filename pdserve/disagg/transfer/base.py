@@ -1,4 +1,4 @@
-"""The transfer-backend interface every backend implements (tcp, shm, fake; nixl, mooncake next).
+"""The transfer-backend interface every backend implements (tcp, shm, fake, nixl, mooncake).
 
 Lifecycle, per rank and per room:
 

@@ -8,17 +8,21 @@ Lifecycle: `__init__` registers the pool (the backend's view of it) and starts t
 `close()` fails the live rooms (telling the peer), stops the threads (bounded joins) and closes
 the sockets. A backend subclass sets `backend_name` / `one_sided` and overrides the hooks:
 
-  hook                 side     tcp                        shm                         fake
-  hello_region()       decode   b""                        ShmRegion of our pool       b""
-  open_region(hello)   prefill  None                       map decode's pool           None
-  close_region(r)      prefill  -                          drop the mapping            -
-  write_pages(...)     prefill  send DataFrames            copy into the mapping       nothing
-  read_frame(...)      decode   payload -> dst pages       (protocol error)            (protocol error)
-  check_done(r, done)  decode   frames received == sent    -                           -
-
-NIXL and Mooncake fit the same shape (one-sided WRITEs registered once; descriptors/session ids
-in Hello.region; completion per room still announced by Done), or implement TransferManager
-directly if their engines' notifications replace the session.
+  hook                 side     tcp                   shm                   nixl                     mooncake
+  hello_region()       decode   b""                   ShmRegion of our pool NixlRegion: agent meta-  MooncakeRegion: session
+                                                                            data + PoolRegion        id + PoolRegion
+  open_region(hello)   prefill  None                  map decode's pool     add_remote_agent         check pool; pick an
+                                                                            (refcounted)             engine without a stale
+                                                                                                     segment for that id
+  close_region(r)      prefill  -                     drop the mapping      remove the agent after   mark closed
+                                                                            in-flight xfers
+  write_pages(...)     prefill  send DataFrames       copy into the mapping one WRITE + notif per    batch_transfer_sync_write
+                                                                            call; returns 1          of merged segments
+  read_frame(...)      decode   payload -> dst pages  (protocol error)      (protocol error)         (protocol error)
+  check_done(r, done)  decode   frames received       -                     num_frames notifs seen   -
+                                == sent
+(fake: every hook does nothing.) One-sided backends address decode's pool by base address
+(remote_pool.py); completion per room is announced by Done on the control session either way.
 """
 
 from __future__ import annotations

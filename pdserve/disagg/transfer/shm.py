@@ -28,6 +28,7 @@ from pdserve.disagg.messages import Hello, KVLayout, ShmRegion, region_decoder
 from pdserve.disagg.transfer.identity import same_machine
 from pdserve.disagg.transfer.pages import PoolBytes, Run, byte_rows, copy_runs
 from pdserve.disagg.transfer.peer import PeerTransferManager
+from pdserve.disagg.transfer.remote_pool import check_dst_runs
 from pdserve.disagg.transfer.shm_pool import lookup_shared_pool, map_shared_pool
 from pdserve.disagg.transfer.wire import FrameSocket
 
@@ -77,9 +78,7 @@ class ShmTransferManager(PeerTransferManager):
     def write_pages(self, sock: FrameSocket, region: Any, room: int, runs: list[Run],
                     executor: ThreadPoolExecutor | None) -> int:
         dst: MappedPool = region
-        bad = [d + i for _, d, n in runs for i in range(n) if not 0 <= d + i < dst.num_pages]
-        if bad:
-            raise ValueError(f"destination pages outside decode's pool of {dst.num_pages}: {bad[:8]}")
+        check_dst_runs(runs, dst.num_pages)
         num_layers = self.k.shape[0]
         workers = executor._max_workers if executor is not None else 1  # noqa: SLF001
         step = -(-num_layers // max(1, min(workers, num_layers)))
