@@ -129,7 +129,7 @@ def test_failing_decode_cancels_the_prefill(pd: tuple[MockWorker, MockWorker]) -
         assert d.counts()["received"] == 2  # one retry on a new pair (here: the same workers, a new room)
         # a prefill leg is cancelled, never completed; on a loaded machine the decode's 500 can come
         # back before the prefill leg's request was even written, and then the prefill never sees it
-        # (a leg that reached the prefill and were not cancelled would run for 30 s)
+        # (a leg that reached the prefill and was not cancelled would run for 30 s)
         wait_until(lambda: all(rec.outcome != "running" for rec in p.generation_records()),
                    timeout=15, what="the prefill legs to end")
         assert {rec.outcome for rec in p.generation_records()} <= {"cancelled"}
