@@ -193,6 +193,8 @@ def main() -> int:
     ap.add_argument("--backend", default="tcp", help="PD transfer backend")
     ap.add_argument("--server-args", default="--max-model-len 2048", help="extra `pdserve serve` flags for both")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS),
+                    help="run only these (the report needs both)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pd_vs_unified")
     ap.add_argument("--report-only", action="store_true", help="rewrite report.md and the sweep plots from "
                                                                   "--out/results.json (no servers)")
@@ -210,7 +212,7 @@ def main() -> int:
                                args.seed) for rate in args.rates}
     rows: list[dict[str, Any]] = []
     results: dict[float, dict[str, BenchResult]] = {rate: {} for rate in args.rates}
-    for name in SYSTEMS:
+    for name in args.systems:
         print(f"== starting {name} cluster", flush=True)
         proc, url = start_cluster(name, args.out, args.backend, args.server_args)
         try:
@@ -226,6 +228,8 @@ def main() -> int:
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             stop_cluster(proc)
+    if set(args.systems) != set(SYSTEMS):
+        return 0
     plots = plot_sweep(rows, args.out)
     for rate in args.rates:
         plots += plot_compare(results[rate], args.out, prefix=f"rate{rate:g}_")
