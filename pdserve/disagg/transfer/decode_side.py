@@ -80,6 +80,11 @@ class PeerReceiver(KVReceiver):
     def state(self) -> RoomState:
         return self._state
 
+    @property
+    def peer(self) -> PeerIdentity | None:
+        """The prefill manager's identity, once this room's session got its HelloAck."""
+        return self._session.peer if self._session is not None else None
+
     def init(self, dst_pages: list[int]) -> None:
         if self._dst_pages is not None:
             raise RuntimeError(f"room {self.room}: init() called twice")

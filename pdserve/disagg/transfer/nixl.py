@@ -202,8 +202,7 @@ class NixlTransferManager(PeerTransferManager):
             mem_type=self.mem_type, device_id=self.device_id))
 
     def check_done(self, receiver: PeerReceiver, done: Done) -> str | None:
-        session = getattr(receiver, "_session", None)
-        peer = getattr(session, "peer", None)
+        peer = receiver.peer
         sender = agent_name("prefill", peer.instance) if peer is not None else None
         deadline = time.monotonic() + min(NOTIF_WAIT_S, self.config.waiting_timeout)
         delay = 0.0005
