@@ -14,6 +14,7 @@ from pdserve.disagg.messages import Hello, KVLayout, MetadataRecord, MooncakeReg
 from pdserve.disagg.transfer import KVPoll, create_manager
 from pdserve.disagg.transfer.identity import local_identity
 from pdserve.disagg.transfer.remote_pool import pool_region
+from pdserve.disagg.transfer.wire import SessionClosed
 
 import pdserve.disagg.transfer.mooncake as mc  # noqa: E402  (CI installs the extra: never skipped)
 
@@ -57,7 +58,7 @@ def test_open_region_rotates_engine_for_a_reused_session_id() -> None:
         with pytest.raises(ValueError, match="outside decode's pool"):
             mgr.write_pages(None, first, 1, [(0, 15, 2)], None)  # type: ignore[arg-type]
         mgr.close_region(first)
-        with pytest.raises(RuntimeError, match="closed"):
+        with pytest.raises(SessionClosed, match="closed"):
             mgr.write_pages(None, first, 1, [(0, 0, 1)], None)  # type: ignore[arg-type]
 
 

@@ -60,8 +60,8 @@ from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import Hello, KVLayout, MooncakeRegion, PoolRegion, mooncake_region_decoder
 from pdserve.disagg.transfer.pages import Run
 from pdserve.disagg.transfer.remote_pool import check_dst_runs, check_region, kv_segments, pool_region
-from pdserve.disagg.transfer.peer import PeerTransferManager
-from pdserve.disagg.transfer.wire import FrameSocket, advertised_host
+from pdserve.disagg.transfer.peer import PeerTransferManager, raise_write_error
+from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed, advertised_host
 
 MAX_BATCH = 1024  # segments per batch_transfer_sync_write call
 
@@ -214,7 +214,7 @@ class MooncakeTransferManager(PeerTransferManager):
                     executor: ThreadPoolExecutor | None) -> int:
         dst: DecodeRegion = region
         if dst.closed:
-            raise RuntimeError("decode session closed")
+            raise SessionClosed("decode session closed")
         check_dst_runs(runs, dst.num_pages)
         src, dst_addr, length = (a.tolist() for a in kv_segments(runs, self.k.shape[0], self.page_size,
                                                                    self._local, dst.pool))
@@ -224,6 +224,6 @@ class MooncakeTransferManager(PeerTransferManager):
             b = a + MAX_BATCH
             rc = dst.engine.engine.batch_transfer_sync_write(dst.session_id, src[a:b], dst_addr[a:b], length[a:b])
             if rc < 0:
-                raise RuntimeError(f"mooncake write of {len(src[a:b])} segment(s), {sum(length[a:b])} B "
-                                   f"to {dst.session_id} failed (rc={rc})")
+                raise_write_error(dst, f"mooncake write of {len(src[a:b])} segment(s), {sum(length[a:b])} B "
+                                       f"to {dst.session_id} failed (rc={rc})")
         return 0

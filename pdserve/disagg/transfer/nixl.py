@@ -46,7 +46,7 @@ from pdserve.disagg.messages import Done, Hello, KVLayout, NixlRegion
 from pdserve.disagg.transfer.decode_side import PeerReceiver
 from pdserve.disagg.transfer.pages import Run
 from pdserve.disagg.transfer.remote_pool import check_dst_runs, check_region, pool_region, segments
-from pdserve.disagg.transfer.peer import PeerTransferManager
+from pdserve.disagg.transfer.peer import PeerTransferManager, raise_write_error
 from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed
 
 
@@ -79,7 +79,6 @@ if not os.environ.get("NIXL_LOG_LEVEL"):
 
 NOTIF_WAIT_S = 5.0  # decode: how long a Done waits for the room's notifications
 CANCEL_GRACE_S = 10.0  # prefill: how long an xfer that cannot be cancelled is still awaited
-LOST_GRACE_S = 1.0  # prefill: after an xfer error, how long to wait for the session to drop
 
 
 hello_region_decoder = msgspec.msgpack.Decoder(NixlRegion)
@@ -303,12 +302,7 @@ class NixlTransferManager(PeerTransferManager):
             error = self._run(handle, dst)
         if error is None:
             return
-        deadline = time.monotonic() + LOST_GRACE_S  # most NIXL errors mean that the decode is gone:
-        while not dst.closed and not self._closing.is_set() and time.monotonic() < deadline:
-            time.sleep(0.02)  # let its session confirm, so the room fails as "connection lost"
-        if dst.closed:
-            raise SessionClosed(f"NIXL transfer to {dst.agent} failed ({error}); decode session closed")
-        raise RuntimeError(f"NIXL transfer to {dst.agent} failed: {error}")
+        raise_write_error(dst, f"NIXL transfer to {dst.agent} failed: {error}", self._closing.is_set)
 
     def _run(self, handle: Any, dst: RemotePool) -> str | None:
         """Post the xfer and wait for it (bounded); the error, or None once DONE."""

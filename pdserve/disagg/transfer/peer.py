@@ -27,8 +27,10 @@ the sockets. A backend subclass sets `backend_name` / `one_sided` and overrides 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -40,6 +42,21 @@ from pdserve.disagg.transfer.identity import local_identity
 from pdserve.disagg.transfer.pages import Run
 from pdserve.disagg.transfer.prefill_side import PeerSender, PrefillSide
 from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed
+
+
+LOST_GRACE_S = 1.0  # after a one-sided write error, how long to wait for the session to drop
+
+
+def raise_write_error(region: Any, what: str, stop: Callable[[], bool] = lambda: False) -> NoReturn:
+    """A one-sided write failed (`what` says how). Most such errors mean the decode is gone, so
+    give its session LOST_GRACE_S to confirm (close_region sets `region.closed`); the room then
+    fails as "decode connection lost", else with the write error itself."""
+    deadline = time.monotonic() + LOST_GRACE_S
+    while not region.closed and not stop() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if region.closed:
+        raise SessionClosed(f"{what}; decode session closed")
+    raise RuntimeError(what)
 
 
 class PeerTransferManager(TransferManager):

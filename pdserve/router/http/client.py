@@ -274,8 +274,10 @@ class UpstreamPool:
     async def _connect(self, key: tuple[str, int]) -> UpstreamConn:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConn(self, key), key[0], key[1]), self.connect_timeout)
+            # not asyncio.wait_for: on 3.11 it swallows a cancel that races the connect's completion,
+            # and the cancelled leg (e.g. a prefill whose decode failed) would then be sent anyway
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(lambda: UpstreamConn(self, key), key[0], key[1])
         except (OSError, asyncio.TimeoutError) as exc:
             kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect"
             raise UpstreamError(kind, f"cannot connect to {key[0]}:{key[1]}: {exc or 'timed out'}") from None
