@@ -37,9 +37,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pdserve.bench.datasets import BenchRequest, random_requests  # noqa: E402
+from pdserve.bench.datasets import BenchRequest, TokenizerLike, random_requests  # noqa: E402
 from pdserve.bench.report import plot_compare, read_json, write_json  # noqa: E402
-from pdserve.bench.runner import BenchConfig, BenchResult, run  # noqa: E402
+from pdserve.bench.runner import BenchConfig, BenchResult, load_tokenizer, run  # noqa: E402
 from pdserve.launch_procs import kill_group  # noqa: E402
 
 SYSTEMS = {"unified": ["--mode", "unified", "--workers", "1"],
@@ -86,13 +86,9 @@ def stop_cluster(proc: subprocess.Popen) -> None:
         kill_group(proc)
 
 
-def workload(args: argparse.Namespace, num: int, seed: int) -> list[BenchRequest]:
+def workload(args: argparse.Namespace, tok: TokenizerLike, num: int, seed: int) -> list[BenchRequest]:
     """`num` requests: a `long_frac` share of long prompts (short output), the rest short chats
     with long outputs, shuffled with the seed (the same list for both systems)."""
-    from pdserve.model.bundled import resolve_model
-    from pdserve.model.tokenizer import Tokenizer
-
-    tok = Tokenizer(resolve_model("default"))
     n_long = round(num * args.long_frac)
     longs = random_requests(tok, n_long, args.long_input, args.long_output, range_ratio=0.1, seed=seed)
     shorts = random_requests(tok, num - n_long, args.short_input, args.short_output, range_ratio=0.1,
@@ -226,8 +222,9 @@ def main() -> int:
         print(write_report(args, rows, args.out, plots))
         return 0
 
-    per_rate = {rate: workload(args, max(args.min_prompts, round(rate * args.num_prompts_per_s)),
-                               args.seed) for rate in args.rates}
+    tok = load_tokenizer("default")
+    per_rate = {rate: workload(args, tok, max(args.min_prompts, round(rate * args.num_prompts_per_s)), args.seed)
+                for rate in args.rates}
     rows: list[dict[str, Any]] = []
     results: dict[float, dict[str, BenchResult]] = {rate: {} for rate in args.rates}
     for name in args.systems:

@@ -143,8 +143,7 @@ class MooncakeTransferManager(PeerTransferManager):
                              "install mooncake-transfer-engine (the CUDA wheel)")
         if k.device.type not in ("cpu", "cuda"):
             raise ValueError(f"the mooncake backend moves host or CUDA memory; the KV pool is on {k.device}")
-        layout.check_pool(k, v)
-        self._local = pool_region(k, v)
+        self._local = pool_region(k, v)  # (the base class checks the layout)
         ranges = {(t.data_ptr(), t.numel() * t.element_size()) for t in (k, v)}
         self._ranges = sorted(ranges)
         protocol, device = engine_protocol(config)

@@ -42,10 +42,10 @@ import numpy as np
 import torch
 
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.messages import Done, Hello, KVLayout, NixlRegion
+from pdserve.disagg.messages import Done, Hello, KVLayout, NixlRegion, PoolRegion
 from pdserve.disagg.transfer.decode_side import PeerReceiver
 from pdserve.disagg.transfer.pages import Run
-from pdserve.disagg.transfer.remote_pool import check_dst_runs, check_region, pool_region, segments
+from pdserve.disagg.transfer.remote_pool import check_dst_runs, check_region, kv_segments, pool_region
 from pdserve.disagg.transfer.peer import PeerTransferManager, raise_write_error
 from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed
 
@@ -145,9 +145,7 @@ class RemotePool:
     """Prefill: one decode session's view of the decode's registered pool."""
 
     agent: str
-    k_base: int
-    v_base: int
-    layer_bytes: int
+    pool: PoolRegion
     num_pages: int
     mem_type: str
     device_id: int
@@ -162,18 +160,13 @@ class NixlTransferManager(PeerTransferManager):
 
     def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor, page_size: int, layout: KVLayout,
                  config: DisaggConfig, host: str = "127.0.0.1", **kwargs: Any) -> None:
-        for t in (k, v):
-            if not t.is_contiguous():
-                raise ValueError("the nixl backend needs contiguous K/V pool tensors")
+        self._local = pool_region(k, v)  # raises unless K and V are contiguous
         self._closing = threading.Event()
         self._lock = threading.Lock()
         self._remote_refs: dict[str, int] = {}
         self._chunks = itertools.count()
         self._agent: Any = None
         self._reg: Any = None
-        self.slot_bytes = k.shape[2] * k.shape[3] * k.element_size()
-        self.span = page_size * self.slot_bytes
-        self.layer_bytes = k.shape[1] * self.slot_bytes
         self.mem_type, self.device_id = mem_kind(k)
         super().__init__(role, k, v, page_size, layout, config, host, **kwargs)
         try:  # the endpoint is unpublished until we return, so no peer can come before this
@@ -197,7 +190,7 @@ class NixlTransferManager(PeerTransferManager):
 
     def hello_region(self) -> bytes:
         return msgspec.msgpack.encode(NixlRegion(
-            agent_name=self.agent_name, agent_metadata=self._agent.get_agent_metadata(), pool=pool_region(self.k, self.v),
+            agent_name=self.agent_name, agent_metadata=self._agent.get_agent_metadata(), pool=self._local,
             mem_type=self.mem_type, device_id=self.device_id))
 
     def check_done(self, receiver: PeerReceiver, done: Done) -> str | None:
@@ -224,7 +217,7 @@ class NixlTransferManager(PeerTransferManager):
     def open_region(self, hello: Hello) -> RemotePool:
         region = hello_region_decoder.decode(hello.region)
         pool = region.pool
-        num_pages = check_region(pool, self.slot_bytes, self.page_size)
+        num_pages = check_region(pool, self._local.slot_bytes, self.page_size)
         if region.mem_type not in ("DRAM", "VRAM"):
             raise ValueError(f"unknown NIXL memory type {region.mem_type!r}")
         with self._lock:
@@ -238,8 +231,7 @@ class NixlTransferManager(PeerTransferManager):
                         self._agent.remove_remote_agent(loaded)
                     raise ValueError(f"NIXL metadata is for agent {loaded!r}, not {region.agent_name!r}")
             self._remote_refs[region.agent_name] = self._remote_refs.get(region.agent_name, 0) + 1
-        return RemotePool(region.agent_name, pool.k_base, pool.v_base, pool.num_slots * pool.slot_bytes,
-                          num_pages, region.mem_type, region.device_id)
+        return RemotePool(region.agent_name, pool, num_pages, region.mem_type, region.device_id)
 
     def close_region(self, region: Any) -> None:
         with self._lock:
@@ -281,12 +273,10 @@ class NixlTransferManager(PeerTransferManager):
 
     def xfer_descs(self, dst: RemotePool, runs: list[Run]) -> tuple[np.ndarray, np.ndarray]:
         """Local and remote NIXL descriptor rows (addr, len, dev) for K then V."""
-        src_off, dst_off, length = segments(runs, self.k.shape[0], self.span, self.layer_bytes, dst.layer_bytes)
-        local, remote = [], []
-        for lbase, rbase in ((self.k.data_ptr(), dst.k_base), (self.v.data_ptr(), dst.v_base)):
-            local.append(np.stack([lbase + src_off, length, np.full_like(length, self.device_id)], axis=1))
-            remote.append(np.stack([rbase + dst_off, length, np.full_like(length, dst.device_id)], axis=1))
-        return np.concatenate(local).astype(np.uint64), np.concatenate(remote).astype(np.uint64)
+        src, dst_addr, length = kv_segments(runs, self.k.shape[0], self.page_size, self._local, dst.pool)
+        local = np.stack([src, length, np.full_like(length, self.device_id)], axis=1)
+        remote = np.stack([dst_addr, length, np.full_like(length, dst.device_id)], axis=1)
+        return local.astype(np.uint64), remote.astype(np.uint64)
 
     def _write(self, dst: RemotePool, room: int, runs: list[Run]) -> None:
         agent = self._agent

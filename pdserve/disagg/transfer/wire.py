@@ -82,6 +82,18 @@ def advertised_host(bind_host: str) -> str:
         return "127.0.0.1"
 
 
+def _advance(bufs: list[memoryview], i: int, batch: list[memoryview], n: int) -> int:
+    """After a syscall moved `n` bytes of `batch` (= bufs[i:...]): the index of the first buffer
+    not done, with a partly moved one trimmed in place to its rest."""
+    for buf in batch:
+        if n < buf.nbytes:
+            bufs[i] = buf[n:]
+            break
+        n -= buf.nbytes
+        i += 1
+    return i
+
+
 class FrameSocket:
     def __init__(self, sock: socket.socket, stall_timeout: float = 60.0) -> None:
         _tune(sock)
@@ -128,13 +140,7 @@ class FrameSocket:
                 continue
             if sent:
                 last_progress = time.monotonic()
-            for buf in batch:  # advance past fully sent buffers; trim a partial one
-                if sent >= buf.nbytes:
-                    sent -= buf.nbytes
-                    i += 1
-                else:
-                    bufs[i] = buf[sent:]
-                    break
+            i = _advance(bufs, i, batch, sent)
 
     # --- receiving (the one reader thread) ----------------------------------------------------
 
@@ -171,13 +177,7 @@ class FrameSocket:
             if n == 0:
                 raise SessionClosed("peer closed the session")
             got += n
-            for buf in batch:
-                if n >= buf.nbytes:
-                    n -= buf.nbytes
-                    i += 1
-                else:
-                    views[i] = buf[n:]
-                    break
+            i = _advance(views, i, batch, n)
         return got
 
     def discard(self, nbytes: int) -> None:
