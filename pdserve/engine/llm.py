@@ -7,11 +7,11 @@ from dataclasses import dataclass, fields
 
 from tqdm import tqdm
 
-from pdserve.config import EngineConfig
+from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import Engine
-from pdserve.engine.io import GenerateReq, TopLogprob
+from pdserve.engine.messages import GenerateReq, TopLogprob
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.model.tokenizer import truncate_at_stop
+from pdserve.engine.stop_strings import cut_at_stop
 
 
 @dataclass
@@ -82,5 +82,5 @@ class LLM:
             res = results[rid]
             res.text = self.tokenizer.decode(res.output_ids, skip_special_tokens=p.skip_special_tokens)
             if isinstance(res.matched_stop, str):
-                res.text = truncate_at_stop(res.text, res.matched_stop)
+                res.text = cut_at_stop(res.text, res.matched_stop)
         return [results[rid] for rid in rids]

@@ -12,11 +12,11 @@ values of these counters. A forward that reaches the end of `tokens` samples one
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from pdserve.engine.io import TopLogprob
+from pdserve.engine.messages import TopLogprob
+from pdserve.engine.pd.state import Transfer
 from pdserve.engine.prefix_cache import Node
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -42,7 +42,7 @@ class Request:
     matched_stop: int | str | None = None
     stop_text: str = ""  # decoded tail, kept only when the request has stop strings
     admitted: bool = False
-    transfer: Any = None  # PD state (disagg queues) while KV moves to / from a peer
+    transfer: Transfer | None = None  # PD state (engine/pd stages) while KV moves to / from a peer
 
     @property
     def output_ids(self) -> list[int]:

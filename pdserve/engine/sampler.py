@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pdserve.engine.io import TopLogprob
+from pdserve.engine.messages import TopLogprob
 from pdserve.engine.sampling_params import SamplingParams
 
 __all__ = ["SampleRow", "SampleResult", "Sampler", "apply_penalties", "process_logits"]

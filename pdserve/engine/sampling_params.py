@@ -13,9 +13,23 @@ import msgspec
 class SamplingError(ValueError):
     """A request parameter is invalid; `param` names the field (OpenAI error bodies use it)."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code  # OpenAI error code, e.g. "context_length_exceeded"
+
+
+def check_prompt(ids: list[int], vocab_size: int, max_model_len: int, param: str = "prompt") -> None:
+    """The one prompt check (the front runs it before a request reaches the engine, the engine
+    again for the offline API): non-empty, in-vocabulary, leaving room for one new token."""
+    if not ids:
+        raise SamplingError("the prompt is empty", param)
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        bad = next(i for i in ids if i < 0 or i >= vocab_size)
+        raise SamplingError(f"token id {bad} is out of vocabulary (valid ids are 0..{vocab_size - 1})", param)
+    if len(ids) >= max_model_len:
+        raise SamplingError(f"the prompt has {len(ids)} tokens but the context is {max_model_len} tokens "
+                            "(it must leave room for at least one new token)", param, "context_length_exceeded")
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):

@@ -64,6 +64,22 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.push(req)
 
+    def resume(self, req: Request) -> None:
+        """Join the running batch directly: its KV is already in its pages (a PD decode commit)."""
+        self.running.append(req)
+
+    def detach(self, req: Request) -> bool:
+        """Take `req` out of the scheduler keeping its pages (a PD stage holds it from now on);
+        False if it was not here."""
+        if req in self.running:
+            self.running.remove(req)
+            return True
+        return self.waiting.remove(req)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
     def has_work(self) -> bool:
         return bool(self.running) or bool(self.waiting)
 
@@ -117,10 +133,7 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, req: Request, keep_in_cache: bool = True) -> None:
-        if req in self.running:
-            self.running.remove(req)
-        else:
-            self.waiting.remove(req)
+        self.detach(req)
         self.kv.release(req, keep_in_cache=keep_in_cache)
 
     def live(self) -> list[Request]:

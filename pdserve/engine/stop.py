@@ -1,10 +1,14 @@
 """Stop conditions, checked after each sampled token (in priority order):
 stop token id → EOS (unless ignore_eos) → stop string (decoded text) → max_new_tokens →
-context end. Also tells the sampler which ids to suppress below `min_new_tokens`."""
+context end. Also tells the sampler which ids to suppress below `min_new_tokens`.
+
+This is the one place a request's end is decided; the front and the offline API only show the
+text (`stop_strings`: hold back a possible stop string, cut at the matched one)."""
 
 from __future__ import annotations
 
 from pdserve.engine.request import Request
+from pdserve.engine.stop_strings import find_stop
 from pdserve.model.tokenizer import Tokenizer
 
 
@@ -36,9 +40,7 @@ class StopChecker:
         # the newest token, since one token can complete a stop string begun earlier.
         window = max(len(s) for s in r.params.stop) + 8
         text = self.tokenizer.decode(r.output_ids[-window:], skip_special_tokens=r.params.skip_special_tokens)
-        tail = text[-(max(len(s) for s in r.params.stop) + 32):]
-        for s in r.params.stop:
-            if s in tail:
-                r.matched_stop = s
-                return True
-        return False
+        found = find_stop(text[-(max(len(s) for s in r.params.stop) + 32):], r.params.stop)
+        if found is not None:
+            r.matched_stop = found[1]
+        return found is not None

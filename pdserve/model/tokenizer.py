@@ -158,10 +158,3 @@ class IncrementalDetokenizer:
             self._text_parts.append(delta)
         return delta
 
-
-def truncate_at_stop(text: str, stop: str) -> str:
-    """``text`` cut before the first occurrence of ``stop`` (unchanged if absent or empty)."""
-    if not stop:
-        return text
-    index = text.find(stop)
-    return text if index < 0 else text[:index]

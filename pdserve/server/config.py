@@ -1,6 +1,6 @@
 """Frozen configuration of the HTTP front (`pdserve serve`); the engine's knobs live in EngineConfig.
 
-Built once by `launch_server.run_serve` from CLI flags (and `PDSERVE_API_KEY`), then read by the
+Built once by `serve.run_serve` from CLI flags (and `PDSERVE_API_KEY`), then read by the
 app, the engine client and the request handlers for the life of the server.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.config import EngineConfig
+from pdserve.engine.config import EngineConfig
 from pdserve.disagg.config import DisaggConfig
 
 API_KEY_ENV = "PDSERVE_API_KEY"

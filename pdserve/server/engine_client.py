@@ -30,8 +30,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from pdserve.config import EngineConfig
-from pdserve.engine.io import (
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.messages import (
     AbortReq,
     EngineFailed,
     EngineOutMsg,

@@ -3,7 +3,7 @@
 Lifecycle:
   1. the front calls `spawn_engine_process` ('spawn' multiprocessing context); the child runs
      `engine_main`: it dies with its parent (PR_SET_PDEATHSIG + a parent-pid check), ignores
-     SIGINT (the front decides when to stop), sets torch's threads, connects its sockets
+     SIGINT (the front decides when to stop), connects its sockets
      (PULL for `EngineInMsg`, PUSH for `EngineOutMsg`) and builds the Engine (slow);
   2. it sends `EngineReady` (or `EngineFailed` and exits 1);
   3. `EngineLoop.run`: while there is work, drain the inbox without blocking, `step()`, and send
@@ -17,7 +17,6 @@ Nothing is pickled on the sockets; the config crosses the spawn boundary as JSON
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import multiprocessing
@@ -26,17 +25,19 @@ import signal
 import sys
 import traceback
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
 
-from pdserve.config import EngineConfig, default_threads
+from pdserve.engine.config import EngineConfig
 from pdserve.disagg.config import DisaggConfig
-from pdserve.engine.io import (
+from pdserve.launch.procs import die_with_parent
+from pdserve.engine.messages import (
     AbortReq,
     EngineFailed,
     EngineInMsg,
+    EngineOutMsg,
     EngineReady,
     FlushCacheReq,
     FlushCacheResp,
@@ -47,6 +48,9 @@ from pdserve.engine.io import (
     TokenOut,
     TokenOutBatch,
 )
+
+if TYPE_CHECKING:  # the front imports this module: it must not import torch
+    from pdserve.engine.engine import Engine
 
 logger = logging.getLogger("pdserve.engine_proc")
 
@@ -70,47 +74,29 @@ def spawn_engine_process(config: EngineConfig, in_addr: str, out_addr: str,
     return proc
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-
-
-def _set_threads(config: EngineConfig) -> None:
-    import torch
-
-    threads = config.threads or default_threads()
-    torch.set_num_threads(max(1, threads))
-
-
-def _model_summary(engine: Any) -> dict[str, int | float | str | bool | None]:
+def _model_summary(engine: Engine) -> dict[str, int | float | str | bool | None]:
     """The model config's scalar fields (for /model_info); lists and tuples become strings."""
-    mc = getattr(engine, "model_config", None)
-    items = {f.name: getattr(mc, f.name) for f in dataclasses.fields(mc)} if dataclasses.is_dataclass(mc) else {}
+    mc = engine.model_config
     out: dict[str, int | float | str | bool | None] = {}
-    for key, value in items.items():
+    for f in dataclasses.fields(mc):
+        value = getattr(mc, f.name)
         if isinstance(value, (list, tuple)):
             value = ",".join(map(str, value))
-        out[key] = value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
+        out[f.name] = value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
     return out
 
 
-def ready_message(engine: Any, config: EngineConfig) -> EngineReady:
+def ready_message(engine: Engine, config: EngineConfig) -> EngineReady:
     load = engine.load()
-    mc = getattr(engine, "model_config", None)
-    vocab = int(getattr(mc, "vocab_size", 0) or engine.tokenizer.vocab_size)
     return EngineReady(
         pid=os.getpid(),
         model_path=str(engine.model_path),
-        vocab_size=vocab,
-        max_model_len=int(engine.max_model_len),
-        page_size=int(load.page_size),
-        num_pages=int(load.num_pages),
+        vocab_size=engine.model_config.vocab_size,
+        max_model_len=engine.max_model_len,
+        page_size=load.page_size,
+        num_pages=load.num_pages,
         max_running=config.max_running,
-        device=str(getattr(engine, "device", config.device)),
+        device=str(engine.device),
         model_config=_model_summary(engine),
     )
 
@@ -118,7 +104,7 @@ def ready_message(engine: Any, config: EngineConfig) -> EngineReady:
 class EngineLoop:
     """Drives one Engine from the inbox socket and reports to the outbox socket."""
 
-    def __init__(self, engine: Any, inbox: zmq.Socket, outbox: zmq.Socket, parent_pid: int) -> None:
+    def __init__(self, engine: Engine, inbox: zmq.Socket, outbox: zmq.Socket, parent_pid: int) -> None:
         self.engine = engine
         self.inbox = inbox
         self.outbox = outbox
@@ -138,12 +124,12 @@ class EngineLoop:
                 self._drain()
                 if self.stopping:
                     break
-                before = getattr(self.engine, "num_forward_tokens", None)
+                before = self.engine.num_forward_tokens
                 outs = self.engine.step()
                 checked_idle = False
                 self._send_outs(outs)
-                stalled = not outs and before is not None and self.engine.num_forward_tokens == before
-                if (stalled or self._waiting_on_transfers()) and poller.poll(NAP_MS):
+                stalled = not outs and self.engine.num_forward_tokens == before
+                if (stalled or self.engine.is_waiting_on_transfers()) and poller.poll(NAP_MS):
                     self._drain()  # don't spin a core while nothing can move
                 continue
             self._send_outs([])
@@ -156,11 +142,7 @@ class EngineLoop:
                 logger.warning("parent process is gone; engine exits")
                 return
 
-    def _waiting_on_transfers(self) -> bool:
-        check = getattr(self.engine, "is_waiting_on_transfers", None)
-        return bool(check()) if check is not None else False
-
-    def _send(self, msg: Any) -> None:
+    def _send(self, msg: EngineOutMsg) -> None:
         self.outbox.send(self.encoder.encode(msg), copy=False)
 
     def _send_outs(self, outs: list[TokenOut]) -> None:
@@ -190,7 +172,7 @@ class EngineLoop:
                 continue
             self._handle(msg)
 
-    def _handle(self, msg: Any) -> None:
+    def _handle(self, msg: EngineInMsg) -> None:
         if isinstance(msg, GenerateReq):
             try:
                 self.engine.add_request(msg)
@@ -213,7 +195,7 @@ class EngineLoop:
 
 def engine_main(config_json: bytes, in_addr: str, out_addr: str, parent_pid: int, disagg_json: bytes = b"{}") -> None:
     """Entry point of the engine process (see the module docstring)."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s engine: %(message)s")
@@ -230,7 +212,6 @@ def engine_main(config_json: bytes, in_addr: str, out_addr: str, parent_pid: int
     outbox.connect(out_addr)
     code = 0
     try:
-        _set_threads(config)
         from pdserve.engine.engine import Engine
 
         engine = Engine(config, disagg)

@@ -83,7 +83,7 @@ def from_validation_error(exc: ValidationError | RequestValidationError, prefix:
 
 
 def from_sampling_error(exc: SamplingError) -> APIError:
-    return bad_request(str(exc), param=exc.param)
+    return bad_request(str(exc), param=exc.param, code=exc.code)
 
 
 def _counted(request: Request, exc: APIError) -> Response:

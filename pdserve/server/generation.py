@@ -4,9 +4,8 @@ A handler turns its body into `SubRequest`s (one per prompt × n), then either
 - streams: `merge(state, subs)` yields `Delta`s as they come, from all sub-requests at once; or
 - collects: `collect(state, subs)` returns one `Result` per sub-request.
 Each sub-request (`run_one`) sends a GenerateReq through the EngineClient, feeds token ids to a
-`TextStream` (incremental detokenization, stop strings held back and cut), records metrics, and
-ends on the engine's finished TokenOut or on a stop string it found itself (then leaving the
-`generate` iterator sends the engine an abort). Closing any of these iterators early (client
+`TextStream` (incremental detokenization; a possible stop string is held back, the engine's
+matched one cut), records metrics, and ends on the engine's finished TokenOut. Closing any of these iterators early (client
 gone) aborts every sub-request still running. `until_disconnect` guards non-streaming handlers.
 """
 
@@ -20,7 +19,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from pdserve.engine.io import Bootstrap, GenerateReq, TopLogprob
+from pdserve.engine.messages import Bootstrap, GenerateReq, TopLogprob
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.engine_client import DuplicateRequestError, EngineDeadError
 from pdserve.server.errors import APIError
@@ -114,14 +113,12 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
                 timer.tokens(len(ids))
                 count += len(ids)
                 piece = text.add(ids)
-                if not (out.finished or text.stopped):
+                if not out.finished:
                     if piece or ids:
                         yield Delta(sub.index, piece, ids, out.logprobs, out.top_logprobs)
                     continue
-                piece += text.finish()
+                piece += text.finish(out.matched_stop)
                 reason, matched = out.finish_reason, out.matched_stop
-                if text.matched is not None:
-                    reason, matched = "stop", text.matched
                 prompt = out.prompt_tokens or len(sub.prompt_ids)
                 finished = True
                 e2e = timer.finish(reason, prompt, count, out.cached_tokens)

@@ -11,7 +11,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
-from pdserve.engine.io import LoadInfo
+from pdserve.engine.messages import LoadInfo
 
 disable_created_metrics()  # no `*_created` series: they double the scrape for no use here
 

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from pdserve.engine.io import TopLogprob
+from pdserve.engine.messages import TopLogprob
 from pdserve.server.errors import bad_request, from_validation_error
 from pdserve.server.generation import Result, SubRequest, collect, merge, until_disconnect
 from pdserve.server.openai_common import TokenTexts

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from pdserve.engine.io import TopLogprob
+from pdserve.engine.messages import TopLogprob
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.params import make_params, stop_ids, stop_list
 from pdserve.server.protocol import _SamplingFields

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from pdserve.engine.io import Bootstrap
-from pdserve.engine.sampling_params import SamplingError, SamplingParams
+from pdserve.engine.messages import Bootstrap
+from pdserve.engine.sampling_params import SamplingError, SamplingParams, check_prompt
 from pdserve.server.errors import APIError, bad_request
 from pdserve.server.state import ServerState
 
@@ -58,16 +58,10 @@ def check_int(value: int | None, name: str, lo: int, hi: int) -> None:
 
 
 def check_prompt_ids(state: ServerState, ids: list[int], param: str = "prompt") -> None:
-    if not ids:
-        raise bad_request("the prompt is empty", param=param)
-    vocab = state.vocab_size
-    if min(ids) < 0 or max(ids) >= vocab:
-        bad = next(i for i in ids if i < 0 or i >= vocab)
-        raise bad_request(f"token id {bad} is out of vocabulary (valid ids are 0..{vocab - 1})", param=param)
-    if len(ids) >= state.max_model_len:
-        raise bad_request(f"the prompt has {len(ids)} tokens but the context is {state.max_model_len} "
-                          "tokens (it must leave room for at least one new token)",
-                          param=param, code="context_length_exceeded")
+    try:
+        check_prompt(ids, state.vocab_size, state.max_model_len, param)
+    except SamplingError as exc:
+        raise bad_request(str(exc), param=exc.param, code=exc.code) from None
 
 
 def resolve_max_tokens(state: ServerState, requested: int | None, prompt_len: int, default: int | None,

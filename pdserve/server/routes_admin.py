@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from pdserve.engine.io import GenerateReq
+from pdserve.engine.messages import GenerateReq
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.engine_client import EngineDeadError
 from pdserve.server.errors import APIError

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastapi import Request
 
-from pdserve.engine.io import EngineReady
+from pdserve.engine.messages import EngineReady
 from pdserve.model.tokenizer import Tokenizer
 from pdserve.server.config import ServerConfig
 from pdserve.server.engine_client import EngineClient

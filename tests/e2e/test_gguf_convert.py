@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pdserve.cli_convert import run_convert
+from pdserve.cli.convert import run_convert
 from pdserve.model.bundled import bundled_gguf_path, cache_dir, resolve_model
 from pdserve.model.gguf_convert import COMPLETE_MARKER, convert_gguf, reverse_permute
 

@@ -83,6 +83,6 @@ def test_launch_rejects_bad_counts() -> None:
 @pytest.mark.parametrize("n,cpus,expected", [(2, [0, 1], [[0], [1]]), (1, [0, 1], [[0, 1]]),
                                              (3, [0, 1], [[0], [1], [0]]), (2, [0, 1, 2, 3, 4], [[0, 1], [2, 3]])])
 def test_cpu_plan(n: int, cpus: list[int], expected: list[list[int]]) -> None:
-    from pdserve.launch_procs import plan_cpus
+    from pdserve.launch.procs import plan_cpus
 
     assert plan_cpus(n, cpus) == expected

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdserve.config import EngineConfig
+from pdserve.engine.config import EngineConfig
 from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.engine import Engine
-from pdserve.engine.io import Bootstrap, GenerateReq, TokenOut
+from pdserve.engine.messages import Bootstrap, GenerateReq, TokenOut
 from pdserve.engine.sampling_params import SamplingParams
 
 PARAMS = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2)
@@ -59,7 +59,7 @@ def test_pd_equals_unified_and_kv_bytes_match(backend: str, tiny_model_dir: Path
     pre = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**base.__dict__, "mode": "prefill"}))
     dec = Engine(engine_cfg(tiny_model_dir, num_pages=150), DisaggConfig(**{**base.__dict__, "mode": "decode"}))
     try:
-        port = pre.pd.bootstrap_server.port
+        port = pre.stage.bootstrap_server.port
         ps = prompts(12)
         for i, p in enumerate(ps):
             unified.add_request(GenerateReq(f"u{i}", p, PARAMS))
@@ -97,27 +97,27 @@ def test_decode_kv_bytes_equal_prefill_pages(tiny_model_dir: Path) -> None:
     dec = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**cfg.__dict__, "mode": "decode"}))
     try:
         p = prompts(1, seed=3)[0] * 2
-        boot = Bootstrap("127.0.0.1", pre.pd.bootstrap_server.port, room=77)
+        boot = Bootstrap("127.0.0.1", pre.stage.bootstrap_server.port, room=77)
         one = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
         pre.add_request(GenerateReq("p", p, one, bootstrap=boot))
         dec.add_request(GenerateReq("d", p, one, bootstrap=boot))
         seen: dict[str, list[int]] = {}
-        orig_commit = dec.pd._commit
+        orig_commit = dec.stage._commit
 
         def spy(req, rec):  # capture both page tables at the moment decode commits
             seen["dec"] = list(req.pages)
             seen["pre"] = list(pre._requests["p"].pages) if "p" in pre._requests else seen.get("pre_pages", [])
             return orig_commit(req, rec)
 
-        orig_after = pre.pd.after_forward
+        orig_after = pre.stage.after_forward
 
         def spy_after(chunks):
             for c in chunks:
                 seen["pre_pages"] = list(c.req.pages)
             return orig_after(chunks)
 
-        dec.pd._commit = spy
-        pre.pd.after_forward = spy_after
+        dec.stage._commit = spy
+        pre.stage.after_forward = spy_after
         run_until_done([pre, dec], {"p", "d"})
         n = -(-len(p) // 4)
         ps = 4

@@ -2,7 +2,7 @@
 abort) for the client, both servers healthy, and both KV pools back at their start.
 
 Part 1, engine level (two in-process Engines on the tiny model, like test_pd_engines.py): a
-wrong-room or corrupted metadata record is rejected, at the queue (decode_queues) and on the
+wrong-room or corrupted metadata record is rejected, at the queue (engine/pd/decode.py) and on the
 wire (the transfer's Done), and every page returns; a second request under a live room is
 refused on either side without hurting the first.
 
@@ -39,7 +39,7 @@ import pytest
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import Done, MetadataRecord
 from pdserve.engine.engine import Engine
-from pdserve.engine.io import Bootstrap, GenerateReq, TokenOut
+from pdserve.engine.messages import Bootstrap, GenerateReq, TokenOut
 from pdserve.engine.sampling_params import SamplingParams
 from tests.integration.conftest import free_port
 from tests.integration.pd_cluster import (PDPair, Reply, call, running_pair, clean_error, get_load, healthy, wait_for,
@@ -73,7 +73,7 @@ def _errors(outs: list[TokenOut]) -> list[str]:
 
 
 def _run_pd(pre: Engine, dec: Engine, prompt: list[int], room: int, timeout: float = 30.0) -> dict[str, list[TokenOut]]:
-    boot = Bootstrap("127.0.0.1", pre.pd.bootstrap_server.port, room=room)
+    boot = Bootstrap("127.0.0.1", pre.stage.bootstrap_server.port, room=room)
     pre.add_request(GenerateReq("p", prompt, ONE, bootstrap=boot))
     dec.add_request(GenerateReq("d", prompt, ONE, bootstrap=boot))
     return run_until_done([pre, dec], {"p", "d"}, timeout)
@@ -93,7 +93,7 @@ def test_decode_queue_rejects_bad_metadata_record(engines: tuple[Engine, Engine]
     committed: another room's record, or a token outside the vocabulary, fails the request."""
     pre, dec = engines
     marks = (_free_plus_cached(pre), _free_plus_cached(dec))
-    make_receiver = dec.pd.manager.receiver
+    make_receiver = dec.stage.manager.receiver
 
     def receiver(room: int, endpoint: str) -> Any:
         r = make_receiver(room, endpoint)
@@ -110,7 +110,7 @@ def test_decode_queue_rejects_bad_metadata_record(engines: tuple[Engine, Engine]
         r.metadata = metadata
         return r
 
-    dec.pd.manager.receiver = receiver
+    dec.stage.manager.receiver = receiver
     got = _run_pd(pre, dec, prompts(1, seed=11)[0] * 2, room=4242)
     want = "wrong-room" if corrupt == "wrong_room" else "invalid token"
     errs = _errors(got["d"])
@@ -153,7 +153,7 @@ def test_duplicate_room_is_refused_cleanly(engines: tuple[Engine, Engine]) -> No
     with an error on either side; the engines keep running and the first request completes."""
     pre, dec = engines
     marks = (_free_plus_cached(pre), _free_plus_cached(dec))
-    boot = Bootstrap("127.0.0.1", pre.pd.bootstrap_server.port, room=999)
+    boot = Bootstrap("127.0.0.1", pre.stage.bootstrap_server.port, room=999)
     p = prompts(1, seed=21)[0]
     pre.add_request(GenerateReq("p1", p, ONE, bootstrap=boot))
     with pytest.raises(ValueError, match="room"):

@@ -1,5 +1,7 @@
-"""The front's TextStream (incremental detokenization + stop strings), in process, on the
-bundled tokenizer: pieces join to the offline decode-then-truncate text, token by token."""
+"""The front's TextStream (incremental detokenization, text shown as the engine's stop decision
+says), in process, on the bundled tokenizer: pieces join to the offline decode-then-truncate
+text, token by token. `_feed` plays the engine: it stops at the first token whose decoded
+output contains a stop string (`find_stop`, what engine/stop.py decides with)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.model.tokenizer import Tokenizer, truncate_at_stop
+from pdserve.engine.stop_strings import cut_at_stop as truncate_at_stop
+from pdserve.engine.stop_strings import find_stop
+from pdserve.model.tokenizer import Tokenizer
 from pdserve.server.text_stream import TextStream
 
 TEXT = "Hello wörld! The answer is 42.\n\nNext: 🙂 done; stop here END and more text after."
@@ -19,13 +23,15 @@ def tok(bundled_model_dir: Path) -> Tokenizer:
 
 
 def _feed(ts: TextStream, ids: list[int], step: int = 1) -> tuple[list[str], int]:
-    pieces, used = [], 0
+    pieces, used, matched = [], 0, None
     for i in range(0, len(ids), step):
         pieces.append(ts.add(ids[i:i + step]))
         used = i + step
-        if ts.stopped:
+        found = find_stop(ts.detok.tokenizer.decode(ids[:used]), ts.stop)
+        if found is not None:
+            matched = found[1]
             break
-    pieces.append(ts.finish())
+    pieces.append(ts.finish(matched))
     return pieces, min(used, len(ids))
 
 

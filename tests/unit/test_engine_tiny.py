@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pdserve import LLM, SamplingParams
-from pdserve.engine.io import GenerateReq
+from pdserve.engine.messages import GenerateReq
 from pdserve.engine.sampling_params import SamplingError
 from tests.hf_reference import hf_greedy
 from tests.tiny_model import build_tiny_model

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pdserve.engine.io import TopLogprob
+from pdserve.engine.messages import TopLogprob
 from pdserve.engine.sampler import SampleRow, Sampler, apply_penalties, process_logits
 from pdserve.engine.sampling_params import SamplingParams
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.model.tokenizer import IncrementalDetokenizer, Tokenizer, truncate_at_stop
+from pdserve.engine.stop_strings import cut_at_stop as truncate_at_stop
+from pdserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 MULTILINGUAL = [
     "Héllo wörld, ça va? Ünïcödé ñ",

@@ -12,6 +12,7 @@ whole process group.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -117,3 +118,13 @@ class Child:
 
 def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies (PR_SET_PDEATHSIG), so
+    an engine or transfer agent never outlives the process that started it."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+        except OSError:
+            pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pdserve.config import EngineConfig
+from pdserve.engine.config import EngineConfig
 
 ENGINE_FLAGS = {  # flag → (EngineConfig field, type, help)
     "--device": ("device", str, "auto | cpu | cuda | cuda:N"),

@@ -56,14 +56,3 @@ def run_convert(args: argparse.Namespace) -> int:
     print(folder)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (``python -m pdserve.cli_convert``)."""
-    parser = argparse.ArgumentParser(prog="pdserve")
-    add_convert_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

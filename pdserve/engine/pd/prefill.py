@@ -1,4 +1,4 @@
-"""Prefill side of PD disaggregation: bootstrap queue → forward (chunked) → inflight queue.
+"""Prefill stage of PD disaggregation: bootstrap queue → forward (chunked) → inflight queue.
 
     add ──▶ bootstrap queue ── decode's page list arrived (sender ≥ WaitingForInput) ──▶
             scheduler (waiting → running; chunked prefill as usual)
@@ -19,41 +19,36 @@ Page push arithmetic (page_size 4, prompt 10 tokens, chunks of 6 and 4):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from pdserve.disagg.bootstrap import BootstrapServer
 from pdserve.disagg.messages import MetadataRecord
-from pdserve.disagg.transfer.base import KVPoll, KVSender, TransferManager
+from pdserve.disagg.transfer.base import KVPoll, TransferManager
 from pdserve.engine.batch import Chunk
-from pdserve.engine.io import Bootstrap, TokenOut, TransferStats
 from pdserve.engine.kv_cache import pages_needed
+from pdserve.engine.messages import Bootstrap, TransferStats
+from pdserve.engine.pd.stage import Finished, StagePoll
+from pdserve.engine.pd.state import PrefillTransfer
 from pdserve.engine.request import Request
-
-if TYPE_CHECKING:
-    from pdserve.engine.engine import Engine
+from pdserve.engine.scheduler import Scheduler
 
 
-@dataclass(eq=False)
-class PrefillTransfer:
-    sender: KVSender
-    room: int
-    started: float = 0.0
-    pages_sent: int = 0
-    aborting: bool = False
-    error: str | None = None  # why prefill itself gave the room up (answered once it is terminal)
+def _transfer(req: Request) -> PrefillTransfer:
+    assert isinstance(req.transfer, PrefillTransfer)
+    return req.transfer
 
 
-class PrefillQueues:
-    def __init__(self, engine: "Engine", manager: TransferManager, bootstrap: BootstrapServer) -> None:
-        self.engine = engine
+class PrefillStage:
+    def __init__(self, scheduler: Scheduler, page_size: int, manager: TransferManager,
+                 bootstrap: BootstrapServer) -> None:
+        self.scheduler = scheduler
+        self.page_size = page_size
         self.manager = manager
         self.bootstrap_server = bootstrap
         self.bootstrap: list[Request] = []
-        self.stats = TransferStats()
         self.inflight: list[Request] = []
+        self.stats: TransferStats | None = TransferStats()
 
-    def __len__(self) -> int:
+    def pending(self) -> int:
         return len(self.bootstrap) + len(self.inflight)
 
     def add(self, req: Request, boot: Bootstrap) -> None:
@@ -72,89 +67,84 @@ class PrefillQueues:
         return isinstance(req.transfer, PrefillTransfer)
 
     def abort(self, req: Request) -> None:
-        t: PrefillTransfer = req.transfer
+        t = _transfer(req)
         t.aborting = True
         t.sender.abort()  # tells decode (RoomFailed), so its request ends now, not at its timeout
-        sched = self.engine.scheduler
-        if req in sched.running:  # mid-prefill: stop computing it; it keeps its pages in the
-            sched.running.remove(req)  # inflight queue until no queued send can read them
-        elif not sched.waiting.remove(req):
-            return  # bootstrap or inflight queue: poll() answers it once the sender is terminal
-        self.inflight.append(req)
+        if self.scheduler.detach(req):  # queued or mid-prefill: stop computing it; it keeps its
+            self.inflight.append(req)  # pages in the inflight queue until no queued send can read them
+        # bootstrap or inflight queue: poll() answers it once the sender is terminal
 
-    def poll(self) -> list[TokenOut]:
+    def poll(self) -> StagePoll:
         """Move bootstrapped requests to the scheduler; finish completed or failed transfers."""
-        out: list[TokenOut] = []
+        out = StagePoll()
+        self._poll_bootstrap(out)
+        for req in [r for r in self.scheduler.live() if isinstance(r.transfer, PrefillTransfer)]:
+            if req.transfer.sender.poll() == KVPoll.Failed:  # decode died or gave up: stop computing
+                self.scheduler.detach(req)  # the prompt, and answer with the failure (just below)
+                self.inflight.append(req)
+        for req in list(self.inflight):
+            t = _transfer(req)
+            state = t.sender.poll()
+            if state not in (KVPoll.Success, KVPoll.Failed):
+                continue
+            self.inflight.remove(req)
+            assert self.stats is not None
+            self.stats.record(state == KVPoll.Success, t.pages_sent * self.manager.layout.page_bytes,
+                              time.monotonic() - t.started)
+            err = None if state == KVPoll.Success else f"KV transfer to the decode server failed: {t.sender.failure}"
+            out.finished.append(self._end(req, t.error if t.error is not None else (None if t.aborting else err),
+                                          aborted=t.aborting and t.error is None))
+        return out
+
+    def _poll_bootstrap(self, out: StagePoll) -> None:
         for req in list(self.bootstrap):
-            t: PrefillTransfer = req.transfer
+            t = _transfer(req)
             state = t.sender.poll()
             if state == KVPoll.Failed or t.aborting:
                 self.bootstrap.remove(req)
-                out.append(self._end(req, None if t.aborting else f"bootstrap failed: {t.sender.failure}",
-                                     aborted=t.aborting))
+                out.finished.append(self._end(req, None if t.aborting else f"bootstrap failed: {t.sender.failure}",
+                                              aborted=t.aborting))
             elif state >= KVPoll.WaitingForInput:
                 self.bootstrap.remove(req)
-                want = pages_needed(req.prompt_len, self.engine.kv.page_size)
+                want = pages_needed(req.prompt_len, self.page_size)
                 if t.sender.num_dst_pages != want:  # decode got another prompt under this room
                     t.error = (f"decode reserved {t.sender.num_dst_pages} KV pages for room {t.room}, "
                                f"the prompt needs {want}: prefill and decode got different prompts")
                     t.sender.abort()
                     self.inflight.append(req)  # wait for the abort to settle, then answer
                     continue
-                self.engine.scheduler.add(req)
-        sched = self.engine.scheduler
-        for req in [r for r in sched.live() if isinstance(r.transfer, PrefillTransfer)]:
-            if req.transfer.sender.poll() == KVPoll.Failed:  # decode died or gave up: stop computing
-                if req in sched.running:  # the prompt, and answer with the failure (just below)
-                    sched.running.remove(req)
-                else:
-                    sched.waiting.remove(req)
-                self.inflight.append(req)
-        for req in list(self.inflight):
-            t = req.transfer
-            state = t.sender.poll()
-            if state in (KVPoll.Success, KVPoll.Failed):
-                self.inflight.remove(req)
-                self.stats.record(state == KVPoll.Success, t.pages_sent * self.manager.layout.page_bytes,
-                                  time.monotonic() - t.started)
-                err = None if state == KVPoll.Success else f"KV transfer to the decode server failed: {t.sender.failure}"
-                if t.error is not None:
-                    out.append(self._end(req, t.error))
-                else:
-                    out.append(self._end(req, None if t.aborting else err, aborted=t.aborting))
-        return out
+                self.scheduler.add(req)
 
     def after_forward(self, chunks: list[Chunk]) -> set[Request]:
         """Push the pages each PD chunk completed; hand finished prompts to the inflight queue."""
         taken: set[Request] = set()
-        ps = self.engine.kv.page_size
         for c in chunks:
             req = c.req
-            t: PrefillTransfer | None = req.transfer
-            if t is None:
+            t = req.transfer
+            if not isinstance(t, PrefillTransfer):
                 continue
             if c.end >= req.prompt_len:  # the prompt is done and its first token sampled
-                last = pages_needed(req.prompt_len, ps)
+                last = pages_needed(req.prompt_len, self.page_size)
                 t.sender.send(req.pages[t.pages_sent:last], t.pages_sent, True, self._record(req, t.room))
                 t.pages_sent = last
-                self.engine.scheduler.running.remove(req)
+                self.scheduler.detach(req)
                 self.inflight.append(req)
                 taken.add(req)
             else:
-                full = req.num_computed // ps
+                full = req.num_computed // self.page_size
                 if full > t.pages_sent:
                     t.sender.send(req.pages[t.pages_sent:full], t.pages_sent, False)
                     t.pages_sent = full
         return taken
 
-    def _record(self, req: Request, room: int) -> MetadataRecord:
+    @staticmethod
+    def _record(req: Request, room: int) -> MetadataRecord:
         top = [(x.token_id, x.logprob) for x in req.new_top[0]] if req.new_top else None
         return MetadataRecord(room=room, first_token=req.tokens[req.prompt_len],
                               logprob=req.new_logprobs[0] if req.new_logprobs else None,
                               top_logprobs=top, cached_tokens=req.cached_tokens)
 
-    def _end(self, req: Request, error: str | None, aborted: bool = False) -> TokenOut:
+    @staticmethod
+    def _end(req: Request, error: str | None, aborted: bool = False) -> Finished:
         reason = "abort" if (error or aborted) else (req.finish_reason or "length")
-        out = self.engine.finish_request(req, reason, keep_in_cache=True)
-        out.error, out.error_status = error, 503
-        return out
+        return Finished(req, reason, error)

@@ -1,5 +1,6 @@
-"""Wire a PD role into an engine: the KV pool's memory, the transfer manager, bootstrap, queues.
+"""Build the stage of an engine's PD mode: the KV pool's memory, the transfer manager, bootstrap.
 
+null:    NullStage (no transfer machinery at all)
 prefill: manager (sender side) + BootstrapServer publishing rank 0's endpoint and layout
 decode:  manager (receiver side; for shm its pool lives in shared memory) + BootstrapClient
          (route lookup with the layout check at first contact, heartbeat → manager.peer_dead)
@@ -7,26 +8,27 @@ decode:  manager (receiver side; for shm its pool lives in shared memory) + Boot
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from pdserve.disagg.bootstrap import BootstrapServer
 from pdserve.disagg.bootstrap_client import BootstrapClient
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.decode_queues import DecodeQueues
 from pdserve.disagg.messages import KVLayout
-from pdserve.disagg.prefill_queues import PrefillQueues
 from pdserve.disagg.transfer.base import create_manager
+from pdserve.engine.kv_cache import KVPool
+from pdserve.engine.kv_manager import KVManager
+from pdserve.engine.pd.decode import DecodeStage
+from pdserve.engine.pd.prefill import PrefillStage
+from pdserve.engine.pd.stage import NullStage, Stage
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.stop import StopChecker
 
-if TYPE_CHECKING:
-    from pdserve.engine.engine import Engine
 
-
-def pool_tensors(disagg: DisaggConfig, shape: tuple[int, ...], dtype: torch.dtype,
+def pool_tensors(disagg: DisaggConfig | None, shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """K/V tensors in shared memory for a shm decode server (prefill writes into them)."""
-    if disagg.mode != "decode" or disagg.backend != "shm":
+    """K/V tensors in shared memory for a shm decode server (prefill writes into them);
+    None: the pool allocates its own."""
+    if disagg is None or disagg.mode != "decode" or disagg.backend != "shm":
         return None
     if device.type != "cpu":
         raise ValueError("the shm transfer backend moves host memory: use it with --device cpu")
@@ -36,15 +38,17 @@ def pool_tensors(disagg: DisaggConfig, shape: tuple[int, ...], dtype: torch.dtyp
     return pool.k, pool.v
 
 
-def attach_disagg(engine: "Engine", disagg: DisaggConfig) -> PrefillQueues | DecodeQueues:
-    pool = engine.pool
-    layout = KVLayout.for_pool(engine.model_path.name, pool.k, pool.page_size)
+def build_stage(disagg: DisaggConfig | None, model_name: str, pool: KVPool, scheduler: Scheduler,
+                kv: KVManager, stops: StopChecker, vocab_size: int) -> Stage:
+    if disagg is None or disagg.mode == "null":
+        return NullStage(scheduler)
+    layout = KVLayout.for_pool(model_name, pool.k, pool.page_size)
     manager = create_manager(disagg.backend, disagg.mode, pool.k, pool.v, pool.page_size, layout, disagg,
                              host=disagg.bootstrap_host)
     if disagg.mode == "prefill":
         server = BootstrapServer.from_config(disagg).start()
         server.register(0, manager.endpoint, layout)
-        return PrefillQueues(engine, manager, server)
+        return PrefillStage(scheduler, pool.page_size, manager, server)
     client = BootstrapClient(layout, disagg)
     manager.watch(client)
-    return DecodeQueues(engine, manager, client)
+    return DecodeStage(scheduler, kv, stops, vocab_size, manager, client)

@@ -9,7 +9,6 @@ Lifecycle of `run_serve(args)`:
      finish_reason "abort"), wait (bounded) for connections to close, then the lifespan stops
      the engine process; a second SIGINT forces the exit. Returns 0 after a clean stop, 1 if
      the engine process died (the server then stops by itself).
-Also runnable as `python -m pdserve.server.launch_server serve ...` (or without `serve`).
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ from typing import Any
 
 import uvicorn
 
-from pdserve.sockets import bind_socket
-from pdserve.engine_args import add_engine_arguments, engine_config_from_args
-from pdserve.disagg.config import DisaggConfig
+from pdserve.launch.sockets import bind_socket
+from pdserve.engine.args import add_engine_arguments, engine_config_from_args
+from pdserve.disagg.config import BACKENDS, DisaggConfig
 from pdserve.server.app import begin_shutdown, build_app
 from pdserve.server.config import API_KEY_ENV, ServerConfig
 
@@ -52,7 +51,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("PD disaggregation (knobs: PDSERVE_DISAGGREGATION_* env, see README)")
     g.add_argument("--disaggregation-mode", default="null", choices=["null", "prefill", "decode"])
     g.add_argument("--disaggregation-transfer-backend", default="tcp",
-                   choices=["tcp", "shm", "fake", "nixl", "mooncake"])
+                   choices=BACKENDS)
     g.add_argument("--disaggregation-bootstrap-port", type=int, default=8998,
                    help="bootstrap server port on a prefill server")
     g.add_argument("--disaggregation-bootstrap-host", default=None,
@@ -159,15 +158,3 @@ def _schedule_shutdown(app: Any) -> None:
     else:
         begin_shutdown(fastapi_app)
 
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "serve":
-        argv = argv[1:]
-    parser = argparse.ArgumentParser(prog="pdserve serve", description="Serve a model over HTTP.")
-    add_serve_arguments(parser)
-    return run_serve(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

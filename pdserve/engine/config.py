@@ -26,3 +26,10 @@ class EngineConfig:
     threads: int | None = None  # torch intra-op threads (CPU); None = all cores we may use
     max_top_logprobs: int = 20
     seed: int = 0
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """torch's intra-op threads for this process: `threads`, or every core it may use."""
+    import torch
+
+    torch.set_num_threads(max(1, threads or default_threads()))

@@ -2,7 +2,7 @@
 
 Lifecycle of `run_launch(args)`:
   1. plan: free local ports for every server (and each prefill's bootstrap port), the cores
-     each server is pinned to and its torch thread count (`launch_procs.plan_cpus`), a log
+     each server is pinned to and its torch thread count (`procs.plan_cpus`), a log
      folder (`--log-dir`, default a fresh temp folder) with one log per process;
   2. start the model servers (`pdserve serve`, bundled model unless `--model`): `--prefill N`
      prefill + `--decode M` decode servers in PD mode, or `--workers K` unified servers with
@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pdserve.launch_procs import Child, plan_cpus, python_module
+from pdserve.launch.procs import Child, plan_cpus, python_module
 
 
 def free_port() -> int:
@@ -239,7 +239,3 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_launch_arguments(parser)
     return run_launch(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
