@@ -1,0 +1,142 @@
+"""The package's shape: imports point one way, no module pair imports each other (directly or
+through a chain), and no product file outgrows 400 lines.
+
+    router ──▶ (HTTP only)            server ──▶ engine ──▶ model
+    disagg ──▶ (never engine/server/router)      engine ──▶ disagg
+    model  ──▶ (nothing else of pdserve)
+
+Every import counts, also lazy ones inside functions and those under TYPE_CHECKING: a reader
+follows them all.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[2] / "pdserve"
+
+FORBIDDEN = {  # folder → import prefixes its modules must not use
+    "disagg": ("pdserve.engine", "pdserve.server", "pdserve.router"),
+    "router": ("torch", "pdserve.engine", "pdserve.server", "pdserve.model"),
+    "model": ("pdserve.engine", "pdserve.server", "pdserve.router", "pdserve.disagg", "pdserve.bench",
+              "pdserve.launch", "pdserve.cli"),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = ("pdserve", *path.relative_to(PKG).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _imported_names(path: Path) -> list[str]:
+    """Absolute names of everything `path` imports (`from a import b` gives a and a.b)."""
+    me = _module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names += [module] + [f"{module}.{a.name}" for a in node.names]
+    return names
+
+
+def _resolve(name: str) -> str | None:
+    """The project module `name` refers to (the longest known prefix), if any."""
+    while name:
+        if name in MODULES:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def _graph() -> dict[str, set[str]]:
+    """module → project modules it imports (package __init__ files are namespaces, not edges)."""
+    graph: dict[str, set[str]] = {m: set() for m in MODULES}
+    for me, path in MODULES.items():
+        for name in _imported_names(path):
+            target = _resolve(name)
+            if target and target != me and MODULES[target].name != "__init__.py":
+                graph[me].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[v] = min(low[v], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    found.append(sorted(comp))
+    return found
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_import_direction(folder: str) -> None:
+    bad = []
+    for me, path in MODULES.items():
+        if not me.startswith(f"pdserve.{folder}.") and me != f"pdserve.{folder}":
+            continue
+        for name in _imported_names(path):
+            if any(name == p or name.startswith(p + ".") for p in FORBIDDEN[folder]):
+                bad.append(f"{path.relative_to(PKG)} imports {name}")
+    assert not bad, "\n".join(sorted(set(bad)))
+
+
+def test_no_import_circles() -> None:
+    cycles = _cycles(_graph())
+    assert not cycles, "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_cycle_finder_finds_a_chain() -> None:  # the check itself can fail
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_product_files_stay_small() -> None:
+    long = [f"{p.relative_to(PKG)}: {n} lines" for p in MODULES.values()
+            if (n := p.read_text().count("\n")) > 400]
+    assert not long, "\n".join(long)
