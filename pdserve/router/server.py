@@ -27,7 +27,7 @@ from pdserve.router.app import RouterApp
 from pdserve.router.config import RouterConfig
 from pdserve.router.errors import protocol_error_body
 from pdserve.router.http.server import HttpServer
-from pdserve.sockets import bind_socket as bind_shared
+from pdserve.launch.sockets import bind_socket as bind_shared
 
 
 logger = logging.getLogger("pdserve.router")
