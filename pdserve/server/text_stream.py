@@ -2,7 +2,8 @@
 
 One `TextStream` per engine request. `add(ids)` feeds newly generated ids and returns the text
 that is safe to send now: a tail that could still turn out to be the start of a stop string is
-held back (display only: whether the request stopped is the engine's decision, `engine/stop.py`).
+held back, and so is a whole one (display only: whether and where the request stopped is the
+engine's decision, `engine/stop.py`, which reports it with the same token's output).
 `finish(matched)` ends it: with the engine's matched stop string the text is cut before it (or
 after it with `include_stop`), and the held text is released. Joined, the pieces equal the
 offline engine's decode-then-cut text.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pdserve.engine.stop_strings import cut_at_stop, held_back
+from pdserve.engine.stop_strings import cut_at_stop, find_stop, held_back
 from pdserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -31,7 +32,8 @@ class TextStream:
         if ids:
             self.text += self.detok.add(ids)
         upto = len(self.text) - held_back(self.text, self.stop, self.sent)
-        return self._release(upto)
+        found = find_stop(self.text, self.stop, self.sent)  # the engine ends the request on this
+        return self._release(upto if found is None else min(upto, found[0]))  # token: hold it back
 
     def finish(self, matched: int | str | None = None) -> str:
         """The request ended (`matched`: the engine's matched stop, if a string, it is cut at);
