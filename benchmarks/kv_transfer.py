@@ -2,7 +2,7 @@
 
     python benchmarks/kv_transfer.py [--mib 64] [--reps 9] [--backends tcp,shm,nixl,mooncake] [--json]
 
-Two spawned processes (pdserve.disagg.harness agents: a prefill and a decode, each with a KV
+Two spawned processes (tests/transfer_harness.py agents: a prefill and a decode, each with a KV
 pool shaped like an 8B Llama by default: 32 layers, 8 KV heads, head dim 128, bf16, page size
 16 -> 2 MiB per page) move N pages (about --mib MiB; random page ids on both sides unless
 --contiguous) and report, best and median of --reps rooms:
@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdserve.disagg.harness import Agent, AgentSpec, close_all  # noqa: E402
+from tests.transfer_harness import Agent, AgentSpec, close_all  # noqa: E402  (the repo root is on sys.path)
 
 # backend -> (the limit it is compared with, target share or None); nixl (UCX tcp + cma) and
 # mooncake (tcp) move bytes between processes over loopback here, so the socket is their yardstick

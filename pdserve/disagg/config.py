@@ -43,8 +43,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdserve.disagg.backends import BACKENDS
+
 MODES = ("null", "prefill", "decode")
-BACKENDS = ("tcp", "shm", "fake", "nixl", "mooncake")
 ENV_PREFIX = "PDSERVE_DISAGGREGATION_"
 ALIAS_PREFIX = "SGLANG_DISAGGREGATION_"
 TOKEN_ENV = "PDSERVE_CLUSTER_TOKEN"
@@ -59,7 +60,7 @@ def default_thread_pool_size(cpu_count: int | None = None) -> int:
 @dataclass(frozen=True)
 class DisaggConfig:
     mode: str = "null"  # null | prefill | decode
-    backend: str = "tcp"  # tcp | shm | fake | nixl | mooncake
+    backend: str = "tcp"  # a name in backends.BACKENDS: tcp | shm | fake | nixl | mooncake
     bootstrap_host: str = "127.0.0.1"
     bootstrap_port: int = 8998  # 0 = any free port (tests)
     thread_pool_size: int = field(default_factory=default_thread_pool_size)
@@ -79,7 +80,8 @@ class DisaggConfig:
         if self.mode not in MODES:
             raise ValueError(f"disaggregation mode must be one of {MODES}, got {self.mode!r}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"disaggregation transfer backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise ValueError(f"disaggregation transfer backend must be one of {tuple(BACKENDS)}, "
+                             f"got {self.backend!r}")
         if not 0 <= self.bootstrap_port <= 65535:
             raise ValueError(f"bootstrap_port must be in 0..65535, got {self.bootstrap_port}")
         for name in ("thread_pool_size", "queue_size", "heartbeat_max_failure"):

@@ -22,10 +22,10 @@ import torch
 
 from pdserve.disagg.bootstrap import BootstrapClient
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.harness import Agent, AgentSpec, close_all
 from pdserve.disagg.messages import KVLayout, LayoutMismatch
 from pdserve.disagg.transfer import KVPoll, create_manager
 from pdserve.disagg.transfer.shm_pool import sweep_stale_pools
+from tests.transfer_harness import Agent, AgentSpec, close_all
 
 BACKENDS = ["tcp", "shm", "fake", "nixl", "mooncake"]
 HB = {"heartbeat_interval": 0.5, "heartbeat_max_failure": 2}

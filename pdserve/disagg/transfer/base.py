@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pdserve.disagg.backends import BACKENDS
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import KVLayout, MetadataRecord
 
@@ -176,33 +177,20 @@ class TransferManager(ABC):
         self.close()
 
 
-# backend -> (module, class, what to install when the module's dependency is missing)
-BACKENDS: dict[str, tuple[str, str, str | None]] = {
-    "tcp": ("pdserve.disagg.transfer.tcp", "TcpTransferManager", None),
-    "shm": ("pdserve.disagg.transfer.shm", "ShmTransferManager", None),
-    "fake": ("pdserve.disagg.transfer.fake", "FakeTransferManager", None),
-    "nixl": ("pdserve.disagg.transfer.nixl", "NixlTransferManager",
-             "pip install 'pdserve[nixl]' (the nixl-cu12 wheel; it also runs on CPU)"),
-    "mooncake": ("pdserve.disagg.transfer.mooncake", "MooncakeTransferManager",
-                 "pip install 'pdserve[mooncake]' (mooncake-transfer-engine-non-cuda; "
-                 "needs the system library libibverbs1: apt-get install libibverbs1)"),
-}
-
-
 def create_manager(backend: str, role: str, k: torch.Tensor, v: torch.Tensor, page_size: int, layout: KVLayout,
                    config: DisaggConfig, host: str = "127.0.0.1", **kwargs: object) -> TransferManager:
     """Build the backend's manager; a missing optional backend raises BackendUnavailable (one line)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown transfer backend {backend!r}; choose one of {sorted(BACKENDS)}")
-    module_name, cls_name, install = BACKENDS[backend]
+    entry = BACKENDS[backend]
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(entry.module)
     except ModuleNotFoundError as exc:
-        if exc.name == module_name:
+        if exc.name == entry.module:
             raise BackendUnavailable(f"transfer backend {backend!r} is not implemented in this pdserve build") from None
         raise BackendUnavailable(f"transfer backend {backend!r} needs the {exc.name!r} package: "
-                                 f"{install or 'pip install ' + str(exc.name)}") from None
-    cls: type[TransferManager] = getattr(module, cls_name)
+                                 f"{entry.install or 'pip install ' + str(exc.name)}") from None
+    cls: type[TransferManager] = getattr(module, entry.cls)
     return cls(role, k, v, page_size, layout, config, host, **kwargs)
 
 

@@ -1,6 +1,8 @@
 """Two-process transfer harness: prefill and decode agents in spawned processes, driven by
 msgpack commands over a pipe (bytes only; nothing pickled but the spawn handshake itself).
-Used by tests/integration/test_transfer_*.py and benchmarks/kv_transfer.py.
+Used by tests/integration/test_transfer_*.py and benchmarks/kv_transfer.py; it is test and
+benchmark tooling, so it lives here and not in the pdserve package (the benchmark puts the repo
+root on sys.path to import it).
 
 Lifecycle:
     agent = Agent(AgentSpec(role="prefill", backends=["tcp", "shm"]))   # spawn ('spawn' context)
@@ -194,7 +196,7 @@ class _AgentState:
             for rank, name in enumerate(spec.backends):
                 self.server.register(rank, self.managers[name].endpoint, self.layout)
         else:
-            from pdserve.disagg.bootstrap import BootstrapClient
+            from pdserve.disagg.bootstrap_client import BootstrapClient
 
             self.client = BootstrapClient(self.layout, self.config, fetch_timeout=10.0)
             for mgr in self.managers.values():
