@@ -34,7 +34,7 @@ from pdserve.router.errors import RouterError, error_body
 from pdserve.router.forward import RegularForwarder
 from pdserve.router.health import HealthChecker, LoadMonitor
 from pdserve.router.http.client import UpstreamPool
-from pdserve.router.http.server import Request, Response
+from pdserve.router.http.protocol import Request, Response
 from pdserve.router.limiter import ConcurrencyLimiter
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pd import PDForwarder

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from pdserve.router.errors import RouterError
-from pdserve.router.http.server import Request
+from pdserve.router.http.protocol import Request
 
 _PREFIX = os.urandom(4).hex()
 _COUNTER = itertools.count(1)

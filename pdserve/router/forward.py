@@ -16,7 +16,7 @@ import asyncio
 from pdserve.router.context import RequestCtx
 from pdserve.router.errors import RouterError
 from pdserve.router.http.client import UpstreamError, UpstreamPool
-from pdserve.router.http.server import Response
+from pdserve.router.http.protocol import Response
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy
 from pdserve.router.registry import WorkerRegistry

@@ -31,7 +31,7 @@ from pdserve.router.config import RouterConfig
 from pdserve.router.context import RequestCtx
 from pdserve.router.errors import RouterError
 from pdserve.router.http.client import UpstreamError, UpstreamPool, UpstreamResponse
-from pdserve.router.http.server import Response
+from pdserve.router.http.protocol import Response
 from pdserve.router.logprobs import SSEMerger, merge_body, prefill_metas
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy

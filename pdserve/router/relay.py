@@ -16,7 +16,7 @@ import msgspec
 from pdserve.router.context import RequestCtx
 from pdserve.router.errors import error_body
 from pdserve.router.http.client import UpstreamError, UpstreamResponse
-from pdserve.router.http.server import Response
+from pdserve.router.http.protocol import Response
 from pdserve.router.retry import retryable_status
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pdserve.router.app import RouterApp
 from pdserve.router.config import RouterConfig
 from pdserve.router.errors import protocol_error_body
-from pdserve.router.http.server import HttpServer
+from pdserve.router.http.protocol import HttpListener
 from pdserve.sockets import bind_socket as bind_shared
 
 
@@ -57,7 +57,7 @@ async def serve(cfg: RouterConfig, sock: socket.socket | None = None, stop: asyn
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
     app = RouterApp(cfg)
-    server = HttpServer(app.handle, protocol_error_body, max_body=cfg.limits.max_payload_bytes)
+    server = HttpListener(app.handle, protocol_error_body, max_body=cfg.limits.max_payload_bytes)
     try:
         await app.start()
         await server.start(sock)
