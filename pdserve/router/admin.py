@@ -19,9 +19,9 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pdserve.router.config import WorkerSpec
-from pdserve.router.errors import RouterError
 from pdserve.router.http.client import UpstreamError
 from pdserve.router.http.protocol import Request, Response
+from pdserve.router.request import RouterError
 from pdserve.router.worker import Worker
 
 if TYPE_CHECKING:

@@ -29,8 +29,6 @@ import aiohttp
 
 from pdserve.router.admin import Admin
 from pdserve.router.config import RouterConfig
-from pdserve.router.context import RequestCtx, pick_request_id
-from pdserve.router.errors import RouterError, error_body
 from pdserve.router.forward import RegularForwarder
 from pdserve.router.health import HealthChecker, LoadMonitor
 from pdserve.router.http.client import UpstreamPool
@@ -40,6 +38,7 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pd import PDForwarder
 from pdserve.router.policies import Policy, make_policy
 from pdserve.router.registry import WorkerRegistry
+from pdserve.router.request import RequestCtx, RouterError, error_body, pick_request_id
 from pdserve.router.worker import Worker
 
 logger = logging.getLogger("pdserve.router")

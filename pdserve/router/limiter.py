@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from pdserve.router.errors import RouterError
+from pdserve.router.request import RouterError
 
 
 class ConcurrencyLimiter:

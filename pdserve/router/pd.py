@@ -28,8 +28,6 @@ from typing import Any
 import msgspec
 
 from pdserve.router.config import RouterConfig
-from pdserve.router.context import RequestCtx
-from pdserve.router.errors import RouterError
 from pdserve.router.http.client import UpstreamError, UpstreamPool, UpstreamResponse
 from pdserve.router.http.protocol import Response
 from pdserve.router.logprobs import SSEMerger, merge_body, prefill_metas
@@ -37,6 +35,7 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy
 from pdserve.router.registry import WorkerRegistry
 from pdserve.router.relay import Failure, relay_stream
+from pdserve.router.request import RequestCtx, RouterError
 from pdserve.router.retry import backoff_s, breaker_failure
 from pdserve.router.worker import Worker
 

@@ -13,10 +13,9 @@ from collections.abc import Callable
 
 import msgspec
 
-from pdserve.router.context import RequestCtx
-from pdserve.router.errors import error_body
 from pdserve.router.http.client import UpstreamError, UpstreamResponse
 from pdserve.router.http.protocol import Response
+from pdserve.router.request import RequestCtx, error_body
 from pdserve.router.retry import retryable_status
 
 

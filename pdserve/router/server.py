@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 from pdserve.router.app import RouterApp
 from pdserve.router.config import RouterConfig
-from pdserve.router.errors import protocol_error_body
 from pdserve.router.http.protocol import HttpListener
+from pdserve.router.request import protocol_error_body
 from pdserve.sockets import bind_socket as bind_shared
 
 
