@@ -22,7 +22,7 @@ from pdserve.router.config import WorkerSpec
 from pdserve.router.http.client import UpstreamError
 from pdserve.router.http.protocol import Request, Response
 from pdserve.router.request import RouterError
-from pdserve.router.worker import Worker
+from pdserve.router.workers import Worker
 
 if TYPE_CHECKING:
     from pdserve.router.app import RouterApp

@@ -33,13 +33,12 @@ from pdserve.router.forward import RegularForwarder
 from pdserve.router.health import HealthChecker, LoadMonitor
 from pdserve.router.http.client import UpstreamPool
 from pdserve.router.http.protocol import Request, Response
-from pdserve.router.limiter import ConcurrencyLimiter
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pd import PDForwarder
 from pdserve.router.policies import Policy, make_policy
-from pdserve.router.registry import WorkerRegistry
 from pdserve.router.request import RequestCtx, RouterError, error_body, pick_request_id
-from pdserve.router.worker import Worker
+from pdserve.router.resilience import ConcurrencyLimiter
+from pdserve.router.workers import Worker, WorkerRegistry
 
 logger = logging.getLogger("pdserve.router")
 GENERATE_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pdserve.router.config import PolicyConfig
 from pdserve.router.policies import Policy, TextFn
 from pdserve.router.radix_tree import RadixTree
-from pdserve.router.worker import Worker
+from pdserve.router.workers import Worker
 
 
 class CacheAwarePolicy(Policy):

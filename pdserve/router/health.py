@@ -21,8 +21,7 @@ from typing import Any
 import aiohttp
 
 from pdserve.router.config import HealthConfig
-from pdserve.router.registry import WorkerRegistry
-from pdserve.router.worker import Worker
+from pdserve.router.workers import Worker, WorkerRegistry
 
 logger = logging.getLogger("pdserve.router")
 STARTING_INTERVAL_S = 0.5

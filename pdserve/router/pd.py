@@ -33,11 +33,10 @@ from pdserve.router.http.protocol import Response
 from pdserve.router.logprobs import SSEMerger, merge_body, prefill_metas
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy
-from pdserve.router.registry import WorkerRegistry
 from pdserve.router.relay import Failure, relay_stream
 from pdserve.router.request import RequestCtx, RouterError
-from pdserve.router.retry import backoff_s, breaker_failure
-from pdserve.router.worker import Worker
+from pdserve.router.resilience import backoff_s, breaker_failure
+from pdserve.router.workers import Worker, WorkerRegistry
 
 logger = logging.getLogger("pdserve.router")
 _enc = msgspec.json.Encoder()

@@ -13,7 +13,7 @@ import random
 from collections.abc import Callable, Sequence
 
 from pdserve.router.config import PolicyConfig
-from pdserve.router.worker import Worker
+from pdserve.router.workers import Worker
 
 TextFn = Callable[[], str]
 

@@ -16,7 +16,7 @@ import msgspec
 from pdserve.router.http.client import UpstreamError, UpstreamResponse
 from pdserve.router.http.protocol import Response
 from pdserve.router.request import RequestCtx, error_body
-from pdserve.router.retry import retryable_status
+from pdserve.router.resilience import retryable_status
 
 
 class Failure:

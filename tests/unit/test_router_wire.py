@@ -13,7 +13,7 @@ from pdserve.router.http.parser import (CHUNKED, FIXED, NO_BODY, UNTIL_CLOSE, Ch
 from pdserve.router.logprobs import SSEMerger, merge_body, prefill_metas
 from pdserve.router.pd import batch_size, inject_bootstrap
 from pdserve.router.request import RouterError, pick_request_id, routing_text
-from pdserve.router.worker import Worker
+from pdserve.router.workers import Worker
 
 
 def test_request_line_and_headers() -> None:
