@@ -10,8 +10,7 @@ from pdserve.router.config import CircuitConfig, WorkerSpec
 from pdserve.router.http.parser import (CHUNKED, FIXED, NO_BODY, UNTIL_CLOSE, ChunkedDecoder, ParseError,
                                         body_framing, parse_head, parse_headers, parse_request_line,
                                         parse_status_line)
-from pdserve.router.logprobs import SSEMerger, merge_body, prefill_metas
-from pdserve.router.pd import batch_size, inject_bootstrap
+from pdserve.router.pd import SSEMerger, batch_size, inject_bootstrap, merge_body, prefill_metas
 from pdserve.router.request import RouterError, pick_request_id, routing_text
 from pdserve.router.workers import Worker
 
