@@ -17,11 +17,12 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
-from pdserve.router.http.protocol import Request
+from pdserve.router.http.protocol import Request, Response
 
 # -- errors ------------------------------------------------------------------------------------
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -138,3 +139,6 @@ class RequestCtx:
         if self._text is None:
             self._text = routing_text(self.route, self.json())
         return self._text
+
+
+RouteFn = Callable[[Request, str], Awaitable["Response | None"]]  # a route's handler: (request, request id)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from pdserve.router.config import CircuitConfig, WorkerSpec
+from pdserve.router.config import CircuitConfig, RouterConfig, WorkerSpec
 from pdserve.router.resilience import CircuitBreaker
 
 
@@ -62,6 +62,11 @@ class Worker:
         return {"url": self.url, "role": self.role, "bootstrap_port": self.bootstrap_port,
                 "healthy": self.healthy, "circuit": self.breaker.state, "in_flight": self.in_flight,
                 "load": self.load, "processed": self.processed, "last_error": self.last_error}
+
+
+def new_worker(spec: WorkerSpec, cfg: RouterConfig) -> Worker:
+    """A worker as this router runs it: its breaker and key from `cfg`, healthy at once only without checks."""
+    return Worker(spec, cfg.circuit, cfg.worker_key, healthy=not cfg.health.enabled)
 
 
 Listener = Callable[[str, Worker], None]  # ("added" | "removed", worker)
