@@ -8,24 +8,26 @@
 - `GET /metrics`: Prometheus text. `GET /get_loads`: per-worker load.
 - `GET /v1/models`, `/server_info`, `/model_info`, `/health_generate`: answered by one
   routable (decode or regular) worker; `POST /flush_cache`: sent to every worker.
+`Admin` is built by the app from the parts it reads or changes (config, registry, health
+checker, limiter, metrics, upstream pool); `routes()` is its share of the app's route table.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from pdserve.router.config import WorkerSpec
-from pdserve.router.errors import RouterError
-from pdserve.router.http.client import UpstreamError
-from pdserve.router.http.server import Request, Response
-from pdserve.router.worker import Worker
-
-if TYPE_CHECKING:
-    from pdserve.router.app import RouterApp
+from pdserve.router.config import RouterConfig, WorkerSpec
+from pdserve.router.health import HealthChecker
+from pdserve.router.http.client import UpstreamError, UpstreamPool
+from pdserve.router.http.protocol import Request, Response
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.request import RouteFn, RouterError
+from pdserve.router.resilience import ConcurrencyLimiter
+from pdserve.router.workers import Worker, WorkerRegistry, new_worker
 
 _enc = msgspec.json.Encoder()
 
@@ -35,14 +37,20 @@ def _json(obj: Any, rid: str, status: int = 200) -> Response:
 
 
 class Admin:
-    def __init__(self, app: RouterApp) -> None:
-        self.app = app
+    def __init__(self, cfg: RouterConfig, registry: WorkerRegistry, health: HealthChecker,
+                 limiter: ConcurrencyLimiter, metrics: RouterMetrics, pool: UpstreamPool) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.health = health
+        self.limiter = limiter
+        self.metrics = metrics
+        self.pool = pool
 
-    def routes(self) -> dict[str, dict[str, Any]]:
-        info = {"GET": self.pass_through}
+    def routes(self) -> dict[str, dict[str, RouteFn]]:
+        info: dict[str, RouteFn] = {"GET": self.pass_through}
         return {
-            "/health": {"GET": self.health}, "/liveness": {"GET": self.health},
-            "/readiness": {"GET": self.readiness}, "/metrics": {"GET": self.metrics},
+            "/health": {"GET": self.liveness}, "/liveness": {"GET": self.liveness},
+            "/readiness": {"GET": self.readiness}, "/metrics": {"GET": self.prometheus},
             "/workers": {"GET": self.list_workers, "POST": self.add_worker, "DELETE": self.remove_worker},
             "/workers/{url}": {"DELETE": self.remove_worker, "GET": self.get_worker},
             "/get_loads": {"GET": self.loads},
@@ -51,39 +59,38 @@ class Admin:
             "/flush_cache": {"POST": self.flush_cache, "GET": self.flush_cache},
         }
 
-    async def health(self, req: Request, rid: str) -> Response:
+    async def liveness(self, req: Request, rid: str) -> Response:
         return _json({"status": "ok"}, rid)
 
     def _counts(self) -> dict[str, dict[str, int]]:
-        reg = self.app.registry
-        roles = ("prefill", "decode") if self.app.cfg.pd else ("regular",)
+        reg = self.registry
+        roles = ("prefill", "decode") if self.cfg.pd else ("regular",)
         return {r: {"total": len(reg.by_role(r)), "routable": len(reg.routable(r))} for r in roles}
 
     async def readiness(self, req: Request, rid: str) -> Response:
         counts = self._counts()
         ready = all(c["routable"] > 0 for c in counts.values())
-        body = {"status": "ready" if ready else "not ready", "mode": "pd" if self.app.cfg.pd else "regular",
+        body = {"status": "ready" if ready else "not ready", "mode": "pd" if self.cfg.pd else "regular",
                 "workers": counts}
         return _json(body, rid, 200 if ready else 503)
 
-    async def metrics(self, req: Request, rid: str) -> Response:
-        lim = self.app.limiter
-        text = self.app.metrics.render(self.app.registry.all(), lim.active, lim.queued)
+    async def prometheus(self, req: Request, rid: str) -> Response:
+        text = self.metrics.render(self.registry.all(), self.limiter.active, self.limiter.queued)
         return Response(text, 200, CONTENT_TYPE_LATEST, [("x-request-id", rid)])
 
     async def list_workers(self, req: Request, rid: str) -> Response:
-        workers = [w.describe() for w in self.app.registry.all()]
+        workers = [w.describe() for w in self.registry.all()]
         return _json({"workers": workers, "total": len(workers), **self._counts()}, rid)
 
     async def get_worker(self, req: Request, rid: str) -> Response:
-        worker = self.app.registry.get(self._url_from(req))
+        worker = self.registry.get(self._url_from(req))
         if worker is None:
             raise RouterError(404, "no such worker", code="worker_not_found")
         return _json(worker.describe(), rid)
 
     async def loads(self, req: Request, rid: str) -> Response:
         return _json({"workers": [{"url": w.url, "role": w.role, "load": w.load, "in_flight": w.in_flight}
-                                  for w in self.app.registry.all()]}, rid)
+                                  for w in self.registry.all()]}, rid)
 
     async def add_worker(self, req: Request, rid: str) -> Response:
         try:
@@ -92,7 +99,7 @@ class Admin:
             raise RouterError(400, "request body is not valid JSON", code="invalid_json") from None
         if not isinstance(body, dict):
             raise RouterError(400, "request body must be a JSON object", code="invalid_json")
-        pd = self.app.cfg.pd
+        pd = self.cfg.pd
         url, role, port = body.get("url"), body.get("role"), body.get("bootstrap_port")
         if not isinstance(url, str):
             raise RouterError(400, "'url' (string) is required", param="url")
@@ -108,12 +115,12 @@ class Admin:
             spec = WorkerSpec(url=url, role=role, bootstrap_port=port)
         except ValueError as exc:
             raise RouterError(400, str(exc), param="url") from None
-        if self.app.registry.get(spec.url) is not None:
+        if self.registry.get(spec.url) is not None:
             raise RouterError(409, f"worker {spec.url} is already registered", code="worker_exists")
-        worker = self.app.new_worker(spec)
-        self.app.registry.add(worker)
-        if self.app.health is not None and self.app.cfg.health.enabled:
-            await self.app.health.check(worker)
+        worker = new_worker(spec, self.cfg)
+        self.registry.add(worker)
+        if self.cfg.health.enabled:
+            await self.health.check(worker)
         return _json({"added": worker.describe()}, rid, 201)
 
     @staticmethod
@@ -138,14 +145,14 @@ class Admin:
             url = WorkerSpec(url=raw).url
         except ValueError as exc:
             raise RouterError(400, str(exc), param="url") from None
-        worker = self.app.registry.remove(url)
+        worker = self.registry.remove(url)
         if worker is None:
             raise RouterError(404, f"no worker {url}", code="worker_not_found")
         return _json({"removed": url}, rid)
 
     def _info_worker(self) -> Worker:
-        role = "decode" if self.app.cfg.pd else "regular"
-        workers = self.app.registry.routable(role)
+        role = "decode" if self.cfg.pd else "regular"
+        workers = self.registry.routable(role)
         if not workers:
             raise RouterError(503, f"no healthy {role} worker to ask", code="no_healthy_workers")
         return min(workers, key=lambda w: w.in_flight)
@@ -153,9 +160,9 @@ class Admin:
     async def pass_through(self, req: Request, rid: str) -> Response:
         w = self._info_worker()
         try:
-            resp = await self.app.pool.request(w.host, w.port, "GET", req.target,
+            resp = await self.pool.request(w.host, w.port, "GET", req.target,
                                                w.fwd_headers + f"x-request-id: {rid}\r\n".encode(), b"",
-                                               self.app.cfg.health.timeout_s * 6)
+                                               self.cfg.health.timeout_s * 6)
             try:
                 body = await resp.read()
             finally:
@@ -166,10 +173,10 @@ class Admin:
 
     async def flush_cache(self, req: Request, rid: str) -> Response:
         results: dict[str, int | str] = {}
-        for w in self.app.registry.all():
+        for w in self.registry.all():
             try:
-                resp = await self.app.pool.request(w.host, w.port, "POST", "/flush_cache", w.fwd_headers, b"",
-                                                   self.app.cfg.health.timeout_s * 6)
+                resp = await self.pool.request(w.host, w.port, "POST", "/flush_cache", w.fwd_headers, b"",
+                                                   self.cfg.health.timeout_s * 6)
                 try:
                     await resp.read()
                 finally:

@@ -3,8 +3,9 @@
 Lifecycle of `RouterApp`:
   - construction builds the parts from the frozen config: worker registry (workers start
     unhealthy until a first good health check, or healthy when checks are off), one policy
-    per role, the upstream connection pool, the limiter, metrics, and the regular or PD
-    forwarder;
+    per role, the health checker, the upstream connection pool, the limiter, metrics, the
+    regular or PD forwarder, and the route table (generation routes here, the operational
+    ones from admin.py);
   - `start()` opens the control-plane aiohttp session, runs one round of health checks and
     starts the background loops (health checks, `/get_load` polling for power_of_two, tree
     eviction for cache_aware);
@@ -22,30 +23,26 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 
 from pdserve.router.admin import Admin
 from pdserve.router.config import RouterConfig
-from pdserve.router.context import RequestCtx, pick_request_id
-from pdserve.router.errors import RouterError, error_body
-from pdserve.router.forward import RegularForwarder
+from pdserve.router.forward import Forwarder, RegularForwarder
 from pdserve.router.health import HealthChecker, LoadMonitor
 from pdserve.router.http.client import UpstreamPool
-from pdserve.router.http.server import Request, Response
-from pdserve.router.limiter import ConcurrencyLimiter
+from pdserve.router.http.protocol import Request, Response
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pd import PDForwarder
 from pdserve.router.policies import Policy, make_policy
-from pdserve.router.registry import WorkerRegistry
-from pdserve.router.worker import Worker
+from pdserve.router.request import RequestCtx, RouteFn, RouterError, error_body, pick_request_id
+from pdserve.router.resilience import ConcurrencyLimiter
+from pdserve.router.workers import Worker, WorkerRegistry, new_worker
 
 logger = logging.getLogger("pdserve.router")
 GENERATE_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
 OPEN_PATHS = frozenset({"/health", "/liveness", "/readiness", "/metrics"})
-RouteFn = Callable[[Request, str], Awaitable["Response | None"]]
 
 
 class RouterApp:
@@ -58,44 +55,39 @@ class RouterApp:
                                           cfg.limits.queue_timeout_s)
         roles = ("prefill", "decode") if cfg.pd else ("regular",)
         self.policies: dict[str, Policy] = {role: make_policy(cfg.policy_for(role)) for role in roles}
+        self.health = HealthChecker(cfg.health, self.registry, cfg.worker_key)
         self.session: aiohttp.ClientSession | None = None
-        self.health: HealthChecker | None = None
         self.registry.subscribe(self._on_registry_change)
         for spec in cfg.workers:
-            self.registry.add(self.new_worker(spec))
+            self.registry.add(new_worker(spec, cfg))
+        self.forwarder: Forwarder
         if cfg.pd:
-            self.forwarder: Any = PDForwarder(cfg, self.registry, self.pool, self.policies["prefill"],
-                                              self.policies["decode"], self.metrics)
+            self.forwarder = PDForwarder(cfg, self.registry, self.pool, self.policies["prefill"],
+                                         self.policies["decode"], self.metrics)
         else:
             self.forwarder = RegularForwarder(cfg, self.registry, self.pool, self.policies["regular"], self.metrics)
         self._tasks: list[asyncio.Task[Any]] = []
         self._key = cfg.api_key.encode() if cfg.api_key else None
         self._forward_client_auth = cfg.worker_key is None
-        self.admin = Admin(self)
+        self.admin = Admin(cfg, self.registry, self.health, self.limiter, self.metrics, self.pool)
         self.routes: dict[str, dict[str, RouteFn]] = {path: {"POST": self.generate} for path in GENERATE_ROUTES}
         for path, methods in self.admin.routes().items():
             self.routes.setdefault(path, {}).update(methods)
-
-    def new_worker(self, spec: Any) -> Worker:
-        return Worker(spec, self.cfg.circuit, self.cfg.worker_key, healthy=not self.cfg.health.enabled)
 
     def _on_registry_change(self, event: str, worker: Worker) -> None:
         if event == "removed":
             policy = self.policies.get(worker.role)
             if policy is not None:
                 policy.on_removed(worker)
-        elif self.health is not None:
+        else:
             self.health.wake()
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-        self.health = HealthChecker(self.cfg.health, self.registry, self.session, self.cfg.worker_key)
+        await self.health.start(self.session)
         if self.cfg.health.enabled:
-            await self.health.first_round()
             self._tasks.append(asyncio.create_task(self.health.run(), name="health-checks"))
-        else:
-            await asyncio.gather(*(self.health.fetch_info(w) for w in self.registry.all()))
         if any(p.name == "power_of_two" for p in self.policies.values()):
             monitor = LoadMonitor(self.cfg.health.load_interval_s, self.cfg.health.timeout_s, self.registry,
                                   self.session, self.cfg.worker_key)

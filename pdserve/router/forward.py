@@ -1,29 +1,102 @@
-"""Regular mode: one request → one worker chosen by the policy, with retries.
+"""Forwarding one request to a worker: regular mode, and the relay and failure shape PD mode shares.
 
-Per attempt: pick among routable workers not tried yet (all of them once every one was
-tried), send the body as received, and classify the answer: 408/429/5xx and connection
-errors are failures (5xx and connection errors also count against the worker's circuit);
-anything else is relayed — whole (Content-Length answers) or streamed unbuffered. Retries
-wait with exponential backoff and jitter and happen only while the client has not received
-a byte. When every attempt failed, the client gets the last worker's answer (or a 502/504
-describing the connection failure); with no routable worker at all, a 503.
+Regular mode (`RegularForwarder`), per attempt: pick among routable workers not tried yet (all
+of them once every one was tried), send the body as received, and classify the answer:
+408/429/5xx and connection errors are failures (5xx and connection errors also count against
+the worker's circuit); anything else is relayed — whole (Content-Length answers) or streamed
+unbuffered. Retries wait with exponential backoff and jitter and happen only while the client
+has not received a byte. When every attempt failed, the client gets the last worker's answer
+(or a 502/504 describing the connection failure); with no routable worker at all, a 503.
+
+`relay_stream` writes a streaming answer through as it arrives (no buffering beyond one TCP
+read): the response head goes out with the first body bytes, which is the moment after
+which a request can no longer be retried. A worker that fails mid-stream ends an SSE stream
+with an OpenAI-style `data: {"error": ...}` event (other streams are cut). `Failure` records a
+failed attempt: what to tell the client if no retry succeeds, and whether a retry is allowed.
+`Forwarder` is what the app calls: this module's `RegularForwarder` or pd.py's `PDForwarder`.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Protocol
 
-from pdserve.router.context import RequestCtx
-from pdserve.router.errors import RouterError
-from pdserve.router.http.client import UpstreamError, UpstreamPool
-from pdserve.router.http.server import Response
+import msgspec
+
+from pdserve.router.config import RouterConfig
+from pdserve.router.http.client import UpstreamError, UpstreamPool, UpstreamResponse
+from pdserve.router.http.protocol import Response
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy
-from pdserve.router.registry import WorkerRegistry
-from pdserve.router.relay import Failure, relay_stream
-from pdserve.router.retry import backoff_s, breaker_failure, retryable_status
-from pdserve.router.config import RouterConfig
-from pdserve.router.worker import Worker
+from pdserve.router.request import RequestCtx, RouterError, error_body
+from pdserve.router.resilience import backoff_s, breaker_failure, retryable_status
+from pdserve.router.workers import Worker, WorkerRegistry
+
+
+class Failure:
+    __slots__ = ("body", "content_type", "retryable", "sent", "status")
+
+    def __init__(self, status: int, body: bytes, content_type: str | None = "application/json",
+                 retryable: bool = True, sent: bool = False) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.retryable = retryable
+        self.sent = sent
+
+    @classmethod
+    def upstream(cls, exc: UpstreamError, who: str) -> Failure:
+        status = 504 if exc.kind == "timeout" else 502
+        return cls(status, error_body(status, f"{who}: {exc}", code=f"worker_{exc.kind}"))
+
+    @classmethod
+    def answer(cls, status: int, body: bytes, content_type: str | None) -> Failure:
+        return cls(status, body, content_type, retryable=retryable_status(status))
+
+    def response(self, ctx: RequestCtx) -> Response:
+        return Response(self.body, self.status, self.content_type, ctx.resp_headers)
+
+
+def is_sse(content_type: str | None) -> bool:
+    return bool(content_type) and content_type.startswith("text/event-stream")  # type: ignore[union-attr]
+
+
+def sse_error(message: str, code: str) -> bytes:
+    return b"data: " + msgspec.json.encode(msgspec.json.decode(error_body(502, message, code=code))) + b"\n\n"
+
+
+async def relay_stream(ctx: RequestCtx, resp: UpstreamResponse, first: bytes | None,
+                       transform: Callable[[bytes], bytes] | None = None,
+                       flush: Callable[[], bytes] | None = None) -> UpstreamError | None:
+    """Send the head, `first` (already read) and the rest of `resp`; returns a mid-stream error."""
+    writer = ctx.req.writer
+    ctype = resp.content_type
+    headers = ctx.resp_headers + ([("cache-control", "no-cache")] if is_sse(ctype) else [])
+    await writer.start(resp.status, headers, ctype)
+    try:
+        chunk = first
+        while True:
+            if chunk is None:
+                chunk = await resp.next_chunk()
+                if chunk is None:
+                    break
+            await writer.write(transform(chunk) if transform else chunk)
+            chunk = None
+        if flush is not None:
+            await writer.write(flush())
+    except UpstreamError as exc:
+        if is_sse(ctype):
+            await writer.write(sse_error(f"the worker failed mid-stream: {exc}", f"worker_{exc.kind}"))
+            await writer.finish()
+        return exc
+    await writer.finish()
+    return None
+
+
+class Forwarder(Protocol):
+    async def handle(self, ctx: RequestCtx) -> Response | None:
+        """Answer one generation request: a whole `Response`, or None once it was streamed."""
 
 
 class RegularForwarder:

@@ -1,12 +1,15 @@
 """Active health checks and load polling of the workers (control plane, aiohttp).
 
-`HealthChecker` lifecycle: `first_round()` probes every worker once before the router takes
-traffic; `run()` then probes each worker every `interval_s` (a worker that has never been
-healthy, e.g. still loading its model, every 0.5 s), with `timeout_s` per probe. A first
-success makes a new worker healthy at once; afterwards `failure_threshold` consecutive
-failures eject it and `success_threshold` consecutive successes bring it back. Every probe
-of a worker that has been healthy once also feeds its circuit breaker, so a dead worker both
-leaves rotation and opens its circuit (a server still loading its model trips nothing). A prefill without a known bootstrap port learns it from its `/server_info`.
+`HealthChecker` lifecycle: built with the app (so `POST /workers` can probe a new worker);
+`start(session)` takes the control-plane session and probes every worker once before the
+router takes traffic (with checks off it only reads their `/server_info`); `run()` then
+probes each worker every `interval_s` (a worker that has never been healthy, e.g. still
+loading its model, every 0.5 s), with `timeout_s` per probe. A first success makes a new
+worker healthy at once; afterwards `failure_threshold` consecutive failures eject it and
+`success_threshold` consecutive successes bring it back. Every probe of a worker that has
+been healthy once also feeds its circuit breaker, so a dead worker both leaves rotation and
+opens its circuit (a server still loading its model trips nothing). A prefill without a known
+bootstrap port learns it from its `/server_info`.
 `LoadMonitor.run()` polls `/get_load` of healthy workers for `power_of_two`.
 """
 
@@ -21,8 +24,7 @@ from typing import Any
 import aiohttp
 
 from pdserve.router.config import HealthConfig
-from pdserve.router.registry import WorkerRegistry
-from pdserve.router.worker import Worker
+from pdserve.router.workers import Worker, WorkerRegistry
 
 logger = logging.getLogger("pdserve.router")
 STARTING_INTERVAL_S = 0.5
@@ -33,11 +35,10 @@ def _auth(key: str | None) -> dict[str, str]:
 
 
 class HealthChecker:
-    def __init__(self, cfg: HealthConfig, registry: WorkerRegistry, session: aiohttp.ClientSession,
-                 api_key: str | None) -> None:
+    def __init__(self, cfg: HealthConfig, registry: WorkerRegistry, api_key: str | None) -> None:
         self.cfg = cfg
         self.registry = registry
-        self.session = session
+        self.session: aiohttp.ClientSession  # given by start()
         self.api_key = api_key
         self._due: dict[str, float] = {}
         self._wake = asyncio.Event()
@@ -105,9 +106,12 @@ class HealthChecker:
                 worker.bootstrap_port = port
                 logger.info("prefill %s: bootstrap port %d (from /server_info)", worker.url, port)
 
-    async def first_round(self) -> None:
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
         if self.cfg.enabled:
             await asyncio.gather(*(self.check(w) for w in self.registry.all()))
+        else:
+            await asyncio.gather(*(self.fetch_info(w) for w in self.registry.all()))
 
     def wake(self) -> None:
         self._wake.set()

@@ -1,15 +1,22 @@
-"""Running the router: bind, start, serve until a signal, stop cleanly.
+"""Running the router: bind, start, serve until a signal (or `stop`), stop cleanly; in this process or a thread.
 
-`serve(cfg)` lifecycle:
+`serve(cfg)` lifecycle (`pdserve router` runs it as the process's main loop):
   1. bind the listening socket first (a taken port fails at once, before any worker is
      contacted);
   2. `RouterApp.start()`: one round of health checks (bounded by the health timeout), then
      the background loops;
-  3. the HTTP server accepts connections; `ready` (if given) is called with the bound port;
+  3. the HTTP listener accepts connections; `ready` (if given) is called with the bound port;
      start-up objects are frozen out of the cyclic GC (short pauses under load);
   4. on SIGTERM/SIGINT (or `stop` being set): stop accepting, close idle connections, let
      in-flight requests finish for up to `shutdown_timeout_s`, abort the rest (which cancels
      their upstream legs), stop the app. A second signal exits at once.
+
+`EmbeddedRouter` runs the same `serve()` in a background thread of this process (tests,
+benchmarks, embedding): `EmbeddedRouter(cfg).start()` runs it on a uvloop event loop in a
+daemon thread, binds `cfg.host:cfg.port` (port 0: a free one), and returns once the router
+listens (bounded wait); `url` is its address, `app` the live `RouterApp` (read its state;
+change it only through `call()`, which runs a function on the router's loop); `stop()` shuts it
+down like a SIGTERM would and joins the thread (bounded).
 """
 
 from __future__ import annotations
@@ -22,15 +29,19 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
+from typing import Any, TypeVar
+
+import uvloop
 
 from pdserve.router.app import RouterApp
 from pdserve.router.config import RouterConfig
-from pdserve.router.errors import protocol_error_body
-from pdserve.router.http.server import HttpServer
 from pdserve.launch.sockets import bind_socket as bind_shared
+from pdserve.router.http.protocol import HttpListener
+from pdserve.router.request import protocol_error_body
 
 
 logger = logging.getLogger("pdserve.router")
+T = TypeVar("T")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -57,10 +68,10 @@ async def serve(cfg: RouterConfig, sock: socket.socket | None = None, stop: asyn
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
     app = RouterApp(cfg)
-    server = HttpServer(app.handle, protocol_error_body, max_body=cfg.limits.max_payload_bytes)
+    listener = HttpListener(app.handle, protocol_error_body, max_body=cfg.limits.max_payload_bytes)
     try:
         await app.start()
-        await server.start(sock)
+        await listener.start(sock)
         gc.collect()
         gc.freeze()  # start-up objects never need scanning again: keeps full collections short
         mode = "PD" if cfg.pd else "regular"
@@ -70,7 +81,7 @@ async def serve(cfg: RouterConfig, sock: socket.socket | None = None, stop: asyn
         if ready is not None:
             ready(app, port)
         await stop.wait()
-        await server.close(cfg.shutdown_timeout_s)
+        await listener.close(cfg.shutdown_timeout_s)
     finally:
         await app.stop()
         sock.close()
@@ -79,3 +90,66 @@ async def serve(cfg: RouterConfig, sock: socket.socket | None = None, stop: asyn
                 loop.remove_signal_handler(sig)
     logger.info("router stopped")
     return 0
+
+
+class EmbeddedRouter:
+    def __init__(self, cfg: RouterConfig) -> None:
+        self.cfg = cfg
+        self.app: RouterApp | None = None
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="pdserve-router", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _main(self) -> None:
+        try:
+            uvloop.run(self._run())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            self._ready.set()
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        sock = bind_socket(self.cfg.host, self.cfg.port)
+
+        def ready(app: RouterApp, port: int) -> None:
+            self.app, self.port = app, port
+            self._ready.set()
+
+        await serve(self.cfg, sock=sock, stop=self._stop, ready=ready)
+
+    def start(self, timeout: float = 30.0) -> EmbeddedRouter:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"router did not start within {timeout} s")
+        if self._error is not None:
+            raise RuntimeError(f"router failed to start: {self._error!r}") from self._error
+        return self
+
+    def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """Run `fn()` on the router's loop (coroutine functions are awaited) and return its result."""
+        assert self._loop is not None
+
+        async def run() -> Any:
+            out = fn()
+            return await out if asyncio.iscoroutine(out) else out
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> EmbeddedRouter:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -27,7 +27,8 @@ import uvicorn
 
 from pdserve.launch.sockets import bind_socket
 from pdserve.engine.args import add_engine_arguments, engine_config_from_args
-from pdserve.disagg.config import BACKENDS, DisaggConfig
+from pdserve.disagg.backends import BACKENDS
+from pdserve.disagg.config import DisaggConfig
 from pdserve.server.app import begin_shutdown, build_app
 from pdserve.server.config import API_KEY_ENV, ServerConfig
 
@@ -51,7 +52,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("PD disaggregation (knobs: PDSERVE_DISAGGREGATION_* env, see README)")
     g.add_argument("--disaggregation-mode", default="null", choices=["null", "prefill", "decode"])
     g.add_argument("--disaggregation-transfer-backend", default="tcp",
-                   choices=BACKENDS)
+                   choices=list(BACKENDS))
     g.add_argument("--disaggregation-bootstrap-port", type=int, default=8998,
                    help="bootstrap server port on a prefill server")
     g.add_argument("--disaggregation-bootstrap-host", default=None,

@@ -25,7 +25,7 @@ import openai
 import pytest
 
 from pdserve.router.config import HealthConfig, PolicyConfig, RetryConfig, RouterConfig, WorkerSpec
-from pdserve.router.embedded import EmbeddedRouter
+from pdserve.router.server import EmbeddedRouter
 from tests.integration.conftest import ROOT, free_port
 from tests.mock_worker import wait_until
 

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from pdserve.router.config import CircuitConfig, HealthConfig, PolicyConfig, RouterConfig, WorkerSpec
-from pdserve.router.embedded import EmbeddedRouter
+from pdserve.router.server import EmbeddedRouter
 from tests.integration.conftest import ServerProcess
 from tests.mock_worker import wait_until
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from pdserve.router.config import HealthConfig, LimitsConfig, PolicyConfig, RouterConfig, WorkerSpec
-from pdserve.router.embedded import EmbeddedRouter
+from pdserve.router.server import EmbeddedRouter
 from tests.mock_worker import MockWorker, free_port, wait_until
 
 KEY = "s3cret"

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from pdserve.router.config import HealthConfig, PolicyConfig, RetryConfig, RouterConfig, WorkerSpec
-from pdserve.router.embedded import EmbeddedRouter
+from pdserve.router.server import EmbeddedRouter
 from tests.mock_worker import MockWorker, wait_until
 
 HEALTH = HealthConfig(interval_s=0.2, timeout_s=1.0, failure_threshold=2, success_threshold=1)

@@ -15,7 +15,7 @@ import pytest
 
 from pdserve.router.config import (CircuitConfig, HealthConfig, LimitsConfig, PolicyConfig, RetryConfig, RouterConfig,
                                    WorkerSpec)
-from pdserve.router.embedded import EmbeddedRouter
+from pdserve.router.server import EmbeddedRouter
 from tests.mock_worker import MockWorker, wait_until
 
 FAST_HEALTH = HealthConfig(interval_s=0.2, timeout_s=1.0, failure_threshold=2, success_threshold=1,

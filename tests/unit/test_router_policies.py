@@ -6,11 +6,10 @@ import random
 
 import pytest
 
-from pdserve.router.cache_aware import CacheAwarePolicy
 from pdserve.router.config import CircuitConfig, PolicyConfig, WorkerSpec
-from pdserve.router.policies import PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy, make_policy
-from pdserve.router.radix_tree import RadixTree
-from pdserve.router.worker import Worker
+from pdserve.router.policies import (CacheAwarePolicy, PowerOfTwoPolicy, RadixTree, RandomPolicy, RoundRobinPolicy,
+                                     make_policy)
+from pdserve.router.workers import Worker
 
 
 def workers(n: int) -> list[Worker]:

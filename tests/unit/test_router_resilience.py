@@ -8,12 +8,11 @@ import random
 
 import pytest
 
-from pdserve.router.circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from pdserve.router.cli import add_router_arguments, config_from_args
 from pdserve.router.config import CircuitConfig, RetryConfig, RouterConfig, WorkerSpec, normalize_url
-from pdserve.router.errors import RouterError
-from pdserve.router.limiter import ConcurrencyLimiter
-from pdserve.router.retry import backoff_s, breaker_failure, retryable_status
+from pdserve.router.request import RouterError
+from pdserve.router.resilience import (CLOSED, HALF_OPEN, OPEN, CircuitBreaker, ConcurrencyLimiter, backoff_s,
+                                       breaker_failure, retryable_status)
 
 
 class Clock:

@@ -7,14 +7,12 @@ import json
 import pytest
 
 from pdserve.router.config import CircuitConfig, WorkerSpec
-from pdserve.router.context import pick_request_id, routing_text
-from pdserve.router.errors import RouterError
 from pdserve.router.http.parser import (CHUNKED, FIXED, NO_BODY, UNTIL_CLOSE, ChunkedDecoder, ParseError,
                                         body_framing, parse_head, parse_headers, parse_request_line,
                                         parse_status_line)
-from pdserve.router.logprobs import SSEMerger, merge_body, prefill_metas
-from pdserve.router.pd import batch_size, inject_bootstrap
-from pdserve.router.worker import Worker
+from pdserve.router.pd import SSEMerger, batch_size, inject_bootstrap, merge_body, prefill_metas
+from pdserve.router.request import RouterError, pick_request_id, routing_text
+from pdserve.router.workers import Worker
 
 
 def test_request_line_and_headers() -> None:

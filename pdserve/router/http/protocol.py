@@ -1,4 +1,4 @@
-"""The router's front HTTP/1.1 server: one asyncio Protocol per client connection (uvloop).
+"""Client-facing side of the HTTP/1.1 layer: `HttpListener` and one asyncio Protocol per connection (uvloop).
 
 Lifecycle of a connection:
   1. bytes arrive → the head is parsed (bounded size; strict framing); `Expect: 100-continue`
@@ -11,7 +11,7 @@ Lifecycle of a connection:
   4. keep-alive: the next request is parsed; idle or slow connections are closed after
      `idle_timeout`; a client that disconnects cancels its handler task at once, which is how
      an abandoned request is cancelled all the way to the workers.
-`HttpServer.close()` stops accepting, closes idle connections and waits (bounded) for busy ones.
+`HttpListener.close()` stops accepting, closes idle connections and waits (bounded) for busy ones.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class Request:
 Handler = Callable[[Request], Awaitable["Response | None"]]
 
 
-class HttpServer:
+class HttpListener:
     """Owns the protocol settings and the live connections of one listening socket."""
 
     def __init__(self, handler: Handler, error_body: ErrorBody, *, max_body: int, max_head: int = 64 * 1024,
@@ -126,8 +126,8 @@ class HttpServer:
 
 
 class HttpProtocol(asyncio.Protocol):
-    def __init__(self, server: HttpServer) -> None:
-        self.s = server
+    def __init__(self, listener: HttpListener) -> None:
+        self.s = listener
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.task: asyncio.Task[None] | None = None
