@@ -1,8 +1,9 @@
 """Prefill/decode disaggregation: config, wire messages, bootstrap server/client, KV transfer.
 
-The engine uses this package through `pdserve.disagg.transfer.create_manager` (one manager per
-rank), `BootstrapServer` (prefill) and `BootstrapClient` (decode); see transfer/base.py for the
-per-room lifecycle and DESIGN.md sections 5-6 for the protocol.
+A transport library: it knows nothing of the engine. The engine's PD stages (pdserve/engine/pd)
+use it through `pdserve.disagg.transfer.create_manager` (one manager per rank), `BootstrapServer`
+(prefill) and `BootstrapClient` (decode). transfer/base.py has the per-room lifecycle and
+docs/architecture.md the protocol.
 """
 
 from pdserve.disagg.config import DisaggConfig

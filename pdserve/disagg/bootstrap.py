@@ -4,7 +4,7 @@ endpoint and KV layout, and checks that the prefill is alive.
 Lifecycle (prefill server):
     server = BootstrapServer.from_config(config).start()     # aiohttp in its own thread + loop
     server.register(rank, manager.endpoint, layout)          # rank 0 in-process, or
-    register_route(host, port, rank, endpoint, layout, token) # other ranks over HTTP PUT
+    bootstrap_client.register_route(host, port, rank, ...)  # other ranks, over HTTP PUT
     ... serve ...
     server.close()
 
@@ -13,7 +13,8 @@ HTTP (JSON bodies from pdserve.disagg.messages):
     GET /route?rank=N   -> RouteInfo (404 until rank N registered; rank defaults to 0)
     GET /health         -> Health {status, instance}; `instance` changes when the server restarts
 Writes need `Authorization: Bearer <cluster token>` when a token is configured. Binds 127.0.0.1
-unless told otherwise. The decode side lives in bootstrap_client.py (re-exported here).
+unless told otherwise. The clients (decode's BootstrapClient, register_route) are in
+bootstrap_client.py.
 """
 
 from __future__ import annotations
@@ -21,18 +22,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import threading
-import urllib.error
-import urllib.request
 import uuid
 
 import msgspec
 from aiohttp import web
 
-from pdserve.disagg.bootstrap_client import _OPENER, BootstrapClient, BootstrapError, PrefillAddr, Route, http_url
+from pdserve.disagg.bootstrap_client import http_url
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import Health, HttpError, KVLayout, LayoutMismatch, RouteInfo, RouteRegistration
 
-__all__ = ["BootstrapClient", "BootstrapError", "BootstrapServer", "PrefillAddr", "Route", "register_route"]
 
 MAX_BODY = 1 << 20
 
@@ -165,21 +163,3 @@ class BootstrapServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def register_route(host: str, port: int, rank: int, endpoint: str, layout: KVLayout,
-                   token: str | None = None, timeout: float = 10.0) -> None:
-    """PUT /route from a prefill rank that does not host the bootstrap server."""
-    body = msgspec.json.encode(RouteRegistration(rank=rank, endpoint=endpoint, layout=layout))
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(http_url(host, port, "/route"), data=body, headers=headers, method="PUT")
-    try:
-        with _OPENER.open(req, timeout=timeout):
-            return
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        raise BootstrapError(f"bootstrap server {host}:{port} refused rank {rank}: HTTP {exc.code} {detail}") from None
-    except OSError as exc:
-        raise BootstrapError(f"cannot reach bootstrap server {host}:{port}: {exc}") from None

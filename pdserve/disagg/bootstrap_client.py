@@ -8,6 +8,8 @@ Lifecycle (decode server):
     ... receiver(room, route.endpoint) ...
     client.close()
 
+A prefill rank that does not host the bootstrap server registers with `register_route` (PUT).
+
 First contact with a prefill fetches GET /route and checks its KV layout against ours
 (LayoutMismatch names the differing fields). The heartbeat polls GET /health of every known
 prefill each `heartbeat_interval`; after `heartbeat_max_failure` consecutive misses, or when the
@@ -30,7 +32,7 @@ from typing import NamedTuple, TypeVar
 import msgspec
 
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.messages import Health, KVLayout, LayoutMismatch, RouteInfo
+from pdserve.disagg.messages import Health, KVLayout, LayoutMismatch, RouteInfo, RouteRegistration
 
 logger = logging.getLogger("pdserve.disagg.bootstrap")
 
@@ -244,3 +246,21 @@ class BootstrapClient:
         self._stop.set()
         if self._hb.is_alive():
             self._hb.join(5.0)
+
+
+def register_route(host: str, port: int, rank: int, endpoint: str, layout: KVLayout,
+                   token: str | None = None, timeout: float = 10.0) -> None:
+    """PUT /route from a prefill rank that does not host the bootstrap server."""
+    body = msgspec.json.encode(RouteRegistration(rank=rank, endpoint=endpoint, layout=layout))
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(http_url(host, port, "/route"), data=body, headers=headers, method="PUT")
+    try:
+        with _OPENER.open(req, timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        raise BootstrapError(f"bootstrap server {host}:{port} refused rank {rank}: HTTP {exc.code} {detail}") from None
+    except OSError as exc:
+        raise BootstrapError(f"cannot reach bootstrap server {host}:{port}: {exc}") from None

@@ -126,7 +126,7 @@ def test_transfer_rejects_wrong_room_record_on_the_wire(engines: tuple[Engine, E
     """The prefill's Done carries a record for another room: decode's transfer layer refuses it
     (the room fails, its reserved pages return) and tells the prefill at once (AbortRoom), which
     fails the room and frees its pages too, well before its waiting timeout. Then the pair still works."""
-    from pdserve.disagg.transfer import prefill_side
+    from pdserve.disagg.transfer import send_sessions
 
     pre, dec = engines
     marks = (_free_plus_cached(pre), _free_plus_cached(dec))
@@ -134,7 +134,7 @@ def test_transfer_rejects_wrong_room_record_on_the_wire(engines: tuple[Engine, E
     def bad_done(room: int, num_frames: int, metadata: MetadataRecord) -> Done:
         return Done(room=room, num_frames=num_frames, metadata=msgspec.structs.replace(metadata, room=room ^ 1))
 
-    monkeypatch.setattr(prefill_side, "Done", bad_done)
+    monkeypatch.setattr(send_sessions, "Done", bad_done)
     t0 = time.monotonic()
     got = _run_pd(pre, dec, prompts(1, seed=12)[0] * 2, room=5252)
     errs = _errors(got["d"])

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from pdserve.disagg.bootstrap import BootstrapClient
+from pdserve.disagg.bootstrap_client import BootstrapClient
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import KVLayout, LayoutMismatch
 from pdserve.disagg.transfer import KVPoll, create_manager

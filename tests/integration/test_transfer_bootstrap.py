@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import msgspec
 import pytest
 
-from pdserve.disagg.bootstrap import BootstrapClient, BootstrapError, BootstrapServer, PrefillAddr, register_route
+from pdserve.disagg.bootstrap import BootstrapServer
+from pdserve.disagg.bootstrap_client import BootstrapClient, BootstrapError, PrefillAddr, register_route
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import KVLayout, LayoutMismatch
 

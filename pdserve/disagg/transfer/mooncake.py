@@ -60,7 +60,7 @@ from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import Hello, KVLayout, MooncakeRegion, PoolRegion, mooncake_region_decoder
 from pdserve.disagg.transfer.pages import Run
 from pdserve.disagg.transfer.remote_pool import check_dst_runs, check_region, kv_segments, pool_region
-from pdserve.disagg.transfer.peer import PeerTransferManager, raise_write_error
+from pdserve.disagg.transfer.session_manager import SessionTransferManager, raise_write_error
 from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed, advertised_host
 
 MAX_BATCH = 1024  # segments per batch_transfer_sync_write call
@@ -132,7 +132,7 @@ class DecodeRegion:
     closed: bool = False
 
 
-class MooncakeTransferManager(PeerTransferManager):
+class MooncakeTransferManager(SessionTransferManager):
     backend_name = "mooncake"
     one_sided = True
 

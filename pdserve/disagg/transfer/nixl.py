@@ -43,10 +43,10 @@ import torch
 
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import Done, Hello, KVLayout, NixlRegion, PoolRegion
-from pdserve.disagg.transfer.decode_side import PeerReceiver
+from pdserve.disagg.transfer.data_path import IncomingRoom
 from pdserve.disagg.transfer.pages import Run
 from pdserve.disagg.transfer.remote_pool import check_dst_runs, check_region, kv_segments, pool_region
-from pdserve.disagg.transfer.peer import PeerTransferManager, raise_write_error
+from pdserve.disagg.transfer.session_manager import SessionTransferManager, raise_write_error
 from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed
 
 
@@ -154,7 +154,7 @@ class RemotePool:
     released: bool = False
 
 
-class NixlTransferManager(PeerTransferManager):
+class NixlTransferManager(SessionTransferManager):
     backend_name = "nixl"
     one_sided = True
 
@@ -193,7 +193,7 @@ class NixlTransferManager(PeerTransferManager):
             agent_name=self.agent_name, agent_metadata=self._agent.get_agent_metadata(), pool=self._local,
             mem_type=self.mem_type, device_id=self.device_id))
 
-    def check_done(self, receiver: PeerReceiver, done: Done) -> str | None:
+    def check_done(self, receiver: IncomingRoom, done: Done) -> str | None:
         peer = receiver.peer
         sender = agent_name("prefill", peer.instance) if peer is not None else None
         deadline = time.monotonic() + min(NOTIF_WAIT_S, self.config.waiting_timeout)

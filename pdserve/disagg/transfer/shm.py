@@ -27,7 +27,7 @@ from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import Hello, KVLayout, ShmRegion, region_decoder
 from pdserve.disagg.transfer.identity import same_machine
 from pdserve.disagg.transfer.pages import PoolBytes, Run, byte_rows, copy_runs
-from pdserve.disagg.transfer.peer import PeerTransferManager
+from pdserve.disagg.transfer.session_manager import SessionTransferManager
 from pdserve.disagg.transfer.remote_pool import check_dst_runs
 from pdserve.disagg.transfer.shm_pool import lookup_shared_pool, map_shared_pool
 from pdserve.disagg.transfer.wire import FrameSocket
@@ -40,7 +40,7 @@ class MappedPool:
     num_pages: int
 
 
-class ShmTransferManager(PeerTransferManager):
+class ShmTransferManager(SessionTransferManager):
     backend_name = "shm"
     one_sided = True
 

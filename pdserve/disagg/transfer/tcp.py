@@ -21,13 +21,13 @@ import torch
 
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import DataFrame, Done, KVLayout
-from pdserve.disagg.transfer.decode_side import PeerReceiver
+from pdserve.disagg.transfer.data_path import IncomingRoom
 from pdserve.disagg.transfer.pages import FramePlan, PoolBytes, Run, plan_frames
-from pdserve.disagg.transfer.peer import PeerTransferManager
+from pdserve.disagg.transfer.session_manager import SessionTransferManager
 from pdserve.disagg.transfer.wire import FrameSocket
 
 
-class TcpTransferManager(PeerTransferManager):
+class TcpTransferManager(SessionTransferManager):
     backend_name = "tcp"
     one_sided = False
 
@@ -45,7 +45,7 @@ class TcpTransferManager(PeerTransferManager):
             sock.send(header, self.pool.spans(runs, plan, side=0))
         return len(plans)
 
-    def read_frame(self, sock: FrameSocket, frame: DataFrame, receiver: PeerReceiver | None) -> None:
+    def read_frame(self, sock: FrameSocket, frame: DataFrame, receiver: IncomingRoom | None) -> None:
         if receiver is None:
             sock.discard(frame.nbytes)
             return
@@ -69,7 +69,7 @@ class TcpTransferManager(PeerTransferManager):
         if got < frame.nbytes:  # the room failed mid-frame: drop the rest without writing
             sock.discard(frame.nbytes - got)
 
-    def _validate(self, frame: DataFrame, receiver: PeerReceiver) -> str | None:
+    def _validate(self, frame: DataFrame, receiver: IncomingRoom) -> str | None:
         if not 0 <= frame.layer_start < frame.layer_end <= self.pool.num_layers:
             return f"layers [{frame.layer_start}, {frame.layer_end}) outside 0..{self.pool.num_layers}"
         pages = 0
@@ -82,7 +82,7 @@ class TcpTransferManager(PeerTransferManager):
             return f"payload of {frame.nbytes} bytes, expected {expected}"
         return None
 
-    def check_done(self, receiver: PeerReceiver, done: Done) -> str | None:
+    def check_done(self, receiver: IncomingRoom, done: Done) -> str | None:
         if receiver.frames != done.num_frames:
             return f"received {receiver.frames} of {done.num_frames} data frames"
         return None

@@ -27,18 +27,16 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from pdserve.disagg.messages import (Ack, AbortRoom, DataFrame, Done, Hello, HelloAck, MetadataRecord,
                                      PeerIdentity, RoomFailed, RoomInfo, SessionMsg)
 from pdserve.disagg.transfer.base import KVPoll, KVReceiver
+from pdserve.disagg.transfer.data_path import DataPath
 from pdserve.disagg.transfer.identity import process_gone
 from pdserve.disagg.transfer.pages import check_pages
 from pdserve.disagg.transfer.room import RoomState
 from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed
 
-if TYPE_CHECKING:
-    from pdserve.disagg.transfer.peer import PeerTransferManager
 
 logger = logging.getLogger("pdserve.disagg.decode")
 
@@ -51,73 +49,71 @@ ABORT_RETRY_S = 1.0
 @dataclass(eq=False)
 class DecodeSession:
     endpoint: str
-    outbox: queue.SimpleQueue[tuple[PeerReceiver | None, SessionMsg] | None] = field(default_factory=queue.SimpleQueue)
+    outbox: queue.SimpleQueue[tuple[SessionReceiver | None, SessionMsg] | None] = field(default_factory=queue.SimpleQueue)
     sock: FrameSocket | None = None
     peer: PeerIdentity | None = None  # the prefill manager's identity, after HelloAck
     dead: bool = False
     threads: list[threading.Thread] = field(default_factory=list)
 
 
-class PeerReceiver(KVReceiver):
-    def __init__(self, side: DecodeSide, room: int, endpoint: str) -> None:
+class SessionReceiver(KVReceiver):
+    """A room's handle for the engine thread; ReceiveSessions keeps its public fields (the room's record)."""
+
+    def __init__(self, side: ReceiveSessions, room: int, endpoint: str) -> None:
         self.room = room
         self.endpoint = endpoint
         self._side = side
-        self._state = RoomState(room, on_terminal=side.on_terminal)
-        self._dst_pages: list[int] | None = None
+        self.state = RoomState(room, on_terminal=side.on_terminal)
+        self.dst_pages: list[int] | None = None
         self.dst_set: frozenset[int] = frozenset()
-        self._init_at: float | None = None
-        self._metadata: MetadataRecord | None = None
-        self._session: DecodeSession | None = None
-        self._abort_at = 0.0
+        self.init_at: float | None = None
+        self.record: MetadataRecord | None = None
+        self.session: DecodeSession | None = None
+        self.abort_at = 0.0
         self.frames = 0  # DataFrames written (reader thread only)
 
     @property
     def failure(self) -> str | None:
-        return self._state.failure
-
-    @property
-    def state(self) -> RoomState:
-        return self._state
+        return self.state.failure
 
     @property
     def peer(self) -> PeerIdentity | None:
         """The prefill manager's identity, once this room's session got its HelloAck."""
-        return self._session.peer if self._session is not None else None
+        return self.session.peer if self.session is not None else None
 
     def init(self, dst_pages: list[int]) -> None:
-        if self._dst_pages is not None:
+        if self.dst_pages is not None:
             raise RuntimeError(f"room {self.room}: init() called twice")
         check_pages(list(dst_pages), self._side.mgr.num_pages, "destination")
-        self._dst_pages = list(dst_pages)
-        self.dst_set = frozenset(self._dst_pages)
-        self._init_at = time.monotonic()
-        if self._state.failing:
+        self.dst_pages = list(dst_pages)
+        self.dst_set = frozenset(self.dst_pages)
+        self.init_at = time.monotonic()
+        if self.state.failing:
             return
-        self._state.advance(KVPoll.WaitingForInput)
-        self._side.post(self, RoomInfo(room=self.room, dst_pages=self._dst_pages,
+        self.state.advance(KVPoll.WaitingForInput)
+        self._side.post(self, RoomInfo(room=self.room, dst_pages=self.dst_pages,
                                        decode_id=self._side.mgr.identity.instance))
 
     def poll(self) -> KVPoll:
         self._side.check(self)
-        return self._state.poll()
+        return self.state.poll()
 
     def metadata(self) -> MetadataRecord | None:
-        return self._metadata if self._state.state == KVPoll.Success else None
+        return self.record if self.state.state == KVPoll.Success else None
 
     def abort(self) -> None:
         self._side.fail_receiver(self, "aborted by decode")
 
     def _wait_change(self, timeout: float, seen: KVPoll) -> None:
-        self._state.wait_change(timeout, seen)
+        self.state.wait_change(timeout, seen)
 
 
-class DecodeSide:
-    def __init__(self, mgr: PeerTransferManager) -> None:
+class ReceiveSessions:
+    def __init__(self, mgr: DataPath) -> None:
         self.mgr = mgr
         self.config = mgr.config
         self._lock = threading.Lock()
-        self._receivers: dict[int, PeerReceiver] = {}
+        self._receivers: dict[int, SessionReceiver] = {}
         self._sessions: dict[str, DecodeSession] = {}
         self._closing = threading.Event()
         self._hk = threading.Thread(target=self._housekeeping, name="pd-decode-hk", daemon=True)
@@ -125,18 +121,18 @@ class DecodeSide:
 
     # --- engine-facing ------------------------------------------------------------------------
 
-    def receiver(self, room: int, endpoint: str) -> PeerReceiver:
+    def receiver(self, room: int, endpoint: str) -> SessionReceiver:
         with self._lock:
             if room in self._receivers:
                 raise ValueError(f"room {room} already has a live receiver")
-            r = PeerReceiver(self, room, endpoint)
+            r = SessionReceiver(self, room, endpoint)
             self._receivers[room] = r
         return r
 
-    def lookup(self, room: int) -> PeerReceiver | None:
+    def lookup(self, room: int) -> SessionReceiver | None:
         return self._receivers.get(room)
 
-    def post(self, r: PeerReceiver | None, msg: SessionMsg, endpoint: str | None = None) -> None:
+    def post(self, r: SessionReceiver | None, msg: SessionMsg, endpoint: str | None = None) -> None:
         """Queue `msg` to the session of r's prefill (opened on demand)."""
         endpoint = endpoint or (r.endpoint if r is not None else "")
         with self._lock:
@@ -148,29 +144,29 @@ class DecodeSide:
                 session.threads.append(t)
                 t.start()
             if r is not None and isinstance(msg, RoomInfo):
-                r._session = session
+                r.session = session
                 if self.mgr.one_sided:  # from now on the prefill may write into our pages
-                    r._state.set_remote_writer(True)
+                    r.state.set_remote_writer(True)
             session.outbox.put((r, msg))  # under the lock: a session marked dead gets no more
 
-    def fail_receiver(self, r: PeerReceiver, reason: str) -> None:
-        if r._state.fail(reason) and r._session is not None and not r._session.dead:
+    def fail_receiver(self, r: SessionReceiver, reason: str) -> None:
+        if r.state.fail(reason) and r.session is not None and not r.session.dead:
             self.post(r, AbortRoom(room=r.room, reason=reason))
 
-    def check(self, r: PeerReceiver) -> None:
-        st = r._state
+    def check(self, r: SessionReceiver) -> None:
+        st = r.state
         if st.state in (KVPoll.Success, KVPoll.Failed):
             return
         now = time.monotonic()
-        if not st.failing and r._init_at is not None and now - r._init_at > self.config.waiting_timeout:
+        if not st.failing and r.init_at is not None and now - r.init_at > self.config.waiting_timeout:
             self.fail_receiver(r, f"timed out waiting for KV: no completion {self.config.waiting_timeout:g} s after init")
         if st.failing and st.remote_writer:
-            session = r._session
+            session = r.session
             peer = session.peer if session is not None else None
             if peer is not None and process_gone(peer):
                 st.set_remote_writer(False)
-            elif (session is None or session.dead) and now - r._abort_at > ABORT_RETRY_S:
-                r._abort_at = now  # ask again on a fresh session; its RoomFailed answer frees us
+            elif (session is None or session.dead) and now - r.abort_at > ABORT_RETRY_S:
+                r.abort_at = now  # ask again on a fresh session; its RoomFailed answer frees us
                 self.post(None, AbortRoom(room=r.room, reason=st.failure or "aborted"), endpoint=r.endpoint)
 
     def peer_dead(self, endpoint: str, reason: str) -> None:
@@ -178,14 +174,14 @@ class DecodeSide:
             session = self._sessions.get(endpoint)
             waiting = [r for r in self._receivers.values() if r.endpoint == endpoint]
         for r in waiting:
-            r._state.fail(reason)
+            r.state.fail(reason)
         if session is not None:
             self._session_lost(session, reason)
 
     def on_terminal(self, state: RoomState) -> None:
         with self._lock:
             r = self._receivers.get(state.room)
-            if r is not None and r._state is state:
+            if r is not None and r.state is state:
                 del self._receivers[state.room]
 
     # --- session threads ----------------------------------------------------------------------
@@ -257,11 +253,11 @@ class DecodeSide:
         r = self.lookup(msg.room)
         if r is None:
             return
-        r._state.fail(f"prefill failed the transfer: {msg.reason}")
-        writer = r._session.peer if r._session is not None else None
+        r.state.fail(f"prefill failed the transfer: {msg.reason}")
+        writer = r.session.peer if r.session is not None else None
         # RoomFailed proves "no write can land" only from the process that got our RoomInfo
         if writer is None or session.peer is None or session.peer.instance == writer.instance or process_gone(writer):
-            r._state.set_remote_writer(False)
+            r.state.set_remote_writer(False)
 
     def _on_done(self, sock: FrameSocket, msg: Done) -> None:
         r = self.lookup(msg.room)
@@ -270,16 +266,16 @@ class DecodeSide:
         problem = self.mgr.check_done(r, msg)
         if problem is None and msg.metadata.room != r.room:
             problem = f"metadata record is for room {msg.metadata.room}, not {r.room}"
-        r._metadata = msg.metadata
+        r.record = msg.metadata
         if problem is not None:
-            r._state.fail(problem)
-            r._state.set_remote_writer(False)
+            r.state.fail(problem)
+            r.state.set_remote_writer(False)
             self.post(r, AbortRoom(room=r.room, reason=problem))  # the prefill stops waiting for our Ack
             return
-        if r._state.succeed():
+        if r.state.succeed():
             sock.send(Ack(room=r.room))
         else:  # failing meanwhile: the prefill has finished writing, so the failure can settle
-            r._state.set_remote_writer(False)
+            r.state.set_remote_writer(False)
 
     def _session_lost(self, session: DecodeSession, reason: str, delivered: bool = True) -> None:
         with self._lock:
@@ -288,8 +284,8 @@ class DecodeSide:
             session.dead = True
             if self._sessions.get(session.endpoint) is session:
                 del self._sessions[session.endpoint]
-            hit = [r for r in self._receivers.values() if r._session is session]
-        unsent: list[PeerReceiver] = []
+            hit = [r for r in self._receivers.values() if r.session is session]
+        unsent: list[SessionReceiver] = []
         while True:  # messages never handed to the socket: their RoomInfo never reached prefill
             try:
                 item = session.outbox.get_nowait()
@@ -298,9 +294,9 @@ class DecodeSide:
             if item is not None and item[0] is not None and isinstance(item[1], RoomInfo):
                 unsent.append(item[0])
         for r in hit:
-            r._state.fail(f"lost the transfer session to prefill {session.endpoint}: {reason}")
+            r.state.fail(f"lost the transfer session to prefill {session.endpoint}: {reason}")
             if not delivered or r in unsent or (session.peer is not None and process_gone(session.peer)):
-                r._state.set_remote_writer(False)
+                r.state.set_remote_writer(False)
         session.outbox.put(None)
         if session.sock is not None:
             session.sock.close()

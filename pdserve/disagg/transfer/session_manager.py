@@ -1,10 +1,11 @@
 """The manager shared by pdserve's own backends: a control session per (decode, prefill) pair
-plus a backend-specific data path, plugged in through five hooks.
+plus a backend-specific data path, plugged in through six hooks.
 
-Lifecycle: `__init__` registers the pool (the backend's view of it) and starts the role's side:
-  prefill -> PrefillSide: listens on `endpoint` (host:port, published via the bootstrap server),
+Lifecycle: `__init__` registers the pool (the backend's view of it) and starts the role's half,
+which sees this manager only as a DataPath (data_path.py):
+  prefill -> SendSessions: listens on `endpoint` (host:port, published via the bootstrap server),
              accepts decode sessions, runs the sharded send queues;
-  decode  -> DecodeSide: opens a session to each prefill endpoint on first use.
+  decode  -> ReceiveSessions: opens a session to each prefill endpoint on first use.
 `close()` fails the live rooms (telling the peer), stops the threads (bounded joins) and closes
 the sockets. A backend subclass sets `backend_name` / `one_sided` and overrides the hooks:
 
@@ -37,10 +38,11 @@ import torch
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import DataFrame, Done, Hello, KVLayout
 from pdserve.disagg.transfer.base import TransferManager
-from pdserve.disagg.transfer.decode_side import DecodeSide, PeerReceiver
+from pdserve.disagg.transfer.data_path import IncomingRoom
 from pdserve.disagg.transfer.identity import local_identity
 from pdserve.disagg.transfer.pages import Run
-from pdserve.disagg.transfer.prefill_side import PeerSender, PrefillSide
+from pdserve.disagg.transfer.receive_sessions import ReceiveSessions, SessionReceiver
+from pdserve.disagg.transfer.send_sessions import SendSessions, SessionSender
 from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed
 
 
@@ -59,7 +61,7 @@ def raise_write_error(region: Any, what: str, stop: Callable[[], bool] = lambda:
     raise RuntimeError(what)
 
 
-class PeerTransferManager(TransferManager):
+class SessionTransferManager(TransferManager):
     backend_name = "peer"
     one_sided = False  # True: the prefill process writes into decode memory itself
 
@@ -68,23 +70,23 @@ class PeerTransferManager(TransferManager):
                  advertise_host: str | None = None) -> None:
         super().__init__(role, k, v, page_size, layout, config, host)
         self.identity = local_identity(host)
-        self._prefill: PrefillSide | None = None
-        self._decode: DecodeSide | None = None
+        self._prefill: SendSessions | None = None
+        self._decode: ReceiveSessions | None = None
         if role == "prefill":
-            self._prefill = PrefillSide(self, port, advertise_host)
+            self._prefill = SendSessions(self, port, advertise_host)
             self.endpoint = self._prefill.endpoint
         else:
-            self._decode = DecodeSide(self)
+            self._decode = ReceiveSessions(self)
             self.endpoint = f"decode:{self.identity.instance}"
 
     # --- TransferManager ----------------------------------------------------------------------
 
-    def sender(self, room: int) -> PeerSender:
+    def sender(self, room: int) -> SessionSender:
         if self._prefill is None:
             raise RuntimeError("sender() is for the prefill role")
         return self._prefill.sender(room)
 
-    def receiver(self, room: int, prefill_endpoint: str) -> PeerReceiver:
+    def receiver(self, room: int, prefill_endpoint: str) -> SessionReceiver:
         if self._decode is None:
             raise RuntimeError("receiver() is for the decode role")
         return self._decode.receiver(room, prefill_endpoint)
@@ -115,9 +117,9 @@ class PeerTransferManager(TransferManager):
         """Move the runs' pages (all layers, K and V) to decode; returns DataFrames sent."""
         return 0
 
-    def read_frame(self, sock: FrameSocket, frame: DataFrame, receiver: PeerReceiver | None) -> None:
+    def read_frame(self, sock: FrameSocket, frame: DataFrame, receiver: IncomingRoom | None) -> None:
         raise SessionClosed(f"backend {self.backend_name!r} does not send DataFrames")
 
-    def check_done(self, receiver: PeerReceiver, done: Done) -> str | None:
+    def check_done(self, receiver: IncomingRoom, done: Done) -> str | None:
         """A reason to reject a Done, or None."""
         return None

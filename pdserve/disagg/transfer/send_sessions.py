@@ -29,17 +29,16 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pdserve.disagg.messages import Ack, AbortRoom, Done, Hello, HelloAck, MetadataRecord, RoomFailed, RoomInfo
 from pdserve.disagg.transfer.base import KVPoll, KVSender
+from pdserve.disagg.transfer.data_path import DataPath
 from pdserve.disagg.transfer.pages import Run, check_pages, page_runs
 from pdserve.disagg.transfer.room import RoomState
 from pdserve.disagg.transfer.shards import ShardedQueues
 from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed, advertised_host, join_endpoint, listen
 
-if TYPE_CHECKING:
-    from pdserve.disagg.transfer.peer import PeerTransferManager
 
 logger = logging.getLogger("pdserve.disagg.prefill")
 
@@ -69,34 +68,36 @@ class SendTask:
     seq: int
 
 
-class PeerSender(KVSender):
-    def __init__(self, side: PrefillSide, room: int) -> None:
+class SessionSender(KVSender):
+    """A room's handle for the engine thread; SendSessions keeps its public fields (the room's record)."""
+
+    def __init__(self, side: SendSessions, room: int) -> None:
         self.room = room
         self._side = side
-        self._state = RoomState(room, on_terminal=side.on_terminal)
-        self._created = time.monotonic()
-        self._session: PrefillSession | None = None
-        self._dst_pages: list[int] | None = None
+        self.state = RoomState(room, on_terminal=side.on_terminal)
+        self.created = time.monotonic()
+        self.session: PrefillSession | None = None
+        self.dst_pages: list[int] | None = None
         self._tasks = 0
-        self._last_at: float | None = None  # when the is_last send was queued
+        self.last_at: float | None = None  # when the is_last send was queued
         self.frames = 0  # data frames sent (consumer thread only)
 
     @property
     def num_dst_pages(self) -> int | None:
-        return None if self._dst_pages is None else len(self._dst_pages)
+        return None if self.dst_pages is None else len(self.dst_pages)
 
     @property
     def failure(self) -> str | None:
-        return self._state.failure
+        return self.state.failure
 
     def bind(self, session: PrefillSession, info: RoomInfo) -> None:
-        self._dst_pages = list(info.dst_pages)
-        self._session = session
-        self._state.advance(KVPoll.WaitingForInput)
+        self.dst_pages = list(info.dst_pages)
+        self.session = session
+        self.state.advance(KVPoll.WaitingForInput)
 
     def poll(self) -> KVPoll:
         self._side.check_timeouts(self)
-        return self._state.poll()
+        return self.state.poll()
 
     def send(self, src_pages: list[int], start_page: int, is_last: bool,
              metadata: MetadataRecord | None = None) -> None:
@@ -104,44 +105,44 @@ class PeerSender(KVSender):
             raise ValueError("send(): metadata is required with is_last=True and only then")
         if metadata is not None and metadata.room != self.room:
             raise ValueError(f"metadata.room {metadata.room} != sender room {self.room}")
-        if self._last_at is not None:
+        if self.last_at is not None:
             raise RuntimeError(f"room {self.room}: send() after the is_last send")
         check_pages(list(src_pages), self._side.mgr.num_pages, "source")
         if is_last:
-            self._last_at = time.monotonic()
-        if self._state.failing or self._state.state == KVPoll.Failed:
+            self.last_at = time.monotonic()
+        if self.state.failing or self.state.state == KVPoll.Failed:
             return
-        if self._dst_pages is None or self._session is None:
+        if self.dst_pages is None or self.session is None:
             raise RuntimeError(f"room {self.room}: send() before decode's page list arrived "
                                "(wait for poll() == WaitingForInput)")
         end = start_page + len(src_pages)
-        if start_page < 0 or end > len(self._dst_pages):
-            self._side.fail_sender(self, f"pages [{start_page}, {end}) exceed the {len(self._dst_pages)} "
+        if start_page < 0 or end > len(self.dst_pages):
+            self._side.fail_sender(self, f"pages [{start_page}, {end}) exceed the {len(self.dst_pages)} "
                                          "pages decode reserved")
             return
         if not src_pages and not is_last:
             return
-        task = SendTask(page_runs(list(src_pages), self._dst_pages[start_page:end]), is_last, metadata, self._tasks)
+        task = SendTask(page_runs(list(src_pages), self.dst_pages[start_page:end]), is_last, metadata, self._tasks)
         self._tasks += 1
-        self._state.advance(KVPoll.Transferring)
-        self._side.submit(self._session, lambda ex: self._side.run_send(self, task, ex))
+        self.state.advance(KVPoll.Transferring)
+        self._side.submit(self.session, lambda ex: self._side.run_send(self, task, ex))
 
     def abort(self) -> None:
         self._side.fail_sender(self, "aborted by prefill")
 
     def _wait_change(self, timeout: float, seen: KVPoll) -> None:
-        self._state.wait_change(timeout, seen)
+        self.state.wait_change(timeout, seen)
 
 
-class PrefillSide:
-    def __init__(self, mgr: PeerTransferManager, port: int, advertise_host: str | None) -> None:
+class SendSessions:
+    def __init__(self, mgr: DataPath, port: int, advertise_host: str | None) -> None:
         self.mgr = mgr
         self.config = mgr.config
         self._listener = listen(mgr.host, port)
         bound_port = self._listener.getsockname()[1]
         self.endpoint = join_endpoint(advertise_host or advertised_host(mgr.host), bound_port)
         self._lock = threading.Lock()
-        self._senders: dict[int, PeerSender] = {}
+        self._senders: dict[int, SessionSender] = {}
         self._pending: dict[int, tuple[PrefillSession, RoomInfo, float]] = {}
         self._finished: OrderedDict[int, str] = OrderedDict()
         self._sessions: set[PrefillSession] = set()
@@ -154,11 +155,11 @@ class PrefillSide:
 
     # --- engine-facing ------------------------------------------------------------------------
 
-    def sender(self, room: int) -> PeerSender:
+    def sender(self, room: int) -> SessionSender:
         with self._lock:
             if room in self._senders:
                 raise ValueError(f"room {room} already has a live sender")
-            s = PeerSender(self, room)
+            s = SessionSender(self, room)
             self._senders[room] = s
             pending = self._pending.pop(room, None)
             if pending is not None:
@@ -168,36 +169,36 @@ class PrefillSide:
     def submit(self, session: PrefillSession, task: Any) -> None:
         self.queues.submit(session.key, task)
 
-    def fail_sender(self, s: PeerSender, reason: str, reply_to: PrefillSession | None = None) -> None:
+    def fail_sender(self, s: SessionSender, reason: str, reply_to: PrefillSession | None = None) -> None:
         """Fail a room; tell decode with RoomFailed once no write of it is in hand (the notice
         runs on the room's shard, after the task in hand). `reply_to` answers an AbortRoom."""
-        first = s._state.fail(reason)
-        target = reply_to or (s._session if first else None)
+        first = s.state.fail(reason)
+        target = reply_to or (s.session if first else None)
         if target is None or target.sock.closed:
             return
         notice = RoomFailed(room=s.room, reason=s.failure or reason)
-        if s._session is None:  # no RoomInfo bound: nothing was ever written
+        if s.session is None:  # no RoomInfo bound: nothing was ever written
             self._send_quietly(target, notice)
         else:
             try:
-                self.submit(s._session, lambda ex: self._send_quietly(target, notice))
+                self.submit(s.session, lambda ex: self._send_quietly(target, notice))
             except RuntimeError:  # queues closed
                 pass
 
-    def check_timeouts(self, s: PeerSender) -> None:
-        if s._state.failing or s._state.state in (KVPoll.Success, KVPoll.Failed):
+    def check_timeouts(self, s: SessionSender) -> None:
+        if s.state.failing or s.state.state in (KVPoll.Success, KVPoll.Failed):
             return
         now = time.monotonic()
-        if s._dst_pages is None and now - s._created > self.config.bootstrap_timeout:
+        if s.dst_pages is None and now - s.created > self.config.bootstrap_timeout:
             self.fail_sender(s, f"bootstrap timeout: decode's page list did not arrive within "
                                 f"{self.config.bootstrap_timeout:g} s")
-        elif s._last_at is not None and now - s._last_at > self.config.waiting_timeout:
+        elif s.last_at is not None and now - s.last_at > self.config.waiting_timeout:
             self.fail_sender(s, f"decode did not acknowledge the transfer within {self.config.waiting_timeout:g} s")
 
     def on_terminal(self, state: RoomState) -> None:
         with self._lock:
             s = self._senders.get(state.room)
-            if s is not None and s._state is state:
+            if s is not None and s.state is state:
                 del self._senders[state.room]
             self._finished[state.room] = state.failure or "succeeded"
             while len(self._finished) > FINISHED_MEMORY:
@@ -205,10 +206,10 @@ class PrefillSide:
 
     # --- shard consumers ----------------------------------------------------------------------
 
-    def run_send(self, s: PeerSender, task: SendTask, executor: ThreadPoolExecutor | None) -> None:
-        session = s._session
+    def run_send(self, s: SessionSender, task: SendTask, executor: ThreadPoolExecutor | None) -> None:
+        session = s.session
         assert session is not None
-        if not s._state.begin_write():
+        if not s.state.begin_write():
             return
         error: str | None = None
         try:
@@ -220,11 +221,11 @@ class PrefillSide:
                 assert task.metadata is not None
                 session.sock.send(Done(room=s.room, num_frames=s.frames, metadata=task.metadata))
         except SessionClosed as exc:
-            s._state.fail(f"decode connection lost: {exc}")
+            s.state.fail(f"decode connection lost: {exc}")
         except Exception as exc:  # a backend error (or an injected one) fails this room only
             error = str(exc) if isinstance(exc, InjectedFailure) else f"{type(exc).__name__}: {exc}"
         finally:
-            s._state.end_write()
+            s.state.end_write()
         if error is not None:
             self.fail_sender(s, f"transfer failed: {error}")
 
@@ -320,7 +321,7 @@ class PrefillSide:
                     reply = "duplicate RoomInfo"
                 else:
                     self._pending[info.room] = (session, info, time.monotonic())
-            elif s._session is not None:
+            elif s.session is not None:
                 reply = "duplicate RoomInfo"
             else:
                 s.bind(session, info)
@@ -339,17 +340,17 @@ class PrefillSide:
     def _on_ack(self, session: PrefillSession, msg: Ack) -> None:
         with self._lock:
             s = self._senders.get(msg.room)
-        if s is not None and s._session is session and s._last_at is not None:
-            s._state.succeed()
+        if s is not None and s.session is session and s.last_at is not None:
+            s.state.succeed()
 
     def _session_lost(self, session: PrefillSession, reason: str) -> None:
         with self._lock:
             self._sessions.discard(session)
-            hit = [s for s in self._senders.values() if s._session is session]
+            hit = [s for s in self._senders.values() if s.session is session]
             for room in [r for r, (sess, _, _) in self._pending.items() if sess is session]:
                 del self._pending[room]
         for s in hit:
-            s._state.fail(f"decode connection lost: {reason}")
+            s.state.fail(f"decode connection lost: {reason}")
         session.sock.dispose()
         if session.region is not None:
             self.mgr.close_region(session.region)
