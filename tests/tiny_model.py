@@ -16,12 +16,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def build_tiny_model(out: Path, tokenizer_dir: Path, *, arch: str = "llama", seed: int = 0,
-                     tie: bool = True, vocab_size: int = 49152, layers: int = 2) -> Path:
+                     tie: bool = True, vocab_size: int = 49152, layers: int = 2, kv_heads: int = 2) -> Path:
     import transformers
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=1024,
                   tie_word_embeddings=tie, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
     if arch == "llama":
         cfg = transformers.LlamaConfig(**common, rope_theta=10000.0)

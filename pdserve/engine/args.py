@@ -20,6 +20,7 @@ ENGINE_FLAGS = {  # flag → (EngineConfig field, type, help)
     "--threads": ("threads", int, "torch intra-op threads in the engine process"),
     "--max-top-logprobs": ("max_top_logprobs", int, "cap on top_logprobs"),
     "--seed": ("seed", int, "engine random seed"),
+    "--tp-size": ("tp_size", int, "tensor-parallel ranks, one process each (alias --tensor-parallel-size)"),
 }
 
 
@@ -29,6 +30,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     defaults = EngineConfig()
     for flag, (name, typ, text) in ENGINE_FLAGS.items():
         p.add_argument(flag, type=typ, default=None, help=f"{text} (default {getattr(defaults, name)})")
+    p.add_argument("--tensor-parallel-size", dest="tp_size", type=int, default=None, help="alias of --tp-size")
     p.add_argument("--disable-prefix-cache", action="store_true", help="turn the radix prefix cache off")
 
 

@@ -26,6 +26,7 @@ class EngineConfig:
     threads: int | None = None  # torch intra-op threads (CPU); None = all cores we may use
     max_top_logprobs: int = 20
     seed: int = 0
+    tp_size: int = 1  # tensor-parallel ranks (one process each; engine/tp_worker.py)
 
 
 def set_torch_threads(threads: int | None) -> None:

@@ -14,6 +14,7 @@ When it goes idle the engine checks KV integrity (free + cached + in use == tota
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,10 +33,12 @@ from pdserve.engine.sampler import Sampler, SampleResult, SampleRow
 from pdserve.engine.sampling_params import SamplingError, check_prompt
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.stop import StopChecker
+from pdserve.engine.tp_worker import TPRanks, rank_threads
 from pdserve.model.bundled import resolve_model
 from pdserve.model.config import ModelConfig
 from pdserve.model.loader import load_model, resolve_device, resolve_dtype
 from pdserve.model.tokenizer import Tokenizer
+from pdserve.model.tp import NoCollectives, TPShard
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +53,25 @@ class Engine:
         self.model_config = ModelConfig.from_folder(self.model_path)
         self.tokenizer = Tokenizer(self.model_path)
         cfg, ps = self.model_config, config.page_size
-        num_pages = config.num_pages or KVPool.pages_for_budget(cfg, ps, config.kv_cache_gb, dtype.itemsize)
+        shard = TPShard(0, config.tp_size)
+        local = shard.local_config(cfg)  # a tp size that does not fit fails here, before any weight loads
+        num_pages = config.num_pages or KVPool.pages_for_budget(local, ps, config.kv_cache_gb, dtype.itemsize)
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, (num_pages - 1) * ps)
-        self.model = load_model(self.model_path, self.device, dtype, self.max_model_len + 1)
-        tensors = pool_tensors(disagg, KVPool.shape(cfg, num_pages, ps), dtype, self.device)
-        self.pool = KVPool(cfg, num_pages, ps, self.device, dtype, tensors)
+        self.ranks: TPRanks | None = None
+        if config.tp_size > 1:
+            if disagg is not None and disagg.mode != "null":
+                raise ValueError("--tp-size > 1 with --disaggregation-mode prefill/decode is not supported yet")
+            set_torch_threads(rank_threads(config))
+            resolved = replace(config, num_pages=num_pages, max_model_len=self.max_model_len)
+            self.ranks = TPRanks.start(resolved, self.device)
+        comm = self.ranks.group if self.ranks is not None else NoCollectives()
+        self.model = load_model(self.model_path, self.device, dtype, self.max_model_len + 1, shard, comm)
+        tensors = pool_tensors(disagg, KVPool.shape(local, num_pages, ps), dtype, self.device)
+        self.pool = KVPool(local, num_pages, ps, self.device, dtype, tensors)
         self.kv = KVManager(num_pages, ps, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.kv, config.chunk_budget, config.max_running, config.decode_headroom)
-        self.runner = ModelRunner(self.model, self.pool, self.device)
+        self.runner = ModelRunner(self.model, self.pool, self.device,
+                                  self.ranks.publish if self.ranks is not None else None)
         self.sampler = Sampler(cfg.vocab_size, self.device)
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_id)
         self.stops = StopChecker(self.tokenizer, self.eos_ids, self.max_model_len)
@@ -205,8 +219,12 @@ class Engine:
         return self.kv.cache.reset()
 
     def close(self) -> None:
-        """Stop PD threads and sockets (the engine process calls this on shutdown)."""
+        """Stop PD threads and sockets and the other tp ranks (the engine process calls this on
+        shutdown)."""
         self.stage.close()
+        if self.ranks is not None:
+            self.ranks.close()
+            self.ranks = None
 
     def check_integrity(self) -> None:
         self.kv.check_integrity([*self.scheduler.live(), *self.stage.live()])

@@ -43,6 +43,16 @@ class LLM:
         self.engine = Engine(EngineConfig(model=model, **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
 
+    def close(self) -> None:
+        """Stop the engine's other tensor-parallel ranks and PD machinery (idempotent)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def generate(
         self,
         prompts: str | list[str] | list[list[int]],

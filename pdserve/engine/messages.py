@@ -148,3 +148,20 @@ class FlushCacheResp(msgspec.Struct, frozen=True, tag=True):
 
 EngineInMsg = GenerateReq | AbortReq | GetLoadReq | FlushCacheReq | ShutdownReq
 EngineOutMsg = EngineReady | EngineFailed | TokenOutBatch | LoadResp | FlushCacheResp
+
+
+# ---- rank 0 -> the other tensor-parallel ranks (engine/tp_worker.py), once per step -------
+class StepPlan(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    """One forward, as the runner lays it out (see engine/runner.py)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    spans: list[tuple[list[int], int, int]]  # per chunk: (its pages, first position, length)
+    sample_rows: list[int]
+
+
+class StopRanks(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    pass
+
+
+RankMsg = StepPlan | StopRanks

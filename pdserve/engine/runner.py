@@ -6,43 +6,64 @@ Flat batch layout for chunks A (prefill 0..4), B (decode at 9), C (prefill chunk
     positions  [ 0  1  2  3 |  9 |  16  17  18]
     sampled rows: 3 (A ends its prompt), 4 (B); C's chunk does not reach its end.
 Logits are computed only for sampled rows.
+
+The layout is a StepPlan: with tensor parallelism rank 0 publishes each plan to the other
+ranks (engine/tp_worker.py), and every rank runs the same plan on its slice of the model.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from pdserve.engine.attention import PagedAttention, build_metadata
 from pdserve.engine.batch import Chunk, ScheduleBatch
 from pdserve.engine.kv_cache import KVPool
+from pdserve.engine.messages import StepPlan
 from pdserve.model.llama import LlamaForCausalLM
 
 
+def plan_step(batch: ScheduleBatch) -> tuple[StepPlan, list[Chunk]]:
+    ids: list[int] = []
+    positions: list[int] = []
+    sample_rows: list[int] = []
+    sampled: list[Chunk] = []
+    for c in batch.chunks:
+        ids.extend(c.req.tokens[c.start:c.end])
+        positions.extend(range(c.start, c.end))
+        if c.samples:
+            sample_rows.append(len(ids) - 1)
+            sampled.append(c)
+    spans = [(c.req.pages, c.start, c.length) for c in batch.chunks]
+    return StepPlan(ids, positions, spans, sample_rows), sampled
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, pool: KVPool, device: torch.device) -> None:
+    def __init__(self, model: LlamaForCausalLM, pool: KVPool, device: torch.device,
+                 publish: Callable[[StepPlan], None] | None = None) -> None:
         self.model = model
         self.pool = pool
         self.device = device
+        self.publish = publish  # tensor parallelism: send the plan to the other ranks
+
+    def forward(self, batch: ScheduleBatch) -> tuple[torch.Tensor | None, list[Chunk]]:
+        plan, sampled = plan_step(batch)
+        if self.publish is not None:
+            self.publish(plan)
+        return self.run(plan), sampled
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduleBatch) -> tuple[torch.Tensor | None, list[Chunk]]:
-        ids: list[int] = []
-        positions: list[int] = []
-        sample_rows: list[int] = []
-        sampled: list[Chunk] = []
-        for c in batch.chunks:
-            ids.extend(c.req.tokens[c.start:c.end])
-            positions.extend(range(c.start, c.end))
-            if c.samples:
-                sample_rows.append(len(ids) - 1)
-                sampled.append(c)
-        meta = build_metadata([(c.req.pages, c.start, c.length) for c in batch.chunks], self.pool.page_size, self.device)
+    def run(self, plan: StepPlan) -> torch.Tensor | None:
+        """The forward of `plan`; the sampled rows' logits (None when none samples, or on tp
+        ranks other than 0)."""
+        meta = build_metadata(plan.spans, self.pool.page_size, self.device)
         hidden = self.model(
-            torch.tensor(ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
+            torch.tensor(plan.input_ids, dtype=torch.long, device=self.device),
+            torch.tensor(plan.positions, dtype=torch.long, device=self.device),
             PagedAttention(self.pool, meta),
         )
-        if not sampled:
-            return None, sampled
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return self.model.logits(hidden.index_select(0, rows)), sampled
+        if not plan.sample_rows:
+            return None
+        rows = torch.tensor(plan.sample_rows, dtype=torch.long, device=self.device)
+        return self.model.logits(hidden.index_select(0, rows))

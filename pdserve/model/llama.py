@@ -5,6 +5,9 @@ The model sees one flat batch of T tokens (prefill chunks and decode tokens mixe
 paged KV cache and attends over each sequence's pages. The model itself knows no pages.
 q/k/v and gate/up are fused into single matmuls at load time (fewer, larger GEMMs on CPU).
 Parameter names follow Hugging Face so a safetensors folder loads by name.
+With tensor parallelism (model/tp.py) each rank builds the slice it computes and calls the
+collectives passed in: one all-reduce after o_proj and one after down_proj per layer, one after
+the embedding, and a gather of the sampled rows' logits.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 
 from pdserve.model.config import ModelConfig
 from pdserve.model.rope import RotaryEmbedding
+from pdserve.model.tp import Collectives, NoCollectives, TPShard
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -32,9 +36,10 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, comm: Collectives) -> None:
         super().__init__()
         self.layer = layer
+        self.comm = comm
         self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
@@ -50,26 +55,27 @@ class Attention(nn.Module):
         qk = rope(positions, qk)  # q and k heads rotated in one pass
         q, k = qk[:, : self.hq], qk[:, self.hq:]
         out = attn(self.layer, q, k, v.view(t, self.hkv, self.d))  # [T, Hq, D]
-        return self.o_proj(out.reshape(t, self.hq * self.d))
+        return self.comm.all_reduce(self.o_proj(out.reshape(t, self.hq * self.d)))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, comm: Collectives) -> None:
         super().__init__()
+        self.comm = comm
         self.inter = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.comm.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, comm: Collectives) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer, comm)
+        self.mlp = MLP(cfg, comm)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -78,23 +84,45 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+class VocabEmbedding(nn.Module):
+    """The rows [start, stop) of the embedding; ids outside look up zeros, summed over ranks."""
+
+    def __init__(self, start: int, stop: int, dim: int, comm: Collectives, whole: bool) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.start, self.stop, self.comm, self.whole = start, stop, comm, whole
+        self.weight = nn.Parameter(torch.empty(stop - start, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.whole:
+            return F.embedding(ids, self.weight)
+        mine = (ids >= self.start) & (ids < self.stop)
+        x = F.embedding((ids - self.start).clamp_(0, self.stop - self.start - 1), self.weight)
+        return self.comm.all_reduce(x * mine.unsqueeze(-1).to(x.dtype))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPShard, comm: Collectives) -> None:
+        super().__init__()
+        local = tp.local_config(cfg)
+        self.embed_tokens = VocabEmbedding(*tp.vocab_range(cfg), cfg.hidden_size, comm, whole=tp.size == 1)
+        self.layers = nn.ModuleList(DecoderLayer(local, i, comm) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    """forward(tokens, positions, attn) -> hidden [T, H]; logits(hidden) -> [N, V]."""
+    """forward(tokens, positions, attn) -> hidden [T, H]; logits(hidden) -> [N, V] (None on tp
+    ranks other than 0)."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPShard = TPShard(),
+                 comm: Collectives = NoCollectives()) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg)
+        self.tp, self.comm = tp, comm
+        self.local = tp.local_config(cfg)  # the sizes this rank computes
+        self.model = LlamaModel(cfg, tp, comm)
         self.rope = RotaryEmbedding(cfg, max_positions)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        vocab = cfg.vocab_size // tp.size
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, vocab, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnFn) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
@@ -102,9 +130,9 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, positions, self.rope, attn)
         return self.model.norm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return self.comm.gather_vocab(F.linear(hidden, weight).float())
 
     # ---- weights ---------------------------------------------------------------------------
     _FUSED = {  # HF name fragment -> (fused parameter fragment, shard index)
@@ -113,7 +141,8 @@ class LlamaForCausalLM(nn.Module):
     }
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors, stacking q/k/v and gate/up into the fused projections."""
+        """Load HF-named tensors (already sliced to this rank: TPShard.weight_slice), stacking
+        q/k/v and gate/up into the fused projections."""
         params = dict(self.named_parameters())
         seen: set[str] = set()
         for name, tensor in weights:
@@ -138,7 +167,7 @@ class LlamaForCausalLM(nn.Module):
         self._check_complete(params, seen)
 
     def _shard_range(self, frag: str, shard: int) -> tuple[int, int]:
-        c = self.config
+        c = self.local
         if frag == "gate_up_proj":
             return shard * c.intermediate_size, c.intermediate_size
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim

@@ -1,9 +1,13 @@
-"""Build a model from a Hugging Face folder (config.json + one or many *.safetensors)."""
+"""Build a model from a Hugging Face folder (config.json + one or many *.safetensors).
+
+With tensor parallelism each rank reads only its slices (safetensors slices read just those
+bytes), so a rank's memory is about 1/tp of the weights.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -11,6 +15,9 @@ from safetensors import safe_open
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaForCausalLM
 from pdserve.model.rope import RotaryEmbedding
+from pdserve.model.tp import Collectives, NoCollectives, TPShard
+
+SliceFn = Callable[[str], "tuple[int, int, int] | None"]  # name -> (dim, start, stop) or None: all
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -28,22 +35,29 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(folder: Path, part: SliceFn = lambda name: None) -> Iterator[tuple[str, torch.Tensor]]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in model folder {folder}")
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
-                yield name, st.get_tensor(name)
+                cut = part(name)
+                if cut is None:
+                    yield name, st.get_tensor(name)
+                else:
+                    dim, start, stop = cut
+                    sl = st.get_slice(name)
+                    yield name, sl[start:stop] if dim == 0 else sl[:, start:stop]
 
 
-def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, max_positions: int) -> LlamaForCausalLM:
+def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, max_positions: int,
+               tp: TPShard = TPShard(), comm: Collectives = NoCollectives()) -> LlamaForCausalLM:
     folder = Path(folder)
     cfg = ModelConfig.from_folder(folder)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions=1)
+        model = LlamaForCausalLM(cfg, max_positions=1, tp=tp, comm=comm)
     model = model.to_empty(device=device).to(dtype)
     model.rope = RotaryEmbedding(cfg, max_positions).to(device)  # fp32 tables, rebuilt off meta
-    model.load_weights(iter_safetensors(folder))
+    model.load_weights(iter_safetensors(folder, lambda name: tp.weight_slice(cfg, name)))
     return model.eval().requires_grad_(False)

@@ -1,0 +1,127 @@
+"""Tensor parallelism for the model: which slice of each weight a rank holds, and the two
+collectives the sliced layers need (passed in, like attention: the model knows no process group).
+
+Slicing (Megatron style; Hq query heads, Hkv KV heads, I intermediate, V vocab, tp ranks):
+
+    qkv_proj  column-parallel  rank r keeps   q heads [r*Hq/tp, (r+1)*Hq/tp)
+                                              kv heads  Hkv >= tp: [r*Hkv/tp, (r+1)*Hkv/tp)
+                                                        Hkv <  tp: the one its q heads read,
+                                                        (r*Hkv)//tp  (replicated on tp/Hkv ranks)
+    o_proj    row-parallel     the input columns of its q heads; partial sums -> all_reduce
+    gate_up   column-parallel  gate rows [r*I/tp, (r+1)*I/tp) and the same rows of up
+    down_proj row-parallel     the matching input columns -> all_reduce
+    embed     vocab-parallel   rows [r*V/tp, (r+1)*V/tp); other ids look up zeros -> all_reduce
+    lm_head   vocab-parallel   the same rows (tied: the embedding's); logits -> gather_vocab
+    norms     replicated
+
+Example Hq=8, Hkv=2, tp=4 (head_dim d; rows of the fused qkv_proj on each rank):
+
+    rank        0           1           2           3
+    q heads   0 1         2 3         4 5         6 7
+    kv head    0           0           1           1
+    qkv rows  [q0 q1|k0|v0] [q2 q3|k0|v0] [q4 q5|k1|v1] [q6 q7|k1|v1]   (each block d rows)
+
+So the KV pool of a rank holds `kv_heads` heads starting at global head `kv_start`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import torch
+
+from pdserve.model.config import ModelConfig
+
+
+class Collectives(Protocol):
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the ranks (every rank gets the sum)."""
+        ...
+
+    def gather_vocab(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each rank's [N, V/tp] logits -> [N, V] on rank 0 (None on the other ranks)."""
+        ...
+
+
+class NoCollectives:
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def gather_vocab(self, x: torch.Tensor) -> torch.Tensor | None:
+        return x
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    """Raise ValueError naming the dimension tp does not divide and the sizes that would work."""
+    if tp < 1:
+        raise ValueError(f"tp size must be >= 1, got {tp}")
+    kv = cfg.num_key_value_heads
+    ok = [t for t in _divisors(cfg.num_attention_heads)
+          if (kv % t == 0 or t % kv == 0) and cfg.intermediate_size % t == 0 and cfg.vocab_size % t == 0]
+    dims = (("num_attention_heads", cfg.num_attention_heads, cfg.num_attention_heads % tp == 0),
+            ("num_key_value_heads", kv, kv % tp == 0 or tp % kv == 0),
+            ("intermediate_size", cfg.intermediate_size, cfg.intermediate_size % tp == 0),
+            ("vocab_size", cfg.vocab_size, cfg.vocab_size % tp == 0))
+    for name, size, fits in dims:
+        if not fits:
+            how = "divide it or be a multiple of it" if name == "num_key_value_heads" else "divide it"
+            raise ValueError(f"tp size {tp} does not fit the model: {name} is {size} (tp must {how}); "
+                             f"tp sizes that work for this model: {ok}")
+
+
+@dataclass(frozen=True)
+class TPShard:
+    rank: int = 0
+    size: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"tp rank {self.rank} out of range for tp size {self.size}")
+
+    def q_heads(self, cfg: ModelConfig) -> tuple[int, int]:
+        n = cfg.num_attention_heads // self.size
+        return self.rank * n, n
+
+    def kv_heads(self, cfg: ModelConfig) -> tuple[int, int]:
+        """(first global KV head, count) this rank keeps."""
+        kv = cfg.num_key_value_heads
+        if kv >= self.size:
+            return self.rank * (kv // self.size), kv // self.size
+        return self.rank * kv // self.size, 1
+
+    def local_config(self, cfg: ModelConfig) -> ModelConfig:
+        """The config of the slice this rank computes (the vocabulary stays whole)."""
+        check_tp(cfg, self.size)
+        return replace(cfg, num_attention_heads=self.q_heads(cfg)[1], num_key_value_heads=self.kv_heads(cfg)[1],
+                       intermediate_size=cfg.intermediate_size // self.size)
+
+    def vocab_range(self, cfg: ModelConfig) -> tuple[int, int]:
+        n = cfg.vocab_size // self.size
+        return self.rank * n, (self.rank + 1) * n
+
+    def weight_slice(self, cfg: ModelConfig, name: str) -> tuple[int, int, int] | None:
+        """(dim, start, stop) of the HF checkpoint tensor `name` this rank loads; None = all of it."""
+        if self.size == 1:
+            return None
+        d = cfg.head_dim
+        q0, nq = self.q_heads(cfg)
+        k0, nk = self.kv_heads(cfg)
+        i = cfg.intermediate_size // self.size
+        if ".q_proj." in name:
+            return 0, q0 * d, (q0 + nq) * d
+        if ".k_proj." in name or ".v_proj." in name:
+            return 0, k0 * d, (k0 + nk) * d
+        if ".o_proj." in name:
+            return 1, q0 * d, (q0 + nq) * d
+        if ".gate_proj." in name or ".up_proj." in name:
+            return 0, self.rank * i, (self.rank + 1) * i
+        if ".down_proj." in name:
+            return 1, self.rank * i, (self.rank + 1) * i
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            return (0, *self.vocab_range(cfg))
+        return None

@@ -1,0 +1,1 @@
+"""Process groups for tensor parallelism on torch.distributed (gloo on CPU, NCCL on CUDA)."""

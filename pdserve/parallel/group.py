@@ -1,0 +1,97 @@
+"""The tensor-parallel group of one engine: its collectives (for the model) and the step
+broadcast (for the ranks that follow rank 0's scheduler).
+
+Lifecycle:
+  rank 0   store = host_store(host)                 # TCPStore on an ephemeral port of `host`
+           start the other ranks with (host, store.port)
+  every    group = TPGroup.join(rank, size, host, port, device, store)
+  per step rank 0 group.send_bytes(plan); others plan = group.recv_bytes()
+           the forward: all_reduce / gather_vocab (model/tp.py's Collectives)
+  end      group.close()
+
+Two process groups over the same ranks: the compute group (NCCL on CUDA, gloo on CPU) with a
+short timeout, so a dead rank fails the step instead of hanging it; and a gloo group with a
+long timeout for the plans, on which idle followers wait between steps. Plans are bytes
+(msgspec, encoded by the caller) in a uint8 tensor, length first: nothing is pickled.
+Sockets bind to the interface that owns `host` (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
+unless set), never to every interface.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from datetime import timedelta
+
+import psutil
+import torch
+import torch.distributed as dist
+
+COMPUTE_TIMEOUT = timedelta(seconds=60)  # a collective inside a step
+PLAN_TIMEOUT = timedelta(days=7)  # a follower waiting for the next step (an idle server)
+
+
+def interface_of(host: str) -> str:
+    """The network interface that owns `host`'s address (lo for 127.0.0.1)."""
+    ip = ipaddress.ip_address(socket.gethostbyname(host))
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6) and a.address.split("%")[0] == str(ip):
+                return name
+    raise ValueError(f"no local interface has the address {ip} (from {host!r}); "
+                     "--dist-init-addr must name an address of this machine on rank 0")
+
+
+def host_store(host: str, world_size: int) -> dist.TCPStore:
+    """Rank 0's rendezvous store on an ephemeral port of `host` (no port race)."""
+    return dist.TCPStore(host, 0, world_size, is_master=True, timeout=COMPUTE_TIMEOUT, wait_for_workers=False)
+
+
+class TPGroup:
+    """Implements model/tp.py's Collectives over torch.distributed."""
+
+    def __init__(self, rank: int, size: int, compute: dist.ProcessGroup, plans: dist.ProcessGroup,
+                 device: torch.device) -> None:
+        self.rank, self.size, self.device = rank, size, device
+        self._compute, self._plans = compute, plans
+
+    @classmethod
+    def join(cls, rank: int, size: int, host: str, port: int, device: torch.device,
+             store: dist.TCPStore | None = None) -> TPGroup:
+        iface = interface_of(host)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
+        if store is None:
+            store = dist.TCPStore(host, port, size, is_master=False, timeout=COMPUTE_TIMEOUT)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=COMPUTE_TIMEOUT)
+        plans = dist.new_group(list(range(size)), timeout=PLAN_TIMEOUT, backend="gloo")
+        return cls(rank, size, dist.group.WORLD, plans, device)
+
+    # ---- model collectives ---------------------------------------------------------------
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=self._compute)
+        return x
+
+    def gather_vocab(self, x: torch.Tensor) -> torch.Tensor | None:
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
+        dist.gather(x.contiguous(), parts, dst=0, group=self._compute)
+        return torch.cat(parts, dim=-1) if parts is not None else None
+
+    # ---- step plans (rank 0 -> the others) -------------------------------------------------
+    def send_bytes(self, data: bytes) -> None:
+        n = torch.tensor([len(data)], dtype=torch.int64)
+        dist.broadcast(n, src=0, group=self._plans)
+        dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=self._plans)
+
+    def recv_bytes(self) -> bytes:
+        n = torch.empty(1, dtype=torch.int64)
+        dist.broadcast(n, src=0, group=self._plans)
+        buf = torch.empty(int(n.item()), dtype=torch.uint8)
+        dist.broadcast(buf, src=0, group=self._plans)
+        return buf.numpy().tobytes()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
