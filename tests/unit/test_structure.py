@@ -23,7 +23,11 @@ FORBIDDEN = {  # folder → import prefixes its modules must not use
     "router": ("torch", "pdserve.engine", "pdserve.server", "pdserve.model"),
     "model": ("pdserve.engine", "pdserve.server", "pdserve.router", "pdserve.disagg", "pdserve.bench",
               "pdserve.launch", "pdserve.cli"),
+    "parallel": ("pdserve.engine", "pdserve.server", "pdserve.router", "pdserve.disagg", "pdserve.model"),
 }
+PICKLING_MODULES = ("pickle", "cloudpickle", "dill", "_pickle")
+PICKLING_CALLS = ("broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list",
+                  "send_object_list", "recv_object_list")  # torch.distributed's pickling collectives
 
 
 def _module_name(path: Path) -> str:
@@ -124,6 +128,31 @@ def test_import_direction(folder: str) -> None:
             if any(name == p or name.startswith(p + ".") for p in FORBIDDEN[folder]):
                 bad.append(f"{path.relative_to(PKG)} imports {name}")
     assert not bad, "\n".join(sorted(set(bad)))
+
+
+def _pickling(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [n for n in names if n.split(".")[0] in PICKLING_MODULES]
+        if isinstance(node, ast.Attribute) and (node.attr in PICKLING_CALLS or (
+                node.attr == "load" and isinstance(node.value, ast.Name) and node.value.id == "torch")):
+            found.append(node.attr if node.attr != "load" else "torch.load")
+    return found
+
+
+def test_nothing_pickles() -> None:
+    """No socket or collective carries pickles: no pickle module, no torch.distributed *_object*
+    collective, no torch.load anywhere in the package (msgspec/msgpack only)."""
+    bad = [f"{p.relative_to(PKG)}: {w}" for p in MODULES.values() for w in _pickling(p)]
+    assert not bad, "\n".join(bad)
+
+
+def test_pickle_finder_finds_them(tmp_path: Path) -> None:  # the check itself can fail
+    f = tmp_path / "m.py"
+    f.write_text("import pickle\nimport torch.distributed as dist\ndist.broadcast_object_list([1])\ntorch.load('x')\n")
+    assert set(_pickling(f)) == {"pickle", "broadcast_object_list", "torch.load"}
 
 
 def test_no_import_circles() -> None:
