@@ -1,0 +1,78 @@
+"""The bundled SmolLM2-135M (9 heads, 3 KV heads) split over 3 tensor-parallel ranks: offline
+and behind `pdserve serve`, equal to one rank token for token; a dead rank takes the server down."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pdserve import LLM, SamplingParams
+from tests.e2e.test_bundled_engine import PROMPTS
+from tests.integration.conftest import ServerProcess, children_of, pid_alive
+
+PARAMS = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True)
+
+
+@pytest.fixture(scope="module")
+def reference(bundled_model_dir: Path) -> list:
+    with LLM(str(bundled_model_dir), kv_cache_gb=0.25, chunk_budget=256) as llm:
+        prompts = [llm.tokenizer.encode(p * (1 + 8 * (i % 4 == 0))) for i, p in enumerate(PROMPTS)]
+        return [(p, o) for p, o in zip(prompts, llm.generate(prompts, PARAMS, use_tqdm=False))]
+
+
+def test_tp3_equals_tp1_on_22_mixed_prompts(bundled_model_dir: Path, reference: list) -> None:
+    with LLM(str(bundled_model_dir), kv_cache_gb=0.25, chunk_budget=256, tp_size=3) as llm:
+        outs = llm.generate([p for p, _ in reference], PARAMS, use_tqdm=False)
+        llm.engine.check_integrity()
+    for (_, want), got in zip(reference, outs):
+        assert got.output_ids == want.output_ids
+        assert max(abs(a - b) for a, b in zip(got.logprobs or [], want.logprobs or [])) < 1e-4
+
+
+def _ranks(server: ServerProcess) -> list[int]:
+    """PIDs of the tp follower processes (python -m pdserve.engine.tp_worker) under the server."""
+    out = []
+    for pid in children_of(server.proc.pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"pdserve.engine.tp_worker" in cmd:
+            out.append(pid)
+    return out
+
+
+def test_server_with_tp3_serves_and_a_dead_rank_takes_it_down(tmp_path: Path, bundled_model_dir: Path,
+                                                             reference: list) -> None:
+    server = ServerProcess(["--model", str(bundled_model_dir), "--tp-size", "3", "--kv-cache-gb", "0.25"],
+                           tmp_path / "server.log")
+    try:
+        server.wait_healthy(timeout=240)
+        prompt, want = reference[1]
+        r = httpx.post(f"{server.url}/generate", json={
+            "input_ids": prompt, "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}},
+            timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["output_ids"] == want.output_ids
+        ranks = _ranks(server)
+        assert len(ranks) == 2, server.log_tail()
+        os.kill(ranks[0], signal.SIGKILL)
+        killed = time.monotonic()
+        r = httpx.post(f"{server.url}/generate", json={
+            "input_ids": prompt, "sampling_params": {"max_new_tokens": 4}}, timeout=120)
+        assert r.status_code == 503, r.text
+        answered = time.monotonic() - killed
+        deadline = time.monotonic() + 90
+        while server.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        print(f"rank killed: 503 after {answered:.1f} s, server exited {server.proc.returncode} "
+              f"after {time.monotonic() - killed:.1f} s")
+        assert server.proc.returncode not in (None, 0), server.log_tail()
+        assert not pid_alive(ranks[1])
+    finally:
+        server.stop()
