@@ -21,6 +21,10 @@ ENGINE_FLAGS = {  # flag → (EngineConfig field, type, help)
     "--max-top-logprobs": ("max_top_logprobs", int, "cap on top_logprobs"),
     "--seed": ("seed", int, "engine random seed"),
     "--tp-size": ("tp_size", int, "tensor-parallel ranks, one process each (alias --tensor-parallel-size)"),
+    "--nnodes": ("nnodes", int, "machines the tp ranks span"),
+    "--node-rank": ("node_rank", int, "this machine's index (0 runs the scheduler and the HTTP front)"),
+    "--dist-init-addr": ("dist_init_addr", str, "HOST:PORT of node 0's rendezvous; the process group binds "
+                                                "the interface of HOST"),
 }
 
 

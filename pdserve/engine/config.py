@@ -27,6 +27,30 @@ class EngineConfig:
     max_top_logprobs: int = 20
     seed: int = 0
     tp_size: int = 1  # tensor-parallel ranks (one process each; engine/tp_worker.py)
+    nnodes: int = 1  # machines the tp ranks span (tp_size / nnodes ranks on each)
+    node_rank: int = 0  # this machine's index; 0 runs the scheduler and the HTTP front
+    dist_init_addr: str | None = None  # HOST:PORT of node 0's rendezvous (default: 127.0.0.1, any port)
+
+    def __post_init__(self) -> None:
+        if self.tp_size < 1 or self.nnodes < 1 or self.tp_size % self.nnodes:
+            raise ValueError(f"--tp-size {self.tp_size} must be a positive multiple of --nnodes {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp_size // self.nnodes
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(host, port) of node 0's TCPStore; port 0 means any free one (single node only)."""
+        if not self.dist_init_addr:
+            return "127.0.0.1", 0
+        host, _, port = self.dist_init_addr.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--dist-init-addr must be HOST:PORT, got {self.dist_init_addr!r}")
+        return host.strip("[]"), int(port)
 
 
 def set_torch_threads(threads: int | None) -> None:

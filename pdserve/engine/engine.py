@@ -14,7 +14,6 @@ When it goes idle the engine checks KV integrity (free + cached + in use == tota
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from pdserve.engine.sampler import Sampler, SampleResult, SampleRow
 from pdserve.engine.sampling_params import SamplingError, check_prompt
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.stop import StopChecker
-from pdserve.engine.tp_worker import TPRanks, rank_threads
+from pdserve.engine.tp_worker import TPRanks, rank_threads, resolved_config
 from pdserve.model.bundled import resolve_model
 from pdserve.model.config import ModelConfig
 from pdserve.model.loader import load_model, resolve_device, resolve_dtype
@@ -54,15 +53,14 @@ class Engine:
         self.tokenizer = Tokenizer(self.model_path)
         cfg, ps = self.model_config, config.page_size
         shard = TPShard(0, config.tp_size)
-        local = shard.local_config(cfg)  # a tp size that does not fit fails here, before any weight loads
-        num_pages = config.num_pages or KVPool.pages_for_budget(local, ps, config.kv_cache_gb, dtype.itemsize)
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, (num_pages - 1) * ps)
+        resolved = resolved_config(config, cfg)  # a tp size that does not fit fails here, before any weight loads
+        assert resolved.num_pages is not None and resolved.max_model_len is not None
+        local, num_pages, self.max_model_len = shard.local_config(cfg), resolved.num_pages, resolved.max_model_len
         self.ranks: TPRanks | None = None
         if config.tp_size > 1:
             if disagg is not None and disagg.mode != "null":
                 raise ValueError("--tp-size > 1 with --disaggregation-mode prefill/decode is not supported yet")
             set_torch_threads(rank_threads(config))
-            resolved = replace(config, num_pages=num_pages, max_model_len=self.max_model_len)
             self.ranks = TPRanks.start(resolved, self.device)
         comm = self.ranks.group if self.ranks is not None else NoCollectives()
         self.model = load_model(self.model_path, self.device, dtype, self.max_model_len + 1, shard, comm)

@@ -20,6 +20,8 @@ import logging
 import subprocess
 import sys
 
+from dataclasses import replace
+
 import msgspec
 import torch
 
@@ -52,6 +54,20 @@ def rank_threads(config: EngineConfig) -> int:
     return config.threads or max(1, default_threads() // config.tp_size)
 
 
+def resolved_config(config: EngineConfig, cfg: ModelConfig) -> EngineConfig:
+    """`config` with num_pages and max_model_len fixed the way every rank must agree on."""
+    local, ps = TPShard(0, config.tp_size).local_config(cfg), config.page_size  # raises on a bad tp
+    itemsize = torch.empty((), dtype=resolve_dtype(config.dtype)).element_size()
+    num_pages = config.num_pages or KVPool.pages_for_budget(local, ps, config.kv_cache_gb, itemsize)
+    max_len = min(config.max_model_len or cfg.max_position_embeddings, (num_pages - 1) * ps)
+    return replace(config, num_pages=num_pages, max_model_len=max_len)
+
+
+def _spawn(config: EngineConfig, ranks: range, host: str, port: int) -> list[subprocess.Popen[bytes]]:
+    return [subprocess.Popen([sys.executable, "-m", "pdserve.engine.tp_worker",
+                              msgspec.json.encode(RankSpec(config, r, host, port)).decode()]) for r in ranks]
+
+
 def build_rank(config: EngineConfig, shard: TPShard, group: TPGroup | None,
                device: torch.device) -> tuple[LlamaForCausalLM, KVPool, ModelConfig]:
     """This rank's model slice and KV pool (config.num_pages and max_model_len resolved)."""
@@ -71,11 +87,11 @@ class TPRanks:
         self.group, self.procs = group, procs
 
     @classmethod
-    def start(cls, config: EngineConfig, device: torch.device, host: str = "127.0.0.1") -> TPRanks:
-        store = host_store(host, config.tp_size)
-        procs = [subprocess.Popen([sys.executable, "-m", "pdserve.engine.tp_worker",
-                                   msgspec.json.encode(RankSpec(config, r, host, store.port)).decode()])
-                 for r in range(1, config.tp_size)]
+    def start(cls, config: EngineConfig, device: torch.device) -> TPRanks:
+        """Node 0: the store, this node's other ranks, and rank 0's place in the group."""
+        host, port = config.rendezvous()
+        store = host_store(host, port, config.tp_size)
+        procs = _spawn(config, range(1, config.ranks_per_node), host, store.port)
         try:
             group = TPGroup.join(0, config.tp_size, host, store.port, device, store)
         except BaseException:
@@ -101,12 +117,23 @@ class TPRanks:
         self.group.close()
 
 
+def serve_node(config: EngineConfig) -> int:
+    """A node other than 0 (`pdserve serve --node-rank N`): run its ranks until they end."""
+    config = resolved_config(config, ModelConfig.from_folder(resolve_model(config.model)))
+    host, port = config.rendezvous()
+    first = config.node_rank * config.ranks_per_node
+    procs = _spawn(config, range(first, first + config.ranks_per_node), host, port)
+    log.info("node %d: tp ranks %d..%d joining %s:%d", config.node_rank, first, first + len(procs) - 1, host, port)
+    codes = [p.wait() for p in procs]
+    return max(codes, key=abs)
+
+
 def follow(spec: RankSpec) -> None:
     config = spec.config
     set_torch_threads(rank_threads(config))
     device = resolve_device(config.device)
     if device.type == "cuda":
-        device = torch.device("cuda", spec.rank % torch.cuda.device_count())
+        device = torch.device("cuda", spec.rank % config.ranks_per_node)
         torch.cuda.set_device(device)
     group = TPGroup.join(spec.rank, config.tp_size, spec.host, spec.port, device)
     shard = TPShard(spec.rank, config.tp_size)

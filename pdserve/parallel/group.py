@@ -13,13 +13,12 @@ Two process groups over the same ranks: the compute group (NCCL on CUDA, gloo on
 short timeout, so a dead rank fails the step instead of hanging it; and a gloo group with a
 long timeout for the plans, on which idle followers wait between steps. Plans are bytes
 (msgspec, encoded by the caller) in a uint8 tensor, length first: nothing is pickled.
-Sockets bind to the interface that owns `host` (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
-unless set), never to every interface.
+Sockets bind to the interface toward `host` (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME unless
+set) and the store to `host` itself, never to every interface.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 from datetime import timedelta
@@ -33,19 +32,34 @@ PLAN_TIMEOUT = timedelta(days=7)  # a follower waiting for the next step (an idl
 
 
 def interface_of(host: str) -> str:
-    """The network interface that owns `host`'s address (lo for 127.0.0.1)."""
-    ip = ipaddress.ip_address(socket.gethostbyname(host))
+    """The network interface this machine reaches `host` through: the one that owns the
+    address on node 0 (lo for 127.0.0.1), the one the route to it leaves by elsewhere."""
+    ip = socket.gethostbyname(host)
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((ip, 9))  # UDP connect sends nothing: it only picks the route's source
+        local = probe.getsockname()[0]
+    except OSError as exc:
+        raise ValueError(f"no route to {ip} (from {host!r}): {exc}") from None
+    finally:
+        probe.close()
     for name, addrs in psutil.net_if_addrs().items():
-        for a in addrs:
-            if a.family in (socket.AF_INET, socket.AF_INET6) and a.address.split("%")[0] == str(ip):
-                return name
-    raise ValueError(f"no local interface has the address {ip} (from {host!r}); "
-                     "--dist-init-addr must name an address of this machine on rank 0")
+        if any(a.family == socket.AF_INET and a.address == local for a in addrs):
+            return name
+    raise ValueError(f"no local interface has the address {local} (toward {ip})")
 
 
-def host_store(host: str, world_size: int) -> dist.TCPStore:
-    """Rank 0's rendezvous store on an ephemeral port of `host` (no port race)."""
-    return dist.TCPStore(host, 0, world_size, is_master=True, timeout=COMPUTE_TIMEOUT, wait_for_workers=False)
+def host_store(host: str, port: int, world_size: int) -> dist.TCPStore:
+    """Rank 0's rendezvous store on host:port (port 0: any free one, no race). We bind the
+    socket ourselves: torch's own would listen on every interface."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(64)
+    store = dist.TCPStore(host, sock.getsockname()[1], world_size, is_master=True, timeout=COMPUTE_TIMEOUT,
+                          wait_for_workers=False, master_listen_fd=sock.detach())
+    return store
 
 
 class TPGroup:

@@ -118,6 +118,10 @@ def run_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("PDSERVE_LOG_LEVEL", config.log_level)
+    if config.engine.node_rank > 0:  # only tensor-parallel ranks here: node 0 serves HTTP
+        from pdserve.engine.tp_worker import serve_node
+
+        return serve_node(config.engine)
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         logger.warning("binding %s without --api-key: anyone who can reach it can use it", config.host)
     try:
