@@ -14,6 +14,7 @@ When it goes idle the engine checks KV integrity (free + cached + in use == tota
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -40,6 +41,18 @@ from pdserve.model.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+def available_host_memory() -> int:
+    """Bytes of host memory available to new allocations (Linux MemAvailable, else physical)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
 class Engine:
     def __init__(self, config: EngineConfig, disagg: DisaggConfig | None = None) -> None:
         self.config = config
@@ -48,11 +61,13 @@ class Engine:
         set_torch_threads(config.threads)
         self.model_path: Path = resolve_model(config.model)
         self.model_config = ModelConfig.from_folder(self.model_path)
-        self.tokenizer = Tokenizer(self.model_path)
+        self.tokenizer_path: Path = resolve_model(config.tokenizer) if config.tokenizer else self.model_path
+        self.tokenizer = Tokenizer(self.tokenizer_path, config.chat_template)
         cfg, ps = self.model_config, config.page_size
-        num_pages = config.num_pages or KVPool.pages_for_budget(cfg, ps, config.kv_cache_gb, dtype.itemsize)
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, (num_pages - 1) * ps)
-        self.model = load_model(self.model_path, self.device, dtype, self.max_model_len + 1)
+        wanted_len = config.max_model_len or cfg.max_position_embeddings
+        self.model = load_model(self.model_path, self.device, dtype, wanted_len + 1)
+        num_pages = config.num_pages or KVPool.pages_for_budget(cfg, ps, self._kv_budget_gb(), dtype.itemsize)
+        self.max_model_len = min(wanted_len, (num_pages - 1) * ps)
         tensors = pool_tensors(disagg, KVPool.shape(cfg, num_pages, ps), dtype, self.device)
         self.pool = KVPool(cfg, num_pages, ps, self.device, dtype, tensors)
         self.kv = KVManager(num_pages, ps, config.enable_prefix_cache)
@@ -67,6 +82,18 @@ class Engine:
         self.num_forward_tokens = 0
         self.stage = build_stage(disagg, self.model_path.name, self.pool, self.scheduler, self.kv,
                                  self.stops, cfg.vocab_size)
+
+    def _kv_budget_gb(self) -> float:
+        """GiB for the KV pool: --mem-fraction-static of the memory left now (weights loaded), or
+        --kv-cache-gb."""
+        fraction = self.config.mem_fraction_static
+        if fraction is None:
+            return self.config.kv_cache_gb
+        if self.device.type == "cuda":
+            available = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            available = available_host_memory()
+        return fraction * available / (1 << 30)
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, req: GenerateReq) -> None:

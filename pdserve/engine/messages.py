@@ -120,6 +120,7 @@ class EngineReady(msgspec.Struct, frozen=True, tag=True):
     num_pages: int
     max_running: int
     device: str = "cpu"
+    tokenizer_path: str = ""  # the folder the tokenizer came from ("" = model_path)
     model_config: dict[str, int | float | str | bool | None] = {}
 
 

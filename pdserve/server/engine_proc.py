@@ -97,6 +97,7 @@ def ready_message(engine: Engine, config: EngineConfig) -> EngineReady:
         num_pages=load.num_pages,
         max_running=config.max_running,
         device=str(engine.device),
+        tokenizer_path=str(engine.tokenizer_path),
         model_config=_model_summary(engine),
     )
 
