@@ -34,6 +34,7 @@ class EngineConfig:
     tokenizer: str | None = None  # tokenizer folder (default: the model's)
     chat_template: str | None = None  # Jinja source (default: the tokenizer's)
     log_stats_interval_s: float = 10.0  # engine stats line while busy; 0 = never
+    warmup: bool = True  # the engine process runs one short request before it reports ready
 
 
 def set_torch_threads(threads: int | None) -> None:

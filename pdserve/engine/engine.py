@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -30,8 +31,9 @@ from pdserve.engine.pd.stage import StagePoll
 from pdserve.engine.request import Request
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import Sampler, SampleResult, SampleRow
-from pdserve.engine.sampling_params import SamplingError, check_prompt
+from pdserve.engine.sampling_params import SamplingError, SamplingParams, check_prompt
 from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.stats import EngineStats
 from pdserve.engine.stop import StopChecker
 from pdserve.model.bundled import resolve_model
 from pdserve.model.config import ModelConfig
@@ -65,11 +67,19 @@ class Engine:
         self.tokenizer = Tokenizer(self.tokenizer_path, config.chat_template)
         cfg, ps = self.model_config, config.page_size
         wanted_len = config.max_model_len or cfg.max_position_embeddings
+        log.info("loading weights of %s (%d layers, hidden %d) on %s in %s", self.model_path.name,
+                 cfg.num_hidden_layers, cfg.hidden_size, self.device, config.dtype)
+        t0 = time.perf_counter()
         self.model = load_model(self.model_path, self.device, dtype, wanted_len + 1)
+        weights_gb = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**30
+        self.load_weights_s = time.perf_counter() - t0
+        log.info("weights loaded in %.1f s (%.2f GB)", self.load_weights_s, weights_gb)
         num_pages = config.num_pages or KVPool.pages_for_budget(cfg, ps, self._kv_budget_gb(), dtype.itemsize)
         self.max_model_len = min(wanted_len, (num_pages - 1) * ps)
         tensors = pool_tensors(disagg, KVPool.shape(cfg, num_pages, ps), dtype, self.device)
         self.pool = KVPool(cfg, num_pages, ps, self.device, dtype, tensors)
+        log.info("KV pool: %d pages of %d tokens = %d tokens, %.2f GB; context length %d", num_pages, ps,
+                 num_pages * ps, num_pages * self.pool.page_bytes() / 2**30, self.max_model_len)
         self.kv = KVManager(num_pages, ps, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.kv, config.chunk_budget, config.max_running, config.decode_headroom)
         self.runner = ModelRunner(self.model, self.pool, self.device)
@@ -80,6 +90,7 @@ class Engine:
         self._aborted: list[str] = []
         self._arrivals = 0
         self.num_forward_tokens = 0
+        self.stats = EngineStats(config.log_stats_interval_s)
         self.stage = build_stage(disagg, self.model_path.name, self.pool, self.scheduler, self.kv,
                                  self.stops, cfg.vocab_size)
 
@@ -104,7 +115,7 @@ class Engine:
             gen = torch.Generator(device=self.device).manual_seed(req.params.seed)
         self._arrivals += 1
         r = Request(rid=req.rid, prompt_len=len(req.input_ids), params=req.params,
-                    tokens=list(req.input_ids), arrival=self._arrivals, generator=gen)
+                    tokens=list(req.input_ids), arrival=self._arrivals, generator=gen, t_arrival=time.monotonic())
         if req.bootstrap is not None:
             self.stage.add(r, req.bootstrap)  # may refuse it (its room is taken): register it only after
         else:
@@ -130,7 +141,27 @@ class Engine:
         return self.stage.pending() > 0 and not self.scheduler.has_work() and not self._aborted
 
     # ---- one iteration -------------------------------------------------------------------
+    def warm_up(self) -> float:
+        """One short greedy request through the whole path (admission, forward, sampling, stop
+        checks), so the first real request does not pay for first-use allocations; its pages
+        and prefix-cache entries are dropped and the stats forgotten. Returns its seconds."""
+        t0 = time.perf_counter()
+        ids = self.tokenizer.encode("Warm-up: the quick brown fox", add_special_tokens=False)[:16] or [0]
+        self.add_request(GenerateReq(rid="__pdserve_warmup__", input_ids=ids,
+                                     params=SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)))
+        while self.has_work():
+            self.step()
+        self.kv.cache.reset()
+        self.stats.reset()
+        self.check_integrity()
+        return time.perf_counter() - t0
+
     def step(self) -> list[TokenOut]:
+        outputs = self._step()
+        self.stats.on_forward(0, sum(len(o.token_ids) for o in outputs))
+        return outputs
+
+    def _step(self) -> list[TokenOut]:
         outputs = self._abort_requests()
         polled = self._finish_polled(self.stage.poll())
         if polled:  # stream committed first tokens and errors now, not after a forward:
@@ -140,6 +171,11 @@ class Engine:
             if not self.has_work():
                 self.check_integrity()
             return outputs
+        now = time.monotonic()
+        for c in batch.chunks:
+            if c.req.t_admitted is None:
+                c.req.t_admitted = now
+        self.stats.on_forward(sum(c.length for c in batch.chunks if c.end <= c.req.prompt_len or c.length > 1), 0)
         self._forward(batch)
         handed_off = self.stage.after_forward(batch.chunks)
         for r in (c.req for c in batch.chunks if c.req not in handed_off):
@@ -194,6 +230,8 @@ class Engine:
         if r.num_output == 0 and r.transfer is None:  # (a PD prefill caches after its transfer)
             self.kv.cache_prefix(r)  # the prompt is done: share its pages with later requests
         tok = result.token_ids[i]
+        if r.t_first_token is None:
+            r.t_first_token = time.monotonic()
         r.tokens.append(tok)
         r.new_ids.append(tok)
         if result.logprobs is not None and (r.params.logprobs or r.params.top_logprobs):
@@ -217,7 +255,15 @@ class Engine:
         self.scheduler.finish(r, keep_in_cache=keep_in_cache)
         del self._requests[r.rid]
         r.finish_reason = reason
-        return self.take_output(r, reason)
+        self.stats.on_finish(r.prompt_len, r.cached_tokens)
+        out = self.take_output(r, reason)
+        now = time.monotonic()
+        admitted = r.t_admitted if r.t_admitted is not None else now
+        first = r.t_first_token if r.t_first_token is not None else now
+        out.queue_time_s = max(0.0, admitted - r.t_arrival)
+        out.prefill_time_s = max(0.0, first - admitted)
+        out.decode_time_s = max(0.0, now - first)
+        return out
 
     # ---- introspection -------------------------------------------------------------------
     def load(self) -> LoadInfo:
@@ -226,7 +272,17 @@ class Engine:
             num_waiting=len(self.scheduler.waiting) + self.stage.pending(),  # PD queues too
             num_pages=self.kv.capacity, free_pages=self.kv.allocator.num_free,
             cached_pages=self.kv.cache.num_pages, page_size=self.config.page_size,
-            transfer=self.stage.stats)
+            transfer=self.stage.stats, gen_throughput=self.stats.gen_throughput,
+            prompt_throughput=self.stats.prompt_throughput, cache_hit_rate=self.stats.cache_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions, prompt_tokens_computed=self.stats.prompt_tokens,
+            cache_queries=self.stats.cache_queries, cache_hits=self.stats.cache_hits)
+
+    def log_stats(self) -> str | None:
+        """The periodic stats line (engine/stats.py), when it is due."""
+        kv = self.kv
+        used = (kv.capacity - kv.allocator.num_free) * self.config.page_size
+        return self.stats.maybe_log(self.scheduler.num_running, len(self.scheduler.waiting) + self.stage.pending(),
+                                    used, kv.capacity * self.config.page_size, self.scheduler.num_preemptions)
 
     def flush_cache(self) -> bool:
         return self.kv.cache.reset()

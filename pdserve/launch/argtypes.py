@@ -64,3 +64,13 @@ def port_number(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number 0..65535, got {value}")
     return value
+
+
+_PREFIX = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def metrics_prefix(text: str) -> str:
+    """A Prometheus metric-name prefix (letters, digits, underscores; no leading digit)."""
+    if not _PREFIX.match(text):
+        raise argparse.ArgumentTypeError(f"not a Prometheus name prefix: {text!r}")
+    return text

@@ -12,8 +12,8 @@ import os
 import sys
 from typing import Any
 
-from pdserve.launch.argtypes import non_negative_float, non_negative_int, port_number, positive_float, positive_int, \
-    unit_interval
+from pdserve.launch.argtypes import metrics_prefix, non_negative_float, non_negative_int, port_number, positive_float, \
+    positive_int, unit_interval
 from pdserve.router.config import (API_KEY_ENV, POLICIES, CircuitConfig, HealthConfig, LimitsConfig, PolicyConfig,
                                    RetryConfig, RouterConfig, WorkerSpec)
 
@@ -101,6 +101,8 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"headers read as the request id (default {' '.join(d.request_id_headers)})")
     g.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"],
                    help=f"(default {d.log_level})")
+    g.add_argument("--metrics-prefix", type=metrics_prefix, default=d.metrics_prefix,
+                   help=f"/metrics names are PREFIX:router_name, like the servers' (default {d.metrics_prefix})")
     g.add_argument("--shutdown-grace-period-secs", type=non_negative_float, default=d.shutdown_timeout_s,
                    help=f"seconds in-flight requests get to finish on SIGTERM (default {d.shutdown_timeout_s:g})")
 
@@ -146,7 +148,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
                             args.max_payload_size, args.request_timeout_secs, args.worker_connect_timeout_secs),
         api_key=api_key, worker_api_key=args.worker_api_key,
         request_id_headers=tuple(h.lower() for h in args.request_id_headers), log_level=args.log_level,
-        shutdown_timeout_s=args.shutdown_grace_period_secs)
+        shutdown_timeout_s=args.shutdown_grace_period_secs, metrics_prefix=args.metrics_prefix)
 
 
 def add_router_parser(subparsers: Any) -> argparse.ArgumentParser:

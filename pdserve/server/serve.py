@@ -22,7 +22,7 @@ from typing import Any
 from pdserve.disagg.backends import BACKENDS
 from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.args import add_engine_arguments, check_engine_args, engine_config_from_args
-from pdserve.launch.argtypes import port_number, positive_float, positive_int
+from pdserve.launch.argtypes import metrics_prefix, port_number, positive_float, positive_int
 from pdserve.launch.sockets import bind_socket
 from pdserve.server.config import API_KEY_ENV, ServerConfig
 
@@ -67,6 +67,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("logging and metrics")
     g.add_argument("--log-level", default=d.log_level, choices=LOG_LEVELS, help=f"(default {d.log_level})")
     g.add_argument("--access-log", action="store_true", help="log every HTTP request (uvicorn's access log)")
+    g.add_argument("--log-requests", action="store_true",
+                   help="log one line per finished request (tokens, queue time, TTFT, E2E)")
+    g.add_argument("--metrics-prefix", type=metrics_prefix, default=d.metrics_prefix,
+                   help=f"/metrics names are PREFIX:name with SGLang's names, so SGLang's dashboards work "
+                        f"(default {d.metrics_prefix})")
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -89,7 +94,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         served_model_name=args.served_model_name, max_body_bytes=int(args.max_body_mb * 2**20),
         max_n=args.max_n, max_prompts=args.max_prompts, max_tokens_cap=args.max_tokens_cap,
         engine_start_timeout_s=args.engine_start_timeout, shutdown_timeout_s=args.shutdown_timeout,
-        log_level=args.log_level, access_log=args.access_log)
+        log_level=args.log_level, access_log=args.access_log, log_requests=args.log_requests,
+        metrics_prefix=args.metrics_prefix)
 
 
 def preflight(args: argparse.Namespace) -> tuple[ServerConfig, socket.socket]:
