@@ -1,8 +1,9 @@
 """`pdserve bench`: drive a running server with a workload and report latency and throughput.
 
-Flag names follow ``vllm bench serve`` where one exists. The table goes to stdout; with
-``--result-dir DIR`` the run is also written to ``DIR/bench.json`` and ``DIR/*.png``. The exit
-status is 0, or 1 when every request failed.
+Flag names follow ``vllm bench serve`` where one exists (``--save-result``, ``--result-dir``,
+``--result-filename``, ``--percentile-metrics``, ``--metric-percentiles``, ``--goodput``, ...;
+see :mod:`pdserve.bench.cli_output`). The table goes to stdout. The exit status is 0, 1 when
+every request failed, 2 when the server cannot be reached.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from pdserve.bench.cli_output import add_output_arguments, write_outputs
+from pdserve.bench.cli_output import add_output_arguments, slos, write_outputs
 from pdserve.launch.argtypes import non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
 
 if TYPE_CHECKING:
@@ -22,9 +23,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     spellings are aliases."""
     g = p.add_argument_group("server")
     g.add_argument("--base-url", required=True, help="server URL, e.g. http://127.0.0.1:30000 (required)")
-    g.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"],
+    g.add_argument("--endpoint", default=None, choices=["/v1/completions", "/v1/chat/completions"],
                    help="/v1/completions (token-id prompts) or /v1/chat/completions (text prompts) "
-                        "(default /v1/completions)")
+                        "(default /v1/completions; /v1/chat/completions with --backend openai-chat)")
+    g.add_argument("--backend", default="openai", choices=["openai", "openai-chat", "vllm", "sglang"],
+                   help="vLLM's name for the API: openai-chat means /v1/chat/completions, the others "
+                        "/v1/completions (default openai)")
     g.add_argument("--model", default=None, help="model name to send (default: the first of GET /v1/models)")
     g.add_argument("--tokenizer", default=None,
                    help="'default' (bundled model), an HF folder, a .gguf or a transformers name "
@@ -80,16 +84,17 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """The :class:`~pdserve.bench.runner.BenchConfig` the parsed flags describe."""
+    from pdserve.bench.client import CHAT, COMPLETIONS
     from pdserve.bench.runner import BenchConfig
 
     return BenchConfig(
-        base_url=args.base_url, model=args.model, endpoint=args.endpoint, dataset=args.dataset_name,
+        base_url=args.base_url, model=args.model, endpoint=args.endpoint or (CHAT if args.backend == "openai-chat" else COMPLETIONS), dataset=args.dataset_name,
         dataset_path=args.dataset_path, num_prompts=args.num_prompts, input_len=args.random_input_len,
         output_len=args.random_output_len, range_ratio=args.random_range_ratio, prefix_len=args.random_prefix_len,
         system_prompt_len=args.shared_prefix_system_len, question_len=args.shared_prefix_question_len,
         num_groups=args.shared_prefix_groups, request_rate=args.request_rate, burstiness=args.burstiness,
         max_concurrency=args.max_concurrency, warmup=args.warmup_requests, seed=args.seed,
-        slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, tokenizer=args.tokenizer,
+        **slos(args), tokenizer=args.tokenizer,
         api_key=args.api_key, timeout_s=args.timeout, disable_tqdm=args.disable_tqdm,
         temperature=args.temperature, ignore_eos=args.ignore_eos, as_text=args.random_as_text,
         sharegpt_output_len=args.sharegpt_output_len,
@@ -105,6 +110,6 @@ def run_bench(args: argparse.Namespace) -> int:
     except (RuntimeError, OSError) as exc:  # server unreachable, /v1/models failed, ...
         print(f"pdserve bench: error: {exc}", file=sys.stderr)
         return 2
-    print_table(result)
+    print_table(result, metrics=args.percentile_metrics, percentiles=args.metric_percentiles)
     write_outputs(args, result)
     return 0 if result.summary["completed"] > 0 else 1
