@@ -189,8 +189,15 @@ def _no_data(ax: Axes) -> None:
 
 
 def _figure(size: tuple[float, float], title: str, subtitle: str) -> Figure:
+    """A figure titled `title`, with `subtitle` wrapped at its " · " separators to the width."""
     fig = Figure(figsize=size, layout="constrained")
-    fig.suptitle(f"{title}\n{subtitle}", fontsize=9)
+    width, lines = int(size[0] * 13), [""]
+    for part in subtitle.split(" · "):
+        if lines[-1] and len(lines[-1]) + 3 + len(part) > width:
+            lines.append(part)
+        else:
+            lines[-1] = f"{lines[-1]} · {part}" if lines[-1] else part
+    fig.suptitle("\n".join([title, *lines]), fontsize=9)
     return fig
 
 

@@ -42,7 +42,7 @@ def figs() -> dict:
 def test_every_plot_says_which_run_it_shows(figs: dict) -> None:
     assert set(figs) == {"itl_distribution", "ttft_distribution", "output_throughput_over_time", "itl_over_time"}
     for fig in figs.values():
-        title = fig._suptitle.get_text()
+        title = fig._suptitle.get_text().replace("\n", " · ")
         for part in ("http://127.0.0.1:30000/v1/completions", "model default", "2 req/s", "concurrency 4",
                      "6 requests", "in 32 / out 12 tokens", "2026-01-01 00:00 UTC"):
             assert part in title, (part, title)
