@@ -163,7 +163,7 @@ def test_cli_starts_serves_and_stops_on_sigterm(worker: MockWorker) -> None:
         assert proc.poll() is None
         assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "x"}).status_code == 200
         taken = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert taken.returncode == 1 and "cannot bind" in taken.stdout + taken.stderr
+        assert taken.returncode == 2 and "cannot bind" in taken.stdout + taken.stderr
         proc.terminate()
         assert proc.wait(20) == 0
     finally:
