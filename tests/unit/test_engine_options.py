@@ -71,3 +71,10 @@ def test_stats_window_and_line() -> None:
     now[0] = 4.5
     assert stats.maybe_log(0, 0, 0, 640, 3) is None  # an idle window logs nothing
     assert stats.gen_tokens == 10 and stats.prompt_tokens == 100  # cumulative counts stay
+
+
+def test_dtype_choices_match_the_loader() -> None:
+    from pdserve.engine.config import DTYPE_CHOICES
+    from pdserve.model.loader import DTYPES
+
+    assert set(DTYPE_CHOICES) == set(DTYPES)
