@@ -9,6 +9,8 @@ A PD request waits in its stage's queues (engine/pd: prefill or decode) while it
 the stage hands it to the scheduler and back, and tells the engine what finished.
 Outputs are incremental `TokenOut`s: the tokens each request produced since the last step.
 When it goes idle the engine checks KV integrity (free + cached + in use == total).
+Start-up logs each stage (weights, KV pool); `warm_up()` runs one throw-away request; what the
+engine computes is counted in `self.stats` (engine/stats.py: the periodic stats line, gauges).
 """
 
 from __future__ import annotations
@@ -69,12 +71,18 @@ class Engine:
         wanted_len = config.max_model_len or cfg.max_position_embeddings
         log.info("loading weights of %s (%d layers, hidden %d) on %s in %s", self.model_path.name,
                  cfg.num_hidden_layers, cfg.hidden_size, self.device, config.dtype)
+        # the pool's size is known before the weights load, except with --mem-fraction-static
+        # (a fraction of what is left after them): RoPE tables then cover the model's length
+        num_pages = config.num_pages or (None if config.mem_fraction_static is not None else
+                                         KVPool.pages_for_budget(cfg, ps, config.kv_cache_gb, dtype.itemsize))
         t0 = time.perf_counter()
-        self.model = load_model(self.model_path, self.device, dtype, wanted_len + 1)
+        rope_len = min(wanted_len, (num_pages - 1) * ps) if num_pages else wanted_len
+        self.model = load_model(self.model_path, self.device, dtype, rope_len + 1)
         weights_gb = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**30
         self.load_weights_s = time.perf_counter() - t0
         log.info("weights loaded in %.1f s (%.2f GB)", self.load_weights_s, weights_gb)
-        num_pages = config.num_pages or KVPool.pages_for_budget(cfg, ps, self._kv_budget_gb(), dtype.itemsize)
+        if num_pages is None:
+            num_pages = KVPool.pages_for_budget(cfg, ps, self._kv_budget_gb(), dtype.itemsize)
         self.max_model_len = min(wanted_len, (num_pages - 1) * ps)
         tensors = pool_tensors(disagg, KVPool.shape(cfg, num_pages, ps), dtype, self.device)
         self.pool = KVPool(cfg, num_pages, ps, self.device, dtype, tensors)
@@ -95,11 +103,9 @@ class Engine:
                                  self.stops, cfg.vocab_size)
 
     def _kv_budget_gb(self) -> float:
-        """GiB for the KV pool: --mem-fraction-static of the memory left now (weights loaded), or
-        --kv-cache-gb."""
+        """GiB for the KV pool: --mem-fraction-static of the memory left now (weights loaded)."""
         fraction = self.config.mem_fraction_static
-        if fraction is None:
-            return self.config.kv_cache_gb
+        assert fraction is not None
         if self.device.type == "cuda":
             available = torch.cuda.mem_get_info(self.device)[0]
         else:
