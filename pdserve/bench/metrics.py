@@ -10,8 +10,8 @@ Definitions used by :func:`summarize` (successful requests only, except the coun
 - TPOT per request: (latency − TTFT) / (output_tokens − 1), for requests with > 1 output token;
 - E2E latency: send → end of the stream;
 - throughputs: totals / ``duration_s`` (requests, input tokens, output tokens, both);
-- goodput: requests meeting every given SLO (TTFT ≤ ``slo_ttft_ms``, TPOT ≤ ``slo_tpot_ms``;
-  a 1-token request has TPOT 0) per second; None when no SLO is given.
+- goodput: requests meeting every given SLO (TTFT ≤ ``slo_ttft_ms``, TPOT ≤ ``slo_tpot_ms``,
+  E2E ≤ ``slo_e2el_ms``; a 1-token request has TPOT 0) per second; None when no SLO is given.
 
 Each latency metric is reported in ms as ``{"count", "mean", "median", "std", "p90", "p99",
 "max"}`` (numpy percentiles, linear interpolation; all 0 when there is no sample), under
@@ -69,11 +69,14 @@ def stats_ms(values_s: list[float]) -> dict[str, float]:
     }
 
 
-def meets_slo(record: RequestRecord, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> bool:
+def meets_slo(record: RequestRecord, slo_ttft_ms: float | None, slo_tpot_ms: float | None,
+              slo_e2el_ms: float | None = None) -> bool:
     """True when a successful ``record`` meets every SLO given (None = no SLO on that metric)."""
     if not record.success:
         return False
     if slo_ttft_ms is not None and record.ttft * 1000.0 > slo_ttft_ms:
+        return False
+    if slo_e2el_ms is not None and record.latency * 1000.0 > slo_e2el_ms:
         return False
     tpot = record.tpot or 0.0
     return slo_tpot_ms is None or tpot * 1000.0 <= slo_tpot_ms
@@ -111,7 +114,7 @@ def time_series(records: list[RequestRecord], duration_s: float, bucket_s: float
 
 
 def summarize(records: list[RequestRecord], duration_s: float, slo_ttft_ms: float | None = None,
-              slo_tpot_ms: float | None = None) -> dict[str, Any]:
+              slo_tpot_ms: float | None = None, slo_e2el_ms: float | None = None) -> dict[str, Any]:
     """The benchmark summary of ``records`` over a run of ``duration_s`` seconds (see module doc)."""
     if duration_s <= 0:
         raise ValueError(f"duration_s must be > 0, got {duration_s}")
@@ -119,8 +122,8 @@ def summarize(records: list[RequestRecord], duration_s: float, slo_ttft_ms: floa
     failed = [r for r in records if not r.success]
     total_in = sum(r.prompt_len for r in ok)
     total_out = sum(r.output_tokens for r in ok)
-    any_slo = slo_ttft_ms is not None or slo_tpot_ms is not None
-    good = sum(meets_slo(r, slo_ttft_ms, slo_tpot_ms) for r in ok) if any_slo else None
+    any_slo = slo_ttft_ms is not None or slo_tpot_ms is not None or slo_e2el_ms is not None
+    good = sum(meets_slo(r, slo_ttft_ms, slo_tpot_ms, slo_e2el_ms) for r in ok) if any_slo else None
     errors: dict[str, int] = {}
     for r in failed:
         errors[r.error] = errors.get(r.error, 0) + 1
@@ -136,6 +139,7 @@ def summarize(records: list[RequestRecord], duration_s: float, slo_ttft_ms: floa
         "total_token_throughput": (total_in + total_out) / duration_s,
         "slo_ttft_ms": slo_ttft_ms,
         "slo_tpot_ms": slo_tpot_ms,
+        "slo_e2el_ms": slo_e2el_ms,
         "good_requests": good,
         "goodput": good / duration_s if good is not None else None,
         "ttft_ms": stats_ms([r.ttft for r in ok]),

@@ -65,6 +65,7 @@ class BenchConfig:
     seed: int = 0
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
+    slo_e2el_ms: float | None = None
     tokenizer: str | None = None
     api_key: str | None = None
     timeout_s: float = 600.0
@@ -228,7 +229,7 @@ async def run_benchmark(cfg: BenchConfig, requests: list[BenchRequest] | None = 
             if not rec.success:
                 print(f"pdserve bench: warm-up request failed: {rec.error}", file=sys.stderr)
         records, duration_s, started_at = await _send_all(client, cfg, requests)
-    summary = summarize(records, duration_s, cfg.slo_ttft_ms, cfg.slo_tpot_ms)
+    summary = summarize(records, duration_s, cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.slo_e2el_ms)
     return BenchResult(config=cfg, summary=summary, records=records, duration_s=duration_s, started_at=started_at)
 
 

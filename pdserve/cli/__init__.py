@@ -1,12 +1,23 @@
 """`pdserve` command line: generate | convert | serve | router | launch | bench.
 
-Subcommand modules are imported lazily so `pdserve --help` stays fast.
+Also `python -m pdserve`. Building the parser imports no torch (each subcommand imports its
+heavy modules only when it runs), so `pdserve --help` is fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("pdserve")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,14 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     from pdserve.router.cli import add_router_parser
     from pdserve.server.serve import add_serve_parser
 
-    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pdserve {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_generate_parser(sub)
-    add_convert_parser(sub)
-    add_serve_parser(sub)
-    add_router_parser(sub)
-    add_launch_parser(sub)
-    add_bench_parser(sub)
+    for add in (add_generate_parser, add_convert_parser, add_serve_parser, add_router_parser, add_launch_parser,
+                add_bench_parser):
+        p = add(sub)
+        p.add_argument("--version", action="version", version=f"pdserve {version()}")
     return parser
 
 
@@ -35,4 +45,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"pdserve: error: {e}", file=sys.stderr)
         return 2
-

@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pdserve.engine.args import add_engine_arguments, engine_config_from_args
+from pdserve.engine.args import add_engine_arguments, check_engine_args, engine_config_from_args
+from pdserve.launch.argtypes import non_negative_float, non_negative_int, unit_interval
 
 
-def add_generate_parser(sub: Any) -> None:
+def add_generate_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text offline with the engine in this process")
     add_engine_arguments(p)
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    g.add_argument("--max-new-tokens", type=non_negative_int, default=64, help="tokens per prompt (default 64)")
+    g.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy (default 0)")
+    g.add_argument("--top-p", type=unit_interval, default=1.0, help="nucleus sampling mass (default 1)")
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed (default: none)")
     p.set_defaults(func=run_generate)
+    return p
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -25,7 +28,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from pdserve.engine.llm import LLM
     from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.model.bundled import check_model
 
+    check_model(args.model)  # FileNotFoundError / ValueError: one line, exit 2 (cli.main)
+    check_engine_args(args)
     llm = LLM(**asdict(engine_config_from_args(args)))
     prompts: list[Any] = args.prompt
     if args.chat:

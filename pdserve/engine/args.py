@@ -1,49 +1,126 @@
-"""Command-line flags for every EngineConfig knob, shared by `pdserve generate` and `serve`."""
+"""Command-line flags for every EngineConfig knob, shared by `pdserve generate` and `serve`.
+
+Each knob has pdserve's flag plus SGLang's and vLLM's spellings as aliases (`ENGINE_FLAGS`;
+README's "Engine knobs" table lists both); every spelling sets the same EngineConfig field.
+Values are checked by argparse (`type=`, `choices=`) so a bad one fails at parse time, and
+flag combinations by `check_engine_args` before anything is loaded. This module imports no
+torch: `pdserve --help` must stay fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from pdserve.engine.config import EngineConfig
+from pdserve.engine.config import DTYPE_CHOICES, EngineConfig
+from pdserve.launch.argtypes import device, fraction, non_negative_float, non_negative_int, positive_float, \
+    positive_int
 
-ENGINE_FLAGS = {  # flag → (EngineConfig field, type, help)
-    "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
-    "--dtype": ("dtype", str, "compute dtype (float32 on CPU)"),
-    "--page-size": ("page_size", int, "tokens per KV page"),
-    "--kv-cache-gb": ("kv_cache_gb", float, "KV pool size in GiB (when --num-pages is not given)"),
-    "--num-pages": ("num_pages", int, "KV pool size in pages"),
-    "--max-model-len": ("max_model_len", int, "context length (default: the model's, capped by the pool)"),
-    "--max-running": ("max_running", int, "requests in the running batch"),
-    "--chunk-budget": ("chunk_budget", int, "tokens per forward (chunked prefill + decode)"),
-    "--decode-headroom": ("decode_headroom", float, "fraction of running decode kept free at admission"),
-    "--threads": ("threads", int, "torch intra-op threads in the engine process"),
-    "--max-top-logprobs": ("max_top_logprobs", int, "cap on top_logprobs"),
-    "--seed": ("seed", int, "engine random seed"),
-    "--tp-size": ("tp_size", int, "tensor-parallel ranks, one process each (alias --tensor-parallel-size)"),
-    "--nnodes": ("nnodes", int, "machines the tp ranks span"),
-    "--node-rank": ("node_rank", int, "this machine's index (0 runs the scheduler and the HTTP front)"),
-    "--dist-init-addr": ("dist_init_addr", str, "HOST:PORT of node 0's rendezvous; the process group binds "
-                                                "the interface of HOST"),
-}
+
+@dataclass(frozen=True)
+class Flag:
+    """One EngineConfig knob on the command line: pdserve's flag first, then its aliases."""
+
+    names: tuple[str, ...]
+    field: str
+    type: Callable[[str], Any]
+    help: str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+
+ENGINE_FLAGS: tuple[Flag, ...] = (
+    Flag(("--device",), "device", device, "auto | cpu | cuda | cuda:N (auto: cuda when available)",
+         metavar="DEVICE"),
+    Flag(("--dtype",), "dtype", str, "compute dtype (float32 on CPU)", DTYPE_CHOICES),
+    Flag(("--page-size", "--block-size"), "page_size", positive_int, "tokens per KV page"),
+    Flag(("--kv-cache-gb",), "kv_cache_gb", positive_float,
+         "KV pool size in GiB (when neither --num-pages nor --mem-fraction-static is given)"),
+    Flag(("--num-pages", "--num-gpu-blocks-override"), "num_pages", positive_int,
+         "KV pool size in pages (default: from --kv-cache-gb or --mem-fraction-static)"),
+    Flag(("--mem-fraction-static",), "mem_fraction_static", fraction,
+         "KV pool = this fraction of the memory still available after the weights are loaded "
+         "(GPU: free device memory; CPU: MemAvailable) (default: use --kv-cache-gb)"),
+    Flag(("--max-model-len", "--context-length"), "max_model_len", positive_int,
+         "context length (default: the model's max_position_embeddings, capped by the KV pool)"),
+    Flag(("--max-running", "--max-running-requests", "--max-num-seqs"), "max_running", positive_int,
+         "requests in the running batch"),
+    Flag(("--chunk-budget", "--chunked-prefill-size", "--max-num-batched-tokens"), "chunk_budget",
+         positive_int, "tokens per forward, shared by chunked prefill and decode"),
+    Flag(("--decode-headroom",), "decode_headroom", non_negative_float,
+         "fraction of the running requests' remaining decode kept free at admission"),
+    Flag(("--threads",), "threads", positive_int,
+         "torch intra-op threads in the engine process (default: every core it may use)"),
+    Flag(("--max-top-logprobs", "--max-logprobs"), "max_top_logprobs", non_negative_int, "cap on top_logprobs"),
+    Flag(("--seed", "--random-seed"), "seed", int, "engine random seed"),
+    Flag(("--tokenizer", "--tokenizer-path"), "tokenizer", str,
+         "HF folder (or .gguf, or 'default') to take the tokenizer from (default: the model's)", metavar="PATH"),
+    Flag(("--chat-template",), "chat_template", str,
+         "Jinja chat template: a file path, or the template text itself (default: the tokenizer's)",
+         metavar="FILE_OR_TEXT"),
+    Flag(("--log-stats-interval",), "log_stats_interval_s", non_negative_float,
+         "seconds between the engine's stats lines while it has work (0: never)", metavar="SECONDS"),
+    Flag(("--tp-size", "--tensor-parallel-size"), "tp_size", positive_int,
+         "tensor-parallel ranks, one process each (gloo on CPU, NCCL on CUDA)"),
+    Flag(("--nnodes",), "nnodes", positive_int, "machines the tp ranks span"),
+    Flag(("--node-rank",), "node_rank", non_negative_int,
+         "this machine's index (0 runs the scheduler and the HTTP front; others only their tp ranks)"),
+    Flag(("--dist-init-addr",), "dist_init_addr", str,
+         "HOST:PORT of node 0's rendezvous; the process group binds the interface toward HOST", metavar="HOST:PORT"),
+)
+
+
+def _default_text(name: str) -> str | None:
+    value = getattr(EngineConfig(), name)
+    return None if value is None else str(value)
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "--model-path", dest="model", default="default",
-                   help="HF folder, .gguf file, or 'default' (bundled SmolLM2-135M-Instruct)")
-    defaults = EngineConfig()
-    for flag, (name, typ, text) in ENGINE_FLAGS.items():
-        p.add_argument(flag, type=typ, default=None, help=f"{text} (default {getattr(defaults, name)})")
-    p.add_argument("--tensor-parallel-size", dest="tp_size", type=int, default=None, help="alias of --tp-size")
-    p.add_argument("--disable-prefix-cache", action="store_true", help="turn the radix prefix cache off")
+    g = p.add_argument_group("model and engine (SGLang's and vLLM's spellings are aliases)")
+    g.add_argument("--model", "--model-path", dest="model", default="default",
+                   help="HF folder, .gguf file, or 'default' (bundled SmolLM2-135M-Instruct) (default default)")
+    for f in ENGINE_FLAGS:
+        default = _default_text(f.field)
+        text = f"{f.help} (default {default})" if default is not None else f.help
+        g.add_argument(*f.names, dest=f.field, type=f.type, default=None, choices=f.choices, metavar=f.metavar,
+                       help=text)
+    g.add_argument("--disable-prefix-cache", "--disable-radix-cache", "--no-enable-prefix-caching",
+                   dest="disable_prefix_cache", action="store_true", help="turn the radix prefix cache off")
+    g.add_argument("--skip-server-warmup", "--skip-warmup", dest="skip_warmup", action="store_true",
+                   help="report ready without running the warm-up request")
+
+
+def check_engine_args(args: argparse.Namespace) -> None:
+    """Flag combinations that cannot work; raises ValueError with one sentence."""
+    engine_config_from_args(args).check_parallel()
+    if args.mem_fraction_static is not None and (args.num_pages is not None or args.kv_cache_gb is not None):
+        raise ValueError("--mem-fraction-static sizes the KV pool: do not combine it with --num-pages or "
+                         "--kv-cache-gb")
+    if args.num_pages is not None and args.num_pages < 2:
+        raise ValueError("--num-pages must be at least 2")
+    if args.max_model_len is not None and args.num_pages is not None and args.page_size is not None:
+        if args.max_model_len > (args.num_pages - 1) * args.page_size:
+            raise ValueError(f"--max-model-len {args.max_model_len} does not fit in {args.num_pages} pages of "
+                             f"{args.page_size} tokens (at most {(args.num_pages - 1) * args.page_size})")
+    template = args.chat_template
+    if template is not None and "{" not in template and not Path(template).is_file():
+        raise ValueError(f"--chat-template {template!r} is neither a file nor a Jinja template")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     kwargs: dict[str, Any] = {"model": args.model}
-    for flag, (name, _, _) in ENGINE_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
+    for f in ENGINE_FLAGS:
+        value = getattr(args, f.field)
         if value is not None:
-            kwargs[name] = value
+            kwargs[f.field] = value
+    template = kwargs.get("chat_template")
+    if template is not None and "{" not in template and Path(template).is_file():
+        kwargs["chat_template"] = Path(template).read_text(encoding="utf-8")
     if args.disable_prefix_cache:
         kwargs["enable_prefix_cache"] = False
+    if getattr(args, "skip_warmup", False):
+        kwargs["warmup"] = False
     return EngineConfig(**kwargs)

@@ -10,14 +10,19 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+# the names model.loader.DTYPES accepts (kept here as strings so the CLI needs no torch)
+DTYPE_CHOICES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = "default"  # HF folder, .gguf file, or "default" (bundled SmolLM2-135M)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # compute dtype; fp32 on CPU (no native bf16 here)
     page_size: int = 16
-    kv_cache_gb: float = 1.0  # KV pool size when num_pages is not given
+    kv_cache_gb: float = 1.0  # KV pool size when neither num_pages nor mem_fraction_static is given
     num_pages: int | None = None
+    mem_fraction_static: float | None = None  # KV pool = this fraction of memory left after the weights
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped
     max_running: int = 64  # requests in the running batch
     chunk_budget: int = 512  # tokens per forward (chunked prefill + decode)
@@ -26,12 +31,17 @@ class EngineConfig:
     threads: int | None = None  # torch intra-op threads (CPU); None = all cores we may use
     max_top_logprobs: int = 20
     seed: int = 0
+    tokenizer: str | None = None  # tokenizer folder (default: the model's)
+    chat_template: str | None = None  # Jinja source (default: the tokenizer's)
+    log_stats_interval_s: float = 10.0  # engine stats line while busy; 0 = never
+    warmup: bool = True  # the engine process runs one short request before it reports ready
     tp_size: int = 1  # tensor-parallel ranks (one process each; engine/tp_worker.py)
     nnodes: int = 1  # machines the tp ranks span (tp_size / nnodes ranks on each)
     node_rank: int = 0  # this machine's index; 0 runs the scheduler and the HTTP front
     dist_init_addr: str | None = None  # HOST:PORT of node 0's rendezvous (default: 127.0.0.1, any port)
 
-    def __post_init__(self) -> None:
+    def check_parallel(self) -> None:
+        """Raise ValueError (one sentence) for a tp/nnodes/node-rank combination that cannot work."""
         if self.tp_size < 1 or self.nnodes < 1 or self.tp_size % self.nnodes:
             raise ValueError(f"--tp-size {self.tp_size} must be a positive multiple of --nnodes {self.nnodes}")
         if not 0 <= self.node_rank < self.nnodes:

@@ -9,11 +9,15 @@ A PD request waits in its stage's queues (engine/pd: prefill or decode) while it
 the stage hands it to the scheduler and back, and tells the engine what finished.
 Outputs are incremental `TokenOut`s: the tokens each request produced since the last step.
 When it goes idle the engine checks KV integrity (free + cached + in use == total).
+Start-up logs each stage (weights, KV pool); `warm_up()` runs one throw-away request; what the
+engine computes is counted in `self.stats` (engine/stats.py: the periodic stats line, gauges).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -29,8 +33,9 @@ from pdserve.engine.pd.stage import StagePoll
 from pdserve.engine.request import Request
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import Sampler, SampleResult, SampleRow
-from pdserve.engine.sampling_params import SamplingError, check_prompt
+from pdserve.engine.sampling_params import SamplingError, SamplingParams, check_prompt
 from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.stats import EngineStats
 from pdserve.engine.stop import StopChecker
 from pdserve.engine.tp_worker import TPRanks, rank_threads, resolved_config
 from pdserve.model.bundled import resolve_model
@@ -42,6 +47,18 @@ from pdserve.model.tp import NoCollectives, TPShard
 log = logging.getLogger(__name__)
 
 
+def available_host_memory() -> int:
+    """Bytes of host memory available to new allocations (Linux MemAvailable, else physical)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
 class Engine:
     def __init__(self, config: EngineConfig, disagg: DisaggConfig | None = None) -> None:
         self.config = config
@@ -50,22 +67,38 @@ class Engine:
         set_torch_threads(config.threads)
         self.model_path: Path = resolve_model(config.model)
         self.model_config = ModelConfig.from_folder(self.model_path)
-        self.tokenizer = Tokenizer(self.model_path)
+        self.tokenizer_path: Path = resolve_model(config.tokenizer) if config.tokenizer else self.model_path
+        self.tokenizer = Tokenizer(self.tokenizer_path, config.chat_template)
         cfg, ps = self.model_config, config.page_size
         shard = TPShard(0, config.tp_size)
-        resolved = resolved_config(config, cfg)  # a tp size that does not fit fails here, before any weight loads
-        assert resolved.num_pages is not None and resolved.max_model_len is not None
-        local, num_pages, self.max_model_len = shard.local_config(cfg), resolved.num_pages, resolved.max_model_len
+        local = shard.local_config(cfg)  # a tp size that does not fit fails here, before any weight loads
+        wanted_len = config.max_model_len or cfg.max_position_embeddings
+        log.info("loading weights of %s (%d layers, hidden %d) on %s in %s", self.model_path.name,
+                 cfg.num_hidden_layers, cfg.hidden_size, self.device, config.dtype)
+        # the pool's size is known before the weights load, except with --mem-fraction-static
+        # (a fraction of what is left after them): RoPE tables then cover the model's length
+        num_pages = config.num_pages or (None if config.mem_fraction_static is not None else
+                                         KVPool.pages_for_budget(local, ps, config.kv_cache_gb, dtype.itemsize))
         self.ranks: TPRanks | None = None
         if config.tp_size > 1:
             if disagg is not None and disagg.mode != "null":
                 raise ValueError("--tp-size > 1 with --disaggregation-mode prefill/decode is not supported yet")
             set_torch_threads(rank_threads(config))
-            self.ranks = TPRanks.start(resolved, self.device)
+            self.ranks = TPRanks.start(resolved_config(config, cfg), self.device)
         comm = self.ranks.group if self.ranks is not None else NoCollectives()
-        self.model = load_model(self.model_path, self.device, dtype, self.max_model_len + 1, shard, comm)
+        t0 = time.perf_counter()
+        rope_len = min(wanted_len, (num_pages - 1) * ps) if num_pages else wanted_len
+        self.model = load_model(self.model_path, self.device, dtype, rope_len + 1, shard, comm)
+        weights_gb = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**30
+        self.load_weights_s = time.perf_counter() - t0
+        log.info("weights loaded in %.1f s (%.2f GB)", self.load_weights_s, weights_gb)
+        if num_pages is None:
+            num_pages = KVPool.pages_for_budget(local, ps, self._kv_budget_gb(), dtype.itemsize)
+        self.max_model_len = min(wanted_len, (num_pages - 1) * ps)
         tensors = pool_tensors(disagg, KVPool.shape(local, num_pages, ps), dtype, self.device)
         self.pool = KVPool(local, num_pages, ps, self.device, dtype, tensors)
+        log.info("KV pool: %d pages of %d tokens = %d tokens, %.2f GB; context length %d", num_pages, ps,
+                 num_pages * ps, num_pages * self.pool.page_bytes() / 2**30, self.max_model_len)
         self.kv = KVManager(num_pages, ps, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.kv, config.chunk_budget, config.max_running, config.decode_headroom)
         self.runner = ModelRunner(self.model, self.pool, self.device,
@@ -77,8 +110,19 @@ class Engine:
         self._aborted: list[str] = []
         self._arrivals = 0
         self.num_forward_tokens = 0
+        self.stats = EngineStats(config.log_stats_interval_s)
         self.stage = build_stage(disagg, self.model_path.name, self.pool, self.scheduler, self.kv,
                                  self.stops, cfg.vocab_size)
+
+    def _kv_budget_gb(self) -> float:
+        """GiB for the KV pool: --mem-fraction-static of the memory left now (weights loaded)."""
+        fraction = self.config.mem_fraction_static
+        assert fraction is not None
+        if self.device.type == "cuda":
+            available = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            available = available_host_memory()
+        return fraction * available / (1 << 30)
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, req: GenerateReq) -> None:
@@ -89,7 +133,7 @@ class Engine:
             gen = torch.Generator(device=self.device).manual_seed(req.params.seed)
         self._arrivals += 1
         r = Request(rid=req.rid, prompt_len=len(req.input_ids), params=req.params,
-                    tokens=list(req.input_ids), arrival=self._arrivals, generator=gen)
+                    tokens=list(req.input_ids), arrival=self._arrivals, generator=gen, t_arrival=time.monotonic())
         if req.bootstrap is not None:
             self.stage.add(r, req.bootstrap)  # may refuse it (its room is taken): register it only after
         else:
@@ -115,7 +159,27 @@ class Engine:
         return self.stage.pending() > 0 and not self.scheduler.has_work() and not self._aborted
 
     # ---- one iteration -------------------------------------------------------------------
+    def warm_up(self) -> float:
+        """One short greedy request through the whole path (admission, forward, sampling, stop
+        checks), so the first real request does not pay for first-use allocations; its pages
+        and prefix-cache entries are dropped and the stats forgotten. Returns its seconds."""
+        t0 = time.perf_counter()
+        ids = self.tokenizer.encode("Warm-up: the quick brown fox", add_special_tokens=False)[:16] or [0]
+        self.add_request(GenerateReq(rid="__pdserve_warmup__", input_ids=ids,
+                                     params=SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)))
+        while self.has_work():
+            self.step()
+        self.kv.cache.reset()
+        self.stats.reset()
+        self.check_integrity()
+        return time.perf_counter() - t0
+
     def step(self) -> list[TokenOut]:
+        outputs = self._step()
+        self.stats.on_forward(0, sum(len(o.token_ids) for o in outputs))
+        return outputs
+
+    def _step(self) -> list[TokenOut]:
         outputs = self._abort_requests()
         polled = self._finish_polled(self.stage.poll())
         if polled:  # stream committed first tokens and errors now, not after a forward:
@@ -125,6 +189,11 @@ class Engine:
             if not self.has_work():
                 self.check_integrity()
             return outputs
+        now = time.monotonic()
+        for c in batch.chunks:
+            if c.req.t_admitted is None:
+                c.req.t_admitted = now
+        self.stats.on_forward(sum(c.length for c in batch.chunks if c.end <= c.req.prompt_len or c.length > 1), 0)
         self._forward(batch)
         handed_off = self.stage.after_forward(batch.chunks)
         for r in (c.req for c in batch.chunks if c.req not in handed_off):
@@ -179,6 +248,8 @@ class Engine:
         if r.num_output == 0 and r.transfer is None:  # (a PD prefill caches after its transfer)
             self.kv.cache_prefix(r)  # the prompt is done: share its pages with later requests
         tok = result.token_ids[i]
+        if r.t_first_token is None:
+            r.t_first_token = time.monotonic()
         r.tokens.append(tok)
         r.new_ids.append(tok)
         if result.logprobs is not None and (r.params.logprobs or r.params.top_logprobs):
@@ -202,7 +273,15 @@ class Engine:
         self.scheduler.finish(r, keep_in_cache=keep_in_cache)
         del self._requests[r.rid]
         r.finish_reason = reason
-        return self.take_output(r, reason)
+        self.stats.on_finish(r.prompt_len, r.cached_tokens)
+        out = self.take_output(r, reason)
+        now = time.monotonic()
+        admitted = r.t_admitted if r.t_admitted is not None else now
+        first = r.t_first_token if r.t_first_token is not None else now
+        out.queue_time_s = max(0.0, admitted - r.t_arrival)
+        out.prefill_time_s = max(0.0, first - admitted)
+        out.decode_time_s = max(0.0, now - first)
+        return out
 
     # ---- introspection -------------------------------------------------------------------
     def load(self) -> LoadInfo:
@@ -211,7 +290,17 @@ class Engine:
             num_waiting=len(self.scheduler.waiting) + self.stage.pending(),  # PD queues too
             num_pages=self.kv.capacity, free_pages=self.kv.allocator.num_free,
             cached_pages=self.kv.cache.num_pages, page_size=self.config.page_size,
-            transfer=self.stage.stats)
+            transfer=self.stage.stats, gen_throughput=self.stats.gen_throughput,
+            prompt_throughput=self.stats.prompt_throughput, cache_hit_rate=self.stats.cache_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions, prompt_tokens_computed=self.stats.prompt_tokens,
+            cache_queries=self.stats.cache_queries, cache_hits=self.stats.cache_hits)
+
+    def log_stats(self) -> str | None:
+        """The periodic stats line (engine/stats.py), when it is due."""
+        kv = self.kv
+        used = (kv.capacity - kv.allocator.num_free) * self.config.page_size
+        return self.stats.maybe_log(self.scheduler.num_running, len(self.scheduler.waiting) + self.stage.pending(),
+                                    used, kv.capacity * self.config.page_size, self.scheduler.num_preemptions)
 
     def flush_cache(self) -> bool:
         return self.kv.cache.reset()

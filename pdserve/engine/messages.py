@@ -55,6 +55,10 @@ class TokenOut(msgspec.Struct, tag=True):
     cached_tokens: int = 0
     error: str | None = None
     error_status: int = 400  # HTTP status for `error`: 400 bad input, 503 a failed PD transfer
+    # set on the finishing TokenOut: arrival -> first forward -> first token -> finish (seconds)
+    queue_time_s: float = 0.0
+    prefill_time_s: float = 0.0
+    decode_time_s: float = 0.0
 
     @property
     def finished(self) -> bool:
@@ -86,6 +90,14 @@ class LoadInfo(msgspec.Struct, frozen=True):
     cached_pages: int
     page_size: int
     transfer: TransferStats | None = None  # PD servers only
+    # engine/stats.py: the last stats window's rates, and cumulative counts
+    gen_throughput: float = 0.0  # tokens/s
+    prompt_throughput: float = 0.0  # prompt tokens computed/s
+    cache_hit_rate: float = 0.0  # prefix-cache hits / prompt tokens of finished requests
+    num_preemptions: int = 0
+    prompt_tokens_computed: int = 0
+    cache_queries: int = 0  # prompt tokens of finished requests
+    cache_hits: int = 0  # of those, from the prefix cache
 
     @property
     def kv_usage(self) -> float:
@@ -120,6 +132,7 @@ class EngineReady(msgspec.Struct, frozen=True, tag=True):
     num_pages: int
     max_running: int
     device: str = "cpu"
+    tokenizer_path: str = ""  # the folder the tokenizer came from ("" = model_path)
     model_config: dict[str, int | float | str | bool | None] = {}
 
 

@@ -43,6 +43,10 @@ class Request:
     stop_text: str = ""  # decoded tail, kept only when the request has stop strings
     admitted: bool = False
     transfer: Transfer | None = None  # PD state (engine/pd stages) while KV moves to / from a peer
+    # monotonic times for the queue / prefill / decode histograms (None until it happens)
+    t_arrival: float = 0.0
+    t_admitted: float | None = None  # first scheduled into a forward
+    t_first_token: float | None = None
 
     @property
     def output_ids(self) -> list[int]:

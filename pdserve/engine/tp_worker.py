@@ -56,6 +56,10 @@ def rank_threads(config: EngineConfig) -> int:
 
 def resolved_config(config: EngineConfig, cfg: ModelConfig) -> EngineConfig:
     """`config` with num_pages and max_model_len fixed the way every rank must agree on."""
+    config.check_parallel()
+    if config.num_pages is None and config.mem_fraction_static is not None:
+        raise ValueError("--mem-fraction-static with --tp-size > 1 is not supported yet: the ranks must agree on "
+                         "the pool size before loading; give --kv-cache-gb or --num-pages")
     local, ps = TPShard(0, config.tp_size).local_config(cfg), config.page_size  # raises on a bad tp
     itemsize = torch.empty((), dtype=resolve_dtype(config.dtype)).element_size()
     num_pages = config.num_pages or KVPool.pages_for_budget(local, ps, config.kv_cache_gb, itemsize)

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from pdserve.launch.argtypes import port_number, positive_float, positive_int
 from pdserve.launch.procs import Child, plan_cpus, python_module
 
 
@@ -41,25 +42,33 @@ def free_port() -> int:
 
 
 def add_launch_arguments(p: argparse.ArgumentParser) -> None:
+    from pdserve.disagg.backends import BACKENDS
+    from pdserve.router.config import POLICIES
+
     p.add_argument("--mode", choices=["pd", "unified"], default="pd",
-                   help="pd: prefill + decode servers behind the router; unified: plain load balancing")
-    p.add_argument("--prefill", type=int, default=1, help="prefill servers (pd mode)")
-    p.add_argument("--decode", type=int, default=1, help="decode servers (pd mode)")
-    p.add_argument("--workers", type=int, default=1, help="unified servers (unified mode)")
-    p.add_argument("--model", default="default", help="model for every server (default: the bundled SmolLM2-135M)")
-    p.add_argument("--host", default="127.0.0.1", help="router bind address")
-    p.add_argument("--port", type=int, default=8000, help="router port (0: a free one)")
-    p.add_argument("--policy", default="cache_aware", help="router policy (random, round_robin, power_of_two, "
-                                                            "cache_aware)")
-    p.add_argument("--transfer-backend", default="tcp", help="PD KV transfer backend (tcp, shm, fake, ...)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per server (default: its core share)")
+                   help="pd: prefill + decode servers behind the router; unified: plain load balancing (default pd)")
+    p.add_argument("--prefill", type=positive_int, default=1, help="prefill servers in pd mode (default 1)")
+    p.add_argument("--decode", type=positive_int, default=1, help="decode servers in pd mode (default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="unified servers in unified mode (default 1)")
+    p.add_argument("--model", "--model-path", dest="model", default="default",
+                   help="model for every server (default: 'default', the bundled SmolLM2-135M)")
+    p.add_argument("--host", default="127.0.0.1", help="router bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=port_number, default=8000, help="router port; 0: a free one (default 8000)")
+    p.add_argument("--policy", choices=POLICIES, default="cache_aware", help="router policy (default cache_aware)")
+    p.add_argument("--transfer-backend", "--disaggregation-transfer-backend", dest="transfer_backend",
+                   choices=list(BACKENDS), default="tcp", help="PD KV transfer backend (default tcp)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads per server (default: the cores it is pinned to)")
     p.add_argument("--no-pin", action="store_true", help="do not pin servers to cores")
-    p.add_argument("--api-key", default=None, help="key for the router and the servers (also $PDSERVE_API_KEY)")
+    p.add_argument("--api-key", default=None,
+                   help="key for the router and the servers (default: $PDSERVE_API_KEY, else none)")
     p.add_argument("--log-dir", type=Path, default=None, help="folder for the logs (default: a new temp folder)")
-    p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for everything to be ready")
-    p.add_argument("--stop-timeout", type=float, default=30.0, help="seconds each process gets to stop")
-    p.add_argument("--server-args", default="", help="extra flags for every `pdserve serve`, one string")
-    p.add_argument("--router-args", default="", help="extra flags for `pdserve router`, one string")
+    p.add_argument("--start-timeout", type=positive_float, default=600.0,
+                   help="seconds to wait for everything to be ready (default 600)")
+    p.add_argument("--stop-timeout", type=positive_float, default=30.0,
+                   help="seconds each process gets to stop (default 30)")
+    p.add_argument("--server-args", default="", help="extra flags for every `pdserve serve`, one string (default none)")
+    p.add_argument("--router-args", default="", help="extra flags for `pdserve router`, one string (default none)")
 
 
 def add_launch_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -186,12 +195,26 @@ class _Stop(Exception):
     pass
 
 
+def preflight(args: argparse.Namespace) -> None:
+    """Start-up checks before any process spawns; raises ValueError / OSError with one line."""
+    from pdserve.launch.sockets import bind_socket
+    from pdserve.model.bundled import check_model
+
+    check_model(args.model)
+    for flag in ("--server-args", "--router-args"):
+        extra = shlex.split(getattr(args, flag[2:].replace("-", "_")))
+        reserved = {"--host", "--port", "--model", "--model-path", "--api-key"} & {a.split("=")[0] for a in extra}
+        if reserved:
+            raise ValueError(f"{flag} may not set {', '.join(sorted(reserved))}: launch sets it (use its own flag)")
+    if args.port:
+        bind_socket(args.host, args.port).close()
+
+
 def run_launch(args: argparse.Namespace) -> int:
-    if args.mode == "pd" and (args.prefill < 1 or args.decode < 1):
-        print("pdserve launch: pd mode needs --prefill >= 1 and --decode >= 1", file=sys.stderr)
-        return 2
-    if args.mode == "unified" and args.workers < 1:
-        print("pdserve launch: --workers must be >= 1", file=sys.stderr)
+    try:
+        preflight(args)
+    except (ValueError, OSError) as exc:
+        print(f"pdserve launch: error: {exc}", file=sys.stderr)
         return 2
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="pdserve-launch-"))
     log_dir.mkdir(parents=True, exist_ok=True)

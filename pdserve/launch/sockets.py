@@ -17,3 +17,4 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise OSError(exc.errno, f"cannot bind {host}:{port}: {exc.strerror}") from None
     return sock
+

@@ -110,6 +110,15 @@ def resolve_model(model: str | os.PathLike[str], progress: bool = True) -> Path:
     source = gguf_source(model)
     if source is not None:
         return ensure_converted(source, progress=progress)
+    return check_model(model)
+
+
+def check_model(model: str | os.PathLike[str]) -> Path:
+    """Check a ``--model`` value without loading or converting anything (start-up checks):
+    returns the GGUF file or HF folder it names, or raises ``FileNotFoundError`` with one line."""
+    source = gguf_source(model)
+    if source is not None:
+        return source
     path = Path(os.fspath(model).strip()).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return path.resolve()

@@ -1,8 +1,8 @@
 """Tokenizer wrapper, chat template and streaming detokenizer.
 
 :class:`Tokenizer` wraps the transformers fast tokenizer saved in a Hugging Face model folder
-(see :func:`pdserve.model.bundled.resolve_model`). The chat template always comes from the
-model; none is ever hand-written here.
+(see :func:`pdserve.model.bundled.resolve_model`). The chat template comes from the model or
+from the operator (``--chat-template``); none is ever hand-written here.
 
 :class:`IncrementalDetokenizer` turns a growing list of token ids into text deltas with vLLM's
 prefix_offset / read_offset algorithm: each step decodes only a short window of recent ids,
@@ -38,13 +38,15 @@ class Tokenizer:
     before punctuation, so full and incremental decoding give the same text.
     """
 
-    def __init__(self, model_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, model_dir: str | os.PathLike[str], chat_template: str | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.model_dir = Path(model_dir)
         hf = AutoTokenizer.from_pretrained(str(self.model_dir))
         if not getattr(hf, "is_fast", False) or getattr(hf, "backend_tokenizer", None) is None:
             raise ValueError(f"{self.model_dir} has no fast tokenizer (tokenizer.json is needed)")
+        if chat_template is not None:  # --chat-template: replaces the tokenizer's own
+            hf.chat_template = chat_template
         self.hf = hf
         self._backend = hf.backend_tokenizer
         self.bos_token_id: int | None = hf.bos_token_id

@@ -49,7 +49,7 @@ class RouterApp:
     def __init__(self, cfg: RouterConfig) -> None:
         self.cfg = cfg
         self.registry = WorkerRegistry()
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(cfg.metrics_prefix)
         self.pool = UpstreamPool(cfg.limits.connect_timeout_s)
         self.limiter = ConcurrencyLimiter(cfg.limits.max_concurrent, cfg.limits.queue_size,
                                           cfg.limits.queue_timeout_s)

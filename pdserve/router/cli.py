@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any
 
+from pdserve.launch.argtypes import metrics_prefix, non_negative_float, non_negative_int, port_number, positive_float, \
+    positive_int, unit_interval
 from pdserve.router.config import (API_KEY_ENV, POLICIES, CircuitConfig, HealthConfig, LimitsConfig, PolicyConfig,
                                    RetryConfig, RouterConfig, WorkerSpec)
 
@@ -20,56 +22,89 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     d, pol, ret, cb, hc, lim = RouterConfig(), PolicyConfig(), RetryConfig(), CircuitConfig(), HealthConfig(), \
         LimitsConfig()
     g = p.add_argument_group("workers")
-    g.add_argument("--host", default=d.host, help="bind address (default 127.0.0.1)")
-    g.add_argument("--port", type=int, default=d.port)
-    g.add_argument("--worker-urls", nargs="*", default=[], metavar="URL", help="unified workers (regular mode)")
+    g.add_argument("--host", default=d.host, help=f"bind address (default {d.host})")
+    g.add_argument("--port", type=port_number, default=d.port, help=f"HTTP port (default {d.port})")
+    g.add_argument("--worker-urls", nargs="*", default=[], metavar="URL",
+                   help="unified workers (regular mode) (default: none; add them later with POST /add_worker)")
     g.add_argument("--pd-disaggregation", action="store_true", help="PD mode: --prefill and --decode workers")
     g.add_argument("--prefill", nargs="+", action="append", default=[], metavar=("URL", "BOOTSTRAP_PORT"),
                    help="prefill worker and optional bootstrap port (repeatable); without a port it is read "
                         "from the worker's /server_info")
     g.add_argument("--decode", action="append", default=[], metavar="URL", help="decode worker (repeatable)")
     g = p.add_argument_group("policy")
-    g.add_argument("--policy", choices=POLICIES, default=pol.name)
+    g.add_argument("--policy", choices=POLICIES, default=pol.name, help=f"worker selection (default {pol.name})")
     g.add_argument("--prefill-policy", choices=POLICIES, default=None, help="PD: policy for prefill (default --policy)")
     g.add_argument("--decode-policy", choices=POLICIES, default=None, help="PD: policy for decode (default --policy)")
-    g.add_argument("--cache-threshold", type=float, default=pol.cache_threshold)
-    g.add_argument("--balance-abs-threshold", type=int, default=pol.balance_abs_threshold)
-    g.add_argument("--balance-rel-threshold", type=float, default=pol.balance_rel_threshold)
-    g.add_argument("--eviction-interval-secs", type=float, default=pol.eviction_interval_s)
-    g.add_argument("--max-tree-size", type=int, default=pol.max_tree_size)
+    g.add_argument("--cache-threshold", type=unit_interval, default=pol.cache_threshold,
+                   help=f"cache_aware: prefix match ratio above which the best-matching worker is used "
+                        f"(default {pol.cache_threshold})")
+    g.add_argument("--balance-abs-threshold", type=non_negative_int, default=pol.balance_abs_threshold,
+                   help=f"cache_aware: load gap (requests) above which it balances instead "
+                        f"(default {pol.balance_abs_threshold})")
+    g.add_argument("--balance-rel-threshold", type=positive_float, default=pol.balance_rel_threshold,
+                   help=f"cache_aware: load ratio above which it balances instead (default {pol.balance_rel_threshold})")
+    g.add_argument("--eviction-interval-secs", type=positive_float, default=pol.eviction_interval_s,
+                   help=f"cache_aware: seconds between prefix-tree evictions (default {pol.eviction_interval_s:g})")
+    g.add_argument("--max-tree-size", type=positive_int, default=pol.max_tree_size,
+                   help=f"cache_aware: prefix-tree size per worker before eviction (default {pol.max_tree_size})")
     g = p.add_argument_group("limits")
-    g.add_argument("--max-payload-size", type=int, default=lim.max_payload_bytes, help="bytes; larger bodies get 413")
-    g.add_argument("--max-concurrent-requests", type=int, default=lim.max_concurrent, help="-1: no limit")
-    g.add_argument("--queue-size", type=int, default=lim.queue_size, help="waiting requests beyond the limit (429 when full)")
-    g.add_argument("--queue-timeout-secs", type=float, default=lim.queue_timeout_s, help="408 after waiting this long")
-    g.add_argument("--request-timeout-secs", type=float, default=lim.request_timeout_s)
-    g.add_argument("--worker-connect-timeout-secs", type=float, default=lim.connect_timeout_s)
+    g.add_argument("--max-payload-size", type=positive_int, default=lim.max_payload_bytes,
+                   help=f"bytes; larger bodies get 413 (default {lim.max_payload_bytes})")
+    g.add_argument("--max-concurrent-requests", type=int, default=lim.max_concurrent,
+                   help=f"requests forwarded at once; -1: no limit (default {lim.max_concurrent})")
+    g.add_argument("--queue-size", type=non_negative_int, default=lim.queue_size,
+                   help=f"waiting requests beyond the limit, 429 when full (default {lim.queue_size})")
+    g.add_argument("--queue-timeout-secs", type=positive_float, default=lim.queue_timeout_s,
+                   help=f"408 after waiting this long (default {lim.queue_timeout_s:g})")
+    g.add_argument("--request-timeout-secs", type=positive_float, default=lim.request_timeout_s,
+                   help=f"seconds a forwarded request may take (default {lim.request_timeout_s:g})")
+    g.add_argument("--worker-connect-timeout-secs", type=positive_float, default=lim.connect_timeout_s,
+                   help=f"seconds to connect to a worker (default {lim.connect_timeout_s:g})")
     g = p.add_argument_group("retries and circuit breaker")
-    g.add_argument("--retry-max-retries", type=int, default=ret.max_attempts, help="total tries per request")
-    g.add_argument("--retry-initial-backoff-ms", type=float, default=ret.initial_backoff_s * 1000)
-    g.add_argument("--retry-max-backoff-ms", type=float, default=ret.max_backoff_s * 1000)
-    g.add_argument("--retry-backoff-multiplier", type=float, default=ret.multiplier)
-    g.add_argument("--retry-jitter-factor", type=float, default=ret.jitter)
-    g.add_argument("--disable-retries", action="store_true")
-    g.add_argument("--cb-failure-threshold", type=int, default=cb.failure_threshold)
-    g.add_argument("--cb-success-threshold", type=int, default=cb.success_threshold)
-    g.add_argument("--cb-timeout-duration-secs", type=float, default=cb.open_duration_s)
-    g.add_argument("--disable-circuit-breaker", action="store_true")
+    g.add_argument("--retry-max-retries", type=positive_int, default=ret.max_attempts,
+                   help=f"total tries per request (default {ret.max_attempts})")
+    g.add_argument("--retry-initial-backoff-ms", type=non_negative_float, default=ret.initial_backoff_s * 1000,
+                   help=f"first backoff before a retry (default {ret.initial_backoff_s * 1000:g})")
+    g.add_argument("--retry-max-backoff-ms", type=non_negative_float, default=ret.max_backoff_s * 1000,
+                   help=f"backoff cap (default {ret.max_backoff_s * 1000:g})")
+    g.add_argument("--retry-backoff-multiplier", type=positive_float, default=ret.multiplier,
+                   help=f"backoff growth per retry, >= 1 (default {ret.multiplier})")
+    g.add_argument("--retry-jitter-factor", type=unit_interval, default=ret.jitter,
+                   help=f"+/- fraction of random jitter on each backoff (default {ret.jitter})")
+    g.add_argument("--disable-retries", action="store_true", help="one try per request")
+    g.add_argument("--cb-failure-threshold", type=positive_int, default=cb.failure_threshold,
+                   help=f"consecutive failures that open a worker's circuit (default {cb.failure_threshold})")
+    g.add_argument("--cb-success-threshold", type=positive_int, default=cb.success_threshold,
+                   help=f"half-open successes that close it again (default {cb.success_threshold})")
+    g.add_argument("--cb-timeout-duration-secs", type=positive_float, default=cb.open_duration_s,
+                   help=f"seconds a circuit stays open before a half-open try (default {cb.open_duration_s:g})")
+    g.add_argument("--disable-circuit-breaker", action="store_true", help="never take a worker out for failures")
     g = p.add_argument_group("health checks")
-    g.add_argument("--health-check-interval-secs", type=float, default=hc.interval_s)
-    g.add_argument("--health-check-timeout-secs", type=float, default=hc.timeout_s)
-    g.add_argument("--health-failure-threshold", type=int, default=hc.failure_threshold)
-    g.add_argument("--health-success-threshold", type=int, default=hc.success_threshold)
-    g.add_argument("--health-check-endpoint", default=hc.endpoint)
-    g.add_argument("--disable-health-check", action="store_true")
-    g.add_argument("--load-check-interval-secs", type=float, default=hc.load_interval_s, help="/get_load polling")
+    g.add_argument("--health-check-interval-secs", type=positive_float, default=hc.interval_s,
+                   help=f"seconds between health checks of each worker (default {hc.interval_s:g})")
+    g.add_argument("--health-check-timeout-secs", type=positive_float, default=hc.timeout_s,
+                   help=f"seconds a health check may take (default {hc.timeout_s:g})")
+    g.add_argument("--health-failure-threshold", type=positive_int, default=hc.failure_threshold,
+                   help=f"failed checks that mark a worker unhealthy (default {hc.failure_threshold})")
+    g.add_argument("--health-success-threshold", type=positive_int, default=hc.success_threshold,
+                   help=f"passed checks that mark it healthy again (default {hc.success_threshold})")
+    g.add_argument("--health-check-endpoint", default=hc.endpoint,
+                   help=f"path checked on each worker (default {hc.endpoint})")
+    g.add_argument("--disable-health-check", action="store_true", help="treat every worker as healthy")
+    g.add_argument("--load-check-interval-secs", type=positive_float, default=hc.load_interval_s,
+                   help=f"seconds between /get_load polls of each worker (default {hc.load_interval_s:g})")
     g = p.add_argument_group("security and logging")
     g.add_argument("--api-key", default=None, help=f"required on every route but /health, /liveness, /readiness, "
-                                                   f"/metrics (also ${API_KEY_ENV})")
+                                                   f"/metrics (default: ${API_KEY_ENV}, else none)")
     g.add_argument("--worker-api-key", default=None, help="key sent to workers (default: --api-key)")
-    g.add_argument("--request-id-headers", nargs="*", default=list(d.request_id_headers))
-    g.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
-    g.add_argument("--shutdown-grace-period-secs", type=float, default=d.shutdown_timeout_s)
+    g.add_argument("--request-id-headers", nargs="*", default=list(d.request_id_headers), metavar="HEADER",
+                   help=f"headers read as the request id (default {' '.join(d.request_id_headers)})")
+    g.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"],
+                   help=f"(default {d.log_level})")
+    g.add_argument("--metrics-prefix", type=metrics_prefix, default=d.metrics_prefix,
+                   help=f"/metrics names are PREFIX:router_name, like the servers' (default {d.metrics_prefix})")
+    g.add_argument("--shutdown-grace-period-secs", type=non_negative_float, default=d.shutdown_timeout_s,
+                   help=f"seconds in-flight requests get to finish on SIGTERM (default {d.shutdown_timeout_s:g})")
 
 
 def _prefill_spec(items: list[str]) -> WorkerSpec:
@@ -113,7 +148,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
                             args.max_payload_size, args.request_timeout_secs, args.worker_connect_timeout_secs),
         api_key=api_key, worker_api_key=args.worker_api_key,
         request_id_headers=tuple(h.lower() for h in args.request_id_headers), log_level=args.log_level,
-        shutdown_timeout_s=args.shutdown_grace_period_secs)
+        shutdown_timeout_s=args.shutdown_grace_period_secs, metrics_prefix=args.metrics_prefix)
 
 
 def add_router_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -126,21 +161,23 @@ def add_router_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_router(args: argparse.Namespace) -> int:
-    import uvloop
+    """Start-up checks first (flags, the port): a problem is one line on stderr and exit code 2."""
+    from pdserve.router.server import bind_socket, serve
 
-    from pdserve.router.server import serve
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
-    except ValueError as exc:
-        logging.getLogger("pdserve.router").error("%s", exc)
+        sock = bind_socket(cfg.host, cfg.port)
+    except (ValueError, OSError) as exc:
+        print(f"pdserve router: error: {exc}", file=sys.stderr)
         return 2
+    import uvloop
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         logging.getLogger("pdserve.router").warning("binding %s without --api-key: anyone who can reach it can "
                                                     "use it and change its workers", cfg.host)
     try:
-        return uvloop.run(serve(cfg))
+        return uvloop.run(serve(cfg, sock))
     except OSError as exc:
         logging.getLogger("pdserve.router").error("%s", exc)
         return 1

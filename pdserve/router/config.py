@@ -145,6 +145,7 @@ class RouterConfig:
     request_id_headers: tuple[str, ...] = ("x-request-id", "x-correlation-id", "request-id")
     log_level: str = "info"
     shutdown_timeout_s: float = 30.0
+    metrics_prefix: str = "sglang"  # /metrics names are "<prefix>:router_<name>"
 
     def __post_init__(self) -> None:
         roles = {w.role for w in self.workers}

@@ -1,9 +1,10 @@
 """Prometheus metrics of the router (a private registry per router instance).
 
-Per request: `pdserve_router_requests_total{route,status}` and a duration histogram; per retry
-`..._retries_total{route}`; rejections by the limiter `..._rejected_total{reason}`; PD:
-`..._pd_ttft_seconds` (request start → first decode byte) and
-`..._pd_transfer_failures_total{leg,reason}`. Per-worker gauges (in-flight, polled load,
+Named like the servers' (`<prefix>:router_<name>`, prefix `--metrics-prefix`, default
+`sglang`; no `_created` series). Per request: `<prefix>:router_requests_total{route,status}`
+and a duration histogram; per retry `..._retries_total{route}`; rejections by the limiter
+`..._rejected_total{reason}`; PD: `..._pd_ttft_seconds` (request start → first decode byte)
+and `..._pd_transfer_failures_total{leg,reason}`. Per-worker gauges (in-flight, polled load,
 health, circuit state 0 closed / 1 half-open / 2 open) are rebuilt from the registry at each
 scrape, so removed workers disappear. Label children are cached: a request costs a few dict
 lookups, not label parsing.
@@ -13,16 +14,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from pdserve.router.resilience import STATE_CODES
 
-P = "pdserve_router_"
+disable_created_metrics()
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "sglang") -> None:
+        P = f"{prefix}:router_"
         r = self.registry = CollectorRegistry()
         self.requests = Counter(P + "requests_total", "Requests answered", ["route", "status"], registry=r)
         self.duration = Histogram(P + "request_duration_seconds", "Request time in the router", ["route"],

@@ -20,6 +20,7 @@ oldest waiter, so a queued request never races newcomers. Disabled when `max_con
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import deque
@@ -28,16 +29,22 @@ from collections.abc import Callable
 from pdserve.router.config import CircuitConfig, RetryConfig
 from pdserve.router.request import RouterError
 
+_log = logging.getLogger("pdserve.router")
+
 # -- circuit breaker --------------------------------------------------------------------------
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 STATE_CODES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
 
 class CircuitBreaker:
-    __slots__ = ("_clock", "_failures", "_opened_at", "_state", "_successes", "cfg", "opened_count")
+    """closed → (failure_threshold failures) open → (open_duration) half-open → (success_threshold
+    successes) closed, or (a failure) open again. Opening and closing are logged with `name`."""
 
-    def __init__(self, cfg: CircuitConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    __slots__ = ("_clock", "_failures", "_opened_at", "_state", "_successes", "cfg", "name", "opened_count")
+
+    def __init__(self, cfg: CircuitConfig, clock: Callable[[], float] = time.monotonic, name: str = "") -> None:
         self.cfg = cfg
+        self.name = name
         self._clock = clock
         self._state = CLOSED
         self._failures = 0
@@ -65,12 +72,15 @@ class CircuitBreaker:
                 self._successes += 1
                 if self._successes >= self.cfg.success_threshold:
                     self._state = CLOSED
+                    _log.info("worker %s: circuit closed again after %d successes", self.name, self._successes)
             return
         self._failures += 1
         if state == HALF_OPEN or (state == CLOSED and self._failures >= self.cfg.failure_threshold):
             self._open()
 
     def _open(self) -> None:
+        _log.warning("worker %s: circuit opened after %d failures; no requests for %.0f s", self.name,
+                     self._failures, self.cfg.open_duration_s)
         self._state = OPEN
         self._opened_at = self._clock()
         self._successes = 0

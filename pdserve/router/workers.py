@@ -36,7 +36,7 @@ class Worker:
         self.port = parts.port or 80
         self.bootstrap_host = self.host
         self.bootstrap_port = spec.bootstrap_port
-        self.breaker = CircuitBreaker(circuit)
+        self.breaker = CircuitBreaker(circuit, name=f"{spec.url} ({spec.role})")
         self.healthy = healthy
         self.ever_healthy = healthy
         self.health_failures = 0

@@ -40,7 +40,7 @@ def build_fastapi(config: ServerConfig) -> FastAPI:
         try:
             info = await client.start()
             app.state.server = ServerState.create(config, client, info)
-            logger.info("engine ready: model %s, max_model_len %d, %d KV pages of %d tokens",
+            logger.info("engine loaded: model %s, max_model_len %d, %d KV pages of %d tokens",
                         info.model_path, info.max_model_len, info.num_pages, info.page_size)
             yield
         finally:

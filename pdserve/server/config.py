@@ -35,3 +35,5 @@ class ServerConfig:
     shutdown_timeout_s: float = 10.0  # per stage: draining connections, stopping the engine
     log_level: str = "info"
     access_log: bool = False
+    log_requests: bool = False  # one log line per finished request
+    metrics_prefix: str = "sglang"  # /metrics names are "<prefix>:<name>" (SGLang's names)

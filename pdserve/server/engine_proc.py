@@ -5,10 +5,12 @@ Lifecycle:
      `engine_main`: it dies with its parent (PR_SET_PDEATHSIG + a parent-pid check), ignores
      SIGINT (the front decides when to stop), connects its sockets
      (PULL for `EngineInMsg`, PUSH for `EngineOutMsg`) and builds the Engine (slow);
-  2. it sends `EngineReady` (or `EngineFailed` and exits 1);
+  2. it runs one warm-up request (unless --skip-server-warmup), then sends `EngineReady` (or
+     `EngineFailed` and exits 1); loading logs its progress (weights, KV pool, warm-up);
   3. `EngineLoop.run`: while there is work, drain the inbox without blocking, `step()`, and send
      the step's TokenOuts as one `TokenOutBatch` (a step that made no progress naps 1 ms on the
-     inbox instead of spinning); when idle, run `check_integrity()` once and block on the inbox. A bad request (add_request raises) is answered at once with a TokenOut
+     inbox instead of spinning) and, every --log-stats-interval, the stats line (engine/stats.py);
+     when idle, run `check_integrity()` once and block on the inbox. A bad request (add_request raises) is answered at once with a TokenOut
      whose `error` is set. Control requests are answered between steps;
   4. `ShutdownReq` (or the parent's death) ends the loop; an exception in `step()` sends
      `EngineFailed` and exits 1.
@@ -97,6 +99,7 @@ def ready_message(engine: Engine, config: EngineConfig) -> EngineReady:
         num_pages=load.num_pages,
         max_running=config.max_running,
         device=str(engine.device),
+        tokenizer_path=str(engine.tokenizer_path),
         model_config=_model_summary(engine),
     )
 
@@ -128,6 +131,7 @@ class EngineLoop:
                 outs = self.engine.step()
                 checked_idle = False
                 self._send_outs(outs)
+                self.engine.log_stats()
                 stalled = not outs and self.engine.num_forward_tokens == before
                 if (stalled or self.engine.is_waiting_on_transfers()) and poller.poll(NAP_MS):
                     self._drain()  # don't spin a core while nothing can move
@@ -136,6 +140,7 @@ class EngineLoop:
             if not checked_idle:
                 self._check_integrity()
                 checked_idle = True
+            self.engine.log_stats()  # the last busy window's line, then nothing while idle
             if poller.poll(IDLE_POLL_MS):
                 self._drain()
             elif os.getppid() != self.parent_pid:
@@ -215,6 +220,8 @@ def engine_main(config_json: bytes, in_addr: str, out_addr: str, parent_pid: int
         from pdserve.engine.engine import Engine
 
         engine = Engine(config, disagg)
+        if config.warmup:
+            logger.info("warm-up request done in %.2f s", engine.warm_up())
         outbox.send(msgspec.msgpack.encode(ready_message(engine, config)))
     except BaseException:
         outbox.send(msgspec.msgpack.encode(EngineFailed(message="engine start-up failed:\n" + traceback.format_exc())))

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from pdserve.engine.messages import Bootstrap, GenerateReq, TopLogprob
+from pdserve.engine.messages import Bootstrap, GenerateReq, TokenOut, TopLogprob
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.engine_client import DuplicateRequestError, EngineDeadError
 from pdserve.server.errors import APIError
@@ -95,7 +95,7 @@ def _engine_error(exc: Exception) -> APIError:
 
 async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
     """Deltas of one engine request; the last one has `finish_reason` set."""
-    timer = RequestTimer(state.metrics)
+    timer = RequestTimer(state.metrics, sub.rid)
     text = TextStream(state.tokenizer, sub.prompt_ids, sub.params.stop,
                       sub.params.skip_special_tokens, sub.include_stop)
     count = 0
@@ -121,7 +121,7 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
                 reason, matched = out.finish_reason, out.matched_stop
                 prompt = out.prompt_tokens or len(sub.prompt_ids)
                 finished = True
-                e2e = timer.finish(reason, prompt, count, out.cached_tokens)
+                e2e = timer.finish(out, prompt, count)
                 yield Delta(sub.index, piece, ids, out.logprobs, out.top_logprobs, reason, matched,
                             prompt, count, out.cached_tokens, e2e)
                 return
@@ -129,7 +129,7 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
         raise _engine_error(exc) from None
     finally:
         if not finished:  # client gone, error or cancellation: count it as aborted
-            timer.finish("abort", len(sub.prompt_ids), count, 0)
+            timer.finish(TokenOut(rid=sub.rid, token_ids=[], finish_reason="abort"), len(sub.prompt_ids), count)
 
 
 _DONE = object()

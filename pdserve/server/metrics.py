@@ -1,60 +1,134 @@
-"""Prometheus metrics of one server (own registry, so several apps can live in one process).
+"""Prometheus metrics of one server, with SGLang's names (own registry per app).
 
-Created with the app; request handlers report through `RequestTimer` (one per engine request:
-first token → TTFT, each later token → ITL, finish → E2E, token counters, finish reasons);
-`/metrics` refreshes the engine gauges from `/get_load` data and renders the text format.
+Names are `<prefix>:<name>` with SGLang's names and types (prefix `--metrics-prefix`, default
+`sglang`, so SGLang's Grafana dashboard and deploy/grafana/pdserve.json read them); where
+SGLang has no metric, vLLM's name is used under the same prefix. Label: `model_name`.
+
+  front, per request (`RequestTimer`): counters num_requests_total, prompt_tokens_total,
+    generation_tokens_total, cached_tokens_total, num_aborted_requests_total,
+    request_success_total{finished_reason}, request_errors_total{status}; histograms
+    time_to_first_token_seconds, inter_token_latency_seconds, e2e_request_latency_seconds,
+    queue_time_seconds, request_prefill_time_seconds, request_decode_time_seconds,
+    prompt_tokens_histogram, generation_tokens_histogram;
+  engine, read from /get_load data at each scrape (`EngineCollector`): gauges
+    num_running_reqs, num_queue_reqs, num_used_tokens, token_usage, max_total_num_tokens,
+    gen_throughput, cache_hit_rate, num_in_flight_reqs; counters (the engine's cumulative
+    counts) num_retracted_requests_total (preemptions), prefix_cache_queries_total,
+    prefix_cache_hits_total, prefill_compute_tokens_total; PD: kv_transfers_total{result},
+    kv_transfer_bytes_total, num_transfer_failed_reqs_total, gauges kv_transfer_latency_ms and
+    kv_transfer_speed_gb_s (means over successful transfers).
+With `--log-requests`, `RequestTimer.finish` also logs one line per finished request.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from pdserve.engine.messages import LoadInfo
+from pdserve.engine.messages import LoadInfo, TokenOut
 
 disable_created_metrics()  # no `*_created` series: they double the scrape for no use here
+log = logging.getLogger("pdserve.server.requests")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
                     2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_QUEUE_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000, 32000)
+
+
+class EngineCollector(Collector):
+    """The engine's figures from the last /get_load, as gauges and (cumulative) counters."""
+
+    def __init__(self, prefix: str, model_name: str) -> None:
+        self.p = prefix
+        self.model_name = model_name
+        self.load: LoadInfo | None = None
+        self.in_flight = 0
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        g = GaugeMetricFamily(f"{self.p}:{name}", doc, labels=["model_name"])
+        g.add_metric([self.model_name], value)
+        return g
+
+    def _counter(self, name: str, doc: str, value: float, extra: tuple[str, str] | None = None) -> CounterMetricFamily:
+        c = CounterMetricFamily(f"{self.p}:{name}", doc, labels=["model_name", *([extra[0]] if extra else [])])
+        c.add_metric([self.model_name, *([extra[1]] if extra else [])], value)
+        return c
+
+    def collect(self) -> Iterator[Metric]:
+        load = self.load
+        if load is None:
+            return
+        used = (load.num_pages - load.free_pages) * load.page_size
+        yield self._gauge("num_running_reqs", "Requests in the running batch", load.num_running)
+        yield self._gauge("num_queue_reqs", "Requests waiting for admission (PD queues included)", load.num_waiting)
+        yield self._gauge("num_used_tokens", "KV slots not free (in use or cached)", used)
+        yield self._gauge("token_usage", "Fraction of KV slots not free", load.kv_usage)
+        yield self._gauge("max_total_num_tokens", "KV pool size in tokens", load.num_pages * load.page_size)
+        yield self._gauge("gen_throughput", "Generation throughput over the last stats window (tokens/s)",
+                          load.gen_throughput)
+        yield self._gauge("cache_hit_rate", "Prefix-cache hit rate over the last stats window", load.cache_hit_rate)
+        yield self._gauge("num_in_flight_reqs", "Engine requests the HTTP front is waiting on", self.in_flight)
+        yield self._counter("num_retracted_requests", "Preemptions (requests sent back to recompute)",
+                            load.num_preemptions)
+        yield self._counter("prefix_cache_queries", "Prompt tokens of finished requests", load.cache_queries)
+        yield self._counter("prefix_cache_hits", "Of those, tokens served from the prefix cache", load.cache_hits)
+        yield self._counter("prefill_compute_tokens", "Prompt tokens computed (recomputation included)",
+                            load.prompt_tokens_computed)
+        x = load.transfer
+        if x is None:
+            return
+        transfers = CounterMetricFamily(f"{self.p}:kv_transfers", "PD KV transfers ended, by result",
+                                        labels=["model_name", "result"])
+        transfers.add_metric([self.model_name, "success"], x.success)
+        transfers.add_metric([self.model_name, "failed"], x.failed)
+        yield transfers
+        yield self._counter("kv_transfer_bytes", "KV bytes moved by successful PD transfers", x.bytes)
+        yield self._counter("num_transfer_failed_reqs", "PD requests whose KV transfer failed", x.failed)
+        mean_s = x.latency_sum_s / x.success if x.success else 0.0
+        yield self._gauge("kv_transfer_latency_ms", "Mean time from room start to transfer success (ms)",
+                          mean_s * 1000.0)
+        speed = x.bytes / x.latency_sum_s / 1e9 if x.latency_sum_s > 0 else 0.0
+        yield self._gauge("kv_transfer_speed_gb_s", "Mean KV transfer speed of successful rooms (GB/s)", speed)
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, prefix: str = "sglang", log_requests: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        labels = ["model_name"]
-        r = self.registry
-        self._requests = Counter("pdserve:requests", "HTTP generation requests received",
-                                 labels + ["endpoint"], registry=r)
-        self._finished = Counter("pdserve:request_finished", "Engine requests finished, by reason",
-                                 labels + ["finished_reason"], registry=r)
-        self._errors = Counter("pdserve:request_errors", "Generation requests rejected or failed",
-                               labels + ["status"], registry=r)
-        self._prompt = Counter("pdserve:prompt_tokens", "Prompt tokens processed", labels, registry=r)
-        self._gen = Counter("pdserve:generation_tokens", "Tokens generated", labels, registry=r)
-        self._cached = Counter("pdserve:cached_tokens", "Prompt tokens served from the prefix cache",
-                               labels, registry=r)
-        self._running = Gauge("pdserve:num_running_reqs", "Requests in the running batch", labels, registry=r)
-        self._waiting = Gauge("pdserve:num_waiting_reqs", "Requests waiting for admission", labels, registry=r)
-        self._kv = Gauge("pdserve:kv_cache_usage", "Fraction of KV pages not free (in use or cached)",
-                         labels, registry=r)
-        self._free = Gauge("pdserve:kv_free_pages", "Free KV pages", labels, registry=r)
-        self._in_flight = Gauge("pdserve:num_in_flight_reqs", "Engine requests the front is waiting on",
-                                labels, registry=r)
-        self._ttft = Histogram("pdserve:time_to_first_token_seconds", "Time to first token", labels,
-                               buckets=_LATENCY_BUCKETS, registry=r)
-        self._itl = Histogram("pdserve:inter_token_latency_seconds", "Time between output tokens", labels,
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self._e2e = Histogram("pdserve:e2e_request_latency_seconds", "End-to-end request latency", labels,
-                              buckets=_E2E_BUCKETS, registry=r)
-        self._xfer = Gauge("pdserve:kv_transfers", "PD KV transfers ended (cumulative), by result",
-                           labels + ["result"], registry=r)
-        self._xfer_bytes = Gauge("pdserve:kv_transfer_bytes", "KV bytes moved by successful PD transfers "
-                                 "(cumulative)", labels, registry=r)
-        self._xfer_latency = Gauge("pdserve:kv_transfer_latency_seconds_mean",
-                                   "Mean time from room start to transfer success", labels, registry=r)
         self.model_name = model_name
+        self.log_requests = log_requests
+        labels = ["model_name"]
+        r, p = self.registry, prefix
+
+        def counter(name: str, doc: str, extra: list[str] | None = None) -> Counter:
+            return Counter(f"{p}:{name}", doc, labels + (extra or []), registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"{p}:{name}", doc, labels, buckets=buckets, registry=r)
+
+        self._requests = counter("num_requests", "Generation requests received (HTTP)", ["endpoint"])
+        self._finished = counter("request_success", "Engine requests finished, by reason", ["finished_reason"])
+        self._aborted = counter("num_aborted_requests", "Engine requests aborted")
+        self._errors = counter("request_errors", "Generation requests rejected or failed", ["status"])
+        self._prompt = counter("prompt_tokens", "Prompt tokens of finished requests")
+        self._gen = counter("generation_tokens", "Tokens generated")
+        self._cached = counter("cached_tokens", "Prompt tokens served from the prefix cache")
+        self._ttft = histogram("time_to_first_token_seconds", "Time to first token", _LATENCY_BUCKETS)
+        self._itl = histogram("inter_token_latency_seconds", "Time between output tokens", _LATENCY_BUCKETS)
+        self._e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency", _E2E_BUCKETS)
+        self._queue = histogram("queue_time_seconds", "Engine arrival to first forward", _QUEUE_BUCKETS)
+        self._prefill = histogram("request_prefill_time_seconds", "First forward to first token", _E2E_BUCKETS)
+        self._decode = histogram("request_decode_time_seconds", "First token to finish", _E2E_BUCKETS)
+        self._prompt_hist = histogram("prompt_tokens_histogram", "Prompt tokens per request", _TOKEN_BUCKETS)
+        self._gen_hist = histogram("generation_tokens_histogram", "Generated tokens per request", _TOKEN_BUCKETS)
+        self.engine = EngineCollector(prefix, model_name)
+        r.register(self.engine)
 
     def request(self, endpoint: str) -> None:
         self._requests.labels(self.model_name, endpoint).inc()
@@ -63,18 +137,7 @@ class ServerMetrics:
         self._errors.labels(self.model_name, str(status)).inc()
 
     def set_load(self, load: LoadInfo, in_flight: int) -> None:
-        m = self.model_name
-        self._running.labels(m).set(load.num_running)
-        self._waiting.labels(m).set(load.num_waiting)
-        self._kv.labels(m).set(load.kv_usage)
-        self._free.labels(m).set(load.free_pages)
-        self._in_flight.labels(m).set(in_flight)
-        x = load.transfer
-        if x is not None:
-            self._xfer.labels(m, "success").set(x.success)
-            self._xfer.labels(m, "failed").set(x.failed)
-            self._xfer_bytes.labels(m).set(x.bytes)
-            self._xfer_latency.labels(m).set(x.latency_sum_s / x.success if x.success else 0.0)
+        self.engine.load, self.engine.in_flight = load, in_flight
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -83,8 +146,9 @@ class ServerMetrics:
 class RequestTimer:
     """Latency bookkeeping of one engine request (created when it is sent)."""
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+    def __init__(self, metrics: ServerMetrics, rid: str = "") -> None:
         self.metrics = metrics
+        self.rid = rid
         self.start = time.perf_counter()
         self.last: float | None = None
         self.first_token_at: float | None = None
@@ -104,12 +168,27 @@ class RequestTimer:
                 m._itl.labels(name).observe(gap)
         self.last = now
 
-    def finish(self, reason: str | None, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> float:
+    def finish(self, out: TokenOut, prompt_tokens: int, completion_tokens: int) -> float:
+        """Record the finished request (`out` is the engine's last TokenOut); returns E2E seconds."""
         m, name = self.metrics, self.metrics.model_name
         e2e = time.perf_counter() - self.start
+        reason = out.finish_reason or "unknown"
         m._e2e.labels(name).observe(e2e)
-        m._finished.labels(name, reason or "unknown").inc()
+        m._finished.labels(name, reason).inc()
+        if reason == "abort":
+            m._aborted.labels(name).inc()
         m._prompt.labels(name).inc(prompt_tokens)
         m._gen.labels(name).inc(completion_tokens)
-        m._cached.labels(name).inc(cached_tokens)
+        m._cached.labels(name).inc(out.cached_tokens)
+        if reason != "abort":  # an abort's phases are cut short: they would skew the histograms
+            m._queue.labels(name).observe(out.queue_time_s)
+            m._prefill.labels(name).observe(out.prefill_time_s)
+            m._decode.labels(name).observe(out.decode_time_s)
+        m._prompt_hist.labels(name).observe(prompt_tokens)
+        m._gen_hist.labels(name).observe(completion_tokens)
+        if m.log_requests:
+            ttft = f"{self.first_token_at - self.start:.3f}" if self.first_token_at is not None else "-"
+            log.info("request %s finished (%s): prompt %d tokens (%d cached), output %d tokens, queue %.3f s, "
+                     "ttft %s s, e2e %.3f s", self.rid, reason, prompt_tokens, out.cached_tokens, completion_tokens,
+                     out.queue_time_s, ttft, e2e)
         return e2e

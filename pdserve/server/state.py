@@ -46,10 +46,10 @@ class ServerState:
 
     @classmethod
     def create(cls, config: ServerConfig, client: EngineClient, info: EngineReady) -> "ServerState":
-        tokenizer = Tokenizer(info.model_path)
+        tokenizer = Tokenizer(info.tokenizer_path or info.model_path, config.engine.chat_template)
         name = config.served_model_name or model_display_name(config.engine.model, info.model_path)
         return cls(config=config, client=client, info=info, tokenizer=tokenizer,
-                   metrics=ServerMetrics(name), model_name=name)
+                   metrics=ServerMetrics(name, config.metrics_prefix, config.log_requests), model_name=name)
 
 
 def model_display_name(model_arg: str, model_path: str) -> str:

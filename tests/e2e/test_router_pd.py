@@ -94,7 +94,7 @@ def test_pdserve_router_equals_unified(pair, router: EmbeddedRouter, unified: li
     assert outputs(router.url) == unified
     assert all(unified)
     ttft = httpx.get(router.url + "/metrics").text
-    assert "pdserve_router_pd_ttft_seconds_count" in ttft
+    assert "sglang:router_pd_ttft_seconds_count" in ttft
 
 
 def test_sglang_router_in_front_of_pdserve_workers(pair, unified: list) -> None:

@@ -58,6 +58,34 @@ def test_bench_cli_writes_json_and_plots(base_url: str, tmp_path: Path, capsys: 
     wait_idle(base_url)
 
 
+def test_bench_save_result_with_vllm_field_names(base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """vLLM's flags: --save-result --result-filename F writes F with vLLM's field names; the
+    plots land next to it, named after it."""
+    from pdserve.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["bench", "--base-url", base_url, "--backend", "openai", "--num-prompts", "4", "--random-input-len",
+               "16", "--random-output-len", "6", "--max-concurrency", "2", "--num-warmups", "1", "--disable-tqdm",
+               "--save-result", "--result-filename", "run.json", "--percentile-metrics", "ttft,tpot,itl,e2el",
+               "--metric-percentiles", "50,99", "--goodput", "ttft:60000", "tpot:60000"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "P50 E2EL (ms):" in table and "P99 TTFT (ms):" in table
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert data["completed"] == 4 and data["num_prompts"] == 4 and data["failed"] == 0
+    assert data["total_input_tokens"] == 4 * 16 and data["total_output_tokens"] == 4 * 6
+    assert data["model_id"] == "default" and data["request_rate"] == "inf" and data["max_concurrency"] == 2
+    assert data["request_goodput"] > 0 and data["output_throughput"] > 0 and data["duration"] > 0
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        assert data[f"median_{metric}_ms"] <= data[f"p99_{metric}_ms"]
+        assert data[f"mean_{metric}_ms"] > 0 and f"p50_{metric}_ms" in data and f"std_{metric}_ms" in data
+    assert not (tmp_path / "bench.json").exists()
+    for name in PLOTS:
+        _check_png(tmp_path / f"run_{name}")
+    wait_idle(base_url)
+
+
 def test_bench_python_api_chat_and_compare(base_url: str, tmp_path: Path) -> None:
     from pdserve.bench.report import plot_compare, read_json, write_json
     from pdserve.bench.runner import BenchConfig, run

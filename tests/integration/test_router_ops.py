@@ -106,9 +106,9 @@ def test_payload_cap_bad_routes_and_metrics(keyed: EmbeddedRouter, worker: MockW
         assert c.post("/v1/completions", json={"prompt": "x" * 3000}).status_code == 200
         assert c.get("/nowhere").status_code == 404 and c.get("/v1/completions").status_code == 405
         metrics = c.get("/metrics").text
-        for name in ("pdserve_router_requests_total", "pdserve_router_worker_in_flight",
-                     "pdserve_router_worker_circuit_state", "pdserve_router_worker_healthy",
-                     "pdserve_router_request_duration_seconds", "pdserve_router_pd_ttft_seconds"):
+        for name in ("sglang:router_requests_total", "sglang:router_worker_in_flight",
+                     "sglang:router_worker_circuit_state", "sglang:router_worker_healthy",
+                     "sglang:router_request_duration_seconds", "sglang:router_pd_ttft_seconds"):
             assert name in metrics
         assert c.get("/get_loads").json()["workers"][0]["url"] == worker.url
     assert worker.generation_records()[-1].body["prompt"] == "x" * 3000  # the 413 never reached it
@@ -163,7 +163,7 @@ def test_cli_starts_serves_and_stops_on_sigterm(worker: MockWorker) -> None:
         assert proc.poll() is None
         assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "x"}).status_code == 200
         taken = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert taken.returncode == 1 and "cannot bind" in taken.stdout + taken.stderr
+        assert taken.returncode == 2 and "cannot bind" in taken.stdout + taken.stderr
         proc.terminate()
         assert proc.wait(20) == 0
     finally:

@@ -115,7 +115,7 @@ def test_dead_prefill_fails_fast_and_cancels_the_decode(pd: tuple[MockWorker, Mo
         wait_until(lambda: d.counts().get("cancelled") == 1, timeout=15, what="the decode leg to be cancelled")
         assert r.app.registry.get(d.url).in_flight == 0
         metrics = httpx.get(r.url + "/metrics").text
-        assert 'pdserve_router_pd_transfer_failures_total{leg="prefill",reason="disconnect"} 1.0' in metrics
+        assert 'sglang:router_pd_transfer_failures_total{leg="prefill",reason="disconnect"} 1.0' in metrics
 
 
 def test_failing_decode_cancels_the_prefill(pd: tuple[MockWorker, MockWorker]) -> None:

@@ -119,8 +119,8 @@ def test_get_load_flush_cache_and_metrics(base_url: str) -> None:
     load = httpx.get(f"{base_url}/get_load", timeout=10).json()
     assert load["free_pages"] == load["num_pages"] and load["cached_pages"] == 0
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    for name in ("pdserve:requests_total", "pdserve:num_running_reqs", "pdserve:num_waiting_reqs",
-                 "pdserve:kv_cache_usage", "pdserve:prompt_tokens_total", "pdserve:generation_tokens_total",
-                 "pdserve:time_to_first_token_seconds_bucket", "pdserve:inter_token_latency_seconds_bucket",
-                 "pdserve:e2e_request_latency_seconds_bucket"):
+    for name in ("sglang:num_requests_total", "sglang:num_running_reqs", "sglang:num_queue_reqs",
+                 "sglang:token_usage", "sglang:prompt_tokens_total", "sglang:generation_tokens_total",
+                 "sglang:time_to_first_token_seconds_bucket", "sglang:inter_token_latency_seconds_bucket",
+                 "sglang:e2e_request_latency_seconds_bucket"):
         assert name in text, name

@@ -107,3 +107,16 @@ def test_tp_with_a_single_kv_head_replicates_it(one_kv_head_dir: Path) -> None:
 def test_tp_on_qwen(tmp_path: Path, bundled_model_dir: Path, arch: str) -> None:
     folder = build_tiny_model(tmp_path / arch, bundled_model_dir, arch=arch)  # q/k/v bias; q/k norm
     _check(folder, 2, _prompts(6, seed=6))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"tp_size": 3, "nnodes": 2, "dist_init_addr": "10.0.0.1:1"}, "multiple of --nnodes"),
+    ({"tp_size": 2, "nnodes": 2}, "needs --dist-init-addr"),
+    ({"tp_size": 2, "nnodes": 2, "node_rank": 2, "dist_init_addr": "10.0.0.1:1"}, "--node-rank 2"),
+])
+def test_multinode_flags_that_cannot_work_are_refused(kwargs: dict, match: str) -> None:
+    from pdserve.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=match):
+        EngineConfig(**kwargs).check_parallel()
+    assert EngineConfig(tp_size=2, nnodes=2, dist_init_addr="10.0.0.1:1").rendezvous() == ("10.0.0.1", 1)

@@ -1,0 +1,162 @@
+"""The command line: SGLang/vLLM aliases set pdserve's fields, help is complete and light,
+values are checked at parse time, start-up checks fail in one line with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pdserve.cli import build_parser
+from pdserve.engine.args import ENGINE_FLAGS, engine_config_from_args
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = {  # a non-default value per EngineConfig field, as typed on the command line
+    "device": "cpu", "dtype": "bfloat16", "page_size": "32", "kv_cache_gb": "0.25", "num_pages": "77",
+    "mem_fraction_static": "0.5", "max_model_len": "333", "max_running": "7", "chunk_budget": "96",
+    "decode_headroom": "0.25", "threads": "3", "max_top_logprobs": "5", "seed": "123",
+    "tokenizer": "/some/tokenizer", "chat_template": "{{ messages }}", "log_stats_interval_s": "2.5",
+    "tp_size": "2", "nnodes": "2", "node_rank": "1", "dist_init_addr": "10.0.0.1:5000",
+}
+
+
+def _serve(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *argv])
+
+
+def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_engine_field_has_a_sample() -> None:
+    assert {f.field for f in ENGINE_FLAGS} == set(SAMPLE)
+
+
+@pytest.mark.parametrize("flag", ENGINE_FLAGS, ids=lambda f: f.names[0])
+def test_each_alias_sets_the_same_field(flag) -> None:
+    own = engine_config_from_args(_serve([flag.names[0], SAMPLE[flag.field]]))
+    default = engine_config_from_args(_serve([]))
+    assert getattr(own, flag.field) != getattr(default, flag.field)
+    assert getattr(own, flag.field) == flag.type(SAMPLE[flag.field])
+    for alias in flag.names[1:]:
+        assert engine_config_from_args(_serve([alias, SAMPLE[flag.field]])) == own, alias
+
+
+def test_named_aliases_exist() -> None:
+    names = {n for f in ENGINE_FLAGS for n in f.names}
+    for alias in ("--context-length", "--max-running-requests", "--max-num-seqs", "--chunked-prefill-size",
+                  "--max-num-batched-tokens", "--random-seed", "--mem-fraction-static", "--tokenizer",
+                  "--chat-template"):
+        assert alias in names
+
+
+@pytest.mark.parametrize("alias", ["--disable-prefix-cache", "--disable-radix-cache", "--no-enable-prefix-caching"])
+def test_prefix_cache_off_aliases(alias: str) -> None:
+    assert engine_config_from_args(_serve([])).enable_prefix_cache
+    assert not engine_config_from_args(_serve([alias])).enable_prefix_cache
+
+
+def test_model_path_alias_and_chat_template_file(tmp_path: Path) -> None:
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    cfg = engine_config_from_args(_serve(["--model-path", "x.gguf", "--chat-template", str(template)]))
+    assert cfg.model == "x.gguf"
+    assert cfg.chat_template == template.read_text()  # a file is read; inline text stays as is
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--dtype", "float64"], ["serve", "--page-size", "0"], ["serve", "--mem-fraction-static", "1.5"],
+    ["serve", "--device", "gpu"], ["serve", "--port", "70000"], ["serve", "--disaggregation-mode", "both"],
+    ["router", "--policy", "fastest"], ["router", "--retry-jitter-factor", "2"],
+    ["launch", "--policy", "fastest"], ["launch", "--transfer-backend", "carrier-pigeon"],
+    ["launch", "--prefill", "0"], ["bench", "--base-url", "http://x", "--num-prompts", "-1"],
+])
+def test_bad_values_fail_at_parse_time(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def _all_parsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {"pdserve": parser, **sub.choices}
+
+
+@pytest.mark.parametrize("name", ["pdserve", "generate", "convert", "serve", "router", "launch", "bench"])
+def test_every_flag_has_help_and_no_none_default(name: str) -> None:
+    parser = _all_parsers()[name]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) or not action.option_strings:
+            continue
+        assert action.help and action.help.strip(), f"{name} {action.option_strings} has no help"
+    text = parser.format_help()
+    assert "default None" not in text and "default: None" not in text, text
+
+
+def test_help_and_version_import_no_torch() -> None:
+    code = textwrap.dedent("""
+        import contextlib, io, sys
+        from pdserve.cli import main
+        for argv in (["--help"], ["serve", "--help"], ["router", "--help"], ["launch", "--help"],
+                     ["bench", "--help"], ["generate", "--help"], ["convert", "--help"], ["--version"]):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                try:
+                    main(argv)
+                except SystemExit as e:
+                    assert e.code == 0, (argv, e.code)
+            assert out.getvalue().strip(), argv
+        heavy = sorted(m for m in ("torch", "transformers", "uvicorn", "fastapi", "numpy") if m in sys.modules)
+        print("HEAVY", heavy)
+    """)
+    r = _run("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY []" in r.stdout, r.stdout[-500:]
+
+
+def test_python_m_pdserve_help_and_version() -> None:
+    r = _run("-m", "pdserve", "--help")
+    assert r.returncode == 0 and "serve" in r.stdout and "bench" in r.stdout
+    r = _run("-m", "pdserve", "--version")
+    assert r.returncode == 0 and r.stdout.startswith("pdserve ")
+
+
+def test_bad_model_exits_2_with_one_line(tmp_path: Path) -> None:
+    r = _run("-m", "pdserve", "serve", "--model", str(tmp_path / "no-such-model"), "--port", "0")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no-such-model" in lines[0] and "does not exist" in lines[0], r.stderr
+
+
+def test_taken_port_exits_2_with_one_line() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _run("-m", "pdserve", "serve", "--port", str(port))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["serve", "--mem-fraction-static", "0.5", "--num-pages", "100"], "--mem-fraction-static"),
+    (["serve", "--max-model-len", "4096", "--num-pages", "10", "--page-size", "16"], "does not fit"),
+    (["serve", "--chat-template", "no_such_template_file.jinja"], "neither a file"),
+    (["serve", "--disaggregation-mode", "prefill", "--port", "18998", "--disaggregation-bootstrap-port", "18998"],
+     "bootstrap"),
+    (["launch", "--model", "/no/such/model"], "does not exist"),
+    (["router", "--prefill", "http://127.0.0.1:1"], "--pd-disaggregation"),
+])
+def test_bad_combinations_exit_2_with_one_line(argv: list[str], words: str) -> None:
+    r = _run("-m", "pdserve", *argv)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], r.stderr
