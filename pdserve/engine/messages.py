@@ -23,8 +23,11 @@ class GenerateReq(msgspec.Struct, frozen=True, tag=True):
     rid: str
     input_ids: list[int]
     params: SamplingParams
-    return_prompt_logprobs: bool = False
+    return_prompt_logprobs: bool = False  # score the prompt: TokenOut.prompt_logprobs (with params.top_logprobs)
+    prompt_logprobs_from: int = 0  # first prompt position reported (SGLang's logprob_start_len); 0's is None
     bootstrap: Bootstrap | None = None  # set: a PD request (prefill or decode side)
+    share_prompt_with: str | None = None  # rid of a live request with the same prompt (n > 1):
+    # this one is admitted once that one's prompt is computed and reuses its pages
 
 
 class AbortReq(msgspec.Struct, frozen=True, tag=True):
@@ -55,6 +58,10 @@ class TokenOut(msgspec.Struct, tag=True):
     cached_tokens: int = 0
     error: str | None = None
     error_status: int = 400  # HTTP status for `error`: 400 bad input, 503 a failed PD transfer
+    # prompt scoring (once, in the first TokenOut after the prompt ran): logprob of prompt token i
+    # given the tokens before it, for i from GenerateReq.prompt_logprobs_from (None for token 0)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[TopLogprob]] | None = None
 
     @property
     def finished(self) -> bool:
