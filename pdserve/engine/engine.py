@@ -32,7 +32,7 @@ from pdserve.engine.pd.build import build_stage, pool_tensors
 from pdserve.engine.pd.stage import StagePoll
 from pdserve.engine.request import Request
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampler import Sampler, SampleResult, SampleRow
+from pdserve.engine.sampler import Sampler, SampleResult, SampleRow, score_prompt
 from pdserve.engine.sampling_params import SamplingError, SamplingParams, check_prompt
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.stats import EngineStats
@@ -134,6 +134,12 @@ class Engine:
         self._arrivals += 1
         r = Request(rid=req.rid, prompt_len=len(req.input_ids), params=req.params,
                     tokens=list(req.input_ids), arrival=self._arrivals, generator=gen, t_arrival=time.monotonic())
+        if req.return_prompt_logprobs:
+            r.prompt_lp, r.prompt_lp_from = [None] * r.prompt_len, min(max(req.prompt_logprobs_from, 0), r.prompt_len)
+            r.prompt_top = [[] for _ in range(r.prompt_len)] if req.params.top_logprobs > 0 else None
+        leader = self._requests.get(req.share_prompt_with) if req.share_prompt_with else None
+        if leader is not None and leader.tokens[: leader.prompt_len] == r.tokens:
+            r.leader = leader  # the scheduler admits r once leader's prompt pages are cached
         if req.bootstrap is not None:
             self.stage.add(r, req.bootstrap)  # may refuse it (its room is taken): register it only after
         else:
@@ -144,6 +150,9 @@ class Engine:
         req.params.validate(self.config.max_top_logprobs)
         check_prompt(req.input_ids, self.model_config.vocab_size, self.max_model_len,
                      "input_ids" if req.input_ids else "prompt")
+        bias = req.params.logit_bias or {}
+        if bias and max(bias) >= self.model_config.vocab_size:
+            raise SamplingError(f"logit_bias token id {max(bias)} is out of vocabulary", "logit_bias")
         if req.rid in self._requests:
             raise SamplingError(f"request id {req.rid!r} is already in use", "rid")
 
@@ -229,9 +238,11 @@ class Engine:
     def _forward(self, batch: ScheduleBatch) -> None:
         """Run the batch, advance the counters, sample and append the sampled rows' tokens."""
         self.num_forward_tokens += batch.num_tokens
-        logits, sampled = self.runner.forward(batch)
+        logits, sampled, prompt_rows = self.runner.forward(batch)
         for c in batch.chunks:
             c.req.num_computed = c.end
+        for c, positions, rows in prompt_rows:
+            score_prompt(c.req, positions, rows)
         if logits is not None:
             result = self.sampler.sample(logits, [self._sample_row(c.req) for c in sampled])
             for i, c in enumerate(sampled):
@@ -245,8 +256,11 @@ class Engine:
         if r.params.max_new_tokens == 0:
             r.finish_reason = "length"
             return
-        if r.num_output == 0 and r.transfer is None:  # (a PD prefill caches after its transfer)
-            self.kv.cache_prefix(r)  # the prompt is done: share its pages with later requests
+        if r.num_output == 0:  # the prompt is done: share its pages with later requests
+            if r.transfer is None:
+                self.kv.cache_prefix(r)
+            else:  # a PD prefill: its sends name its own page ids, which must stay its own
+                self.kv.share_prefix(r)
         tok = result.token_ids[i]
         if r.t_first_token is None:
             r.t_first_token = time.monotonic()
@@ -267,6 +281,10 @@ class Engine:
             finish_reason=finish_reason, matched_stop=r.matched_stop if finish_reason else None,
             prompt_tokens=r.prompt_len, completion_tokens=r.num_output, cached_tokens=r.cached_tokens)
         r.new_ids, r.new_logprobs, r.new_top = [], [], []
+        if r.prompt_lp is not None and (r.num_computed >= r.prompt_len or finish_reason is not None):
+            out.prompt_logprobs = r.prompt_lp[r.prompt_lp_from:]  # once: the prompt ran (or never will)
+            out.prompt_top_logprobs = r.prompt_top[r.prompt_lp_from:] if r.prompt_top is not None else None
+            r.prompt_lp = r.prompt_top = None
         return out
 
     def finish_request(self, r: Request, reason: str, keep_in_cache: bool = True) -> TokenOut:

@@ -33,8 +33,9 @@ class KVManager:
         return self.allocator.num_free + self.cache.evictable_pages()
 
     def attach_prefix(self, req: Request) -> None:
-        """Reuse the longest cached prefix (leaving at least one token to compute) and lock it."""
-        pages, node = self.cache.match(req.tokens[: len(req.tokens) - 1])
+        """Reuse the longest cached prefix (leaving at least one token to compute, and the prompt
+        rows a scored prompt still needs) and lock it."""
+        pages, node = self.cache.match(req.tokens[: req.prefix_limit])
         self.cache.lock(node)
         req.pages, req.tree_pages, req.tree_node = list(pages), len(pages), node
         req.num_computed = len(pages) * self.page_size
@@ -63,6 +64,23 @@ class KVManager:
         if req.tree_node is not None:
             self.cache.unlock(req.tree_node)
         req.tree_pages, req.tree_node = n_full, node
+
+    def share_prefix(self, req: Request) -> None:
+        """Like `cache_prefix`, but the request's table never changes: pages it may have handed
+        to a KV sender keep their ids. Insertion stops at the first page the tree already holds
+        under another id (it stays private and is deduplicated at release)."""
+        if not self.cache.enabled:
+            return
+        n_full = min(req.num_computed // self.page_size, len(req.pages))
+        if n_full <= req.tree_pages:
+            return
+        count, node = self.cache.insert_own(req.tokens[: n_full * self.page_size], req.pages[:n_full])
+        if count <= req.tree_pages:
+            return
+        self.cache.lock(node)
+        if req.tree_node is not None:
+            self.cache.unlock(req.tree_node)
+        req.tree_pages, req.tree_node = count, node
 
     def release(self, req: Request, keep_in_cache: bool = True) -> None:
         """Give back every page the request holds; computed full pages go to the cache."""

@@ -1,9 +1,11 @@
-"""Offline API: `LLM(model).generate(prompts, params)` drives an in-process Engine to completion."""
+"""Offline API: `LLM(model).generate(prompts, params)` drives an in-process Engine to completion;
+`LLM.chat(messages, params)` renders conversations with the model's chat template first."""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, fields
+from typing import Any
 
 from tqdm import tqdm
 
@@ -91,6 +93,28 @@ class LLM:
         for rid, p in zip(rids, plist):
             res = results[rid]
             res.text = self.tokenizer.decode(res.output_ids, skip_special_tokens=p.skip_special_tokens)
-            if isinstance(res.matched_stop, str):
+            if isinstance(res.matched_stop, str) and not p.include_stop_str_in_output:
                 res.text = cut_at_stop(res.text, res.matched_stop)
         return [results[rid] for rid in rids]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """vLLM's `LLM.chat`: one conversation (a list of {"role", "content"} messages) or a
+        list of them, each rendered with the model's chat template, then `generate`."""
+        if not messages:
+            raise ValueError("messages must not be empty")
+        convs = [messages] if isinstance(messages[0], dict) else messages
+        kwargs = dict(chat_template_kwargs or {})
+        if continue_final_message:
+            kwargs["continue_final_message"] = True
+        ids = [self.tokenizer.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt
+                                                  and not continue_final_message, **kwargs)
+               for c in convs]  # type: ignore[arg-type]
+        return self.generate(ids, params, use_tqdm=use_tqdm)

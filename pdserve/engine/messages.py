@@ -23,8 +23,11 @@ class GenerateReq(msgspec.Struct, frozen=True, tag=True):
     rid: str
     input_ids: list[int]
     params: SamplingParams
-    return_prompt_logprobs: bool = False
+    return_prompt_logprobs: bool = False  # score the prompt: TokenOut.prompt_logprobs (with params.top_logprobs)
+    prompt_logprobs_from: int = 0  # first prompt position reported (SGLang's logprob_start_len); 0's is None
     bootstrap: Bootstrap | None = None  # set: a PD request (prefill or decode side)
+    share_prompt_with: str | None = None  # rid of a live request with the same prompt (n > 1):
+    # this one is admitted once that one's prompt is computed and reuses its pages
 
 
 class AbortReq(msgspec.Struct, frozen=True, tag=True):
@@ -59,6 +62,10 @@ class TokenOut(msgspec.Struct, tag=True):
     queue_time_s: float = 0.0
     prefill_time_s: float = 0.0
     decode_time_s: float = 0.0
+    # prompt scoring (once, in the first TokenOut after the prompt ran): logprob of prompt token i
+    # given the tokens before it, for i from GenerateReq.prompt_logprobs_from (None for token 0)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[TopLogprob]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -171,6 +178,7 @@ class StepPlan(msgspec.Struct, frozen=True, tag=True, array_like=True):
     positions: list[int]
     spans: list[tuple[list[int], int, int]]  # per chunk: (its pages, first position, length)
     sample_rows: list[int]
+    score_spans: list[tuple[int, int]] = []  # flat rows [a, b) whose logits score prompt tokens
 
 
 class StopRanks(msgspec.Struct, frozen=True, tag=True, array_like=True):

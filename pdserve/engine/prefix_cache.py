@@ -98,6 +98,25 @@ class PrefixCache:
             self.allocator.free(dup)
         return out, node
 
+    def insert_own(self, tokens: list[int], pages: list[int]) -> tuple[int, Node]:
+        """Insert the leading full pages of `tokens` that the tree holds under no other page id,
+        keeping `pages` as they are; returns how many of them now belong to the tree and the
+        deepest such node (`insert` instead frees duplicates and swaps in the tree's pages)."""
+        n = min(len(tokens) // self.page_size, len(pages))
+        node, count = self.root, 0
+        for i, key in enumerate(self._keys(tokens, n)):
+            child = node.children.get(key)
+            if child is None:
+                child = Node(key=key, page=pages[i], parent=node, depth=node.depth + 1)
+                node.children[key] = child
+                self.num_pages += 1
+            elif child.page != pages[i]:
+                break
+            node = child
+            self._touch(node)
+            count += 1
+        return count, node
+
     def evict(self, num_pages: int) -> int:
         """Free up to `num_pages` pages from unreferenced leaves, least recently used first."""
         heap = [(n.last_access, id(n), n) for n in self._iter_nodes() if not n.children and n.ref == 0]

@@ -47,6 +47,12 @@ class Request:
     t_arrival: float = 0.0
     t_admitted: float | None = None  # first scheduled into a forward
     t_first_token: float | None = None
+    # prompt scoring: prompt_lp[i] = logprob of prompt token i given tokens < i, for i >= prompt_lp_from
+    # (None elsewhere and until computed); None = not asked. Reported once, with the first output.
+    prompt_lp: list[float | None] | None = None
+    prompt_top: list[list[TopLogprob]] | None = None
+    prompt_lp_from: int = 1
+    leader: "Request | None" = None  # same prompt, arrived first (n > 1): wait for its pages, then share them
 
     @property
     def output_ids(self) -> list[int]:
@@ -63,6 +69,13 @@ class Request:
     @property
     def remaining_new(self) -> int:
         return max(self.params.max_new_tokens - self.num_output, 0)
+
+    @property
+    def prefix_limit(self) -> int:
+        """Tokens a prefix-cache hit may cover: prompt rows still to score must be computed."""
+        if self.prompt_lp is None or self.num_output > 0:
+            return len(self.tokens) - 1
+        return max(self.prompt_lp_from - 1, 0)
 
     @property
     def finished(self) -> bool:

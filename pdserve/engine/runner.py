@@ -5,10 +5,14 @@ Flat batch layout for chunks A (prefill 0..4), B (decode at 9), C (prefill chunk
     input_ids  [a0 a1 a2 a3 | b9 | c16 c17 c18]
     positions  [ 0  1  2  3 |  9 |  16  17  18]
     sampled rows: 3 (A ends its prompt), 4 (B); C's chunk does not reach its end.
-Logits are computed only for sampled rows.
+Logits are computed only for sampled rows, and for the prompt rows of requests that score
+their prompt (`Request.prompt_lp`): row at position p predicts prompt token p + 1, so a chunk
+start..end scores tokens max(start, from)+1 .. min(end, prompt_len - 1) (A with from = 0:
+rows 0..2 score a1..a3; its last row, 3, is the sampled one).
 
 The layout is a StepPlan: with tensor parallelism rank 0 publishes each plan to the other
-ranks (engine/tp_worker.py), and every rank runs the same plan on its slice of the model.
+ranks (engine/tp_worker.py), and every rank runs the same plan on its slice of the model
+(the logits are collective, so every rank computes the same rows).
 """
 
 from __future__ import annotations
@@ -23,20 +27,33 @@ from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.messages import StepPlan
 from pdserve.model.llama import LlamaForCausalLM
 
+PromptRows = list[tuple[Chunk, range, torch.Tensor]]  # chunk, positions p scored, logits [len, V]
 
-def plan_step(batch: ScheduleBatch) -> tuple[StepPlan, list[Chunk]]:
+
+def plan_step(batch: ScheduleBatch) -> tuple[StepPlan, list[Chunk], list[tuple[Chunk, range]]]:
+    """The plan, the chunks that sample (in sample_rows order), the chunks that score prompt
+    positions (in score_spans order)."""
     ids: list[int] = []
     positions: list[int] = []
     sample_rows: list[int] = []
     sampled: list[Chunk] = []
+    score_spans: list[tuple[int, int]] = []
+    scored: list[tuple[Chunk, range]] = []
     for c in batch.chunks:
+        offset = len(ids)
         ids.extend(c.req.tokens[c.start:c.end])
         positions.extend(range(c.start, c.end))
         if c.samples:
             sample_rows.append(len(ids) - 1)
             sampled.append(c)
+        r = c.req
+        if r.prompt_lp is not None:
+            lo, hi = max(c.start, r.prompt_lp_from - 1, 0), min(c.end, r.prompt_len - 1)
+            if lo < hi:
+                score_spans.append((offset + lo - c.start, offset + hi - c.start))
+                scored.append((c, range(lo, hi)))
     spans = [(c.req.pages, c.start, c.length) for c in batch.chunks]
-    return StepPlan(ids, positions, spans, sample_rows), sampled
+    return StepPlan(ids, positions, spans, sample_rows, score_spans), sampled, scored
 
 
 class ModelRunner:
@@ -47,23 +64,26 @@ class ModelRunner:
         self.device = device
         self.publish = publish  # tensor parallelism: send the plan to the other ranks
 
-    def forward(self, batch: ScheduleBatch) -> tuple[torch.Tensor | None, list[Chunk]]:
-        plan, sampled = plan_step(batch)
+    def forward(self, batch: ScheduleBatch) -> tuple[torch.Tensor | None, list[Chunk], PromptRows]:
+        plan, sampled, scored = plan_step(batch)
         if self.publish is not None:
             self.publish(plan)
-        return self.run(plan), sampled
+        logits, scores = self.run(plan)
+        prompt_rows = [(c, rng, s) for (c, rng), s in zip(scored, scores) if s is not None]
+        return logits, sampled, prompt_rows
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> torch.Tensor | None:
-        """The forward of `plan`; the sampled rows' logits (None when none samples, or on tp
-        ranks other than 0)."""
+    def run(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """The forward of `plan`: the sampled rows' logits (None when none samples) and each
+        score span's logits (None on tp ranks other than 0)."""
         meta = build_metadata(plan.spans, self.pool.page_size, self.device)
         hidden = self.model(
             torch.tensor(plan.input_ids, dtype=torch.long, device=self.device),
             torch.tensor(plan.positions, dtype=torch.long, device=self.device),
             PagedAttention(self.pool, meta),
         )
+        scores = [self.model.logits(hidden[a:b]) for a, b in plan.score_spans]
         if not plan.sample_rows:
-            return None
+            return None, scores
         rows = torch.tensor(plan.sample_rows, dtype=torch.long, device=self.device)
-        return self.model.logits(hidden.index_select(0, rows))
+        return self.model.logits(hidden.index_select(0, rows)), scores

@@ -4,7 +4,8 @@ The engine calls `Sampler.sample(logits, rows)` once per step with a [B, V] floa
 tensor and one `SampleRow` per sequence. Semantics follow vLLM / HF transformers:
 
 1. logprobs (for rows that ask) are `log_softmax` of the RAW logits, before any processing;
-2. `suppress_ids` are set to -inf (EOS / stop ids while below `min_new_tokens`);
+2. `suppress_ids` are set to -inf (EOS / stop ids while below `min_new_tokens`), then each
+   row's `logit_bias` is added (OpenAI's logit_bias: -100 bans, +100 forces);
 3. repetition penalty over prompt + output tokens (logit > 0 -> divide, else multiply);
 4. frequency / presence penalties over output tokens (OpenAI: -f * count, -p * [count > 0]);
 5. greedy rows (temperature == 0 or top_k == 1) take the argmax;
@@ -22,13 +23,19 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from pdserve.engine.messages import TopLogprob
 from pdserve.engine.sampling_params import SamplingParams
 
-__all__ = ["SampleRow", "SampleResult", "Sampler", "apply_penalties", "process_logits"]
+if TYPE_CHECKING:
+    from pdserve.engine.request import Request
+
+__all__ = ["SampleRow", "SampleResult", "Sampler", "apply_penalties", "process_logits", "score_prompt",
+           "skip_draw"]
 
 # Nucleus boundary tolerance: a prefix whose mass is within this of top_p counts as reaching it,
 # so e.g. probs [0.5, 0.3, ...] with top_p 0.8 keeps exactly two tokens despite float rounding.
@@ -67,6 +74,7 @@ def _needs_processing(r: SampleRow) -> bool:
     p = r.params
     return (
         bool(r.suppress_ids)
+        or bool(p.logit_bias)
         or p.repetition_penalty != 1.0
         or p.frequency_penalty != 0.0
         or p.presence_penalty != 0.0
@@ -89,7 +97,8 @@ def _row_param(values: list[float], like: torch.Tensor) -> torch.Tensor:
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """Steps 2-4 IN PLACE on `logits` [B, V]: suppress ids, repetition, frequency and presence."""
+    """Steps 2-4 IN PLACE on `logits` [B, V]: suppress ids, logit bias, repetition, frequency
+    and presence."""
     device, vocab = logits.device, logits.shape[1]
     neg_inf = float("-inf")
 
@@ -98,6 +107,14 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
         row_idx = [i for i, ids in sup for _ in ids]
         tok_idx = [t for _, ids in sup for t in ids]
         logits[torch.tensor(row_idx, device=device), torch.tensor(tok_idx, device=device)] = neg_inf
+
+    biased = [(i, r.params.logit_bias) for i, r in enumerate(rows) if r.params.logit_bias]
+    if biased:
+        pairs = [(i, t, b) for i, bias in biased for t, b in bias.items() if t < vocab]
+        if pairs:
+            rows_t = torch.tensor([i for i, _, _ in pairs], device=device)
+            toks_t = torch.tensor([t for _, t, _ in pairs], device=device)
+            logits[rows_t, toks_t] += torch.tensor([b for _, _, b in pairs], dtype=logits.dtype, device=device)
 
     # Both penalties touch only the (row, token) pairs that occur: O(tokens), not O(rows x V).
     # Duplicate pairs write the same value (computed from the pre-penalty logit), so the
@@ -194,6 +211,30 @@ def _draw(
     q.clamp_min_(torch.finfo(q.dtype).tiny)  # exponential_ may return 0: avoid 0/0 = nan
     choice = (probs / q).argmax(dim=-1)
     return choice if cand_idx is None else cand_idx.gather(1, choice.unsqueeze(1)).squeeze(1)
+
+
+def score_prompt(req: "Request", positions: range, logits: torch.Tensor) -> None:
+    """Prompt scoring: the logprob (raw logits, as for sampled tokens) of prompt token p + 1 for
+    each position p (row) in `positions`, and its top alternatives when the request wants them."""
+    assert req.prompt_lp is not None
+    lp = logits.float().log_softmax(dim=-1)
+    targets = torch.tensor(req.tokens[positions.start + 1: positions.stop + 1], device=lp.device)
+    chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    for k, p in enumerate(positions):
+        req.prompt_lp[p + 1] = chosen[k]
+    top_k = req.params.top_logprobs
+    if req.prompt_top is not None and top_k > 0:
+        vals, ids = lp.topk(min(top_k, lp.shape[1]), dim=-1)
+        for k, (v_row, i_row) in enumerate(zip(vals.tolist(), ids.tolist())):
+            req.prompt_top[positions[k] + 1] = [TopLogprob(t, v) for t, v in zip(i_row, v_row)]
+
+
+def skip_draw(params: SamplingParams, generator: torch.Generator | None, vocab: int) -> None:
+    """Advance a seeded request's generator past one token's draw, exactly as `_draw` consumes
+    it (greedy rows draw nothing). A PD decode calls it for the first token, which the prefill
+    sampled: its later tokens then use the same random numbers as a unified engine's."""
+    if generator is not None and not _is_greedy(params):
+        torch.empty(vocab, dtype=torch.float32, device=generator.device).exponential_(generator=generator)
 
 
 def _scatter_full(cand: torch.Tensor, cand_idx: torch.Tensor | None, vocab: int) -> torch.Tensor:

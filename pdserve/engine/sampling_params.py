@@ -3,6 +3,10 @@
 `SamplingParams` is a frozen msgspec Struct so the HTTP front, the engine process and the
 offline API share one definition and it encodes to msgpack without pickle. `validate` names
 the offending field in its error so the server can answer a 400 with `param` set.
+
+vLLM's names are accepted too (`max_tokens`, `min_tokens`, `logprobs=<int>`, `n=1`): the
+construction hook folds them into pdserve's fields and clears them, so a struct only ever
+carries pdserve's own (and `replace` / decoding see the same values).
 """
 
 from __future__ import annotations
@@ -49,6 +53,26 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: bool = False  # return the logprob of each sampled token
     top_logprobs: int = 0  # and the k most likely alternatives
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: -100..100)
+    include_stop_str_in_output: bool = False  # offline text keeps the matched stop string
+    # vLLM's names, folded into the fields above by __post_init__ (always None / 1 afterwards)
+    max_tokens: int | None = None
+    min_tokens: int | None = None
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        set_ = msgspec.structs.force_setattr
+        if self.max_tokens is not None:
+            set_(self, "max_new_tokens", self.max_tokens)
+            set_(self, "max_tokens", None)
+        if self.min_tokens is not None:
+            set_(self, "min_new_tokens", self.min_tokens)
+            set_(self, "min_tokens", None)
+        if not isinstance(self.logprobs, bool) and isinstance(self.logprobs, int):  # vLLM: logprobs=k
+            set_(self, "top_logprobs", max(self.top_logprobs, self.logprobs))
+            set_(self, "logprobs", True)
+        elif self.logprobs is None:
+            set_(self, "logprobs", False)
 
     @property
     def greedy(self) -> bool:
@@ -82,3 +106,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             bad("stop strings must be non-empty", "stop")
         if any(t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids must be non-negative", "stop_token_ids")
+        if self.n != 1:
+            bad(f"n = {self.n} is not supported here: send the prompt n times (seeds differ per copy)", "n")
+        for tid, bias in (self.logit_bias or {}).items():
+            if tid < 0:
+                bad(f"logit_bias token id {tid} must be non-negative", "logit_bias")
+            if not -100.0 <= bias <= 100.0:
+                bad(f"logit_bias values must be in [-100, 100], got {bias} for token {tid}", "logit_bias")

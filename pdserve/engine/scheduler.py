@@ -6,7 +6,8 @@ Each `schedule()` builds one forward under a token budget:
      go to the prefix cache, it returns to the front of the waiting queue and recomputes).
   2. waiting requests, FCFS, while budget, `max_running` and pages allow: a request is
      admitted only if its whole remaining prompt fits with headroom kept for the decode of
-     those already running (`decode_headroom` × their remaining new tokens).
+     those already running (`decode_headroom` × their remaining new tokens). A copy of a
+     prompt (n > 1) waits, without blocking the queue, until its leader's prompt is cached.
 """
 
 from __future__ import annotations
@@ -104,8 +105,12 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, chunks: list[Chunk], budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
-            req = self.waiting.peek()
+        for req in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_running:
+                break
+            if self._waits_for_leader(req):
+                continue  # admitted once its leader's prompt pages are in the prefix cache
+            req.leader = None
             self.kv.attach_prefix(req)
             need = pages_needed(len(req.tokens), self.kv.page_size) - len(req.pages) + self.decode_headroom_pages()
             n = min(req.todo, budget)
@@ -113,12 +118,23 @@ class Scheduler:
                 self.kv.release(req, keep_in_cache=False)
                 req.num_computed = 0
                 break
-            self.waiting.pop()
+            self.waiting.remove(req)
             if not req.admitted:
                 req.cached_tokens, req.admitted = req.num_computed, True
             self.running.append(req)
             chunks.append(Chunk(req, req.num_computed, n))
             budget -= n
+
+    def _waits_for_leader(self, req: Request) -> bool:
+        """n copies of one prompt: the first computes it, the others wait until it has sampled
+        (its full prompt pages are cached then) and compute only the last partial page. A leader
+        outside the scheduler (a PD stage's queue, finished) holds nobody back."""
+        lead = req.leader
+        if lead is None or lead.finished:
+            return False
+        if lead in self.running:
+            return lead.num_computed < lead.prompt_len
+        return lead in self.waiting
 
     def decode_headroom_pages(self) -> int:
         tokens = sum(r.remaining_new for r in self.running)

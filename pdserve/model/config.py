@@ -86,3 +86,25 @@ class ModelConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in model folder {folder}")
         return cls.from_dict(json.loads(path.read_text()))
+
+
+# generation_config.json keys that are sampling defaults, as vLLM reads them (name there -> ours)
+_SAMPLING_KEYS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float}
+
+
+def sampling_defaults(folder: str | Path) -> dict[str, Any]:
+    """The model's sampling defaults from `folder/generation_config.json` (absent keys, or no
+    file: none). A request's own values win; `--generation-config none` skips this."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read it: {exc}") from None
+    out: dict[str, Any] = {}
+    for key, kind in _SAMPLING_KEYS.items():
+        value = data.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = kind(value)
+    return out

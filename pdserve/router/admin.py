@@ -6,8 +6,9 @@
 - `GET/POST/DELETE /workers` (and `DELETE /workers/{url}`): list, add (probed at once, then
   health-checked like the others) and remove workers at runtime; API-key protected.
 - `GET /metrics`: Prometheus text. `GET /get_loads`: per-worker load.
-- `GET /v1/models`, `/server_info`, `/model_info`, `/health_generate`: answered by one
-  routable (decode or regular) worker; `POST /flush_cache`: sent to every worker.
+- `GET /v1/models`, `/v1/models/{id}`, `/version`, `/server_info`, `/model_info`,
+  `/health_generate`, `POST /tokenize`, `/detokenize`: answered by one routable (decode or
+  regular) worker; `POST /flush_cache`: sent to every worker.
 `Admin` is built by the app from the parts it reads or changes (config, registry, health
 checker, limiter, metrics, upstream pool); `routes()` is its share of the app's route table.
 """
@@ -55,7 +56,8 @@ class Admin:
             "/workers/{url}": {"DELETE": self.remove_worker, "GET": self.get_worker},
             "/get_loads": {"GET": self.loads},
             "/v1/models": info, "/server_info": info, "/get_server_info": info, "/model_info": info,
-            "/get_model_info": info, "/health_generate": info,
+            "/get_model_info": info, "/health_generate": info, "/version": info, "/v1/models/{id}": info,
+            "/tokenize": {"POST": self.pass_through}, "/detokenize": {"POST": self.pass_through},
             "/flush_cache": {"POST": self.flush_cache, "GET": self.flush_cache},
         }
 
@@ -160,9 +162,9 @@ class Admin:
     async def pass_through(self, req: Request, rid: str) -> Response:
         w = self._info_worker()
         try:
-            resp = await self.pool.request(w.host, w.port, "GET", req.target,
-                                               w.fwd_headers + f"x-request-id: {rid}\r\n".encode(), b"",
-                                               self.cfg.health.timeout_s * 6)
+            resp = await self.pool.request(w.host, w.port, req.method, req.target,
+                                           w.fwd_headers + f"x-request-id: {rid}\r\n".encode(),
+                                           req.body if req.method == "POST" else b"", self.cfg.health.timeout_s * 6)
             try:
                 body = await resp.read()
             finally:

@@ -132,6 +132,8 @@ class RouterApp:
             methods = self.routes.get(req.path)
             if methods is None and req.path.startswith("/workers/"):
                 methods = self.routes.get("/workers/{url}")
+            if methods is None and req.path.startswith("/v1/models/"):
+                methods = self.routes.get("/v1/models/{id}")
             if methods is None:
                 raise RouterError(404, f"no route {req.path}")
             if self._key is not None and req.path not in OPEN_PATHS and not self.authorized(req.headers):

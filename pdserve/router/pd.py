@@ -4,7 +4,8 @@ Per attempt:
   1. the prefill and decode policies pick independently among routable workers (ones that
      failed this request are skipped while others remain);
   2. the body gets `bootstrap_host`/`bootstrap_port` of the chosen prefill and a random
-     63-bit `bootstrap_room` (lists of them for batches, as SGLang's router does);
+     63-bit `bootstrap_room` (lists of them, one per sequence = prompts x n, for batches and
+     n > 1, SGLang's batched form);
   3. the same body goes to both workers concurrently; the prefill's answer is read whole in
      its own task; the decode's head and first body bytes are awaited in another;
   4. whichever leg fails first (connection error or an error status) cancels the other at
@@ -17,10 +18,8 @@ A prefill failure after the decode started answering cannot hurt the answer and 
 counted. Metrics: PD TTFT (start → first decode byte) and failed legs by reason.
 
 Prompt logprobs: the prefill computed the prompt, the decode did not, so a `/generate` with
-`return_logprob: true` gets its `meta_info.input_*` lists from the prefill's answer, prepended
-to whatever the decode sent. Works on whole JSON bodies (one result or a batch list) and on
-SSE streams, event by event (`SSEMerger` re-frames chunks on blank lines, so an event split
-across TCP reads is merged whole).
+`return_logprob: true` or a completion with `echo` + `logprobs` gets the prompt's logprobs from
+the prefill's answer (`prompt_logprobs.py`: JSON bodies, batches and SSE streams).
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from pdserve.router.http.client import UpstreamError, UpstreamPool, UpstreamResp
 from pdserve.router.http.protocol import Response
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy
+from pdserve.router.prompt_logprobs import SSEMerger, merge_body, prefill_metas, wants_prompt_logprobs
 from pdserve.router.request import RequestCtx, RouterError
 from pdserve.router.resilience import backoff_s, breaker_failure
 from pdserve.router.workers import Worker, WorkerRegistry
@@ -51,21 +51,25 @@ Leg = tuple[int, bytes, "str | None"]
 
 
 def batch_size(body: dict[str, Any]) -> int | None:
-    """How many bootstrap rooms the request needs (None: a single one)."""
+    """How many bootstrap rooms the request needs: one per sequence, prompts x n (None: one)."""
     n = body.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
-        return n
+    if "sampling_params" in body and isinstance(body["sampling_params"], dict):
+        n = body["sampling_params"].get("n", n)  # /generate carries n in its sampling_params
+    copies = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+    prompts = None
     for key in ("prompt", "text"):
         value = body.get(key)
         if isinstance(value, list):
             if not value:
                 raise RouterError(400, f"'{key}' is an empty list", param=key)
             if isinstance(value[0], (str, list)):
-                return len(value)
+                prompts = len(value)
     ids = body.get("input_ids")
     if isinstance(ids, list) and ids and isinstance(ids[0], list):
-        return len(ids)
-    return None
+        prompts = len(ids)
+    if prompts is None and copies == 1:
+        return None
+    return (prompts or 1) * copies
 
 
 def inject_bootstrap(body: dict[str, Any], prefill: Worker, batch: int | None) -> bytes:
@@ -99,7 +103,7 @@ class PDForwarder:
     async def handle(self, ctx: RequestCtx) -> Response | None:
         body = ctx.json()
         batch = batch_size(body)
-        want_lp = body.get("return_logprob") is True
+        want_lp = wants_prompt_logprobs(body)
         tried_p: set[str] = set()
         tried_d: set[str] = set()
         last: Failure | None = None
@@ -160,7 +164,8 @@ class PDForwarder:
         status = task.result()[0]
         if status >= 400:
             p.record(not breaker_failure(status), f"answered {status}")
-            self.metrics.pd_failure("prefill", str(status))
+            if status >= 500:  # a client's 4xx (bad input) is no failed leg
+                self.metrics.pd_failure("prefill", str(status))
         else:
             p.record(True)
 
@@ -197,7 +202,8 @@ class PDForwarder:
             status = resp.status
             if status >= 400:
                 d.record(not breaker_failure(status), f"answered {status}")
-                self.metrics.pd_failure("decode", str(status))
+                if status >= 500:
+                    self.metrics.pd_failure("decode", str(status))
                 return Failure.answer(status, first or b"", resp.content_type), "decode"
             d.record(True)
             self.metrics.pd_ttft.observe(time.perf_counter() - ctx.t0)
@@ -233,104 +239,3 @@ class PDForwarder:
                 resp.release()
             d.in_flight -= 1
             d.processed += 1
-
-
-# -- prompt logprobs from the prefill ---------------------------------------------------------
-INPUT_KEYS = ("input_token_logprobs", "input_top_logprobs", "input_token_ids_logprobs")
-
-
-def _sse_objects(body: bytes) -> list[Any]:
-    out = []
-    for line in body.split(b"\n"):
-        line = line.strip()
-        if line.startswith(b"data:"):
-            data = line[5:].strip()
-            if data and data != b"[DONE]":
-                try:
-                    out.append(_dec.decode(data))
-                except msgspec.DecodeError:
-                    pass
-    return out
-
-
-def prefill_metas(body: bytes, content_type: str | None) -> list[dict[str, Any]]:
-    """meta_info of each result in the prefill's answer (JSON, batch list, or SSE events)."""
-    try:
-        if content_type and content_type.startswith("text/event-stream"):
-            objs = _sse_objects(body)
-            by_index: dict[int, dict[str, Any]] = {}
-            for o in objs:  # the last event per index carries the final meta_info
-                if isinstance(o, dict) and isinstance(o.get("meta_info"), dict):
-                    by_index[int(o.get("index", 0) or 0)] = o["meta_info"]
-            return [by_index[k] for k in sorted(by_index)]
-        obj = _dec.decode(body)
-    except (msgspec.DecodeError, ValueError, TypeError):
-        return []
-    items = obj if isinstance(obj, list) else [obj]
-    return [i["meta_info"] for i in items if isinstance(i, dict) and isinstance(i.get("meta_info"), dict)]
-
-
-def merge_one(result: Any, meta: dict[str, Any]) -> None:
-    if not isinstance(result, dict):
-        return
-    dmeta = result.get("meta_info")
-    if not isinstance(dmeta, dict):
-        return
-    for key in INPUT_KEYS:
-        pre = meta.get(key)
-        if isinstance(pre, list) and pre:
-            mine = dmeta.get(key)
-            dmeta[key] = pre + (mine if isinstance(mine, list) else [])
-
-
-def merge_body(body: bytes, metas: list[dict[str, Any]]) -> bytes:
-    if not metas:
-        return body
-    try:
-        obj = _dec.decode(body)
-    except msgspec.DecodeError:
-        return body
-    if isinstance(obj, list):
-        for result, meta in zip(obj, metas):
-            merge_one(result, meta)
-    else:
-        merge_one(obj, metas[0])
-    return _enc.encode(obj)
-
-
-class SSEMerger:
-    """Merges prefill metas into each `data:` event of a decode SSE stream."""
-
-    def __init__(self, metas: list[dict[str, Any]]) -> None:
-        self.metas = metas
-        self.buf = b""
-
-    def _event(self, event: bytes) -> bytes:
-        lines = event.split(b"\n")
-        for i, line in enumerate(lines):
-            if line.startswith(b"data:"):
-                data = line[5:].strip()
-                if not data or data == b"[DONE]":
-                    continue
-                try:
-                    obj = _dec.decode(data)
-                except msgspec.DecodeError:
-                    continue
-                if isinstance(obj, dict):
-                    idx = int(obj.get("index", 0) or 0)
-                    if 0 <= idx < len(self.metas):
-                        merge_one(obj, self.metas[idx])
-                        lines[i] = b"data: " + _enc.encode(obj)
-        return b"\n".join(lines)
-
-    def feed(self, chunk: bytes) -> bytes:
-        if not self.metas:
-            return chunk
-        self.buf += chunk.replace(b"\r\n", b"\n")
-        events = self.buf.split(b"\n\n")
-        self.buf = events.pop()
-        return b"".join(self._event(e) + b"\n\n" for e in events)
-
-    def flush(self) -> bytes:
-        rest, self.buf = self.buf, b""
-        return self._event(rest) if rest else b""

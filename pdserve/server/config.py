@@ -22,6 +22,9 @@ class ServerConfig:
     port: int = 30000
     api_key: str | None = None  # protects every route but /health and /metrics
     served_model_name: str | None = None  # default: the model folder's name
+    served_model_aliases: tuple[str, ...] = ()  # more names requests may use (--served-model-name a b c)
+    generation_config: str = "auto"  # sampling defaults: "auto" (the model's generation_config.json),
+    # "none" (pdserve's own), or a folder holding a generation_config.json
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413
     max_n: int = 16  # cap on `n` (choices per prompt)
     max_prompts: int = 64  # cap on prompts in one batched request

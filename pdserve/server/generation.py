@@ -38,6 +38,8 @@ class SubRequest:
     params: SamplingParams
     include_stop: bool = False
     bootstrap: Bootstrap | None = None  # a PD request: where its KV comes from / goes to
+    share_with: str | None = None  # rid of the first of the n copies of this prompt (shares its pages)
+    score_from: int | None = None  # score the prompt from this position (echo + logprobs); None: no
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Delta:
     completion_tokens: int = 0
     cached_tokens: int = 0
     e2e_latency: float = 0.0
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[TopLogprob]] | None = None
 
 
 @dataclass
@@ -69,8 +73,12 @@ class Result:
     completion_tokens: int = 0
     cached_tokens: int = 0
     e2e_latency: float = 0.0
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[TopLogprob]] | None = None
 
     def add(self, d: Delta) -> None:
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs, self.prompt_top_logprobs = d.prompt_logprobs, d.prompt_top_logprobs
         self.text += d.text
         self.token_ids.extend(d.token_ids)
         if d.logprobs is not None:
@@ -100,7 +108,9 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
                       sub.params.skip_special_tokens, sub.include_stop)
     count = 0
     finished = False
-    req = GenerateReq(rid=sub.rid, input_ids=sub.prompt_ids, params=sub.params, bootstrap=sub.bootstrap)
+    req = GenerateReq(rid=sub.rid, input_ids=sub.prompt_ids, params=sub.params, bootstrap=sub.bootstrap,
+                     share_prompt_with=sub.share_with, return_prompt_logprobs=sub.score_from is not None,
+                     prompt_logprobs_from=sub.score_from or 0)
     try:
         outs = state.client.generate(req)
         async with contextlib.aclosing(outs):
@@ -114,8 +124,9 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
                 count += len(ids)
                 piece = text.add(ids)
                 if not out.finished:
-                    if piece or ids:
-                        yield Delta(sub.index, piece, ids, out.logprobs, out.top_logprobs)
+                    if piece or ids or out.prompt_logprobs is not None:
+                        yield Delta(sub.index, piece, ids, out.logprobs, out.top_logprobs,
+                                    prompt_logprobs=out.prompt_logprobs, prompt_top_logprobs=out.prompt_top_logprobs)
                     continue
                 piece += text.finish(out.matched_stop)
                 reason, matched = out.finish_reason, out.matched_stop
@@ -123,7 +134,7 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
                 finished = True
                 e2e = timer.finish(out, prompt, count)
                 yield Delta(sub.index, piece, ids, out.logprobs, out.top_logprobs, reason, matched,
-                            prompt, count, out.cached_tokens, e2e)
+                            prompt, count, out.cached_tokens, e2e, out.prompt_logprobs, out.prompt_top_logprobs)
                 return
     except (EngineDeadError, DuplicateRequestError) as exc:
         raise _engine_error(exc) from None

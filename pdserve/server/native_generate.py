@@ -6,7 +6,9 @@ sub-request per prompt × n (rid from the body, else random), then either stream
 then `[DONE]`) or answer one object (a list for batched input or n > 1). `meta_info` holds id,
 finish_reason (`{"type": "stop", "matched": ...}`, `{"type": "length", "length": N}`,
 `{"type": "abort", "message": ...}`), prompt/completion/cached token counts, e2e latency and,
-with `return_logprob`, `output_token_logprobs` / `output_top_logprobs` as [logprob, id, text].
+with `return_logprob`, `output_token_logprobs` / `output_top_logprobs` as [logprob, id, text]
+(and, with `logprob_start_len` >= 0, the prompt's `input_token_logprobs` / `input_top_logprobs`
+from that position; position 0 has no context: null).
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from pdserve.server.errors import bad_request, from_validation_error
 from pdserve.server.generation import Result, SubRequest, collect, merge, until_disconnect
 from pdserve.server.openai_common import TokenTexts
 from pdserve.server.params import (
+    INT_LIMIT,
     pd_bootstrap,
     check_int,
     check_n,
     check_prompt_ids,
     decode_json_object,
+    drop_nulls,
     encode_text,
     make_params,
     resolve_max_tokens,
@@ -40,6 +44,7 @@ from pdserve.server.params import (
 )
 from pdserve.server.protocol import GenerateRequest, NativeSamplingParams
 from pdserve.server.sse import SSEResponse, frame
+from pdserve.server.unsupported import GENERATE, GENERATE_SAMPLING, reject_unsupported
 from pdserve.server.state import ServerState, get_state
 
 router = APIRouter()
@@ -69,15 +74,19 @@ async def _prompts(state: ServerState, body: GenerateRequest) -> tuple[list[list
 
 async def _build(state: ServerState, body: GenerateRequest) -> tuple[list[SubRequest], bool]:
     try:
-        sp = NativeSamplingParams.model_validate(body.sampling_params or {})
+        raw_sp = drop_nulls(body.sampling_params or {})
+        reject_unsupported(raw_sp, GENERATE_SAMPLING, "sampling_params.")
+        sp = NativeSamplingParams.model_validate(raw_sp)
     except ValidationError as exc:
         raise from_validation_error(exc, prefix="sampling_params") from None
     check_n(state, sp.n, "sampling_params.n")
     check_int(body.top_logprobs_num, "top_logprobs_num", 0, state.config.engine.max_top_logprobs)
+    check_int(body.logprob_start_len, "logprob_start_len", -1, INT_LIMIT)
+    score = body.logprob_start_len if body.return_logprob and body.logprob_start_len >= 0 else None
     prompts, batched = await _prompts(state, body)
     total = len(prompts) * sp.n
     rids = _rids(body.rid, total)
-    boot = pd_bootstrap(state, body, total)
+    boots = pd_bootstrap(state, body, len(prompts), sp.n)
     subs = []
     for p, ids in enumerate(prompts):
         max_new = resolve_max_tokens(state, sp.max_new_tokens, len(ids), state.config.generate_default_max_tokens,
@@ -89,10 +98,12 @@ async def _build(state: ServerState, body: GenerateRequest) -> tuple[list[SubReq
             stop=stop_list(state, sp.stop, "sampling_params.stop"),
             stop_token_ids=stop_ids(state, sp.stop_token_ids, "sampling_params.stop_token_ids"),
             ignore_eos=sp.ignore_eos, skip_special_tokens=sp.skip_special_tokens,
-            logprobs=body.return_logprob, top_logprobs=body.top_logprobs_num if body.return_logprob else 0)
+            logprobs=body.return_logprob, top_logprobs=body.top_logprobs_num if body.return_logprob else 0,
+            logit_bias=sp.logit_bias)
         for j in range(sp.n):
             index = p * sp.n + j
-            subs.append(SubRequest(index, rids[index], ids, with_seed(params, j), sp.no_stop_trim, boot))
+            subs.append(SubRequest(index, rids[index], ids, with_seed(params, j), sp.no_stop_trim,
+                                   boots[index] if boots and max_new else None, rids[p * sp.n] if j else None, score))
     return subs, batched or sp.n > 1
 
 
@@ -124,7 +135,8 @@ def _top_triples(texts: TokenTexts | None, top: list[list[TopLogprob]] | None) -
     return [[[t.logprob, t.token_id, texts(t.token_id) if texts else None] for t in row] for row in top or []]
 
 
-def _meta(r: Result, want_lp: bool, top_n: int, texts: TokenTexts | None) -> dict[str, Any]:
+def _meta(r: Result, want_lp: bool, top_n: int, texts: TokenTexts | None,
+          prompt: tuple[list[int], int] | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "id": r.rid,
         "finish_reason": finish_reason(r.finish_reason, r.matched, r.completion_tokens),
@@ -137,21 +149,36 @@ def _meta(r: Result, want_lp: bool, top_n: int, texts: TokenTexts | None) -> dic
         meta["output_token_logprobs"] = _lp_triples(texts, r.token_ids, r.logprobs)
         if top_n > 0:
             meta["output_top_logprobs"] = _top_triples(texts, r.top_logprobs)
+        if prompt is not None:  # (a PD decode has none: the router prepends the prefill's)
+            ids, start = prompt
+            scored = r.prompt_logprobs is not None
+            meta["input_token_logprobs"] = _lp_triples(texts, ids[start:], r.prompt_logprobs) if scored else []
+            if top_n > 0:
+                rows = [row or None for row in r.prompt_top_logprobs or []] if scored else []
+                meta["input_top_logprobs"] = [None if row is None else t for row, t in
+                                              zip(rows, _top_triples(texts, [row or [] for row in rows]))]
     return meta
+
+
+def _scored_prompts(subs: list[SubRequest]) -> dict[int, tuple[list[int], int]]:
+    return {s.index: (s.prompt_ids, s.score_from) for s in subs if s.score_from is not None}
 
 
 @router.post("/generate")
 async def generate(request: Request) -> Response:
     state = get_state(request)
     state.metrics.request("generate")
-    body = GenerateRequest.model_validate(decode_json_object(await request.body()))
+    data = decode_json_object(await request.body())
+    reject_unsupported(data, GENERATE)
+    body = GenerateRequest.model_validate(data)
     subs, many = await _build(state, body)
     texts = TokenTexts(state) if body.return_text_in_logprobs else None
     if body.stream:
         return SSEResponse(_stream(state, subs, body, texts))
     results = await until_disconnect(request, collect(state, subs))
-    outs = [{"text": r.text, "output_ids": r.token_ids, "meta_info": _meta(r, body.return_logprob,
-                                                                            body.top_logprobs_num, texts),
+    prompts = _scored_prompts(subs)
+    outs = [{"text": r.text, "output_ids": r.token_ids,
+             "meta_info": _meta(r, body.return_logprob, body.top_logprobs_num, texts, prompts.get(r.index)),
              **({"index": r.index} if many else {})} for r in results]
     return Response(msgspec.json.encode(outs if many else outs[0]), media_type="application/json")
 
@@ -160,17 +187,18 @@ async def _stream(state: ServerState, subs: list[SubRequest], body: GenerateRequ
                   texts: TokenTexts | None) -> AsyncIterator[bytes]:
     acc = {s.index: Result(s.index, s.rid, prompt_tokens=len(s.prompt_ids)) for s in subs}
     many = len(subs) > 1
+    prompts = _scored_prompts(subs)
     it = merge(state, subs)
     async with contextlib.aclosing(it):
         async for d in it:
             r = acc[d.index]
             r.add(d)
-            if not d.text and not d.token_ids and d.finish_reason is None:
+            if not d.text and not d.token_ids and d.finish_reason is None and d.prompt_logprobs is None:
                 continue
             if d.finish_reason is None:
                 r.completion_tokens = len(r.token_ids)
             out = {"text": r.text, "output_ids": r.token_ids,
-                   "meta_info": _meta(r, body.return_logprob, body.top_logprobs_num, texts)}
+                   "meta_info": _meta(r, body.return_logprob, body.top_logprobs_num, texts, prompts.get(d.index))}
             if many:
                 out["index"] = d.index
             yield frame(out)

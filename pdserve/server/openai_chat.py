@@ -23,6 +23,7 @@ from pdserve.server.generation import SubRequest, collect, merge, until_disconne
 from pdserve.server.openai_common import TokenTexts, chat_logprobs, new_id, openai_params, sub_rid, usage
 from pdserve.server.params import (
     pd_bootstrap,
+    check_model,
     check_n,
     check_prompt_ids,
     decode_json_object,
@@ -32,6 +33,7 @@ from pdserve.server.params import (
 )
 from pdserve.server.protocol import ChatCompletionRequest
 from pdserve.server.sse import SSEResponse, frame
+from pdserve.server.unsupported import CHAT, reject_unsupported
 from pdserve.server.state import ServerState, get_state
 
 router = APIRouter()
@@ -63,7 +65,7 @@ def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     return out
 
 
-async def _prompt_ids(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+async def chat_prompt_ids(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     kwargs = dict(body.chat_template_kwargs or {})
     bad = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
     if bad:
@@ -93,14 +95,15 @@ async def _build(state: ServerState, body: ChatCompletionRequest, rid: str) -> l
         if not 0 <= top <= state.config.engine.max_top_logprobs:
             raise bad_request(f"top_logprobs must be in [0, {state.config.engine.max_top_logprobs}], got {top}",
                               param="top_logprobs")
-    ids = await _prompt_ids(state, body)
+    ids = await chat_prompt_ids(state, body)
     name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_new = resolve_max_tokens(state, requested, len(ids), None, param=name)
     params = openai_params(state, body, max_new, body.logprobs, top or 0)
     include_stop = body.include_stop_str_in_output or body.no_stop_trim
-    boot = pd_bootstrap(state, body, body.n)
-    return [SubRequest(k, sub_rid(rid, k, body.n), ids, with_seed(params, k), include_stop, boot)
+    boots = pd_bootstrap(state, body, 1, body.n)
+    return [SubRequest(k, sub_rid(rid, k, body.n), ids, with_seed(params, k), include_stop,
+                       boots[k] if boots and max_new else None, sub_rid(rid, 0, body.n) if k else None)
             for k in range(body.n)]
 
 
@@ -108,7 +111,10 @@ async def _build(state: ServerState, body: ChatCompletionRequest, rid: str) -> l
 async def chat_completions(request: Request) -> Response:
     state = get_state(request)
     state.metrics.request("chat")
-    body = ChatCompletionRequest.model_validate(decode_json_object(await request.body()))
+    data = decode_json_object(await request.body())
+    reject_unsupported(data, CHAT)
+    body = ChatCompletionRequest.model_validate(data)
+    check_model(state, body.model)
     rid = new_id("chatcmpl")
     subs = await _build(state, body, rid)
     head = {"id": rid, "created": int(time.time()), "model": body.model or state.model_name}

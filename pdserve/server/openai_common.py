@@ -45,6 +45,7 @@ def openai_params(state: ServerState, body: _SamplingFields, max_new_tokens: int
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         skip_special_tokens=body.skip_special_tokens,
+        logit_bias=body.logit_bias,
     )
 
 
@@ -85,6 +86,28 @@ def completion_logprobs(texts: TokenTexts, ids: list[int], logprobs: list[float]
         "text_offset": offsets,
     }
     return block, offset
+
+
+def prompt_logprobs_block(texts: TokenTexts, ids: list[int], logprobs: list[float | None] | None,
+                          top: list[list[TopLogprob]] | None, want_top: bool) -> dict[str, Any]:
+    """Completions-style logprobs of an echoed prompt (offsets from 0): the first token has no
+    context, so its logprob and top alternatives are null (as OpenAI and vLLM answer)."""
+    block, _ = completion_logprobs(texts, ids, None, None, 0)
+    lps = list(logprobs or [])
+    block["token_logprobs"] = [lps[k] if k < len(lps) else None for k in range(len(ids))]
+    if want_top:
+        rows = list(top or [])
+        block["top_logprobs"] = [({texts(t.token_id): t.logprob for t in rows[k]} if k < len(rows) and rows[k] else None)
+                                 for k in range(len(ids))]
+    return block
+
+
+def join_logprobs(head: dict[str, Any], tail: dict[str, Any]) -> dict[str, Any]:
+    """The echoed prompt's block followed by the generated tokens' block."""
+    out = {k: list(head[k]) + list(tail[k]) for k in ("tokens", "token_logprobs", "text_offset")}
+    out["top_logprobs"] = (list(head["top_logprobs"]) + list(tail["top_logprobs"] or [{}] * len(tail["tokens"]))
+                           if head["top_logprobs"] is not None else None)
+    return out
 
 
 def _entry(text: str, logprob: float | None) -> dict[str, Any]:

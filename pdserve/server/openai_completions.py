@@ -4,6 +4,8 @@ Per request: decode + validate the body, tokenize each prompt (or take its ids),
 prompt × n sub-requests with their sampling params (seed + choice for n > 1), then either
 stream `text_completion` chunks (SSE, usage chunk when `stream_options.include_usage`, then
 `[DONE]`) or wait for all choices and answer one JSON body. Choice index = prompt × n + k.
+`echo` + `logprobs` scores the prompt too (its first token's logprob is null) and allows
+`max_tokens: 0` (score only: what lm-eval-harness's log-likelihood tasks send).
 """
 
 from __future__ import annotations
@@ -19,9 +21,19 @@ from starlette.responses import Response
 
 from pdserve.server.errors import bad_request
 from pdserve.server.generation import SubRequest, collect, merge, until_disconnect
-from pdserve.server.openai_common import TokenTexts, completion_logprobs, new_id, openai_params, sub_rid, usage
+from pdserve.server.openai_common import (
+    TokenTexts,
+    completion_logprobs,
+    join_logprobs,
+    new_id,
+    openai_params,
+    prompt_logprobs_block,
+    sub_rid,
+    usage,
+)
 from pdserve.server.params import (
     pd_bootstrap,
+    check_model,
     check_n,
     check_prompt_ids,
     decode_json_object,
@@ -31,6 +43,7 @@ from pdserve.server.params import (
 )
 from pdserve.server.protocol import CompletionRequest
 from pdserve.server.sse import SSEResponse, frame
+from pdserve.server.unsupported import COMPLETIONS, reject_unsupported
 from pdserve.server.state import ServerState, get_state
 
 router = APIRouter()
@@ -62,14 +75,18 @@ async def _build(state: ServerState, body: CompletionRequest, rid: str) -> list[
     prompts = await _prompts(state, body.prompt)
     total = len(prompts) * body.n
     include_stop = body.include_stop_str_in_output or body.no_stop_trim
-    boot = pd_bootstrap(state, body, total)
+    boots = pd_bootstrap(state, body, len(prompts), body.n)
     subs = []
     for p, ids in enumerate(prompts):
-        max_new = resolve_max_tokens(state, body.max_tokens, len(ids), state.config.completion_default_max_tokens)
+        max_new = resolve_max_tokens(state, body.max_tokens, len(ids), state.config.completion_default_max_tokens,
+                                     minimum=0 if body.echo else 1)  # echo + max_tokens 0: score the prompt
         params = openai_params(state, body, max_new, k is not None, k or 0)
+        score = 0 if body.echo and k is not None else None
         for j in range(body.n):
             index = p * body.n + j
-            subs.append(SubRequest(index, sub_rid(rid, index, total), ids, with_seed(params, j), include_stop, boot))
+            subs.append(SubRequest(index, sub_rid(rid, index, total), ids, with_seed(params, j), include_stop,
+                                   boots[index] if boots and max_new else None, sub_rid(rid, p * body.n, total) if j else None,
+                                   score))
     return subs
 
 
@@ -81,7 +98,10 @@ def _choice(index: int, text: str, logprobs: Any, finish: str | None, matched: A
 async def completions(request: Request) -> Response:
     state = get_state(request)
     state.metrics.request("completions")
-    body = CompletionRequest.model_validate(decode_json_object(await request.body()))
+    data = decode_json_object(await request.body())
+    reject_unsupported(data, COMPLETIONS)
+    body = CompletionRequest.model_validate(data)
+    check_model(state, body.model)
     rid = new_id("cmpl")
     subs = await _build(state, body, rid)
     created = int(time.time())
@@ -91,12 +111,17 @@ async def completions(request: Request) -> Response:
     want_lp = body.logprobs is not None
     if body.stream:
         inc_usage = body.stream_options is not None and body.stream_options.include_usage
-        return SSEResponse(_stream(state, subs, body.n, head, echo, texts, want_lp, inc_usage))
+        return SSEResponse(_stream(state, subs, body.n, head, echo, texts, want_lp, inc_usage, bool(body.logprobs)))
     results = await until_disconnect(request, collect(state, subs))
     choices = []
+    prompts = {s.index: s.prompt_ids for s in subs}
     for r in results:
         prefix = echo.get(r.index, "")
         lp = completion_logprobs(texts, r.token_ids, r.logprobs, r.top_logprobs, len(prefix))[0] if want_lp else None
+        if lp is not None and body.echo:
+            block = prompt_logprobs_block(texts, prompts[r.index], r.prompt_logprobs, r.prompt_top_logprobs,
+                                          bool(body.logprobs))
+            lp = join_logprobs(block, lp) if r.token_ids else block
         choices.append(_choice(r.index, prefix + r.text, lp, r.finish_reason, r.matched))
     prompt_tokens = sum(len(s.prompt_ids) for s in subs if s.index % body.n == 0)
     out = dict(head, choices=choices, usage=usage(prompt_tokens, sum(r.completion_tokens for r in results),
@@ -105,15 +130,22 @@ async def completions(request: Request) -> Response:
 
 
 async def _stream(state: ServerState, subs: list[SubRequest], n: int, head: dict[str, Any], echo: dict[int, str],
-                  texts: TokenTexts, want_lp: bool, inc_usage: bool) -> AsyncIterator[bytes]:
+                  texts: TokenTexts, want_lp: bool, inc_usage: bool, top_wanted: bool) -> AsyncIterator[bytes]:
     extra = {"usage": None} if inc_usage else {}
     offsets = {s.index: len(echo.get(s.index, "")) for s in subs}
+    prompts = {s.index: s.prompt_ids for s in subs}
+    held = dict(echo) if want_lp else {}  # echo + logprobs: the echo frame carries the prompt's, once scored
     for index, prefix in sorted(echo.items()):
-        yield frame(dict(head, choices=[_choice(index, prefix, None, None, None)], **extra))
+        if index not in held:
+            yield frame(dict(head, choices=[_choice(index, prefix, None, None, None)], **extra))
     completion_tokens = cached = 0
     it = merge(state, subs)
     async with contextlib.aclosing(it):
         async for d in it:
+            if d.index in held:
+                block = prompt_logprobs_block(texts, prompts[d.index], d.prompt_logprobs, d.prompt_top_logprobs,
+                                              top_wanted)
+                yield frame(dict(head, choices=[_choice(d.index, held.pop(d.index), block, None, None)], **extra))
             lp = None
             if want_lp and d.token_ids:
                 lp, offsets[d.index] = completion_logprobs(texts, d.token_ids, d.logprobs, d.top_logprobs,

@@ -49,7 +49,36 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}",
                        code="invalid_json")
-    return data
+    return drop_nulls(data)
+
+
+def drop_nulls(data: dict[str, Any]) -> dict[str, Any]:
+    """Explicit JSON nulls mean "absent" (OpenAI allows them; SDKs and proxies send them)."""
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    """An unknown model name is a 404 (as OpenAI and vLLM answer), never silently served."""
+    if model is not None and model not in state.model_names:
+        raise APIError(404, f"The model `{model}` does not exist; this server serves "
+                       f"{', '.join(repr(n) for n in state.model_names[:3])}", param="model",
+                       code="model_not_found")
+
+
+def logit_bias(state: ServerState, bias: dict[str, float] | None, param: str = "logit_bias") -> dict[int, float] | None:
+    """OpenAI's logit_bias (token id strings -> bias in [-100, 100]) as engine ids."""
+    if not bias:
+        return None
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            tid = int(key)
+        except ValueError:
+            raise bad_request(f"{param} keys must be token ids, got {key!r}", param=param) from None
+        if not 0 <= tid < state.vocab_size:
+            raise bad_request(f"{param} token id {tid} is out of vocabulary", param=param)
+        out[tid] = float(value)
+    return out
 
 
 def check_int(value: int | None, name: str, lo: int, hi: int) -> None:
@@ -111,7 +140,7 @@ def check_n(state: ServerState, n: int, param: str = "n") -> None:
 def make_params(state: ServerState, prefix: str = "", **fields: Any) -> SamplingParams:
     """SamplingParams from the given fields (None means the default), validated → 400 whose
     `param` is the field name, after `prefix` (e.g. "sampling_params.")."""
-    clean = {k: v for k, v in fields.items() if v is not None}
+    clean = {**state.sampling_defaults, **{k: v for k, v in fields.items() if v is not None}}
     for name in ("top_k", "min_new_tokens", "top_logprobs"):
         if name in clean:
             label = prefix + (name if prefix else {"min_new_tokens": "min_tokens"}.get(name, name))
@@ -119,6 +148,8 @@ def make_params(state: ServerState, prefix: str = "", **fields: Any) -> Sampling
     if "seed" in clean:
         check_int(clean["seed"], prefix + "seed", -SEED_LIMIT, SEED_LIMIT)
         clean["seed"] = clean["seed"] & SEED_LIMIT  # torch seeds are non-negative
+    if "logit_bias" in clean:
+        clean["logit_bias"] = logit_bias(state, clean["logit_bias"], prefix + "logit_bias")
     try:
         params = SamplingParams(**clean)
         params.validate(state.config.engine.max_top_logprobs)
@@ -143,19 +174,50 @@ def with_seed(params: SamplingParams, offset: int) -> SamplingParams:
     return msgspec.structs.replace(params, seed=(params.seed + offset) & SEED_LIMIT)
 
 
-def pd_bootstrap(state: ServerState, body: Any, num_subs: int) -> Bootstrap | None:
-    """The PD bootstrap of a request, or None to serve it locally.
+_ROOM_STEP = 0x9E3779B97F4A7C15  # odd (golden ratio): rooms derived for the n copies of a prompt never repeat
+
+
+def _per_sequence(value: Any, name: str, num_prompts: int, n: int) -> list[Any]:
+    """One value per sequence (index p * n + j) from a scalar, a list per sequence, or a list
+    per prompt (then shared by its n copies)."""
+    total = num_prompts * n
+    if not isinstance(value, list):
+        return [value] * total
+    if len(value) == total:
+        return list(value)
+    if len(value) == num_prompts:
+        return [v for v in value for _ in range(n)]
+    raise bad_request(f"{name} lists {len(value)} values; the request has {total} sequences "
+                      f"({num_prompts} prompts x n = {n})", param=name)
+
+
+def pd_bootstrap(state: ServerState, body: Any, num_prompts: int, n: int) -> list[Bootstrap] | None:
+    """The PD bootstrap of each sequence (index prompt * n + choice), or None to serve locally.
 
     A unified server ignores the fields (as a decode server does for requests without them:
-    prefill on decode). In a PD server they must come together, for one sequence."""
+    prefill on decode). In a PD server they come together, each a scalar or a list (one per
+    sequence, SGLang's batched form). Every sequence needs its own room: where a room is given
+    once for several sequences (a scalar room, or one per prompt with n > 1), choice j > 0 of a
+    prompt gets `room + j * _ROOM_STEP` (mod 2**63); prefill and decode get the same body, so
+    both derive the same rooms."""
     fields = (body.bootstrap_host, body.bootstrap_port, body.bootstrap_room)
     if state.config.disagg.mode == "null" or all(f is None for f in fields):
         return None
     if any(f is None for f in fields):
         raise bad_request("bootstrap_host, bootstrap_port and bootstrap_room must be given together",
                           param="bootstrap_room")
-    check_int(body.bootstrap_port, "bootstrap_port", 1, 65535)
-    check_int(body.bootstrap_room, "bootstrap_room", 0, 2**63 - 1)
-    if num_subs != 1:
-        raise bad_request("a disaggregated request carries one sequence (n = 1, one prompt)", param="n")
-    return Bootstrap(host=body.bootstrap_host, port=body.bootstrap_port, room=body.bootstrap_room)
+    hosts = _per_sequence(body.bootstrap_host, "bootstrap_host", num_prompts, n)
+    ports = _per_sequence(body.bootstrap_port, "bootstrap_port", num_prompts, n)
+    given = _per_sequence(body.bootstrap_room, "bootstrap_room", num_prompts, n)
+    per_seq = isinstance(body.bootstrap_room, list) and len(body.bootstrap_room) == num_prompts * n
+    out = []
+    for k, (host, port, room) in enumerate(zip(hosts, ports, given)):
+        check_int(port, "bootstrap_port", 1, 65535)
+        check_int(room, "bootstrap_room", 0, SEED_LIMIT)
+        if not host:
+            raise bad_request("bootstrap_host must be non-empty", param="bootstrap_host")
+        j = 0 if per_seq else (k % n if isinstance(body.bootstrap_room, list) else k)
+        out.append(Bootstrap(host=host, port=port, room=(room + j * _ROOM_STEP) & SEED_LIMIT))
+    if len({b.room for b in out}) != len(out):
+        raise bad_request("bootstrap_room: every sequence needs its own room", param="bootstrap_room")
+    return out

@@ -27,11 +27,13 @@ class StreamOptions(_Model):
 
 
 class _BootstrapFields(_Model):
-    """PD fields a router adds (SGLang's names): where the prefill's bootstrap server is."""
+    """PD fields a router adds (SGLang's names): where the prefill's bootstrap server is.
+    A scalar, or a list with one entry per sequence (SGLang's batched form for n > 1 and
+    prompt lists); `params.pd_bootstrap` pairs them with the sequences."""
 
-    bootstrap_host: str | None = None
-    bootstrap_port: int | None = None
-    bootstrap_room: int | None = None
+    bootstrap_host: Union[str, list[str], None] = None
+    bootstrap_port: Union[int, list[int], None] = None
+    bootstrap_room: Union[int, list[int], None] = None
 
 
 class _SamplingFields(_BootstrapFields):
@@ -57,6 +59,7 @@ class _SamplingFields(_BootstrapFields):
     include_stop_str_in_output: bool = False
     no_stop_trim: bool = False
     user: str | None = None
+    logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -98,11 +101,12 @@ class NativeSamplingParams(_Model):
 
     max_new_tokens: int | None = None
     min_new_tokens: int = 0
-    temperature: float = Field(default=1.0, allow_inf_nan=False)
-    top_p: float = Field(default=1.0, allow_inf_nan=False)
-    top_k: int = -1
-    min_p: float = Field(default=0.0, allow_inf_nan=False)
-    repetition_penalty: float = Field(default=1.0, allow_inf_nan=False)
+    # None: the model's default (generation_config.json), else SamplingParams'
+    temperature: float | None = Field(default=None, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, allow_inf_nan=False)
+    top_k: int | None = None
+    min_p: float | None = Field(default=None, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(default=None, allow_inf_nan=False)
     frequency_penalty: float = Field(default=0.0, allow_inf_nan=False)
     presence_penalty: float = Field(default=0.0, allow_inf_nan=False)
     stop: Stop = None
@@ -112,6 +116,7 @@ class NativeSamplingParams(_Model):
     no_stop_trim: bool = False
     seed: int | None = Field(default=None, validation_alias=AliasChoices("seed", "sampling_seed"))
     n: int = 1
+    logit_bias: dict[str, float] | None = None
 
 
 class GenerateRequest(_BootstrapFields):
@@ -122,6 +127,7 @@ class GenerateRequest(_BootstrapFields):
     sampling_params: dict[str, Any] | None = None
     stream: bool = False
     return_logprob: bool = False
+    logprob_start_len: int = -1  # >= 0: input_token_logprobs from this prompt position (-1: none)
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     rid: Union[str, list[str], None] = None

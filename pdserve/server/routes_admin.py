@@ -128,12 +128,16 @@ async def model_info(request: Request) -> Response:
     })
 
 
+def model_card(state: ServerState, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(state.started), "owned_by": "pdserve",
+            "root": state.info.model_path, "parent": None, "max_model_len": state.max_model_len}
+
+
 @router.get("/v1/models")
 async def models(request: Request) -> Response:
     state = get_state(request)
-    card = {"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "pdserve",
-            "root": state.info.model_path, "parent": None, "max_model_len": state.max_model_len}
-    return _json({"object": "list", "data": [card]})
+    names = [state.model_name, *state.config.served_model_aliases]
+    return _json({"object": "list", "data": [model_card(state, n) for n in names]})
 
 
 async def _load(state: ServerState) -> dict[str, Any]:

@@ -39,8 +39,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every route but /health and /metrics "
                         f"(default: ${API_KEY_ENV}, else none)")
-    g.add_argument("--served-model-name", default=None,
-                   help="model name shown by /v1/models (default: 'default' or the model folder's name)")
+    g.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) requests may use; the first is shown by /v1/models, others answer 404 "
+                        "(default: 'default' or the model folder's name)")
+    g.add_argument("--generation-config", default="auto",
+                   help="sampling defaults: 'auto' (the model's generation_config.json), 'none', or a folder "
+                        "(default auto)")
     g.add_argument("--max-body-mb", type=positive_float, default=d.max_body_bytes / 2**20,
                    help=f"request body cap in MiB; larger bodies get 413 (default {d.max_body_bytes / 2**20:g})")
     g.add_argument("--max-n", type=positive_int, default=d.max_n, help=f"cap on n (default {d.max_n})")
@@ -91,7 +95,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         bootstrap_host=args.disaggregation_bootstrap_host or args.host, ib_device=args.disaggregation_ib_device)
     return ServerConfig(
         engine=engine_config_from_args(args), disagg=disagg, host=args.host, port=args.port, api_key=api_key,
-        served_model_name=args.served_model_name, max_body_bytes=int(args.max_body_mb * 2**20),
+        served_model_name=args.served_model_name[0] if args.served_model_name else None,
+        served_model_aliases=tuple(args.served_model_name[1:]) if args.served_model_name else (),
+        generation_config=args.generation_config, max_body_bytes=int(args.max_body_mb * 2**20),
         max_n=args.max_n, max_prompts=args.max_prompts, max_tokens_cap=args.max_tokens_cap,
         engine_start_timeout_s=args.engine_start_timeout, shutdown_timeout_s=args.shutdown_timeout,
         log_level=args.log_level, access_log=args.access_log, log_requests=args.log_requests,

@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastapi import Request
 
 from pdserve.engine.messages import EngineReady
+from pdserve.model.config import sampling_defaults
 from pdserve.model.tokenizer import Tokenizer
 from pdserve.server.config import ServerConfig
 from pdserve.server.engine_client import EngineClient
@@ -29,6 +31,8 @@ class ServerState:
     tokenizer: Tokenizer
     metrics: ServerMetrics
     model_name: str
+    model_names: tuple[str, ...] = ()  # every name a request's `model` may use (404 otherwise)
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
     started: float = field(default_factory=time.time)
 
     @property
@@ -48,8 +52,13 @@ class ServerState:
     def create(cls, config: ServerConfig, client: EngineClient, info: EngineReady) -> "ServerState":
         tokenizer = Tokenizer(info.tokenizer_path or info.model_path, config.engine.chat_template)
         name = config.served_model_name or model_display_name(config.engine.model, info.model_path)
+        names = (name, *config.served_model_aliases)
+        if not config.served_model_name:  # no explicit names: the --model argument is one too
+            names += (config.engine.model, info.model_path)
+        gen = {"auto": info.model_path, "none": None}.get(config.generation_config, config.generation_config)
         return cls(config=config, client=client, info=info, tokenizer=tokenizer,
-                   metrics=ServerMetrics(name, config.metrics_prefix, config.log_requests), model_name=name)
+                   metrics=ServerMetrics(name, config.metrics_prefix, config.log_requests), model_name=name,
+                   model_names=tuple(dict.fromkeys(names)), sampling_defaults=sampling_defaults(gen) if gen else {})
 
 
 def model_display_name(model_arg: str, model_path: str) -> str:

@@ -131,3 +131,41 @@ def test_decode_kv_bytes_equal_prefill_pages(tiny_model_dir: Path) -> None:
     finally:
         pre.close()
         dec.close()
+
+
+def test_n_copies_share_prefill_pages_and_seeded_pd_equals_unified(tiny_model_dir: Path) -> None:
+    """n > 1 in PD: one room per copy; the prefill computes each prompt once (copies wait for the
+    leader's pages, then compute the last partial page) and every seeded sampled stream equals
+    the unified engine's token for token (the decode skips the draw the prefill made)."""
+    base = DisaggConfig(backend="tcp", bootstrap_port=0, heartbeat_interval=0.5)
+    uni = Engine(engine_cfg(tiny_model_dir))
+    pre = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**base.__dict__, "mode": "prefill"}))
+    dec = Engine(engine_cfg(tiny_model_dir, num_pages=150), DisaggConfig(**{**base.__dict__, "mode": "decode"}))
+    n, ps = 4, [p + [7] * 20 for p in prompts(2, seed=5)]  # >= 23 tokens: several full pages to share
+    try:
+        port = pre.stage.bootstrap_server.port
+        subs = [(f"{i}-{j}", p, SamplingParams(max_new_tokens=6, temperature=0.9, seed=11 + j, ignore_eos=True))
+                for i, p in enumerate(ps) for j in range(n)]
+        for rid, p, sp in subs:
+            lead = None if rid.endswith("-0") else rid.split("-")[0] + "-0"
+            uni.add_request(GenerateReq(f"u{rid}", p, sp, share_prompt_with=lead and f"u{lead}"))
+        ref = run_until_done([uni], {f"u{rid}" for rid, _, _ in subs})
+        for k, (rid, p, sp) in enumerate(subs):
+            lead = None if rid.endswith("-0") else rid.split("-")[0] + "-0"
+            boot = Bootstrap("127.0.0.1", port, room=5000 + k)
+            pre.add_request(GenerateReq(f"p{rid}", p, sp, bootstrap=boot, share_prompt_with=lead and f"p{lead}"))
+            dec.add_request(GenerateReq(f"d{rid}", p, sp, bootstrap=boot))
+        got = run_until_done([pre, dec], {f"{s}{rid}" for rid, _, _ in subs for s in "pd"})
+        for rid, _, _ in subs:
+            assert [o.error for o in got[f"d{rid}"]] == [None] * len(got[f"d{rid}"])
+            assert tokens(got[f"d{rid}"]) == tokens(ref[f"u{rid}"]), rid
+        streams = {tuple(tokens(ref[f"u{rid}"])) for rid, _, _ in subs}
+        assert len(streams) > len(ps)  # the seeds make the copies differ: a real sampled comparison
+        # each prompt computed once; each other copy at most one page (plus its last token)
+        assert pre.num_forward_tokens <= sum(len(p) for p in ps) + len(ps) * (n - 1) * 4
+        assert uni.num_forward_tokens <= sum(len(p) + 6 for p in ps) * n - sum(len(p) - 4 for p in ps) * (n - 1)
+        for e in (uni, pre, dec):
+            e.check_integrity()
+    finally:
+        pre.close()
+        dec.close()

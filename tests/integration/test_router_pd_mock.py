@@ -168,3 +168,17 @@ def test_pd_readiness_needs_a_prefill_and_a_decode() -> None:
     finally:
         p.kill()
         d.kill()
+
+
+def test_client_400_is_relayed_and_not_a_failed_leg(pd: tuple[MockWorker, MockWorker]) -> None:
+    p, d = pd
+    p.configure(fail_status=400)
+    d.configure(fail_status=400)
+    with EmbeddedRouter(pd_cfg([(p, 1)], [d])) as r:
+        resp = httpx.post(r.url + "/v1/completions", json={"prompt": ["a", "b"], "n": 2}, timeout=20)
+        assert resp.status_code == 400, resp.text
+        assert d.counts()["received"] == 1  # a client's error is not retried on a new pair
+        wait_until(lambda: len(p.generation_records()) == 1, 10, "the prefill leg")
+        assert len(d.generation_records()[0].body["bootstrap_room"]) == 4  # one room per sequence
+        metrics = httpx.get(r.url + "/metrics").text
+        assert "pdserve_router_pd_transfer_failures_total{" not in metrics  # no leg counted as failed

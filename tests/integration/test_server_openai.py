@@ -163,7 +163,7 @@ def test_logprobs(client: openai.OpenAI) -> None:
 def test_models_and_unknown_fields(client: openai.OpenAI, base_url: str) -> None:
     models = client.models.list()
     assert len(models.data) == 1 and models.data[0].id == "default"
-    resp = client.completions.create(model="whatever", prompt="Hello", max_tokens=2, temperature=0,
+    resp = client.completions.create(model="default", prompt="Hello", max_tokens=2, temperature=0,
                                      extra_body={"bootstrap_host": "x", "bootstrap_room": 123, "no_such_field": [1]})
     assert resp.choices[0].finish_reason == "length"
     wait_idle(base_url)

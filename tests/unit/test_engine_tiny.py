@@ -143,3 +143,39 @@ def test_abort_returns_pages(tiny_llm: LLM) -> None:
 
 def test_threads_are_set() -> None:
     assert torch.get_num_threads() >= 1
+
+
+def test_llm_chat_renders_the_template_and_takes_vllm_names(tiny_llm: LLM) -> None:
+    msgs = [{"role": "user", "content": "Hello there"}]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    (out,) = tiny_llm.chat(msgs, params, use_tqdm=False)
+    ids = tiny_llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+    assert out.prompt_ids == ids and len(out.output_ids) == 5
+    assert out.output_ids == tiny_llm.generate([ids], params, use_tqdm=False)[0].output_ids
+    both = tiny_llm.chat([msgs, [{"role": "user", "content": "Bye"}]], params, use_tqdm=False)
+    assert [o.prompt_ids == ids for o in both] == [True, False]
+
+
+def test_prompt_logprobs_equal_hf_despite_prefix_cache_and_chunks(tiny_model_dir: Path) -> None:
+    from tests.hf_reference import hf_model
+
+    llm = LLM(str(tiny_model_dir), num_pages=128, page_size=4, chunk_budget=7, threads=1)
+    prompt = random_prompts(1, 30, 30, seed=9)[0]
+    llm.generate([prompt], GREEDY, use_tqdm=False)  # its pages are cached now: scoring must recompute them
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf_model(tiny_model_dir)(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    for start, max_new in ((0, 0), (5, 2)):
+        params = SamplingParams(max_new_tokens=max_new, temperature=0.0, ignore_eos=True, top_logprobs=2)
+        llm.engine.add_request(GenerateReq(f"score-{start}", prompt, params, return_prompt_logprobs=True,
+                                           prompt_logprobs_from=start))
+        outs = []
+        while not outs or not outs[-1].finished:
+            outs += [o for o in llm.engine.step() if o.rid == f"score-{start}"]
+        got = [o for o in outs if o.prompt_logprobs is not None]
+        assert len(got) == 1 and sum(len(o.token_ids) for o in outs) == max_new
+        lps, tops = got[0].prompt_logprobs, got[0].prompt_top_logprobs
+        assert len(lps) == len(prompt) - start and (lps[0] is None) == (start == 0)
+        want = [float(ref[i - 1, prompt[i]]) for i in range(max(start, 1), len(prompt))]
+        assert max(abs(a - b) for a, b in zip(lps[1 if start == 0 else 0:], want)) < 1e-4
+        assert tops is not None and [t.token_id for t in tops[-1]] == ref[len(prompt) - 2].topk(2).indices.tolist()
+    llm.engine.check_integrity()

@@ -10,7 +10,8 @@ from pdserve.router.config import CircuitConfig, WorkerSpec
 from pdserve.router.http.parser import (CHUNKED, FIXED, NO_BODY, UNTIL_CLOSE, ChunkedDecoder, ParseError,
                                         body_framing, parse_head, parse_headers, parse_request_line,
                                         parse_status_line)
-from pdserve.router.pd import SSEMerger, batch_size, inject_bootstrap, merge_body, prefill_metas
+from pdserve.router.pd import batch_size, inject_bootstrap
+from pdserve.router.prompt_logprobs import SSEMerger, merge_body, prefill_metas
 from pdserve.router.request import RouterError, pick_request_id, routing_text
 from pdserve.router.workers import Worker
 
@@ -100,6 +101,9 @@ def test_bootstrap_injection_single_and_batch() -> None:
     assert batch_size({"text": ["a", "b"]}) == 2 and batch_size({"prompt": [1, 2, 3]}) is None
     assert batch_size({"prompt": ["a"]}) == 1 and batch_size({"input_ids": [[1], [2]]}) == 2
     assert batch_size({"messages": [], "n": 3}) == 3 and batch_size({"text": "x", "n": 1}) is None
+    # one room per sequence: prompts x n (n of /generate lives in its sampling_params)
+    assert batch_size({"prompt": ["a", "b", "c"], "n": 2}) == 6 and batch_size({"prompt": "a", "n": 4}) == 4
+    assert batch_size({"text": ["a", "b"], "sampling_params": {"n": 3}}) == 6
     with pytest.raises(RouterError):
         batch_size({"text": []})
 

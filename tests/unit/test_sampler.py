@@ -318,3 +318,50 @@ def test_seeded_token_independent_of_truncation_path() -> None:
             res = sampler.sample(batch, extra + [row(p, seed=seed)])
             toks.add(res.token_ids[-1])
         assert len(toks) == 1, (seed, toks)
+
+
+def test_logit_bias_forces_and_bans_tokens() -> None:
+    sampler = Sampler(8, torch.device("cpu"))
+    logits = torch.tensor([[5.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]] * 3)
+    force = SamplingParams(temperature=0.0, logit_bias={6: 100.0})
+    ban = SamplingParams(temperature=0.0, logit_bias={0: -100.0})
+    sampled = SamplingParams(temperature=1.0, logit_bias={3: 100.0}, logprobs=True)
+    res = sampler.sample(logits.clone(), [row(force), row(ban), row(sampled, seed=1)])
+    assert res.token_ids == [6, 1, 3]
+    assert res.logprobs is not None and res.logprobs[2] == pytest.approx(torch.log_softmax(logits[2], -1)[3].item())
+    out = process_logits(logits, [row(force), row(GREEDY), row(ban)])
+    assert out[0, 6].item() == 100.0 and out[1].tolist() == logits[1].tolist() and out[2, 0].item() == -95.0
+
+
+def test_skip_draw_consumes_exactly_one_sampled_draw() -> None:
+    from pdserve.engine.sampler import skip_draw
+
+    sampler = Sampler(8, torch.device("cpu"))
+    logits = torch.randn(1, 8)
+    p = SamplingParams(temperature=0.9, seed=3)
+    g_uni = torch.Generator().manual_seed(3)
+    first, second = (sampler.sample(logits.clone(), [SampleRow(p, g_uni, [1], [])]).token_ids[0] for _ in range(2))
+    g_dec = torch.Generator().manual_seed(3)
+    skip_draw(p, g_dec, 8)  # the decode got `first` from the prefill
+    assert sampler.sample(logits.clone(), [SampleRow(p, g_dec, [1], [])]).token_ids[0] == second
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    skip_draw(GREEDY, g, 8)  # greedy rows draw nothing
+    assert torch.equal(g.get_state(), state)
+
+
+def test_sampling_params_accepts_vllm_names() -> None:
+    p = SamplingParams(max_tokens=5, min_tokens=2, logprobs=3, temperature=0.0)
+    assert (p.max_new_tokens, p.min_new_tokens, p.logprobs, p.top_logprobs) == (5, 2, True, 3)
+    assert p.max_tokens is None and p.min_tokens is None
+    import msgspec
+
+    again = msgspec.msgpack.decode(msgspec.msgpack.encode(p), type=SamplingParams)
+    assert again == p and msgspec.structs.replace(p, seed=1).max_new_tokens == 5
+    assert SamplingParams(logprobs=True).top_logprobs == 0 and SamplingParams(logprobs=None).logprobs is False
+    from pdserve.engine.sampling_params import SamplingError
+
+    with pytest.raises(SamplingError, match="n = 2"):
+        SamplingParams(n=2).validate()
+    with pytest.raises(SamplingError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 101.0}).validate()

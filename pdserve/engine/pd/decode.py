@@ -3,7 +3,8 @@
     add ──▶ prealloc queue ── pages for the prompt fit (with decode headroom) ──▶ reserve them,
             receiver.init(pages) tells the prefill rank where to write ──▶ transfer queue
             ── receiver Success, record.room == room ──▶ commit the first token without a
-               forward (num_computed = prompt_len), join the running batch, decode, stream
+               forward (num_computed = prompt_len; a seeded generator skips the draw the
+               prefill made for it), join the running batch, decode, stream
             └─ Failed / timeout / wrong record ──▶ answer: error; pages back to the pool
 A reserved page returns to the pool only once the receiver is terminal (Success or Failed):
 a write into it may otherwise still land. Aborts wait for that too.
@@ -24,6 +25,7 @@ from pdserve.engine.messages import Bootstrap, TopLogprob, TransferStats
 from pdserve.engine.pd.stage import Finished, StagePoll
 from pdserve.engine.pd.state import DecodeTransfer
 from pdserve.engine.request import Request
+from pdserve.engine.sampler import skip_draw
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.stop import StopChecker
 
@@ -141,10 +143,12 @@ class DecodeStage:
         """The prompt's KV is in place: take the first token as if this engine sampled it."""
         req.transfer = None
         req.num_computed = req.prompt_len
+        req.prompt_lp = req.prompt_top = None  # the prefill scored the prompt; the router merges its answer
         req.admitted = True
         req.cached_tokens = rec.cached_tokens
         req.tokens.append(rec.first_token)
         req.new_ids.append(rec.first_token)
+        skip_draw(req.params, req.generator, self.vocab_size)  # the prefill drew for this token
         if rec.logprob is not None:
             req.new_logprobs.append(rec.logprob)
         if rec.top_logprobs is not None:
