@@ -77,7 +77,7 @@ class Engine:
             gen = torch.Generator(device=self.device).manual_seed(req.params.seed)
         self._arrivals += 1
         r = Request(rid=req.rid, prompt_len=len(req.input_ids), params=req.params,
-                    tokens=list(req.input_ids), arrival=self._arrivals, generator=gen)
+                    tokens=[*req.input_ids, *req.output_ids], arrival=self._arrivals, generator=gen)
         if req.bootstrap is not None:
             self.stage.add(r, req.bootstrap)  # may refuse it (its room is taken): register it only after
         else:

@@ -25,6 +25,7 @@ class GenerateReq(msgspec.Struct, frozen=True, tag=True):
     params: SamplingParams
     return_prompt_logprobs: bool = False
     bootstrap: Bootstrap | None = None  # set: a PD request (prefill or decode side)
+    output_ids: list[int] = []  # already generated (a migrated stream): counted as output, not re-sent
 
 
 class AbortReq(msgspec.Struct, frozen=True, tag=True):
@@ -68,6 +69,7 @@ class TransferStats(msgspec.Struct):
     failed: int = 0
     bytes: int = 0  # KV bytes of successful rooms
     latency_sum_s: float = 0.0  # successful rooms: sender created / receiver init -> Success
+    recomputed: int = 0  # decode: failed rooms whose prompt the decode ran itself (policy recompute)
 
     def record(self, ok: bool, num_bytes: int, seconds: float) -> None:
         if ok:

@@ -45,6 +45,8 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--request-timeout-secs", type=float, default=lim.request_timeout_s)
     g.add_argument("--worker-connect-timeout-secs", type=float, default=lim.connect_timeout_s)
     g = p.add_argument_group("retries and circuit breaker")
+    g.add_argument("--migration-limit", type=int, default=3,
+                   help="times a stream whose worker dies mid-way continues on another worker (0: never)")
     g.add_argument("--retry-max-retries", type=int, default=ret.max_attempts, help="total tries per request")
     g.add_argument("--retry-initial-backoff-ms", type=float, default=ret.initial_backoff_s * 1000)
     g.add_argument("--retry-max-backoff-ms", type=float, default=ret.max_backoff_s * 1000)
@@ -113,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
                             args.max_payload_size, args.request_timeout_secs, args.worker_connect_timeout_secs),
         api_key=api_key, worker_api_key=args.worker_api_key,
         request_id_headers=tuple(h.lower() for h in args.request_id_headers), log_level=args.log_level,
-        shutdown_timeout_s=args.shutdown_grace_period_secs)
+        shutdown_timeout_s=args.shutdown_grace_period_secs, migration_limit=args.migration_limit)
 
 
 def add_router_parser(subparsers: Any) -> argparse.ArgumentParser:

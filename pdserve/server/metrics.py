@@ -3,21 +3,57 @@
 Created with the app; request handlers report through `RequestTimer` (one per engine request:
 first token → TTFT, each later token → ITL, finish → E2E, token counters, finish reasons);
 `/metrics` refreshes the engine gauges from `/get_load` data and renders the text format.
+The engine's cumulative PD transfer figures are exported as counters (`TransferCounters`
+yields the last snapshot as counter families, so `rate()` works on them).
 """
 
 from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from collections.abc import Iterator
 
-from pdserve.engine.messages import LoadInfo
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from pdserve.engine.messages import LoadInfo, TransferStats
 
 disable_created_metrics()  # no `*_created` series: they double the scrape for no use here
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
                     2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class TransferCounters:
+    """A collector over the engine's cumulative TransferStats (the engine owns the counting)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.stats: TransferStats | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        x = self.stats
+        if x is None:
+            return
+        m = [self.model_name]
+        rooms = CounterMetricFamily("pdserve:kv_transfers", "PD KV transfers ended, by result",
+                                    labels=["model_name", "result"])
+        rooms.add_metric(m + ["success"], x.success)
+        rooms.add_metric(m + ["failed"], x.failed)
+        yield rooms
+        nbytes = CounterMetricFamily("pdserve:kv_transfer_bytes", "KV bytes moved by successful PD transfers",
+                                     labels=["model_name"])
+        nbytes.add_metric(m, x.bytes)
+        yield nbytes
+        secs = CounterMetricFamily("pdserve:kv_transfer_seconds", "Sum of room start -> transfer success times",
+                                   labels=["model_name"])
+        secs.add_metric(m, x.latency_sum_s)
+        yield secs
+        rec = CounterMetricFamily("pdserve:kv_transfer_recomputed", "Failed transfers the decode recomputed",
+                                  labels=["model_name"])
+        rec.add_metric(m, x.recomputed)
+        yield rec
 
 
 class ServerMetrics:
@@ -48,10 +84,8 @@ class ServerMetrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self._e2e = Histogram("pdserve:e2e_request_latency_seconds", "End-to-end request latency", labels,
                               buckets=_E2E_BUCKETS, registry=r)
-        self._xfer = Gauge("pdserve:kv_transfers", "PD KV transfers ended (cumulative), by result",
-                           labels + ["result"], registry=r)
-        self._xfer_bytes = Gauge("pdserve:kv_transfer_bytes", "KV bytes moved by successful PD transfers "
-                                 "(cumulative)", labels, registry=r)
+        self._xfer = TransferCounters(model_name)
+        r.register(self._xfer)
         self._xfer_latency = Gauge("pdserve:kv_transfer_latency_seconds_mean",
                                    "Mean time from room start to transfer success", labels, registry=r)
         self.model_name = model_name
@@ -71,9 +105,7 @@ class ServerMetrics:
         self._in_flight.labels(m).set(in_flight)
         x = load.transfer
         if x is not None:
-            self._xfer.labels(m, "success").set(x.success)
-            self._xfer.labels(m, "failed").set(x.failed)
-            self._xfer_bytes.labels(m).set(x.bytes)
+            self._xfer.stats = x
             self._xfer_latency.labels(m).set(x.latency_sum_s / x.success if x.success else 0.0)
 
     def render(self) -> bytes:

@@ -28,10 +28,11 @@ from pdserve.server.params import (
     decode_json_object,
     off_loop,
     resolve_max_tokens,
+    resume_ids,
     with_seed,
 )
 from pdserve.server.protocol import ChatCompletionRequest
-from pdserve.server.sse import SSEResponse, frame
+from pdserve.server.sse import SSEResponse, frame, with_ids
 from pdserve.server.state import ServerState, get_state
 
 router = APIRouter()
@@ -40,6 +41,8 @@ _RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "tokenize", "add_genera
                              "documents", "continue_final_message", "return_tensors", "return_dict",
                              "chat_template", "tokenizer_kwargs", "padding", "truncation", "max_length"}
 _ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
+# OpenAI requires `content` for these roles (an assistant turn may carry only tool calls).
+_CONTENT_REQUIRED = {"system", "user", "tool", "developer"}
 
 
 def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -49,6 +52,9 @@ def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     for i, m in enumerate(body.messages):
         if m.role not in _ROLES:
             raise bad_request(f"messages[{i}].role {m.role!r} is not one of {sorted(_ROLES)}", param=f"messages.{i}.role")
+        if m.content is None and m.role in _CONTENT_REQUIRED:
+            raise bad_request(f"messages[{i}].content is required for a {m.role!r} message",
+                              param=f"messages.{i}.content")
         if isinstance(m.content, list):
             parts = []
             for j, part in enumerate(m.content):
@@ -100,7 +106,8 @@ async def _build(state: ServerState, body: ChatCompletionRequest, rid: str) -> l
     params = openai_params(state, body, max_new, body.logprobs, top or 0)
     include_stop = body.include_stop_str_in_output or body.no_stop_trim
     boot = pd_bootstrap(state, body, body.n)
-    return [SubRequest(k, sub_rid(rid, k, body.n), ids, with_seed(params, k), include_stop, boot)
+    resume = resume_ids(state, body, body.n, max_new)
+    return [SubRequest(k, sub_rid(rid, k, body.n), ids, with_seed(params, k), include_stop, boot, resume)
             for k in range(body.n)]
 
 
@@ -115,7 +122,7 @@ async def chat_completions(request: Request) -> Response:
     texts = TokenTexts(state)
     if body.stream:
         inc_usage = body.stream_options is not None and body.stream_options.include_usage
-        return SSEResponse(_stream(state, subs, head, texts, body.logprobs, inc_usage))
+        return SSEResponse(_stream(state, subs, head, texts, body.logprobs, inc_usage, body.pdserve_stream_ids))
     results = await until_disconnect(request, collect(state, subs))
     choices = [{
         "index": r.index,
@@ -130,7 +137,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _stream(state: ServerState, subs: list[SubRequest], head: dict[str, Any], texts: TokenTexts,
-                  want_lp: bool, inc_usage: bool) -> AsyncIterator[bytes]:
+                  want_lp: bool, inc_usage: bool, want_ids: bool = False) -> AsyncIterator[bytes]:
     base = dict(head, object="chat.completion.chunk")
     extra = {"usage": None} if inc_usage else {}
 
@@ -142,14 +149,16 @@ async def _stream(state: ServerState, subs: list[SubRequest], head: dict[str, An
         return frame(dict(base, choices=[choice], **extra))
 
     for s in subs:
-        yield chunk(s.index, {"role": "assistant", "content": ""})
+        if not s.resume_ids:  # a resumed stream had its role delta from its first server
+            yield chunk(s.index, {"role": "assistant", "content": ""})
     completion_tokens = cached = 0
     it = merge(state, subs)
     async with contextlib.aclosing(it):
         async for d in it:
             lp = chat_logprobs(texts, d.token_ids, d.logprobs, d.top_logprobs) if want_lp and d.token_ids else None
-            if d.text or lp is not None:
-                yield chunk(d.index, {"content": d.text}, lp=lp)
+            shown = chunk(d.index, {"content": d.text}, lp=lp) if d.text or lp is not None else None
+            if shown is not None or (want_ids and d.token_ids):
+                yield with_ids(want_ids, d.token_ids, shown)
             if d.finish_reason is not None:
                 yield chunk(d.index, {}, d.finish_reason, matched=d.matched)
                 completion_tokens += d.completion_tokens

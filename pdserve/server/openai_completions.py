@@ -27,10 +27,11 @@ from pdserve.server.params import (
     decode_json_object,
     encode_text,
     resolve_max_tokens,
+    resume_ids,
     with_seed,
 )
 from pdserve.server.protocol import CompletionRequest
-from pdserve.server.sse import SSEResponse, frame
+from pdserve.server.sse import SSEResponse, frame, with_ids
 from pdserve.server.state import ServerState, get_state
 
 router = APIRouter()
@@ -69,7 +70,8 @@ async def _build(state: ServerState, body: CompletionRequest, rid: str) -> list[
         params = openai_params(state, body, max_new, k is not None, k or 0)
         for j in range(body.n):
             index = p * body.n + j
-            subs.append(SubRequest(index, sub_rid(rid, index, total), ids, with_seed(params, j), include_stop, boot))
+            subs.append(SubRequest(index, sub_rid(rid, index, total), ids, with_seed(params, j), include_stop, boot,
+                                   resume_ids(state, body, total, max_new)))
     return subs
 
 
@@ -91,7 +93,8 @@ async def completions(request: Request) -> Response:
     want_lp = body.logprobs is not None
     if body.stream:
         inc_usage = body.stream_options is not None and body.stream_options.include_usage
-        return SSEResponse(_stream(state, subs, body.n, head, echo, texts, want_lp, inc_usage))
+        return SSEResponse(_stream(state, subs, body.n, head, echo, texts, want_lp, inc_usage,
+                                   body.pdserve_stream_ids))
     results = await until_disconnect(request, collect(state, subs))
     choices = []
     for r in results:
@@ -105,10 +108,12 @@ async def completions(request: Request) -> Response:
 
 
 async def _stream(state: ServerState, subs: list[SubRequest], n: int, head: dict[str, Any], echo: dict[int, str],
-                  texts: TokenTexts, want_lp: bool, inc_usage: bool) -> AsyncIterator[bytes]:
+                  texts: TokenTexts, want_lp: bool, inc_usage: bool, want_ids: bool = False) -> AsyncIterator[bytes]:
     extra = {"usage": None} if inc_usage else {}
     offsets = {s.index: len(echo.get(s.index, "")) for s in subs}
     for index, prefix in sorted(echo.items()):
+        if subs[0].resume_ids:
+            break  # a resumed stream echoed its prompt from its first server
         yield frame(dict(head, choices=[_choice(index, prefix, None, None, None)], **extra))
     completion_tokens = cached = 0
     it = merge(state, subs)
@@ -118,8 +123,10 @@ async def _stream(state: ServerState, subs: list[SubRequest], n: int, head: dict
             if want_lp and d.token_ids:
                 lp, offsets[d.index] = completion_logprobs(texts, d.token_ids, d.logprobs, d.top_logprobs,
                                                            offsets[d.index])
-            if d.text or d.finish_reason is not None or lp is not None:
-                yield frame(dict(head, choices=[_choice(d.index, d.text, lp, d.finish_reason, d.matched)], **extra))
+            shown = (frame(dict(head, choices=[_choice(d.index, d.text, lp, d.finish_reason, d.matched)], **extra))
+                     if d.text or d.finish_reason is not None or lp is not None else None)
+            if shown is not None or (want_ids and d.token_ids):
+                yield with_ids(want_ids, d.token_ids, shown)
             if d.finish_reason is not None:
                 completion_tokens += d.completion_tokens
                 cached += d.cached_tokens if d.index % n == 0 else 0

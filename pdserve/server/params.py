@@ -143,6 +143,24 @@ def with_seed(params: SamplingParams, offset: int) -> SamplingParams:
     return msgspec.structs.replace(params, seed=(params.seed + offset) & SEED_LIMIT)
 
 
+def resume_ids(state: ServerState, body: Any, num_subs: int, max_new: int) -> tuple[int, ...]:
+    """`pdserve_resume_ids` of a migrated stream (checked: one streamed sequence, ids in the
+    vocabulary, fewer than max_tokens), or () for an ordinary request."""
+    ids = body.pdserve_resume_ids
+    if not ids:
+        return ()
+    param = "pdserve_resume_ids"
+    if num_subs != 1 or not body.stream:
+        raise bad_request("a resumed stream carries one streamed sequence (n = 1, one prompt, stream)", param=param)
+    vocab = state.vocab_size
+    if not all(0 <= t < vocab for t in ids):
+        raise bad_request(f"{param}: token ids must be in 0..{vocab - 1}", param=param)
+    if len(ids) >= max_new:
+        raise bad_request(f"{param}: {len(ids)} ids leave nothing to generate under max_tokens {max_new}",
+                          param=param)
+    return tuple(ids)
+
+
 def pd_bootstrap(state: ServerState, body: Any, num_subs: int) -> Bootstrap | None:
     """The PD bootstrap of a request, or None to serve it locally.
 

@@ -27,11 +27,17 @@ class StreamOptions(_Model):
 
 
 class _BootstrapFields(_Model):
-    """PD fields a router adds (SGLang's names): where the prefill's bootstrap server is."""
+    """PD fields a router adds (SGLang's names): where the prefill's bootstrap server is; and
+    pdserve's router's stream migration fields: `pdserve_stream_ids` asks for the token ids of
+    each streamed event (as `: pdserve-ids` SSE comments, which clients ignore), and
+    `pdserve_resume_ids` continues a stream another server started: those ids were already
+    delivered, count as output, and are not sent again."""
 
     bootstrap_host: str | None = None
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
+    pdserve_stream_ids: bool = False
+    pdserve_resume_ids: list[int] | None = None
 
 
 class _SamplingFields(_BootstrapFields):

@@ -28,7 +28,7 @@ import uvicorn
 from pdserve.launch.sockets import bind_socket
 from pdserve.engine.args import add_engine_arguments, engine_config_from_args
 from pdserve.disagg.backends import BACKENDS
-from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.config import TOKEN_ENV, DisaggConfig
 from pdserve.server.app import begin_shutdown, build_app
 from pdserve.server.config import API_KEY_ENV, ServerConfig
 
@@ -60,6 +60,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--disaggregation-ib-device", default=None,
                    help="RDMA device(s) for the mooncake backend's rdma protocol, e.g. mlx5_0 "
                         "(env PDSERVE_DISAGGREGATION_IB_DEVICE)")
+    g.add_argument("--disaggregation-failure-policy", default=None, choices=["recompute", "error"],
+                   help="decode, when a KV transfer fails (prefill dead, timeout, rejected record): run "
+                        "the prompt itself (recompute, default) or answer a clean 503 (error)")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
 
@@ -75,10 +78,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    # the bootstrap server and transfer sessions need a secret: the cluster token, else the API key
     disagg = DisaggConfig.from_env(
-        mode=args.disaggregation_mode, backend=args.disaggregation_transfer_backend,
+        cluster_token=os.environ.get(TOKEN_ENV) or api_key, mode=args.disaggregation_mode, backend=args.disaggregation_transfer_backend,
         bootstrap_port=args.disaggregation_bootstrap_port,
-        bootstrap_host=args.disaggregation_bootstrap_host or args.host, ib_device=args.disaggregation_ib_device)
+        bootstrap_host=args.disaggregation_bootstrap_host or args.host, ib_device=args.disaggregation_ib_device,
+        failure_policy=args.disaggregation_failure_policy)
     return ServerConfig(
         engine=engine_config_from_args(args), disagg=disagg, host=args.host, port=args.port, api_key=api_key,
         served_model_name=args.served_model_name, max_body_bytes=int(args.max_body_mb * 2**20),

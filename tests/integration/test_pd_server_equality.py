@@ -199,7 +199,10 @@ def test_metrics_report_transfers(pair: PDPair) -> None:
     """After the equality tests, both sides' /metrics count the successful transfers and bytes."""
     for url in (pair.prefill.url, pair.decode.url):
         text = httpx.get(f"{url}/metrics", timeout=10).text
-        ok = [line for line in text.splitlines() if line.startswith("pdserve:kv_transfers{") and 'result="success"' in line]
+        ok = [line for line in text.splitlines()
+              if line.startswith("pdserve:kv_transfers_total{") and 'result="success"' in line]
         assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 20, ok
-        nbytes = [line for line in text.splitlines() if line.startswith("pdserve:kv_transfer_bytes{")]
+        nbytes = [line for line in text.splitlines() if line.startswith("pdserve:kv_transfer_bytes_total{")]
         assert nbytes and float(nbytes[0].rsplit(" ", 1)[1]) > 0
+        for name in ("kv_transfers", "kv_transfer_bytes", "kv_transfer_seconds", "kv_transfer_recomputed"):
+            assert f"# TYPE pdserve:{name}_total counter" in text, name  # cumulative figures are counters

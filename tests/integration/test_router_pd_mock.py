@@ -168,3 +168,19 @@ def test_pd_readiness_needs_a_prefill_and_a_decode() -> None:
     finally:
         p.kill()
         d.kill()
+
+
+def test_client_errors_are_not_transfer_failures(pd: tuple[MockWorker, MockWorker]) -> None:
+    """A leg's 400 about the client's body is the client's error, counted apart from failed legs."""
+    p, d = pd
+    p.configure(fail_status=400, fail_count=1)  # the first request: the prefill's 400 comes first...
+    d.configure(latency_s=0.5)
+    with EmbeddedRouter(pd_cfg([(p, 1)], [d])) as r, httpx.Client(base_url=r.url, timeout=10) as c:
+        assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 400
+        d.configure(latency_s=0.0, fail_status=400)  # ...the second: the decode answers 400
+        assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 400
+        assert d.counts()["received"] == 2  # a 400 is not retried
+        metrics = c.get("/metrics").text
+        assert 'pdserve_router_pd_client_errors_total{leg="prefill",status="400"} 1.0' in metrics
+        assert 'pdserve_router_pd_client_errors_total{leg="decode",status="400"} 1.0' in metrics
+        assert "pdserve_router_pd_transfer_failures_total{" not in metrics
