@@ -60,6 +60,7 @@ class StreamTracker:
         self.buf = b""
         self.ids: list[int] = []
         self.done = False  # `[DONE]` went to the client
+        self.head: dict[str, Any] | None = None  # id / created of the first event, kept on migration
 
     def feed(self, chunk: bytes) -> bytes:
         self.buf += chunk.replace(b"\r\n", b"\n")
@@ -83,7 +84,29 @@ class StreamTracker:
                 kept.append(line)
                 if line.strip() == b"data: [DONE]":
                     self.done = True
+                elif self.head is None and line.startswith(b"data: {"):
+                    self.head = _head(line[6:])
         return b"\n".join(kept) + b"\n\n" if kept else b""
+
+
+def _head(data: bytes) -> dict[str, Any]:
+    """What a resumed stream must repeat: the chunks' id and created time (OpenAI), or the
+    request id of `/generate`'s meta_info."""
+    try:
+        obj = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return {}
+    if not isinstance(obj, dict):
+        return {}
+    meta = obj.get("meta_info")
+    if isinstance(meta, dict) and isinstance(meta.get("id"), str):
+        return {"rid": meta["id"]}
+    head: dict[str, Any] = {}
+    if isinstance(obj.get("id"), str):
+        head["pdserve_response_id"] = obj["id"]
+    if isinstance(obj.get("created"), int):
+        head["pdserve_created"] = obj["created"]
+    return head
 
 
 def tracked_payload(body: dict[str, Any], extra: dict[str, Any] | None = None) -> bytes:
@@ -107,7 +130,7 @@ async def migrate(ctx: RequestCtx, body: dict[str, Any], tracker: StreamTracker,
         tried.add(w.url)
         t0 = time.perf_counter()
         tracker.restart()
-        payload = tracked_payload(resume, {"pdserve_resume_ids": list(tracker.ids)})
+        payload = tracked_payload(resume, {**(tracker.head or {}), "pdserve_resume_ids": list(tracker.ids)})
         w.in_flight += 1
         resp = None
         try:

@@ -38,7 +38,7 @@ class SubRequest:
     params: SamplingParams
     include_stop: bool = False
     bootstrap: Bootstrap | None = None  # a PD request: where its KV comes from / goes to
-    resume_ids: tuple[int, ...] = ()  # a migrated stream: output already delivered elsewhere
+    resume_ids: tuple[int, ...] | None = None  # a migrated stream: output already delivered elsewhere
 
 
 @dataclass
@@ -99,11 +99,12 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
     timer = RequestTimer(state.metrics)
     text = TextStream(state.tokenizer, sub.prompt_ids, sub.params.stop,
                       sub.params.skip_special_tokens, sub.include_stop)
-    text.add(sub.resume_ids)  # a migrated stream: the text state its first server had (not re-sent)
-    count = len(sub.resume_ids)
+    resumed = sub.resume_ids or ()
+    text.add(resumed)  # a migrated stream: the text state its first server had (not re-sent)
+    count = len(resumed)
     finished = False
     req = GenerateReq(rid=sub.rid, input_ids=sub.prompt_ids, params=sub.params, bootstrap=sub.bootstrap,
-                      output_ids=list(sub.resume_ids))
+                      output_ids=list(resumed))
     try:
         outs = state.client.generate(req)
         async with contextlib.aclosing(outs):

@@ -182,7 +182,7 @@ async def _stream(state: ServerState, subs: list[SubRequest], body: GenerateRequ
 def _resumed(state: ServerState, s: SubRequest) -> Result:
     """A stream's cumulative result so far: empty, or a migrated stream's delivered ids and text."""
     r = Result(s.index, s.rid, prompt_tokens=len(s.prompt_ids))
-    if s.resume_ids:
+    if s.resume_ids is not None:
         text = TextStream(state.tokenizer, s.prompt_ids, s.params.stop, s.params.skip_special_tokens, s.include_stop)
         r.text, r.token_ids = text.add(s.resume_ids), list(s.resume_ids)
     return r

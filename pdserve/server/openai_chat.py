@@ -116,9 +116,10 @@ async def chat_completions(request: Request) -> Response:
     state = get_state(request)
     state.metrics.request("chat")
     body = ChatCompletionRequest.model_validate(decode_json_object(await request.body()))
-    rid = new_id("chatcmpl")
+    rid = body.pdserve_response_id if body.pdserve_resume_ids is not None and body.pdserve_response_id \
+        else new_id("chatcmpl")  # a resumed stream keeps its first server's id
     subs = await _build(state, body, rid)
-    head = {"id": rid, "created": int(time.time()), "model": body.model or state.model_name}
+    head = {"id": rid, "created": body.pdserve_created or int(time.time()), "model": body.model or state.model_name}
     texts = TokenTexts(state)
     if body.stream:
         inc_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -149,7 +150,7 @@ async def _stream(state: ServerState, subs: list[SubRequest], head: dict[str, An
         return frame(dict(base, choices=[choice], **extra))
 
     for s in subs:
-        if not s.resume_ids:  # a resumed stream had its role delta from its first server
+        if s.resume_ids is None:  # a resumed stream had its role delta from its first server
             yield chunk(s.index, {"role": "assistant", "content": ""})
     completion_tokens = cached = 0
     it = merge(state, subs)

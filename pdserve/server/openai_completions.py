@@ -84,9 +84,10 @@ async def completions(request: Request) -> Response:
     state = get_state(request)
     state.metrics.request("completions")
     body = CompletionRequest.model_validate(decode_json_object(await request.body()))
-    rid = new_id("cmpl")
+    rid = body.pdserve_response_id if body.pdserve_resume_ids is not None and body.pdserve_response_id \
+        else new_id("cmpl")  # a resumed stream keeps its first server's id
     subs = await _build(state, body, rid)
-    created = int(time.time())
+    created = body.pdserve_created or int(time.time())
     echo = {s.index: state.tokenizer.decode(s.prompt_ids, skip_special_tokens=False) for s in subs} if body.echo else {}
     head = {"id": rid, "object": "text_completion", "created": created, "model": body.model or state.model_name}
     texts = TokenTexts(state)
@@ -112,7 +113,7 @@ async def _stream(state: ServerState, subs: list[SubRequest], n: int, head: dict
     extra = {"usage": None} if inc_usage else {}
     offsets = {s.index: len(echo.get(s.index, "")) for s in subs}
     for index, prefix in sorted(echo.items()):
-        if subs[0].resume_ids:
+        if subs[0].resume_ids is not None:
             break  # a resumed stream echoed its prompt from its first server
         yield frame(dict(head, choices=[_choice(index, prefix, None, None, None)], **extra))
     completion_tokens = cached = 0

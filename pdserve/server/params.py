@@ -143,12 +143,12 @@ def with_seed(params: SamplingParams, offset: int) -> SamplingParams:
     return msgspec.structs.replace(params, seed=(params.seed + offset) & SEED_LIMIT)
 
 
-def resume_ids(state: ServerState, body: Any, num_subs: int, max_new: int) -> tuple[int, ...]:
+def resume_ids(state: ServerState, body: Any, num_subs: int, max_new: int) -> tuple[int, ...] | None:
     """`pdserve_resume_ids` of a migrated stream (checked: one streamed sequence, ids in the
-    vocabulary, fewer than max_tokens), or () for an ordinary request."""
+    vocabulary, fewer than max_tokens; maybe none yet), or None for an ordinary request."""
     ids = body.pdserve_resume_ids
-    if not ids:
-        return ()
+    if ids is None:
+        return None
     param = "pdserve_resume_ids"
     if num_subs != 1 or not body.stream:
         raise bad_request("a resumed stream carries one streamed sequence (n = 1, one prompt, stream)", param=param)

@@ -38,6 +38,8 @@ class _BootstrapFields(_Model):
     bootstrap_room: int | None = None
     pdserve_stream_ids: bool = False
     pdserve_resume_ids: list[int] | None = None
+    pdserve_response_id: str | None = None  # a resumed stream: the id and created time its
+    pdserve_created: int | None = None  # first server put in its chunks (kept)
 
 
 class _SamplingFields(_BootstrapFields):

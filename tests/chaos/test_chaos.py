@@ -362,6 +362,7 @@ def stream_output(path: str, reply: Reply) -> tuple[Any, int | None]:
             used = ev["usage"]["completion_tokens"]
     if path == "/v1/chat/completions":
         assert roles == 1, reply.events[:3]  # one role delta, also across a migration
+    assert len({(ev.get("id"), ev.get("created")) for ev in reply.events}) == 1  # one response, one id
     return text, used
 
 

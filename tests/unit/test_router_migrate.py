@@ -39,3 +39,12 @@ def test_tracker_drops_a_cut_off_event_on_restart() -> None:
     assert t.ids == [1] and not t.done
     assert t.feed(b': pdserve-ids 2\r\ndata: {"b": 2}\r\n\r\n') == b'data: {"b": 2}\n\n'
     assert t.ids == [1, 2]
+
+
+def test_tracker_keeps_the_first_events_id_for_the_resumed_stream() -> None:
+    t = StreamTracker()
+    t.feed(b'data: {"id": "chatcmpl-1", "created": 7, "choices": []}\n\ndata: {"id": "chatcmpl-1"}\n\n')
+    assert t.head == {"pdserve_response_id": "chatcmpl-1", "pdserve_created": 7}
+    native = StreamTracker()
+    native.feed(b'data: {"text": "a", "meta_info": {"id": "abc"}}\n\n')
+    assert native.head == {"rid": "abc"}
