@@ -12,15 +12,19 @@ HTTP (JSON bodies from pdserve.disagg.messages):
     PUT /route          RouteRegistration -> 200 | 400 bad body | 401 token | 409 layout conflict
     GET /route?rank=N   -> RouteInfo (404 until rank N registered; rank defaults to 0)
     GET /health         -> Health {status, instance}; `instance` changes when the server restarts
-Writes need `Authorization: Bearer <cluster token>` when a token is configured. Binds 127.0.0.1
-unless told otherwise. The clients (decode's BootstrapClient, register_route) are in
+Authentication: with a cluster secret (PDSERVE_CLUSTER_TOKEN, or the server's --api-key when
+that is unset) `PUT /route` and `GET /route` need `Authorization: Bearer <secret>` (401, table
+unchanged, otherwise). With no secret at all, registrations are accepted from loopback peers
+only (403 for others), as the start-up log says. `/health` is always open (the heartbeat).
+Binds 127.0.0.1 unless told otherwise. The clients (decode's BootstrapClient, register_route) are in
 bootstrap_client.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import ipaddress
+import logging
 import threading
 import uuid
 
@@ -30,6 +34,9 @@ from aiohttp import web
 from pdserve.disagg.bootstrap_client import http_url
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import Health, HttpError, KVLayout, LayoutMismatch, RouteInfo, RouteRegistration
+from pdserve.disagg.transfer.handshake import secret_matches
+
+logger = logging.getLogger("pdserve.disagg.bootstrap")
 
 
 MAX_BODY = 1 << 20
@@ -37,6 +44,13 @@ MAX_BODY = 1 << 20
 
 def _json(obj: msgspec.Struct, status: int = 200) -> web.Response:
     return web.Response(body=msgspec.json.encode(obj), status=status, content_type="application/json")
+
+
+def _loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 class BootstrapServer:
@@ -90,7 +104,21 @@ class BootstrapServer:
     async def _health(self, request: web.Request) -> web.Response:
         return _json(Health(status="ok", instance=self.instance))
 
+    def _refused(self, request: web.Request, write: bool) -> web.Response | None:
+        """401 without the cluster secret (when one is set); with none, writes from loopback only."""
+        if self.cluster_token is not None:
+            scheme, _, got = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not secret_matches(got.strip(), self.cluster_token):
+                return _json(HttpError(error="missing or wrong cluster token (or --api-key)"), 401)
+            return None
+        if write and not _loopback(request.remote):
+            return _json(HttpError(error="route registration is accepted from loopback peers only "
+                                         "(set PDSERVE_CLUSTER_TOKEN or --api-key to allow remote ranks)"), 403)
+        return None
+
     async def _get_route(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request, write=False)) is not None:
+            return refused
         raw = request.query.get("rank", "0")
         try:
             rank = int(raw)
@@ -102,10 +130,8 @@ class BootstrapServer:
         return _json(info)
 
     async def _put_route(self, request: web.Request) -> web.Response:
-        if self.cluster_token is not None:
-            got = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {self.cluster_token}".encode()):
-                return _json(HttpError(error="missing or wrong cluster token"), 401)
+        if (refused := self._refused(request, write=True)) is not None:
+            return refused
         try:
             reg = msgspec.json.decode(await request.read(), type=RouteRegistration)
             self.register(reg.rank, reg.endpoint, reg.layout)
@@ -124,6 +150,12 @@ class BootstrapServer:
             raise TimeoutError(f"bootstrap server did not start within {timeout} s")
         if self._error is not None:
             raise OSError(f"bootstrap server cannot listen on {self.host}:{self.requested_port}: {self._error}")
+        if self.cluster_token is not None:
+            logger.info("bootstrap server on %s:%d: /route needs the cluster token (or --api-key)", self.host,
+                        self.port)
+        else:
+            logger.warning("bootstrap server on %s:%d: no cluster token or --api-key, so route registrations "
+                           "are accepted from loopback peers only", self.host, self.port)
         return self
 
     def _run(self) -> None:

@@ -30,6 +30,8 @@ as an alias, and the PDSERVE name wins when both are set):
 | MOONCAKE_METADATA     | P2PHANDSHAKE                            | mooncake metadata server: P2PHANDSHAKE (none|
 |                       |                                         | needed) or an etcd/http URL                 |
 | IB_DEVICE             | (none)                                  | RDMA device(s) for mooncake/nixl, e.g. mlx5_0|
+| FAILURE_POLICY        | recompute                               | decode, when a transfer fails: recompute the|
+|                       |                                         | prompt locally, or `error` (a clean 503)    |
 | FAIL_RATE (test only) | 0.0                                     | probability that one queued send fails      |
 
 plus `PDSERVE_CLUSTER_TOKEN` (cluster_token: required on bootstrap writes and transfer sessions).
@@ -46,6 +48,7 @@ from typing import Any
 from pdserve.disagg.backends import BACKENDS
 
 MODES = ("null", "prefill", "decode")
+FAILURE_POLICIES = ("recompute", "error")
 ENV_PREFIX = "PDSERVE_DISAGGREGATION_"
 ALIAS_PREFIX = "SGLANG_DISAGGREGATION_"
 TOKEN_ENV = "PDSERVE_CLUSTER_TOKEN"
@@ -75,6 +78,7 @@ class DisaggConfig:
     mooncake_protocol: str = "tcp"  # tcp | rdma
     mooncake_metadata: str = "P2PHANDSHAKE"  # or an etcd:// / http:// metadata server URL
     ib_device: str | None = None  # RDMA device(s), e.g. "mlx5_0" (rdma protocol)
+    failure_policy: str = "recompute"  # decode, on a failed transfer: run the prompt itself, or "error"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -92,6 +96,9 @@ class DisaggConfig:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if not 0.0 <= self.fail_rate <= 1.0:
             raise ValueError(f"fail_rate must be in [0, 1], got {self.fail_rate}")
+        if self.failure_policy not in FAILURE_POLICIES:
+            raise ValueError(f"disaggregation failure policy must be one of {FAILURE_POLICIES}, "
+                             f"got {self.failure_policy!r}")
         if self.mooncake_protocol not in ("tcp", "rdma"):
             raise ValueError(f"mooncake protocol must be tcp or rdma, got {self.mooncake_protocol!r}")
         if not self.nixl_backend or not self.mooncake_metadata:
@@ -170,6 +177,7 @@ _ENV_KNOBS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "mooncake_protocol": ("MOONCAKE_PROTOCOL", str),
     "mooncake_metadata": ("MOONCAKE_METADATA", str),
     "ib_device": ("IB_DEVICE", str),
+    "failure_policy": ("FAILURE_POLICY", str),
 }
 
 

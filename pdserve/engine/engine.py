@@ -133,7 +133,7 @@ class Engine:
             gen = torch.Generator(device=self.device).manual_seed(req.params.seed)
         self._arrivals += 1
         r = Request(rid=req.rid, prompt_len=len(req.input_ids), params=req.params,
-                    tokens=list(req.input_ids), arrival=self._arrivals, generator=gen, t_arrival=time.monotonic())
+                    tokens=[*req.input_ids, *req.output_ids], arrival=self._arrivals, generator=gen, t_arrival=time.monotonic())
         if req.return_prompt_logprobs:
             r.prompt_lp, r.prompt_lp_from = [None] * r.prompt_len, min(max(req.prompt_logprobs_from, 0), r.prompt_len)
             r.prompt_top = [[] for _ in range(r.prompt_len)] if req.params.top_logprobs > 0 else None

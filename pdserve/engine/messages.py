@@ -28,6 +28,7 @@ class GenerateReq(msgspec.Struct, frozen=True, tag=True):
     bootstrap: Bootstrap | None = None  # set: a PD request (prefill or decode side)
     share_prompt_with: str | None = None  # rid of a live request with the same prompt (n > 1):
     # this one is admitted once that one's prompt is computed and reuses its pages
+    output_ids: list[int] = []  # already generated (a migrated stream): counted as output, not re-sent
 
 
 class AbortReq(msgspec.Struct, frozen=True, tag=True):
@@ -79,6 +80,7 @@ class TransferStats(msgspec.Struct):
     failed: int = 0
     bytes: int = 0  # KV bytes of successful rooms
     latency_sum_s: float = 0.0  # successful rooms: sender created / receiver init -> Success
+    recomputed: int = 0  # decode: failed rooms whose prompt the decode ran itself (policy recompute)
 
     def record(self, ok: bool, num_bytes: int, seconds: float) -> None:
         if ok:

@@ -61,6 +61,9 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--worker-connect-timeout-secs", type=positive_float, default=lim.connect_timeout_s,
                    help=f"seconds to connect to a worker (default {lim.connect_timeout_s:g})")
     g = p.add_argument_group("retries and circuit breaker")
+    g.add_argument("--migration-limit", type=non_negative_int, default=3,
+                   help="times a stream whose worker dies mid-way continues on another worker (0: never) "
+                        "(default 3)")
     g.add_argument("--retry-max-retries", type=positive_int, default=ret.max_attempts,
                    help=f"total tries per request (default {ret.max_attempts})")
     g.add_argument("--retry-initial-backoff-ms", type=non_negative_float, default=ret.initial_backoff_s * 1000,
@@ -148,7 +151,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
                             args.max_payload_size, args.request_timeout_secs, args.worker_connect_timeout_secs),
         api_key=api_key, worker_api_key=args.worker_api_key,
         request_id_headers=tuple(h.lower() for h in args.request_id_headers), log_level=args.log_level,
-        shutdown_timeout_s=args.shutdown_grace_period_secs, metrics_prefix=args.metrics_prefix)
+        shutdown_timeout_s=args.shutdown_grace_period_secs, metrics_prefix=args.metrics_prefix,
+        migration_limit=args.migration_limit)
 
 
 def add_router_parser(subparsers: Any) -> argparse.ArgumentParser:

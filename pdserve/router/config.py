@@ -146,6 +146,7 @@ class RouterConfig:
     log_level: str = "info"
     shutdown_timeout_s: float = 30.0
     metrics_prefix: str = "sglang"  # /metrics names are "<prefix>:router_<name>"
+    migration_limit: int = 3  # times a broken stream moves to another worker (Dynamo's name); 0 = never
 
     def __post_init__(self) -> None:
         roles = {w.role for w in self.workers}
@@ -156,6 +157,8 @@ class RouterConfig:
         urls = [w.url for w in self.workers]
         if len(set(urls)) != len(urls):
             raise ValueError("a worker url is listed twice")
+        if self.migration_limit < 0:
+            raise ValueError("migration_limit must be >= 0")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
 

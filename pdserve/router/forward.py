@@ -10,7 +10,8 @@ has not received a byte. When every attempt failed, the client gets the last wor
 
 `relay_stream` writes a streaming answer through as it arrives (no buffering beyond one TCP
 read): the response head goes out with the first body bytes, which is the moment after
-which a request can no longer be retried. A worker that fails mid-stream ends an SSE stream
+which a request can no longer be retried; a stream that breaks after that migrates to another
+worker when it can (migrate.py, `--migration-limit`). A worker that fails mid-stream ends an SSE stream
 with an OpenAI-style `data: {"error": ...}` event (other streams are cut). `Failure` records a
 failed attempt: what to tell the client if no retry succeeds, and whether a retry is allowed.
 `Forwarder` is what the app calls: this module's `RegularForwarder` or pd.py's `PDForwarder`.
@@ -19,7 +20,7 @@ failed attempt: what to tell the client if no retry succeeds, and whether a retr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import msgspec
@@ -28,6 +29,7 @@ from pdserve.router.config import RouterConfig
 from pdserve.router.http.client import UpstreamError, UpstreamPool, UpstreamResponse
 from pdserve.router.http.protocol import Response
 from pdserve.router.metrics import RouterMetrics
+from pdserve.router.migrate import StreamTracker, migratable, migrate, tracked_payload
 from pdserve.router.policies import Policy
 from pdserve.router.request import RequestCtx, RouterError, error_body
 from pdserve.router.resilience import backoff_s, breaker_failure, retryable_status
@@ -68,8 +70,10 @@ def sse_error(message: str, code: str) -> bytes:
 
 async def relay_stream(ctx: RequestCtx, resp: UpstreamResponse, first: bytes | None,
                        transform: Callable[[bytes], bytes] | None = None,
-                       flush: Callable[[], bytes] | None = None) -> UpstreamError | None:
-    """Send the head, `first` (already read) and the rest of `resp`; returns a mid-stream error."""
+                       flush: Callable[[], bytes] | None = None,
+                       on_break: Callable[[UpstreamError], Awaitable[bool]] | None = None) -> UpstreamError | None:
+    """Send the head, `first` (already read) and the rest of `resp`; returns a mid-stream error
+    (after `on_break`, if given, could not continue the stream elsewhere: migrate.py)."""
     writer = ctx.req.writer
     ctype = resp.content_type
     headers = ctx.resp_headers + ([("cache-control", "no-cache")] if is_sse(ctype) else [])
@@ -86,6 +90,9 @@ async def relay_stream(ctx: RequestCtx, resp: UpstreamResponse, first: bytes | N
         if flush is not None:
             await writer.write(flush())
     except UpstreamError as exc:
+        if on_break is not None and await on_break(exc):
+            await writer.finish()
+            return exc  # the worker failed, but the stream went on on another one
         if is_sse(ctype):
             await writer.write(sse_error(f"the worker failed mid-stream: {exc}", f"worker_{exc.kind}"))
             await writer.finish()
@@ -134,12 +141,30 @@ class RegularForwarder:
             raise RouterError(503, "no healthy worker is available", code="no_healthy_workers")
         return None if last.sent else last.response(ctx)
 
+    def _tracked(self, ctx: RequestCtx) -> bool:
+        """A stream that may migrate (cheap test first: most bodies never say "stream")."""
+        if self.cfg.migration_limit <= 0 or b'"stream"' not in ctx.req.body:
+            return False
+        try:
+            return migratable(ctx.json(), self.cfg.migration_limit)
+        except RouterError:
+            return False
+
+    async def _migrate(self, ctx: RequestCtx, tracker: StreamTracker, w: Worker, exc: UpstreamError) -> bool:
+        w.record(False, str(exc))
+        ok = await migrate(ctx, ctx.json(), tracker, {w.url}, self.registry, "regular", self.policy, self.pool,
+                           self.cfg.migration_limit, self.timeout)
+        self.metrics.migrations.labels("ok" if ok else "failed").inc()
+        return ok
+
     async def attempt(self, ctx: RequestCtx, w: Worker) -> Response | Failure | None:
         w.in_flight += 1
         resp = None
+        track = self._tracked(ctx)
+        payload = tracked_payload(ctx.json()) if track else ctx.req.body
         try:
             resp = await self.pool.request(w.host, w.port, ctx.req.method, ctx.req.target,
-                                           w.fwd_headers + ctx.fwd_headers, ctx.req.body, self.timeout)
+                                           w.fwd_headers + ctx.fwd_headers, payload, self.timeout)
             status = resp.status
             if retryable_status(status):
                 body = await resp.read()
@@ -152,7 +177,12 @@ class RegularForwarder:
                 return Response(body, status, resp.content_type, ctx.resp_headers)
             first = await resp.next_chunk()  # a failure before this byte can still be retried
             w.record(True)
-            err = await relay_stream(ctx, resp, first)
+            if track:
+                tracker = StreamTracker()
+                err = await relay_stream(ctx, resp, first, tracker.feed, tracker.flush,
+                                         lambda exc: self._migrate(ctx, tracker, w, exc))
+            else:
+                err = await relay_stream(ctx, resp, first)
             if err is not None:
                 w.record(False, str(err))
                 return Failure(502, b"", sent=True)

@@ -8,7 +8,10 @@ loading its model, every 0.5 s), with `timeout_s` per probe. A first success mak
 worker healthy at once; afterwards `failure_threshold` consecutive failures eject it and
 `success_threshold` consecutive successes bring it back. Every probe of a worker that has
 been healthy once also feeds its circuit breaker, so a dead worker both leaves rotation and
-opens its circuit (a server still loading its model trips nothing). A prefill without a known
+opens its circuit (a server still loading its model trips nothing). Fast rejoin: a worker that
+is unhealthy or whose circuit is open is probed every 0.5 s, and a probe that succeeds while
+its circuit is open moves it to half-open at once (a trial) instead of waiting out
+`open_duration_s`, so a restarted worker serves again within about a second of answering. A prefill without a known
 bootstrap port learns it from its `/server_info`.
 `LoadMonitor.run()` polls `/get_load` of healthy workers for `power_of_two`.
 """
@@ -24,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from pdserve.router.config import HealthConfig
+from pdserve.router.resilience import OPEN
 from pdserve.router.workers import Worker, WorkerRegistry
 
 logger = logging.getLogger("pdserve.router")
@@ -40,7 +44,7 @@ class HealthChecker:
         self.registry = registry
         self.session: aiohttp.ClientSession  # given by start()
         self.api_key = api_key
-        self._due: dict[str, float] = {}
+        self._last: dict[str, float] = {}  # url -> when its last probe ended
         self._wake = asyncio.Event()
 
     async def probe(self, worker: Worker) -> tuple[bool, str | None]:
@@ -54,6 +58,10 @@ class HealthChecker:
 
     def apply(self, worker: Worker, ok: bool, error: str | None = None) -> None:
         if worker.ever_healthy:  # a server still starting up must not trip its breaker
+            if ok and worker.breaker.state == OPEN:
+                worker.breaker.trial()
+                logger.info("worker %s (%s) answers its health check again: circuit half-open", worker.url,
+                            worker.role)
             worker.breaker.record(ok)
         if ok:
             worker.health_failures = 0
@@ -78,9 +86,14 @@ class HealthChecker:
         self.apply(worker, ok, error)
         if ok and not worker.info:
             await self.fetch_info(worker)
-        interval = self.cfg.interval_s if worker.healthy else min(self.cfg.interval_s, STARTING_INTERVAL_S)
-        self._due[worker.url] = time.monotonic() + interval
+        self._last[worker.url] = time.monotonic()
         return ok
+
+    def _next_check(self, worker: Worker) -> float:
+        """When `worker` is due: every interval_s, or every 0.5 s while it is unhealthy or open."""
+        fast = not worker.healthy or worker.breaker.state == OPEN
+        interval = min(self.cfg.interval_s, STARTING_INTERVAL_S) if fast else self.cfg.interval_s
+        return self._last.get(worker.url, 0.0) + interval
 
     async def fetch_info(self, worker: Worker) -> None:
         """Remember /server_info; learn a prefill's bootstrap port when none was given."""
@@ -119,11 +132,11 @@ class HealthChecker:
     async def run(self) -> None:
         while True:
             now = time.monotonic()
-            due = [w for w in self.registry.all() if self._due.get(w.url, 0.0) <= now]
+            due = [w for w in self.registry.all() if self._next_check(w) <= now]
             if due:
                 await asyncio.gather(*(self.check(w) for w in due))
-            known = [self._due.get(w.url, 0.0) for w in self.registry.all()]
-            delay = min([*known, now + 1.0]) - time.monotonic()
+            known = [self._next_check(w) for w in self.registry.all()]
+            delay = min([*known, now + STARTING_INTERVAL_S]) - time.monotonic()
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.01, delay))

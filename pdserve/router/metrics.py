@@ -4,7 +4,9 @@ Named like the servers' (`<prefix>:router_<name>`, prefix `--metrics-prefix`, de
 `sglang`; no `_created` series). Per request: `<prefix>:router_requests_total{route,status}`
 and a duration histogram; per retry `..._retries_total{route}`; rejections by the limiter
 `..._rejected_total{reason}`; PD: `..._pd_ttft_seconds` (request start → first decode byte)
-and `..._pd_transfer_failures_total{leg,reason}`. Per-worker gauges (in-flight, polled load,
+`..._pd_transfer_failures_total{leg,reason}` (worker-side failures: connection errors, 5xx,
+408/429) and `..._pd_client_errors_total{leg,status}` (a leg's 4xx about the client's own
+request: not a transfer failure). Per-worker gauges (in-flight, polled load,
 health, circuit state 0 closed / 1 half-open / 2 open) are rebuilt from the registry at each
 scrape, so removed workers disappear. Label children are cached: a request costs a few dict
 lookups, not label parsing.
@@ -37,6 +39,10 @@ class RouterMetrics:
                                  buckets=_BUCKETS, registry=r)
         self.pd_failures = Counter(P + "pd_transfer_failures_total", "PD: failed legs", ["leg", "reason"],
                                    registry=r)
+        self.pd_client_errors = Counter(P + "pd_client_errors_total", "PD: legs answered with a client error (4xx)",
+                                        ["leg", "status"], registry=r)
+        self.migrations = Counter(P + "migrations_total", "Streams moved to another worker mid-way, by outcome",
+                                  ["outcome"], registry=r)
         self.active = Gauge(P + "active_requests", "Requests holding a concurrency slot", registry=r)
         self.queued = Gauge(P + "queued_requests", "Requests waiting for a slot", registry=r)
         self.w_in_flight = Gauge(P + "worker_in_flight", "Requests in flight per worker", ["worker", "role"],
@@ -74,6 +80,13 @@ class RouterMetrics:
 
     def pd_failure(self, leg: str, reason: str) -> None:
         self.pd_failures.labels(leg, reason).inc()
+
+    def pd_answer(self, leg: str, status: int) -> None:
+        """A leg answered with an error status: the client's own error, or a failure of the leg."""
+        if status < 500 and status not in (408, 429):
+            self.pd_client_errors.labels(leg, str(status)).inc()
+        else:
+            self.pd_failures.labels(leg, str(status)).inc()
 
     def render(self, workers: list[Any], active: int, queued: int) -> bytes:
         self.active.set(active)

@@ -15,7 +15,10 @@ Per attempt:
   5. the decode's answer is relayed (streamed unbuffered), with the prefill's input logprobs
      merged in front when `return_logprob` is set.
 A prefill failure after the decode started answering cannot hurt the answer and is only
-counted. Metrics: PD TTFT (start → first decode byte) and failed legs by reason.
+counted; one before it keeps the decode leg when that decode recomputes failed transfers
+(`recomputes`): it then runs the prompt itself, so the client sees no error. A decode stream that breaks after bytes reached the client migrates (migrate.py) to another
+decode. A client that goes away in any phase (before the decode answers or mid-stream)
+cancels both legs at once, so neither worker keeps the room until its bootstrap timeout. Metrics: PD TTFT (start → first decode byte) and failed legs by reason.
 
 Prompt logprobs: the prefill computed the prompt, the decode did not, so a `/generate` with
 `return_logprob: true` or a completion with `echo` + `logprobs` gets the prompt's logprobs from
@@ -37,6 +40,7 @@ from pdserve.router.forward import Failure, relay_stream
 from pdserve.router.http.client import UpstreamError, UpstreamPool, UpstreamResponse
 from pdserve.router.http.protocol import Response
 from pdserve.router.metrics import RouterMetrics
+from pdserve.router.migrate import StreamTracker, migrate, migratable
 from pdserve.router.policies import Policy
 from pdserve.router.prompt_logprobs import SSEMerger, merge_body, prefill_metas, wants_prompt_logprobs
 from pdserve.router.request import RequestCtx, RouterError
@@ -72,7 +76,7 @@ def batch_size(body: dict[str, Any]) -> int | None:
     return (prompts or 1) * copies
 
 
-def inject_bootstrap(body: dict[str, Any], prefill: Worker, batch: int | None) -> bytes:
+def inject_bootstrap(body: dict[str, Any], prefill: Worker, batch: int | None, track: bool = False) -> bytes:
     host, port = prefill.bootstrap_host, prefill.bootstrap_port
     if batch is None:
         extra: dict[str, Any] = {"bootstrap_host": host, "bootstrap_port": port,
@@ -80,7 +84,19 @@ def inject_bootstrap(body: dict[str, Any], prefill: Worker, batch: int | None) -
     else:
         extra = {"bootstrap_host": [host] * batch, "bootstrap_port": [port] * batch,
                  "bootstrap_room": [_rand.getrandbits(63) for _ in range(batch)]}
+    if track:  # the decode tells the ids of each event (a stream that may migrate: migrate.py)
+        extra["pdserve_stream_ids"] = True
     return _enc.encode({**body, **extra})
+
+
+def recomputes(d: Worker, p_task: asyncio.Task[Any], fail: Failure) -> bool:
+    """Keep the decode leg after the prefill leg failed? Yes when the prefill failed after it
+    got the request (not a refused connection: then a new pair is quicker) with a 5xx or a
+    broken connection, and the decode says (/server_info) it recomputes a failed transfer."""
+    exc = p_task.exception()
+    if fail.status < 500 or (isinstance(exc, UpstreamError) and exc.kind == "connect"):
+        return False
+    return d.info.get("disaggregation_failure_policy") == "recompute"
 
 
 def _release_late(task: asyncio.Task[Any]) -> None:
@@ -104,6 +120,7 @@ class PDForwarder:
         body = ctx.json()
         batch = batch_size(body)
         want_lp = wants_prompt_logprobs(body)
+        track = migratable(body, self.cfg.migration_limit)
         tried_p: set[str] = set()
         tried_d: set[str] = set()
         last: Failure | None = None
@@ -117,7 +134,7 @@ class PDForwarder:
                 break
             p = self.prefill_policy.select([w for w in prefills if w.url not in tried_p] or prefills, ctx.text)
             d = self.decode_policy.select([w for w in decodes if w.url not in tried_d] or decodes, ctx.text)
-            outcome, blame = await self.pair(ctx, inject_bootstrap(body, p, batch), p, d, want_lp)
+            outcome, blame = await self.pair(ctx, inject_bootstrap(body, p, batch, track), p, d, want_lp, track)
             if not isinstance(outcome, Failure):
                 return outcome
             last = outcome
@@ -164,10 +181,17 @@ class PDForwarder:
         status = task.result()[0]
         if status >= 400:
             p.record(not breaker_failure(status), f"answered {status}")
-            if status >= 500:  # a client's 4xx (bad input) is no failed leg
-                self.metrics.pd_failure("prefill", str(status))
+            self.metrics.pd_answer("prefill", status)
         else:
             p.record(True)
+
+    async def _migrate(self, ctx: RequestCtx, tracker: StreamTracker, d: Worker, exc: UpstreamError) -> bool:
+        """The decode's stream broke mid-way: continue it on another decode (local prefill)."""
+        d.record(False, str(exc))
+        ok = await migrate(ctx, ctx.json(), tracker, {d.url}, self.registry, "decode", self.decode_policy,
+                           self.pool, self.cfg.migration_limit, self.timeout)
+        self.metrics.migrations.labels("ok" if ok else "failed").inc()
+        return ok
 
     @staticmethod
     def _prefill_failure(task: asyncio.Task[Leg], p: Worker) -> Failure | None:
@@ -179,8 +203,8 @@ class PDForwarder:
         status, body, ctype = task.result()
         return Failure.answer(status, body, ctype) if status >= 400 else None
 
-    async def pair(self, ctx: RequestCtx, payload: bytes, p: Worker, d: Worker,
-                   want_lp: bool) -> tuple[Response | Failure | None, str | None]:
+    async def pair(self, ctx: RequestCtx, payload: bytes, p: Worker, d: Worker, want_lp: bool,
+                   track: bool = False) -> tuple[Response | Failure | None, str | None]:
         loop = asyncio.get_running_loop()
         p.in_flight += 1
         d.in_flight += 1
@@ -191,20 +215,22 @@ class PDForwarder:
         ok = False  # on success the prefill leg may finish in the background; otherwise it is cancelled
         try:
             done, _ = await asyncio.wait((p_task, d_task), return_when=asyncio.FIRST_COMPLETED)
+            blame = "decode"
             if p_task in done and (fail := self._prefill_failure(p_task, p)) is not None:
-                return fail, "prefill"  # `finally` cancels the decode leg now
+                if not recomputes(d, p_task, fail):
+                    return fail, "prefill"  # `finally` cancels the decode leg now
+                blame = "prefill"  # the decode runs the prompt itself once its transfer fails
             try:
                 resp, first, complete = await d_task
             except UpstreamError as exc:
                 d.record(False, str(exc))
                 self.metrics.pd_failure("decode", exc.kind)
-                return Failure.upstream(exc, f"decode {d.url}"), "decode"
+                return Failure.upstream(exc, f"decode {d.url}"), blame
             status = resp.status
             if status >= 400:
                 d.record(not breaker_failure(status), f"answered {status}")
-                if status >= 500:
-                    self.metrics.pd_failure("decode", str(status))
-                return Failure.answer(status, first or b"", resp.content_type), "decode"
+                self.metrics.pd_answer("decode", status)
+                return Failure.answer(status, first or b"", resp.content_type), blame
             d.record(True)
             self.metrics.pd_ttft.observe(time.perf_counter() - ctx.t0)
             metas: list[dict[str, Any]] = []
@@ -220,13 +246,21 @@ class PDForwarder:
                 return Response(merge_body(first or b"", metas) if metas else first or b"", status,
                                 resp.content_type, ctx.resp_headers), None
             merger = SSEMerger(metas) if metas else None
-            err = await relay_stream(ctx, resp, first, merger.feed if merger else None,
-                                     merger.flush if merger else None)
+            if track and merger is None:
+                tracker = StreamTracker()
+                err = await relay_stream(ctx, resp, first, tracker.feed, tracker.flush,
+                                         lambda exc: self._migrate(ctx, tracker, d, exc))
+            else:
+                err = await relay_stream(ctx, resp, first, merger.feed if merger else None,
+                                         merger.flush if merger else None)
             if err is not None:
                 d.record(False, str(err))
                 self.metrics.pd_failure("decode", err.kind)
                 return Failure(502, b"", sent=True), "decode"
             return None, None
+        except BaseException:  # the client went (cancelled, or a write to it failed), in any phase:
+            ok = False  # cancel both legs now, so neither worker holds the room until a timeout
+            raise
         finally:
             if not ok and not p_task.done():
                 p_task.cancel()

@@ -3,7 +3,8 @@
 Circuit breaker (one per worker): closed → open → half-open → closed. A worker starts
 *closed* (traffic flows). `failure_threshold` consecutive failures (5xx answers, connection
 errors, failed health checks) *open* it: the worker gets no traffic for `open_duration_s`.
-After that the next `allow()` moves it to *half-open*, where traffic flows again as a trial:
+After that the next `allow()` moves it to *half-open* (or at once, via `trial()`, when its
+health check succeeds again), where traffic flows again as a trial:
 `success_threshold` successes close it, any failure re-opens it. A disabled breaker always
 allows. Time comes from an injectable clock (tests).
 
@@ -77,6 +78,12 @@ class CircuitBreaker:
         self._failures += 1
         if state == HALF_OPEN or (state == CLOSED and self._failures >= self.cfg.failure_threshold):
             self._open()
+
+    def trial(self) -> None:
+        """The worker answers again (a good health check): half-open now, not after open_duration_s."""
+        if self._state == OPEN:
+            self._state = HALF_OPEN
+            self._successes = 0
 
     def _open(self) -> None:
         _log.warning("worker %s: circuit opened after %d failures; no requests for %.0f s", self.name,

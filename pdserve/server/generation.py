@@ -40,6 +40,7 @@ class SubRequest:
     bootstrap: Bootstrap | None = None  # a PD request: where its KV comes from / goes to
     share_with: str | None = None  # rid of the first of the n copies of this prompt (shares its pages)
     score_from: int | None = None  # score the prompt from this position (echo + logprobs); None: no
+    resume_ids: tuple[int, ...] | None = None  # a migrated stream: output already delivered elsewhere
 
 
 @dataclass
@@ -106,11 +107,14 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
     timer = RequestTimer(state.metrics, sub.rid)
     text = TextStream(state.tokenizer, sub.prompt_ids, sub.params.stop,
                       sub.params.skip_special_tokens, sub.include_stop)
-    count = 0
+    resumed = sub.resume_ids or ()
+    text.add(resumed)  # a migrated stream: the text state its first server had (not re-sent)
+    count = len(resumed)
     finished = False
     req = GenerateReq(rid=sub.rid, input_ids=sub.prompt_ids, params=sub.params, bootstrap=sub.bootstrap,
                      share_prompt_with=sub.share_with, return_prompt_logprobs=sub.score_from is not None,
-                     prompt_logprobs_from=sub.score_from or 0)
+                     prompt_logprobs_from=sub.score_from or 0,
+                     output_ids=list(resumed))
     try:
         outs = state.client.generate(req)
         async with contextlib.aclosing(outs):

@@ -15,7 +15,8 @@ SGLang has no metric, vLLM's name is used under the same prefix. Label: `model_n
     gen_throughput, cache_hit_rate, num_in_flight_reqs; counters (the engine's cumulative
     counts) num_retracted_requests_total (preemptions), prefix_cache_queries_total,
     prefix_cache_hits_total, prefill_compute_tokens_total; PD: kv_transfers_total{result},
-    kv_transfer_bytes_total, num_transfer_failed_reqs_total, gauges kv_transfer_latency_ms and
+    kv_transfer_bytes_total, num_transfer_failed_reqs_total, kv_transfer_seconds_total,
+    kv_transfer_recomputed_total, gauges kv_transfer_latency_ms and
     kv_transfer_speed_gb_s (means over successful transfers).
 With `--log-requests`, `RequestTimer.finish` also logs one line per finished request.
 """
@@ -91,6 +92,9 @@ class EngineCollector(Collector):
         yield transfers
         yield self._counter("kv_transfer_bytes", "KV bytes moved by successful PD transfers", x.bytes)
         yield self._counter("num_transfer_failed_reqs", "PD requests whose KV transfer failed", x.failed)
+        yield self._counter("kv_transfer_seconds", "Sum of room start -> transfer success times", x.latency_sum_s)
+        yield self._counter("kv_transfer_recomputed", "Failed transfers the decode recomputed (policy recompute)",
+                            x.recomputed)
         mean_s = x.latency_sum_s / x.success if x.success else 0.0
         yield self._gauge("kv_transfer_latency_ms", "Mean time from room start to transfer success (ms)",
                           mean_s * 1000.0)

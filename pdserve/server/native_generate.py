@@ -38,14 +38,16 @@ from pdserve.server.params import (
     encode_text,
     make_params,
     resolve_max_tokens,
+    resume_ids,
     stop_ids,
     stop_list,
     with_seed,
 )
 from pdserve.server.protocol import GenerateRequest, NativeSamplingParams
-from pdserve.server.sse import SSEResponse, frame
+from pdserve.server.sse import SSEResponse, frame, with_ids
 from pdserve.server.unsupported import GENERATE, GENERATE_SAMPLING, reject_unsupported
 from pdserve.server.state import ServerState, get_state
+from pdserve.server.text_stream import TextStream
 
 router = APIRouter()
 
@@ -103,7 +105,8 @@ async def _build(state: ServerState, body: GenerateRequest) -> tuple[list[SubReq
         for j in range(sp.n):
             index = p * sp.n + j
             subs.append(SubRequest(index, rids[index], ids, with_seed(params, j), sp.no_stop_trim,
-                                   boots[index] if boots and max_new else None, rids[p * sp.n] if j else None, score))
+                                   boots[index] if boots and max_new else None, rids[p * sp.n] if j else None, score,
+                                   resume_ids(state, body, total, max_new)))
     return subs, batched or sp.n > 1
 
 
@@ -185,7 +188,7 @@ async def generate(request: Request) -> Response:
 
 async def _stream(state: ServerState, subs: list[SubRequest], body: GenerateRequest,
                   texts: TokenTexts | None) -> AsyncIterator[bytes]:
-    acc = {s.index: Result(s.index, s.rid, prompt_tokens=len(s.prompt_ids)) for s in subs}
+    acc = {s.index: _resumed(state, s) for s in subs}
     many = len(subs) > 1
     prompts = _scored_prompts(subs)
     it = merge(state, subs)
@@ -201,4 +204,13 @@ async def _stream(state: ServerState, subs: list[SubRequest], body: GenerateRequ
                    "meta_info": _meta(r, body.return_logprob, body.top_logprobs_num, texts, prompts.get(d.index))}
             if many:
                 out["index"] = d.index
-            yield frame(out)
+            yield with_ids(body.pdserve_stream_ids, d.token_ids, frame(out))
+
+
+def _resumed(state: ServerState, s: SubRequest) -> Result:
+    """A stream's cumulative result so far: empty, or a migrated stream's delivered ids and text."""
+    r = Result(s.index, s.rid, prompt_tokens=len(s.prompt_ids))
+    if s.resume_ids is not None:
+        text = TextStream(state.tokenizer, s.prompt_ids, s.params.stop, s.params.skip_special_tokens, s.include_stop)
+        r.text, r.token_ids = text.add(s.resume_ids), list(s.resume_ids)
+    return r

@@ -29,10 +29,11 @@ from pdserve.server.params import (
     decode_json_object,
     off_loop,
     resolve_max_tokens,
+    resume_ids,
     with_seed,
 )
 from pdserve.server.protocol import ChatCompletionRequest
-from pdserve.server.sse import SSEResponse, frame
+from pdserve.server.sse import SSEResponse, frame, with_ids
 from pdserve.server.unsupported import CHAT, reject_unsupported
 from pdserve.server.state import ServerState, get_state
 
@@ -42,6 +43,8 @@ _RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "tokenize", "add_genera
                              "documents", "continue_final_message", "return_tensors", "return_dict",
                              "chat_template", "tokenizer_kwargs", "padding", "truncation", "max_length"}
 _ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
+# OpenAI requires `content` for these roles (an assistant turn may carry only tool calls).
+_CONTENT_REQUIRED = {"system", "user", "tool", "developer"}
 
 
 def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -51,6 +54,9 @@ def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     for i, m in enumerate(body.messages):
         if m.role not in _ROLES:
             raise bad_request(f"messages[{i}].role {m.role!r} is not one of {sorted(_ROLES)}", param=f"messages.{i}.role")
+        if m.content is None and m.role in _CONTENT_REQUIRED:
+            raise bad_request(f"messages[{i}].content is required for a {m.role!r} message",
+                              param=f"messages.{i}.content")
         if isinstance(m.content, list):
             parts = []
             for j, part in enumerate(m.content):
@@ -102,8 +108,10 @@ async def _build(state: ServerState, body: ChatCompletionRequest, rid: str) -> l
     params = openai_params(state, body, max_new, body.logprobs, top or 0)
     include_stop = body.include_stop_str_in_output or body.no_stop_trim
     boots = pd_bootstrap(state, body, 1, body.n)
+    resume = resume_ids(state, body, body.n, max_new)
     return [SubRequest(k, sub_rid(rid, k, body.n), ids, with_seed(params, k), include_stop,
-                       boots[k] if boots and max_new else None, sub_rid(rid, 0, body.n) if k else None)
+                       boots[k] if boots and max_new else None, sub_rid(rid, 0, body.n) if k else None,
+                       resume_ids=resume)
             for k in range(body.n)]
 
 
@@ -115,13 +123,14 @@ async def chat_completions(request: Request) -> Response:
     reject_unsupported(data, CHAT)
     body = ChatCompletionRequest.model_validate(data)
     check_model(state, body.model)
-    rid = new_id("chatcmpl")
+    rid = body.pdserve_response_id if body.pdserve_resume_ids is not None and body.pdserve_response_id \
+        else new_id("chatcmpl")  # a resumed stream keeps its first server's id
     subs = await _build(state, body, rid)
-    head = {"id": rid, "created": int(time.time()), "model": body.model or state.model_name}
+    head = {"id": rid, "created": body.pdserve_created or int(time.time()), "model": body.model or state.model_name}
     texts = TokenTexts(state)
     if body.stream:
         inc_usage = body.stream_options is not None and body.stream_options.include_usage
-        return SSEResponse(_stream(state, subs, head, texts, body.logprobs, inc_usage))
+        return SSEResponse(_stream(state, subs, head, texts, body.logprobs, inc_usage, body.pdserve_stream_ids))
     results = await until_disconnect(request, collect(state, subs))
     choices = [{
         "index": r.index,
@@ -136,7 +145,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _stream(state: ServerState, subs: list[SubRequest], head: dict[str, Any], texts: TokenTexts,
-                  want_lp: bool, inc_usage: bool) -> AsyncIterator[bytes]:
+                  want_lp: bool, inc_usage: bool, want_ids: bool = False) -> AsyncIterator[bytes]:
     base = dict(head, object="chat.completion.chunk")
     extra = {"usage": None} if inc_usage else {}
 
@@ -148,14 +157,16 @@ async def _stream(state: ServerState, subs: list[SubRequest], head: dict[str, An
         return frame(dict(base, choices=[choice], **extra))
 
     for s in subs:
-        yield chunk(s.index, {"role": "assistant", "content": ""})
+        if s.resume_ids is None:  # a resumed stream had its role delta from its first server
+            yield chunk(s.index, {"role": "assistant", "content": ""})
     completion_tokens = cached = 0
     it = merge(state, subs)
     async with contextlib.aclosing(it):
         async for d in it:
             lp = chat_logprobs(texts, d.token_ids, d.logprobs, d.top_logprobs) if want_lp and d.token_ids else None
-            if d.text or lp is not None:
-                yield chunk(d.index, {"content": d.text}, lp=lp)
+            shown = chunk(d.index, {"content": d.text}, lp=lp) if d.text or lp is not None else None
+            if shown is not None or (want_ids and d.token_ids):
+                yield with_ids(want_ids, d.token_ids, shown)
             if d.finish_reason is not None:
                 yield chunk(d.index, {}, d.finish_reason, matched=d.matched)
                 completion_tokens += d.completion_tokens

@@ -39,10 +39,11 @@ from pdserve.server.params import (
     decode_json_object,
     encode_text,
     resolve_max_tokens,
+    resume_ids,
     with_seed,
 )
 from pdserve.server.protocol import CompletionRequest
-from pdserve.server.sse import SSEResponse, frame
+from pdserve.server.sse import SSEResponse, frame, with_ids
 from pdserve.server.unsupported import COMPLETIONS, reject_unsupported
 from pdserve.server.state import ServerState, get_state
 
@@ -86,7 +87,7 @@ async def _build(state: ServerState, body: CompletionRequest, rid: str) -> list[
             index = p * body.n + j
             subs.append(SubRequest(index, sub_rid(rid, index, total), ids, with_seed(params, j), include_stop,
                                    boots[index] if boots and max_new else None, sub_rid(rid, p * body.n, total) if j else None,
-                                   score))
+                                   score, resume_ids(state, body, total, max_new)))
     return subs
 
 
@@ -102,16 +103,18 @@ async def completions(request: Request) -> Response:
     reject_unsupported(data, COMPLETIONS)
     body = CompletionRequest.model_validate(data)
     check_model(state, body.model)
-    rid = new_id("cmpl")
+    rid = body.pdserve_response_id if body.pdserve_resume_ids is not None and body.pdserve_response_id \
+        else new_id("cmpl")  # a resumed stream keeps its first server's id
     subs = await _build(state, body, rid)
-    created = int(time.time())
+    created = body.pdserve_created or int(time.time())
     echo = {s.index: state.tokenizer.decode(s.prompt_ids, skip_special_tokens=False) for s in subs} if body.echo else {}
     head = {"id": rid, "object": "text_completion", "created": created, "model": body.model or state.model_name}
     texts = TokenTexts(state)
     want_lp = body.logprobs is not None
     if body.stream:
         inc_usage = body.stream_options is not None and body.stream_options.include_usage
-        return SSEResponse(_stream(state, subs, body.n, head, echo, texts, want_lp, inc_usage, bool(body.logprobs)))
+        return SSEResponse(_stream(state, subs, body.n, head, echo, texts, want_lp, inc_usage, bool(body.logprobs),
+                                   body.pdserve_stream_ids))
     results = await until_disconnect(request, collect(state, subs))
     choices = []
     prompts = {s.index: s.prompt_ids for s in subs}
@@ -130,12 +133,15 @@ async def completions(request: Request) -> Response:
 
 
 async def _stream(state: ServerState, subs: list[SubRequest], n: int, head: dict[str, Any], echo: dict[int, str],
-                  texts: TokenTexts, want_lp: bool, inc_usage: bool, top_wanted: bool) -> AsyncIterator[bytes]:
+                  texts: TokenTexts, want_lp: bool, inc_usage: bool, top_wanted: bool,
+                  want_ids: bool = False) -> AsyncIterator[bytes]:
     extra = {"usage": None} if inc_usage else {}
     offsets = {s.index: len(echo.get(s.index, "")) for s in subs}
     prompts = {s.index: s.prompt_ids for s in subs}
     held = dict(echo) if want_lp else {}  # echo + logprobs: the echo frame carries the prompt's, once scored
     for index, prefix in sorted(echo.items()):
+        if subs[0].resume_ids is not None:
+            break  # a resumed stream echoed its prompt from its first server
         if index not in held:
             yield frame(dict(head, choices=[_choice(index, prefix, None, None, None)], **extra))
     completion_tokens = cached = 0
@@ -150,8 +156,10 @@ async def _stream(state: ServerState, subs: list[SubRequest], n: int, head: dict
             if want_lp and d.token_ids:
                 lp, offsets[d.index] = completion_logprobs(texts, d.token_ids, d.logprobs, d.top_logprobs,
                                                            offsets[d.index])
-            if d.text or d.finish_reason is not None or lp is not None:
-                yield frame(dict(head, choices=[_choice(d.index, d.text, lp, d.finish_reason, d.matched)], **extra))
+            shown = (frame(dict(head, choices=[_choice(d.index, d.text, lp, d.finish_reason, d.matched)], **extra))
+                     if d.text or d.finish_reason is not None or lp is not None else None)
+            if shown is not None or (want_ids and d.token_ids):
+                yield with_ids(want_ids, d.token_ids, shown)
             if d.finish_reason is not None:
                 completion_tokens += d.completion_tokens
                 cached += d.cached_tokens if d.index % n == 0 else 0

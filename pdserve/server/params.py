@@ -174,6 +174,24 @@ def with_seed(params: SamplingParams, offset: int) -> SamplingParams:
     return msgspec.structs.replace(params, seed=(params.seed + offset) & SEED_LIMIT)
 
 
+def resume_ids(state: ServerState, body: Any, num_subs: int, max_new: int) -> tuple[int, ...] | None:
+    """`pdserve_resume_ids` of a migrated stream (checked: one streamed sequence, ids in the
+    vocabulary, fewer than max_tokens; maybe none yet), or None for an ordinary request."""
+    ids = body.pdserve_resume_ids
+    if ids is None:
+        return None
+    param = "pdserve_resume_ids"
+    if num_subs != 1 or not body.stream:
+        raise bad_request("a resumed stream carries one streamed sequence (n = 1, one prompt, stream)", param=param)
+    vocab = state.vocab_size
+    if not all(0 <= t < vocab for t in ids):
+        raise bad_request(f"{param}: token ids must be in 0..{vocab - 1}", param=param)
+    if len(ids) >= max_new:
+        raise bad_request(f"{param}: {len(ids)} ids leave nothing to generate under max_tokens {max_new}",
+                          param=param)
+    return tuple(ids)
+
+
 _ROOM_STEP = 0x9E3779B97F4A7C15  # odd (golden ratio): rooms derived for the n copies of a prompt never repeat
 
 

@@ -27,13 +27,21 @@ class StreamOptions(_Model):
 
 
 class _BootstrapFields(_Model):
-    """PD fields a router adds (SGLang's names): where the prefill's bootstrap server is.
-    A scalar, or a list with one entry per sequence (SGLang's batched form for n > 1 and
-    prompt lists); `params.pd_bootstrap` pairs them with the sequences."""
+    """PD fields a router adds (SGLang's names): where the prefill's bootstrap server is, a
+    scalar or a list with one entry per sequence (SGLang's batched form for n > 1 and prompt
+    lists; `params.pd_bootstrap` pairs them with the sequences); and pdserve's router's stream
+    migration fields: `pdserve_stream_ids` asks for the token ids of each streamed event (as
+    `: pdserve-ids` SSE comments, which clients ignore), and `pdserve_resume_ids` continues a
+    stream another server started: those ids were already delivered, count as output, and are
+    not sent again."""
 
     bootstrap_host: Union[str, list[str], None] = None
     bootstrap_port: Union[int, list[int], None] = None
     bootstrap_room: Union[int, list[int], None] = None
+    pdserve_stream_ids: bool = False
+    pdserve_resume_ids: list[int] | None = None
+    pdserve_response_id: str | None = None  # a resumed stream: the id and created time its
+    pdserve_created: int | None = None  # first server put in its chunks (kept)
 
 
 class _SamplingFields(_BootstrapFields):

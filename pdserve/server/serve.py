@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from pdserve.disagg.backends import BACKENDS
-from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.config import TOKEN_ENV, DisaggConfig
 from pdserve.engine.args import add_engine_arguments, check_engine_args, engine_config_from_args
 from pdserve.launch.argtypes import metrics_prefix, port_number, positive_float, positive_int
 from pdserve.launch.sockets import bind_socket
@@ -68,6 +68,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--disaggregation-ib-device", default=None,
                    help="RDMA device(s) for the mooncake backend's rdma protocol, e.g. mlx5_0 "
                         "(default: $PDSERVE_DISAGGREGATION_IB_DEVICE, else none)")
+    g.add_argument("--disaggregation-failure-policy", default=None, choices=["recompute", "error"],
+                   help="decode, when a KV transfer fails (prefill dead, timeout, rejected record): run "
+                        "the prompt itself (recompute) or answer a clean 503 (error) (default recompute)")
     g = p.add_argument_group("logging and metrics")
     g.add_argument("--log-level", default=d.log_level, choices=LOG_LEVELS, help=f"(default {d.log_level})")
     g.add_argument("--access-log", action="store_true", help="log every HTTP request (uvicorn's access log)")
@@ -89,10 +92,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    # the bootstrap server and transfer sessions need a secret: the cluster token, else the API key
     disagg = DisaggConfig.from_env(
-        mode=args.disaggregation_mode, backend=args.disaggregation_transfer_backend,
+        cluster_token=os.environ.get(TOKEN_ENV) or api_key, mode=args.disaggregation_mode, backend=args.disaggregation_transfer_backend,
         bootstrap_port=args.disaggregation_bootstrap_port,
-        bootstrap_host=args.disaggregation_bootstrap_host or args.host, ib_device=args.disaggregation_ib_device)
+        bootstrap_host=args.disaggregation_bootstrap_host or args.host, ib_device=args.disaggregation_ib_device,
+        failure_policy=args.disaggregation_failure_policy)
     return ServerConfig(
         engine=engine_config_from_args(args), disagg=disagg, host=args.host, port=args.port, api_key=api_key,
         served_model_name=args.served_model_name[0] if args.served_model_name else None,

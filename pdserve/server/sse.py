@@ -29,6 +29,19 @@ def frame(obj: Any) -> bytes:
     return b"data: " + _encode(obj) + b"\n\n"
 
 
+def ids_comment(ids: list[int]) -> bytes:
+    """An SSE comment with the token ids of the event it precedes (`pdserve_stream_ids`): SSE
+    clients ignore comments; pdserve's router reads (and strips) them to migrate a stream."""
+    return b": pdserve-ids " + ",".join(map(str, ids)).encode() + b"\n"
+
+
+def with_ids(want: bool, ids: list[int], data: bytes | None) -> bytes:
+    """`data` (a frame, or None when nothing is shown), led by its ids comment when asked."""
+    if not want or not ids:
+        return data or b""
+    return ids_comment(ids) + (data if data is not None else b"\n")
+
+
 async def guarded(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """`frames`, then `[DONE]`; an exception becomes an error frame (then `[DONE]`)."""
     try:

@@ -7,8 +7,10 @@
   through either router as the unified path;
 - SGLang's own router (`sglang_router.launch_router --pd-disaggregation`) in front of the same
   pdserve workers gives the same output;
-- a prefill killed mid-request fails the request fast (no heartbeat or timeout wait), the
-  decode leg is cancelled and its KV pages return (last test: it kills the prefill).
+- a prefill killed mid-request costs the client nothing: the router keeps the decode leg,
+  whose transfer fails at once (session lost) and which recomputes the prompt itself
+  (`--disaggregation-failure-policy recompute`, the default); its reserved pages return and
+  the answer equals the unified one (last test: it kills the prefill).
 Skipped when `pdserve serve` has no `--disaggregation-mode` yet.
 """
 
@@ -115,7 +117,7 @@ def test_n_and_prompt_lists_through_pd_equal_unified(pair, router: EmbeddedRoute
     assert len(set(unified_sampled[0])) > 1  # seeded copies differ: the comparison is of sampled streams
     assert sampled_outputs(router.url) == unified_sampled
     failures = [x for x in httpx.get(router.url + "/metrics").text.splitlines()
-                if x.startswith("pdserve_router_pd_transfer_failures_total{")]
+                if x.startswith("sglang:router_pd_transfer_failures_total{")]
     assert failures == []
 
 
@@ -249,18 +251,20 @@ def test_echo_logprobs_score_the_prompt_through_pd(pair, router: EmbeddedRouter)
     assert httpx.get(router.url + "/version").status_code == 200
 
 
-def test_dead_prefill_fails_fast_and_decode_pages_return(pair, router: EmbeddedRouter) -> None:
+def test_dead_prefill_mid_request_is_recomputed_by_the_decode(pair, router: EmbeddedRouter) -> None:
     from tests.integration.pd_cluster import get_load, pool_mark, wait_settled
 
     prefill, decode = pair.urls
     mark = pool_mark(decode)
     long_prompt = "Tell me everything about the history of Rome. " * 80  # ~800 tokens, 64 per forward
+    body = {"prompt": long_prompt, "max_tokens": 16, "temperature": 0}
+    unified = httpx.post(decode + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    wait_settled(decode, mark, timeout=30)
     result: dict = {}
 
     def call() -> None:
         t0 = time.monotonic()
-        result["r"] = httpx.post(router.url + "/v1/completions", json={"prompt": long_prompt, "max_tokens": 64,
-                                                                       "temperature": 0}, timeout=120)
+        result["r"] = httpx.post(router.url + "/v1/completions", json=body, timeout=120)
         result["s"] = time.monotonic() - t0
 
     t = threading.Thread(target=call)
@@ -272,8 +276,8 @@ def test_dead_prefill_fails_fast_and_decode_pages_return(pair, router: EmbeddedR
     t.join(60)
     assert not t.is_alive()
     resp = result["r"]
-    assert resp.status_code in (502, 503), resp.text
-    assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
-    assert time.monotonic() - killed_at < 8  # well under the heartbeat (5 s x 2) + bootstrap timeouts
-    wait_settled(decode, mark, timeout=30)  # the cancelled decode leg gave its pages back
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["text"] == unified  # recomputed: nothing lost
+    assert time.monotonic() - killed_at < 30
+    wait_settled(decode, mark, timeout=30)  # the failed transfer's reserved pages came back
     wait_until(lambda: httpx.get(router.url + "/readiness").status_code == 503, timeout=10, what="PD readiness")

@@ -77,8 +77,8 @@ def serve_command() -> list[str]:
 
 class ServerProcess:
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 api_key: str | None = None) -> None:
-        self.port = free_port()
+                 api_key: str | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()  # a port: restart a server at the same address
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.api_key = api_key

@@ -149,18 +149,21 @@ class PDPair:
         self._starts += 1
         return self.tmp / f"{role}-{self._starts}.log"
 
-    def launch_prefill(self, extra: list[str] | None = None, env: dict[str, str] | None = None) -> ServerProcess:
+    def launch_prefill(self, extra: list[str] | None = None, env: dict[str, str] | None = None,
+                       port: int | None = None) -> ServerProcess:
+        """Start the prefill (`port`: at that HTTP port, e.g. the one it had before a kill)."""
         assert self.prefill is None or self.prefill.proc.poll() is not None, "prefill still running"
         args = [*self.args, "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", self.backend,
                 "--disaggregation-bootstrap-port", str(self.bootstrap_port), *(extra or [])]
-        self.prefill = ServerProcess(args, self._log("prefill"), env={**self.prefill_env, **(env or {})})
+        self.prefill = ServerProcess(args, self._log("prefill"), env={**self.prefill_env, **(env or {})}, port=port)
         return self.prefill
 
-    def launch_decode(self, extra: list[str] | None = None, env: dict[str, str] | None = None) -> ServerProcess:
+    def launch_decode(self, extra: list[str] | None = None, env: dict[str, str] | None = None,
+                      port: int | None = None) -> ServerProcess:
         assert self.decode is None or self.decode.proc.poll() is not None, "decode still running"
         args = [*self.args, "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", self.backend,
                 "--disaggregation-bootstrap-port", str(free_port()), *(extra or [])]
-        self.decode = ServerProcess(args, self._log("decode"), env={**self.decode_env, **(env or {})})
+        self.decode = ServerProcess(args, self._log("decode"), env={**self.decode_env, **(env or {})}, port=port)
         return self.decode
 
     def launch_extra_decode(self, tag: str) -> ServerProcess:

@@ -169,3 +169,63 @@ def test_n_copies_share_prefill_pages_and_seeded_pd_equals_unified(tiny_model_di
     finally:
         pre.close()
         dec.close()
+
+
+def test_failed_transfers_are_recomputed(tiny_model_dir: Path, unified: Engine) -> None:
+    """Policy recompute (the default): a rejected record and an injected transfer failure both
+    end in the decode running the prompt itself: output equal to unified, counted, pages back."""
+    import msgspec
+
+    ps = prompts(6, seed=21)
+    for i, p in enumerate(ps):
+        unified.add_request(GenerateReq(f"r{i}", p, PARAMS))
+    ref = run_until_done([unified], {f"r{i}" for i in range(len(ps))})
+    cfg = DisaggConfig(backend="tcp", bootstrap_port=0, heartbeat_interval=0.5, fail_rate=0.3)
+    pre = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**cfg.__dict__, "mode": "prefill"}))
+    dec = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**cfg.__dict__, "mode": "decode", "fail_rate": 0.0}))
+    marks = [e.load().free_pages + e.load().cached_pages for e in (pre, dec)]
+    make_receiver = dec.stage.manager.receiver
+
+    def receiver(room: int, endpoint: str):  # room 3000 gets another room's record: rejected
+        r = make_receiver(room, endpoint)
+        if room == 3000:
+            real = r.metadata
+            r.metadata = lambda: (lambda rec: None if rec is None else msgspec.structs.replace(rec, room=1))(real())
+        return r
+
+    dec.stage.manager.receiver = receiver
+    try:
+        port = pre.stage.bootstrap_server.port
+        rids = set()
+        for i, p in enumerate(ps):
+            boot = Bootstrap("127.0.0.1", port, room=3000 + i)
+            pre.add_request(GenerateReq(f"p{i}", p, PARAMS, bootstrap=boot))
+            dec.add_request(GenerateReq(f"d{i}", p, PARAMS, bootstrap=boot))
+            rids |= {f"p{i}", f"d{i}"}
+        got = run_until_done([pre, dec], rids)
+        for i in range(len(ps)):
+            assert [o.error for o in got[f"d{i}"]] == [None] * len(got[f"d{i}"])  # no client error
+            assert tokens(got[f"d{i}"]) == tokens(ref[f"r{i}"])
+        stats = dec.load().transfer
+        # room 3000's transfer succeeded but its record was rejected; injected failures failed theirs
+        assert stats is not None and stats.recomputed >= max(2, stats.failed), stats
+        for e, mark in zip((pre, dec), marks):
+            assert not e.has_work()
+            e.check_integrity()
+            assert e.load().free_pages + e.load().cached_pages == mark
+    finally:
+        pre.close()
+        dec.close()
+
+
+def test_resumed_output_continues_token_for_token(unified: Engine) -> None:
+    """A migrated stream: prompt + the ids already delivered, counted as output; the rest equals
+    the uninterrupted run and the counters count every token once."""
+    p = prompts(1, seed=31)[0]
+    unified.add_request(GenerateReq("whole", p, PARAMS))
+    whole = tokens(run_until_done([unified], {"whole"})["whole"])
+    cut = len(whole) // 2
+    unified.add_request(GenerateReq("rest", p, PARAMS, output_ids=whole[:cut]))
+    outs = run_until_done([unified], {"rest"})["rest"]
+    assert tokens(outs) == whole[cut:]
+    assert outs[-1].completion_tokens == len(whole) and outs[-1].prompt_tokens == len(p)

@@ -53,7 +53,8 @@ ONE = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture
 def engines(tiny_model_dir: Path) -> Iterator[tuple[Engine, Engine]]:
-    base = DisaggConfig(backend="tcp", bootstrap_port=0, heartbeat_interval=0.5, waiting_timeout=3.0)
+    base = DisaggConfig(backend="tcp", bootstrap_port=0, heartbeat_interval=0.5, waiting_timeout=3.0,
+                        failure_policy="error")  # this file checks the clean errors; tests/chaos the recompute
     pre = Engine(engine_cfg(tiny_model_dir), dataclasses.replace(base, mode="prefill"))
     dec = Engine(engine_cfg(tiny_model_dir), dataclasses.replace(base, mode="decode"))
     try:
@@ -175,7 +176,8 @@ PAGE = 16
 HB_INTERVAL, HB_MAX = 1.0, 2
 BOOT_TIMEOUT = 2.0
 ENGINE_ARGS = ["--model", "default", "--threads", "1", "--max-model-len", "1024", "--num-pages", "400",
-               "--page-size", str(PAGE), "--chunk-budget", "64", "--seed", "0", "--max-tokens-cap", "512"]
+               "--page-size", str(PAGE), "--chunk-budget", "64", "--seed", "0", "--max-tokens-cap", "512",
+               "--disaggregation-failure-policy", "error"]  # the clean errors; tests/chaos: recompute
 LONG = 900  # tokens: ~15 chunks of 64, KV pushed after each (a wide "mid-transfer" window)
 
 

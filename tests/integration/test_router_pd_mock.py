@@ -181,4 +181,20 @@ def test_client_400_is_relayed_and_not_a_failed_leg(pd: tuple[MockWorker, MockWo
         wait_until(lambda: len(p.generation_records()) == 1, 10, "the prefill leg")
         assert len(d.generation_records()[0].body["bootstrap_room"]) == 4  # one room per sequence
         metrics = httpx.get(r.url + "/metrics").text
-        assert "pdserve_router_pd_transfer_failures_total{" not in metrics  # no leg counted as failed
+        assert "sglang:router_pd_transfer_failures_total{" not in metrics  # no leg counted as failed
+
+
+def test_client_errors_are_not_transfer_failures(pd: tuple[MockWorker, MockWorker]) -> None:
+    """A leg's 400 about the client's body is the client's error, counted apart from failed legs."""
+    p, d = pd
+    p.configure(fail_status=400, fail_count=1)  # the first request: the prefill's 400 comes first...
+    d.configure(latency_s=0.5)
+    with EmbeddedRouter(pd_cfg([(p, 1)], [d])) as r, httpx.Client(base_url=r.url, timeout=10) as c:
+        assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 400
+        d.configure(latency_s=0.0, fail_status=400)  # ...the second: the decode answers 400
+        assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 400
+        assert d.counts()["received"] == 2  # a 400 is not retried
+        metrics = c.get("/metrics").text
+        assert 'sglang:router_pd_client_errors_total{leg="prefill",status="400"} 1.0' in metrics
+        assert 'sglang:router_pd_client_errors_total{leg="decode",status="400"} 1.0' in metrics
+        assert "sglang:router_pd_transfer_failures_total{" not in metrics

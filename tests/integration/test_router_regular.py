@@ -102,6 +102,31 @@ def test_dead_worker_is_ejected_its_circuit_opens_and_it_comes_back(workers: lis
         assert seen == {dead.url, alive.url}
 
 
+def test_restarted_worker_serves_within_5_s_of_answering_health() -> None:
+    """Fast rejoin: the circuit of a dead worker stays open for 60 s by config, yet the worker
+    gets traffic again within 5 s of its health check answering (a half-open probe at once)."""
+    port_worker = MockWorker()
+    health = HealthConfig(interval_s=10.0, timeout_s=1.0, failure_threshold=1, success_threshold=1)
+    cfg = RouterConfig(port=0, workers=(WorkerSpec(port_worker.url),), health=health,
+                       retry=RetryConfig(max_attempts=1), policy=PolicyConfig("round_robin"),
+                       circuit=CircuitConfig(failure_threshold=2, success_threshold=2, open_duration_s=60.0))
+    port_worker.start()
+    try:
+        with EmbeddedRouter(cfg) as r, httpx.Client(base_url=r.url, timeout=10) as c:
+            assert c.post("/v1/completions", json=BODY).status_code == 200
+            port_worker.kill()
+            statuses = {c.post("/v1/completions", json=BODY).status_code for _ in range(3)}
+            assert statuses <= {502, 503}, statuses
+            assert r.app.registry.get(port_worker.url).breaker.state == "open"
+            port_worker.revive()  # same address
+            back = time.monotonic()
+            wait_until(lambda: c.post("/v1/completions", json=BODY).status_code == 200, timeout=5,
+                       what="the restarted worker to serve again")
+            print(f"restarted worker served again {time.monotonic() - back:.2f} s after it was back")
+    finally:
+        port_worker.kill()
+
+
 def test_streaming_is_relayed_unbuffered(workers: list[MockWorker]) -> None:
     slow = workers[0]
     slow.configure(token_delay_s=0.4)

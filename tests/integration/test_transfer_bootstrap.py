@@ -45,10 +45,12 @@ def _http(method: str, url: str, body: bytes | None = None, headers: dict[str, s
 def test_routes_health_and_token(server: BootstrapServer) -> None:
     status, health = _http("GET", server.url + "/health")
     assert status == 200 and health["status"] == "ok" and health["instance"] == server.instance
-    status, info = _http("GET", server.url + "/route?rank=0")
+    assert _http("GET", server.url + "/route?rank=0")[0] == 401  # reads need the token too
+    auth = {"Authorization": "Bearer tok"}
+    status, info = _http("GET", server.url + "/route?rank=0", headers=auth)
     assert status == 200 and info["endpoint"] == "127.0.0.1:5555" and info["layout"]["page_size"] == 4
-    assert _http("GET", server.url + "/route?rank=3")[0] == 404
-    assert _http("GET", server.url + "/route?rank=x")[0] == 400
+    assert _http("GET", server.url + "/route?rank=3", headers=auth)[0] == 404
+    assert _http("GET", server.url + "/route?rank=x", headers=auth)[0] == 400
     body = json.dumps({"rank": 1, "endpoint": "127.0.0.1:6666",
                        "layout": json.loads(msgspec.json.encode(LAYOUT))}).encode()
     assert _http("PUT", server.url + "/route", body)[0] == 401
@@ -60,11 +62,45 @@ def test_routes_health_and_token(server: BootstrapServer) -> None:
     with pytest.raises(BootstrapError, match="409"):  # every rank must share the layout
         register_route("127.0.0.1", server.port, 2, "x:1", msgspec.structs.replace(LAYOUT, head_dim=8), token="tok")
     assert server.route(1).endpoint == "127.0.0.1:6666" and server.route(1).num_ranks == 2
+    # route poisoning: a wrong key cannot re-point a registered rank (the table is unchanged)
+    poison = json.dumps({"rank": 0, "endpoint": "10.9.9.9:1",
+                         "layout": json.loads(msgspec.json.encode(LAYOUT))}).encode()
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "tok"}):
+        assert _http("PUT", server.url + "/route", poison, headers)[0] == 401
+    assert server.route(0).endpoint == "127.0.0.1:5555" and server.route(0).num_ranks == 2
+
+
+def test_without_a_secret_only_loopback_peers_register() -> None:
+    srv = BootstrapServer("0.0.0.0", 0).start()
+    try:
+        register_route("127.0.0.1", srv.port, 0, "127.0.0.1:5555", LAYOUT)  # loopback: accepted
+        assert srv.route(0).endpoint == "127.0.0.1:5555"
+        outside = _outside_address()
+        if outside is None:
+            pytest.skip("this machine has no non-loopback IPv4 address to call from")
+        with pytest.raises(BootstrapError, match="403"):
+            register_route(outside, srv.port, 0, "10.9.9.9:1", LAYOUT)
+        assert srv.route(0).endpoint == "127.0.0.1:5555"
+    finally:
+        srv.close()
+
+
+def _outside_address() -> str | None:
+    """A non-loopback address of this host (the UDP connect sends nothing)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+            addr = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if addr.startswith("127.") else addr
 
 
 def test_layout_checked_at_first_contact(server: BootstrapServer) -> None:
     client = BootstrapClient(msgspec.structs.replace(LAYOUT, page_size=16, dtype="bfloat16"),
-                             DisaggConfig(), heartbeat=False, fetch_timeout=2)
+                             DisaggConfig(cluster_token="tok"), heartbeat=False, fetch_timeout=2)
     try:
         with pytest.raises(LayoutMismatch, match=r"page_size \(decode=16, prefill 127.0.0.1:\d+=4\)"):
             client.get_route("127.0.0.1", server.port)
@@ -91,7 +127,7 @@ def test_unreachable_prefill_is_a_clear_error() -> None:
 
 
 def test_heartbeat_declares_death_and_relearns_a_restart(server: BootstrapServer) -> None:
-    cfg = DisaggConfig(heartbeat_interval=0.2, heartbeat_max_failure=2)
+    cfg = DisaggConfig(heartbeat_interval=0.2, heartbeat_max_failure=2, cluster_token="tok")
     client = BootstrapClient(LAYOUT, cfg)
     dead: list[tuple[PrefillAddr, list[str], str]] = []
     fired = threading.Event()

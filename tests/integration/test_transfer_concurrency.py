@@ -5,6 +5,7 @@ failures. Every room must end in the same terminal state on both sides, successe
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -66,3 +67,34 @@ def test_concurrent_rooms_with_aborts_and_failures(backend: str) -> None:
             m.close()
         for p in pools:
             p.close()
+
+
+def test_an_abort_before_the_sender_exists_fails_it_at_once() -> None:
+    """Decode gave a room up (AbortRoom) before the busy prefill engine created its sender: the
+    abort is remembered, so the sender fails the moment it is created instead of waiting for a
+    page list that never comes (its bootstrap timeout); a room never aborted still works."""
+    shape = (L, 32 * PS, H, D)
+    k, v = torch.randn(shape), torch.randn(shape)
+    layout = KVLayout.for_pool("tiny", k, PS)
+    prefill = create_manager("tcp", "prefill", k, v, PS, layout, DisaggConfig(bootstrap_timeout=60))
+    decode = create_manager("tcp", "decode", torch.zeros(shape), torch.zeros(shape), PS, layout, DisaggConfig())
+    try:
+        r = decode.receiver(501, prefill.endpoint)
+        r.init([1, 2])  # RoomInfo reaches the prefill: no sender yet, so it waits there
+        r.abort()  # the client left: AbortRoom, still before the sender
+        assert r.wait(10) == KVPoll.Failed
+        memory = prefill._prefill._memory  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while 501 not in memory.aborts:  # the AbortRoom is on its way (the session's writer thread)
+            assert time.monotonic() < deadline, "the prefill never got the AbortRoom"
+            time.sleep(0.01)
+        s = prefill.sender(501)  # the engine takes the request only now
+        assert s.wait(2) == KVPoll.Failed and "gave up" in (s.failure or ""), s.failure
+        ok_r, ok_s = decode.receiver(502, prefill.endpoint), prefill.sender(502)
+        ok_r.init([3])
+        assert ok_s.wait(10, until=KVPoll.WaitingForInput) == KVPoll.WaitingForInput
+        ok_s.send([5], 0, True, MetadataRecord(room=502, first_token=3))
+        assert ok_s.wait(10) == KVPoll.Success and ok_r.wait(10) == KVPoll.Success
+    finally:
+        decode.close()
+        prefill.close()

@@ -48,6 +48,20 @@ def test_breaker_opens_half_opens_and_closes() -> None:
     assert b.state == CLOSED
 
 
+def test_trial_half_opens_an_open_breaker_at_once() -> None:
+    clock = Clock()
+    b = CircuitBreaker(CircuitConfig(failure_threshold=1, success_threshold=1, open_duration_s=60), clock)
+    b.trial()  # closed: nothing to do
+    assert b.state == CLOSED
+    b.record(False)
+    assert b.state == OPEN and not b.allow()
+    clock.t = 1.0
+    b.trial()  # a good health check: a trial now, not after 60 s
+    assert b.state == HALF_OPEN and b.allow()
+    b.record(True)
+    assert b.state == CLOSED
+
+
 def test_disabled_breaker_always_allows() -> None:
     b = CircuitBreaker(CircuitConfig(enabled=False, failure_threshold=1))
     for _ in range(5):

@@ -3,7 +3,10 @@
 Lifecycle of one room on the prefill rank (state in brackets):
 
   1. `sender(room)` [Bootstrapping]. Decode's RoomInfo may come before or after it: one that
-     comes first waits in `_pending` (dropped with a RoomFailed after bootstrap_timeout).
+     comes first waits in `_pending` (dropped with a RoomFailed after bootstrap_timeout). An
+     AbortRoom that comes first (the client left while this busy engine had not taken the
+     request yet) is remembered (room_memory.py) for bootstrap_timeout, so the sender, when
+     it is created, fails at once instead of waiting for a page list that never comes.
   2. RoomInfo bound [WaitingForInput]; `num_dst_pages` is known.
   3. `send(...)` [Transferring]: a task goes to the shard queue of this decode (FCFS per decode);
      the consumer moves the pages (the backend's `write_pages`) inside begin_write/end_write, and
@@ -20,13 +23,11 @@ consumers. The engine thread only calls sender/send/poll/abort, which never bloc
 
 from __future__ import annotations
 
-import hmac
 import logging
 import random
 import socket
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +35,10 @@ from typing import Any
 from pdserve.disagg.messages import Ack, AbortRoom, Done, Hello, HelloAck, MetadataRecord, RoomFailed, RoomInfo
 from pdserve.disagg.transfer.base import KVPoll, KVSender
 from pdserve.disagg.transfer.data_path import DataPath
+from pdserve.disagg.transfer.handshake import refusal
 from pdserve.disagg.transfer.pages import Run, check_pages, page_runs
 from pdserve.disagg.transfer.room import RoomState
+from pdserve.disagg.transfer.room_memory import RoomMemory
 from pdserve.disagg.transfer.shards import ShardedQueues
 from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed, advertised_host, join_endpoint, listen
 
@@ -44,7 +47,6 @@ logger = logging.getLogger("pdserve.disagg.prefill")
 
 HOUSEKEEPING_S = 0.25
 HANDSHAKE_TIMEOUT_S = 10.0
-FINISHED_MEMORY = 65536  # rooms remembered after they end (to answer late RoomInfo/AbortRoom)
 
 
 class InjectedFailure(RuntimeError):
@@ -144,7 +146,7 @@ class SendSessions:
         self._lock = threading.Lock()
         self._senders: dict[int, SessionSender] = {}
         self._pending: dict[int, tuple[PrefillSession, RoomInfo, float]] = {}
-        self._finished: OrderedDict[int, str] = OrderedDict()
+        self._memory = RoomMemory(self.config.bootstrap_timeout)  # ended rooms, aborts before a sender
         self._sessions: set[PrefillSession] = set()
         self._closing = threading.Event()
         self.queues = ShardedQueues(self.config.queue_size, self.config.thread_pool_size, "pd-send")
@@ -162,8 +164,12 @@ class SendSessions:
             s = SessionSender(self, room)
             self._senders[room] = s
             pending = self._pending.pop(room, None)
-            if pending is not None:
+            early = self._memory.take_abort(room)
+            if pending is not None and early is None:
                 s.bind(pending[0], pending[1])
+        if early is not None:  # decode gave this room up before we had it: nothing was written
+            logger.info("room %d: decode gave it up before the request reached this engine (%s)", room, early)
+            s.state.fail(f"decode gave up before the request arrived: {early}")
         return s
 
     def submit(self, session: PrefillSession, task: Any) -> None:
@@ -200,9 +206,7 @@ class SendSessions:
             s = self._senders.get(state.room)
             if s is not None and s.state is state:
                 del self._senders[state.room]
-            self._finished[state.room] = state.failure or "succeeded"
-            while len(self._finished) > FINISHED_MEMORY:
-                self._finished.popitem(last=False)
+            self._memory.end(state.room, state.failure or "succeeded")
 
     # --- shard consumers ----------------------------------------------------------------------
 
@@ -265,7 +269,7 @@ class SendSessions:
         hello = session.sock.recv_msg(idle)
         if not isinstance(hello, Hello):
             raise SessionClosed(f"expected Hello, got {type(hello).__name__}")
-        error = self._refusal(hello)
+        error = refusal(hello, self.config.cluster_token, self.mgr.backend_name, self.mgr.layout)
         if error is None:
             try:
                 session.region = self.mgr.open_region(hello)
@@ -275,18 +279,6 @@ class SendSessions:
         if error is not None:
             raise SessionClosed(error)
         session.key, session.peer = hello.identity.instance, hello.identity
-
-    def _refusal(self, hello: Hello) -> str | None:
-        token = self.config.cluster_token
-        if token is not None and not hmac.compare_digest((hello.token or "").encode(), token.encode()):
-            return "cluster token rejected"
-        if hello.backend != self.mgr.backend_name:
-            return f"backend mismatch: decode uses {hello.backend!r}, prefill uses {self.mgr.backend_name!r}"
-        try:
-            self.mgr.layout.check_compatible(hello.layout, mine="prefill", theirs="decode")
-        except ValueError as exc:
-            return str(exc)
-        return None
 
     def _serve(self, session: PrefillSession) -> None:
         reason = "closed"
@@ -315,8 +307,8 @@ class SendSessions:
         with self._lock:
             s = self._senders.get(info.room)
             if s is None:
-                if info.room in self._finished:
-                    reply = f"prefill already ended this room ({self._finished[info.room]})"
+                if info.room in self._memory.ended:
+                    reply = f"prefill already ended this room ({self._memory.ended[info.room]})"
                 elif info.room in self._pending:
                     reply = "duplicate RoomInfo"
                 else:
@@ -332,6 +324,8 @@ class SendSessions:
         with self._lock:
             s = self._senders.get(msg.room)
             self._pending.pop(msg.room, None)
+            if s is None and msg.room not in self._memory.ended:  # its sender may still come
+                self._memory.abort_early(msg.room, msg.reason, time.monotonic())
         if s is None:  # unknown or ended: nothing can be writing it
             self._send_quietly(session, RoomFailed(room=msg.room, reason=f"decode gave up: {msg.reason}"))
         else:
@@ -366,6 +360,7 @@ class SendSessions:
                            if now - t > self.config.bootstrap_timeout]
                 for room, _ in expired:
                     del self._pending[room]
+                self._memory.expire(now)
             for s in senders:
                 self.check_timeouts(s)
             for room, sess in expired:

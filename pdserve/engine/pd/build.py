@@ -51,4 +51,5 @@ def build_stage(disagg: DisaggConfig | None, model_name: str, pool: KVPool, sche
         return PrefillStage(scheduler, pool.page_size, manager, server)
     client = BootstrapClient(layout, disagg)
     manager.watch(client)
-    return DecodeStage(scheduler, kv, stops, vocab_size, manager, client)
+    return DecodeStage(scheduler, kv, stops, vocab_size, manager, client,
+                       recompute=disagg.failure_policy == "recompute")

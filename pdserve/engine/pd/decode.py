@@ -5,9 +5,14 @@
             ── receiver Success, record.room == room ──▶ commit the first token without a
                forward (num_computed = prompt_len; a seeded generator skips the draw the
                prefill made for it), join the running batch, decode, stream
-            └─ Failed / timeout / wrong record ──▶ answer: error; pages back to the pool
+            └─ Failed / timeout / wrong record / unreachable prefill ──▶ policy
+                 recompute (default): free the reserved pages (their bytes cannot be trusted),
+                   hand the request to the scheduler as an ordinary prefill (it may reuse a
+                   cached prefix and any free page), counted in stats.recomputed, logged once
+                 error: answer a clean 503; pages back to the pool
 A reserved page returns to the pool only once the receiver is terminal (Success or Failed):
-a write into it may otherwise still land. Aborts wait for that too.
+a write into it may otherwise still land. Aborts wait for that too. A request that recomputes
+is no longer the stage's: the engine runs, aborts and finishes it like a unified one.
 """
 
 from __future__ import annotations
@@ -39,13 +44,14 @@ def _transfer(req: Request) -> DecodeTransfer:
 
 class DecodeStage:
     def __init__(self, scheduler: Scheduler, kv: KVManager, stops: StopChecker, vocab_size: int,
-                 manager: TransferManager, client: BootstrapClient) -> None:
+                 manager: TransferManager, client: BootstrapClient, recompute: bool = True) -> None:
         self.scheduler = scheduler
         self.kv = kv
         self.stops = stops
         self.vocab_size = vocab_size
         self.manager = manager
         self.client = client
+        self.recompute = recompute
         self.prealloc: list[Request] = []
         self.transfer: list[Request] = []
         self.stats: TransferStats | None = TransferStats()
@@ -96,9 +102,9 @@ class DecodeStage:
                 break
             try:  # non-blocking: the first contact with a prefill is fetched in the background
                 route = self.client.poll_route(t.boot.host, t.boot.port)
-            except Exception as e:  # unreachable prefill or layout mismatch: a clean error
+            except Exception as e:  # unreachable prefill or layout mismatch: recompute, or a clean error
                 self.prealloc.remove(req)
-                out.finished.append(self._fail(req, str(e)))
+                self._failed(req, f"cannot use the prefill server: {e}", out)
                 continue
             if route is None:
                 continue  # still fetching its prefill's route (up to fetch_timeout): serve the others
@@ -128,13 +134,13 @@ class DecodeStage:
                 out.finished.append(Finished(req, "abort", keep_in_cache=False))
             elif state == KVPoll.Failed:
                 why = t.receiver.failure or "unknown"
-                out.finished.append(self._fail(req, f"KV transfer from the prefill server failed: {why}"))
+                self._failed(req, f"KV transfer from the prefill server failed: {why}", out)
             else:
                 record = t.receiver.metadata()
                 if record is None or record.room != t.boot.room:
-                    out.finished.append(self._fail(req, "rejected a corrupted or wrong-room metadata record"))
+                    self._failed(req, "rejected a corrupted or wrong-room metadata record", out)
                 elif not 0 <= record.first_token < self.vocab_size:
-                    out.finished.append(self._fail(req, "rejected a metadata record with an invalid token"))
+                    self._failed(req, "rejected a metadata record with an invalid token", out)
                 else:
                     self._commit(req, record)
                     out.progressed.append(req)
@@ -156,6 +162,20 @@ class DecodeStage:
         self.stops.check(req)
         if not req.finished:
             self.scheduler.resume(req)
+
+    def _failed(self, req: Request, error: str, out: StagePoll) -> None:
+        """A transfer that failed for good (the receiver is terminal: no write can land)."""
+        if not self.recompute:
+            out.finished.append(self._fail(req, error))
+            return
+        room = _transfer(req).boot.room
+        log.warning("request %s (room %d): %s; recomputing the prompt locally", req.rid, room, error)
+        self.kv.release(req, keep_in_cache=False)  # reserved pages back: their bytes are not trusted
+        req.transfer = None
+        req.num_computed = 0
+        self.scheduler.add(req)  # an ordinary prefill from here on
+        assert self.stats is not None
+        self.stats.recomputed += 1
 
     @staticmethod
     def _fail(req: Request, error: str, status: int = 503) -> Finished:
