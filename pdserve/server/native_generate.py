@@ -40,6 +40,7 @@ from pdserve.server.params import (
 )
 from pdserve.server.protocol import GenerateRequest, NativeSamplingParams
 from pdserve.server.sse import SSEResponse, frame
+from pdserve.server.structured import checked, native_grammar
 from pdserve.server.state import ServerState, get_state
 
 router = APIRouter()
@@ -74,6 +75,7 @@ async def _build(state: ServerState, body: GenerateRequest) -> tuple[list[SubReq
         raise from_validation_error(exc, prefix="sampling_params") from None
     check_n(state, sp.n, "sampling_params.n")
     check_int(body.top_logprobs_num, "top_logprobs_num", 0, state.config.engine.max_top_logprobs)
+    grammar = await checked(native_grammar(sp))
     prompts, batched = await _prompts(state, body)
     total = len(prompts) * sp.n
     rids = _rids(body.rid, total)
@@ -89,7 +91,8 @@ async def _build(state: ServerState, body: GenerateRequest) -> tuple[list[SubReq
             stop=stop_list(state, sp.stop, "sampling_params.stop"),
             stop_token_ids=stop_ids(state, sp.stop_token_ids, "sampling_params.stop_token_ids"),
             ignore_eos=sp.ignore_eos, skip_special_tokens=sp.skip_special_tokens,
-            logprobs=body.return_logprob, top_logprobs=body.top_logprobs_num if body.return_logprob else 0)
+            logprobs=body.return_logprob, top_logprobs=body.top_logprobs_num if body.return_logprob else 0,
+            grammar=grammar)
         for j in range(sp.n):
             index = p * sp.n + j
             subs.append(SubRequest(index, rids[index], ids, with_seed(params, j), sp.no_stop_trim, boot))

@@ -47,6 +47,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-n", type=int, default=d.max_n, help="cap on n")
     p.add_argument("--max-prompts", type=int, default=d.max_prompts, help="cap on prompts per request")
     p.add_argument("--max-tokens-cap", type=int, default=None, help="cap on max_tokens (default: context length)")
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                   help='reads the model\'s own tool calls for tool_choice "auto" (hermes: Qwen/Hermes <tool_call>)')
     p.add_argument("--engine-start-timeout", type=float, default=d.engine_start_timeout_s, help="seconds")
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s, help="seconds per stage")
     g = p.add_argument_group("PD disaggregation (knobs: PDSERVE_DISAGGREGATION_* env, see README)")
@@ -84,7 +86,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         served_model_name=args.served_model_name, max_body_bytes=int(args.max_body_mb * 2**20),
         max_n=args.max_n, max_prompts=args.max_prompts, max_tokens_cap=args.max_tokens_cap,
         engine_start_timeout_s=args.engine_start_timeout, shutdown_timeout_s=args.shutdown_timeout,
-        log_level=args.log_level, access_log=args.access_log)
+        log_level=args.log_level, access_log=args.access_log, tool_call_parser=args.tool_call_parser)
 
 
 class _Server(uvicorn.Server):

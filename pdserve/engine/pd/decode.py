@@ -3,7 +3,8 @@
     add ──▶ prealloc queue ── pages for the prompt fit (with decode headroom) ──▶ reserve them,
             receiver.init(pages) tells the prefill rank where to write ──▶ transfer queue
             ── receiver Success, record.room == room ──▶ commit the first token without a
-               forward (num_computed = prompt_len), join the running batch, decode, stream
+               forward (num_computed = prompt_len; a grammar's matcher advances past it),
+               join the running batch, decode, stream
             └─ Failed / timeout / wrong record ──▶ answer: error; pages back to the pool
 A reserved page returns to the pool only once the receiver is terminal (Success or Failed):
 a write into it may otherwise still land. Aborts wait for that too.
@@ -145,6 +146,8 @@ class DecodeStage:
         req.cached_tokens = rec.cached_tokens
         req.tokens.append(rec.first_token)
         req.new_ids.append(rec.first_token)
+        if req.grammar is not None:  # the prefill sampled it under the same grammar: start after it
+            req.grammar.accept(rec.first_token)
         if rec.logprob is not None:
             req.new_logprobs.append(rec.logprob)
         if rec.top_logprobs is not None:
