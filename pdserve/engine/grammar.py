@@ -50,8 +50,8 @@ def grammar_error(exc: BaseException) -> str:
 def _compile(compiler: "xgr.GrammarCompiler", spec: GrammarSpec) -> "xgr.CompiledGrammar":
     if spec.kind == "json_schema":
         return compiler.compile_json_schema(spec.source, any_whitespace=False, strict_mode=spec.strict)
-    if spec.kind == "json_object":
-        return compiler.compile_builtin_json_grammar()
+    if spec.kind == "json_object":  # any object (not any JSON value), compact like the schemas
+        return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
     if spec.kind == "regex":
         return compiler.compile_regex(spec.source)
     if spec.kind == "ebnf":
