@@ -91,8 +91,7 @@ def openai_grammar(body: Any) -> GrammarSpec | None:
         elif rf.type == "json_schema":
             js = rf.json_schema
             if js is None or js.schema_ is None:
-                raise bad_request("response_format json_schema needs json_schema.schema",
-                                  param="response_format.json_schema")
+                raise bad_request("response_format json_schema needs json_schema.schema", param="response_format")
             found.append(GrammarSpec("json_schema", schema_text(js.schema_, "response_format.json_schema"),
                                      strict=bool(js.strict), param="response_format.json_schema"))
         else:
