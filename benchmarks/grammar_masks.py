@@ -8,11 +8,13 @@ run to steady state; only steps whose batch is exactly `batch` decode rows are t
 and mean of `Engine.step`, which includes filling each row's bitmask from its matcher,
 masking the logits, sampling and advancing the matchers). Cases:
 - none:  no grammar (ignore_eos, so every row keeps decoding);
-- json:  a JSON schema (array of objects with string / integer / enum fields, up to 200 items);
+- json:  a JSON schema (array of 40-200 objects with string / integer / enum fields);
 - regex: free text through a character-class regex ([A-Za-z ,.]{300,600}).
 The mask share is also measured directly (`Grammars.mask` per step). Compile: 20 different
 schemas compiled cold, then again through the cache (hit), then again with the cache off.
-Target: masks add <= 10% to the step.
+Target: masks add <= 10% to the step. Cases run interleaved for --rounds rounds and each keeps
+its best median (steps on a shared machine are noisy); "mask share" is the mask time over the
+unconstrained step.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pdserve.engine.grammar import Grammars  # noqa: E402
 from pdserve.engine.messages import GenerateReq  # noqa: E402
 from pdserve.engine.sampling_params import GrammarSpec  # noqa: E402
 
-JSON_SCHEMA = {"type": "array", "maxItems": 200, "items": {"type": "object", "properties": {
+JSON_SCHEMA = {"type": "array", "minItems": 40, "maxItems": 200, "items": {"type": "object", "properties": {
     "title": {"type": "string", "maxLength": 40}, "count": {"type": "integer", "minimum": 0, "maximum": 100000},
     "kind": {"enum": ["book", "film", "song"]}}, "required": ["title", "count", "kind"]}}
 REGEX = r"[A-Za-z ,.]{300,600}"
@@ -121,6 +123,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
     llm = LLM("default", threads=args.threads, max_running=args.batch)
@@ -130,13 +133,20 @@ def main() -> None:
     warm = GrammarSpec("regex", "[a-z]{3}")
     llm.generate(prompts[:2], SamplingParams(max_new_tokens=4, temperature=0.0, grammar=warm), use_tqdm=False)
     cases = {"none": None, "json": GrammarSpec("json_schema", json.dumps(JSON_SCHEMA)), "regex": GrammarSpec("regex", REGEX)}
-    rows = {name: run_case(llm, prompts, g, args.steps, args.batch, name) for name, g in cases.items()}
+    rows: dict[str, dict[str, float]] = {}
+    for rnd in range(args.rounds):  # cases interleaved, best median kept: a shared machine is noisy
+        for name, g in cases.items():
+            r = run_case(llm, prompts, g, args.steps, args.batch, f"{name}{rnd}")
+            if name not in rows or r["median_ms"] < rows[name]["median_ms"]:
+                rows[name] = r
     base_ms = rows["none"]["median_ms"]
     print(f"decode step at batch {args.batch} ({args.steps} steps each), threads={llm.engine.config.threads}")
-    print(f"{'case':6} {'median ms':>10} {'mean ms':>9} {'mask ms':>8} {'vs none':>8}")
+    print(f"{'case':6} {'median ms':>10} {'mean ms':>9} {'mask ms':>8} {'vs none':>8} {'mask share':>10}")
     for name, r in rows.items():
         r["overhead_pct"] = 100.0 * (r["median_ms"] / base_ms - 1.0)
-        print(f"{name:6} {r['median_ms']:10.2f} {r['mean_ms']:9.2f} {r['mask_ms']:8.3f} {r['overhead_pct']:+7.1f}%")
+        r["mask_share_pct"] = 100.0 * r["mask_ms"] / base_ms
+        print(f"{name:6} {r['median_ms']:10.2f} {r['mean_ms']:9.2f} {r['mask_ms']:8.3f} {r['overhead_pct']:+7.1f}% "
+              f"{r['mask_share_pct']:9.2f}%")
     comp = compile_times(llm)
     print(f"grammar compile (20 JSON schemas, per schema): cold {comp['cold_ms']:.2f} ms, cache hit "
           f"{comp['cache_hit_ms']:.4f} ms, cache off {comp['no_cache_ms']:.2f} ms "
