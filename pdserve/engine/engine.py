@@ -5,6 +5,8 @@ Lifecycle of a request:
   running: chunked prefill … the chunk that reaches the end of its tokens samples a token
            ─▶ decode, one token per step ─▶ stop (EOS / stop id / stop string / length)
   finish or abort ─▶ pages released (computed full pages stay in the prefix cache)
+A constrained request (structured output) first waits in the grammar queue until its grammar
+is compiled off the loop (engine/grammar.py); each step masks its logits and advances its matcher.
 A PD request waits in its stage's queues (engine/pd: prefill or decode) while its KV moves;
 the stage hands it to the scheduler and back, and tells the engine what finished.
 Outputs are incremental `TokenOut`s: the tokens each request produced since the last step.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -25,9 +28,10 @@ import torch
 from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.batch import ScheduleBatch
 from pdserve.engine.config import EngineConfig, set_torch_threads
+from pdserve.engine.grammar import Grammars, GrammarState, grammar_error
 from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.kv_manager import KVManager
-from pdserve.engine.messages import GenerateReq, LoadInfo, TokenOut
+from pdserve.engine.messages import Bootstrap, GenerateReq, LoadInfo, TokenOut
 from pdserve.engine.pd.build import build_stage, pool_tensors
 from pdserve.engine.pd.stage import StagePoll
 from pdserve.engine.request import Request
@@ -107,6 +111,8 @@ class Engine:
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_id)
         self.stops = StopChecker(self.tokenizer, self.eos_ids, self.max_model_len)
         self._requests: dict[str, Request] = {}
+        self.grammars = Grammars(self.tokenizer.hf, cfg.vocab_size, self.eos_ids)
+        self._grammar_wait: dict[Request, tuple[Bootstrap | None, Future]] = {}  # compiling
         self._aborted: list[str] = []
         self._arrivals = 0
         self.num_forward_tokens = 0
@@ -140,11 +146,38 @@ class Engine:
         leader = self._requests.get(req.share_prompt_with) if req.share_prompt_with else None
         if leader is not None and leader.tokens[: leader.prompt_len] == r.tokens:
             r.leader = leader  # the scheduler admits r once leader's prompt pages are cached
-        if req.bootstrap is not None:
+        if req.params.grammar is not None:  # joins the scheduler / stage once compiled (poll_grammars)
+            self._grammar_wait[r] = (req.bootstrap, self.grammars.submit(req.params.grammar))
+        elif req.bootstrap is not None:
             self.stage.add(r, req.bootstrap)  # may refuse it (its room is taken): register it only after
         else:
             self.scheduler.add(r)
         self._requests[req.rid] = r
+
+    def _poll_grammars(self) -> list[TokenOut]:
+        """Requests whose grammar compiled go on (scheduler or PD stage); failed ones get a 400."""
+        outputs = []
+        for r, (boot, fut) in [(r, w) for r, w in self._grammar_wait.items() if w[1].done()]:
+            del self._grammar_wait[r]
+            spec = r.params.grammar
+            assert spec is not None
+            try:
+                r.grammar = GrammarState(fut.result())
+            except Exception as exc:  # an invalid schema / regex / grammar
+                self.grammars.forget(spec)
+                outputs.append(self._refuse(r, f"{spec.param}: invalid {spec.kind.replace('_', ' ')}: "
+                                               f"{grammar_error(exc)}"))
+                continue
+            try:
+                self.stage.add(r, boot) if boot is not None else self.scheduler.add(r)
+            except ValueError as exc:  # the stage refused it (its room is taken)
+                outputs.append(self._refuse(r, str(exc)))
+        return outputs
+
+    def _refuse(self, r: Request, error: str) -> TokenOut:
+        out = self.finish_request(r, "abort")
+        out.error, out.error_status = error, 400
+        return out
 
     def validate(self, req: GenerateReq) -> None:
         req.params.validate(self.config.max_top_logprobs)
@@ -161,7 +194,8 @@ class Engine:
             self._aborted.append(rid)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._aborted) or self.stage.pending() > 0
+        return (self.scheduler.has_work() or bool(self._aborted) or self.stage.pending() > 0
+                or bool(self._grammar_wait))
 
     def is_waiting_on_transfers(self) -> bool:
         """True when the only pending work is KV moving (the caller may sleep briefly)."""
@@ -190,6 +224,8 @@ class Engine:
 
     def _step(self) -> list[TokenOut]:
         outputs = self._abort_requests()
+        if self._grammar_wait:
+            outputs += self._poll_grammars()
         polled = self._finish_polled(self.stage.poll())
         if polled:  # stream committed first tokens and errors now, not after a forward:
             return outputs + polled  # that would add a decode step to PD TTFT; the next step runs it
@@ -218,7 +254,9 @@ class Engine:
         self._aborted.clear()
         outputs = []
         for r in (self._requests[rid] for rid in rids):
-            if self.stage.owns(r):
+            if self._grammar_wait.pop(r, None) is not None:
+                outputs.append(self.finish_request(r, "abort"))  # still compiling: holds nothing
+            elif self.stage.owns(r):
                 self.stage.abort(r)  # answered once the transfer is terminal: pages are safe then
             else:
                 outputs.append(self.finish_request(r, "abort"))
@@ -244,6 +282,9 @@ class Engine:
         for c, positions, rows in prompt_rows:
             score_prompt(c.req, positions, rows)
         if logits is not None:
+            states = [c.req.grammar for c in sampled]
+            if any(s is not None for s in states):
+                self.grammars.mask(logits, states)  # disallowed tokens -> -inf, constrained rows only
             result = self.sampler.sample(logits, [self._sample_row(c.req) for c in sampled])
             for i, c in enumerate(sampled):
                 self._append(c.req, i, result)
@@ -266,6 +307,8 @@ class Engine:
             r.t_first_token = time.monotonic()
         r.tokens.append(tok)
         r.new_ids.append(tok)
+        if r.grammar is not None:
+            r.grammar.accept(tok)
         if result.logprobs is not None and (r.params.logprobs or r.params.top_logprobs):
             r.new_logprobs.append(result.logprobs[i])
             if result.top_logprobs is not None:
@@ -305,7 +348,7 @@ class Engine:
     def load(self) -> LoadInfo:
         return LoadInfo(
             num_running=self.scheduler.num_running,
-            num_waiting=len(self.scheduler.waiting) + self.stage.pending(),  # PD queues too
+            num_waiting=len(self.scheduler.waiting) + self.stage.pending() + len(self._grammar_wait),
             num_pages=self.kv.capacity, free_pages=self.kv.allocator.num_free,
             cached_pages=self.kv.cache.num_pages, page_size=self.config.page_size,
             transfer=self.stage.stats, gen_throughput=self.stats.gen_throughput,
@@ -327,6 +370,7 @@ class Engine:
         """Stop PD threads and sockets and the other tp ranks (the engine process calls this on
         shutdown)."""
         self.stage.close()
+        self.grammars.close()
         if self.ranks is not None:
             self.ranks.close()
             self.ranks = None

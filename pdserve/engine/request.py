@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.engine.grammar import GrammarState
 from pdserve.engine.messages import TopLogprob
 from pdserve.engine.pd.state import Transfer
 from pdserve.engine.prefix_cache import Node
@@ -42,6 +43,7 @@ class Request:
     matched_stop: int | str | None = None
     stop_text: str = ""  # decoded tail, kept only when the request has stop strings
     admitted: bool = False
+    grammar: GrammarState | None = None  # structured output: its matcher, once compiled
     transfer: Transfer | None = None  # PD state (engine/pd stages) while KV moves to / from a peer
     # monotonic times for the queue / prefill / decode histograms (None until it happens)
     t_arrival: float = 0.0

@@ -36,6 +36,23 @@ def check_prompt(ids: list[int], vocab_size: int, max_model_len: int, param: str
                             "(it must leave room for at least one new token)", param, "context_length_exceeded")
 
 
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "ebnf")
+
+
+class GrammarSpec(msgspec.Struct, frozen=True):
+    """A structured-output constraint as its source text; the engine compiles it (engine/grammar.py).
+
+    kind: "json_schema" (source: the schema as JSON text), "json_object" (any JSON object,
+    source ""), "regex" or "ebnf" (source: the pattern / grammar). `param` names the request
+    field it came from, so a compile error can say which one is wrong. Hashable: the cache key.
+    """
+
+    kind: str
+    source: str = ""
+    strict: bool = True  # json_schema: no properties / items beyond the schema's
+    param: str = "response_format"
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     max_new_tokens: int = 128
     min_new_tokens: int = 0
@@ -55,6 +72,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: -100..100)
     include_stop_str_in_output: bool = False  # offline text keeps the matched stop string
+    grammar: GrammarSpec | None = None  # structured output: the tokens must follow it
     # vLLM's names, folded into the fields above by __post_init__ (always None / 1 afterwards)
     max_tokens: int | None = None
     min_tokens: int | None = None
@@ -104,6 +122,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             bad(f"top_logprobs must be in [0, {max_top_logprobs}], got {self.top_logprobs}", "top_logprobs")
         if any(not s for s in self.stop):
             bad("stop strings must be non-empty", "stop")
+        if self.grammar is not None and self.grammar.kind not in GRAMMAR_KINDS:
+            bad(f"grammar kind must be one of {GRAMMAR_KINDS}, got {self.grammar.kind!r}", self.grammar.param)
         if any(t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids must be non-negative", "stop_token_ids")
         if self.n != 1:

@@ -1,6 +1,6 @@
 """Stop conditions, checked after each sampled token (in priority order):
-stop token id → EOS (unless ignore_eos) → stop string (decoded text) → max_new_tokens →
-context end. Also tells the sampler which ids to suppress below `min_new_tokens`.
+stop token id → EOS (unless ignore_eos) → stop string (decoded text) → the grammar
+terminated (structured output) → max_new_tokens → context end. Also tells the sampler which ids to suppress below `min_new_tokens`.
 
 This is the one place a request's end is decided; the front and the offline API only show the
 text (`stop_strings`: hold back a possible stop string, cut at the matched one)."""
@@ -31,6 +31,8 @@ class StopChecker:
         elif not p.ignore_eos and tok in self.eos_ids:
             r.finish_reason, r.matched_stop = "stop", tok
         elif p.stop and self._stop_string(r):
+            r.finish_reason = "stop"
+        elif r.grammar is not None and r.grammar.terminated:
             r.finish_reason = "stop"
         elif r.num_output >= p.max_new_tokens or len(r.tokens) >= self.max_model_len:
             r.finish_reason = "length"

@@ -36,6 +36,7 @@ class ServerConfig:
     control_timeout_s: float = 30.0  # /get_load, /flush_cache round trips to the engine
     health_generate_timeout_s: float = 30.0
     shutdown_timeout_s: float = 10.0  # per stage: draining connections, stopping the engine
+    tool_call_parser: str | None = None  # tool_choice "auto": hermes | llama3_json (server/tool_parsers.py)
     log_level: str = "info"
     access_log: bool = False
     log_requests: bool = False  # one log line per finished request

@@ -46,6 +46,7 @@ from pdserve.server.params import (
 from pdserve.server.protocol import GenerateRequest, NativeSamplingParams
 from pdserve.server.sse import SSEResponse, frame, with_ids
 from pdserve.server.unsupported import GENERATE, GENERATE_SAMPLING, reject_unsupported
+from pdserve.server.structured import checked, native_grammar
 from pdserve.server.state import ServerState, get_state
 from pdserve.server.text_stream import TextStream
 
@@ -85,6 +86,7 @@ async def _build(state: ServerState, body: GenerateRequest) -> tuple[list[SubReq
     check_int(body.top_logprobs_num, "top_logprobs_num", 0, state.config.engine.max_top_logprobs)
     check_int(body.logprob_start_len, "logprob_start_len", -1, INT_LIMIT)
     score = body.logprob_start_len if body.return_logprob and body.logprob_start_len >= 0 else None
+    grammar = await checked(native_grammar(sp))
     prompts, batched = await _prompts(state, body)
     total = len(prompts) * sp.n
     rids = _rids(body.rid, total)
@@ -101,7 +103,7 @@ async def _build(state: ServerState, body: GenerateRequest) -> tuple[list[SubReq
             stop_token_ids=stop_ids(state, sp.stop_token_ids, "sampling_params.stop_token_ids"),
             ignore_eos=sp.ignore_eos, skip_special_tokens=sp.skip_special_tokens,
             logprobs=body.return_logprob, top_logprobs=body.top_logprobs_num if body.return_logprob else 0,
-            logit_bias=sp.logit_bias)
+            logit_bias=sp.logit_bias, grammar=grammar)
         for j in range(sp.n):
             index = p * sp.n + j
             subs.append(SubRequest(index, rids[index], ids, with_seed(params, j), sp.no_stop_trim,

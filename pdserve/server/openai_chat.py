@@ -1,10 +1,13 @@
 """POST /v1/chat/completions (OpenAI chat; streaming and not) over the model's chat template.
 
 Per request: decode + validate the body, turn the messages into plain {role, content} dicts
-(text parts only), render them with the model's chat template into prompt ids, fan out n
-sub-requests, then either stream `chat.completion.chunk`s (a role delta first, content deltas,
-a final delta with `finish_reason`, a usage chunk when `stream_options.include_usage`, then
-`[DONE]`) or answer one `chat.completion` body. `max_completion_tokens` wins over `max_tokens`.
+(text parts only; tool calls and tool results keep their fields), plan tool use
+(server/tools.py) and structured output (server/structured.py), render the messages (and
+tools) with the model's chat template into prompt ids, fan out n sub-requests, then either
+stream `chat.completion.chunk`s (a role delta first, content and tool_calls deltas, a final
+delta with `finish_reason`, a usage chunk when `stream_options.include_usage`, then `[DONE]`)
+or answer one `chat.completion` body. Output text goes through the plan's ToolStream
+(server/tool_parsers.py) in both shapes. `max_completion_tokens` wins over `max_tokens`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ from pdserve.server.params import (
 from pdserve.server.protocol import ChatCompletionRequest
 from pdserve.server.sse import SSEResponse, frame, with_ids
 from pdserve.server.unsupported import CHAT, reject_unsupported
+from pdserve.server.structured import checked, openai_grammar
+from pdserve.server.tool_parsers import Call, Content, Event
+from pdserve.server.tools import ToolPlan, history_fields, new_call_id
+from pdserve.server.tools import plan as tool_plan
 from pdserve.server.state import ServerState, get_state
 
 router = APIRouter()
@@ -67,17 +74,20 @@ def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
             content = "".join(parts)
         else:
             content = m.content or ""
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content,
+                    **history_fields(i, m)})
     return out
 
 
-async def chat_prompt_ids(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+async def chat_prompt_ids(state: ServerState, body: ChatCompletionRequest, plan: ToolPlan | None = None) -> list[int]:
     kwargs = dict(body.chat_template_kwargs or {})
     bad = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
     if bad:
         raise bad_request(f"chat_template_kwargs may not set {bad}", param="chat_template_kwargs")
     if body.continue_final_message:
         kwargs["continue_final_message"] = True
+    if plan is not None and plan.tools is not None:
+        kwargs["tools"] = plan.tools
     messages = _messages(body)
     try:
         size = sum(len(m["content"]) for m in messages)
@@ -90,10 +100,14 @@ async def chat_prompt_ids(state: ServerState, body: ChatCompletionRequest) -> li
     return ids
 
 
-async def _build(state: ServerState, body: ChatCompletionRequest, rid: str) -> list[SubRequest]:
+async def _build(state: ServerState, body: ChatCompletionRequest, rid: str,
+                 plan: ToolPlan) -> list[SubRequest]:
     check_n(state, body.n)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise bad_request(f"response_format {body.response_format.type!r} is not supported", param="response_format")
+    grammar = openai_grammar(body)
+    if grammar is not None and plan.grammar is not None:
+        raise bad_request(f"tool_choice {plan.mode} constrains the output already; drop {grammar.param}",
+                          param=grammar.param)
+    grammar = await checked(grammar or plan.grammar)
     top = body.top_logprobs
     if top is not None:
         if not body.logprobs and top > 0:
@@ -101,11 +115,11 @@ async def _build(state: ServerState, body: ChatCompletionRequest, rid: str) -> l
         if not 0 <= top <= state.config.engine.max_top_logprobs:
             raise bad_request(f"top_logprobs must be in [0, {state.config.engine.max_top_logprobs}], got {top}",
                               param="top_logprobs")
-    ids = await chat_prompt_ids(state, body)
+    ids = await chat_prompt_ids(state, body, plan)
     name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_new = resolve_max_tokens(state, requested, len(ids), None, param=name)
-    params = openai_params(state, body, max_new, body.logprobs, top or 0)
+    params = openai_params(state, body, max_new, body.logprobs, top or 0, grammar)
     include_stop = body.include_stop_str_in_output or body.no_stop_trim
     boots = pd_bootstrap(state, body, 1, body.n)
     resume = resume_ids(state, body, body.n, max_new)
@@ -125,27 +139,69 @@ async def chat_completions(request: Request) -> Response:
     check_model(state, body.model)
     rid = body.pdserve_response_id if body.pdserve_resume_ids is not None and body.pdserve_response_id \
         else new_id("chatcmpl")  # a resumed stream keeps its first server's id
-    subs = await _build(state, body, rid)
+    plan = tool_plan(body, state.config.tool_call_parser)
+    subs = await _build(state, body, rid, plan)
     head = {"id": rid, "created": body.pdserve_created or int(time.time()), "model": body.model or state.model_name}
     texts = TokenTexts(state)
     if body.stream:
         inc_usage = body.stream_options is not None and body.stream_options.include_usage
-        return SSEResponse(_stream(state, subs, head, texts, body.logprobs, inc_usage, body.pdserve_stream_ids))
+        return SSEResponse(_stream(state, subs, head, texts, body.logprobs, inc_usage, plan,
+                                   body.pdserve_stream_ids))
     results = await until_disconnect(request, collect(state, subs))
-    choices = [{
-        "index": r.index,
-        "message": {"role": "assistant", "content": r.text},
-        "logprobs": chat_logprobs(texts, r.token_ids, r.logprobs, r.top_logprobs) if body.logprobs else None,
-        "finish_reason": r.finish_reason,
-        "matched_stop": r.matched,
-    } for r in results]
+    choices = []
+    for r in results:
+        message, called = _message(plan, r.text)
+        choices.append({
+            "index": r.index,
+            "message": message,
+            "logprobs": chat_logprobs(texts, r.token_ids, r.logprobs, r.top_logprobs) if body.logprobs else None,
+            "finish_reason": _finish(plan, r.finish_reason, called),
+            "matched_stop": r.matched,
+        })
     out = dict(head, object="chat.completion", choices=choices,
                usage=usage(len(subs[0].prompt_ids), sum(r.completion_tokens for r in results), results[0].cached_tokens))
     return Response(msgspec.json.encode(out), media_type="application/json")
 
 
+def _message(plan: ToolPlan, text: str) -> tuple[dict[str, Any], bool]:
+    """The assistant message of one choice: content and tool_calls, read by the plan's ToolStream."""
+    stream = plan.stream()
+    content, calls = "", []
+    for e in stream.feed(text) + stream.finish():
+        if isinstance(e, Content):
+            content += e.text
+        elif isinstance(e, Call):
+            calls.append({"id": new_call_id(), "type": "function", "function": {"name": e.name, "arguments": e.arguments}})
+        else:
+            calls[-1]["function"]["arguments"] += e.text
+    if not calls:
+        return {"role": "assistant", "content": content}, False
+    return {"role": "assistant", "content": content or None, "tool_calls": calls}, True
+
+
+def _finish(plan: ToolPlan, reason: str | None, called: bool) -> str | None:
+    """OpenAI: "tool_calls" when the model chose to call (auto); a forced call ends as usual."""
+    return "tool_calls" if called and plan.mode == "auto" and reason == "stop" else reason
+
+
+def _tool_deltas(events: list[Event], calls: list[int], index: int) -> list[dict[str, Any]]:
+    """Chunk deltas for a choice's tool-stream events; `calls` counts its calls so far (updated)."""
+    deltas = []
+    for e in events:
+        if isinstance(e, Content):
+            if e.text:
+                deltas.append({"content": e.text})
+        elif isinstance(e, Call):
+            calls[index] += 1
+            deltas.append({"tool_calls": [{"index": calls[index] - 1, "id": new_call_id(), "type": "function",
+                                           "function": {"name": e.name, "arguments": e.arguments}}]})
+        else:
+            deltas.append({"tool_calls": [{"index": calls[index] - 1, "function": {"arguments": e.text}}]})
+    return deltas
+
+
 async def _stream(state: ServerState, subs: list[SubRequest], head: dict[str, Any], texts: TokenTexts,
-                  want_lp: bool, inc_usage: bool, want_ids: bool = False) -> AsyncIterator[bytes]:
+                  want_lp: bool, inc_usage: bool, plan: ToolPlan, want_ids: bool = False) -> AsyncIterator[bytes]:
     base = dict(head, object="chat.completion.chunk")
     extra = {"usage": None} if inc_usage else {}
 
@@ -160,15 +216,25 @@ async def _stream(state: ServerState, subs: list[SubRequest], head: dict[str, An
         if s.resume_ids is None:  # a resumed stream had its role delta from its first server
             yield chunk(s.index, {"role": "assistant", "content": ""})
     completion_tokens = cached = 0
+    streams = {s.index: plan.stream() for s in subs}
+    calls = {s.index: 0 for s in subs}
     it = merge(state, subs)
     async with contextlib.aclosing(it):
         async for d in it:
             lp = chat_logprobs(texts, d.token_ids, d.logprobs, d.top_logprobs) if want_lp and d.token_ids else None
-            shown = chunk(d.index, {"content": d.text}, lp=lp) if d.text or lp is not None else None
-            if shown is not None or (want_ids and d.token_ids):
-                yield with_ids(want_ids, d.token_ids, shown)
+            events = streams[d.index].feed(d.text)
             if d.finish_reason is not None:
-                yield chunk(d.index, {}, d.finish_reason, matched=d.matched)
+                events += streams[d.index].finish()
+            deltas = _tool_deltas(events, calls, d.index)
+            if lp is not None and not deltas:
+                deltas = [{"content": ""}]  # logprobs of tokens whose text is held back
+            frames = [chunk(d.index, delta, lp=lp if k == 0 else None) for k, delta in enumerate(deltas)]
+            if want_ids and d.token_ids:  # a stream that may migrate: its ids lead the event's first frame
+                yield with_ids(True, d.token_ids, frames.pop(0) if frames else None)
+            for f in frames:
+                yield f
+            if d.finish_reason is not None:
+                yield chunk(d.index, {}, _finish(plan, d.finish_reason, calls[d.index] > 0), matched=d.matched)
                 completion_tokens += d.completion_tokens
                 cached = d.cached_tokens if d.index == 0 else cached
     if inc_usage:

@@ -11,7 +11,7 @@ import uuid
 from typing import Any
 
 from pdserve.engine.messages import TopLogprob
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_params import GrammarSpec, SamplingParams
 from pdserve.server.params import make_params, stop_ids, stop_list
 from pdserve.server.protocol import _SamplingFields
 from pdserve.server.state import ServerState
@@ -26,7 +26,7 @@ def sub_rid(base: str, k: int, total: int) -> str:
 
 
 def openai_params(state: ServerState, body: _SamplingFields, max_new_tokens: int, logprobs: bool,
-                  top_logprobs: int) -> SamplingParams:
+                  top_logprobs: int, grammar: GrammarSpec | None = None) -> SamplingParams:
     return make_params(
         state,
         max_new_tokens=max_new_tokens,
@@ -46,6 +46,7 @@ def openai_params(state: ServerState, body: _SamplingFields, max_new_tokens: int
         top_logprobs=top_logprobs,
         skip_special_tokens=body.skip_special_tokens,
         logit_bias=body.logit_bias,
+        grammar=grammar,
     )
 
 

@@ -45,6 +45,7 @@ from pdserve.server.params import (
 from pdserve.server.protocol import CompletionRequest
 from pdserve.server.sse import SSEResponse, frame, with_ids
 from pdserve.server.unsupported import COMPLETIONS, reject_unsupported
+from pdserve.server.structured import checked, openai_grammar
 from pdserve.server.state import ServerState, get_state
 
 router = APIRouter()
@@ -73,6 +74,7 @@ async def _build(state: ServerState, body: CompletionRequest, rid: str) -> list[
     if k is not None and not 0 <= k <= state.config.engine.max_top_logprobs:
         raise bad_request(f"logprobs must be in [0, {state.config.engine.max_top_logprobs}], got {k}",
                           param="logprobs")
+    grammar = await checked(openai_grammar(body))
     prompts = await _prompts(state, body.prompt)
     total = len(prompts) * body.n
     include_stop = body.include_stop_str_in_output or body.no_stop_trim
@@ -81,7 +83,7 @@ async def _build(state: ServerState, body: CompletionRequest, rid: str) -> list[
     for p, ids in enumerate(prompts):
         max_new = resolve_max_tokens(state, body.max_tokens, len(ids), state.config.completion_default_max_tokens,
                                      minimum=0 if body.echo else 1)  # echo + max_tokens 0: score the prompt
-        params = openai_params(state, body, max_new, k is not None, k or 0)
+        params = openai_params(state, body, max_new, k is not None, k or 0, grammar)
         score = 0 if body.echo and k is not None else None
         for j in range(body.n):
             index = p * body.n + j

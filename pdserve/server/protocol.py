@@ -44,6 +44,18 @@ class _BootstrapFields(_Model):
     pdserve_created: int | None = None  # first server put in its chunks (kept)
 
 
+class JSONSchemaFormat(_Model):
+    name: str | None = None
+    description: str | None = None
+    schema_: Any = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    type: str = "text"
+    json_schema: JSONSchemaFormat | None = None
+
+
 class _SamplingFields(_BootstrapFields):
     """Sampling knobs shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM/SGLang extras)."""
 
@@ -68,6 +80,12 @@ class _SamplingFields(_BootstrapFields):
     no_stop_trim: bool = False
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    # structured output (server/structured.py): OpenAI's and vLLM's names
+    response_format: ResponseFormat | None = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -75,6 +93,38 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = None
     logprobs: int | None = None
     echo: bool = False
+
+
+class FunctionCall(_Model):
+    name: str
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Model):
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
+class FunctionDef(_Model):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    type: str = "function"
+    function: FunctionDef
+
+
+class ToolChoiceFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: str = "function"
+    function: ToolChoiceFunction
 
 
 class TextPart(_Model):
@@ -86,10 +136,8 @@ class ChatMessage(_Model):
     role: str
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
-
-
-class ResponseFormat(_Model):
-    type: str = "text"
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -98,7 +146,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Union[str, NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -125,6 +175,9 @@ class NativeSamplingParams(_Model):
     seed: int | None = Field(default=None, validation_alias=AliasChoices("seed", "sampling_seed"))
     n: int = 1
     logit_bias: dict[str, float] | None = None
+    json_schema: Union[str, dict[str, Any], None] = None  # structured output (server/structured.py)
+    regex: str | None = None
+    ebnf: str | None = None
 
 
 class GenerateRequest(_BootstrapFields):

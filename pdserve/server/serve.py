@@ -52,6 +52,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"cap on prompts per request (default {d.max_prompts})")
     g.add_argument("--max-tokens-cap", type=positive_int, default=None,
                    help="cap on max_tokens (default: the context length)")
+    g.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                   help='reads the model\'s own tool calls for tool_choice "auto" (hermes: Qwen/Hermes '
+                        '<tool_call>) (default: none; "auto" is then refused)')
     g.add_argument("--engine-start-timeout", type=positive_float, default=d.engine_start_timeout_s,
                    help=f"seconds the engine may take to load (default {d.engine_start_timeout_s:g})")
     g.add_argument("--shutdown-timeout", type=positive_float, default=d.shutdown_timeout_s,
@@ -106,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_n=args.max_n, max_prompts=args.max_prompts, max_tokens_cap=args.max_tokens_cap,
         engine_start_timeout_s=args.engine_start_timeout, shutdown_timeout_s=args.shutdown_timeout,
         log_level=args.log_level, access_log=args.access_log, log_requests=args.log_requests,
-        metrics_prefix=args.metrics_prefix)
+        metrics_prefix=args.metrics_prefix, tool_call_parser=args.tool_call_parser)
 
 
 def preflight(args: argparse.Namespace) -> tuple[ServerConfig, socket.socket]:

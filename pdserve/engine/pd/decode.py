@@ -4,7 +4,8 @@
             receiver.init(pages) tells the prefill rank where to write ──▶ transfer queue
             ── receiver Success, record.room == room ──▶ commit the first token without a
                forward (num_computed = prompt_len; a seeded generator skips the draw the
-               prefill made for it), join the running batch, decode, stream
+               prefill made for it; a grammar's matcher
+               advances past it), join the running batch, decode, stream
             └─ Failed / timeout / wrong record / unreachable prefill ──▶ policy
                  recompute (default): free the reserved pages (their bytes cannot be trusted),
                    hand the request to the scheduler as an ordinary prefill (it may reuse a
@@ -155,6 +156,8 @@ class DecodeStage:
         req.tokens.append(rec.first_token)
         req.new_ids.append(rec.first_token)
         skip_draw(req.params, req.generator, self.vocab_size)  # the prefill drew for this token
+        if req.grammar is not None:  # the prefill sampled it under the same grammar: start after it
+            req.grammar.accept(rec.first_token)
         if rec.logprob is not None:
             req.new_logprobs.append(rec.logprob)
         if rec.top_logprobs is not None:

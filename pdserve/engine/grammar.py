@@ -1,0 +1,145 @@
+"""Structured output in the engine: grammars compiled off the loop, token bitmasks per step.
+
+Lifecycle of a constrained request (its `SamplingParams.grammar` is a `GrammarSpec`):
+
+  add_request ─▶ Grammars.submit(spec)   compile in the grammar thread (xgrammar), cached by
+                 │                        spec: the same schema compiles once per engine
+                 ▼
+  engine's grammar queue ── poll(): compiled ─▶ a fresh GrammarState (matcher) on the request,
+                 │                               then scheduler / PD stage as any request
+                 └── compile failed ─▶ answered with a 400 naming the grammar's field
+  every step:  Grammars.mask(logits, states)   fill each constrained row's bitmask from its
+                                                matcher, -inf the disallowed logits (in place)
+               after sampling: state.accept(token)   advance the matcher; terminated ends the
+                                                     request (engine/stop.py reads it)
+  PD: the prefill masks the first token like any step; the decode's matcher starts from the
+  transferred first token (DecodeStage commits it through state.accept).
+
+The engine step never compiles: a request joins the batch only with its grammar compiled.
+Nothing here crosses a socket: only the spec (two strings) travels in SamplingParams.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import torch
+
+from pdserve.engine.sampling_params import GrammarSpec
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+CACHE_ENTRIES = 256  # compiled grammars kept per engine (LRU)
+_CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[14:00:20] /project/cpp/x.cc:94: "
+
+
+def grammar_error(exc: BaseException) -> str:
+    """xgrammar's error message without its C++ source location."""
+    return _CPP_PREFIX.sub("", str(exc).strip()) or type(exc).__name__
+
+
+def _compile(compiler: "xgr.GrammarCompiler", spec: GrammarSpec) -> "xgr.CompiledGrammar":
+    if spec.kind == "json_schema":
+        return compiler.compile_json_schema(spec.source, any_whitespace=False, strict_mode=spec.strict)
+    if spec.kind == "json_object":  # any object (not any JSON value), compact like the schemas
+        return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+    if spec.kind == "regex":
+        return compiler.compile_regex(spec.source)
+    if spec.kind == "ebnf":
+        return compiler.compile_grammar(spec.source)
+    raise ValueError(f"unknown grammar kind {spec.kind!r}")
+
+
+class GrammarState:
+    """One request's matcher: which tokens may come next, advanced by each accepted token."""
+
+    def __init__(self, compiled: "xgr.CompiledGrammar") -> None:
+        import xgrammar as xgr
+
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.rejected = False  # a token the grammar refused was forced in (the request ends)
+
+    @property
+    def terminated(self) -> bool:
+        return self.rejected or self.matcher.is_terminated()
+
+    def accept(self, token_id: int) -> None:
+        if self.terminated:
+            return
+        if not self.matcher.accept_token(token_id):
+            log.warning("grammar refused token %d; ending the request", token_id)
+            self.rejected = True
+
+
+class Grammars:
+    """The engine's grammar compiler (one thread, LRU cache of futures) and bitmask buffer."""
+
+    def __init__(self, tokenizer: "PreTrainedTokenizerBase", vocab_size: int, stop_ids: frozenset[int],
+                 cache: bool = True) -> None:
+        self.vocab_size = vocab_size
+        self.cache_enabled = cache
+        self._tokenizer = tokenizer
+        self._stop_ids = sorted(stop_ids)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-grammar")
+        self._compiler: "xgr.GrammarCompiler | None" = None
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str, bool], Future["xgr.CompiledGrammar"]] = OrderedDict()
+        self._bitmask: torch.Tensor | None = None
+
+    def _get_compiler(self) -> "xgr.GrammarCompiler":
+        with self._lock:  # built in the grammar thread: importing xgrammar and reading the
+            if self._compiler is None:  # vocabulary takes seconds the engine loop should not wait
+                import xgrammar as xgr
+
+                info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
+                                                          stop_token_ids=self._stop_ids)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+            return self._compiler
+
+    def submit(self, spec: GrammarSpec) -> Future["xgr.CompiledGrammar"]:
+        """The compiled grammar of `spec`, as a future (done at once when cached)."""
+        key = (spec.kind, spec.source, spec.strict)
+        fut = self._cache.get(key) if self.cache_enabled else None
+        if fut is not None:
+            self._cache.move_to_end(key)
+            return fut
+        fut = self._pool.submit(lambda: _compile(self._get_compiler(), spec))
+        if self.cache_enabled:
+            self._cache[key] = fut
+            while len(self._cache) > CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        return fut
+
+    def forget(self, spec: GrammarSpec) -> None:
+        """Drop a failed compile from the cache (the engine thread calls it; the next try recompiles)."""
+        self._cache.pop((spec.kind, spec.source, spec.strict), None)
+
+    def mask(self, logits: torch.Tensor, states: list[GrammarState | None]) -> None:
+        """-inf (in place) every logit the row's grammar disallows; rows with None are free."""
+        import xgrammar as xgr
+
+        rows = [i for i, s in enumerate(states) if s is not None and not s.terminated]
+        if not rows:
+            return
+        n = len(states)
+        if self._bitmask is None or self._bitmask.shape[0] < n:
+            self._bitmask = xgr.allocate_token_bitmask(max(n, 16), self.vocab_size)
+        bitmask = self._bitmask
+        for i in rows:
+            state = states[i]
+            assert state is not None
+            state.matcher.fill_next_token_bitmask(bitmask, i)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True)[:n],
+                                        vocab_size=self.vocab_size, indices=rows)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
