@@ -74,13 +74,23 @@ class TPGroup:
     def join(cls, rank: int, size: int, host: str, port: int, device: torch.device,
              store: dist.TCPStore | None = None) -> TPGroup:
         iface = interface_of(host)
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
-        if store is None:
-            store = dist.TCPStore(host, port, size, is_master=False, timeout=COMPUTE_TIMEOUT)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=COMPUTE_TIMEOUT)
-        plans = dist.new_group(list(range(size)), timeout=PLAN_TIMEOUT, backend="gloo")
+        # set only while the groups are made (gloo/NCCL read them then), so that processes this
+        # one starts later do not inherit another rendezvous' interface
+        saved = {k: os.environ.get(k) for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+        for k, v in saved.items():
+            os.environ[k] = v or iface
+        try:
+            if store is None:
+                store = dist.TCPStore(host, port, size, is_master=False, timeout=COMPUTE_TIMEOUT)
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=COMPUTE_TIMEOUT)
+            plans = dist.new_group(list(range(size)), timeout=PLAN_TIMEOUT, backend="gloo")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         return cls(rank, size, dist.group.WORLD, plans, device)
 
     # ---- model collectives ---------------------------------------------------------------

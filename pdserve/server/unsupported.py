@@ -34,7 +34,7 @@ _OPENAI: dict[str, Any] = {
     "stop_regex": ANY,
 }
 
-COMPLETIONS: dict[str, Any] = {**_OPENAI, "prompt_embeds": ANY}
+COMPLETIONS: dict[str, Any] = {**_OPENAI, "prompt_embeds": ANY, "suffix": "", "best_of": 1}
 
 CHAT: dict[str, Any] = {
     **_OPENAI,
@@ -47,6 +47,8 @@ CHAT: dict[str, Any] = {
     "documents": ANY,
     "chat_template": ANY,
     "service_tier": ANY,
+    "functions": ANY,  # the legacy form of tools (which pdserve implements)
+    "function_call": ANY,
 }
 _SERVICE_TIERS = ("auto", "default")
 
@@ -75,6 +77,8 @@ def reject_unsupported(data: Mapping[str, Any], table: Mapping[str, Any], prefix
             continue
         value = data[name]
         if name == "service_tier" and value in _SERVICE_TIERS:
+            continue
+        if name == "best_of" and value == (data.get("n") or 1):  # best_of = n: exactly what n does
             continue
         if harmless is not ANY and value == harmless and type(value) is type(harmless):
             continue

@@ -48,6 +48,11 @@ def test_logit_bias_forces_and_bans(client: openai.OpenAI, base_url: str) -> Non
     ("/generate", {"text": "a", "sampling_params": {"stop_regex": "x"}}, "sampling_params.stop_regex"),
     ("/v1/completions", {"prompt": "a", "logit_bias": {"99999999": 1}}, "logit_bias"),
     ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 200}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "a", "suffix": " end"}, "suffix"),
+    ("/v1/completions", {"prompt": "a", "best_of": 3}, "best_of"),
+    ("/v1/completions", {"prompt": "a", "n": 2, "best_of": 3}, "best_of"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                              "functions": [{"name": "f", "parameters": {}}]}, "functions"),
 ])
 def test_unimplemented_fields_are_400_naming_them(base_url: str, path: str, body: dict, param: str) -> None:
     r = post(base_url, path, {"max_tokens": 2, **body})
@@ -58,7 +63,7 @@ def test_unimplemented_fields_are_400_naming_them(base_url: str, path: str, body
 def test_harmless_defaults_and_explicit_nulls_are_accepted(base_url: str) -> None:
     body = {"model": "default", "prompt": "a", "max_tokens": 2, "n": None, "stream": None, "logprobs": None,
             "echo": None, "seed": None, "stop": None, "use_beam_search": False, "spaces_between_special_tokens": True,
-            "temperature": 0}
+            "temperature": 0, "suffix": None, "best_of": 1}
     r = post(base_url, "/v1/completions", body)
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
