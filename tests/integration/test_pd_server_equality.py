@@ -204,4 +204,4 @@ def test_metrics_report_transfers(pair: PDPair) -> None:
         nbytes = [line for line in text.splitlines() if line.startswith("sglang:kv_transfer_bytes_total{")]
         assert nbytes and float(nbytes[0].rsplit(" ", 1)[1]) > 0
         for name in ("kv_transfers", "kv_transfer_bytes", "kv_transfer_seconds", "kv_transfer_recomputed"):
-            assert f"# TYPE pdserve:{name}_total counter" in text, name  # cumulative figures are counters
+            assert f"# TYPE sglang:{name}_total counter" in text, name  # cumulative figures are counters
