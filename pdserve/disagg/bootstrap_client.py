@@ -58,6 +58,7 @@ class Route:
     layout: KVLayout
     instance: str
     generation: int  # bumps each time this prefill is declared dead
+    num_ranks: int = 1  # the prefill's tensor-parallel ranks (routes 0..num_ranks-1)
 
 
 DeadCallback = Callable[[PrefillAddr, list[str], str], None]  # (addr, transfer endpoints, reason)
@@ -173,7 +174,8 @@ class BootstrapClient:
                 peer = self._peers.setdefault(addr, _Peer())
             peer.instance = info.instance
             route = Route(addr=addr, rank=info.rank, endpoint=info.endpoint, layout=info.layout,
-                          instance=info.instance, generation=self._generations.get(addr, 0))
+                          instance=info.instance, generation=self._generations.get(addr, 0),
+                          num_ranks=info.num_ranks)
             peer.routes[info.rank] = route
         if restarted:
             self._notify(addr, restarted, "restarted")

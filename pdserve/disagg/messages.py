@@ -40,14 +40,28 @@ class KVLayout(msgspec.Struct, frozen=True):
     head_dim: int
     dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
     page_size: int
+    head_start: int = 0  # tensor parallelism: the pool holds global KV heads
+    total_kv_heads: int = 0  # [head_start, head_start + kv_heads) of total_kv_heads (0: kv_heads)
 
     @classmethod
-    def for_pool(cls, model: str, k: torch.Tensor, page_size: int) -> KVLayout:
+    def for_pool(cls, model: str, k: torch.Tensor, page_size: int, head_start: int = 0,
+                 total_kv_heads: int = 0) -> KVLayout:
         """The layout of a pool tensor shaped [num_layers, num_pages*page_size, kv_heads, head_dim]."""
         if k.dim() != 4:
             raise ValueError(f"KV pool tensor must be 4-D [layers, slots, kv_heads, head_dim], got {tuple(k.shape)}")
         return cls(model=model, num_layers=k.shape[0], kv_heads=k.shape[2], head_dim=k.shape[3],
-                   dtype=str(k.dtype).removeprefix("torch."), page_size=page_size)
+                   dtype=str(k.dtype).removeprefix("torch."), page_size=page_size, head_start=head_start,
+                   total_kv_heads=total_kv_heads if total_kv_heads != k.shape[2] else 0)
+
+    @property
+    def all_kv_heads(self) -> int:
+        """The model's KV heads (this pool may hold a slice of them)."""
+        return self.total_kv_heads or self.kv_heads
+
+    @property
+    def head_bytes(self) -> int:
+        """Bytes of one KV head of one slot: head_dim x itemsize."""
+        return self.head_dim * torch.empty((), dtype=self.torch_dtype).element_size()
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -67,9 +81,11 @@ class KVLayout(msgspec.Struct, frozen=True):
         return 2 * self.num_layers * self.span_bytes
 
     def check_compatible(self, other: KVLayout, *, mine: str = "decode", theirs: str = "prefill") -> None:
-        """Raise LayoutMismatch naming each differing field with both values."""
+        """Raise LayoutMismatch naming each differing field with both values. Which slice of the
+        heads each side holds may differ (tensor parallelism: tp_links.py pairs the slices)."""
         diffs = [f"{name} ({mine}={getattr(self, name)!r}, {theirs}={getattr(other, name)!r})"
-                 for name in self.__struct_fields__ if getattr(self, name) != getattr(other, name)]
+                 for name in ("model", "num_layers", "all_kv_heads", "head_dim", "dtype", "page_size")
+                 if getattr(self, name) != getattr(other, name)]
         if diffs:
             raise LayoutMismatch(f"KV layout mismatch between {mine} and {theirs}: " + "; ".join(diffs))
 
@@ -142,6 +158,7 @@ class ShmRegion(msgspec.Struct, frozen=True):
     k_offset: int
     v_offset: int
     num_slots: int  # decode's num_pages * page_size
+    heads: int = 0  # KV heads per slot of decode's pool (0: as many as the prefill's)
 
 
 class PoolRegion(msgspec.Struct, frozen=True):
@@ -153,6 +170,7 @@ class PoolRegion(msgspec.Struct, frozen=True):
     v_base: int
     num_slots: int  # decode's num_pages * page_size
     slot_bytes: int  # heads * head_dim * itemsize
+    head_bytes: int = 0  # head_dim * itemsize (0: slot_bytes, one head)
 
 
 class NixlRegion(msgspec.Struct, frozen=True):
@@ -185,10 +203,29 @@ class HelloAck(msgspec.Struct, frozen=True, tag=True):
     error: str | None = None  # set: the session is refused and closed
 
 
+class HeadSlice(msgspec.Struct, frozen=True):
+    """KV heads [src_start, src_start + count) of the prefill rank's pool go to heads
+    [dst_start, dst_start + count) of the decode rank's pool (local indices; tp_links.py)."""
+
+    src_start: int
+    dst_start: int
+    count: int
+
+
+class LinkSpec(msgspec.Struct, frozen=True):
+    """One link of a decode rank's room (tp_links.py): where its heads come from."""
+
+    endpoint: str  # the prefill rank's transfer endpoint
+    heads: HeadSlice | None  # None: every head of both pools
+    fanout: int  # decode ranks that prefill rank feeds in this room
+
+
 class RoomInfo(msgspec.Struct, frozen=True, tag=True):
     room: int
     dst_pages: list[int]
     decode_id: str  # the decode manager's instance id (logs, sanity)
+    heads: HeadSlice | None = None  # None: every head, same layout on both sides
+    fanout: int = 1  # decode ranks that take this room from this prefill rank (tensor parallelism)
 
 
 class AbortRoom(msgspec.Struct, frozen=True, tag=True):

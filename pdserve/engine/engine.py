@@ -32,6 +32,7 @@ from pdserve.engine.grammar import Grammars, GrammarState, grammar_error
 from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.kv_manager import KVManager
 from pdserve.engine.messages import Bootstrap, GenerateReq, LoadInfo, TokenOut
+from pdserve.disagg.messages import KVLayout
 from pdserve.engine.pd.build import build_stage, pool_tensors
 from pdserve.engine.pd.stage import StagePoll
 from pdserve.engine.request import Request
@@ -85,10 +86,8 @@ class Engine:
                                          KVPool.pages_for_budget(local, ps, config.kv_cache_gb, dtype.itemsize))
         self.ranks: TPRanks | None = None
         if config.tp_size > 1:
-            if disagg is not None and disagg.mode != "null":
-                raise ValueError("--tp-size > 1 with --disaggregation-mode prefill/decode is not supported yet")
             set_torch_threads(rank_threads(config))
-            self.ranks = TPRanks.start(resolved_config(config, cfg), self.device)
+            self.ranks = TPRanks.start(resolved_config(config, cfg), self.device, disagg)
         comm = self.ranks.group if self.ranks is not None else NoCollectives()
         t0 = time.perf_counter()
         rope_len = min(wanted_len, (num_pages - 1) * ps) if num_pages else wanted_len
@@ -117,8 +116,10 @@ class Engine:
         self._arrivals = 0
         self.num_forward_tokens = 0
         self.stats = EngineStats(config.log_stats_interval_s)
-        self.stage = build_stage(disagg, self.model_path.name, self.pool, self.scheduler, self.kv,
-                                 self.stops, cfg.vocab_size)
+        self.stage = build_stage(disagg, KVLayout.for_pool(self.model_path.name, self.pool.k, ps, shard.kv_heads(cfg)[0],
+                                                           cfg.num_key_value_heads),
+                                 self.pool, self.scheduler, self.kv, self.stops, cfg.vocab_size,
+                                 self.ranks.peers(config) if self.ranks is not None else None)
 
     def _kv_budget_gb(self) -> float:
         """GiB for the KV pool: --mem-fraction-static of the memory left now (weights loaded)."""

@@ -2,10 +2,13 @@
 
 Lifecycle:
   rank 0  `TPRanks.start(...)` (from Engine.__init__): a TCPStore on an ephemeral port, then one
-          `python -m pdserve.engine.tp_worker SPEC` process per other rank (SPEC: msgspec JSON;
-          the process dies with its parent), then joins the group itself.
+          `python -m pdserve.engine.tp_worker` process per other rank (its RankSpec, msgspec JSON,
+          on stdin, so no secret shows in argv; the process dies with its parent), then joins the
+          group itself.
   rank r  joins the group, loads its weight slices, allocates its KV pool (rank 0's page count,
-          its own KV heads) and loops on RankMsg from rank 0:
+          its own KV heads); in a PD server it also starts its transfer manager and the agent that
+          runs rank 0's transfer commands on it (disagg/tp_control.py); then it loops on RankMsg
+          from rank 0:
             StepPlan  -> run it, joining the forward's collectives (the same plan on every rank)
             StopRanks -> leave the group, exit 0
   rank 0  `publish(plan)` before each forward; `close()` sends StopRanks and reaps the processes.
@@ -25,9 +28,14 @@ from dataclasses import replace
 import msgspec
 import torch
 
+from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg.messages import KVLayout
+from pdserve.disagg.tp_control import STORE_KEY, RankAgent
+from pdserve.disagg.transfer.base import create_manager
 from pdserve.engine.config import EngineConfig, default_threads, set_torch_threads
 from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.messages import RankMsg, StepPlan, StopRanks
+from pdserve.engine.pd.build import TPPeers, pool_tensors
 from pdserve.engine.runner import ModelRunner
 from pdserve.launch.procs import die_with_parent
 from pdserve.model.bundled import resolve_model
@@ -47,6 +55,7 @@ class RankSpec(msgspec.Struct, frozen=True):
     rank: int
     host: str
     port: int
+    disagg: DisaggConfig | None = None  # a PD server: each rank transfers its own KV heads
 
 
 def rank_threads(config: EngineConfig) -> int:
@@ -67,21 +76,35 @@ def resolved_config(config: EngineConfig, cfg: ModelConfig) -> EngineConfig:
     return replace(config, num_pages=num_pages, max_model_len=max_len)
 
 
-def _spawn(config: EngineConfig, ranks: range, host: str, port: int) -> list[subprocess.Popen[bytes]]:
-    return [subprocess.Popen([sys.executable, "-m", "pdserve.engine.tp_worker",
-                              msgspec.json.encode(RankSpec(config, r, host, port)).decode()]) for r in ranks]
+def _spawn(config: EngineConfig, ranks: range, host: str, port: int,
+           disagg: DisaggConfig | None) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for r in ranks:
+        p = subprocess.Popen([sys.executable, "-m", "pdserve.engine.tp_worker"], stdin=subprocess.PIPE)
+        assert p.stdin is not None
+        p.stdin.write(msgspec.json.encode(RankSpec(config, r, host, port, disagg)))
+        p.stdin.close()
+        procs.append(p)
+    return procs
 
 
-def build_rank(config: EngineConfig, shard: TPShard, group: TPGroup | None,
-               device: torch.device) -> tuple[LlamaForCausalLM, KVPool, ModelConfig]:
+def build_rank(config: EngineConfig, shard: TPShard, group: TPGroup | None, device: torch.device,
+               disagg: DisaggConfig | None = None) -> tuple[LlamaForCausalLM, KVPool, ModelConfig]:
     """This rank's model slice and KV pool (config.num_pages and max_model_len resolved)."""
     assert config.num_pages is not None and config.max_model_len is not None
     path = resolve_model(config.model)
     cfg = ModelConfig.from_folder(path)
     dtype = resolve_dtype(config.dtype)
     model = load_model(path, device, dtype, config.max_model_len + 1, shard, group or NoCollectives())
-    pool = KVPool(shard.local_config(cfg), config.num_pages, config.page_size, device, dtype)
+    local = shard.local_config(cfg)
+    shape = KVPool.shape(local, config.num_pages, config.page_size)
+    pool = KVPool(local, config.num_pages, config.page_size, device, dtype, pool_tensors(disagg, shape, dtype, device))
     return model, pool, cfg
+
+
+def rank_layout(model_name: str, pool: KVPool, shard: TPShard, cfg: ModelConfig) -> KVLayout:
+    """The layout a rank's transfer manager announces: its pool and which heads it holds."""
+    return KVLayout.for_pool(model_name, pool.k, pool.page_size, shard.kv_heads(cfg)[0], cfg.num_key_value_heads)
 
 
 class TPRanks:
@@ -91,11 +114,11 @@ class TPRanks:
         self.group, self.procs = group, procs
 
     @classmethod
-    def start(cls, config: EngineConfig, device: torch.device) -> TPRanks:
+    def start(cls, config: EngineConfig, device: torch.device, disagg: DisaggConfig | None = None) -> TPRanks:
         """Node 0: the store, this node's other ranks, and rank 0's place in the group."""
         host, port = config.rendezvous()
         store = host_store(host, port, config.tp_size)
-        procs = _spawn(config, range(1, config.ranks_per_node), host, store.port)
+        procs = _spawn(config, range(1, config.ranks_per_node), host, store.port, disagg)
         try:
             group = TPGroup.join(0, config.tp_size, host, store.port, device, store)
         except BaseException:
@@ -103,6 +126,10 @@ class TPRanks:
                 p.kill()
             raise
         return cls(group, procs)
+
+    def peers(self, config: EngineConfig) -> TPPeers:
+        """What rank 0's PD stage needs to reach the other ranks' transfer agents."""
+        return TPPeers(config.rendezvous()[0], config.tp_size, self.group.store)
 
     def publish(self, plan: StepPlan) -> None:
         self.group.send_bytes(msgspec.msgpack.encode(plan))
@@ -121,12 +148,12 @@ class TPRanks:
         self.group.close()
 
 
-def serve_node(config: EngineConfig) -> int:
+def serve_node(config: EngineConfig, disagg: DisaggConfig | None = None) -> int:
     """A node other than 0 (`pdserve serve --node-rank N`): run its ranks until they end."""
     config = resolved_config(config, ModelConfig.from_folder(resolve_model(config.model)))
     host, port = config.rendezvous()
     first = config.node_rank * config.ranks_per_node
-    procs = _spawn(config, range(first, first + config.ranks_per_node), host, port)
+    procs = _spawn(config, range(first, first + config.ranks_per_node), host, port, disagg)
     log.info("node %d: tp ranks %d..%d joining %s:%d", config.node_rank, first, first + len(procs) - 1, host, port)
     codes = [p.wait() for p in procs]
     return max(codes, key=abs)
@@ -141,7 +168,14 @@ def follow(spec: RankSpec) -> None:
         torch.cuda.set_device(device)
     group = TPGroup.join(spec.rank, config.tp_size, spec.host, spec.port, device)
     shard = TPShard(spec.rank, config.tp_size)
-    model, pool, _ = build_rank(config, shard, group, device)
+    disagg = spec.disagg if spec.disagg is not None and spec.disagg.mode != "null" else None
+    model, pool, cfg = build_rank(config, shard, group, device, disagg)
+    agent = None
+    if disagg is not None:
+        layout = rank_layout(resolve_model(config.model).name, pool, shard, cfg)
+        manager = create_manager(disagg.backend, disagg.mode, pool.k, pool.v, pool.page_size, layout, disagg,
+                                 host=disagg.bootstrap_host)
+        agent = RankAgent(spec.rank, manager, group.store.get(STORE_KEY).decode())
     runner = ModelRunner(model, pool, device)
     decoder = msgspec.msgpack.Decoder(RankMsg)
     while True:
@@ -149,13 +183,15 @@ def follow(spec: RankSpec) -> None:
         if isinstance(msg, StopRanks):
             break
         runner.run(msg)
+    if agent is not None:
+        agent.join(JOIN_TIMEOUT_S)  # rank 0 stops the agents before the ranks
     group.close()
 
 
 def main(argv: list[str]) -> int:
     die_with_parent()
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s tp rank: %(message)s")
-    follow(msgspec.json.decode(argv[1], type=RankSpec))
+    follow(msgspec.json.decode(sys.stdin.buffer.read(), type=RankSpec))
     return 0
 
 

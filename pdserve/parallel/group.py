@@ -66,9 +66,10 @@ class TPGroup:
     """Implements model/tp.py's Collectives over torch.distributed."""
 
     def __init__(self, rank: int, size: int, compute: dist.ProcessGroup, plans: dist.ProcessGroup,
-                 device: torch.device) -> None:
+                 device: torch.device, store: dist.Store) -> None:
         self.rank, self.size, self.device = rank, size, device
         self._compute, self._plans = compute, plans
+        self.store = store  # the rendezvous store: other services of the group exchange addresses in it
 
     @classmethod
     def join(cls, rank: int, size: int, host: str, port: int, device: torch.device,
@@ -91,7 +92,7 @@ class TPGroup:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-        return cls(rank, size, dist.group.WORLD, plans, device)
+        return cls(rank, size, dist.group.WORLD, plans, device, store)
 
     # ---- model collectives ---------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:

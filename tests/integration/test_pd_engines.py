@@ -184,16 +184,16 @@ def test_failed_transfers_are_recomputed(tiny_model_dir: Path, unified: Engine) 
     pre = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**cfg.__dict__, "mode": "prefill"}))
     dec = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**cfg.__dict__, "mode": "decode", "fail_rate": 0.0}))
     marks = [e.load().free_pages + e.load().cached_pages for e in (pre, dec)]
-    make_receiver = dec.stage.manager.receiver
+    make_receiver = dec.stage.manager.open
 
-    def receiver(room: int, endpoint: str):  # room 3000 gets another room's record: rejected
-        r = make_receiver(room, endpoint)
+    def receiver(room: int, sources: list):  # room 3000 gets another room's record: rejected
+        r = make_receiver(room, sources)
         if room == 3000:
             real = r.metadata
             r.metadata = lambda: (lambda rec: None if rec is None else msgspec.structs.replace(rec, room=1))(real())
         return r
 
-    dec.stage.manager.receiver = receiver
+    dec.stage.manager.open = receiver
     try:
         port = pre.stage.bootstrap_server.port
         rids = set()

@@ -94,10 +94,10 @@ def test_decode_queue_rejects_bad_metadata_record(engines: tuple[Engine, Engine]
     committed: another room's record, or a token outside the vocabulary, fails the request."""
     pre, dec = engines
     marks = (_free_plus_cached(pre), _free_plus_cached(dec))
-    make_receiver = dec.stage.manager.receiver
+    make_receiver = dec.stage.manager.open
 
-    def receiver(room: int, endpoint: str) -> Any:
-        r = make_receiver(room, endpoint)
+    def receiver(room: int, sources: list) -> Any:
+        r = make_receiver(room, sources)
         real = r.metadata
 
         def metadata() -> MetadataRecord | None:
@@ -111,7 +111,7 @@ def test_decode_queue_rejects_bad_metadata_record(engines: tuple[Engine, Engine]
         r.metadata = metadata
         return r
 
-    dec.stage.manager.receiver = receiver
+    dec.stage.manager.open = receiver
     got = _run_pd(pre, dec, prompts(1, seed=11)[0] * 2, room=4242)
     want = "wrong-room" if corrupt == "wrong_room" else "invalid token"
     errs = _errors(got["d"])

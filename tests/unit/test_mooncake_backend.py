@@ -52,7 +52,7 @@ def test_open_region_rotates_engine_for_a_reused_session_id() -> None:
         second = mgr.open_region(hello("b"))  # a new decode at the same host:port
         assert second.engine is not first.engine and len(mgr._engines) == 2
         assert mgr.open_region(hello("b")).engine is second.engine
-        with pytest.raises(ValueError, match="slot size"):
+        with pytest.raises(ValueError, match="do not match the prefill"):
             bad = msgspec.msgpack.encode(MooncakeRegion("x:1", msgspec.structs.replace(pool, slot_bytes=8)))
             mgr.open_region(msgspec.structs.replace(hello("c"), region=bad))
         with pytest.raises(ValueError, match="outside decode's pool"):

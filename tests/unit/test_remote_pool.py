@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 
+import msgspec
 import pytest
 import torch
 
@@ -16,8 +17,9 @@ L, H, D, PS = 3, 2, 4, 2  # slot_bytes = 2 * 4 * 4 = 32, span = 64
 SPAN = 100
 
 
-def region(k_base: int = 1 << 20, v_base: int = 1 << 24, num_slots: int = 16, slot_bytes: int = 32) -> PoolRegion:
-    return PoolRegion(k_base=k_base, v_base=v_base, num_slots=num_slots, slot_bytes=slot_bytes)
+def region(k_base: int = 1 << 20, v_base: int = 1 << 24, num_slots: int = 16, slot_bytes: int = 32,
+           head_bytes: int = 0) -> PoolRegion:
+    return PoolRegion(k_base=k_base, v_base=v_base, num_slots=num_slots, slot_bytes=slot_bytes, head_bytes=head_bytes)
 
 
 def segs(runs, src: PoolRegion, dst: PoolRegion, num_layers: int, page_size: int) -> tuple[list[int], list[int], list[int]]:
@@ -50,13 +52,16 @@ def test_segments_empty() -> None:
 
 
 def test_region_checks() -> None:
-    assert rp.check_region(region(), 32, PS) == 8
-    with pytest.raises(ValueError, match="slot size 64 B != prefill's 32 B"):
-        rp.check_region(region(slot_bytes=64), 32, PS)
+    local = region()
+    assert rp.check_region(region(), local, PS) == 8
+    with pytest.raises(ValueError, match="do not match the prefill's 32 B heads"):
+        rp.check_region(region(slot_bytes=64), local, PS)
+    sliced = msgspec.structs.replace(local, head_bytes=16)  # tensor parallelism: 2 heads of 16 B per slot
+    assert rp.check_region(region(slot_bytes=64, head_bytes=16), sliced, PS) == 8  # decode holds 4 heads
     with pytest.raises(ValueError, match="not a positive multiple of 2"):
-        rp.check_region(region(num_slots=15), 32, PS)
+        rp.check_region(region(num_slots=15), local, PS)
     with pytest.raises(ValueError, match="null base"):
-        rp.check_region(region(k_base=0), 32, PS)
+        rp.check_region(region(k_base=0), local, PS)
     rp.check_dst_runs([(0, 0, 8), (3, 7, 1)], 8)
     with pytest.raises(ValueError, match=r"outside decode's pool of 8: 7\.\.8"):
         rp.check_dst_runs([(0, 7, 2)], 8)

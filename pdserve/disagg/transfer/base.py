@@ -32,7 +32,7 @@ import torch
 
 from pdserve.disagg.backends import BACKENDS
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.messages import KVLayout, MetadataRecord
+from pdserve.disagg.messages import HeadSlice, KVLayout, MetadataRecord
 
 if TYPE_CHECKING:
     from pdserve.disagg.bootstrap_client import BootstrapClient, PrefillAddr
@@ -153,7 +153,9 @@ class TransferManager(ABC):
     def sender(self, room: int) -> KVSender: ...
 
     @abstractmethod
-    def receiver(self, room: int, prefill_endpoint: str) -> KVReceiver: ...
+    def receiver(self, room: int, prefill_endpoint: str, heads: HeadSlice | None = None,
+                 fanout: int = 1) -> KVReceiver:
+        """`heads`/`fanout`: this rank's link from that prefill rank (tp_links.py); None/1 without TP."""
 
     @abstractmethod
     def peer_dead(self, endpoint: str, reason: str) -> None:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.messages import DataFrame, Done, Hello, KVLayout, PeerIdentity
+from pdserve.disagg.messages import DataFrame, Done, HeadSlice, Hello, KVLayout, PeerIdentity
 from pdserve.disagg.transfer.pages import Run
 from pdserve.disagg.transfer.room import RoomState
 from pdserve.disagg.transfer.wire import FrameSocket
@@ -26,6 +26,7 @@ class IncomingRoom(Protocol):
     state: RoomState
     dst_set: frozenset[int]  # the pages decode reserved for this room
     frames: int  # DataFrames written into them so far (the session's reader thread only)
+    heads: HeadSlice | None  # the slice of the prefill's heads this room takes (None: all)
 
     @property
     def peer(self) -> PeerIdentity | None: ...
@@ -47,7 +48,7 @@ class DataPath(Protocol):
     def close_region(self, region: Any) -> None: ...
 
     def write_pages(self, sock: FrameSocket, region: Any, room: int, runs: list[Run],
-                    executor: ThreadPoolExecutor | None) -> int: ...
+                    executor: ThreadPoolExecutor | None, heads: HeadSlice | None = None) -> int: ...
 
     def read_frame(self, sock: FrameSocket, frame: DataFrame, receiver: IncomingRoom | None) -> None: ...
 

@@ -57,7 +57,7 @@ except ImportError as _exc:  # present but unloadable (libibverbs1, or libcuda f
     raise ModuleNotFoundError(f"mooncake is unusable: {_exc}", name="mooncake") from _exc
 
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.messages import Hello, KVLayout, MooncakeRegion, PoolRegion, mooncake_region_decoder
+from pdserve.disagg.messages import HeadSlice, Hello, KVLayout, MooncakeRegion, PoolRegion, mooncake_region_decoder
 from pdserve.disagg.transfer.pages import Run
 from pdserve.disagg.transfer.remote_pool import check_dst_runs, check_region, kv_segments, pool_region
 from pdserve.disagg.transfer.session_manager import SessionTransferManager, raise_write_error
@@ -194,7 +194,7 @@ class MooncakeTransferManager(SessionTransferManager):
 
     def open_region(self, hello: Hello) -> DecodeRegion:
         region = mooncake_region_decoder.decode(hello.region)
-        num_pages = check_region(region.pool, self._local.slot_bytes, self.page_size)
+        num_pages = check_region(region.pool, self._local, self.page_size)
         sid, instance = region.session_id, hello.identity.instance
         with self._engine_lock:
             if not self._engines:
@@ -210,13 +210,13 @@ class MooncakeTransferManager(SessionTransferManager):
         region.closed = True  # the engine keeps its cached segment (no API to drop it); see above
 
     def write_pages(self, sock: FrameSocket, region: Any, room: int, runs: list[Run],
-                    executor: ThreadPoolExecutor | None) -> int:
+                    executor: ThreadPoolExecutor | None, heads: HeadSlice | None = None) -> int:
         dst: DecodeRegion = region
         if dst.closed:
             raise SessionClosed("decode session closed")
         check_dst_runs(runs, dst.num_pages)
         src, dst_addr, length = (a.tolist() for a in kv_segments(runs, self.k.shape[0], self.page_size,
-                                                                   self._local, dst.pool))
+                                                                   self._local, dst.pool, heads))
         # one batch at a time: a sync batch busy-polls a core until done, so parallel batches were
         # slower here (0.72 -> 0.50 GB/s on 2 cores), and they would share the per-peer queue cap
         for a in range(0, len(src), MAX_BATCH):

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.messages import Done, Hello, KVLayout, NixlRegion, PoolRegion
+from pdserve.disagg.messages import Done, HeadSlice, Hello, KVLayout, NixlRegion, PoolRegion
 from pdserve.disagg.transfer.data_path import IncomingRoom
 from pdserve.disagg.transfer.pages import Run
 from pdserve.disagg.transfer.remote_pool import check_dst_runs, check_region, kv_segments, pool_region
@@ -131,9 +131,10 @@ class NotifCollector:
                 return len(self._seen.get((agent, room), ()))
             return sum(len(v) for (_, r), v in self._seen.items() if r == room)
 
-    def forget(self, room: int) -> None:
+    def forget(self, room: int, agent: str | None = None) -> None:
+        """Drop what was seen of `room` from `agent` (None: from every agent)."""
         with self._lock:
-            for key in [key for key in self._seen if key[1] == room]:
+            for key in [key for key in self._seen if key[1] == room and agent in (None, key[0])]:
                 del self._seen[key]
 
     def __len__(self) -> int:
@@ -184,7 +185,7 @@ class NixlTransferManager(SessionTransferManager):
         self._notifs = NotifCollector(self._agent.get_new_notifs, self._room_live)
 
     def _room_live(self, room: int) -> bool:
-        return self._decode is not None and self._decode.lookup(room) is not None
+        return self._decode is not None and self._decode.live(room)
 
     # --- decode hooks -------------------------------------------------------------------------
 
@@ -210,14 +211,14 @@ class NixlTransferManager(SessionTransferManager):
                 time.sleep(delay)
                 delay = min(0.01, delay * 2)
         finally:
-            self._notifs.forget(done.room)
+            self._notifs.forget(done.room, sender)
 
     # --- prefill hooks ------------------------------------------------------------------------
 
     def open_region(self, hello: Hello) -> RemotePool:
         region = hello_region_decoder.decode(hello.region)
         pool = region.pool
-        num_pages = check_region(pool, self._local.slot_bytes, self.page_size)
+        num_pages = check_region(pool, self._local, self.page_size)
         if region.mem_type not in ("DRAM", "VRAM"):
             raise ValueError(f"unknown NIXL memory type {region.mem_type!r}")
         with self._lock:
@@ -255,7 +256,7 @@ class NixlTransferManager(SessionTransferManager):
                 logger.warning("NIXL remove_remote_agent(%s) failed: %s", region.agent, exc)
 
     def write_pages(self, sock: FrameSocket, region: Any, room: int, runs: list[Run],
-                    executor: ThreadPoolExecutor | None) -> int:
+                    executor: ThreadPoolExecutor | None, heads: HeadSlice | None = None) -> int:
         dst: RemotePool = region
         check_dst_runs(runs, dst.num_pages)
         with self._lock:
@@ -263,7 +264,7 @@ class NixlTransferManager(SessionTransferManager):
                 raise SessionClosed("decode session closed")
             dst.inflight += 1
         try:
-            self._write(dst, room, runs)
+            self._write(dst, room, runs, heads)
         finally:
             with self._lock:
                 dst.inflight -= 1
@@ -271,16 +272,17 @@ class NixlTransferManager(SessionTransferManager):
                     self._release_locked(dst)
         return 1
 
-    def xfer_descs(self, dst: RemotePool, runs: list[Run]) -> tuple[np.ndarray, np.ndarray]:
+    def xfer_descs(self, dst: RemotePool, runs: list[Run],
+                   heads: HeadSlice | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Local and remote NIXL descriptor rows (addr, len, dev) for K then V."""
-        src, dst_addr, length = kv_segments(runs, self.k.shape[0], self.page_size, self._local, dst.pool)
+        src, dst_addr, length = kv_segments(runs, self.k.shape[0], self.page_size, self._local, dst.pool, heads)
         local = np.stack([src, length, np.full_like(length, self.device_id)], axis=1)
         remote = np.stack([dst_addr, length, np.full_like(length, dst.device_id)], axis=1)
         return local.astype(np.uint64), remote.astype(np.uint64)
 
-    def _write(self, dst: RemotePool, room: int, runs: list[Run]) -> None:
+    def _write(self, dst: RemotePool, room: int, runs: list[Run], heads: HeadSlice | None) -> None:
         agent = self._agent
-        local, remote = self.xfer_descs(dst, runs)
+        local, remote = self.xfer_descs(dst, runs, heads)
         notif = f"{room}:{next(self._chunks)}".encode()
         error: str | None = None
         try:

@@ -24,6 +24,11 @@ Runs merge pages that are consecutive on BOTH sides (src and dst ids differ):
 A frame (tcp) or copy group (shm) covers runs[a:b] x layers[l0:l1); its bytes are ordered
     for layer in l0..l1-1: for K, then V: for run in runs[a:b]: span(layer, run)
 which both sides compute from the same header, so no per-page metadata crosses the wire.
+
+A head-sliced room (tensor parallelism of different sizes, tp_links.py) moves for each
+(layer, K|V, run) the slice [start, start + count) of every slot's heads: a strided view
+[n_pages * page_size, count, head_bytes] of the pool, gathered into (or scattered from) one
+contiguous wire span of n_pages * page_size * count * head_bytes bytes, in the same order.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from pdserve.disagg.messages import HeadSlice
 
 Run = tuple[int, int, int]  # (src_page, dst_page, n_pages)
 
@@ -108,6 +115,20 @@ def copy_runs(dst_rows: np.ndarray, src_rows: np.ndarray, runs: list[Run], span:
         np.copyto(dst_rows[l0:l1, d * span:(d + n) * span], src_rows[l0:l1, s * span:(s + n) * span])
 
 
+def head_view(rows: np.ndarray, heads: int, head_bytes: int) -> np.ndarray:
+    """uint8 rows [num_layers, layer_bytes] as [num_layers, slots, heads, head_bytes] (a view)."""
+    return rows.reshape(rows.shape[0], -1, heads, head_bytes)
+
+
+def copy_head_runs(dst: np.ndarray, src: np.ndarray, runs: list[Run], page_size: int, heads: HeadSlice,
+                   l0: int, l1: int) -> None:
+    """As copy_runs for a head slice; dst and src are head_view()s of their pools."""
+    a, b, c = heads.src_start, heads.dst_start, heads.count
+    for s, d, n in runs:
+        np.copyto(dst[l0:l1, d * page_size:(d + n) * page_size, b:b + c],
+                  src[l0:l1, s * page_size:(s + n) * page_size, a:a + c])
+
+
 class PoolBytes:
     """Byte views of a CPU KV pool (k, v): numpy rows, and flat memoryviews for socket I/O."""
 
@@ -117,8 +138,25 @@ class PoolBytes:
         self.v_bytes = memoryview(self.v_rows.reshape(-1))
         self.num_layers = k.shape[0]
         self.num_pages = k.shape[1] // page_size
+        self.page_size = page_size
+        self.heads = k.shape[2]
+        self.head_bytes = k.shape[3] * k.element_size()
         self.span = page_size * k.shape[2] * k.shape[3] * k.element_size()
         self.layer_bytes = self.num_pages * self.span
+        self.k_heads = head_view(self.k_rows, self.heads, self.head_bytes)
+        self.v_heads = head_view(self.v_rows, self.heads, self.head_bytes)
+
+    def slice_span(self, heads: HeadSlice) -> int:
+        """Wire bytes of one page of one layer of K (or V) of a head slice."""
+        return self.page_size * heads.count * self.head_bytes
+
+    def head_slices(self, runs: list[Run], plan: FramePlan, side: int, heads: HeadSlice) -> Iterator[np.ndarray]:
+        """The frame's strided head-slice views in wire order (side as in spans())."""
+        start, ps = (heads.src_start if side == 0 else heads.dst_start), self.page_size
+        for layer in range(plan.layer_start, plan.layer_end):
+            for pool in (self.k_heads, self.v_heads):
+                for run in runs[plan.run_start:plan.run_end]:
+                    yield pool[layer, run[side] * ps:(run[side] + run[2]) * ps, start:start + heads.count]
 
     def spans(self, runs: list[Run], plan: FramePlan, side: int) -> Iterator[memoryview]:
         """The frame's byte spans in wire order; side 0 = source pages, 1 = destination pages."""

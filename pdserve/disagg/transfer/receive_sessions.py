@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pdserve.disagg.messages import (Ack, AbortRoom, DataFrame, Done, Hello, HelloAck, MetadataRecord,
+from pdserve.disagg.messages import (Ack, AbortRoom, DataFrame, Done, HeadSlice, Hello, HelloAck, MetadataRecord,
                                      PeerIdentity, RoomFailed, RoomInfo, SessionMsg)
 from pdserve.disagg.transfer.base import KVPoll, KVReceiver
 from pdserve.disagg.transfer.data_path import DataPath
@@ -59,11 +59,14 @@ class DecodeSession:
 class SessionReceiver(KVReceiver):
     """A room's handle for the engine thread; ReceiveSessions keeps its public fields (the room's record)."""
 
-    def __init__(self, side: ReceiveSessions, room: int, endpoint: str) -> None:
+    def __init__(self, side: ReceiveSessions, room: int, endpoint: str, heads: HeadSlice | None = None,
+                 fanout: int = 1) -> None:
         self.room = room
         self.endpoint = endpoint
+        self.heads = heads  # the slice of the prefill rank's heads this rank takes (tp_links.py)
+        self.fanout = fanout
         self._side = side
-        self.state = RoomState(room, on_terminal=side.on_terminal)
+        self.state = RoomState(room, on_terminal=lambda st: side.on_terminal(st, endpoint))
         self.dst_pages: list[int] | None = None
         self.dst_set: frozenset[int] = frozenset()
         self.init_at: float | None = None
@@ -92,7 +95,8 @@ class SessionReceiver(KVReceiver):
             return
         self.state.advance(KVPoll.WaitingForInput)
         self._side.post(self, RoomInfo(room=self.room, dst_pages=self.dst_pages,
-                                       decode_id=self._side.mgr.identity.instance))
+                                       decode_id=self._side.mgr.identity.instance, heads=self.heads,
+                                       fanout=self.fanout))
 
     def poll(self) -> KVPoll:
         self._side.check(self)
@@ -113,7 +117,7 @@ class ReceiveSessions:
         self.mgr = mgr
         self.config = mgr.config
         self._lock = threading.Lock()
-        self._receivers: dict[int, SessionReceiver] = {}
+        self._receivers: dict[tuple[int, str], SessionReceiver] = {}  # (room, prefill endpoint)
         self._sessions: dict[str, DecodeSession] = {}
         self._closing = threading.Event()
         self._hk = threading.Thread(target=self._housekeeping, name="pd-decode-hk", daemon=True)
@@ -121,16 +125,21 @@ class ReceiveSessions:
 
     # --- engine-facing ------------------------------------------------------------------------
 
-    def receiver(self, room: int, endpoint: str) -> SessionReceiver:
+    def receiver(self, room: int, endpoint: str, heads: HeadSlice | None = None, fanout: int = 1) -> SessionReceiver:
         with self._lock:
-            if room in self._receivers:
+            if (room, endpoint) in self._receivers:
                 raise ValueError(f"room {room} already has a live receiver")
-            r = SessionReceiver(self, room, endpoint)
-            self._receivers[room] = r
+            r = SessionReceiver(self, room, endpoint, heads, fanout)
+            self._receivers[(room, endpoint)] = r
         return r
 
-    def lookup(self, room: int) -> SessionReceiver | None:
-        return self._receivers.get(room)
+    def lookup(self, room: int, endpoint: str) -> SessionReceiver | None:
+        return self._receivers.get((room, endpoint))
+
+    def live(self, room: int) -> bool:
+        """Any receiver of `room` (from any prefill rank) is live."""
+        with self._lock:
+            return any(key[0] == room for key in self._receivers)
 
     def post(self, r: SessionReceiver | None, msg: SessionMsg, endpoint: str | None = None) -> None:
         """Queue `msg` to the session of r's prefill (opened on demand)."""
@@ -178,11 +187,11 @@ class ReceiveSessions:
         if session is not None:
             self._session_lost(session, reason)
 
-    def on_terminal(self, state: RoomState) -> None:
+    def on_terminal(self, state: RoomState, endpoint: str) -> None:
         with self._lock:
-            r = self._receivers.get(state.room)
+            r = self._receivers.get((state.room, endpoint))
             if r is not None and r.state is state:
-                del self._receivers[state.room]
+                del self._receivers[(state.room, endpoint)]
 
     # --- session threads ----------------------------------------------------------------------
 
@@ -233,9 +242,9 @@ class ReceiveSessions:
             while True:
                 msg = sock.recv_msg()
                 if isinstance(msg, DataFrame):
-                    self.mgr.read_frame(sock, msg, self.lookup(msg.room))
+                    self.mgr.read_frame(sock, msg, self.lookup(msg.room, session.endpoint))
                 elif isinstance(msg, Done):
-                    self._on_done(sock, msg)
+                    self._on_done(session, sock, msg)
                 elif isinstance(msg, RoomFailed):
                     self._on_room_failed(session, msg)
                 else:
@@ -250,7 +259,7 @@ class ReceiveSessions:
             sock.dispose()
 
     def _on_room_failed(self, session: DecodeSession, msg: RoomFailed) -> None:
-        r = self.lookup(msg.room)
+        r = self.lookup(msg.room, session.endpoint)
         if r is None:
             return
         r.state.fail(f"prefill failed the transfer: {msg.reason}")
@@ -259,8 +268,8 @@ class ReceiveSessions:
         if writer is None or session.peer is None or session.peer.instance == writer.instance or process_gone(writer):
             r.state.set_remote_writer(False)
 
-    def _on_done(self, sock: FrameSocket, msg: Done) -> None:
-        r = self.lookup(msg.room)
+    def _on_done(self, session: DecodeSession, sock: FrameSocket, msg: Done) -> None:
+        r = self.lookup(msg.room, session.endpoint)
         if r is None:
             return
         problem = self.mgr.check_done(r, msg)

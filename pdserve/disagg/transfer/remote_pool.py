@@ -13,6 +13,13 @@ Addresses (see pages.py for the page layout; both pools are [layers, slots, head
 Segments are listed layer-major; neighbours contiguous on BOTH sides merge, so a run that
 covers whole layers of two equal pools is one segment for all layers. K and V never merge:
 engines register them as separate buffers.
+
+A head-sliced room (tp_links.py) moves per (layer, slot) one range of count * head_bytes bytes:
+
+    src  = k_base_local  + (layer * src_slots + src_slot) * src_slot_bytes + src_start * head_bytes
+    dst  = k_base_remote + (layer * dst_slots + dst_slot) * dst_slot_bytes + dst_start * head_bytes
+
+(page_size segments per page per layer; they merge only where both sides are contiguous).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from pdserve.disagg.messages import PoolRegion
+from pdserve.disagg.messages import HeadSlice, PoolRegion
 from pdserve.disagg.transfer.pages import Run
 
 
@@ -32,13 +39,15 @@ def pool_region(k: torch.Tensor, v: torch.Tensor) -> PoolRegion:
         if not t.is_contiguous():
             raise ValueError(f"the KV pool tensor {name} must be contiguous")
     return PoolRegion(k_base=k.data_ptr(), v_base=v.data_ptr(), num_slots=k.shape[1],
-                      slot_bytes=k.shape[2] * k.shape[3] * k.element_size())
+                      slot_bytes=k.shape[2] * k.shape[3] * k.element_size(), head_bytes=k.shape[3] * k.element_size())
 
 
-def check_region(region: PoolRegion, slot_bytes: int, page_size: int) -> int:
+def check_region(region: PoolRegion, local: PoolRegion, page_size: int) -> int:
     """Raise ValueError unless decode's pool fits ours; return its number of pages."""
-    if region.slot_bytes != slot_bytes:
-        raise ValueError(f"decode pool slot size {region.slot_bytes} B != prefill's {slot_bytes} B")
+    if (region.head_bytes or region.slot_bytes) != (local.head_bytes or local.slot_bytes) \
+            or region.slot_bytes % (region.head_bytes or region.slot_bytes):
+        raise ValueError(f"decode pool heads of {region.head_bytes or region.slot_bytes} B in slots of "
+                         f"{region.slot_bytes} B do not match the prefill's {local.head_bytes or local.slot_bytes} B heads")
     if region.num_slots <= 0 or region.num_slots % page_size:
         raise ValueError(f"decode pool has {region.num_slots} slots, not a positive multiple of {page_size}")
     if not region.k_base or not region.v_base:
@@ -72,11 +81,29 @@ def segments(runs: list[Run], num_layers: int, span: int, src_layer_bytes: int,
     return src[idx], dst[idx], np.add.reduceat(length, idx)
 
 
+def slice_segments(runs: list[Run], num_layers: int, page_size: int, src: PoolRegion, dst: PoolRegion,
+                   heads: HeadSlice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """As segments() for a head slice: one (layer, slot) range each, layer-major, none merged."""
+    hb = src.head_bytes or src.slot_bytes
+    if not runs or heads.count == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    s_slots = np.concatenate([s * page_size + np.arange(n * page_size, dtype=np.int64) for s, _, n in runs])
+    d_slots = np.concatenate([d * page_size + np.arange(n * page_size, dtype=np.int64) for _, d, n in runs])
+    layers = np.arange(num_layers, dtype=np.int64)[:, None]
+    off_s = ((layers * src.num_slots + s_slots) * src.slot_bytes + heads.src_start * hb).reshape(-1)
+    off_d = ((layers * dst.num_slots + d_slots) * dst.slot_bytes + heads.dst_start * hb).reshape(-1)
+    return off_s, off_d, np.full(len(off_s), heads.count * hb, dtype=np.int64)
+
+
 def kv_segments(runs: list[Run], num_layers: int, page_size: int, src: PoolRegion,
-                dst: PoolRegion) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                dst: PoolRegion, heads: HeadSlice | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Absolute (src address, dst address, length) of every segment: K's, then V's."""
-    span = page_size * src.slot_bytes
-    off_s, off_d, length = segments(runs, num_layers, span, src.num_slots * src.slot_bytes,
-                                    dst.num_slots * dst.slot_bytes)
+    if heads is not None:
+        off_s, off_d, length = slice_segments(runs, num_layers, page_size, src, dst, heads)
+    else:
+        span = page_size * src.slot_bytes
+        off_s, off_d, length = segments(runs, num_layers, span, src.num_slots * src.slot_bytes,
+                                        dst.num_slots * dst.slot_bytes)
     return (np.concatenate([src.k_base + off_s, src.v_base + off_s]),
             np.concatenate([dst.k_base + off_d, dst.v_base + off_d]), np.concatenate([length, length]))

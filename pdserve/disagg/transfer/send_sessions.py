@@ -2,16 +2,18 @@
 
 Lifecycle of one room on the prefill rank (state in brackets):
 
-  1. `sender(room)` [Bootstrapping]. Decode's RoomInfo may come before or after it: one that
-     comes first waits in `_pending` (dropped with a RoomFailed after bootstrap_timeout). An
+  1. `sender(room)` [Bootstrapping]. Decode's RoomInfo may come before or after it: those that
+     come first wait in `_pending` (dropped with a RoomFailed after bootstrap_timeout). An
      AbortRoom that comes first (the client left while this busy engine had not taken the
      request yet) is remembered (room_memory.py) for bootstrap_timeout, so the sender, when
      it is created, fails at once instead of waiting for a page list that never comes.
-  2. RoomInfo bound [WaitingForInput]; `num_dst_pages` is known.
-  3. `send(...)` [Transferring]: a task goes to the shard queue of this decode (FCFS per decode);
+  2. RoomInfo of every destination bound [WaitingForInput] (send_room.py: one per decode rank
+     fed by this rank); `num_dst_pages` is known.
+  3. `send(...)` [Transferring]: a task per destination goes to the shard queue of that decode
+     (FCFS per decode);
      the consumer moves the pages (the backend's `write_pages`) inside begin_write/end_write, and
      after the is_last task sends Done(room, frames, metadata).
-  4. Decode's Ack [Success]. Failures [Failed]: abort(), AbortRoom from decode, the session
+  4. Every destination's Ack [Success]. Failures [Failed]: abort(), AbortRoom from decode, the session
      dropping (decode died), bootstrap_timeout without RoomInfo, no Ack within waiting_timeout
      after the last send, a send error or an injected failure. A failure that decode may not know
      about yet is told with RoomFailed, sent from the room's shard after any write in hand, so it
@@ -29,16 +31,15 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
-from pdserve.disagg.messages import Ack, AbortRoom, Done, Hello, HelloAck, MetadataRecord, RoomFailed, RoomInfo
-from pdserve.disagg.transfer.base import KVPoll, KVSender
+from pdserve.disagg.messages import Ack, AbortRoom, Done, Hello, HelloAck, RoomFailed, RoomInfo
+from pdserve.disagg.transfer.base import KVPoll
 from pdserve.disagg.transfer.data_path import DataPath
 from pdserve.disagg.transfer.handshake import refusal
-from pdserve.disagg.transfer.pages import Run, check_pages, page_runs
 from pdserve.disagg.transfer.room import RoomState
 from pdserve.disagg.transfer.room_memory import RoomMemory
+from pdserve.disagg.transfer.send_room import Destination, PrefillSession, SendTask, SessionSender
 from pdserve.disagg.transfer.shards import ShardedQueues
 from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed, advertised_host, join_endpoint, listen
 
@@ -53,89 +54,6 @@ class InjectedFailure(RuntimeError):
     pass
 
 
-@dataclass(eq=False)
-class PrefillSession:
-    sock: FrameSocket
-    key: str = ""  # the decode manager's instance id: picks the shard queue
-    region: Any = None  # what the backend opened for this decode (shm: mapped pool)
-    peer: Any = None  # decode's PeerIdentity
-    thread: threading.Thread | None = None
-
-
-@dataclass(frozen=True)
-class SendTask:
-    runs: list[Run]
-    is_last: bool
-    metadata: MetadataRecord | None
-    seq: int
-
-
-class SessionSender(KVSender):
-    """A room's handle for the engine thread; SendSessions keeps its public fields (the room's record)."""
-
-    def __init__(self, side: SendSessions, room: int) -> None:
-        self.room = room
-        self._side = side
-        self.state = RoomState(room, on_terminal=side.on_terminal)
-        self.created = time.monotonic()
-        self.session: PrefillSession | None = None
-        self.dst_pages: list[int] | None = None
-        self._tasks = 0
-        self.last_at: float | None = None  # when the is_last send was queued
-        self.frames = 0  # data frames sent (consumer thread only)
-
-    @property
-    def num_dst_pages(self) -> int | None:
-        return None if self.dst_pages is None else len(self.dst_pages)
-
-    @property
-    def failure(self) -> str | None:
-        return self.state.failure
-
-    def bind(self, session: PrefillSession, info: RoomInfo) -> None:
-        self.dst_pages = list(info.dst_pages)
-        self.session = session
-        self.state.advance(KVPoll.WaitingForInput)
-
-    def poll(self) -> KVPoll:
-        self._side.check_timeouts(self)
-        return self.state.poll()
-
-    def send(self, src_pages: list[int], start_page: int, is_last: bool,
-             metadata: MetadataRecord | None = None) -> None:
-        if is_last != (metadata is not None):
-            raise ValueError("send(): metadata is required with is_last=True and only then")
-        if metadata is not None and metadata.room != self.room:
-            raise ValueError(f"metadata.room {metadata.room} != sender room {self.room}")
-        if self.last_at is not None:
-            raise RuntimeError(f"room {self.room}: send() after the is_last send")
-        check_pages(list(src_pages), self._side.mgr.num_pages, "source")
-        if is_last:
-            self.last_at = time.monotonic()
-        if self.state.failing or self.state.state == KVPoll.Failed:
-            return
-        if self.dst_pages is None or self.session is None:
-            raise RuntimeError(f"room {self.room}: send() before decode's page list arrived "
-                               "(wait for poll() == WaitingForInput)")
-        end = start_page + len(src_pages)
-        if start_page < 0 or end > len(self.dst_pages):
-            self._side.fail_sender(self, f"pages [{start_page}, {end}) exceed the {len(self.dst_pages)} "
-                                         "pages decode reserved")
-            return
-        if not src_pages and not is_last:
-            return
-        task = SendTask(page_runs(list(src_pages), self.dst_pages[start_page:end]), is_last, metadata, self._tasks)
-        self._tasks += 1
-        self.state.advance(KVPoll.Transferring)
-        self._side.submit(self.session, lambda ex: self._side.run_send(self, task, ex))
-
-    def abort(self) -> None:
-        self._side.fail_sender(self, "aborted by prefill")
-
-    def _wait_change(self, timeout: float, seen: KVPoll) -> None:
-        self.state.wait_change(timeout, seen)
-
-
 class SendSessions:
     def __init__(self, mgr: DataPath, port: int, advertise_host: str | None) -> None:
         self.mgr = mgr
@@ -145,7 +63,7 @@ class SendSessions:
         self.endpoint = join_endpoint(advertise_host or advertised_host(mgr.host), bound_port)
         self._lock = threading.Lock()
         self._senders: dict[int, SessionSender] = {}
-        self._pending: dict[int, tuple[PrefillSession, RoomInfo, float]] = {}
+        self._pending: dict[int, list[tuple[PrefillSession, RoomInfo, float]]] = {}
         self._memory = RoomMemory(self.config.bootstrap_timeout)  # ended rooms, aborts before a sender
         self._sessions: set[PrefillSession] = set()
         self._closing = threading.Event()
@@ -163,13 +81,15 @@ class SendSessions:
                 raise ValueError(f"room {room} already has a live sender")
             s = SessionSender(self, room)
             self._senders[room] = s
-            pending = self._pending.pop(room, None)
+            pending = self._pending.pop(room, [])
             early = self._memory.take_abort(room)
-            if pending is not None and early is None:
-                s.bind(pending[0], pending[1])
+            refused = [] if early is not None else [(session, s.bind(session, info)) for session, info, _ in pending]
         if early is not None:  # decode gave this room up before we had it: nothing was written
             logger.info("room %d: decode gave it up before the request reached this engine (%s)", room, early)
             s.state.fail(f"decode gave up before the request arrived: {early}")
+        for session, why in refused:
+            if why is not None:
+                self._send_quietly(session, RoomFailed(room=room, reason=why))
         return s
 
     def submit(self, session: PrefillSession, task: Any) -> None:
@@ -179,15 +99,18 @@ class SendSessions:
         """Fail a room; tell decode with RoomFailed once no write of it is in hand (the notice
         runs on the room's shard, after the task in hand). `reply_to` answers an AbortRoom."""
         first = s.state.fail(reason)
-        target = reply_to or (s.session if first else None)
-        if target is None or target.sock.closed:
-            return
+        targets = [d.session for d in s.dests] if first else []
+        if reply_to is not None and reply_to not in targets:
+            targets.append(reply_to)
         notice = RoomFailed(room=s.room, reason=s.failure or reason)
-        if s.session is None:  # no RoomInfo bound: nothing was ever written
-            self._send_quietly(target, notice)
-        else:
+        for target in targets:
+            if target.sock.closed:
+                continue
+            if not s.serves(target):  # no RoomInfo of it bound: nothing was ever written there
+                self._send_quietly(target, notice)
+                continue
             try:
-                self.submit(s.session, lambda ex: self._send_quietly(target, notice))
+                self.submit(target, lambda ex, t=target: self._send_quietly(t, notice))
             except RuntimeError:  # queues closed
                 pass
 
@@ -195,7 +118,7 @@ class SendSessions:
         if s.state.failing or s.state.state in (KVPoll.Success, KVPoll.Failed):
             return
         now = time.monotonic()
-        if s.dst_pages is None and now - s.created > self.config.bootstrap_timeout:
+        if not s.ready and now - s.created > self.config.bootstrap_timeout:
             self.fail_sender(s, f"bootstrap timeout: decode's page list did not arrive within "
                                 f"{self.config.bootstrap_timeout:g} s")
         elif s.last_at is not None and now - s.last_at > self.config.waiting_timeout:
@@ -210,9 +133,9 @@ class SendSessions:
 
     # --- shard consumers ----------------------------------------------------------------------
 
-    def run_send(self, s: SessionSender, task: SendTask, executor: ThreadPoolExecutor | None) -> None:
-        session = s.session
-        assert session is not None
+    def run_send(self, s: SessionSender, dest: Destination, task: SendTask,
+                 executor: ThreadPoolExecutor | None) -> None:
+        session = dest.session
         if not s.state.begin_write():
             return
         error: str | None = None
@@ -220,10 +143,11 @@ class SendSessions:
             if self.config.fail_rate > 0 and random.Random(s.room * 1000003 + task.seq).random() < self.config.fail_rate:
                 raise InjectedFailure(f"injected transfer failure (fail_rate={self.config.fail_rate:g})")
             if task.runs:
-                s.frames += self.mgr.write_pages(session.sock, session.region, s.room, task.runs, executor)
+                dest.frames += self.mgr.write_pages(session.sock, session.region, s.room, task.runs, executor,
+                                                    dest.heads)
             if task.is_last:
                 assert task.metadata is not None
-                session.sock.send(Done(room=s.room, num_frames=s.frames, metadata=task.metadata))
+                session.sock.send(Done(room=s.room, num_frames=dest.frames, metadata=task.metadata))
         except SessionClosed as exc:
             s.state.fail(f"decode connection lost: {exc}")
         except Exception as exc:  # a backend error (or an injected one) fails this room only
@@ -307,16 +231,17 @@ class SendSessions:
         with self._lock:
             s = self._senders.get(info.room)
             if s is None:
+                pending = self._pending.setdefault(info.room, [])
                 if info.room in self._memory.ended:
                     reply = f"prefill already ended this room ({self._memory.ended[info.room]})"
-                elif info.room in self._pending:
+                elif any(sess is session for sess, _, _ in pending):
                     reply = "duplicate RoomInfo"
                 else:
-                    self._pending[info.room] = (session, info, time.monotonic())
-            elif s.session is not None:
-                reply = "duplicate RoomInfo"
+                    pending.append((session, info, time.monotonic()))
+                if not pending:
+                    del self._pending[info.room]
             else:
-                s.bind(session, info)
+                reply = s.bind(session, info)
         if reply is not None:
             self._send_quietly(session, RoomFailed(room=info.room, reason=reply))
 
@@ -334,15 +259,17 @@ class SendSessions:
     def _on_ack(self, session: PrefillSession, msg: Ack) -> None:
         with self._lock:
             s = self._senders.get(msg.room)
-        if s is not None and s.session is session and s.last_at is not None:
-            s.state.succeed()
+        if s is not None:
+            s.acked(session)
 
     def _session_lost(self, session: PrefillSession, reason: str) -> None:
         with self._lock:
             self._sessions.discard(session)
-            hit = [s for s in self._senders.values() if s.session is session]
-            for room in [r for r, (sess, _, _) in self._pending.items() if sess is session]:
-                del self._pending[room]
+            hit = [s for s in self._senders.values() if s.serves(session)]
+            for room, items in list(self._pending.items()):
+                items[:] = [item for item in items if item[0] is not session]
+                if not items:
+                    del self._pending[room]
         for s in hit:
             s.state.fail(f"decode connection lost: {reason}")
         session.sock.dispose()
@@ -356,9 +283,9 @@ class SendSessions:
             with self._lock:
                 senders = list(self._senders.values())
                 now = time.monotonic()
-                expired = [(room, sess) for room, (sess, _, t) in self._pending.items()
-                           if now - t > self.config.bootstrap_timeout]
-                for room, _ in expired:
+                expired = [(room, sess) for room, items in self._pending.items()
+                           if now - items[0][2] > self.config.bootstrap_timeout for sess, _, _ in items]
+                for room in {room for room, _ in expired}:
                     del self._pending[room]
                 self._memory.expire(now)
             for s in senders:

@@ -36,13 +36,14 @@ from typing import Any, NoReturn
 import torch
 
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.messages import DataFrame, Done, Hello, KVLayout
+from pdserve.disagg.messages import DataFrame, Done, HeadSlice, Hello, KVLayout
 from pdserve.disagg.transfer.base import TransferManager
 from pdserve.disagg.transfer.data_path import IncomingRoom
 from pdserve.disagg.transfer.identity import local_identity
 from pdserve.disagg.transfer.pages import Run
 from pdserve.disagg.transfer.receive_sessions import ReceiveSessions, SessionReceiver
-from pdserve.disagg.transfer.send_sessions import SendSessions, SessionSender
+from pdserve.disagg.transfer.send_room import SessionSender
+from pdserve.disagg.transfer.send_sessions import SendSessions
 from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed
 
 
@@ -86,10 +87,11 @@ class SessionTransferManager(TransferManager):
             raise RuntimeError("sender() is for the prefill role")
         return self._prefill.sender(room)
 
-    def receiver(self, room: int, prefill_endpoint: str) -> SessionReceiver:
+    def receiver(self, room: int, prefill_endpoint: str, heads: HeadSlice | None = None,
+                 fanout: int = 1) -> SessionReceiver:
         if self._decode is None:
             raise RuntimeError("receiver() is for the decode role")
-        return self._decode.receiver(room, prefill_endpoint)
+        return self._decode.receiver(room, prefill_endpoint, heads, fanout)
 
     def peer_dead(self, endpoint: str, reason: str) -> None:
         if self._decode is not None:
@@ -113,8 +115,9 @@ class SessionTransferManager(TransferManager):
         pass
 
     def write_pages(self, sock: FrameSocket, region: Any, room: int, runs: list[Run],
-                    executor: ThreadPoolExecutor | None) -> int:
-        """Move the runs' pages (all layers, K and V) to decode; returns DataFrames sent."""
+                    executor: ThreadPoolExecutor | None, heads: HeadSlice | None = None) -> int:
+        """Move the runs' pages (all layers, K and V; only the `heads` slice of each slot when
+        given) to decode; returns DataFrames sent."""
         return 0
 
     def read_frame(self, sock: FrameSocket, frame: DataFrame, receiver: IncomingRoom | None) -> None:

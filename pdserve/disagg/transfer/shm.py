@@ -8,6 +8,7 @@ Lifecycle:
            per send task, for each run: one strided memcpy of the run's bytes over a layer group
            (numpy: no torch intra-op threads, which thrash on a busy CPU; GIL released), layer
            groups in parallel on the shard's executor when it has more than one thread; then Done.
+           A head-sliced room copies each slot's slice instead (pages.copy_head_runs).
   decode   learns completion from Done (the prefill finished every copy of the room before
            sending it); a failed room is freed only after prefill's RoomFailed (sent from the
            room's shard once no copy is in hand) or once the prefill process is gone.
@@ -24,9 +25,9 @@ import numpy as np
 import torch
 
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.messages import Hello, KVLayout, ShmRegion, region_decoder
+from pdserve.disagg.messages import HeadSlice, Hello, KVLayout, ShmRegion, region_decoder
 from pdserve.disagg.transfer.identity import same_machine
-from pdserve.disagg.transfer.pages import PoolBytes, Run, byte_rows, copy_runs
+from pdserve.disagg.transfer.pages import PoolBytes, Run, byte_rows, copy_head_runs, copy_runs, head_view
 from pdserve.disagg.transfer.session_manager import SessionTransferManager
 from pdserve.disagg.transfer.remote_pool import check_dst_runs
 from pdserve.disagg.transfer.shm_pool import lookup_shared_pool, map_shared_pool
@@ -38,6 +39,7 @@ class MappedPool:
     k: np.ndarray | None  # decode's K as uint8 rows [num_layers, layer_bytes]
     v: np.ndarray | None
     num_pages: int
+    heads: int  # KV heads per slot of decode's pool
 
 
 class ShmTransferManager(SessionTransferManager):
@@ -59,7 +61,7 @@ class ShmTransferManager(SessionTransferManager):
         p = self._shared
         assert p is not None
         return msgspec.msgpack.encode(ShmRegion(path=p.path, size=p.size, k_offset=p.k_offset,
-                                                v_offset=p.v_offset, num_slots=p.k.shape[1]))
+                                                v_offset=p.v_offset, num_slots=p.k.shape[1], heads=p.k.shape[2]))
 
     def open_region(self, hello: Hello) -> MappedPool:
         if not same_machine(hello.identity):
@@ -68,15 +70,16 @@ class ShmTransferManager(SessionTransferManager):
         if region.num_slots % self.page_size:
             raise ValueError(f"decode pool has {region.num_slots} slots, not a multiple of {self.page_size}")
         L, _, H, D = self.k.shape
+        H = region.heads or H
         k, v = map_shared_pool(region.path, region.size, region.k_offset, region.v_offset,
                                (L, region.num_slots, H, D), self.k.dtype)
-        return MappedPool(byte_rows(k), byte_rows(v), region.num_slots // self.page_size)
+        return MappedPool(byte_rows(k), byte_rows(v), region.num_slots // self.page_size, H)
 
     def close_region(self, region: Any) -> None:
         region.k = region.v = None  # the mapping goes with the last tensor view
 
     def write_pages(self, sock: FrameSocket, region: Any, room: int, runs: list[Run],
-                    executor: ThreadPoolExecutor | None) -> int:
+                    executor: ThreadPoolExecutor | None, heads: HeadSlice | None = None) -> int:
         dst: MappedPool = region
         check_dst_runs(runs, dst.num_pages)
         num_layers = self.k.shape[0]
@@ -85,15 +88,20 @@ class ShmTransferManager(SessionTransferManager):
         groups = [(l0, min(num_layers, l0 + step)) for l0 in range(0, num_layers, step)]
         if executor is None or len(groups) == 1:
             for l0, l1 in groups:
-                self._copy(dst, runs, l0, l1)
+                self._copy(dst, runs, l0, l1, heads)
         else:
-            for f in [executor.submit(self._copy, dst, runs, l0, l1) for l0, l1 in groups]:
+            for f in [executor.submit(self._copy, dst, runs, l0, l1, heads) for l0, l1 in groups]:
                 f.result()
         return 0
 
-    def _copy(self, dst: MappedPool, runs: list[Run], l0: int, l1: int) -> None:
+    def _copy(self, dst: MappedPool, runs: list[Run], l0: int, l1: int, heads: HeadSlice | None) -> None:
         dk, dv = dst.k, dst.v
         if dk is None or dv is None:
             raise RuntimeError("decode session closed")
-        copy_runs(dk, self.pool.k_rows, runs, self.pool.span, l0, l1)
-        copy_runs(dv, self.pool.v_rows, runs, self.pool.span, l0, l1)
+        if heads is None:
+            copy_runs(dk, self.pool.k_rows, runs, self.pool.span, l0, l1)
+            copy_runs(dv, self.pool.v_rows, runs, self.pool.span, l0, l1)
+            return
+        hb, ps = self.pool.head_bytes, self.page_size
+        copy_head_runs(head_view(dk, dst.heads, hb), self.pool.k_heads, runs, ps, heads, l0, l1)
+        copy_head_runs(head_view(dv, dst.heads, hb), self.pool.v_heads, runs, ps, heads, l0, l1)

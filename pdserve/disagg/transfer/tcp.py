@@ -7,6 +7,8 @@ On the decode, the session reader takes each DataFrame header, checks it against
 reserved pages, and `recvmsg_into`s the payload straight into the destination spans (zero-copy
 scatter), inside the room's begin_write/end_write; a frame for an unknown or failing room is
 drained and dropped. Done carries the number of frames sent; decode checks it got them all.
+A head-sliced room (pages.py) gathers each slice into a contiguous span on the prefill and
+scatters it from a staging buffer on the decode: one extra copy per side, the wire bytes exact.
 
 One ordered stream per (prefill rank, decode rank): loopback and LAN saturate one Python
 stream; parallel streams are the job of nixl/mooncake.
@@ -17,10 +19,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.messages import DataFrame, Done, KVLayout
+from pdserve.disagg.messages import DataFrame, Done, HeadSlice, KVLayout
 from pdserve.disagg.transfer.data_path import IncomingRoom
 from pdserve.disagg.transfer.pages import FramePlan, PoolBytes, Run, plan_frames
 from pdserve.disagg.transfer.session_manager import SessionTransferManager
@@ -37,12 +40,17 @@ class TcpTransferManager(SessionTransferManager):
         super().__init__(role, k, v, page_size, layout, config, host, **kwargs)
 
     def write_pages(self, sock: FrameSocket, region: Any, room: int, runs: list[Run],
-                    executor: ThreadPoolExecutor | None) -> int:
-        plans = plan_frames(runs, self.pool.num_layers, self.pool.span)
+                    executor: ThreadPoolExecutor | None, heads: HeadSlice | None = None) -> int:
+        span = self.pool.span if heads is None else self.pool.slice_span(heads)
+        plans = plan_frames(runs, self.pool.num_layers, span)
         for seq, plan in enumerate(plans):
             header = DataFrame(room=room, seq=seq, layer_start=plan.layer_start, layer_end=plan.layer_end,
                                runs=[(d, n) for _, d, n in runs[plan.run_start:plan.run_end]], nbytes=plan.nbytes)
-            sock.send(header, self.pool.spans(runs, plan, side=0))
+            if heads is None:
+                sock.send(header, self.pool.spans(runs, plan, side=0))
+            else:
+                gathered = [np.ascontiguousarray(v) for v in self.pool.head_slices(runs, plan, 0, heads)]
+                sock.send(header, (memoryview(g.reshape(-1)) for g in gathered))
         return len(plans)
 
     def read_frame(self, sock: FrameSocket, frame: DataFrame, receiver: IncomingRoom | None) -> None:
@@ -61,7 +69,15 @@ class TcpTransferManager(SessionTransferManager):
         try:
             runs = [(0, d, n) for d, n in frame.runs]
             plan = FramePlan(0, len(runs), frame.layer_start, frame.layer_end, frame.nbytes)
-            got = sock.recv_scatter(list(self.pool.spans(runs, plan, side=1)), lambda: receiver.state.failing)
+            if receiver.heads is None:
+                got = sock.recv_scatter(list(self.pool.spans(runs, plan, side=1)), lambda: receiver.state.failing)
+            else:
+                views = list(self.pool.head_slices(runs, plan, 1, receiver.heads))
+                staged = [np.empty(v.shape, dtype=np.uint8) for v in views]
+                got = sock.recv_scatter([memoryview(b.reshape(-1)) for b in staged], lambda: receiver.state.failing)
+                if got == frame.nbytes:
+                    for view, b in zip(views, staged):
+                        np.copyto(view, b)
             if got == frame.nbytes:
                 receiver.frames += 1
         finally:
@@ -77,7 +93,8 @@ class TcpTransferManager(SessionTransferManager):
             if n < 1 or any(p not in receiver.dst_set for p in range(d, d + n)):
                 return f"pages {d}..{d + n - 1} were not reserved for room {receiver.room}"
             pages += n
-        expected = 2 * (frame.layer_end - frame.layer_start) * pages * self.pool.span
+        span = self.pool.span if receiver.heads is None else self.pool.slice_span(receiver.heads)
+        expected = 2 * (frame.layer_end - frame.layer_start) * pages * span
         if expected != frame.nbytes:
             return f"payload of {frame.nbytes} bytes, expected {expected}"
         return None

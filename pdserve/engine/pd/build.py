@@ -1,19 +1,25 @@
 """Build the stage of an engine's PD mode: the KV pool's memory, the transfer manager, bootstrap.
 
 null:    NullStage (no transfer machinery at all)
-prefill: manager (sender side) + BootstrapServer publishing rank 0's endpoint and layout
+prefill: manager (sender side) + BootstrapServer publishing every rank's endpoint and layout
 decode:  manager (receiver side; for shm its pool lives in shared memory) + BootstrapClient
          (route lookup with the layout check at first contact, heartbeat → manager.peer_dead)
+With tensor parallelism rank 0's manager is one of several: RankedManager (disagg/tp_control.py)
+waits for the other ranks' agents and spans each room over every rank.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch.distributed import Store
 
 from pdserve.disagg.bootstrap import BootstrapServer
 from pdserve.disagg.bootstrap_client import BootstrapClient
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import KVLayout
+from pdserve.disagg.tp_control import LocalRooms, RankedManager, RankHub, ServerRooms
 from pdserve.disagg.transfer.base import create_manager
 from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.kv_manager import KVManager
@@ -22,6 +28,15 @@ from pdserve.engine.pd.prefill import PrefillStage
 from pdserve.engine.pd.stage import NullStage, Stage
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.stop import StopChecker
+
+
+@dataclass(frozen=True)
+class TPPeers:
+    """What rank 0's stage needs to reach the other tensor-parallel ranks' transfer agents."""
+
+    host: str  # the rendezvous host: rank 0's hub binds there
+    num_ranks: int
+    store: Store  # the group's rendezvous store: the hub's address goes there
 
 
 def pool_tensors(disagg: DisaggConfig | None, shape: tuple[int, ...], dtype: torch.dtype,
@@ -38,18 +53,27 @@ def pool_tensors(disagg: DisaggConfig | None, shape: tuple[int, ...], dtype: tor
     return pool.k, pool.v
 
 
-def build_stage(disagg: DisaggConfig | None, model_name: str, pool: KVPool, scheduler: Scheduler,
-                kv: KVManager, stops: StopChecker, vocab_size: int) -> Stage:
+def build_stage(disagg: DisaggConfig | None, layout: KVLayout, pool: KVPool, scheduler: Scheduler,
+                kv: KVManager, stops: StopChecker, vocab_size: int, peers: TPPeers | None = None) -> Stage:
     if disagg is None or disagg.mode == "null":
         return NullStage(scheduler)
-    layout = KVLayout.for_pool(model_name, pool.k, pool.page_size)
     manager = create_manager(disagg.backend, disagg.mode, pool.k, pool.v, pool.page_size, layout, disagg,
                              host=disagg.bootstrap_host)
+    rooms: ServerRooms
+    if peers is None:
+        rooms = LocalRooms(manager)
+    else:
+        try:
+            rooms = RankedManager(manager, RankHub(peers.host, peers.num_ranks, peers.store.set))
+        except BaseException:
+            manager.close()
+            raise
     if disagg.mode == "prefill":
         server = BootstrapServer.from_config(disagg).start()
-        server.register(0, manager.endpoint, layout)
-        return PrefillStage(scheduler, pool.page_size, manager, server)
+        for rank, (endpoint, rank_layout) in enumerate(rooms.ranks):
+            server.register(rank, endpoint, rank_layout)
+        return PrefillStage(scheduler, pool.page_size, rooms, server)
     client = BootstrapClient(layout, disagg)
-    manager.watch(client)
-    return DecodeStage(scheduler, kv, stops, vocab_size, manager, client,
+    rooms.watch(client)
+    return DecodeStage(scheduler, kv, stops, vocab_size, rooms, client,
                        recompute=disagg.failure_policy == "recompute")

@@ -21,9 +21,11 @@ from __future__ import annotations
 import logging
 import time
 
-from pdserve.disagg.bootstrap_client import BootstrapClient
+from pdserve.disagg.bootstrap_client import BootstrapClient, Route
 from pdserve.disagg.messages import MetadataRecord
-from pdserve.disagg.transfer.base import KVPoll, TransferManager
+from pdserve.disagg.tp_control import ServerRooms, model_page_bytes
+from pdserve.disagg.transfer.base import KVPoll
+from pdserve.disagg.transfer.tp_links import head_range
 from pdserve.engine.batch import Chunk
 from pdserve.engine.kv_cache import pages_needed
 from pdserve.engine.kv_manager import KVManager
@@ -45,7 +47,7 @@ def _transfer(req: Request) -> DecodeTransfer:
 
 class DecodeStage:
     def __init__(self, scheduler: Scheduler, kv: KVManager, stops: StopChecker, vocab_size: int,
-                 manager: TransferManager, client: BootstrapClient, recompute: bool = True) -> None:
+                 manager: ServerRooms, client: BootstrapClient, recompute: bool = True) -> None:
         self.scheduler = scheduler
         self.kv = kv
         self.stops = stops
@@ -102,16 +104,16 @@ class DecodeStage:
             if self.kv.available() < need:
                 break
             try:  # non-blocking: the first contact with a prefill is fetched in the background
-                route = self.client.poll_route(t.boot.host, t.boot.port)
+                routes = self._routes(t.boot.host, t.boot.port)
             except Exception as e:  # unreachable prefill or layout mismatch: recompute, or a clean error
                 self.prealloc.remove(req)
                 self._failed(req, f"cannot use the prefill server: {e}", out)
                 continue
-            if route is None:
-                continue  # still fetching its prefill's route (up to fetch_timeout): serve the others
+            if routes is None:
+                continue  # still fetching its prefill's routes (up to fetch_timeout): serve the others
             self.prealloc.remove(req)
             try:
-                t.receiver = self.manager.receiver(t.boot.room, route.endpoint)
+                t.receiver = self.manager.open(t.boot.room, [(r.endpoint, head_range(r.layout)) for r in routes])
             except ValueError as e:  # another live request holds this room: refuse this one, keep serving
                 out.finished.append(self._fail(req, f"bootstrap_room {t.boot.room} is taken: {e}", status=400))
                 continue
@@ -119,6 +121,15 @@ class DecodeStage:
             t.receiver.init(req.pages[: pages_needed(req.prompt_len, self.kv.page_size)])
             t.started = time.monotonic()
             self.transfer.append(req)
+
+    def _routes(self, host: str, port: int) -> list[Route] | None:
+        """Every rank's route of that prefill (tensor parallelism: one per rank), or None while
+        one is still being fetched."""
+        first = self.client.poll_route(host, port)
+        if first is None:
+            return None
+        rest = [self.client.poll_route(host, port, rank) for rank in range(1, first.num_ranks)]
+        return None if any(r is None for r in rest) else [first, *(r for r in rest if r is not None)]
 
     def _poll_transfers(self, out: StagePoll) -> None:
         for req in list(self.transfer):
@@ -128,7 +139,7 @@ class DecodeStage:
             if state not in (KVPoll.Success, KVPoll.Failed):
                 continue
             self.transfer.remove(req)
-            num_bytes = pages_needed(req.prompt_len, self.kv.page_size) * self.manager.layout.page_bytes
+            num_bytes = pages_needed(req.prompt_len, self.kv.page_size) * model_page_bytes(self.manager.layout)
             assert self.stats is not None
             self.stats.record(state == KVPoll.Success, num_bytes, time.monotonic() - t.started)
             if t.aborting:

@@ -22,7 +22,8 @@ import time
 
 from pdserve.disagg.bootstrap import BootstrapServer
 from pdserve.disagg.messages import MetadataRecord
-from pdserve.disagg.transfer.base import KVPoll, TransferManager
+from pdserve.disagg.tp_control import ServerRooms, model_page_bytes
+from pdserve.disagg.transfer.base import KVPoll
 from pdserve.engine.batch import Chunk
 from pdserve.engine.kv_cache import pages_needed
 from pdserve.engine.messages import Bootstrap, TransferStats
@@ -38,7 +39,7 @@ def _transfer(req: Request) -> PrefillTransfer:
 
 
 class PrefillStage:
-    def __init__(self, scheduler: Scheduler, page_size: int, manager: TransferManager,
+    def __init__(self, scheduler: Scheduler, page_size: int, manager: ServerRooms,
                  bootstrap: BootstrapServer) -> None:
         self.scheduler = scheduler
         self.page_size = page_size
@@ -89,7 +90,7 @@ class PrefillStage:
                 continue
             self.inflight.remove(req)
             assert self.stats is not None
-            self.stats.record(state == KVPoll.Success, t.pages_sent * self.manager.layout.page_bytes,
+            self.stats.record(state == KVPoll.Success, t.pages_sent * model_page_bytes(self.manager.layout),
                               time.monotonic() - t.started)
             err = None if state == KVPoll.Success else f"KV transfer to the decode server failed: {t.sender.failure}"
             out.finished.append(self._end(req, t.error if t.error is not None else (None if t.aborting else err),

@@ -1,0 +1,105 @@
+"""PD with tensor parallelism on either side, of equal or different sizes (heterogeneous TP):
+greedy output equals the unified tp-1 engine token for token, logprobs within 1e-4, on every
+backend; pools back at their marks afterwards.
+
+Engine level (prefill and decode Engines in this process; their other ranks are processes):
+(2, 1) and (1, 2) on tcp, shm and nixl, (2, 1) on mooncake. Server level (each server its own
+process tree; one process can hold one tp group): (2, 2) on tcp, shm and nixl. The tiny model has
+2 KV heads, so (1, 2) splits each page's heads over the decode ranks and (2, 1) merges two
+prefill ranks' heads into one decode pool. The bytes each rank receives are checked exactly in
+test_transfer_tp_links.py; the bundled model's (1, 3) / (3, 1) in tests/e2e/test_tp_bundled.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pdserve.disagg.config import DisaggConfig
+from pdserve.engine.engine import Engine
+from pdserve.engine.messages import Bootstrap, GenerateReq, TokenOut
+from tests.integration.pd_cluster import PDPair
+from tests.integration.test_pd_engines import PARAMS, engine_cfg, prompts, run_until_done, tokens
+
+PROMPTS = prompts(6, seed=21)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> dict[int, list[TokenOut]]:
+    unified = Engine(engine_cfg(tiny_model_dir))
+    try:
+        for i, p in enumerate(PROMPTS):
+            unified.add_request(GenerateReq(f"u{i}", p, PARAMS))
+        outs = run_until_done([unified], {f"u{i}" for i in range(len(PROMPTS))})
+    finally:
+        unified.close()
+    return {i: outs[f"u{i}"] for i in range(len(PROMPTS))}
+
+
+def logprobs(outs: list[TokenOut]) -> list[float]:
+    return [x for o in outs for x in (o.logprobs or [])]
+
+
+def free_plus_cached(e: Engine) -> int:
+    load = e.load()
+    return load.free_pages + load.cached_pages
+
+
+@pytest.mark.parametrize("backend,prefill_tp,decode_tp", [
+    ("tcp", 2, 1), ("tcp", 1, 2), ("shm", 2, 1), ("shm", 1, 2), ("nixl", 2, 1), ("nixl", 1, 2), ("mooncake", 2, 1)])
+def test_engine_pd_with_tp_equals_unified(backend: str, prefill_tp: int, decode_tp: int, tiny_model_dir: Path,
+                                          reference: dict[int, list[TokenOut]]) -> None:
+    base = DisaggConfig(backend=backend, bootstrap_port=0, heartbeat_interval=0.5)
+    pre = Engine(engine_cfg(tiny_model_dir, tp_size=prefill_tp), DisaggConfig(**{**base.__dict__, "mode": "prefill"}))
+    try:
+        dec = Engine(engine_cfg(tiny_model_dir, tp_size=decode_tp, num_pages=150),
+                     DisaggConfig(**{**base.__dict__, "mode": "decode"}))
+    except BaseException:
+        pre.close()
+        raise
+    try:
+        marks = [free_plus_cached(e) for e in (pre, dec)]
+        port = pre.stage.bootstrap_server.port
+        rids = set()
+        for i, p in enumerate(PROMPTS):
+            boot = Bootstrap("127.0.0.1", port, room=5000 + i)
+            pre.add_request(GenerateReq(f"p{i}", p, PARAMS, bootstrap=boot))
+            dec.add_request(GenerateReq(f"d{i}", p, PARAMS, bootstrap=boot))
+            rids |= {f"p{i}", f"d{i}"}
+        got = run_until_done([pre, dec], rids, timeout=120)
+        for i, ref in reference.items():
+            assert [o.error for o in got[f"d{i}"] if o.error] == []
+            assert tokens(got[f"d{i}"]) == tokens(ref), i
+            assert max(abs(a - b) for a, b in zip(logprobs(got[f"d{i}"]), logprobs(ref))) < 1e-4
+        for e in (pre, dec):
+            e.check_integrity()
+            stats = e.load().transfer
+            assert stats is not None and (stats.success, stats.failed) == (len(PROMPTS), 0)
+        assert [free_plus_cached(e) for e in (pre, dec)] == marks
+    finally:
+        pre.close()
+        dec.close()
+
+
+@pytest.mark.parametrize("backend", ["tcp", "shm", "nixl"])
+def test_servers_with_tp_2_on_both_sides_equal_unified(backend: str, tmp_path: Path, tiny_model_dir: Path,
+                                                       reference: dict[int, list[TokenOut]]) -> None:
+    args = ["--model", str(tiny_model_dir), "--threads", "1", "--num-pages", "200", "--page-size", "4",
+            "--chunk-budget", "24", "--tp-size", "2"]
+    pair = PDPair(tmp_path, backend, args)
+    try:
+        pair.start()
+        body: dict[str, Any] = {"sampling_params": {"max_new_tokens": PARAMS.max_new_tokens, "temperature": 0,
+                                                    "ignore_eos": True}}
+        results = pair.many([("/generate", {**body, "input_ids": p}, False) for p in PROMPTS], concurrency=3)
+        for i, res in enumerate(results):
+            assert res.prefill.ok and res.decode.ok, (res.prefill.describe(), res.decode.describe())
+            assert res.decode.json["output_ids"] == tokens(reference[i]), i
+        pair.settled()
+    except BaseException:
+        print(pair.logs())
+        raise
+    finally:
+        pair.stop()
