@@ -50,6 +50,12 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", type=positive_int, default=1, help="prefill servers in pd mode (default 1)")
     p.add_argument("--decode", type=positive_int, default=1, help="decode servers in pd mode (default 1)")
     p.add_argument("--workers", type=positive_int, default=1, help="unified servers in unified mode (default 1)")
+    p.add_argument("--prefill-tp", type=positive_int, default=1,
+                   help="tensor-parallel ranks of each prefill server (default 1)")
+    p.add_argument("--decode-tp", type=positive_int, default=1,
+                   help="tensor-parallel ranks of each decode server; may differ from --prefill-tp (default 1)")
+    p.add_argument("--tp", "--tp-size", dest="tp", type=positive_int, default=1,
+                   help="tensor-parallel ranks of each unified server (default 1)")
     p.add_argument("--model", "--model-path", dest="model", default="default",
                    help="model for every server (default: 'default', the bundled SmolLM2-135M)")
     p.add_argument("--host", default="127.0.0.1", help="router bind address (default 127.0.0.1)")
@@ -102,9 +108,12 @@ class Cluster:
         for role, cpu_set in zip(roles, plans):
             i = counts[role] = counts.get(role, -1) + 1
             port = free_port()
-            threads = args.threads or max(1, len(cpu_set))
+            tp = {"prefill": args.prefill_tp, "decode": args.decode_tp}.get(role, args.tp)
+            threads = args.threads or max(1, len(cpu_set) // tp)  # per rank: the ranks share the cores
             cmd = python_module("pdserve.cli", "serve", "--model", args.model, "--host", "127.0.0.1", "--port",
                                 str(port), "--threads", str(threads))
+            if tp > 1:
+                cmd += ["--tp-size", str(tp)]
             if role != "unified":
                 cmd += ["--disaggregation-mode", role, "--disaggregation-transfer-backend", args.transfer_backend]
             if role == "prefill":
@@ -203,7 +212,8 @@ def preflight(args: argparse.Namespace) -> None:
     check_model(args.model)
     for flag in ("--server-args", "--router-args"):
         extra = shlex.split(getattr(args, flag[2:].replace("-", "_")))
-        reserved = {"--host", "--port", "--model", "--model-path", "--api-key"} & {a.split("=")[0] for a in extra}
+        reserved = {"--host", "--port", "--model", "--model-path", "--api-key", "--tp-size",
+                    "--tensor-parallel-size"} & {a.split("=")[0] for a in extra}
         if reserved:
             raise ValueError(f"{flag} may not set {', '.join(sorted(reserved))}: launch sets it (use its own flag)")
     if args.port:

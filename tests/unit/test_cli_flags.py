@@ -4,6 +4,7 @@ values are checked at parse time, start-up checks fail in one line with exit cod
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import subprocess
 import sys
@@ -160,3 +161,22 @@ def test_bad_combinations_exit_2_with_one_line(argv: list[str], words: str) -> N
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], r.stderr
+
+
+def test_launch_tp_flags_reach_each_role(tmp_path: Path) -> None:
+    """`launch --prefill-tp 2 --decode-tp 1`: the prefill gets --tp-size 2 and half the threads per
+    rank; the decode gets no --tp-size; `--tp` sizes unified workers."""
+    from pdserve.launch.cluster import Cluster
+
+    args = build_parser().parse_args(["launch", "--prefill-tp", "2"])
+    prefill, decode = Cluster(args, tmp_path).servers
+    assert prefill.cmd[prefill.cmd.index("--tp-size") + 1] == "2" and "--tp-size" not in decode.cmd
+    # the two ranks share the prefill's cores: threads per rank is half its share
+    assert int(prefill.cmd[prefill.cmd.index("--threads") + 1]) == max(1, len(prefill.cpus) // 2)
+    assert int(decode.cmd[decode.cmd.index("--threads") + 1]) == max(1, len(decode.cpus))
+    args = build_parser().parse_args(["launch", "--mode", "unified", "--tp", "3"])
+    (unified,) = (c.cmd for c in Cluster(args, tmp_path).servers)
+    assert unified[unified.index("--tp-size") + 1] == "3"
+    with pytest.raises(ValueError, match="--tp-size"):
+        from pdserve.launch.cluster import preflight
+        preflight(build_parser().parse_args(["launch", "--server-args", "--tp-size 2"]))
