@@ -1,5 +1,8 @@
 """The bundled SmolLM2-135M (9 heads, 3 KV heads) split over 3 tensor-parallel ranks: offline
-and behind `pdserve serve`, equal to one rank token for token; a dead rank takes the server down."""
+and behind `pdserve serve`, equal to one rank token for token; a dead rank takes the server down.
+PD with tp 3 on one side and 1 on the other ((1, 3): one prefill rank feeds three decode ranks a
+KV head each; (3, 1): three prefill ranks write one head each into one decode page) on tcp, shm
+and nixl equals the unified tp-1 engine."""
 
 from __future__ import annotations
 
@@ -12,8 +15,13 @@ import httpx
 import pytest
 
 from pdserve import LLM, SamplingParams
+from pdserve.disagg.config import DisaggConfig
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import Engine
+from pdserve.engine.messages import Bootstrap, GenerateReq
 from tests.e2e.test_bundled_engine import PROMPTS
 from tests.integration.conftest import ServerProcess, children_of, pid_alive
+from tests.integration.test_pd_engines import run_until_done, tokens
 
 PARAMS = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True)
 
@@ -32,6 +40,43 @@ def test_tp3_equals_tp1_on_22_mixed_prompts(bundled_model_dir: Path, reference: 
     for (_, want), got in zip(reference, outs):
         assert got.output_ids == want.output_ids
         assert max(abs(a - b) for a, b in zip(got.logprobs or [], want.logprobs or [])) < 1e-4
+
+
+@pytest.mark.parametrize("backend,prefill_tp,decode_tp", [
+    ("tcp", 1, 3), ("tcp", 3, 1), ("shm", 1, 3), ("shm", 3, 1), ("nixl", 1, 3), ("nixl", 3, 1)])
+def test_pd_with_tp3_on_one_side_equals_tp1(backend: str, prefill_tp: int, decode_tp: int,
+                                            bundled_model_dir: Path, reference: list) -> None:
+    def engine(mode: str, tp: int) -> Engine:
+        return Engine(EngineConfig(model=str(bundled_model_dir), kv_cache_gb=0.25, chunk_budget=256, tp_size=tp),
+                      DisaggConfig(mode=mode, backend=backend, bootstrap_port=0, heartbeat_interval=0.5))
+
+    pre = engine("prefill", prefill_tp)  # one process holds one tp group: the other side has tp 1
+    try:
+        dec = engine("decode", decode_tp)
+    except BaseException:
+        pre.close()
+        raise
+    try:
+        port = pre.stage.bootstrap_server.port
+        rids = set()
+        for i, (prompt, _) in enumerate(reference):
+            boot = Bootstrap("127.0.0.1", port, room=7000 + i)
+            pre.add_request(GenerateReq(f"p{i}", prompt, PARAMS, bootstrap=boot))
+            dec.add_request(GenerateReq(f"d{i}", prompt, PARAMS, bootstrap=boot))
+            rids |= {f"p{i}", f"d{i}"}
+        got = run_until_done([pre, dec], rids, timeout=300)
+        for i, (_, want) in enumerate(reference):
+            assert [o.error for o in got[f"d{i}"] if o.error] == []
+            assert tokens(got[f"d{i}"]) == want.output_ids, i
+            lps = [x for o in got[f"d{i}"] for x in (o.logprobs or [])]
+            assert max(abs(a - b) for a, b in zip(lps, want.logprobs or [])) < 1e-4
+        for e in (pre, dec):
+            e.check_integrity()
+            stats = e.load().transfer
+            assert stats is not None and (stats.success, stats.failed) == (len(reference), 0)
+    finally:
+        pre.close()
+        dec.close()
 
 
 def _ranks(server: ServerProcess) -> list[int]:

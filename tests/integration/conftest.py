@@ -77,13 +77,16 @@ def serve_command() -> list[str]:
 
 class ServerProcess:
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 api_key: str | None = None, port: int | None = None) -> None:
+                 api_key: str | None = None, port: int | None = None, host: str = "127.0.0.1",
+                 prefix: list[str] | None = None) -> None:
+        """`host`: the address it binds and is reached at; `prefix`: a command it runs under
+        (e.g. `ip netns exec NS`, a second host)."""
         self.port = port or free_port()  # a port: restart a server at the same address
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.log_path = log_path
         self.api_key = api_key
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        cmd = serve_command() + ["--host", "127.0.0.1", "--port", str(self.port), *args]
+        cmd = [*(prefix or []), *serve_command(), "--host", host, "--port", str(self.port), *args]
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)

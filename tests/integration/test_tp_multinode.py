@@ -1,10 +1,18 @@
-"""Tensor parallelism across two hosts for real: a second network namespace joined to this one
-by a veth pair with addresses of its own acts as node 1 (`--nnodes 2 --node-rank 1`); node 0
-serves HTTP. The ranks rendezvous at node 0's veth address and their collectives cross the veth.
-Skips (saying why) where namespaces cannot be created; removes them at the end."""
+"""Two hosts for real: a second network namespace joined to this one by a veth pair with
+addresses of its own acts as the second host. Skips (saying why) where namespaces cannot be
+created; removes them at the end.
+
+- Tensor parallelism across the hosts: node 1 (`--nnodes 2 --node-rank 1`) in the namespace,
+  node 0 serving HTTP here; the ranks rendezvous at node 0's veth address and their collectives
+  cross the veth.
+- PD across the hosts: a tp-2 prefill in the namespace, a decode here. The prefill's ranks
+  register transfer endpoints at its veth address with its bootstrap server, the decode dials
+  them, and the KV crosses the veth; output equals one unified engine's.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import subprocess
@@ -19,6 +27,7 @@ import pytest
 from pdserve import LLM, SamplingParams
 from pdserve.launch.procs import kill_group
 from tests.integration.conftest import ROOT, ServerProcess, free_port
+from tests.integration.pd_cluster import call, wait_settled
 
 NS, VETH_A, VETH_B = "pdserve-tp-b", "pdtp-a0", "pdtp-b0"
 HOST_A, HOST_B = "10.231.7.1", "10.231.7.2"
@@ -86,4 +95,58 @@ def test_tp2_over_two_hosts_equals_tp1(two_hosts: None, tiny_model_dir: Path, tm
         if node1.poll() is None:
             kill_group(node1)
         log1.close()
+        time.sleep(0.2)
+
+
+def _established(ns: str | None = None) -> str:
+    cmd = ["ss", "-tnH", "state", "established"]
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd] if ns else cmd, capture_output=True, text=True,
+                          timeout=10).stdout
+
+
+def test_pd_across_two_hosts_equals_unified(two_hosts: None, tiny_model_dir: Path, tmp_path: Path) -> None:
+    rng = random.Random(12)
+    prompts = [[rng.randrange(3, 49000) for _ in range(rng.randint(4, 60))] for _ in range(6)]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    with LLM(str(tiny_model_dir), num_pages=128, page_size=4, threads=1) as llm:
+        want = [o.output_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    common = ["--model", str(tiny_model_dir), "--num-pages", "128", "--page-size", "4", "--threads", "1",
+              "--disaggregation-transfer-backend", "tcp"]
+    boot_port = free_port()
+    prefill = ServerProcess([*common, "--disaggregation-mode", "prefill", "--tp-size", "2",
+                             "--disaggregation-bootstrap-port", str(boot_port)], tmp_path / "prefill.log",
+                            host=HOST_B, prefix=["ip", "netns", "exec", NS])
+    decode = ServerProcess([*common, "--disaggregation-mode", "decode"], tmp_path / "decode.log", host=HOST_A)
+    try:
+        prefill.wait_healthy(timeout=240)
+        decode.wait_healthy(timeout=240)
+        marks = {s.url: (lambda load: load["free_pages"] + load["cached_pages"])(
+            httpx.get(f"{s.url}/get_load", timeout=10).json()) for s in (prefill, decode)}
+
+        async def pd(i: int, prompt: list[int]) -> tuple:
+            body = {"input_ids": prompt, "bootstrap_host": HOST_B, "bootstrap_port": boot_port,
+                    "bootstrap_room": 9100 + i,
+                    "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}}
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await asyncio.gather(call(client, prefill.url, "/generate", body, False, 60),
+                                            call(client, decode.url, "/generate", body, False, 60))
+
+        async def all_pd() -> list[tuple]:
+            return await asyncio.gather(*(pd(i, p) for i, p in enumerate(prompts)))
+
+        for (pre, dec), ids in zip(asyncio.run(all_pd()), want):
+            assert pre.ok and dec.ok, (pre.describe(), dec.describe(), decode.log_tail())
+            assert dec.json["output_ids"] == ids
+        # every room's KV moved (the namespaces share no loopback: it crossed the veth) ...
+        metrics = httpx.get(f"{decode.url}/metrics", timeout=10).text
+        assert any(line.startswith("sglang:kv_transfers_total") and 'result="success"' in line
+                   and float(line.split()[-1]) == len(prompts) for line in metrics.splitlines()), metrics
+        # ... on sessions between the two hosts' addresses
+        conns = _established()
+        assert f"{HOST_A}:" in conns and f"{HOST_B}:" in conns, conns
+        for server in (prefill, decode):
+            wait_settled(server.url, marks[server.url])
+    finally:
+        decode.stop()
+        prefill.stop()
         time.sleep(0.2)
