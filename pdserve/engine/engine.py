@@ -219,6 +219,8 @@ class Engine:
         return time.perf_counter() - t0
 
     def step(self) -> list[TokenOut]:
+        if self.ranks is not None:
+            self.ranks.check_alive()  # also while PD rooms wait and no forward would notice
         outputs = self._step()
         self.stats.on_forward(0, sum(len(o.token_ids) for o in outputs))
         return outputs

@@ -13,8 +13,9 @@ Lifecycle:
             StopRanks -> leave the group, exit 0
   rank 0  `publish(plan)` before each forward; `close()` sends StopRanks and reaps the processes.
 Rank 0 alone schedules and samples (its logits are gathered over the vocabulary); the other
-ranks only compute. A rank that dies fails rank 0's next collective (parallel/group.py's
-COMPUTE_TIMEOUT at worst), which fails the engine, which takes its server down.
+ranks only compute. A rank that dies fails rank 0's next step (`check_alive`, this node's ranks)
+or its next collective (parallel/group.py's COMPUTE_TIMEOUT at worst, other nodes' ranks), which
+fails the engine, which takes its server down.
 """
 
 from __future__ import annotations
@@ -130,6 +131,14 @@ class TPRanks:
     def peers(self, config: EngineConfig) -> TPPeers:
         """What rank 0's PD stage needs to reach the other ranks' transfer agents."""
         return TPPeers(config.rendezvous()[0], config.tp_size, self.group.store)
+
+    def check_alive(self) -> None:
+        """Raise if one of this node's other ranks has exited: the engine fails, and its server
+        goes down, at once rather than at the next collective (a PD server may wait on transfers
+        for a long time without a forward). Ranks on other nodes fail the next collective."""
+        for i, p in enumerate(self.procs, start=1):
+            if p.poll() is not None:
+                raise RuntimeError(f"tensor-parallel rank {i} exited with code {p.returncode}")
 
     def publish(self, plan: StepPlan) -> None:
         self.group.send_bytes(msgspec.msgpack.encode(plan))

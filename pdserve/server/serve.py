@@ -146,7 +146,7 @@ def run_serve(args: argparse.Namespace) -> int:
         from pdserve.engine.tp_worker import serve_node
 
         sock.close()
-        return serve_node(config.engine)
+        return serve_node(config.engine, config.disagg)  # PD: each rank transfers its own KV heads
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         logger.warning("binding %s without --api-key: anyone who can reach it can use it", config.host)
     from pdserve.server.http_server import serve_app

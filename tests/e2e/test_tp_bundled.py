@@ -20,7 +20,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.messages import Bootstrap, GenerateReq
 from tests.e2e.test_bundled_engine import PROMPTS
-from tests.integration.conftest import ServerProcess, children_of, pid_alive
+from tests.integration.conftest import ServerProcess, pid_alive, tp_ranks
 from tests.integration.test_pd_engines import run_until_done, tokens
 
 PARAMS = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True)
@@ -79,19 +79,6 @@ def test_pd_with_tp3_on_one_side_equals_tp1(backend: str, prefill_tp: int, decod
         dec.close()
 
 
-def _ranks(server: ServerProcess) -> list[int]:
-    """PIDs of the tp follower processes (python -m pdserve.engine.tp_worker) under the server."""
-    out = []
-    for pid in children_of(server.proc.pid):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"pdserve.engine.tp_worker" in cmd:
-            out.append(pid)
-    return out
-
-
 def test_server_with_tp3_serves_and_a_dead_rank_takes_it_down(tmp_path: Path, bundled_model_dir: Path,
                                                              reference: list) -> None:
     server = ServerProcess(["--model", str(bundled_model_dir), "--tp-size", "3", "--kv-cache-gb", "0.25"],
@@ -104,7 +91,7 @@ def test_server_with_tp3_serves_and_a_dead_rank_takes_it_down(tmp_path: Path, bu
             timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["output_ids"] == want.output_ids
-        ranks = _ranks(server)
+        ranks = tp_ranks(server)
         assert len(ranks) == 2, server.log_tail()
         os.kill(ranks[0], signal.SIGKILL)
         killed = time.monotonic()

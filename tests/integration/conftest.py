@@ -71,6 +71,19 @@ def pid_alive(pid: int) -> bool:
     return stat[stat.rfind(")") + 2:].split()[0] != "Z"
 
 
+def tp_ranks(server: ServerProcess) -> list[int]:
+    """PIDs of a server's tensor-parallel follower processes (python -m pdserve.engine.tp_worker)."""
+    out = []
+    for pid in children_of(server.proc.pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"pdserve.engine.tp_worker" in cmd:
+            out.append(pid)
+    return out
+
+
 def serve_command() -> list[str]:
     return [sys.executable, "-m", "pdserve.cli", "serve"]
 

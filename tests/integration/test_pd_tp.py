@@ -8,19 +8,33 @@ process tree; one process can hold one tp group): (2, 2) on tcp, shm and nixl. T
 2 KV heads, so (1, 2) splits each page's heads over the decode ranks and (2, 1) merges two
 prefill ranks' heads into one decode pool. The bytes each rank receives are checked exactly in
 test_transfer_tp_links.py; the bundled model's (1, 3) / (3, 1) in tests/e2e/test_tp_bundled.py.
+
+Faults: kill -9 one follower rank of a tp-2 server while a long prompt's KV is moving. A dead
+decode rank: the decode's request ends with a clean error, the prefill's pool returns to idle,
+the decode server exits non-zero and a router in front ejects it. A dead prefill rank: the
+decode's request ends with a clean error (policy error) and its reserved pages return.
 """
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.messages import Bootstrap, GenerateReq, TokenOut
-from tests.integration.pd_cluster import PDPair
+from pdserve.router.config import HealthConfig, PolicyConfig, RouterConfig, WorkerSpec
+from pdserve.router.server import EmbeddedRouter
+from tests.integration.conftest import tp_ranks
+from tests.integration.pd_cluster import PDPair, clean_error, get_load, healthy, wait_for, wait_settled
+from tests.integration.test_pd_server_faults import _in_background
 from tests.integration.test_pd_engines import PARAMS, engine_cfg, prompts, run_until_done, tokens
 
 PROMPTS = prompts(6, seed=21)
@@ -98,6 +112,70 @@ def test_servers_with_tp_2_on_both_sides_equal_unified(backend: str, tmp_path: P
             assert res.prefill.ok and res.decode.ok, (res.prefill.describe(), res.decode.describe())
             assert res.decode.json["output_ids"] == tokens(reference[i]), i
         pair.settled()
+    except BaseException:
+        print(pair.logs())
+        raise
+    finally:
+        pair.stop()
+
+
+FAULT_ENV = {"PDSERVE_DISAGGREGATION_HEARTBEAT_INTERVAL": "1.0", "PDSERVE_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": "2",
+             "PDSERVE_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "5"}
+LONG_PROMPT = [random.Random(5).randrange(300, 40000) for _ in range(1000)]  # ~250 chunks of 4: a wide window
+
+
+@pytest.mark.parametrize("side", ["decode", "prefill"])
+def test_kill_one_rank_mid_transfer(side: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+    args = ["--model", str(tiny_model_dir), "--threads", "1", "--num-pages", "400", "--page-size", "4",
+            "--chunk-budget", "4", "--max-model-len", "1024"]
+    pair = PDPair(tmp_path, "tcp", args, prefill_env=FAULT_ENV, decode_env=FAULT_ENV)
+    tp = {"prefill": ["--tp-size", "2"] if side == "prefill" else [],
+          # a dead prefill rank: the decode answers an error (its default policy would recompute)
+          "decode": ["--tp-size", "2"] if side == "decode" else ["--disaggregation-failure-policy", "error"]}
+    try:
+        pair.launch_prefill(tp["prefill"])
+        pair.launch_decode(tp["decode"])
+        pair.wait_healthy()
+        pair.mark()
+        victim = pair.server(side)
+        ranks = tp_ranks(victim)
+        assert len(ranks) == 1, victim.log_tail()
+        cfg = RouterConfig(port=0, pd=True, policy=PolicyConfig("round_robin"),
+                           workers=(WorkerSpec(pair.prefill.url, "prefill", pair.bootstrap_port),
+                                    WorkerSpec(pair.decode.url, "decode")),
+                           health=HealthConfig(interval_s=0.3, timeout_s=2.0, failure_threshold=2))
+        with EmbeddedRouter(cfg) as router:
+            wait_for(lambda: all(w["healthy"] for w in httpx.get(router.url + "/workers").json()["workers"]),
+                     10, "the router to see both workers healthy")
+            body = {"input_ids": LONG_PROMPT, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+            fut = _in_background(lambda: pair.send_both(pair.pd_body(body), timeout=60))
+            wait_for(lambda: get_load(pair.decode.url)["used_pages"] > 0, 30, "decode to reserve pages")
+            assert get_load(pair.prefill.url)["num_running_reqs"] == 1, "the prefill finished before the fault"
+            os.kill(ranks[0], signal.SIGKILL)
+            killed = time.monotonic()
+            res = fut.result(60)
+            took = time.monotonic() - killed
+            print(f"{side} rank killed: prefill {res.prefill.status} decode {res.decode.status} after {took:.1f} s")
+            if side == "decode":
+                # the decode's answer is a clean error (or its connection broke as the server exited);
+                # the prefill's room failed with it and its pages came back
+                assert res.decode.status is None or clean_error(res.decode), res.decode.describe()
+                assert clean_error(res.prefill), res.prefill.describe()
+                assert healthy(pair.prefill.url)
+                wait_settled(pair.prefill.url, pair.marks["prefill"])
+                wait_for(lambda: pair.decode.proc.poll() is not None, 60, "the decode server to exit")
+                assert pair.decode.proc.returncode != 0, pair.logs()
+                wait_for(lambda: not httpx.get(f"{router.url}/workers/{pair.decode.url}").json()["healthy"], 10,
+                         "the router to eject the decode")
+            else:
+                assert clean_error(res.decode) and res.decode.status == 503, res.decode.describe()
+                assert took < 1.0 * 2 + 6, took
+                assert healthy(pair.decode.url)
+                wait_settled(pair.decode.url, pair.marks["decode"])
+                wait_for(lambda: pair.prefill.proc.poll() is not None, 60, "the prefill server to exit")
+                assert pair.prefill.proc.returncode != 0, pair.logs()
+                wait_for(lambda: not httpx.get(f"{router.url}/workers/{pair.prefill.url}").json()["healthy"], 10,
+                         "the router to eject the prefill")
     except BaseException:
         print(pair.logs())
         raise

@@ -5,60 +5,15 @@ backend, and every other byte of it is untouched."""
 
 from __future__ import annotations
 
-import itertools
-import random
-
 import pytest
 import torch
 
-from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.messages import KVLayout, MetadataRecord
-from pdserve.disagg.transfer import KVPoll, create_manager
-from pdserve.disagg.transfer.all_of import link_receiver
-from pdserve.disagg.transfer.shm_pool import allocate_shared_pool, sweep_stale_pools
-from pdserve.disagg.transfer.tp_links import decode_links, plan_links
+from pdserve.disagg.transfer.shm_pool import sweep_stale_pools
+from pdserve.disagg.transfer.tp_links import plan_links
+from tests.tp_rank_pools import Shape, managers, move_room, rank_heads, rank_pools
 
-LAYERS, PAGES, PS, HD = 2, 24, 4, 8
-_rooms = itertools.count(random.Random().randrange(1 << 40) << 20)
-
-
-def rank_heads(total: int, rank: int, size: int) -> tuple[int, int]:
-    """As model/tp.py's TPShard.kv_heads: a slice, or the replicated head of this rank."""
-    if total >= size:
-        return rank * (total // size), total // size
-    return rank * total // size, 1
-
-
-def pools(total: int, size: int, backend: str, role: str, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
-    g = torch.Generator().manual_seed(seed)
-    for r in range(size):
-        shape = (LAYERS, PAGES * PS, rank_heads(total, r, size)[1], HD)
-        if role == "decode" and backend == "shm":
-            p = allocate_shared_pool(shape, torch.float32)
-            k, v = p.k, p.v
-            k.fill_(-1.0)
-            v.fill_(-1.0)
-        elif role == "decode":
-            k, v = torch.full(shape, -1.0), torch.full(shape, -1.0)
-        else:
-            k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-        out.append((k, v))
-    return out
-
-
-def managers(pools_: list, total: int, size: int, backend: str, role: str) -> list:
-    cfg = DisaggConfig(backend=backend, bootstrap_port=0, mode=role)
-    out = []
-    for r, (k, v) in enumerate(pools_):
-        layout = KVLayout.for_pool("tiny", k, PS, rank_heads(total, r, size)[0], total)
-        out.append(create_manager(backend, role, k, v, PS, layout, cfg))
-    return out
-
-
-def wait_all(parts: list, state: KVPoll, timeout: float = 30.0) -> None:
-    for p in parts:
-        assert p.wait(timeout, until=state) >= state, p.failure
+SHAPE = Shape(layers=2, pages=24, page_size=4, head_dim=8)
+PS = SHAPE.page_size
 
 
 def test_links_cover_every_decode_head_once_and_feed_every_prefill_rank() -> None:
@@ -81,26 +36,13 @@ def test_links_cover_every_decode_head_once_and_feed_every_prefill_rank() -> Non
 @pytest.mark.parametrize("backend", ["tcp", "shm", "nixl", "mooncake"])
 @pytest.mark.parametrize("total,P,D", [(4, 1, 2), (4, 2, 1), (4, 2, 4), (1, 2, 2)])
 def test_each_decode_rank_gets_exactly_its_head_slice(backend: str, total: int, P: int, D: int) -> None:
-    src, dst = pools(total, P, backend, "prefill", seed=P * 10 + D), pools(total, D, backend, "decode", seed=0)
-    pre, dec = managers(src, total, P, backend, "prefill"), managers(dst, total, D, backend, "decode")
+    src = rank_pools(SHAPE, total, P, backend, "prefill", seed=P * 10 + D)
+    dst = rank_pools(SHAPE, total, D, backend, "decode", seed=0)
+    pre, dec = managers(src, PS, total, backend, "prefill"), managers(dst, PS, total, backend, "decode")
     try:
-        room = next(_rooms)
         src_pages, dst_pages = [3, 4, 5, 11, 2], [7, 8, 20, 21, 1]
+        receivers, record = move_room(pre, dec, total, src_pages, dst_pages)
         sources = [(m.endpoint, rank_heads(total, r, P)) for r, m in enumerate(pre)]
-        links = decode_links(sources, [rank_heads(total, r, D) for r in range(D)], total)
-        senders = [m.sender(room) for m in pre]
-        receivers = []
-        for d, m in enumerate(dec):
-            assert len(links[d]) == len({x.endpoint for x in links[d]})  # one link per source rank
-            r = link_receiver(m, room, links[d])  # what rank d's agent opens (tp_control.py)
-            r.init(dst_pages)
-            receivers.append(r)
-        wait_all(senders, KVPoll.WaitingForInput)
-        record = MetadataRecord(room=room, first_token=5)
-        for s in senders:
-            s.send(src_pages, 0, True, record)
-        wait_all(receivers, KVPoll.Success)
-        wait_all(senders, KVPoll.Success)
         plan = plan_links([h for _, h in sources], [rank_heads(total, r, D) for r in range(D)], total)
         for d, (k, v) in enumerate(dst):
             for side, got in ((0, k), (1, v)):
