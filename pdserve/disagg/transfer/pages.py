@@ -26,9 +26,10 @@ A frame (tcp) or copy group (shm) covers runs[a:b] x layers[l0:l1); its bytes ar
 which both sides compute from the same header, so no per-page metadata crosses the wire.
 
 A head-sliced room (tensor parallelism of different sizes, tp_links.py) moves for each
-(layer, K|V, run) the slice [start, start + count) of every slot's heads: a strided view
-[n_pages * page_size, count, head_bytes] of the pool, gathered into (or scattered from) one
-contiguous wire span of n_pages * page_size * count * head_bytes bytes, in the same order.
+(layer, K|V, run) the slice [start, start + count) of every slot's heads, in the same order:
+gathered into a contiguous buffer [layers, K|V, slots, count, head_bytes] (or scattered from
+it) by one fancy-indexed copy per (frame, K|V) on tcp, one strided copy per run over a layer
+group on shm; never a numpy call per (layer, run).
 """
 
 from __future__ import annotations
@@ -120,9 +121,17 @@ def head_view(rows: np.ndarray, heads: int, head_bytes: int) -> np.ndarray:
     return rows.reshape(rows.shape[0], -1, heads, head_bytes)
 
 
+def slot_index(runs: list[Run], side: int, page_size: int) -> np.ndarray:
+    """The pool slots of `runs` in order (side 0 = source pages, 1 = destination pages)."""
+    if not runs:
+        return np.empty(0, dtype=np.int64)
+    return np.concatenate([np.arange(r[side] * page_size, (r[side] + r[2]) * page_size) for r in runs])
+
+
 def copy_head_runs(dst: np.ndarray, src: np.ndarray, runs: list[Run], page_size: int, heads: HeadSlice,
                    l0: int, l1: int) -> None:
-    """As copy_runs for a head slice; dst and src are head_view()s of their pools."""
+    """As copy_runs for a head slice; dst and src are head_view()s of their pools. One strided
+    copy per run over all layers (faster here than one fancy-indexed gather + scatter)."""
     a, b, c = heads.src_start, heads.dst_start, heads.count
     for s, d, n in runs:
         np.copyto(dst[l0:l1, d * page_size:(d + n) * page_size, b:b + c],
@@ -150,13 +159,28 @@ class PoolBytes:
         """Wire bytes of one page of one layer of K (or V) of a head slice."""
         return self.page_size * heads.count * self.head_bytes
 
-    def head_slices(self, runs: list[Run], plan: FramePlan, side: int, heads: HeadSlice) -> Iterator[np.ndarray]:
-        """The frame's strided head-slice views in wire order (side as in spans())."""
-        start, ps = (heads.src_start if side == 0 else heads.dst_start), self.page_size
-        for layer in range(plan.layer_start, plan.layer_end):
-            for pool in (self.k_heads, self.v_heads):
-                for run in runs[plan.run_start:plan.run_end]:
-                    yield pool[layer, run[side] * ps:(run[side] + run[2]) * ps, start:start + heads.count]
+    def staging(self, runs: list[Run], plan: FramePlan, heads: HeadSlice) -> np.ndarray:
+        """A contiguous buffer for a head-sliced frame, in wire order:
+        [layers, K|V, slots of runs[a:b] in order, count, head_bytes]."""
+        slots = sum(r[2] for r in runs[plan.run_start:plan.run_end]) * self.page_size
+        return np.empty((plan.layer_end - plan.layer_start, 2, slots, heads.count, self.head_bytes), np.uint8)
+
+    def gather_heads(self, runs: list[Run], plan: FramePlan, heads: HeadSlice) -> np.ndarray:
+        """The frame's head slices of the source pages, contiguous in wire order (staging shape):
+        one fancy-indexed gather per K|V (a frame spans few layers and many runs)."""
+        out = self.staging(runs, plan, heads)
+        idx = slot_index(runs[plan.run_start:plan.run_end], 0, self.page_size)
+        layers, start = slice(plan.layer_start, plan.layer_end), heads.src_start
+        for kv, pool in enumerate((self.k_heads, self.v_heads)):
+            out[:, kv] = pool[layers, idx, start:start + heads.count]
+        return out
+
+    def scatter_heads(self, runs: list[Run], plan: FramePlan, heads: HeadSlice, staged: np.ndarray) -> None:
+        """Inverse of gather_heads into the destination pages."""
+        idx = slot_index(runs[plan.run_start:plan.run_end], 1, self.page_size)
+        layers, start = slice(plan.layer_start, plan.layer_end), heads.dst_start
+        for kv, pool in enumerate((self.k_heads, self.v_heads)):
+            pool[layers, idx, start:start + heads.count] = staged[:, kv]
 
     def spans(self, runs: list[Run], plan: FramePlan, side: int) -> Iterator[memoryview]:
         """The frame's byte spans in wire order; side 0 = source pages, 1 = destination pages."""

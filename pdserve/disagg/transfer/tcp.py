@@ -19,7 +19,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 
 from pdserve.disagg.config import DisaggConfig
@@ -41,16 +40,17 @@ class TcpTransferManager(SessionTransferManager):
 
     def write_pages(self, sock: FrameSocket, region: Any, room: int, runs: list[Run],
                     executor: ThreadPoolExecutor | None, heads: HeadSlice | None = None) -> int:
-        span = self.pool.span if heads is None else self.pool.slice_span(heads)
-        plans = plan_frames(runs, self.pool.num_layers, span)
+        if heads is None:
+            plans = plan_frames(runs, self.pool.num_layers, self.pool.span)
+        else:  # gathered into one buffer per frame: no iovec limit, only the frame size
+            plans = plan_frames(runs, self.pool.num_layers, self.pool.slice_span(heads), max_iov=1 << 30)
         for seq, plan in enumerate(plans):
             header = DataFrame(room=room, seq=seq, layer_start=plan.layer_start, layer_end=plan.layer_end,
                                runs=[(d, n) for _, d, n in runs[plan.run_start:plan.run_end]], nbytes=plan.nbytes)
             if heads is None:
                 sock.send(header, self.pool.spans(runs, plan, side=0))
             else:
-                gathered = [np.ascontiguousarray(v) for v in self.pool.head_slices(runs, plan, 0, heads)]
-                sock.send(header, (memoryview(g.reshape(-1)) for g in gathered))
+                sock.send(header, [memoryview(self.pool.gather_heads(runs, plan, heads).reshape(-1))])
         return len(plans)
 
     def read_frame(self, sock: FrameSocket, frame: DataFrame, receiver: IncomingRoom | None) -> None:
@@ -72,12 +72,10 @@ class TcpTransferManager(SessionTransferManager):
             if receiver.heads is None:
                 got = sock.recv_scatter(list(self.pool.spans(runs, plan, side=1)), lambda: receiver.state.failing)
             else:
-                views = list(self.pool.head_slices(runs, plan, 1, receiver.heads))
-                staged = [np.empty(v.shape, dtype=np.uint8) for v in views]
-                got = sock.recv_scatter([memoryview(b.reshape(-1)) for b in staged], lambda: receiver.state.failing)
+                staged = self.pool.staging(runs, plan, receiver.heads)
+                got = sock.recv_scatter([memoryview(staged.reshape(-1))], lambda: receiver.state.failing)
                 if got == frame.nbytes:
-                    for view, b in zip(views, staged):
-                        np.copyto(view, b)
+                    self.pool.scatter_heads(runs, plan, receiver.heads, staged)
             if got == frame.nbytes:
                 receiver.frames += 1
         finally:
