@@ -18,10 +18,9 @@ from pdserve import LLM, SamplingParams
 from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import Engine
-from pdserve.engine.messages import Bootstrap, GenerateReq
 from tests.e2e.test_bundled_engine import PROMPTS
 from tests.integration.conftest import ServerProcess, pid_alive, tp_ranks
-from tests.integration.test_pd_engines import run_until_done, tokens
+from tests.integration.test_pd_engines import run_pd, tokens
 
 PARAMS = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True)
 
@@ -57,14 +56,7 @@ def test_pd_with_tp3_on_one_side_equals_tp1(backend: str, prefill_tp: int, decod
         pre.close()
         raise
     try:
-        port = pre.stage.bootstrap_server.port
-        rids = set()
-        for i, (prompt, _) in enumerate(reference):
-            boot = Bootstrap("127.0.0.1", port, room=7000 + i)
-            pre.add_request(GenerateReq(f"p{i}", prompt, PARAMS, bootstrap=boot))
-            dec.add_request(GenerateReq(f"d{i}", prompt, PARAMS, bootstrap=boot))
-            rids |= {f"p{i}", f"d{i}"}
-        got = run_until_done([pre, dec], rids, timeout=300)
+        got = run_pd(pre, dec, [p for p, _ in reference], PARAMS, 7000, timeout=300)
         for i, (_, want) in enumerate(reference):
             assert [o.error for o in got[f"d{i}"] if o.error] == []
             assert tokens(got[f"d{i}"]) == want.output_ids, i

@@ -44,6 +44,20 @@ def run_until_done(engines: list[Engine], rids: set[str], timeout: float = 60.0)
     return outs
 
 
+def run_pd(pre: Engine, dec: Engine, prompts: list[list[int]], params: SamplingParams, room0: int,
+           timeout: float = 60.0) -> dict[str, list[TokenOut]]:
+    """Prompt i as one PD request (room room0 + i; rids p{i} / d{i}) on both engines, stepped
+    until every request ended."""
+    port = pre.stage.bootstrap_server.port
+    rids = set()
+    for i, p in enumerate(prompts):
+        boot = Bootstrap("127.0.0.1", port, room=room0 + i)
+        pre.add_request(GenerateReq(f"p{i}", p, params, bootstrap=boot))
+        dec.add_request(GenerateReq(f"d{i}", p, params, bootstrap=boot))
+        rids |= {f"p{i}", f"d{i}"}
+    return run_until_done([pre, dec], rids, timeout)
+
+
 def tokens(outs: list[TokenOut]) -> list[int]:
     return [t for o in outs for t in o.token_ids]
 
@@ -59,18 +73,11 @@ def test_pd_equals_unified_and_kv_bytes_match(backend: str, tiny_model_dir: Path
     pre = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**base.__dict__, "mode": "prefill"}))
     dec = Engine(engine_cfg(tiny_model_dir, num_pages=150), DisaggConfig(**{**base.__dict__, "mode": "decode"}))
     try:
-        port = pre.stage.bootstrap_server.port
         ps = prompts(12)
         for i, p in enumerate(ps):
             unified.add_request(GenerateReq(f"u{i}", p, PARAMS))
         ref = run_until_done([unified], {f"u{i}" for i in range(len(ps))})
-        rids = set()
-        for i, p in enumerate(ps):
-            boot = Bootstrap("127.0.0.1", port, room=1000 + i)
-            pre.add_request(GenerateReq(f"p{i}", p, PARAMS, bootstrap=boot))
-            dec.add_request(GenerateReq(f"d{i}", p, PARAMS, bootstrap=boot))
-            rids |= {f"p{i}", f"d{i}"}
-        got = run_until_done([pre, dec], rids)
+        got = run_pd(pre, dec, ps, PARAMS, 1000)
         for i in range(len(ps)):
             assert [o.error for o in got[f"d{i}"]] == [None] * len(got[f"d{i}"])
             assert tokens(got[f"p{i}"]) == tokens(ref[f"u{i}"])[:1]  # prefill answers one token
@@ -195,14 +202,7 @@ def test_failed_transfers_are_recomputed(tiny_model_dir: Path, unified: Engine) 
 
     dec.stage.manager.open = receiver
     try:
-        port = pre.stage.bootstrap_server.port
-        rids = set()
-        for i, p in enumerate(ps):
-            boot = Bootstrap("127.0.0.1", port, room=3000 + i)
-            pre.add_request(GenerateReq(f"p{i}", p, PARAMS, bootstrap=boot))
-            dec.add_request(GenerateReq(f"d{i}", p, PARAMS, bootstrap=boot))
-            rids |= {f"p{i}", f"d{i}"}
-        got = run_until_done([pre, dec], rids)
+        got = run_pd(pre, dec, ps, PARAMS, 3000)
         for i in range(len(ps)):
             assert [o.error for o in got[f"d{i}"]] == [None] * len(got[f"d{i}"])  # no client error
             assert tokens(got[f"d{i}"]) == tokens(ref[f"r{i}"])

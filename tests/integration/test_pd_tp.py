@@ -29,13 +29,13 @@ import pytest
 
 from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.engine import Engine
-from pdserve.engine.messages import Bootstrap, GenerateReq, TokenOut
+from pdserve.engine.messages import GenerateReq, TokenOut
 from pdserve.router.config import HealthConfig, PolicyConfig, RouterConfig, WorkerSpec
 from pdserve.router.server import EmbeddedRouter
 from tests.integration.conftest import tp_ranks
 from tests.integration.pd_cluster import PDPair, clean_error, get_load, healthy, wait_for, wait_settled
 from tests.integration.test_pd_server_faults import _in_background
-from tests.integration.test_pd_engines import PARAMS, engine_cfg, prompts, run_until_done, tokens
+from tests.integration.test_pd_engines import PARAMS, engine_cfg, prompts, run_pd, run_until_done, tokens
 
 PROMPTS = prompts(6, seed=21)
 
@@ -75,14 +75,7 @@ def test_engine_pd_with_tp_equals_unified(backend: str, prefill_tp: int, decode_
         raise
     try:
         marks = [free_plus_cached(e) for e in (pre, dec)]
-        port = pre.stage.bootstrap_server.port
-        rids = set()
-        for i, p in enumerate(PROMPTS):
-            boot = Bootstrap("127.0.0.1", port, room=5000 + i)
-            pre.add_request(GenerateReq(f"p{i}", p, PARAMS, bootstrap=boot))
-            dec.add_request(GenerateReq(f"d{i}", p, PARAMS, bootstrap=boot))
-            rids |= {f"p{i}", f"d{i}"}
-        got = run_until_done([pre, dec], rids, timeout=120)
+        got = run_pd(pre, dec, PROMPTS, PARAMS, 5000, timeout=120)
         for i, ref in reference.items():
             assert [o.error for o in got[f"d{i}"] if o.error] == []
             assert tokens(got[f"d{i}"]) == tokens(ref), i
@@ -156,26 +149,19 @@ def test_kill_one_rank_mid_transfer(side: str, tmp_path: Path, tiny_model_dir: P
             res = fut.result(60)
             took = time.monotonic() - killed
             print(f"{side} rank killed: prefill {res.prefill.status} decode {res.decode.status} after {took:.1f} s")
-            if side == "decode":
-                # the decode's answer is a clean error (or its connection broke as the server exited);
-                # the prefill's room failed with it and its pages came back
+            if side == "decode":  # its answer is a clean error, or its connection broke as it exited
                 assert res.decode.status is None or clean_error(res.decode), res.decode.describe()
-                assert clean_error(res.prefill), res.prefill.describe()
-                assert healthy(pair.prefill.url)
-                wait_settled(pair.prefill.url, pair.marks["prefill"])
-                wait_for(lambda: pair.decode.proc.poll() is not None, 60, "the decode server to exit")
-                assert pair.decode.proc.returncode != 0, pair.logs()
-                wait_for(lambda: not httpx.get(f"{router.url}/workers/{pair.decode.url}").json()["healthy"], 10,
-                         "the router to eject the decode")
+                assert clean_error(res.prefill), res.prefill.describe()  # its room failed with it
             else:
                 assert clean_error(res.decode) and res.decode.status == 503, res.decode.describe()
-                assert took < 1.0 * 2 + 6, took
-                assert healthy(pair.decode.url)
-                wait_settled(pair.decode.url, pair.marks["decode"])
-                wait_for(lambda: pair.prefill.proc.poll() is not None, 60, "the prefill server to exit")
-                assert pair.prefill.proc.returncode != 0, pair.logs()
-                wait_for(lambda: not httpx.get(f"{router.url}/workers/{pair.prefill.url}").json()["healthy"], 10,
-                         "the router to eject the prefill")
+                assert took < 1.0 * 2 + 6, took  # heartbeat 1 s x 2 misses at worst
+            survivor = pair.server("prefill" if side == "decode" else "decode")
+            assert healthy(survivor.url)
+            wait_settled(survivor.url, pair.marks["prefill" if side == "decode" else "decode"])
+            wait_for(lambda: victim.proc.poll() is not None, 60, f"the {side} server to exit")
+            assert victim.proc.returncode != 0, pair.logs()
+            wait_for(lambda: not httpx.get(f"{router.url}/workers/{victim.url}").json()["healthy"], 10,
+                     f"the router to eject the {side}")
     except BaseException:
         print(pair.logs())
         raise

@@ -61,12 +61,18 @@ def two_hosts() -> Iterator[None]:
         _ip("link", "del", VETH_A, check=False)
 
 
+def _reference(model: Path, seed: int, count: int, longest: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Random prompts and one unified tp-1 engine's greedy 8 tokens for each."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, 49000) for _ in range(rng.randint(4, longest))] for _ in range(count)]
+    with LLM(str(model), num_pages=128, page_size=4, threads=1) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True),
+                            use_tqdm=False)
+    return prompts, [o.output_ids for o in outs]
+
+
 def test_tp2_over_two_hosts_equals_tp1(two_hosts: None, tiny_model_dir: Path, tmp_path: Path) -> None:
-    rng = random.Random(11)
-    prompts = [[rng.randrange(3, 49000) for _ in range(rng.randint(4, 40))] for _ in range(4)]
-    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
-    with LLM(str(tiny_model_dir), num_pages=128, page_size=4, threads=1) as llm:
-        want = [o.output_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    prompts, want = _reference(tiny_model_dir, seed=11, count=4, longest=40)
     addr = f"{HOST_A}:{free_port()}"
     common = ["--model", str(tiny_model_dir), "--num-pages", "128", "--page-size", "4", "--threads", "1",
               "--tp-size", "2", "--nnodes", "2", "--dist-init-addr", addr]
@@ -105,11 +111,7 @@ def _established(ns: str | None = None) -> str:
 
 
 def test_pd_across_two_hosts_equals_unified(two_hosts: None, tiny_model_dir: Path, tmp_path: Path) -> None:
-    rng = random.Random(12)
-    prompts = [[rng.randrange(3, 49000) for _ in range(rng.randint(4, 60))] for _ in range(6)]
-    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
-    with LLM(str(tiny_model_dir), num_pages=128, page_size=4, threads=1) as llm:
-        want = [o.output_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    prompts, want = _reference(tiny_model_dir, seed=12, count=6, longest=60)
     common = ["--model", str(tiny_model_dir), "--num-pages", "128", "--page-size", "4", "--threads", "1",
               "--disaggregation-transfer-backend", "tcp"]
     boot_port = free_port()
