@@ -89,6 +89,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                        help=text)
     g.add_argument("--disable-prefix-cache", "--disable-radix-cache", "--no-enable-prefix-caching",
                    dest="disable_prefix_cache", action="store_true", help="turn the radix prefix cache off")
+    g.add_argument("--disable-cpu-prepack", dest="disable_cpu_prepack", action="store_true",
+                   help="CPU: keep GEMM weights dense (F.linear) instead of prepacked for oneDNN")
     g.add_argument("--skip-server-warmup", "--skip-warmup", dest="skip_warmup", action="store_true",
                    help="report ready without running the warm-up request")
 
@@ -121,6 +123,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kwargs["chat_template"] = Path(template).read_text(encoding="utf-8")
     if args.disable_prefix_cache:
         kwargs["enable_prefix_cache"] = False
+    if getattr(args, "disable_cpu_prepack", False):
+        kwargs["cpu_prepack"] = False
     if getattr(args, "skip_warmup", False):
         kwargs["warmup"] = False
     return EngineConfig(**kwargs)

@@ -34,6 +34,7 @@ class EngineConfig:
     tokenizer: str | None = None  # tokenizer folder (default: the model's)
     chat_template: str | None = None  # Jinja source (default: the tokenizer's)
     log_stats_interval_s: float = 10.0  # engine stats line while busy; 0 = never
+    cpu_prepack: bool = True  # CPU: GEMM weights prepacked for oneDNN at load (model/linear.py)
     warmup: bool = True  # the engine process runs one short request before it reports ready
     tp_size: int = 1  # tensor-parallel ranks (one process each; engine/tp_worker.py)
     nnodes: int = 1  # machines the tp ranks span (tp_size / nnodes ranks on each)

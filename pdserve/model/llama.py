@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve.model.config import ModelConfig
+from pdserve.model.linear import Linear, linear, prepack
 from pdserve.model.rope import RotaryEmbedding
 from pdserve.model.tp import Collectives, NoCollectives, TPShard
 
@@ -41,8 +42,8 @@ class Attention(nn.Module):
         self.layer = layer
         self.comm = comm
         self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.hq * self.d, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -63,8 +64,8 @@ class MLP(nn.Module):
         super().__init__()
         self.comm = comm
         self.inter = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -122,7 +123,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg, tp, comm)
         self.rope = RotaryEmbedding(cfg, max_positions)
         vocab = cfg.vocab_size // tp.size
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, vocab, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, vocab, bias=False)
+        self.tied_head: torch.Tensor | None = None  # prepacked copy of a tied embedding (prepack)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnFn) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
@@ -131,8 +133,19 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.comm.gather_vocab(F.linear(hidden, weight).float())
+        if self.lm_head is not None:
+            return self.comm.gather_vocab(self.lm_head(hidden).float())
+        weight = self.model.embed_tokens.weight if self.tied_head is None else self.tied_head
+        return self.comm.gather_vocab(linear(hidden, weight).float())
+
+    def prepack(self) -> int:
+        """Swap every GEMM weight for its CPU-prepacked form (model/linear.py); a tied LM head
+        gets a packed copy (the embedding lookup keeps the dense rows). Returns how many."""
+        packed = sum(m.pack() for m in self.modules() if isinstance(m, Linear))
+        if self.lm_head is None:
+            self.tied_head = prepack(self.model.embed_tokens.weight)
+            packed += self.tied_head is not None
+        return packed
 
     # ---- weights ---------------------------------------------------------------------------
     _FUSED = {  # HF name fragment -> (fused parameter fragment, shard index)

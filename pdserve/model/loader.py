@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from pdserve.model.config import ModelConfig
+from pdserve.model.linear import can_prepack
 from pdserve.model.llama import LlamaForCausalLM
 from pdserve.model.rope import RotaryEmbedding
 from pdserve.model.tp import Collectives, NoCollectives, TPShard
@@ -52,7 +53,8 @@ def iter_safetensors(folder: Path, part: SliceFn = lambda name: None) -> Iterato
 
 
 def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, max_positions: int,
-               tp: TPShard = TPShard(), comm: Collectives = NoCollectives()) -> LlamaForCausalLM:
+               tp: TPShard = TPShard(), comm: Collectives = NoCollectives(),
+               cpu_prepack: bool = True) -> LlamaForCausalLM:
     folder = Path(folder)
     cfg = ModelConfig.from_folder(folder)
     with torch.device("meta"):
@@ -60,4 +62,7 @@ def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, max
     model = model.to_empty(device=device).to(dtype)
     model.rope = RotaryEmbedding(cfg, max_positions).to(device)  # fp32 tables, rebuilt off meta
     model.load_weights(iter_safetensors(folder, lambda name: tp.weight_slice(cfg, name)))
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if cpu_prepack and can_prepack(device):
+        model.prepack()
+    return model
