@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +32,24 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return inv
 
 
+@dataclass(frozen=True)
+class Rotation:
+    """cos/sin of one forward's positions, gathered once and applied in every layer.
+
+    With x = [x1 | x2] (halves of D): out = [x1*cos - x2*sin | x2*cos + x1*sin],
+    i.e. HF's `x*cos + rotate_half(x)*sin` without materialising rotate_half.
+    """
+
+    cos: torch.Tensor  # [T, 1, D/2]
+    sin: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x: [T, H, D] (q and k heads stacked together)."""
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin), dim=-1)
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Precomputed cos/sin tables indexed by absolute position."""
 
@@ -38,19 +57,10 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         inv = inv_frequencies(cfg)
         pos = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(pos, inv)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        freqs = torch.outer(pos, inv)  # [P, D/2]: the two halves of HF's table are equal
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Rotate x: [T, H, D] (q and k heads stacked together) at `positions`: [T].
-
-        With x = [x1 | x2] (halves of D): out = [x1*cos - x2*sin | x2*cos + x1*sin],
-        i.e. HF's `x*cos + rotate_half(x)*sin` without materialising rotate_half.
-        """
-        half = x.shape[-1] // 2
-        cos = self.cos[positions, :half].unsqueeze(1)
-        sin = self.sin[positions, :half].unsqueeze(1)
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def forward(self, positions: torch.Tensor) -> Rotation:
+        """The rotation at `positions`: [T] (one gather per forward, not per layer)."""
+        return Rotation(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
