@@ -279,6 +279,7 @@ class Engine:
     def _forward(self, batch: ScheduleBatch) -> None:
         """Run the batch, advance the counters, sample and append the sampled rows' tokens."""
         self.num_forward_tokens += batch.num_tokens
+        t0 = time.perf_counter()
         logits, sampled, prompt_rows = self.runner.forward(batch)
         for c in batch.chunks:
             c.req.num_computed = c.end
@@ -291,6 +292,7 @@ class Engine:
             result = self.sampler.sample(logits, [self._sample_row(c.req) for c in sampled])
             for i, c in enumerate(sampled):
                 self._append(c.req, i, result)
+        self.stats.on_forward_time(time.perf_counter() - t0)
 
     def _sample_row(self, r: Request) -> SampleRow:
         return SampleRow(r.params, r.generator, r.tokens[: r.prompt_len], r.output_ids,

@@ -6,7 +6,12 @@ cache use (`on_finish`). The engine process calls `maybe_log(load)` after steps 
 every `interval_s` seconds, if the engine did anything in that window, it logs one line:
 
   stats: running 3 reqs, queued 1 reqs, KV 24.1% (2464/10224 tokens), prompt 250.3 tok/s,
-         gen 31.5 tok/s, prefix cache hit 40.0%, preemptions 0
+         gen 31.5 tok/s, prefix cache hit 40.0%, preemptions 0, steps 118 of 84.2 ms,
+         forward+sample 97.1% of busy
+
+"busy" is the engine loop's time in iterations that had work (draining the inbox, the step,
+sending outputs); what is not forward+sample there is the loop's and the scheduler's
+per-step overhead (issue 18: it must stay small at concurrency 16).
 
 The window's rates also go into `LoadInfo` (gauges for /metrics), the cumulative counts into
 counters; nothing here is reset except the window.
@@ -31,6 +36,9 @@ class Window:
     gen_tokens: int = 0
     cache_queries: int = 0  # prompt tokens of requests that finished
     cache_hits: int = 0  # of those, served from the prefix cache
+    steps: int = 0  # forwards run
+    forward_s: float = 0.0  # in the model's forward and sampling
+    busy_s: float = 0.0  # in engine-loop iterations that had work
 
     @property
     def active(self) -> bool:
@@ -42,11 +50,14 @@ class EngineStats:
         self.interval_s = interval_s
         self.clock = clock
         self.window = Window(clock())
+        self.last_window = self.window
         # cumulative, for Prometheus counters
         self.prompt_tokens = 0
         self.gen_tokens = 0
         self.cache_queries = 0
         self.cache_hits = 0
+        self.forward_s = 0.0
+        self.busy_s = 0.0
         # the last closed window's rates, for gauges
         self.gen_throughput = 0.0
         self.prompt_throughput = 0.0
@@ -57,6 +68,15 @@ class EngineStats:
         self.window.gen_tokens += gen_tokens
         self.prompt_tokens += prompt_tokens
         self.gen_tokens += gen_tokens
+
+    def on_forward_time(self, seconds: float) -> None:
+        self.window.steps += 1
+        self.window.forward_s += seconds
+        self.forward_s += seconds
+
+    def on_busy(self, seconds: float) -> None:
+        self.window.busy_s += seconds
+        self.busy_s += seconds
 
     def on_finish(self, prompt_len: int, cached_tokens: int) -> None:
         self.window.cache_queries += prompt_len
@@ -77,6 +97,7 @@ class EngineStats:
         self.gen_throughput = w.gen_tokens / seconds
         if w.cache_queries:
             self.cache_hit_rate = w.cache_hits / w.cache_queries
+        self.last_window = w
         self.window = Window(now)
         return seconds
 
@@ -92,9 +113,11 @@ class EngineStats:
         if not busy or self.interval_s <= 0:
             return None
         usage = used_tokens / max(total_tokens, 1)
+        w = self.last_window
         line = (f"stats: running {running} reqs, queued {queued} reqs, KV {usage:.1%} "
                 f"({used_tokens}/{total_tokens} tokens), prompt {self.prompt_throughput:.1f} tok/s, "
                 f"gen {self.gen_throughput:.1f} tok/s, prefix cache hit {self.cache_hit_rate:.1%}, "
-                f"preemptions {preemptions}")
+                f"preemptions {preemptions}, steps {w.steps} of {w.busy_s / max(w.steps, 1) * 1e3:.1f} ms, "
+                f"forward+sample {w.forward_s / max(w.busy_s, 1e-9):.1%} of busy")
         log.info("%s", line)
         return line

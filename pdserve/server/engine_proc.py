@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 import traceback
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
@@ -124,6 +125,7 @@ class EngineLoop:
         checked_idle = False
         while not self.stopping:
             if self.engine.has_work():
+                t0 = time.perf_counter()
                 self._drain()
                 if self.stopping:
                     break
@@ -131,6 +133,7 @@ class EngineLoop:
                 outs = self.engine.step()
                 checked_idle = False
                 self._send_outs(outs)
+                self.engine.stats.on_busy(time.perf_counter() - t0)
                 self.engine.log_stats()
                 stalled = not outs and self.engine.num_forward_tokens == before
                 if (stalled or self.engine.is_waiting_on_transfers()) and poller.poll(NAP_MS):

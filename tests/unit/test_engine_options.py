@@ -61,11 +61,15 @@ def test_stats_window_and_line() -> None:
     now[0] = 1.0
     assert stats.maybe_log(1, 0, 64, 640, 0) is None  # not due yet
     stats.on_forward(0, 10)
+    for _ in range(4):  # four steps of 50 ms, 40 of them in forward+sample
+        stats.on_forward_time(0.04)
+        stats.on_busy(0.05)
     now[0] = 2.0
     line = stats.maybe_log(1, 2, 64, 640, 3)
     assert line is not None
     for part in ("running 1 reqs", "queued 2 reqs", "KV 10.0% (64/640 tokens)", "prompt 50.0 tok/s",
-                 "gen 5.0 tok/s", "prefix cache hit 40.0%", "preemptions 3"):
+                 "gen 5.0 tok/s", "prefix cache hit 40.0%", "preemptions 3", "steps 4 of 50.0 ms",
+                 "forward+sample 80.0% of busy"):
         assert part in line, (part, line)
     assert stats.gen_throughput == pytest.approx(5.0) and stats.cache_hit_rate == pytest.approx(0.4)
     now[0] = 4.5
