@@ -39,7 +39,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from serving_vs_vllm import VLLM_ENV, VLLM_PYTHON, Server, free_port, served_model_name, warm_up  # noqa: E402
+from _vllm_env import VLLM_PYTHON, vllm_env  # noqa: E402
+from serving_vs_vllm import Server, free_port, served_model_name, warm_up  # noqa: E402
 
 # (label, key in the common dict, checked against --tolerance)
 ROWS = [("request throughput (req/s)", "request_throughput", True),
@@ -100,8 +101,7 @@ def vllm_command(args: argparse.Namespace, base_url: str, model: str, tokenizer:
 
 
 def run_vllm_bench(args: argparse.Namespace, cmd: list[str], result_dir: str) -> dict[str, Any]:
-    env = dict(os.environ, **VLLM_ENV)
-    env.pop("PYTHONPATH", None)
+    env = vllm_env([])
     log_path = os.path.join(result_dir, "vllm_bench.client.log")
     print(f"[crosscheck] vllm bench serve: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     with open(log_path, "w") as log:

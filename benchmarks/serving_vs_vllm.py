@@ -18,8 +18,8 @@ pdserve/vLLM ratios. Targets (issue 3): output tok/s >= 1.5x vLLM and p50 TTFT <
 Servers:
 - pdserve: `python -m pdserve.cli serve --model DIR --host 127.0.0.1 --port P [--pdserve-arg ...]`
 - vLLM:    `/opt/vllm-venv/bin/python benchmarks/vllm_cli.py serve DIR --dtype float32
-           --max-model-len 2048` with VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=4 (its
-           default uses one core for the model, the other for the API server).
+           --max-model-len 2048` with benchmarks/_vllm_env.py's environment: every core for
+           its model, as pdserve has (vLLM's default keeps one core for its API server).
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-VLLM_PYTHON = "/opt/vllm-venv/bin/python"
-VLLM_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "4"}
+from _vllm_env import VLLM_PYTHON, vllm_env  # noqa: E402
 
 
 def free_port() -> int:
@@ -137,8 +136,7 @@ def run_client(args, base_url: str, model_name: str, tokenizer: str, result_dir:
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
            "--disable-tqdm", "--save-result", "--result-dir", result_dir,
            "--result-filename", result_name]
-    env = dict(os.environ, **VLLM_ENV)
-    env.pop("PYTHONPATH", None)
+    env = vllm_env([])
     print(f"[bench] client: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     log_path = os.path.join(result_dir, result_name + ".client.log")
     with open(log_path, "w") as log:
@@ -268,11 +266,7 @@ def main() -> None:
         cmd = [args.vllm_python, os.path.join(HERE, "vllm_cli.py"), "serve", mdir,
                "--dtype", "float32", "--max-model-len", "2048", "--host", "127.0.0.1",
                "--port", str(port), "--seed", "0"] + args.vllm_arg
-        env = dict(os.environ, **VLLM_ENV)
-        env.pop("PYTHONPATH", None)
-        for kv in args.vllm_env:
-            k, _, v = kv.partition("=")
-            env[k] = v
+        env = vllm_env(args.vllm_env)
         try:
             results["vllm"] = bench_one(args, "vllm", cmd, env, port, mdir,
                                         args.vllm_start_timeout, result_dir)

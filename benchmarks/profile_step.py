@@ -1,0 +1,131 @@
+"""Issue 18: where one step of the bundled model spends its time (torch profiler).
+
+    python benchmarks/profile_step.py [--batch 1] [--context 256] [--prefill 256] [--steps 20]
+
+Runs the offline engine's ModelRunner directly (no scheduler, no sampling) on the bundled
+model: a decode step of `--batch` rows at `--context` tokens each, and one prefill chunk of
+`--prefill` tokens. Prints time per op class (GEMM, attention, KV gather/write, norm, rope,
+elementwise, other), the share of the step outside any torch op (Python overhead), and the
+GEMMs' achieved GFLOP/s against the machine's matmul rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from pdserve.engine.batch import Chunk, ScheduleBatch  # noqa: E402
+from pdserve.engine.llm import LLM  # noqa: E402
+from pdserve.engine.request import Request  # noqa: E402
+from pdserve.engine.sampling_params import SamplingParams  # noqa: E402
+
+CLASSES = [  # (class, substrings of aten op names), first match wins
+    ("gemm", ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm", "mkldnn::_linear")),
+    ("attention", ("scaled_dot_product", "_flash_attention", "aten::_scaled")),
+    ("kv gather/write", ("index_select", "index_copy", "index_put", "aten::index")),
+    ("norm", ("rms_norm", "aten::rsqrt", "aten::pow", "aten::mean")),
+    ("elementwise", ("aten::add", "aten::mul", "aten::silu", "aten::cat", "aten::neg", "aten::sub")),
+    ("copy/alloc", ("aten::copy_", "aten::empty", "aten::contiguous", "aten::clone", "aten::zeros")),
+]
+
+
+def classify(name: str) -> str:
+    for cls, keys in CLASSES:
+        if any(k in name for k in keys):
+            return cls
+    return "other"
+
+
+def matmul_gflops(n: int = 1024, reps: int = 8) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def make_batch(llm: LLM, rows: int, context: int, length: int) -> ScheduleBatch:
+    """`rows` requests whose KV covers `context` tokens; each chunk runs `length` new tokens."""
+    kv = llm.engine.kv
+    chunks = []
+    for i in range(rows):
+        tokens = [1 + (i * 7 + j) % 4000 for j in range(context + length)]
+        req = Request(f"p{i}", context + length, SamplingParams(max_tokens=1), tokens)
+        req.pages = kv.allocator.alloc(-(-(context + length) // kv.page_size))
+        chunks.append(Chunk(req, context, length))
+    return ScheduleBatch(chunks)
+
+
+def profile_step(llm: LLM, batch: ScheduleBatch, steps: int) -> tuple[float, dict[str, float], float]:
+    runner = llm.engine.runner
+    for _ in range(3):
+        runner.forward(batch)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        runner.forward(batch)
+    wall = (time.perf_counter() - t0) / steps
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            runner.forward(batch)
+    by_class: dict[str, float] = defaultdict(float)
+    gemm_flops = 0.0
+    for ev in prof.events():
+        if ev.cpu_parent is not None and ev.cpu_parent.name.startswith("aten::"):
+            continue  # count each top-level aten op once (self + children)
+        if not ev.name.startswith(("aten::", "mkldnn::")):
+            continue
+        by_class[classify(ev.name)] += ev.cpu_time_total / 1e3 / steps
+        if ev.name in ("aten::linear", "aten::addmm", "aten::mm", "mkldnn::_linear_pointwise") and ev.input_shapes:
+            shapes = [s for s in ev.input_shapes if s]
+            if len(shapes) >= 2 and len(shapes[0]) >= 2:
+                m, k = shapes[0][-2], shapes[0][-1]
+                n = shapes[1][0] if ev.name in ("aten::linear", "mkldnn::_linear_pointwise") else shapes[1][-1]
+                gemm_flops += 2 * m * k * n / steps
+    if os.environ.get("PROFILE_TABLE"):
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    return wall * 1e3, dict(by_class), gemm_flops
+
+
+def report(title: str, wall_ms: float, by_class: dict[str, float], gemm_flops: float, peak: float) -> None:
+    ops = sum(by_class.values())
+    print(f"\n## {title}: {wall_ms:.1f} ms per step")
+    print("| op class | ms | share of step |")
+    print("|---|---|---|")
+    for cls, ms in sorted(by_class.items(), key=lambda kv: -kv[1]):
+        print(f"| {cls} | {ms:.1f} | {ms / wall_ms:.0%} |")
+    print(f"| outside torch ops (Python) | {max(wall_ms - ops, 0):.1f} | {max(wall_ms - ops, 0) / wall_ms:.0%} |")
+    gemm_ms = by_class.get("gemm", 0.0)
+    if gemm_ms:
+        rate = gemm_flops / (gemm_ms / 1e3) / 1e9
+        print(f"GEMM: {gemm_flops / 1e9:.2f} GFLOP per step at {rate:.1f} GFLOP/s = {rate / peak:.0%} of matmul")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--prefill", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--model", default="default")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    peak = matmul_gflops()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, matmul {peak:.1f} GFLOP/s")
+    with LLM(args.model, enable_prefix_cache=False) as llm:
+        dec = make_batch(llm, args.batch, args.context, 1)
+        report(f"decode, batch {args.batch} at {args.context} tokens", *profile_step(llm, dec, args.steps), peak)
+        pre = make_batch(llm, 1, 0, args.prefill)
+        report(f"prefill chunk of {args.prefill} tokens", *profile_step(llm, pre, max(args.steps // 4, 2)), peak)
+
+
+if __name__ == "__main__":
+    main()
