@@ -5,9 +5,10 @@ Per forward the runner builds `AttentionMetadata` once; every layer then
   2. attends: each prefill chunk with SDPA (causal; against its gathered pages when it has
      a cached/computed prefix), the single-token rows in a few padded SDPA batches:
 
-     page_table [B, P] → slots [B * P*page_size] = page*page_size + offset   (pad page 0)
-     K = k[layer].index_select(slots) → [B, L, Hkv, D] → SDPA(q [B, Hq, 1, D], GQA),
-     masked where position ≥ seq_len
+     page_table [B, P] (pad page 0) → pages [B * P]
+     K = k[layer] viewed as [num_pages, page_size*Hkv*D] .index_select(pages)
+       → [B, L = P*page_size, Hkv, D] → SDPA(q [B, Hq, 1, D], GQA), masked where position ≥ seq_len
+     (one row per page, not per slot: at batch 64 x 288 tokens the gather is a third cheaper)
 
      Padding costs B x P pages of gather per layer, so one long context among short ones would
      multiply the decode step (10 rows, one at 1000 tokens, nine at 200: 5x the bytes). Rows
@@ -44,7 +45,7 @@ DECODE_PAD_WASTE = 1.5  # a decode group's padded pages may be at most this x it
 @dataclass
 class DecodeGroup:
     rows: torch.Tensor  # [B] rows of single-token sequences in the flat batch
-    slots: torch.Tensor  # [B * P*page_size] slots of the padded page tables
+    pages: torch.Tensor  # [B * P] the padded page tables, flat
     mask: torch.Tensor  # [B, 1, 1, P*page_size] True where attendable
 
 
@@ -76,8 +77,7 @@ def _decode_group(rows: list[int], tables: list[list[int]], lens: list[int], pag
     width = max(len(t) for t in tables)
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
     mask = torch.arange(width * page_size)[None, :] < torch.tensor(lens, dtype=torch.long)[:, None]
-    return DecodeGroup(torch.tensor(rows, dtype=torch.long, device=device),
-                       (table[:, :, None] * page_size + torch.arange(page_size)).flatten().to(device),
+    return DecodeGroup(torch.tensor(rows, dtype=torch.long, device=device), table.flatten().to(device),
                        mask[:, None, None, :].to(device))
 
 
@@ -147,8 +147,10 @@ class PagedAttention:
         pool = self.pool
         b, hq, d = q.shape
         hkv = pool.k.shape[2]
-        # index_select on flat slots is ~5x faster on CPU than advanced indexing by page
-        ks = pool.k[layer].index_select(0, g.slots).view(b, -1, hkv, d).transpose(1, 2)
-        vs = pool.v[layer].index_select(0, g.slots).view(b, -1, hkv, d).transpose(1, 2)
+        # index_select of whole pages (rows of page_size*Hkv*D): ~4x faster on CPU than
+        # advanced indexing, a third faster than selecting slot by slot
+        pages = pool.num_pages
+        ks = pool.k[layer].view(pages, -1).index_select(0, g.pages).view(b, -1, hkv, d).transpose(1, 2)
+        vs = pool.v[layer].view(pages, -1).index_select(0, g.pages).view(b, -1, hkv, d).transpose(1, 2)
         o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=g.mask, enable_gqa=True)
         return o.view(b, hq, d)

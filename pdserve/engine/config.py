@@ -69,3 +69,23 @@ def set_torch_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(max(1, threads or default_threads()))
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve a step's large temporaries (a decode's gathered KV, GEMM outputs: MBs each,
+    freed every layer) from the heap instead of a fresh mmap each time, whose page faults and
+    zeroing cost more than the work (batch 64 x 288 tokens: a step 2.2x faster, batch 1 1.2x).
+    The role tcmalloc/jemalloc play when vLLM's CPU backend preloads them. Call it after the
+    weights and the KV pool are allocated: they keep their own mmaps. False where not glibc."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    # 32 MiB is glibc's largest mmap threshold on 64-bit; freed heap above 512 MiB is returned
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 512 << 20))
+

@@ -27,7 +27,7 @@ import torch
 
 from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.batch import ScheduleBatch
-from pdserve.engine.config import EngineConfig, set_torch_threads
+from pdserve.engine.config import EngineConfig, keep_freed_memory, set_torch_threads
 from pdserve.engine.grammar import Grammars, GrammarState, grammar_error
 from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.kv_manager import KVManager
@@ -104,6 +104,7 @@ class Engine:
                  num_pages * ps, num_pages * self.pool.page_bytes() / 2**30, self.max_model_len)
         self.kv = KVManager(num_pages, ps, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.kv, config.chunk_budget, config.max_running, config.decode_headroom)
+        keep_freed_memory()  # after the weights and the pool: they keep their own mappings
         self.runner = ModelRunner(self.model, self.pool, self.device,
                                   self.ranks.publish if self.ranks is not None else None)
         self.sampler = Sampler(cfg.vocab_size, self.device)

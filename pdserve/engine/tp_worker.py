@@ -33,7 +33,7 @@ from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import KVLayout
 from pdserve.disagg.tp_control import STORE_KEY, RankAgent
 from pdserve.disagg.transfer.base import create_manager
-from pdserve.engine.config import EngineConfig, default_threads, set_torch_threads
+from pdserve.engine.config import EngineConfig, default_threads, keep_freed_memory, set_torch_threads
 from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.messages import RankMsg, StepPlan, StopRanks
 from pdserve.engine.pd.build import TPPeers, pool_tensors
@@ -180,6 +180,7 @@ def follow(spec: RankSpec) -> None:
     shard = TPShard(spec.rank, config.tp_size)
     disagg = spec.disagg if spec.disagg is not None and spec.disagg.mode != "null" else None
     model, pool, cfg = build_rank(config, shard, group, device, disagg)
+    keep_freed_memory()
     agent = None
     if disagg is not None:
         layout = rank_layout(resolve_model(config.model).name, pool, shard, cfg)
