@@ -7,6 +7,10 @@ model: a decode step of `--batch` rows at `--context` tokens each, and one prefi
 `--prefill` tokens. Prints time per op class (GEMM, attention, KV gather/write, norm, rope,
 elementwise, other), the share of the step outside any torch op (Python overhead), and the
 GEMMs' achieved GFLOP/s against the machine's matmul rate measured in the same run.
+
+Caveat, measured: at large decode batches (64 x 288) the profiled step allocates differently
+and its index_select self time exceeds the unprofiled step's wall time; read the op shares of
+small batches from here, and time large ones without the profiler.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pdserve.engine.sampling_params import SamplingParams  # noqa: E402
 CLASSES = [  # (class, substrings of aten op names), first match wins
     ("gemm", ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm", "mkldnn::_linear")),
     ("attention", ("scaled_dot_product", "_flash_attention", "aten::_scaled")),
-    ("kv gather/write", ("index_select", "index_copy", "index_put", "aten::index")),
+    ("kv gather/write", ("index_select", "index_copy", "index_put")),
     ("norm", ("rms_norm", "aten::rsqrt", "aten::pow", "aten::mean")),
     ("elementwise", ("aten::add", "aten::mul", "aten::silu", "aten::cat", "aten::neg", "aten::sub")),
     ("copy/alloc", ("aten::copy_", "aten::empty", "aten::contiguous", "aten::clone", "aten::zeros")),
@@ -44,13 +48,17 @@ def classify(name: str) -> str:
     return "other"
 
 
-def matmul_gflops(n: int = 1024, reps: int = 8) -> float:
+def matmul_gflops(n: int = 1024, rounds: int = 7, reps: int = 4) -> float:
+    """The best of `rounds` (a shared machine only ever slows a round down)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 * reps / best / 1e9
 
 
 def make_batch(llm: LLM, rows: int, context: int, length: int) -> ScheduleBatch:
@@ -77,14 +85,14 @@ def profile_step(llm: LLM, batch: ScheduleBatch, steps: int) -> tuple[float, dic
         for _ in range(steps):
             runner.forward(batch)
     by_class: dict[str, float] = defaultdict(float)
+    for avg in prof.key_averages():  # self time: each microsecond in exactly one op
+        if avg.key.startswith(("aten::", "mkldnn::")):
+            by_class[classify(avg.key)] += avg.self_cpu_time_total / 1e3 / steps
     gemm_flops = 0.0
     for ev in prof.events():
-        if ev.cpu_parent is not None and ev.cpu_parent.name.startswith("aten::"):
-            continue  # count each top-level aten op once (self + children)
-        if not ev.name.startswith(("aten::", "mkldnn::")):
-            continue
-        by_class[classify(ev.name)] += ev.cpu_time_total / 1e3 / steps
         if ev.name in ("aten::linear", "aten::addmm", "aten::mm", "mkldnn::_linear_pointwise") and ev.input_shapes:
+            if ev.cpu_parent is not None and ev.cpu_parent.name in ("aten::linear", "aten::matmul"):
+                continue  # the addmm/mm under a linear: counted at the linear
             shapes = [s for s in ev.input_shapes if s]
             if len(shapes) >= 2 and len(shapes[0]) >= 2:
                 m, k = shapes[0][-2], shapes[0][-1]
@@ -102,7 +110,8 @@ def report(title: str, wall_ms: float, by_class: dict[str, float], gemm_flops: f
     print("|---|---|---|")
     for cls, ms in sorted(by_class.items(), key=lambda kv: -kv[1]):
         print(f"| {cls} | {ms:.1f} | {ms / wall_ms:.0%} |")
-    print(f"| outside torch ops (Python) | {max(wall_ms - ops, 0):.1f} | {max(wall_ms - ops, 0) / wall_ms:.0%} |")
+    print(f"| outside torch ops (Python; profiler overhead makes ops look longer) | "
+          f"{max(wall_ms - ops, 0):.1f} | {max(wall_ms - ops, 0) / wall_ms:.0%} |")
     gemm_ms = by_class.get("gemm", 0.0)
     if gemm_ms:
         rate = gemm_flops / (gemm_ms / 1e3) / 1e9

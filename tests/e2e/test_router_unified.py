@@ -2,7 +2,8 @@
 
 Greedy output through the router equals the worker's own, for completions, chat and
 `/generate`, streaming and not, with the official `openai` client; a worker that dies is
-ejected and the router answers 503 at once instead of hanging. One model server for the module.
+ejected and the router answers 503 at once instead of hanging; the server is ready within a
+minute. One model server for the module.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def router(server: ServerProcess) -> Iterator[EmbeddedRouter]:
                        circuit=CircuitConfig(failure_threshold=2))
     with EmbeddedRouter(cfg) as r:
         yield r
+
+
+def test_bundled_server_is_ready_within_a_minute(server: ServerProcess) -> None:
+    """Issue 18: start-up (weights, prepacking, KV pool, the warm-up request) stays under 60 s."""
+    assert server.startup_s is not None and server.startup_s < 60, server.startup_s
 
 
 def clients(server: ServerProcess, router: EmbeddedRouter) -> tuple[openai.OpenAI, openai.OpenAI]:

@@ -101,6 +101,8 @@ class ServerProcess:
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         cmd = [*(prefix or []), *serve_command(), "--host", host, "--port", str(self.port), *args]
         self._log = open(log_path, "wb")
+        self.started = time.monotonic()
+        self.startup_s: float | None = None  # spawn to the first healthy answer (wait_healthy)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -121,6 +123,8 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    if self.startup_s is None:
+                        self.startup_s = time.monotonic() - self.started
                     return
             except httpx.HTTPError:
                 pass
