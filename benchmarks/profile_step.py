@@ -21,12 +21,17 @@ import sys
 import time
 from collections import defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from machine_limits import matmul_flops  # noqa: E402
+
 from pdserve.engine.batch import Chunk, ScheduleBatch  # noqa: E402
+from pdserve.engine.kv_cache import pages_needed  # noqa: E402
 from pdserve.engine.llm import LLM  # noqa: E402
 from pdserve.engine.request import Request  # noqa: E402
 from pdserve.engine.sampling_params import SamplingParams  # noqa: E402
@@ -41,24 +46,15 @@ CLASSES = [  # (class, substrings of aten op names), first match wins
 ]
 
 
+WEIGHT_OUT_FIRST = ("aten::linear", "mkldnn::_linear_pointwise")  # weight [out, in]
+GEMMS = WEIGHT_OUT_FIRST + ("aten::addmm", "aten::mm")  # ops whose FLOPs are counted
+
+
 def classify(name: str) -> str:
     for cls, keys in CLASSES:
         if any(k in name for k in keys):
             return cls
     return "other"
-
-
-def matmul_gflops(n: int = 1024, rounds: int = 7, reps: int = 4) -> float:
-    """The best of `rounds` (a shared machine only ever slows a round down)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 * reps / best / 1e9
 
 
 def make_batch(llm: LLM, rows: int, context: int, length: int) -> ScheduleBatch:
@@ -68,7 +64,7 @@ def make_batch(llm: LLM, rows: int, context: int, length: int) -> ScheduleBatch:
     for i in range(rows):
         tokens = [1 + (i * 7 + j) % 4000 for j in range(context + length)]
         req = Request(f"p{i}", context + length, SamplingParams(max_tokens=1), tokens)
-        req.pages = kv.allocator.alloc(-(-(context + length) // kv.page_size))
+        req.pages = kv.allocator.alloc(pages_needed(context + length, kv.page_size))
         chunks.append(Chunk(req, context, length))
     return ScheduleBatch(chunks)
 
@@ -90,13 +86,13 @@ def profile_step(llm: LLM, batch: ScheduleBatch, steps: int) -> tuple[float, dic
             by_class[classify(avg.key)] += avg.self_cpu_time_total / 1e3 / steps
     gemm_flops = 0.0
     for ev in prof.events():
-        if ev.name in ("aten::linear", "aten::addmm", "aten::mm", "mkldnn::_linear_pointwise") and ev.input_shapes:
+        if ev.name in GEMMS and ev.input_shapes:
             if ev.cpu_parent is not None and ev.cpu_parent.name in ("aten::linear", "aten::matmul"):
                 continue  # the addmm/mm under a linear: counted at the linear
             shapes = [s for s in ev.input_shapes if s]
             if len(shapes) >= 2 and len(shapes[0]) >= 2:
                 m, k = shapes[0][-2], shapes[0][-1]
-                n = shapes[1][0] if ev.name in ("aten::linear", "mkldnn::_linear_pointwise") else shapes[1][-1]
+                n = shapes[1][0] if ev.name in WEIGHT_OUT_FIRST else shapes[1][-1]
                 gemm_flops += 2 * m * k * n / steps
     if os.environ.get("PROFILE_TABLE"):
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
@@ -127,7 +123,7 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     args = ap.parse_args()
     torch.manual_seed(0)
-    peak = matmul_gflops()
+    peak = matmul_flops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, matmul {peak:.1f} GFLOP/s")
     with LLM(args.model, enable_prefix_cache=False) as llm:
         dec = make_batch(llm, args.batch, args.context, 1)

@@ -88,4 +88,3 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL("libc.so.6")
     # 32 MiB is glibc's largest mmap threshold on 64-bit; freed heap above 512 MiB is returned
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 512 << 20))
-

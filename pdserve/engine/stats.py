@@ -56,8 +56,6 @@ class EngineStats:
         self.gen_tokens = 0
         self.cache_queries = 0
         self.cache_hits = 0
-        self.forward_s = 0.0
-        self.busy_s = 0.0
         # the last closed window's rates, for gauges
         self.gen_throughput = 0.0
         self.prompt_throughput = 0.0
@@ -72,11 +70,9 @@ class EngineStats:
     def on_forward_time(self, seconds: float) -> None:
         self.window.steps += 1
         self.window.forward_s += seconds
-        self.forward_s += seconds
 
     def on_busy(self, seconds: float) -> None:
         self.window.busy_s += seconds
-        self.busy_s += seconds
 
     def on_finish(self, prompt_len: int, cached_tokens: int) -> None:
         self.window.cache_queries += prompt_len

@@ -5,7 +5,7 @@ memory-bound and small-M: MKL's sgemm (behind `F.linear`) reads the [out, in] we
 and is slow for 2-64 rows. oneDNN (in every x86 torch build, `torch.ops.mkldnn`) reorders the
 weight once, at load, into the blocked layout its JIT kernels stream, as vLLM's CPU backend
 does. Measured on this 2-core AVX2 EPYC, every GEMM of the bundled model's 30 layers plus its
-LM head (538 MB of fp32), cold weights, one pass (`benchmarks/profile_step.py --gemm`):
+LM head (538 MB of fp32), cold weights, one pass (a one-off timing, benchmarks/README.md):
 
     rows        1       4      16      64     256
     F.linear  46.5    92.7   110.1   187.0   577.4  ms
@@ -19,13 +19,9 @@ float rounding only (a different summation order).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 def can_prepack(device: torch.device) -> bool:
@@ -36,8 +32,7 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` [out, in] in oneDNN's blocked layout, or None where oneDNN has no kernel."""
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-    except RuntimeError as e:  # e.g. bf16 on a CPU without the instructions
-        log.info("weights stay dense (%s)", str(e).splitlines()[0])
+    except RuntimeError:  # e.g. bf16 on a CPU without the instructions
         return None
 
 

@@ -6,6 +6,7 @@ bytes), so a rank's memory is about 1/tp of the weights.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -17,6 +18,8 @@ from pdserve.model.linear import can_prepack
 from pdserve.model.llama import LlamaForCausalLM
 from pdserve.model.rope import RotaryEmbedding
 from pdserve.model.tp import Collectives, NoCollectives, TPShard
+
+log = logging.getLogger(__name__)
 
 SliceFn = Callable[[str], "tuple[int, int, int] | None"]  # name -> (dim, start, stop) or None: all
 
@@ -63,6 +66,6 @@ def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, max
     model.rope = RotaryEmbedding(cfg, max_positions).to(device)  # fp32 tables, rebuilt off meta
     model.load_weights(iter_safetensors(folder, lambda name: tp.weight_slice(cfg, name)))
     model.eval().requires_grad_(False)
-    if cpu_prepack and can_prepack(device):
-        model.prepack()
+    if cpu_prepack and can_prepack(device) and not model.prepack():
+        log.info("GEMM weights stay dense: oneDNN has no %s kernel on this CPU", dtype)
     return model
