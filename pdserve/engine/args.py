@@ -65,6 +65,12 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
          "seconds between the engine's stats lines while it has work (0: never)", metavar="SECONDS"),
     Flag(("--tp-size", "--tensor-parallel-size"), "tp_size", positive_int,
          "tensor-parallel ranks, one process each (gloo on CPU, NCCL on CUDA)"),
+    Flag(("--dp-size", "--data-parallel-size"), "dp_size", positive_int,
+         "data-parallel ranks behind one HTTP front: engine replicas, each with its own scheduler and KV pool "
+         "(with --enable-dp-attention: attention ranks sharing one tensor-parallel MLP)"),
+    Flag(("--load-balance-method",), "load_balance_method", str,
+         "how the front spreads requests over dp ranks (a request's data_parallel_rank wins; a PD prefill "
+         "puts each room on bootstrap_room %% dp-size)", ("round_robin", "shortest_queue")),
     Flag(("--nnodes",), "nnodes", positive_int, "machines the tp ranks span"),
     Flag(("--node-rank",), "node_rank", non_negative_int,
          "this machine's index (0 runs the scheduler and the HTTP front; others only their tp ranks)"),
@@ -89,6 +95,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                        help=text)
     g.add_argument("--disable-prefix-cache", "--disable-radix-cache", "--no-enable-prefix-caching",
                    dest="disable_prefix_cache", action="store_true", help="turn the radix prefix cache off")
+    g.add_argument("--enable-dp-attention", dest="enable_dp_attention", action="store_true",
+                   help="dp ranks keep their own requests, KV pools and whole attention while the MLP is "
+                        "tensor-parallel over all of them (needs --tp-size == --dp-size)")
     g.add_argument("--disable-cpu-prepack", dest="disable_cpu_prepack", action="store_true",
                    help="CPU: keep GEMM weights dense (F.linear) instead of prepacked for oneDNN")
     g.add_argument("--skip-server-warmup", "--skip-warmup", dest="skip_warmup", action="store_true",
@@ -123,6 +132,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kwargs["chat_template"] = Path(template).read_text(encoding="utf-8")
     if args.disable_prefix_cache:
         kwargs["enable_prefix_cache"] = False
+    if getattr(args, "enable_dp_attention", False):
+        kwargs["enable_dp_attention"] = True
     if getattr(args, "disable_cpu_prepack", False):
         kwargs["cpu_prepack"] = False
     if getattr(args, "skip_warmup", False):

@@ -40,9 +40,24 @@ class EngineConfig:
     nnodes: int = 1  # machines the tp ranks span (tp_size / nnodes ranks on each)
     node_rank: int = 0  # this machine's index; 0 runs the scheduler and the HTTP front
     dist_init_addr: str | None = None  # HOST:PORT of node 0's rendezvous (default: 127.0.0.1, any port)
+    dp_size: int = 1  # data-parallel ranks behind one front (replicas, or attention ranks)
+    enable_dp_attention: bool = False  # dp attention ranks share one tensor-parallel MLP (tp == dp)
+    load_balance_method: str = "round_robin"  # how the front spreads requests over dp ranks
+    dp_rank: int = 0  # set by the front for each dp rank's engine process
+    dp_store: str | None = None  # DP attention: the FileStore path the ranks meet at (set by the front)
 
     def check_parallel(self) -> None:
-        """Raise ValueError (one sentence) for a tp/nnodes/node-rank combination that cannot work."""
+        """Raise ValueError (one sentence) for a tp/dp/nnodes/node-rank combination that cannot work."""
+        if self.dp_size < 1:
+            raise ValueError(f"--dp-size must be >= 1, got {self.dp_size}")
+        if self.enable_dp_attention and self.tp_size != self.dp_size:
+            raise ValueError(f"--enable-dp-attention needs --tp-size equal to --dp-size (one attention rank per "
+                             f"dp rank; attention tp inside a dp rank is not supported yet), got tp "
+                             f"{self.tp_size} and dp {self.dp_size}")
+        if self.enable_dp_attention and self.dp_size < 2:
+            raise ValueError("--enable-dp-attention needs --dp-size >= 2")
+        if self.dp_size > 1 and self.nnodes > 1:
+            raise ValueError("--dp-size > 1 runs on one machine: it cannot be combined with --nnodes > 1 yet")
         if self.tp_size < 1 or self.nnodes < 1 or self.tp_size % self.nnodes:
             raise ValueError(f"--tp-size {self.tp_size} must be a positive multiple of --nnodes {self.nnodes}")
         if not 0 <= self.node_rank < self.nnodes:
@@ -53,6 +68,17 @@ class EngineConfig:
     @property
     def ranks_per_node(self) -> int:
         return self.tp_size // self.nnodes
+
+    @property
+    def attn_tp_size(self) -> int:
+        """Tensor-parallel ranks of one engine (scheduler): 1 under DP attention (tp == dp)."""
+        return 1 if self.enable_dp_attention else self.tp_size
+
+    @property
+    def num_processes(self) -> int:
+        """Engine processes of the whole server on this machine (they share its cores)."""
+        per_dp = 1 if self.enable_dp_attention else self.ranks_per_node
+        return self.dp_size * per_dp
 
     def rendezvous(self) -> tuple[str, int]:
         """(host, port) of node 0's TCPStore; port 0 means any free one (single node only)."""

@@ -28,6 +28,7 @@ import torch
 from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.batch import ScheduleBatch
 from pdserve.engine.config import EngineConfig, keep_freed_memory, set_torch_threads
+from pdserve.engine.dp_attention import DPAttentionRank, join_dp_attention
 from pdserve.engine.grammar import Grammars, GrammarState, grammar_error
 from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.kv_manager import KVManager
@@ -47,7 +48,7 @@ from pdserve.model.bundled import resolve_model
 from pdserve.model.config import ModelConfig
 from pdserve.model.loader import load_model, resolve_device, resolve_dtype
 from pdserve.model.tokenizer import Tokenizer
-from pdserve.model.tp import NoCollectives, TPShard
+from pdserve.model.tp import Collectives, NoCollectives, TPShard
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ class Engine:
         self.tokenizer_path: Path = resolve_model(config.tokenizer) if config.tokenizer else self.model_path
         self.tokenizer = Tokenizer(self.tokenizer_path, config.chat_template)
         cfg, ps = self.model_config, config.page_size
-        shard = TPShard(0, config.tp_size)
+        shard = TPShard(config.dp_rank, config.tp_size, dp_attention=True) if config.enable_dp_attention else \
+            TPShard(0, config.tp_size)
         local = shard.local_config(cfg)  # a tp size that does not fit fails here, before any weight loads
         wanted_len = config.max_model_len or cfg.max_position_embeddings
         log.info("loading weights of %s (%d layers, hidden %d) on %s in %s", self.model_path.name,
@@ -85,10 +87,13 @@ class Engine:
         num_pages = config.num_pages or (None if config.mem_fraction_static is not None else
                                          KVPool.pages_for_budget(local, ps, config.kv_cache_gb, dtype.itemsize))
         self.ranks: TPRanks | None = None
-        if config.tp_size > 1:
+        if config.num_processes > 1:
             set_torch_threads(rank_threads(config))
+        if config.attn_tp_size > 1:
             self.ranks = TPRanks.start(resolved_config(config, cfg), self.device, disagg)
-        comm = self.ranks.group if self.ranks is not None else NoCollectives()
+        comm: Collectives = self.ranks.group if self.ranks is not None else NoCollectives()
+        dp_group = join_dp_attention(config, self.device)
+        comm = dp_group or comm
         t0 = time.perf_counter()
         rope_len = min(wanted_len, (num_pages - 1) * ps) if num_pages else wanted_len
         self.model = load_model(self.model_path, self.device, dtype, rope_len + 1, shard, comm, config.cpu_prepack)
@@ -105,8 +110,10 @@ class Engine:
         self.kv = KVManager(num_pages, ps, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.kv, config.chunk_budget, config.max_running, config.decode_headroom)
         keep_freed_memory()  # after the weights and the pool: they keep their own mappings
-        self.runner = ModelRunner(self.model, self.pool, self.device,
-                                  self.ranks.publish if self.ranks is not None else None)
+        self.stats = EngineStats(config.log_stats_interval_s)
+        self.dp = DPAttentionRank(dp_group, self.model, self.stats) if dp_group is not None else None
+        publish = self.ranks.publish if self.ranks is not None else self.dp.before_forward if self.dp else None
+        self.runner = ModelRunner(self.model, self.pool, self.device, publish)
         self.sampler = Sampler(cfg.vocab_size, self.device)
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_id)
         self.stops = StopChecker(self.tokenizer, self.eos_ids, self.max_model_len)
@@ -116,7 +123,6 @@ class Engine:
         self._aborted: list[str] = []
         self._arrivals = 0
         self.num_forward_tokens = 0
-        self.stats = EngineStats(config.log_stats_interval_s)
         self.stage = build_stage(disagg, KVLayout.for_pool(self.model_path.name, self.pool.k, ps, shard.kv_heads(cfg)[0],
                                                            cfg.num_key_value_heads),
                                  self.pool, self.scheduler, self.kv, self.stops, cfg.vocab_size,
@@ -224,6 +230,8 @@ class Engine:
             self.ranks.check_alive()  # also while PD rooms wait and no forward would notice
         outputs = self._step()
         self.stats.on_forward(0, sum(len(o.token_ids) for o in outputs))
+        if self.dp is not None:
+            self.dp.finish_round(self.has_work())  # an idle forward if this step ran none
         return outputs
 
     def _step(self) -> list[TokenOut]:
@@ -293,7 +301,7 @@ class Engine:
             result = self.sampler.sample(logits, [self._sample_row(c.req) for c in sampled])
             for i, c in enumerate(sampled):
                 self._append(c.req, i, result)
-        self.stats.on_forward_time(time.perf_counter() - t0)
+        self.stats.on_forward_time(time.perf_counter() - t0, batch.num_tokens)
 
     def _sample_row(self, r: Request) -> SampleRow:
         return SampleRow(r.params, r.generator, r.tokens[: r.prompt_len], r.output_ids,
@@ -351,7 +359,8 @@ class Engine:
         return out
 
     # ---- introspection -------------------------------------------------------------------
-    def load(self) -> LoadInfo:
+    def load(self, step_trace: bool = False) -> LoadInfo:
+        st = self.stats
         return LoadInfo(
             num_running=self.scheduler.num_running,
             num_waiting=len(self.scheduler.waiting) + self.stage.pending() + len(self._grammar_wait),
@@ -360,7 +369,9 @@ class Engine:
             transfer=self.stage.stats, gen_throughput=self.stats.gen_throughput,
             prompt_throughput=self.stats.prompt_throughput, cache_hit_rate=self.stats.cache_hit_rate,
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens_computed=self.stats.prompt_tokens,
-            cache_queries=self.stats.cache_queries, cache_hits=self.stats.cache_hits)
+            cache_queries=self.stats.cache_queries, cache_hits=self.stats.cache_hits,
+            dp_rank=self.config.dp_rank, steps=st.steps, step_seconds=st.step_seconds, idle_steps=st.idle_steps,
+            step_trace=list(st.trace) if step_trace else None)
 
     def log_stats(self) -> str | None:
         """The periodic stats line (engine/stats.py), when it is due."""
@@ -380,6 +391,9 @@ class Engine:
         if self.ranks is not None:
             self.ranks.close()
             self.ranks = None
+        if self.dp is not None:
+            self.dp.close()
+            self.dp = None
 
     def check_integrity(self) -> None:
         self.kv.check_integrity([*self.scheduler.live(), *self.stage.live()])

@@ -28,6 +28,7 @@ class GenerateReq(msgspec.Struct, frozen=True, tag=True):
     bootstrap: Bootstrap | None = None  # set: a PD request (prefill or decode side)
     share_prompt_with: str | None = None  # rid of a live request with the same prompt (n > 1):
     # this one is admitted once that one's prompt is computed and reuses its pages
+    data_parallel_rank: int | None = None  # the front's placement over dp ranks (SGLang's field)
     output_ids: list[int] = []  # already generated (a migrated stream): counted as output, not re-sent
 
 
@@ -91,6 +92,16 @@ class TransferStats(msgspec.Struct):
             self.failed += 1
 
 
+class StepSample(msgspec.Struct, frozen=True, array_like=True):
+    """One engine step: wall-clock start (s since the epoch), seconds, tokens forwarded, and
+    whether it was a DP-attention idle forward (this rank had no tokens)."""
+
+    start: float
+    seconds: float
+    tokens: int
+    idle: bool
+
+
 class LoadInfo(msgspec.Struct, frozen=True):
     num_running: int
     num_waiting: int
@@ -107,6 +118,11 @@ class LoadInfo(msgspec.Struct, frozen=True):
     prompt_tokens_computed: int = 0
     cache_queries: int = 0  # prompt tokens of finished requests
     cache_hits: int = 0  # of those, from the prefix cache
+    dp_rank: int = 0  # which data-parallel rank this engine is
+    steps: int = 0  # forwards run (cumulative)
+    step_seconds: float = 0.0  # their total time (a DP-attention rank's includes waiting for the others)
+    idle_steps: int = 0  # DP attention: forwards run with no tokens of its own (the others' collectives)
+    step_trace: list[StepSample] | None = None  # the last steps, when asked (GetLoadReq.step_trace)
 
     @property
     def kv_usage(self) -> float:
@@ -120,6 +136,7 @@ class LoadInfo(msgspec.Struct, frozen=True):
 
 class GetLoadReq(msgspec.Struct, frozen=True, tag=True):
     cid: int
+    step_trace: bool = False  # also send the last steps (LoadInfo.step_trace)
 
 
 class FlushCacheReq(msgspec.Struct, frozen=True, tag=True):

@@ -21,10 +21,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pdserve.engine.messages import StepSample
+
 log = logging.getLogger("pdserve.engine.stats")
+
+TRACE_STEPS = 8192  # the last steps' (start, seconds, tokens, idle), for /get_load?step_trace=1
 
 
 @dataclass
@@ -60,6 +65,11 @@ class EngineStats:
         self.gen_throughput = 0.0
         self.prompt_throughput = 0.0
         self.cache_hit_rate = 0.0
+        # every step (forward) and, under DP attention, idle forward (the others' collectives only)
+        self.steps = 0
+        self.step_seconds = 0.0
+        self.idle_steps = 0
+        self.trace: deque[StepSample] = deque(maxlen=TRACE_STEPS)
 
     def on_forward(self, prompt_tokens: int, gen_tokens: int) -> None:
         self.window.prompt_tokens += prompt_tokens
@@ -67,9 +77,17 @@ class EngineStats:
         self.prompt_tokens += prompt_tokens
         self.gen_tokens += gen_tokens
 
-    def on_forward_time(self, seconds: float) -> None:
+    def on_forward_time(self, seconds: float, tokens: int = 0) -> None:
         self.window.steps += 1
         self.window.forward_s += seconds
+        self.steps += 1
+        self.step_seconds += seconds
+        self.trace.append(StepSample(time.time() - seconds, seconds, tokens, False))
+
+    def on_idle_step(self, seconds: float) -> None:
+        """DP attention: a step in which this rank only joined the other ranks' collectives."""
+        self.idle_steps += 1
+        self.trace.append(StepSample(time.time() - seconds, seconds, 0, True))
 
     def on_busy(self, seconds: float) -> None:
         self.window.busy_s += seconds

@@ -60,8 +60,9 @@ class RankSpec(msgspec.Struct, frozen=True):
 
 
 def rank_threads(config: EngineConfig) -> int:
-    """torch threads per rank: the flag, else this process's cores shared among the ranks."""
-    return config.threads or max(1, default_threads() // config.tp_size)
+    """torch threads per rank: the flag, else this machine's cores shared among the server's
+    engine processes (tp ranks of every dp rank)."""
+    return config.threads or max(1, default_threads() // config.num_processes)
 
 
 def resolved_config(config: EngineConfig, cfg: ModelConfig) -> EngineConfig:

@@ -71,15 +71,15 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.comm.all_reduce(self.down_proj(F.silu(gate) * up))
+        gate, up = self.gate_up_proj(self.comm.mlp_in(x)).split(self.inter, dim=-1)
+        return self.comm.mlp_out(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, comm: Collectives) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, attn_comm: Collectives, mlp_comm: Collectives) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer, comm)
-        self.mlp = MLP(cfg, comm)
+        self.self_attn = Attention(cfg, layer, attn_comm)
+        self.mlp = MLP(cfg, mlp_comm)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -108,8 +108,9 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPShard, comm: Collectives) -> None:
         super().__init__()
         local = tp.local_config(cfg)
-        self.embed_tokens = VocabEmbedding(*tp.vocab_range(cfg), cfg.hidden_size, comm, whole=tp.size == 1)
-        self.layers = nn.ModuleList(DecoderLayer(local, i, comm) for i in range(cfg.num_hidden_layers))
+        attn_comm = NoCollectives() if tp.dp_attention else comm  # DP attention: whole on every rank
+        self.embed_tokens = VocabEmbedding(*tp.vocab_range(cfg), cfg.hidden_size, attn_comm, whole=tp.attn_size == 1)
+        self.layers = nn.ModuleList(DecoderLayer(local, i, attn_comm, comm) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -121,11 +122,12 @@ class LlamaForCausalLM(nn.Module):
                  comm: Collectives = NoCollectives()) -> None:
         super().__init__()
         self.config = cfg
-        self.tp, self.comm = tp, comm
+        self.tp = tp
+        self.comm = NoCollectives() if tp.dp_attention else comm  # the LM head's
         self.local = tp.local_config(cfg)  # the sizes this rank computes
         self.model = LlamaModel(cfg, tp, comm)
         self.rope = RotaryEmbedding(cfg, max_positions)
-        vocab = cfg.vocab_size // tp.size
+        vocab = cfg.vocab_size // tp.attn_size
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, vocab, bias=False)
         self.tied_head: torch.Tensor | None = None  # prepacked copy of a tied embedding (prepack)
 
@@ -135,6 +137,13 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, rot, attn)
         return self.model.norm(x)
+
+    def idle_forward(self, dtype: torch.dtype, device: torch.device) -> None:
+        """DP attention, a rank with no tokens this step: join every layer's MLP collectives
+        with zero rows, so that the ranks that have tokens get their rows back."""
+        empty = torch.empty(0, self.config.hidden_size, dtype=dtype, device=device)
+        for layer in self.model.layers:
+            layer.mlp(empty)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self.lm_head is not None:

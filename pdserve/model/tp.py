@@ -22,6 +22,16 @@ Example Hq=8, Hkv=2, tp=4 (head_dim d; rows of the fused qkv_proj on each rank):
     qkv rows  [q0 q1|k0|v0] [q2 q3|k0|v0] [q4 q5|k1|v1] [q6 q7|k1|v1]   (each block d rows)
 
 So the KV pool of a rank holds `kv_heads` heads starting at global head `kv_start`.
+
+DP attention (`TPShard(rank, size, dp_attention=True)`, SGLang's --enable-dp-attention with
+tp == dp): every rank keeps the whole attention, embedding, norms and LM head (its own requests,
+its own KV pool with every KV head) and only the MLP is sliced as above. Per layer the MLP's
+input is every rank's rows, gathered and padded to the largest rank's count; the row-parallel
+down_proj's partial sums are reduce-scattered back, each rank keeping its own rows:
+
+    rank 0 rows  [a0 a1 a2]       mlp_in: all_gather, padded to 3   [a0 a1 a2|b0 -- --]
+    rank 1 rows  [b0]             gate_up/down on the slice I/size  (partial sums, 6 rows)
+                                  mlp_out: reduce_scatter -> rank 0 [a0 a1 a2], rank 1 [b0]
 """
 
 from __future__ import annotations
@@ -43,6 +53,14 @@ class Collectives(Protocol):
         """Each rank's [N, V/tp] logits -> [N, V] on rank 0 (None on the other ranks)."""
         ...
 
+    def mlp_in(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows the sliced MLP computes: this rank's own (TP), every rank's (DP attention)."""
+        ...
+
+    def mlp_out(self, y: torch.Tensor) -> torch.Tensor:
+        """The MLP's partial sums -> this rank's rows, summed over the ranks."""
+        ...
+
 
 class NoCollectives:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +68,12 @@ class NoCollectives:
 
     def gather_vocab(self, x: torch.Tensor) -> torch.Tensor | None:
         return x
+
+    def mlp_in(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def mlp_out(self, y: torch.Tensor) -> torch.Tensor:
+        return y
 
 
 def _divisors(n: int) -> list[int]:
@@ -78,29 +102,50 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
 class TPShard:
     rank: int = 0
     size: int = 1
+    dp_attention: bool = False  # only the MLP is sliced; attention, embedding and head are whole
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
             raise ValueError(f"tp rank {self.rank} out of range for tp size {self.size}")
 
+    @property
+    def attn_size(self) -> int:
+        """Ranks the attention, embedding and LM head are sliced over (1 under DP attention)."""
+        return 1 if self.dp_attention else self.size
+
+    def attention(self) -> TPShard:
+        """The shard of the whole-attention parts: this one, or a whole one under DP attention."""
+        return TPShard() if self.dp_attention else self
+
     def q_heads(self, cfg: ModelConfig) -> tuple[int, int]:
+        if self.dp_attention:
+            return 0, cfg.num_attention_heads
         n = cfg.num_attention_heads // self.size
         return self.rank * n, n
 
     def kv_heads(self, cfg: ModelConfig) -> tuple[int, int]:
         """(first global KV head, count) this rank keeps."""
         kv = cfg.num_key_value_heads
+        if self.dp_attention:
+            return 0, kv
         if kv >= self.size:
             return self.rank * (kv // self.size), kv // self.size
         return self.rank * kv // self.size, 1
 
     def local_config(self, cfg: ModelConfig) -> ModelConfig:
         """The config of the slice this rank computes (the vocabulary stays whole)."""
+        if self.dp_attention:
+            if cfg.intermediate_size % self.size:
+                raise ValueError(f"dp attention size {self.size} does not divide intermediate_size "
+                                 f"{cfg.intermediate_size}")
+            return replace(cfg, intermediate_size=cfg.intermediate_size // self.size)
         check_tp(cfg, self.size)
         return replace(cfg, num_attention_heads=self.q_heads(cfg)[1], num_key_value_heads=self.kv_heads(cfg)[1],
                        intermediate_size=cfg.intermediate_size // self.size)
 
     def vocab_range(self, cfg: ModelConfig) -> tuple[int, int]:
+        if self.dp_attention:
+            return 0, cfg.vocab_size
         n = cfg.vocab_size // self.size
         return self.rank * n, (self.rank + 1) * n
 
@@ -108,10 +153,14 @@ class TPShard:
         """(dim, start, stop) of the HF checkpoint tensor `name` this rank loads; None = all of it."""
         if self.size == 1:
             return None
+        i = cfg.intermediate_size // self.size
+        if self.dp_attention:
+            if ".gate_proj." in name or ".up_proj." in name:
+                return 0, self.rank * i, (self.rank + 1) * i
+            return (1, self.rank * i, (self.rank + 1) * i) if ".down_proj." in name else None
         d = cfg.head_dim
         q0, nq = self.q_heads(cfg)
         k0, nk = self.kv_heads(cfg)
-        i = cfg.intermediate_size // self.size
         if ".q_proj." in name:
             return 0, q0 * d, (q0 + nq) * d
         if ".k_proj." in name or ".v_proj." in name:

@@ -104,6 +104,12 @@ class TPGroup:
         dist.gather(x.contiguous(), parts, dst=0, group=self._compute)
         return torch.cat(parts, dim=-1) if parts is not None else None
 
+    def mlp_in(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # every rank computes the same rows
+
+    def mlp_out(self, y: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce(y)
+
     # ---- step plans (rank 0 -> the others) -------------------------------------------------
     def send_bytes(self, data: bytes) -> None:
         n = torch.tensor([len(data)], dtype=torch.int64)

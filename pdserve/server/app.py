@@ -23,7 +23,7 @@ from fastapi import FastAPI
 
 from pdserve.server import native_generate, openai_chat, openai_completions, routes_admin, routes_tokenize
 from pdserve.server.config import ServerConfig
-from pdserve.server.engine_client import EngineClient
+from pdserve.server.dp_client import EngineHandle, engine_client
 from pdserve.server.errors import install_error_handlers
 from pdserve.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from pdserve.server.state import ServerState
@@ -34,8 +34,8 @@ logger = logging.getLogger("pdserve.server")
 def build_fastapi(config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = EngineClient(config.engine, config.engine_start_timeout_s, on_dead=lambda _: _request_exit(app),
-                              disagg=config.disagg)
+        client = engine_client(config.engine, config.engine_start_timeout_s, lambda _: _request_exit(app),
+                               config.disagg)
         app.state.client = client
         try:
             info = await client.start()
@@ -80,7 +80,7 @@ def _request_exit(app: FastAPI) -> None:
 
 def begin_shutdown(fastapi_app: FastAPI) -> None:
     """Refuse new generations and end the in-flight ones (finish_reason "abort")."""
-    client: EngineClient | None = getattr(fastapi_app.state, "client", None)
+    client: EngineHandle | None = getattr(fastapi_app.state, "client", None)
     if client is not None:
         client.closing = True
         client.abort_all("server shutting down")

@@ -172,6 +172,9 @@ class EngineClient:
     def in_flight(self) -> list[str]:
         return list(self._queues)
 
+    def has(self, rid: str) -> bool:
+        return rid in self._queues
+
     def _check_usable(self) -> None:
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
@@ -242,8 +245,8 @@ class EngineClient:
         finally:
             self._futures.pop(cid, None)
 
-    async def get_load(self, timeout: float = 30.0) -> LoadResp:
-        return await self._call(lambda cid: GetLoadReq(cid=cid), timeout)
+    async def get_load(self, timeout: float = 30.0, step_trace: bool = False) -> LoadResp:
+        return await self._call(lambda cid: GetLoadReq(cid=cid, step_trace=step_trace), timeout)
 
     async def flush_cache(self, timeout: float = 30.0) -> bool:
         resp: FlushCacheResp = await self._call(lambda cid: FlushCacheReq(cid=cid), timeout)

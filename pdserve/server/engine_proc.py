@@ -59,6 +59,7 @@ logger = logging.getLogger("pdserve.engine_proc")
 
 IDLE_POLL_MS = 1000  # how often an idle engine checks that its parent is alive
 NAP_MS = 1  # nap between steps that made no progress (KV in transit, nothing admissible)
+DP_IDLE_POLL_MS = 20  # DP attention, every rank idle: the beat of their rounds (a new request waits <= this)
 
 
 def spawn_engine_process(config: EngineConfig, in_addr: str, out_addr: str,
@@ -150,6 +151,14 @@ class EngineLoop:
                 logger.warning("parent process is gone; engine exits")
                 return
 
+    def _step(self) -> list[TokenOut]:
+        t0 = time.perf_counter()
+        outs = self.engine.step()
+        self._send_outs(outs)
+        self.engine.stats.on_busy(time.perf_counter() - t0)
+        self.engine.log_stats()
+        return outs
+
     def _send(self, msg: EngineOutMsg) -> None:
         self.outbox.send(self.encoder.encode(msg), copy=False)
 
@@ -193,12 +202,48 @@ class EngineLoop:
             except Exception as exc:  # unknown or already finished
                 logger.debug("abort %s: %s", msg.rid, exc)
         elif isinstance(msg, GetLoadReq):
-            self._send(LoadResp(cid=msg.cid, load=self.engine.load(), integrity_errors=self.integrity_errors))
+            self._send(LoadResp(cid=msg.cid, load=self.engine.load(msg.step_trace),
+                                integrity_errors=self.integrity_errors))
         elif isinstance(msg, FlushCacheReq):
             ok = bool(self.engine.flush_cache())
             self._send(FlushCacheResp(cid=msg.cid, ok=ok))
         elif isinstance(msg, ShutdownReq):
             self.stopping = True
+
+
+class DPAttentionLoop(EngineLoop):
+    """An engine that is one DP-attention rank: every iteration is one round with the other
+    ranks (engine/dp_attention.py), whether this rank has work or not; all ranks nap on their
+    inboxes only in a round where none was busy."""
+
+    def run(self) -> None:
+        dp = self.engine.dp
+        assert dp is not None
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        checked_idle = False
+        while not self.stopping:
+            self._drain()
+            if self.stopping:
+                break
+            if self.engine.has_work():
+                outs = self._step()  # its round included
+                checked_idle = False
+            else:
+                outs = []
+                dp.finish_round(busy=False)
+                self._send_outs([])
+                if not checked_idle:
+                    self._check_integrity()
+                    checked_idle = True
+                self.engine.log_stats()
+            if dp.view.any_busy:
+                if not outs and dp.view.max_tokens == 0:
+                    poller.poll(NAP_MS)  # KV in transit somewhere: don't spin both cores on rounds
+                continue
+            if not poller.poll(DP_IDLE_POLL_MS) and os.getppid() != self.parent_pid:
+                logger.warning("parent process is gone; engine exits")
+                return
 
 
 def engine_main(config_json: bytes, in_addr: str, out_addr: str, parent_pid: int, disagg_json: bytes = b"{}") -> None:
@@ -231,7 +276,8 @@ def engine_main(config_json: bytes, in_addr: str, out_addr: str, parent_pid: int
         code = 1
     else:
         try:
-            EngineLoop(engine, inbox, outbox, parent_pid).run()
+            loop = DPAttentionLoop if engine.dp is not None else EngineLoop
+            loop(engine, inbox, outbox, parent_pid).run()
         except BaseException:
             logger.exception("engine loop failed")
             outbox.send(msgspec.msgpack.encode(EngineFailed(message="engine failed:\n" + traceback.format_exc())))

@@ -41,6 +41,7 @@ class SubRequest:
     share_with: str | None = None  # rid of the first of the n copies of this prompt (shares its pages)
     score_from: int | None = None  # score the prompt from this position (echo + logprobs); None: no
     resume_ids: tuple[int, ...] | None = None  # a migrated stream: output already delivered elsewhere
+    dp_rank: int | None = None  # the request's data_parallel_rank (SGLang's field): which dp rank serves it
 
 
 @dataclass
@@ -114,7 +115,7 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
     req = GenerateReq(rid=sub.rid, input_ids=sub.prompt_ids, params=sub.params, bootstrap=sub.bootstrap,
                      share_prompt_with=sub.share_with, return_prompt_logprobs=sub.score_from is not None,
                      prompt_logprobs_from=sub.score_from or 0,
-                     output_ids=list(resumed))
+                     output_ids=list(resumed), data_parallel_rank=sub.dp_rank)
     try:
         outs = state.client.generate(req)
         async with contextlib.aclosing(outs):

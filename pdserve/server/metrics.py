@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -50,6 +50,7 @@ class EngineCollector(Collector):
         self.p = prefix
         self.model_name = model_name
         self.load: LoadInfo | None = None
+        self.ranks: list[LoadInfo] = []  # each dp rank's (one entry without --dp-size)
         self.in_flight = 0
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -82,6 +83,7 @@ class EngineCollector(Collector):
         yield self._counter("prefix_cache_hits", "Of those, tokens served from the prefix cache", load.cache_hits)
         yield self._counter("prefill_compute_tokens", "Prompt tokens computed (recomputation included)",
                             load.prompt_tokens_computed)
+        yield from self._per_rank()
         x = load.transfer
         if x is None:
             return
@@ -100,6 +102,26 @@ class EngineCollector(Collector):
                           mean_s * 1000.0)
         speed = x.bytes / x.latency_sum_s / 1e9 if x.latency_sum_s > 0 else 0.0
         yield self._gauge("kv_transfer_speed_gb_s", "Mean KV transfer speed of successful rooms (GB/s)", speed)
+
+
+    def _per_rank(self) -> Iterator[Metric]:
+        """Each data-parallel rank's queue and steps (label dp_rank)."""
+        def family(kind: type[GaugeMetricFamily] | type[CounterMetricFamily], name: str, doc: str,
+                   value: Callable[[LoadInfo], float]) -> Metric:
+            m = kind(f"{self.p}:{name}", doc, labels=["model_name", "dp_rank"])
+            for x in self.ranks:
+                m.add_metric([self.model_name, str(x.dp_rank)], value(x))
+            return m
+
+        yield family(GaugeMetricFamily, "dp_num_running_reqs", "Running requests of each dp rank",
+                     lambda x: x.num_running)
+        yield family(GaugeMetricFamily, "dp_num_queue_reqs", "Waiting requests of each dp rank",
+                     lambda x: x.num_waiting)
+        yield family(CounterMetricFamily, "dp_steps", "Forwards each dp rank ran", lambda x: x.steps)
+        yield family(CounterMetricFamily, "dp_step_seconds", "Their total time (DP attention: waiting for the "
+                     "other ranks included)", lambda x: x.step_seconds)
+        yield family(CounterMetricFamily, "dp_idle_steps", "DP attention: forwards a rank ran with no tokens of "
+                     "its own (the other ranks' collectives)", lambda x: x.idle_steps)
 
 
 class ServerMetrics:
@@ -140,8 +162,9 @@ class ServerMetrics:
     def error(self, status: int) -> None:
         self._errors.labels(self.model_name, str(status)).inc()
 
-    def set_load(self, load: LoadInfo, in_flight: int) -> None:
+    def set_load(self, load: LoadInfo, in_flight: int, ranks: list[LoadInfo] | None = None) -> None:
         self.engine.load, self.engine.in_flight = load, in_flight
+        self.engine.ranks = ranks if ranks is not None else [load]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -28,6 +28,7 @@ from pdserve.server.errors import bad_request, from_validation_error
 from pdserve.server.generation import Result, SubRequest, collect, merge, until_disconnect
 from pdserve.server.openai_common import TokenTexts
 from pdserve.server.params import (
+    dp_rank,
     INT_LIMIT,
     pd_bootstrap,
     check_int,
@@ -108,7 +109,7 @@ async def _build(state: ServerState, body: GenerateRequest) -> tuple[list[SubReq
             index = p * sp.n + j
             subs.append(SubRequest(index, rids[index], ids, with_seed(params, j), sp.no_stop_trim,
                                    boots[index] if boots and max_new else None, rids[p * sp.n] if j else None, score,
-                                   resume_ids(state, body, total, max_new)))
+                                   resume_ids(state, body, total, max_new), dp_rank(state, body)))
     return subs, batched or sp.n > 1
 
 

@@ -25,6 +25,7 @@ from pdserve.server.errors import bad_request
 from pdserve.server.generation import SubRequest, collect, merge, until_disconnect
 from pdserve.server.openai_common import TokenTexts, chat_logprobs, new_id, openai_params, sub_rid, usage
 from pdserve.server.params import (
+    dp_rank,
     pd_bootstrap,
     check_model,
     check_n,
@@ -125,7 +126,7 @@ async def _build(state: ServerState, body: ChatCompletionRequest, rid: str,
     resume = resume_ids(state, body, body.n, max_new)
     return [SubRequest(k, sub_rid(rid, k, body.n), ids, with_seed(params, k), include_stop,
                        boots[k] if boots and max_new else None, sub_rid(rid, 0, body.n) if k else None,
-                       resume_ids=resume)
+                       resume_ids=resume, dp_rank=dp_rank(state, body))
             for k in range(body.n)]
 
 

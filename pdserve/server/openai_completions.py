@@ -32,6 +32,7 @@ from pdserve.server.openai_common import (
     usage,
 )
 from pdserve.server.params import (
+    dp_rank,
     pd_bootstrap,
     check_model,
     check_n,
@@ -89,7 +90,7 @@ async def _build(state: ServerState, body: CompletionRequest, rid: str) -> list[
             index = p * body.n + j
             subs.append(SubRequest(index, sub_rid(rid, index, total), ids, with_seed(params, j), include_stop,
                                    boots[index] if boots and max_new else None, sub_rid(rid, p * body.n, total) if j else None,
-                                   score, resume_ids(state, body, total, max_new)))
+                                   score, resume_ids(state, body, total, max_new), dp_rank(state, body)))
     return subs
 
 

@@ -209,6 +209,14 @@ def _per_sequence(value: Any, name: str, num_prompts: int, n: int) -> list[Any]:
                       f"({num_prompts} prompts x n = {n})", param=name)
 
 
+def dp_rank(state: ServerState, body: Any) -> int | None:
+    """The request's data_parallel_rank (SGLang's field), checked against --dp-size."""
+    rank = body.data_parallel_rank
+    if rank is not None:
+        check_int(rank, "data_parallel_rank", 0, state.config.engine.dp_size - 1)
+    return rank
+
+
 def pd_bootstrap(state: ServerState, body: Any, num_prompts: int, n: int) -> list[Bootstrap] | None:
     """The PD bootstrap of each sequence (index prompt * n + choice), or None to serve locally.
 

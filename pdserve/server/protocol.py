@@ -38,6 +38,7 @@ class _BootstrapFields(_Model):
     bootstrap_host: Union[str, list[str], None] = None
     bootstrap_port: Union[int, list[int], None] = None
     bootstrap_room: Union[int, list[int], None] = None
+    data_parallel_rank: int | None = None  # SGLang's: the dp rank to serve it (0 <= rank < --dp-size)
     pdserve_stream_ids: bool = False
     pdserve_resume_ids: list[int] | None = None
     pdserve_response_id: str | None = None  # a resumed stream: the id and created time its

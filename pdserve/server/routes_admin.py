@@ -20,8 +20,9 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from pdserve.engine.messages import GenerateReq
+from pdserve.engine.messages import GenerateReq, LoadInfo
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.server.dp_client import DPLoadResp
 from pdserve.server.engine_client import EngineDeadError
 from pdserve.server.errors import APIError
 from pdserve.server.params import decode_json_object
@@ -141,13 +142,26 @@ async def models(request: Request) -> Response:
     return _json({"object": "list", "data": [model_card(state, n) for n in names]})
 
 
-async def _load(state: ServerState) -> dict[str, Any]:
+def _rank_load(x: LoadInfo) -> dict[str, Any]:
+    """One dp rank's figures in /get_load (`step_trace`: [start, seconds, tokens, idle] rows)."""
+    out: dict[str, Any] = {
+        "dp_rank": x.dp_rank, "num_running_reqs": x.num_running, "num_waiting_reqs": x.num_waiting,
+        "kv_usage": x.kv_usage, "steps": x.steps, "idle_steps": x.idle_steps,
+        "mean_step_ms": x.step_seconds / x.steps * 1000.0 if x.steps else 0.0,
+    }
+    if x.step_trace is not None:
+        out["step_trace"] = [[s.start, s.seconds, s.tokens, s.idle] for s in x.step_trace]
+    return out
+
+
+async def _load(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
     try:
-        resp = await state.client.get_load(state.config.control_timeout_s)
+        resp = await state.client.get_load(state.config.control_timeout_s, step_trace)
     except (asyncio.TimeoutError, EngineDeadError) as exc:
         raise _unavailable(exc) from None
     load = resp.load
-    state.metrics.set_load(load, state.client.num_in_flight)
+    ranks = resp.ranks if isinstance(resp, DPLoadResp) else [load]
+    state.metrics.set_load(load, state.client.num_in_flight, ranks)
     return {
         "num_running_reqs": load.num_running,
         "num_waiting_reqs": load.num_waiting,
@@ -161,12 +175,16 @@ async def _load(state: ServerState) -> dict[str, Any]:
         "page_size": load.page_size,
         "kv_usage": load.kv_usage,
         "integrity_errors": resp.integrity_errors,
+        "dp_size": len(ranks),
+        "dp_ranks": [_rank_load(x) for x in ranks],
     }
 
 
 @router.get("/get_load")
 async def get_load(request: Request) -> Response:
-    return _json(await _load(get_state(request)))
+    """The server's load; `dp_ranks` has each data-parallel rank's (`?step_trace=1`: its last steps)."""
+    trace = request.query_params.get("step_trace", "0") not in ("0", "false", "")
+    return _json(await _load(get_state(request), trace))
 
 
 @router.post("/abort_request")

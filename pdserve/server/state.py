@@ -18,7 +18,7 @@ from pdserve.engine.messages import EngineReady
 from pdserve.model.config import sampling_defaults
 from pdserve.model.tokenizer import Tokenizer
 from pdserve.server.config import ServerConfig
-from pdserve.server.engine_client import EngineClient
+from pdserve.server.dp_client import EngineHandle
 from pdserve.server.errors import APIError
 from pdserve.server.metrics import ServerMetrics
 
@@ -26,7 +26,7 @@ from pdserve.server.metrics import ServerMetrics
 @dataclass
 class ServerState:
     config: ServerConfig
-    client: EngineClient
+    client: EngineHandle
     info: EngineReady
     tokenizer: Tokenizer
     metrics: ServerMetrics
@@ -49,7 +49,7 @@ class ServerState:
         return min(cap, self.max_model_len) if cap else self.max_model_len
 
     @classmethod
-    def create(cls, config: ServerConfig, client: EngineClient, info: EngineReady) -> "ServerState":
+    def create(cls, config: ServerConfig, client: EngineHandle, info: EngineReady) -> "ServerState":
         tokenizer = Tokenizer(info.tokenizer_path or info.model_path, config.engine.chat_template)
         name = config.served_model_name or model_display_name(config.engine.model, info.model_path)
         names = (name, *config.served_model_aliases)
