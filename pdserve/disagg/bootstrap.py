@@ -3,14 +3,16 @@ endpoint and KV layout, and checks that the prefill is alive.
 
 Lifecycle (prefill server):
     server = BootstrapServer.from_config(config).start()     # aiohttp in its own thread + loop
-    server.register(rank, manager.endpoint, layout)          # rank 0 in-process, or
-    bootstrap_client.register_route(host, port, rank, ...)  # other ranks, over HTTP PUT
+    server.register(rank, manager.endpoint, layout)          # dp rank 0's ranks in-process, or
+    bootstrap_client.register_route(host, port, rank, ...)  # other dp ranks', over HTTP PUT
     ... serve ...
     server.close()
 
 HTTP (JSON bodies from pdserve.disagg.messages):
     PUT /route          RouteRegistration -> 200 | 400 bad body | 401 token | 409 layout conflict
-    GET /route?rank=N   -> RouteInfo (404 until rank N registered; rank defaults to 0)
+    GET /route?rank=N&dp_rank=M -> RouteInfo (404 until registered; both default to 0)
+Routes are keyed by (dp rank, tp rank): a prefill server with --dp-size D runs D engines, each
+registering its tp ranks with its dp rank; a room's KV lives on dp rank bootstrap_room % D.
     GET /health         -> Health {status, instance}; `instance` changes when the server restarts
 Authentication: with a cluster secret (PDSERVE_CLUSTER_TOKEN, or the server's --api-key when
 that is unset) `PUT /route` and `GET /route` need `Authorization: Bearer <secret>` (401, table
@@ -59,7 +61,7 @@ class BootstrapServer:
         self.requested_port = port
         self.cluster_token = cluster_token
         self.instance = uuid.uuid4().hex
-        self._routes: dict[int, RouteRegistration] = {}
+        self._routes: dict[tuple[int, int], RouteRegistration] = {}  # (dp rank, tp rank)
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -83,21 +85,27 @@ class BootstrapServer:
 
     # --- routes -------------------------------------------------------------------------------
 
-    def register(self, rank: int, endpoint: str, layout: KVLayout) -> None:
+    def register(self, rank: int, endpoint: str, layout: KVLayout, dp_rank: int = 0, dp_size: int = 1) -> None:
         """Register (or replace) a rank; every rank must share one layout (LayoutMismatch)."""
-        if rank < 0:
-            raise ValueError(f"rank must be >= 0, got {rank}")
+        if rank < 0 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"rank must be >= 0 and dp_rank in [0, dp_size), got {rank}, {dp_rank}, {dp_size}")
         with self._lock:
-            for other_rank, other in self._routes.items():
-                if other_rank != rank:
-                    other.layout.check_compatible(layout, mine=f"rank {other_rank}", theirs=f"rank {rank}")
-            self._routes[rank] = RouteRegistration(rank=rank, endpoint=endpoint, layout=layout)
+            for key, other in self._routes.items():
+                if key != (dp_rank, rank):
+                    other.layout.check_compatible(layout, mine=f"rank {key}", theirs=f"rank {(dp_rank, rank)}")
+                if other.dp_size != dp_size:
+                    raise ValueError(f"dp rank {dp_rank} says dp_size {dp_size}, dp rank {other.dp_rank} said "
+                                     f"{other.dp_size}")
+            self._routes[(dp_rank, rank)] = RouteRegistration(rank, endpoint, layout, dp_rank, dp_size)
 
-    def route(self, rank: int) -> RouteInfo | None:
+    def route(self, rank: int, dp_rank: int = 0) -> RouteInfo | None:
         with self._lock:
-            reg = self._routes.get(rank)
-            return None if reg is None else RouteInfo(rank=rank, endpoint=reg.endpoint, layout=reg.layout,
-                                                      instance=self.instance, num_ranks=len(self._routes))
+            reg = self._routes.get((dp_rank, rank))
+            if reg is None:
+                return None
+            num_ranks = sum(1 for d, _ in self._routes if d == dp_rank)
+            return RouteInfo(rank=rank, endpoint=reg.endpoint, layout=reg.layout, instance=self.instance,
+                             num_ranks=num_ranks, dp_rank=dp_rank, dp_size=reg.dp_size)
 
     # --- HTTP handlers ------------------------------------------------------------------------
 
@@ -119,14 +127,14 @@ class BootstrapServer:
     async def _get_route(self, request: web.Request) -> web.Response:
         if (refused := self._refused(request, write=False)) is not None:
             return refused
-        raw = request.query.get("rank", "0")
+        raw, raw_dp = request.query.get("rank", "0"), request.query.get("dp_rank", "0")
         try:
-            rank = int(raw)
+            rank, dp_rank = int(raw), int(raw_dp)
         except ValueError:
-            return _json(HttpError(error=f"rank must be an integer, got {raw!r}"), 400)
-        info = self.route(rank)
+            return _json(HttpError(error=f"rank and dp_rank must be integers, got {raw!r}, {raw_dp!r}"), 400)
+        info = self.route(rank, dp_rank)
         if info is None:
-            return _json(HttpError(error=f"prefill rank {rank} is not registered"), 404)
+            return _json(HttpError(error=f"prefill rank {rank} of dp rank {dp_rank} is not registered"), 404)
         return _json(info)
 
     async def _put_route(self, request: web.Request) -> web.Response:
@@ -134,7 +142,7 @@ class BootstrapServer:
             return refused
         try:
             reg = msgspec.json.decode(await request.read(), type=RouteRegistration)
-            self.register(reg.rank, reg.endpoint, reg.layout)
+            self.register(reg.rank, reg.endpoint, reg.layout, reg.dp_rank, reg.dp_size)
         except LayoutMismatch as exc:
             return _json(HttpError(error=str(exc)), 409)
         except (msgspec.DecodeError, ValueError) as exc:

@@ -3,12 +3,14 @@
 Lifecycle (decode server):
     client = BootstrapClient(my_layout, config)        # starts the heartbeat thread
     manager.watch(client)                               # dead prefill -> its rooms fail
-    route = client.poll_route(host, port, rank)         # engine loop: never blocks (None = not yet)
-      or  client.get_route(host, port, rank)            # blocking, bounded (tools, tests)
+    route = client.poll_route(host, port, rank, dp_rank)  # engine loop: never blocks (None = not yet)
+      or  client.get_route(host, port, rank, dp_rank=d)     # blocking, bounded (tools, tests)
     ... receiver(room, route.endpoint) ...
     client.close()
 
 A prefill rank that does not host the bootstrap server registers with `register_route` (PUT).
+With prefill data parallelism a room's KV lives on dp rank `bootstrap_room % dp_size` (every
+route says dp_size); routes are cached per (dp rank, tp rank).
 
 First contact with a prefill fetches GET /route and checks its KV layout against ours
 (LayoutMismatch names the differing fields). The heartbeat polls GET /health of every known
@@ -44,6 +46,10 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never 
 class BootstrapError(RuntimeError):
     """A prefill's bootstrap server could not be reached or refused the request."""
 
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable  # nothing answered (vs. a refusal)
+
 
 class PrefillAddr(NamedTuple):
     host: str
@@ -59,6 +65,8 @@ class Route:
     instance: str
     generation: int  # bumps each time this prefill is declared dead
     num_ranks: int = 1  # the prefill's tensor-parallel ranks (routes 0..num_ranks-1)
+    dp_rank: int = 0
+    dp_size: int = 1  # the prefill's data-parallel ranks: room r lives on dp rank r % dp_size
 
 
 DeadCallback = Callable[[PrefillAddr, list[str], str], None]  # (addr, transfer endpoints, reason)
@@ -67,7 +75,7 @@ DeadCallback = Callable[[PrefillAddr, list[str], str], None]  # (addr, transfer 
 @dataclass
 class _Peer:
     instance: str | None = None
-    routes: dict[int, Route] = field(default_factory=dict)
+    routes: dict[tuple[int, int], Route] = field(default_factory=dict)  # (dp rank, tp rank)
     misses: int = 0
 
 
@@ -100,8 +108,8 @@ class BootstrapClient:
         self._peers: dict[PrefillAddr, _Peer] = {}
         self._generations: dict[PrefillAddr, int] = {}
         self._callbacks: list[DeadCallback] = []
-        self._inflight: dict[tuple[PrefillAddr, int], threading.Thread] = {}
-        self._errors: dict[tuple[PrefillAddr, int], Exception] = {}
+        self._inflight: dict[tuple[PrefillAddr, int, int], threading.Thread] = {}
+        self._errors: dict[tuple[PrefillAddr, int, int], Exception] = {}
         self._stop = threading.Event()
         self._hb = threading.Thread(target=self._heartbeat, name="pd-heartbeat", daemon=True)
         if heartbeat:
@@ -109,19 +117,20 @@ class BootstrapClient:
 
     # --- routes -------------------------------------------------------------------------------
 
-    def cached(self, host: str, port: int, rank: int = 0) -> Route | None:
+    def cached(self, host: str, port: int, rank: int = 0, dp_rank: int = 0) -> Route | None:
         with self._lock:
             peer = self._peers.get(PrefillAddr(host, port))
-            return None if peer is None else peer.routes.get(rank)
+            return None if peer is None else peer.routes.get((dp_rank, rank))
 
-    def get_route(self, host: str, port: int, rank: int = 0, timeout: float | None = None) -> Route:
+    def get_route(self, host: str, port: int, rank: int = 0, timeout: float | None = None,
+                  dp_rank: int = 0) -> Route:
         """The cached route, or fetch it (retrying while the server is down or the rank is not yet
         registered, up to `timeout`, default fetch_timeout). Raises LayoutMismatch/BootstrapError."""
-        route = self.cached(host, port, rank)
+        route = self.cached(host, port, rank, dp_rank)
         if route is not None:
             return route
         addr = PrefillAddr(host, port)
-        url = http_url(host, port, f"/route?rank={rank}")
+        url = http_url(host, port, f"/route?rank={rank}&dp_rank={dp_rank}")
         deadline = time.monotonic() + (self.fetch_timeout if timeout is None else timeout)
         while True:
             try:
@@ -138,13 +147,13 @@ class BootstrapClient:
         self.layout.check_compatible(info.layout, mine="decode", theirs=f"prefill {host}:{port}")
         return self._store(addr, info)
 
-    def poll_route(self, host: str, port: int, rank: int = 0) -> Route | None:
+    def poll_route(self, host: str, port: int, rank: int = 0, dp_rank: int = 0) -> Route | None:
         """Non-blocking: the route, or None while a background fetch runs; raises that fetch's
         error (LayoutMismatch / BootstrapError) once, after which a later call retries."""
-        route = self.cached(host, port, rank)
+        route = self.cached(host, port, rank, dp_rank)
         if route is not None:
             return route
-        key = (PrefillAddr(host, port), rank)
+        key = (PrefillAddr(host, port), dp_rank, rank)
         with self._lock:
             error = self._errors.pop(key, None)
             if error is not None:
@@ -155,15 +164,15 @@ class BootstrapClient:
                 t.start()
         return None
 
-    def _fetch(self, addr: PrefillAddr, rank: int) -> None:
+    def _fetch(self, addr: PrefillAddr, dp_rank: int, rank: int) -> None:
         try:
-            self.get_route(addr.host, addr.port, rank)
+            self.get_route(addr.host, addr.port, rank, dp_rank=dp_rank)
         except (BootstrapError, LayoutMismatch) as exc:
             with self._lock:
-                self._errors[(addr, rank)] = exc
+                self._errors[(addr, dp_rank, rank)] = exc
         finally:
             with self._lock:
-                self._inflight.pop((addr, rank), None)
+                self._inflight.pop((addr, dp_rank, rank), None)
 
     def _store(self, addr: PrefillAddr, info: RouteInfo) -> Route:
         restarted: list[str] = []
@@ -175,8 +184,8 @@ class BootstrapClient:
             peer.instance = info.instance
             route = Route(addr=addr, rank=info.rank, endpoint=info.endpoint, layout=info.layout,
                           instance=info.instance, generation=self._generations.get(addr, 0),
-                          num_ranks=info.num_ranks)
-            peer.routes[info.rank] = route
+                          num_ranks=info.num_ranks, dp_rank=info.dp_rank, dp_size=info.dp_size)
+            peer.routes[(info.dp_rank, info.rank)] = route
         if restarted:
             self._notify(addr, restarted, "restarted")
         return route
@@ -251,9 +260,23 @@ class BootstrapClient:
 
 
 def register_route(host: str, port: int, rank: int, endpoint: str, layout: KVLayout,
-                   token: str | None = None, timeout: float = 10.0) -> None:
-    """PUT /route from a prefill rank that does not host the bootstrap server."""
-    body = msgspec.json.encode(RouteRegistration(rank=rank, endpoint=endpoint, layout=layout))
+                   token: str | None = None, timeout: float = 10.0, dp_rank: int = 0, dp_size: int = 1,
+                   wait_s: float = 0.0) -> None:
+    """PUT /route from a prefill rank that does not host the bootstrap server; retried for up to
+    `wait_s` while the server is not up yet (another dp rank starts it once its weights load)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _put_route(host, port, rank, endpoint, layout, token, timeout, dp_rank, dp_size)
+        except BootstrapError as exc:
+            if not exc.unreachable or time.monotonic() >= deadline:
+                raise
+        time.sleep(RETRY_S)
+
+
+def _put_route(host: str, port: int, rank: int, endpoint: str, layout: KVLayout, token: str | None,
+               timeout: float, dp_rank: int, dp_size: int) -> None:
+    body = msgspec.json.encode(RouteRegistration(rank, endpoint, layout, dp_rank, dp_size))
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
@@ -265,4 +288,4 @@ def register_route(host: str, port: int, rank: int, endpoint: str, layout: KVLay
         detail = exc.read().decode(errors="replace")
         raise BootstrapError(f"bootstrap server {host}:{port} refused rank {rank}: HTTP {exc.code} {detail}") from None
     except OSError as exc:
-        raise BootstrapError(f"cannot reach bootstrap server {host}:{port}: {exc}") from None
+        raise BootstrapError(f"cannot reach bootstrap server {host}:{port}: {exc}", unreachable=True) from None

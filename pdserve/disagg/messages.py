@@ -117,9 +117,11 @@ class MetadataRecord(msgspec.Struct, frozen=True):
 
 
 class RouteRegistration(msgspec.Struct, frozen=True):
-    rank: int
+    rank: int  # tensor-parallel rank within its dp rank
     endpoint: str
     layout: KVLayout
+    dp_rank: int = 0  # data parallelism: rooms with bootstrap_room % dp_size == dp_rank live here
+    dp_size: int = 1
 
 
 class RouteInfo(msgspec.Struct, frozen=True):
@@ -127,7 +129,9 @@ class RouteInfo(msgspec.Struct, frozen=True):
     endpoint: str
     layout: KVLayout
     instance: str  # the bootstrap server's instance id; changes when the prefill restarts
-    num_ranks: int
+    num_ranks: int  # tensor-parallel ranks of this dp rank
+    dp_rank: int = 0
+    dp_size: int = 1
 
 
 class Health(msgspec.Struct, frozen=True):

@@ -34,7 +34,7 @@ from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.kv_manager import KVManager
 from pdserve.engine.messages import Bootstrap, GenerateReq, LoadInfo, TokenOut
 from pdserve.disagg.messages import KVLayout
-from pdserve.engine.pd.build import build_stage, pool_tensors
+from pdserve.engine.pd.build import DPPlace, build_stage, pool_tensors
 from pdserve.engine.pd.stage import StagePoll
 from pdserve.engine.request import Request
 from pdserve.engine.runner import ModelRunner
@@ -126,7 +126,8 @@ class Engine:
         self.stage = build_stage(disagg, KVLayout.for_pool(self.model_path.name, self.pool.k, ps, shard.kv_heads(cfg)[0],
                                                            cfg.num_key_value_heads),
                                  self.pool, self.scheduler, self.kv, self.stops, cfg.vocab_size,
-                                 self.ranks.peers(config) if self.ranks is not None else None)
+                                 self.ranks.peers(config) if self.ranks is not None else None,
+                                 DPPlace(config.dp_rank, config.dp_size))
 
     def _kv_budget_gb(self) -> float:
         """GiB for the KV pool: --mem-fraction-static of the memory left now (weights loaded)."""

@@ -149,6 +149,8 @@ def _rank_load(x: LoadInfo) -> dict[str, Any]:
         "kv_usage": x.kv_usage, "steps": x.steps, "idle_steps": x.idle_steps,
         "mean_step_ms": x.step_seconds / x.steps * 1000.0 if x.steps else 0.0,
     }
+    if x.transfer is not None:
+        out["kv_transfers"] = {"success": x.transfer.success, "failed": x.transfer.failed, "bytes": x.transfer.bytes}
     if x.step_trace is not None:
         out["step_trace"] = [[s.start, s.seconds, s.tokens, s.idle] for s in x.step_trace]
     return out

@@ -2,6 +2,7 @@
 
 null:    NullStage (no transfer machinery at all)
 prefill: manager (sender side) + BootstrapServer publishing every rank's endpoint and layout
+         (with --dp-size: dp rank 0 hosts it, the other dp ranks register their ranks over HTTP)
 decode:  manager (receiver side; for shm its pool lives in shared memory) + BootstrapClient
          (route lookup with the layout check at first contact, heartbeat → manager.peer_dead)
 With tensor parallelism rank 0's manager is one of several: RankedManager (disagg/tp_control.py)
@@ -16,7 +17,7 @@ import torch
 from torch.distributed import Store
 
 from pdserve.disagg.bootstrap import BootstrapServer
-from pdserve.disagg.bootstrap_client import BootstrapClient
+from pdserve.disagg.bootstrap_client import BootstrapClient, register_route
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import KVLayout
 from pdserve.disagg.tp_control import LocalRooms, RankedManager, RankHub, ServerRooms
@@ -53,8 +54,34 @@ def pool_tensors(disagg: DisaggConfig | None, shape: tuple[int, ...], dtype: tor
     return pool.k, pool.v
 
 
+@dataclass(frozen=True)
+class DPPlace:
+    """Where an engine sits among its server's data-parallel ranks."""
+
+    rank: int = 0
+    size: int = 1
+
+
+REGISTER_WAIT_S = 600.0  # a dp rank > 0 waits this long for dp rank 0's bootstrap server (weights load first)
+
+
+def _bootstrap(disagg: DisaggConfig, rooms: ServerRooms, dp: DPPlace) -> BootstrapServer | None:
+    """Register every rank's route: in-process on dp rank 0 (which hosts the server), over HTTP
+    from the other dp ranks."""
+    if dp.rank == 0:
+        server = BootstrapServer.from_config(disagg).start()
+        for rank, (endpoint, rank_layout) in enumerate(rooms.ranks):
+            server.register(rank, endpoint, rank_layout, 0, dp.size)
+        return server
+    for rank, (endpoint, rank_layout) in enumerate(rooms.ranks):
+        register_route(disagg.bootstrap_host, disagg.bootstrap_port, rank, endpoint, rank_layout,
+                       disagg.cluster_token, dp_rank=dp.rank, dp_size=dp.size, wait_s=REGISTER_WAIT_S)
+    return None
+
+
 def build_stage(disagg: DisaggConfig | None, layout: KVLayout, pool: KVPool, scheduler: Scheduler,
-                kv: KVManager, stops: StopChecker, vocab_size: int, peers: TPPeers | None = None) -> Stage:
+                kv: KVManager, stops: StopChecker, vocab_size: int, peers: TPPeers | None = None,
+                dp: DPPlace = DPPlace()) -> Stage:
     if disagg is None or disagg.mode == "null":
         return NullStage(scheduler)
     manager = create_manager(disagg.backend, disagg.mode, pool.k, pool.v, pool.page_size, layout, disagg,
@@ -69,9 +96,11 @@ def build_stage(disagg: DisaggConfig | None, layout: KVLayout, pool: KVPool, sch
             manager.close()
             raise
     if disagg.mode == "prefill":
-        server = BootstrapServer.from_config(disagg).start()
-        for rank, (endpoint, rank_layout) in enumerate(rooms.ranks):
-            server.register(rank, endpoint, rank_layout)
+        try:
+            server = _bootstrap(disagg, rooms, dp)
+        except BaseException:
+            rooms.close()
+            raise
         return PrefillStage(scheduler, pool.page_size, rooms, server)
     client = BootstrapClient(layout, disagg)
     rooms.watch(client)

@@ -104,7 +104,7 @@ class DecodeStage:
             if self.kv.available() < need:
                 break
             try:  # non-blocking: the first contact with a prefill is fetched in the background
-                routes = self._routes(t.boot.host, t.boot.port)
+                routes = self._routes(t.boot.host, t.boot.port, t.boot.room)
             except Exception as e:  # unreachable prefill or layout mismatch: recompute, or a clean error
                 self.prealloc.remove(req)
                 self._failed(req, f"cannot use the prefill server: {e}", out)
@@ -122,13 +122,18 @@ class DecodeStage:
             t.started = time.monotonic()
             self.transfer.append(req)
 
-    def _routes(self, host: str, port: int) -> list[Route] | None:
-        """Every rank's route of that prefill (tensor parallelism: one per rank), or None while
-        one is still being fetched."""
+    def _routes(self, host: str, port: int, room: int) -> list[Route] | None:
+        """Every tp rank's route of the prefill dp rank that holds `room` (room % its dp size),
+        or None while one is still being fetched."""
         first = self.client.poll_route(host, port)
         if first is None:
             return None
-        rest = [self.client.poll_route(host, port, rank) for rank in range(1, first.num_ranks)]
+        dp_rank = room % first.dp_size
+        if dp_rank != 0:
+            first = self.client.poll_route(host, port, 0, dp_rank)
+            if first is None:
+                return None
+        rest = [self.client.poll_route(host, port, rank, dp_rank) for rank in range(1, first.num_ranks)]
         return None if any(r is None for r in rest) else [first, *(r for r in rest if r is not None)]
 
     def _poll_transfers(self, out: StagePoll) -> None:

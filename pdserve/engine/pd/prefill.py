@@ -40,11 +40,11 @@ def _transfer(req: Request) -> PrefillTransfer:
 
 class PrefillStage:
     def __init__(self, scheduler: Scheduler, page_size: int, manager: ServerRooms,
-                 bootstrap: BootstrapServer) -> None:
+                 bootstrap: BootstrapServer | None) -> None:
         self.scheduler = scheduler
         self.page_size = page_size
         self.manager = manager
-        self.bootstrap_server = bootstrap
+        self.bootstrap_server = bootstrap  # None on dp ranks > 0 (dp rank 0 hosts it)
         self.bootstrap: list[Request] = []
         self.inflight: list[Request] = []
         self.stats: TransferStats | None = TransferStats()
@@ -61,7 +61,8 @@ class PrefillStage:
 
     def close(self) -> None:
         self.manager.close()
-        self.bootstrap_server.close()
+        if self.bootstrap_server is not None:
+            self.bootstrap_server.close()
 
     def owns(self, req: Request) -> bool:
         """Every PD request, also while its prompt runs in the scheduler (its sends may be queued)."""
