@@ -371,7 +371,7 @@ class Engine:
             prompt_throughput=self.stats.prompt_throughput, cache_hit_rate=self.stats.cache_hit_rate,
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens_computed=self.stats.prompt_tokens,
             cache_queries=self.stats.cache_queries, cache_hits=self.stats.cache_hits,
-            dp_rank=self.config.dp_rank, steps=st.steps, step_seconds=st.step_seconds, idle_steps=st.idle_steps,
+            dp_rank=self.config.dp_rank, pid=os.getpid(), steps=st.steps, step_seconds=st.step_seconds, idle_steps=st.idle_steps,
             step_trace=list(st.trace) if step_trace else None)
 
     def log_stats(self) -> str | None:

@@ -119,6 +119,7 @@ class LoadInfo(msgspec.Struct, frozen=True):
     cache_queries: int = 0  # prompt tokens of finished requests
     cache_hits: int = 0  # of those, from the prefix cache
     dp_rank: int = 0  # which data-parallel rank this engine is
+    pid: int = 0  # its engine process
     steps: int = 0  # forwards run (cumulative)
     step_seconds: float = 0.0  # their total time (a DP-attention rank's includes waiting for the others)
     idle_steps: int = 0  # DP attention: forwards run with no tokens of its own (the others' collectives)

@@ -145,7 +145,7 @@ async def models(request: Request) -> Response:
 def _rank_load(x: LoadInfo) -> dict[str, Any]:
     """One dp rank's figures in /get_load (`step_trace`: [start, seconds, tokens, idle] rows)."""
     out: dict[str, Any] = {
-        "dp_rank": x.dp_rank, "num_running_reqs": x.num_running, "num_waiting_reqs": x.num_waiting,
+        "dp_rank": x.dp_rank, "pid": x.pid, "num_running_reqs": x.num_running, "num_waiting_reqs": x.num_waiting,
         "kv_usage": x.kv_usage, "steps": x.steps, "idle_steps": x.idle_steps,
         "mean_step_ms": x.step_seconds / x.steps * 1000.0 if x.steps else 0.0,
     }
