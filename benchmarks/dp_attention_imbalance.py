@@ -1,0 +1,289 @@
+"""Issue 13: DP-attention imbalance, measured, and removed by PD.
+
+    python benchmarks/dp_attention_imbalance.py                     # ~6 min on 2 cores; writes the report
+    python benchmarks/dp_attention_imbalance.py --duration 30 --out /tmp/dpai
+
+With DP attention every rank joins every layer's MLP collectives in every step, so a rank that
+runs a prefill chunk makes every other rank's decode step wait for it. One seeded workload, two
+systems on the bundled model, each behind pdserve's router and given both cores:
+
+  (a) unified:  `pdserve serve --tp-size 2 --dp-size 2 --enable-dp-attention` (one core per rank);
+  (b) PD:       a prefill `--dp-size 2` (replicas) on core 0 and a decode `--tp-size 2 --dp-size 2
+                --enable-dp-attention` on core 1 (its two ranks only decode, and commit KV).
+
+Workload (Poisson arrivals, seeded, the same requests at the same offsets for both): short
+chat streams pinned to dp rank 1 (`data_parallel_rank`), long prompts (>= 1024 tokens, short
+output) pinned to rank 0. Rank 1 never prefills anything long: its streams' inter-token gaps
+show what the other rank's prefill costs them. In PD the decode's rank 0 gets the long requests'
+decode only (the prefill computes the prompt on its own engine).
+
+Recorded: client-side TTFT and ITL of every request (SSE on /generate); each decode-side
+engine's per-step trace (`/get_load?step_trace=1`: start, seconds, tokens, idle forward).
+Output (--out): report.md (table with p50/p99/max ITL of rank 1's streams, TTFT, goodput, the
+target and whether it is met), results.json, steps.png (per-rank step time over time for both
+systems), itl_cdf.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pdserve.launch.procs import kill_group  # noqa: E402
+
+SERVER = [sys.executable, "-m", "pdserve.cli", "serve", "--model", "default", "--threads", "1",
+          "--log-stats-interval", "0"]
+DPA = ["--tp-size", "2", "--dp-size", "2", "--enable-dp-attention"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """Processes of one system (servers pinned with taskset, and the router), stopped together."""
+
+    def __init__(self, out: Path, name: str) -> None:
+        self.out, self.name, self.procs = out, name, []  # type: ignore[var-annotated]
+
+    def spawn(self, tag: str, cmd: list[str], cores: str | None = None) -> None:
+        log = open(self.out / f"{self.name}-{tag}.log", "wb")
+        full = ["taskset", "-c", cores, *cmd] if cores else cmd
+        self.procs.append(subprocess.Popen(full, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True))
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                kill_group(p)
+
+
+def wait_ready(url: str, path: str = "/health", timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"{url} not ready")
+
+
+def start(system: str, out: Path, args: argparse.Namespace) -> tuple[Cluster, str, list[str]]:
+    """The cluster, the router URL, and the URLs of the servers whose ranks decode."""
+    c = Cluster(out, system)
+    common = ["--chunk-budget", str(args.chunk_budget), "--num-pages", str(args.num_pages)]
+    rport = free_port()
+    if system == "unified":
+        url = f"http://127.0.0.1:{free_port()}"
+        c.spawn("server", [*SERVER, *common, *DPA, "--port", url.rsplit(":", 1)[1]], "0-1")
+        wait_ready(url)
+        router = [sys.executable, "-m", "pdserve.cli", "router", "--worker-urls", url]
+        decoders = [url]
+    else:
+        pre, dec, boot = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}", free_port()
+        pd = ["--disaggregation-transfer-backend", args.backend]
+        c.spawn("prefill", [*SERVER, *common, "--dp-size", "2", "--disaggregation-mode", "prefill", *pd,
+                            "--disaggregation-bootstrap-port", str(boot), "--port", pre.rsplit(":", 1)[1]], "0")
+        c.spawn("decode", [*SERVER, *common, *DPA, "--disaggregation-mode", "decode", *pd,
+                           "--disaggregation-bootstrap-port", str(free_port()), "--port", dec.rsplit(":", 1)[1]], "1")
+        wait_ready(pre)
+        wait_ready(dec)
+        router = [sys.executable, "-m", "pdserve.cli", "router", "--pd-disaggregation", "--prefill", pre, str(boot),
+                  "--decode", dec]
+        decoders = [dec]
+    c.spawn("router", [*router, "--port", str(rport), "--policy", "round_robin"])
+    url = f"http://127.0.0.1:{rport}"
+    wait_ready(url, "/readiness", 60)
+    return c, url, decoders
+
+
+def workload(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Poisson arrivals of two classes over --duration seconds (seeded): rank 1's streams, rank 0's
+    long prompts. Prompts are random token ids (exact lengths)."""
+    rng = random.Random(args.seed)
+    reqs: list[dict[str, Any]] = []
+    for kind, rate, rank, n_in, n_out in (("stream", args.stream_rate, 1, args.stream_input, args.stream_output),
+                                          ("long", args.long_rate, 0, args.long_input, args.long_output)):
+        t = rng.expovariate(rate)
+        while t < args.duration:
+            ids = [rng.randrange(300, 40000) for _ in range(n_in)]
+            reqs.append({"t": t, "kind": kind, "rank": rank, "ids": ids, "out": n_out})
+            t += rng.expovariate(rate)
+    return sorted(reqs, key=lambda r: r["t"])
+
+
+async def one(client: httpx.AsyncClient, url: str, r: dict[str, Any], t0: float) -> dict[str, Any]:
+    await asyncio.sleep(max(0.0, t0 + r["t"] - time.monotonic()))
+    body = {"input_ids": r["ids"], "stream": True, "data_parallel_rank": r["rank"],
+            "sampling_params": {"max_new_tokens": r["out"], "temperature": 0, "ignore_eos": True}}
+    sent = time.monotonic()
+    stamps: list[float] = []
+    ok = False
+    async with client.stream("POST", url + "/generate", json=body, timeout=600) as resp:
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                stamps.append(time.monotonic())
+            elif line.startswith("data: [DONE]"):
+                ok = resp.status_code == 200
+    return {"kind": r["kind"], "ok": ok and len(stamps) >= r["out"], "ttft": stamps[0] - sent if stamps else None,
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps)}
+
+
+async def drive(url: str, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient() as client:
+        t0 = time.monotonic() + 0.5
+        return await asyncio.gather(*(one(client, url, r, t0) for r in reqs))
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) * 1000 if xs else float("nan")
+
+
+def summarize(system: str, recs: list[dict[str, Any]], wall: float, args: argparse.Namespace) -> dict[str, Any]:
+    streams = [r for r in recs if r["kind"] == "stream"]
+    itl = [g for r in streams if r["ok"] for g in r["itl"]]
+    ttft_s = [r["ttft"] for r in streams if r["ttft"] is not None]
+    ttft_l = [r["ttft"] for r in recs if r["kind"] == "long" and r["ttft"] is not None]
+    good = sum(1 for r in recs if r["ok"] and r["ttft"] <= (args.slo_ttft_s if r["kind"] == "stream" else args.slo_ttft_long_s)
+               and (not r["itl"] or max(r["itl"]) <= args.slo_itl_max_s))
+    return {"system": system, "requests": len(recs), "failed": sum(not r["ok"] for r in recs),
+            "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99), "itl_max_ms": pct(itl, 100),
+            "stream_ttft_p50_ms": pct(ttft_s, 50), "long_ttft_p50_ms": pct(ttft_l, 50),
+            "goodput_req_s": good / wall, "good": good, "wall_s": wall}
+
+
+def traces(urls: list[str]) -> list[list[list[float]]]:
+    out = []
+    for u in urls:
+        load = httpx.get(u + "/get_load", params={"step_trace": 1}, timeout=60).json()
+        out += [r.get("step_trace", []) for r in load["dp_ranks"]]
+    return out
+
+
+def plot(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    for ax, system in zip(axes, ("unified", "pd")):
+        res = results[system]
+        t0 = res["t0_wall"]
+        for rank, trace in enumerate(res["steps"]):
+            fw = [s for s in trace if not s[3] and s[0] >= t0]
+            idle = [s for s in trace if s[3] and s[0] >= t0]
+            ax.scatter([s[0] - t0 for s in fw], [s[1] * 1000 for s in fw], s=6, label=f"rank {rank} forward")
+            ax.scatter([s[0] - t0 for s in idle], [s[1] * 1000 for s in idle], s=6, marker="x",
+                       label=f"rank {rank} idle forward")
+        ax.set_yscale("log")
+        ax.set_ylabel("step time (ms)")
+        title = "unified, tp 2 dp 2 DP attention" if system == "unified" else "PD decode, tp 2 dp 2 DP attention"
+        ax.set_title(f"{title}: rank 1 stream ITL p99 {res['summary']['itl_p99_ms']:.0f} ms")
+        ax.legend(fontsize=7, ncol=4)
+    axes[1].set_xlabel("seconds since the workload started")
+    fig.suptitle(f"DP-attention step times per rank (bundled SmolLM2-135M, 2 CPU cores, {time.strftime('%Y-%m-%d')})")
+    fig.tight_layout()
+    fig.savefig(out / "steps.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for system in ("unified", "pd"):
+        itl = sorted(g * 1000 for r in results[system]["records"] if r["kind"] == "stream" for g in r["itl"])
+        ax.plot(itl, np.linspace(0, 1, len(itl)), label=system)
+    ax.set_xscale("log")
+    ax.set_xlabel("inter-token latency of rank 1's streams (ms)")
+    ax.set_ylabel("CDF")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "itl_cdf.png", dpi=110)
+    plt.close(fig)
+
+
+def report(results: dict[str, Any], args: argparse.Namespace, out: Path) -> str:
+    rows = [results[s]["summary"] for s in ("unified", "pd")]
+    u, p = rows
+    ratio = p["itl_p99_ms"] / u["itl_p99_ms"]
+    lines = ["| system | requests (failed) | rank-1 ITL p50 / p99 / max (ms) | stream TTFT p50 (ms) | "
+             "long TTFT p50 (ms) | goodput (req/s) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['system']} | {r['requests']} ({r['failed']}) | {r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f} / "
+                     f"{r['itl_max_ms']:.0f} | {r['stream_ttft_p50_ms']:.0f} | {r['long_ttft_p50_ms']:.0f} | "
+                     f"{r['goodput_req_s']:.3f} ({r['good']}) |")
+    met = ratio <= 0.5 and p["goodput_req_s"] >= u["goodput_req_s"]
+    lines += ["", f"p99 ITL PD / unified = {ratio:.2f} (target <= 0.5); goodput PD / unified = "
+              f"{p['goodput_req_s'] / max(u['goodput_req_s'], 1e-9):.2f} (target >= 1): **{'met' if met else 'missed'}**",
+              "", f"workload: {args.duration:.0f} s, streams {args.stream_rate}/s x ({args.stream_input} in, "
+              f"{args.stream_output} out) on rank 1, long {args.long_rate}/s x ({args.long_input} in, {args.long_output} "
+              f"out) on rank 0, chunk budget {args.chunk_budget}, seed {args.seed}; SLO: TTFT <= {args.slo_ttft_s} s "
+              f"(long {args.slo_ttft_long_s} s), every gap <= {args.slo_itl_max_s} s"]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text + "\n")
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dp_attention_imbalance")
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--stream-rate", type=float, default=0.4)
+    ap.add_argument("--stream-input", type=int, default=64)
+    ap.add_argument("--stream-output", type=int, default=48)
+    ap.add_argument("--long-rate", type=float, default=0.08)
+    ap.add_argument("--long-input", type=int, default=1024)
+    ap.add_argument("--long-output", type=int, default=4)
+    ap.add_argument("--chunk-budget", type=int, default=256)
+    ap.add_argument("--num-pages", type=int, default=1200)
+    ap.add_argument("--backend", default="shm")
+    ap.add_argument("--slo-ttft-s", type=float, default=5.0)
+    ap.add_argument("--slo-ttft-long-s", type=float, default=40.0)
+    ap.add_argument("--slo-itl-max-s", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    reqs = workload(args)
+    print(f"{len(reqs)} requests ({sum(r['kind'] == 'long' for r in reqs)} long) over {args.duration:.0f} s; "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    results: dict[str, Any] = {}
+    for system in ("unified", "pd"):
+        cluster, url, decoders = start(system, args.out, args)
+        try:
+            t0_wall, t0 = time.time(), time.monotonic()
+            recs = asyncio.run(drive(url, reqs))
+            wall = time.monotonic() - t0
+            results[system] = {"records": recs, "summary": summarize(system, recs, wall, args),
+                               "steps": traces(decoders), "t0_wall": t0_wall}
+            print(json.dumps(results[system]["summary"]), flush=True)
+        finally:
+            cluster.stop()
+    (args.out / "results.json").write_text(json.dumps({s: {k: v for k, v in r.items() if k != "records"}
+                                                       for s, r in results.items()}))
+    plot(results, args.out)
+    print(report(results, args, args.out))
+
+
+if __name__ == "__main__":
+    main()
