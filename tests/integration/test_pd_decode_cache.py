@@ -23,11 +23,12 @@ NEW = 6  # output tokens per turn
 PARAMS = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True)
 
 
-def pd_pair(folder: Path, backend: str, dec_pages: int = 200, **kw) -> tuple[Engine, Engine]:
+def pd_pair(folder: Path, backend: str, dec_pages: int = 200, prefill_tp: int = 1, decode_tp: int = 1,
+            **kw) -> tuple[Engine, Engine]:
     base = dict(backend=backend, bootstrap_port=0, heartbeat_interval=0.5, **kw)
-    pre = Engine(engine_cfg(folder), DisaggConfig(**{**base, "mode": "prefill"}))
+    pre = Engine(engine_cfg(folder, tp_size=prefill_tp), DisaggConfig(**{**base, "mode": "prefill"}))
     try:
-        dec = Engine(engine_cfg(folder, num_pages=dec_pages),
+        dec = Engine(engine_cfg(folder, num_pages=dec_pages, tp_size=decode_tp),
                      DisaggConfig(**{**base, "mode": "decode", "fail_rate": 0.0, "decode_enable_radix_cache": True}))
     except BaseException:
         pre.close()
@@ -88,21 +89,26 @@ def uni(tiny_model_dir: Path) -> Engine:
     return Engine(engine_cfg(tiny_model_dir))
 
 
-@pytest.mark.parametrize("backend", ["tcp", "shm", "nixl", "mooncake"])
-def test_multi_turn_equals_unified_and_moves_only_uncached_pages(backend: str, tiny_model_dir: Path,
-                                                                 uni: Engine) -> None:
-    pre, dec = pd_pair(tiny_model_dir, backend)
-    page_bytes = pre.pool.page_bytes()
+CASES = [("tcp", 1, 1), ("shm", 1, 1), ("nixl", 1, 1), ("mooncake", 1, 1), ("tcp", 1, 2), ("nixl", 2, 1)]
+
+
+@pytest.mark.parametrize("backend,prefill_tp,decode_tp", CASES)
+def test_multi_turn_equals_unified_and_moves_only_uncached_pages(backend: str, prefill_tp: int, decode_tp: int,
+                                                                 tiny_model_dir: Path, uni: Engine) -> None:
+    """Tensor parallelism: (1, 2) splits each page's heads over two decode ranks (both get the
+    prefix), (2, 1) merges two prefill ranks' head slices (both skip it)."""
+    pre, dec = pd_pair(tiny_model_dir, backend, prefill_tp=prefill_tp, decode_tp=decode_tp)
+    page_bytes = uni.pool.page_bytes()  # the whole model's page: the stats count every rank's heads
     system = [random.Random(7).randrange(3, 49000) for _ in range(21)]
     convs = [Conversation(system, seed) for seed in (1, 2)]
     dec_cached: list[list[int]] = []  # what the decode's cache holds (no eviction in this pool)
-    room = 1 + 100 * ["tcp", "shm", "nixl", "mooncake"].index(backend)
+    room = 1 + 100 * CASES.index((backend, prefill_tp, decode_tp))
     beats_prefill = 0
     try:
         for k in range(4):
             for c, conv in enumerate(convs):
                 prompt = conv.next_prompt()
-                ref = unified_answer(uni, f"u{backend}{k}{c}", prompt)
+                ref = unified_answer(uni, f"u{room}", prompt)
                 hit = cached_hit(dec_cached, prompt, len(prompt))
                 before = [e.load().transfer.bytes for e in (pre, dec)]
                 p_out, d_out = turn(pre, dec, f"{k}{c}", prompt, room)
@@ -121,7 +127,7 @@ def test_multi_turn_equals_unified_and_moves_only_uncached_pages(backend: str, t
         prompt = convs[0].history[: (len(convs[0].history) - 1) // PS * PS]
         before = [e.load().transfer.bytes for e in (pre, dec)]
         _, d_out = turn(pre, dec, "full", prompt, room)
-        assert tokens(d_out) == unified_answer(uni, f"u{backend}full", prompt)
+        assert tokens(d_out) == unified_answer(uni, f"u{room}", prompt)
         assert [e.load().transfer.bytes for e in (pre, dec)] == before
         assert d_out[-1].cached_tokens == len(prompt)
         for e in (pre, dec):
@@ -166,6 +172,32 @@ def test_decode_cache_evictions_and_recompute(tiny_model_dir: Path, uni: Engine)
         stats = dec.load().transfer
         assert sum(evicted) > 0, "the small pool never evicted: the test lost its point"
         assert stats.recomputed >= 1 and stats.success >= 1, stats
+        assert_pools_whole(pre, dec)
+    finally:
+        pre.close()
+        dec.close()
+
+
+def test_plain_pd_reports_the_prefills_hit_and_moves_every_page(tiny_model_dir: Path, uni: Engine) -> None:
+    """Without the flag nothing changes: every prompt page moves, cached_tokens is the prefill's hit."""
+    base = dict(backend="tcp", bootstrap_port=0, heartbeat_interval=0.5)
+    pre = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**base, "mode": "prefill"}))
+    dec = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**base, "mode": "decode"}))
+    conv = Conversation([random.Random(5).randrange(3, 49000) for _ in range(13)], 3)
+    prev = 0
+    try:
+        for k in range(2):
+            prompt = conv.next_prompt()
+            ref = unified_answer(uni, f"plain{k}", prompt)
+            before = [e.load().transfer.bytes for e in (pre, dec)]
+            p_out, d_out = turn(pre, dec, f"plain{k}", prompt, 9000 + k)
+            assert tokens(d_out) == ref
+            moved = pages_needed(len(prompt), PS) * uni.pool.page_bytes()
+            assert [e.load().transfer.bytes - b for e, b in zip((pre, dec), before)] == [moved] * 2
+            prefill_hit = 0 if k == 0 else prev // PS * PS  # its cache holds the last turn's prompt
+            assert d_out[-1].cached_tokens == p_out[-1].cached_tokens == prefill_hit
+            conv.answered(prompt, ref)
+            prev = len(prompt)
         assert_pools_whole(pre, dec)
     finally:
         pre.close()
