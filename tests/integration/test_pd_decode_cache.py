@@ -150,6 +150,14 @@ def test_decode_cache_evictions_and_recompute(tiny_model_dir: Path, uni: Engine)
         return evicted[-1]
 
     dec.kv.cache.evict = counting  # type: ignore[method-assign]
+    failed_hits: list[int] = []  # the decode's cached prefix of each request whose transfer failed
+    failed = dec.stage._failed
+
+    def spy(req, error, out):
+        failed_hits.append(req.transfer.decode_prefix_len)
+        return failed(req, error, out)
+
+    dec.stage._failed = spy  # type: ignore[method-assign]
     system = [random.Random(9).randrange(3, 49000) for _ in range(17)]
     convs = [Conversation(system, seed) for seed in (11, 12, 13)]
     room = 7000
@@ -172,6 +180,7 @@ def test_decode_cache_evictions_and_recompute(tiny_model_dir: Path, uni: Engine)
         stats = dec.load().transfer
         assert sum(evicted) > 0, "the small pool never evicted: the test lost its point"
         assert stats.recomputed >= 1 and stats.success >= 1, stats
+        assert any(failed_hits), f"no failed transfer had a decode prefix: {failed_hits}"
         assert_pools_whole(pre, dec)
     finally:
         pre.close()
