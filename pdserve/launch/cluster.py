@@ -216,10 +216,12 @@ def preflight(args: argparse.Namespace) -> None:
     check_model(args.model)
     for flag in ("--server-args", "--router-args"):
         extra = shlex.split(getattr(args, flag[2:].replace("-", "_")))
-        reserved = {"--host", "--port", "--model", "--model-path", "--api-key", "--tp-size",
-                    "--tensor-parallel-size"} & {a.split("=")[0] for a in extra}
+        reserved = {"--host", "--port", "--model", "--model-path", "--api-key", "--tp-size", "--tensor-parallel-size",
+                    "--disaggregation-decode-enable-radix-cache"} & {a.split("=")[0] for a in extra}
         if reserved:
             raise ValueError(f"{flag} may not set {', '.join(sorted(reserved))}: launch sets it (use its own flag)")
+    if args.decode_radix_cache and args.mode != "pd":
+        raise ValueError("--disaggregation-decode-enable-radix-cache is for --mode pd (its decode servers)")
     if args.port:
         bind_socket(args.host, args.port).close()
 

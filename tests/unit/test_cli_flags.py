@@ -197,3 +197,7 @@ def test_decode_radix_cache_flag_reaches_decode_servers_only(tmp_path: Path) -> 
     assert flag not in decode.cmd
     assert config_from_args(_serve(["--disaggregation-mode", "decode", flag])).disagg.decode_enable_radix_cache
     assert not config_from_args(_serve(["--disaggregation-mode", "decode"])).disagg.decode_enable_radix_cache
+    from pdserve.launch.cluster import preflight
+    for argv in (["--mode", "unified", flag], [f"--server-args={flag}"]):
+        with pytest.raises(ValueError, match=flag):
+            preflight(build_parser().parse_args(["launch", *argv]))
