@@ -34,7 +34,10 @@ as an alias, and the PDSERVE name wins when both are set):
 |                       |                                         | prompt locally, or `error` (a clean 503)    |
 | FAIL_RATE (test only) | 0.0                                     | probability that one queued send fails      |
 
-plus `PDSERVE_CLUSTER_TOKEN` (cluster_token: required on bootstrap writes and transfer sessions).
+plus `PDSERVE_CLUSTER_TOKEN` (cluster_token: required on bootstrap writes and transfer sessions),
+and one field set only by its flag: decode_enable_radix_cache (`--disaggregation-decode-enable-radix-cache`,
+decode mode only, default off: the decode matches prompts against its own prefix cache and only
+the pages past its hit move; engine/pd/decode.py).
 """
 
 from __future__ import annotations

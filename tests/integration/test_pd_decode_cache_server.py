@@ -41,6 +41,8 @@ def test_router_multi_turn_usage_and_bytes(tmp_path: Path, tiny_model_dir: Path)
         pair.wait_healthy()
         pair.mark()
         assert pair.decode is not None and pair.prefill is not None
+        info = [httpx.get(f"{u}/server_info", timeout=10).json() for u in (pair.prefill.url, pair.decode.url)]
+        assert [i["disaggregation_decode_enable_radix_cache"] for i in info] == [False, True]
         cfg = RouterConfig(port=0, pd=True, policy=PolicyConfig("round_robin"),
                            workers=(WorkerSpec(pair.prefill.url, "prefill", pair.bootstrap_port),
                                     WorkerSpec(pair.decode.url, "decode")),
