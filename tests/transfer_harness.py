@@ -244,8 +244,8 @@ class _AgentState:
         route = self.client.get_route(host, port, rank)  # type: ignore[union-attr]
         return {"endpoint": route.endpoint, "generation": route.generation}
 
-    def op_init(self, room: int, pages: list[int]) -> None:
-        self.rooms[room].init(pages)
+    def op_init(self, room: int, pages: list[int], decode_prefix_len: int = 0) -> None:
+        self.rooms[room].init(pages, decode_prefix_len)
 
     def op_send(self, room: int, src: list[int], start: int, is_last: bool,
                 metadata: dict[str, Any] | None = None) -> None:
@@ -266,6 +266,7 @@ class _AgentState:
             out["metadata"] = msgspec.to_builtins(record) if record is not None else None
         else:
             out["num_dst_pages"] = obj.num_dst_pages
+            out["decode_prefix_len"] = obj.decode_prefix_len
         return out
 
     def op_wait(self, room: int, seconds: float, until: int | None = None) -> dict[str, Any]:

@@ -34,7 +34,10 @@ as an alias, and the PDSERVE name wins when both are set):
 |                       |                                         | prompt locally, or `error` (a clean 503)    |
 | FAIL_RATE (test only) | 0.0                                     | probability that one queued send fails      |
 
-plus `PDSERVE_CLUSTER_TOKEN` (cluster_token: required on bootstrap writes and transfer sessions).
+plus `PDSERVE_CLUSTER_TOKEN` (cluster_token: required on bootstrap writes and transfer sessions),
+and one field set only by its flag: decode_enable_radix_cache (`--disaggregation-decode-enable-radix-cache`,
+decode mode only, default off: the decode matches prompts against its own prefix cache and only
+the pages past its hit move; engine/pd/decode.py).
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ class DisaggConfig:
     mooncake_metadata: str = "P2PHANDSHAKE"  # or an etcd:// / http:// metadata server URL
     ib_device: str | None = None  # RDMA device(s), e.g. "mlx5_0" (rdma protocol)
     failure_policy: str = "recompute"  # decode, on a failed transfer: run the prompt itself, or "error"
+    # decode: match prompts against its own radix cache; only pages past the hit move
+    # (--disaggregation-decode-enable-radix-cache, SGLang's name; engine/pd/decode.py)
+    decode_enable_radix_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -103,6 +109,9 @@ class DisaggConfig:
             raise ValueError(f"mooncake protocol must be tcp or rdma, got {self.mooncake_protocol!r}")
         if not self.nixl_backend or not self.mooncake_metadata:
             raise ValueError("nixl_backend and mooncake_metadata must be non-empty")
+        if self.decode_enable_radix_cache and self.mode != "decode":
+            raise ValueError(f"--disaggregation-decode-enable-radix-cache needs --disaggregation-mode decode, "
+                             f"got {self.mode}")
         if self.cluster_token is not None and not self.cluster_token:
             raise ValueError("cluster_token must be non-empty when set")
 

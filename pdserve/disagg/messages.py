@@ -14,7 +14,8 @@ Two channels cross this process boundary:
 Session frames are tagged structs (a `type` field names the message); the HTTP bodies and
 nested records are plain.
 
-Per-room lifecycle on the session: RoomInfo (decode reserved pages) -> zero or more DataFrames
+Per-room lifecycle on the session: RoomInfo (decode reserved pages; with a decode prefix cache only
+those past its cached prefix, `decode_prefix_len`) -> zero or more DataFrames
 (or one-sided writes: shm) -> Done (carries the MetadataRecord) -> Ack (decode has it all). Either
 side may cut a room short: AbortRoom (decode asks) / RoomFailed (prefill tells: no write of this
 room can land any more; also the answer to AbortRoom).
@@ -225,11 +226,17 @@ class LinkSpec(msgspec.Struct, frozen=True):
 
 
 class RoomInfo(msgspec.Struct, frozen=True, tag=True):
+    """A decode rank's page list for a room. With a decode-side prefix cache the decode already
+    holds the prompt's first `decode_prefix_len` tokens (a whole number of pages, SGLang's name):
+    `dst_pages` are then only the pages past it, i.e. prompt page i goes to
+    dst_pages[i - decode_prefix_len // page_size], and pages below it never move."""
+
     room: int
     dst_pages: list[int]
     decode_id: str  # the decode manager's instance id (logs, sanity)
     heads: HeadSlice | None = None  # None: every head, same layout on both sides
     fanout: int = 1  # decode ranks that take this room from this prefill rank (tensor parallelism)
+    decode_prefix_len: int = 0  # prompt tokens the decode has cached (page-aligned); 0: none
 
 
 class AbortRoom(msgspec.Struct, frozen=True, tag=True):

@@ -7,7 +7,7 @@ sees one RankedManager whose rooms span every rank:
     rank 0 (engine thread)                        rank r (RankAgent thread)
     sender(room)       ── OpenSender ──────────▶  its sender(room)
     send(pages, ...)   ── SendPages ───────────▶  its send(pages, ...)
-    open(room, sources).init(pages)
+    open(room, sources).init(pages, decode_prefix_len)
                        ── OpenReceiver(links) ─▶  receivers of its links (tp_links.py), init(pages)
     abort()            ── AbortRank ───────────▶  its abort()
     peer_dead(...)     ── PeerDead ────────────▶  its peer_dead(...)
@@ -69,6 +69,7 @@ class OpenReceiver(msgspec.Struct, frozen=True, tag=True):
     room: int
     dst_pages: list[int]
     links: list[LinkSpec]
+    decode_prefix_len: int = 0  # prompt tokens the decode holds: dst_pages are the pages past them
 
 
 class AbortRank(msgspec.Struct, frozen=True, tag=True):
@@ -301,10 +302,10 @@ class RankedReceiver(KVReceiver):
         self._views = [mgr.hub.view(r, room) for r in range(1, mgr.num_ranks)]
         self._all = Combined([local, *self._views])
 
-    def init(self, dst_pages: list[int]) -> None:
-        self._local.init(dst_pages)
+    def init(self, dst_pages: list[int], decode_prefix_len: int = 0) -> None:
+        self._local.init(dst_pages, decode_prefix_len)
         for r in range(1, self._mgr.num_ranks):
-            self._mgr.hub.command(r, OpenReceiver(self.room, list(dst_pages), self._links[r]))
+            self._mgr.hub.command(r, OpenReceiver(self.room, list(dst_pages), self._links[r], decode_prefix_len))
 
     def poll(self) -> KVPoll:
         return self._all.poll()
@@ -357,7 +358,7 @@ class RankAgent:
             elif isinstance(msg, OpenReceiver):
                 r = link_receiver(self.manager, msg.room, msg.links)
                 self._rooms[msg.room] = r
-                r.init(msg.dst_pages)
+                r.init(msg.dst_pages, msg.decode_prefix_len)
             elif isinstance(msg, SendPages):
                 s = self._rooms.get(msg.room)
                 if isinstance(s, KVSender):

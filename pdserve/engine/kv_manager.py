@@ -35,10 +35,15 @@ class KVManager:
     def attach_prefix(self, req: Request) -> None:
         """Reuse the longest cached prefix (leaving at least one token to compute, and the prompt
         rows a scored prompt still needs) and lock it."""
-        pages, node = self.cache.match(req.tokens[: req.prefix_limit])
+        req.num_computed = self.lock_prefix(req, req.prefix_limit)
+
+    def lock_prefix(self, req: Request, num_tokens: int) -> int:
+        """Make the longest cached full-page prefix of `req.tokens[:num_tokens]` the head of the
+        request's (empty) table and lock it; returns the tokens it covers. `release` undoes it."""
+        pages, node = self.cache.match(req.tokens[:num_tokens])
         self.cache.lock(node)
         req.pages, req.tree_pages, req.tree_node = list(pages), len(pages), node
-        req.num_computed = len(pages) * self.page_size
+        return len(pages) * self.page_size
 
     def ensure_pages(self, req: Request, num_tokens: int) -> bool:
         """Grow the request's table to hold `num_tokens`; evict cached pages if needed."""

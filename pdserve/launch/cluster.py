@@ -63,6 +63,8 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=POLICIES, default="cache_aware", help="router policy (default cache_aware)")
     p.add_argument("--transfer-backend", "--disaggregation-transfer-backend", dest="transfer_backend",
                    choices=list(BACKENDS), default="tcp", help="PD KV transfer backend (default tcp)")
+    p.add_argument("--disaggregation-decode-enable-radix-cache", dest="decode_radix_cache", action="store_true",
+                   help="pd mode: decode servers keep a prefix cache; only KV past its hit moves (default off)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads per server (default: the cores it is pinned to)")
     p.add_argument("--no-pin", action="store_true", help="do not pin servers to cores")
@@ -122,6 +124,8 @@ class Cluster:
                 prefill_args += ["--prefill", f"http://127.0.0.1:{port}", str(bport)]
             elif role == "decode":
                 decode_args += ["--decode", f"http://127.0.0.1:{port}"]
+                if args.decode_radix_cache:
+                    cmd.append("--disaggregation-decode-enable-radix-cache")
             else:
                 decode_args.append(f"http://127.0.0.1:{port}")
             if api_key:
@@ -212,10 +216,12 @@ def preflight(args: argparse.Namespace) -> None:
     check_model(args.model)
     for flag in ("--server-args", "--router-args"):
         extra = shlex.split(getattr(args, flag[2:].replace("-", "_")))
-        reserved = {"--host", "--port", "--model", "--model-path", "--api-key", "--tp-size",
-                    "--tensor-parallel-size"} & {a.split("=")[0] for a in extra}
+        reserved = {"--host", "--port", "--model", "--model-path", "--api-key", "--tp-size", "--tensor-parallel-size",
+                    "--disaggregation-decode-enable-radix-cache"} & {a.split("=")[0] for a in extra}
         if reserved:
             raise ValueError(f"{flag} may not set {', '.join(sorted(reserved))}: launch sets it (use its own flag)")
+    if args.decode_radix_cache and args.mode != "pd":
+        raise ValueError("--disaggregation-decode-enable-radix-cache is for --mode pd (its decode servers)")
     if args.port:
         bind_socket(args.host, args.port).close()
 

@@ -85,6 +85,7 @@ def _server_info(state: ServerState) -> dict[str, Any]:
         "disaggregation_transfer_backend": pd.backend,
         "disaggregation_bootstrap_port": pd.bootstrap_port,
         "disaggregation_failure_policy": pd.failure_policy,
+        "disaggregation_decode_enable_radix_cache": pd.decode_enable_radix_cache,
         "disaggregation": {k: v for k, v in dataclasses.asdict(pd).items() if k != "cluster_token"},
         "api_key_required": cfg.api_key is not None,
         "max_model_len": state.max_model_len,

@@ -74,6 +74,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--disaggregation-failure-policy", default=None, choices=["recompute", "error"],
                    help="decode, when a KV transfer fails (prefill dead, timeout, rejected record): run "
                         "the prompt itself (recompute) or answer a clean 503 (error) (default recompute)")
+    g.add_argument("--disaggregation-decode-enable-radix-cache", action="store_true",
+                   help="decode: keep finished requests' pages in the radix cache and match each PD "
+                        "prompt against it first; only the pages past the hit move (default off)")
     g = p.add_argument_group("logging and metrics")
     g.add_argument("--log-level", default=d.log_level, choices=LOG_LEVELS, help=f"(default {d.log_level})")
     g.add_argument("--access-log", action="store_true", help="log every HTTP request (uvicorn's access log)")
@@ -100,7 +103,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cluster_token=os.environ.get(TOKEN_ENV) or api_key, mode=args.disaggregation_mode, backend=args.disaggregation_transfer_backend,
         bootstrap_port=args.disaggregation_bootstrap_port,
         bootstrap_host=args.disaggregation_bootstrap_host or args.host, ib_device=args.disaggregation_ib_device,
-        failure_policy=args.disaggregation_failure_policy)
+        failure_policy=args.disaggregation_failure_policy,
+        decode_enable_radix_cache=args.disaggregation_decode_enable_radix_cache or None)
     return ServerConfig(
         engine=engine_config_from_args(args), disagg=disagg, host=args.host, port=args.port, api_key=api_key,
         served_model_name=args.served_model_name[0] if args.served_model_name else None,
@@ -123,6 +127,11 @@ def preflight(args: argparse.Namespace) -> tuple[ServerConfig, socket.socket]:
     check_engine_args(args)
     if args.disaggregation_mode == "prefill" and args.disaggregation_bootstrap_port == args.port:
         raise ValueError(f"--disaggregation-bootstrap-port {args.port} is the HTTP --port too; pick another")
+    if args.disaggregation_decode_enable_radix_cache and args.disaggregation_mode != "decode":
+        raise ValueError("--disaggregation-decode-enable-radix-cache is for --disaggregation-mode decode only")
+    if args.disaggregation_decode_enable_radix_cache and args.disable_prefix_cache:
+        raise ValueError("--disaggregation-decode-enable-radix-cache needs the radix cache: "
+                         "drop --disable-radix-cache")
     config = config_from_args(args)
     sock = bind_socket(config.host, config.port)
     if config.disagg.mode == "prefill":

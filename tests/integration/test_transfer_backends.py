@@ -108,6 +108,47 @@ def test_pages_arrive_byte_exact_in_chunks(agents: dict[str, Agent], backend: st
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_prefix_pages_are_skipped(agents: dict[str, Agent], backend: str) -> None:
+    """A decode holding the prompt's first 2 pages (decode_prefix_len 8) names only the 3 past
+    them; the prefill sends in prompt page order and only pages 2..4 move, to dst 0..2. A full
+    hit (no page reserved) still ends in Success with the metadata."""
+    P, D = agents["P"], agents["D"]
+    rng = random.Random(backend + "prefix")
+    src = rng.sample(range(1, NUM_PAGES), 5)
+    dst = rng.sample(range(1, NUM_PAGES), 3)
+    before = pool(D)
+    r = room()
+    D.call("receiver", backend=backend, room=r, endpoint=endpoint(D, P, backend))
+    P.call("sender", backend=backend, room=r)
+    D.call("init", room=r, pages=dst, decode_prefix_len=2 * PAGE_SIZE)
+    got = P.call("wait", room=r, seconds=10, until=int(S.WaitingForInput))
+    assert (got["num_dst_pages"], got["decode_prefix_len"]) == (3, 2 * PAGE_SIZE), got
+    P.call("send", room=r, src=src[:1], start=0, is_last=False)  # all below the prefix: nothing moves
+    P.call("send", room=r, src=src[1:3], start=1, is_last=False)  # page 1 dropped, page 2 -> dst[0]
+    P.call("send", room=r, src=src[3:], start=3, is_last=True, metadata=meta(r))
+    assert P.call("wait", room=r, seconds=10)["state"] == S.Success
+    assert D.call("wait", room=r, seconds=10)["state"] == S.Success
+    after, source = pool(D), pool(P)
+    expected = {kv: before[kv].copy() for kv in before}
+    if backend != "fake":
+        for s, d in zip(src[2:], dst):
+            for kv in ("k", "v"):
+                expected[kv][:, d] = source[kv][:, s]
+    for kv in ("k", "v"):
+        assert np.array_equal(after[kv], expected[kv]), f"{backend}: {kv} pages differ"
+    r = room()
+    D.call("receiver", backend=backend, room=r, endpoint=endpoint(D, P, backend))
+    P.call("sender", backend=backend, room=r)
+    D.call("init", room=r, pages=[], decode_prefix_len=2 * PAGE_SIZE)
+    assert P.call("wait", room=r, seconds=10, until=int(S.WaitingForInput))["num_dst_pages"] == 0
+    P.call("send", room=r, src=src[:2], start=0, is_last=True, metadata=meta(r))
+    assert P.call("wait", room=r, seconds=10)["state"] == S.Success
+    got = D.call("wait", room=r, seconds=10)
+    assert got["state"] == S.Success and got["metadata"] == meta(r), got
+    assert np.array_equal(pool(D)["k"], after["k"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_abort_on_either_side_ends_both(agents: dict[str, Agent], backend: str) -> None:
     P, D = agents["P"], agents["D"]
     for aborter in (P, D):

@@ -154,6 +154,10 @@ def test_taken_port_exits_2_with_one_line() -> None:
     (["serve", "--chat-template", "no_such_template_file.jinja"], "neither a file"),
     (["serve", "--disaggregation-mode", "prefill", "--port", "18998", "--disaggregation-bootstrap-port", "18998"],
      "bootstrap"),
+    (["serve", "--disaggregation-decode-enable-radix-cache"], "--disaggregation-mode decode only"),
+    (["serve", "--disaggregation-mode", "prefill", "--disaggregation-decode-enable-radix-cache"], "decode only"),
+    (["serve", "--disaggregation-mode", "decode", "--disaggregation-decode-enable-radix-cache",
+      "--disable-radix-cache"], "needs the radix cache"),
     (["launch", "--model", "/no/such/model"], "does not exist"),
     (["router", "--prefill", "http://127.0.0.1:1"], "--pd-disaggregation"),
 ])
@@ -181,3 +185,20 @@ def test_launch_tp_flags_reach_each_role(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--tp-size"):
         from pdserve.launch.cluster import preflight
         preflight(build_parser().parse_args(["launch", "--server-args", "--tp-size 2"]))
+
+
+def test_decode_radix_cache_flag_reaches_decode_servers_only(tmp_path: Path) -> None:
+    from pdserve.launch.cluster import Cluster
+    from pdserve.server.serve import config_from_args
+
+    flag = "--disaggregation-decode-enable-radix-cache"
+    prefill, decode = Cluster(build_parser().parse_args(["launch", flag]), tmp_path).servers
+    assert flag in decode.cmd and flag not in prefill.cmd
+    prefill, decode = Cluster(build_parser().parse_args(["launch"]), tmp_path).servers
+    assert flag not in decode.cmd
+    assert config_from_args(_serve(["--disaggregation-mode", "decode", flag])).disagg.decode_enable_radix_cache
+    assert not config_from_args(_serve(["--disaggregation-mode", "decode"])).disagg.decode_enable_radix_cache
+    from pdserve.launch.cluster import preflight
+    for argv in (["--mode", "unified", flag], [f"--server-args={flag}"]):
+        with pytest.raises(ValueError, match=flag):
+            preflight(build_parser().parse_args(["launch", *argv]))

@@ -72,9 +72,9 @@ class AllOfReceiver(KVReceiver):
         self._parts = parts
         self._all = Combined(list(parts))
 
-    def init(self, dst_pages: list[int]) -> None:
+    def init(self, dst_pages: list[int], decode_prefix_len: int = 0) -> None:
         for p in self._parts:
-            p.init(dst_pages)
+            p.init(dst_pages, decode_prefix_len)
 
     def poll(self) -> KVPoll:
         return self._all.poll()
@@ -103,6 +103,10 @@ class AllOfSender(KVSender):
     @property
     def num_dst_pages(self) -> int | None:
         return self._local.num_dst_pages
+
+    @property
+    def decode_prefix_len(self) -> int | None:
+        return self._local.decode_prefix_len
 
     def poll(self) -> KVPoll:
         return self._all.poll()

@@ -7,7 +7,8 @@ Lifecycle, per rank and per room:
     bootstrap.register(rank, mgr.endpoint, layout)    route = client.get_route(host, port, rank)
                                                       mgr.watch(client)   # heartbeat -> peer_dead
     s = mgr.sender(room)          Bootstrapping       r = mgr.receiver(room, route.endpoint)
-                                                      r.init(dst_pages)   # RoomInfo -> prefill
+                                                      r.init(dst_pages, decode_prefix_len)
+                                                                          # RoomInfo -> prefill
     s.poll() -> WaitingForInput   (RoomInfo arrived)
     s.send(pages, start, False)   Transferring        r.poll() -> WaitingForInput / Transferring
     s.send(pages, start, True, metadata)
@@ -17,6 +18,16 @@ Lifecycle, per rank and per room:
 State per room: Failed < Bootstrapping < WaitingForInput < Transferring < Success. It only moves
 forward, except Failed, which always wins (`advance`). A terminal state (Success/Failed) is
 reported by poll() only when no write of the room can land any more, and it sticks once reported.
+
+Decode-side prefix cache: a decode that already holds the prompt's first `decode_prefix_len`
+tokens (whole pages) reserves and names only the pages past them. The prefill still pushes its
+pages in prompt order, `send(src_pages, start_page)` with `start_page` a page index of the prompt;
+the sender drops every page below `decode_prefix_len // page_size` and shifts the rest onto the
+decode's list, so no backend (tcp, shm, nixl, mooncake, fake) and no head slice sees the prefix:
+
+    prompt pages   0  1  2 | 3  4        decode_prefix_len = 3 * page_size
+    dst_pages              | d0 d1       send([s0, s1], 0) -> nothing moves (not last)
+                                         send([s2, s3, s4], 2, last) -> s3->d0, s4->d1, Done
 """
 
 from __future__ import annotations
@@ -68,7 +79,13 @@ class KVSender(ABC):
     @property
     @abstractmethod
     def num_dst_pages(self) -> int | None:
-        """Pages decode reserved for this room; None until its RoomInfo arrived."""
+        """Pages decode reserved for this room (past its cached prefix); None until its RoomInfo arrived."""
+
+    @property
+    @abstractmethod
+    def decode_prefix_len(self) -> int | None:
+        """Prompt tokens decode already holds (a multiple of page_size, 0: none); None until its
+        RoomInfo arrived. Pages below it are never sent."""
 
     @abstractmethod
     def poll(self) -> KVPoll: ...
@@ -76,8 +93,9 @@ class KVSender(ABC):
     @abstractmethod
     def send(self, src_pages: list[int], start_page: int, is_last: bool,
              metadata: MetadataRecord | None = None) -> None:
-        """Queue src_pages -> decode's dst_pages[start_page : start_page + len(src_pages)];
-        `metadata` is required with is_last (and only then)."""
+        """Queue prompt pages [start_page, start_page + len(src_pages)) -> decode's pages: those
+        below decode_prefix_len are dropped, page i goes to dst_pages[i - prefix pages];
+        `metadata` is required with is_last (and only then; it is sent even when no page is)."""
 
     @abstractmethod
     def abort(self) -> None: ...
@@ -103,8 +121,10 @@ class KVReceiver(ABC):
     room: int
 
     @abstractmethod
-    def init(self, dst_pages: list[int]) -> None:
-        """Tell the prefill rank (room, dst_pages, my identity); the clock of waiting_timeout starts."""
+    def init(self, dst_pages: list[int], decode_prefix_len: int = 0) -> None:
+        """Tell the prefill rank (room, dst_pages, my identity); the clock of waiting_timeout starts.
+        `decode_prefix_len`: prompt tokens this decode already holds (whole pages); `dst_pages`
+        are the prompt's pages past them."""
 
     @abstractmethod
     def poll(self) -> KVPoll: ...

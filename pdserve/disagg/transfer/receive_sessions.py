@@ -3,7 +3,8 @@
 Lifecycle of one room on the decode rank (state in brackets):
 
   1. `receiver(room, prefill_endpoint)` [Bootstrapping].
-  2. `init(dst_pages)` [WaitingForInput]: RoomInfo is queued to the session of that endpoint
+  2. `init(dst_pages, decode_prefix_len)` [WaitingForInput]: RoomInfo (the pages past the
+     prompt tokens this decode holds, and how many those are) is queued to the session of that endpoint
      (opened on first use by its writer thread: connect, Hello, HelloAck); waiting_timeout starts.
   3. Payload lands: tcp DataFrames written into dst pages by the session's reader [Transferring];
      one-sided backends (shm) are written by the prefill process directly.
@@ -84,10 +85,12 @@ class SessionReceiver(KVReceiver):
         """The prefill manager's identity, once this room's session got its HelloAck."""
         return self.session.peer if self.session is not None else None
 
-    def init(self, dst_pages: list[int]) -> None:
+    def init(self, dst_pages: list[int], decode_prefix_len: int = 0) -> None:
         if self.dst_pages is not None:
             raise RuntimeError(f"room {self.room}: init() called twice")
         check_pages(list(dst_pages), self._side.mgr.num_pages, "destination")
+        if decode_prefix_len < 0 or decode_prefix_len % self._side.mgr.layout.page_size:
+            raise ValueError(f"decode_prefix_len {decode_prefix_len} is not a whole number of pages")
         self.dst_pages = list(dst_pages)
         self.dst_set = frozenset(self.dst_pages)
         self.init_at = time.monotonic()
@@ -96,7 +99,7 @@ class SessionReceiver(KVReceiver):
         self.state.advance(KVPoll.WaitingForInput)
         self._side.post(self, RoomInfo(room=self.room, dst_pages=self.dst_pages,
                                        decode_id=self._side.mgr.identity.instance, heads=self.heads,
-                                       fanout=self.fanout))
+                                       fanout=self.fanout, decode_prefix_len=decode_prefix_len))
 
     def poll(self) -> KVPoll:
         self._side.check(self)

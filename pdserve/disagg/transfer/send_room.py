@@ -9,6 +9,11 @@ and says how many there are in all (`fanout`); the room is WaitingForInput once 
     RoomInfo(d1) ─┴▶ bound == fanout      its decode's shard queue: write its slice, then Done
                      [WaitingForInput]  Ack from every destination ──▶ [Success]
     a failure of any destination fails the room; RoomFailed goes to every destination.
+
+A decode with a prefix cache names only the pages past the prompt tokens it holds
+(RoomInfo.decode_prefix_len, the same on every decode rank): `send` takes prompt page indices and
+drops the pages below that prefix here, once for every backend and head slice, so a chunk with
+no page past the prefix moves nothing (the last send still carries the metadata: Done).
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class SessionSender(KVSender):
         self.created = time.monotonic()
         self.dests: list[Destination] = []
         self.fanout: int | None = None  # destinations in all, from the first RoomInfo
+        self.prefix_pages = 0  # prompt pages the decode holds (RoomInfo.decode_prefix_len / page_size)
         self._tasks = 0
         self.last_at: float | None = None  # when the is_last send was queued
 
@@ -91,6 +97,10 @@ class SessionSender(KVSender):
     @property
     def num_dst_pages(self) -> int | None:
         return len(self.dests[0].dst_pages) if self.ready else None
+
+    @property
+    def decode_prefix_len(self) -> int | None:
+        return self.prefix_pages * self._side.mgr.layout.page_size if self.ready else None
 
     @property
     def failure(self) -> str | None:
@@ -107,12 +117,19 @@ class SessionSender(KVSender):
             return f"decode ranks disagree on the fanout of room {self.room} ({info.fanout} != {self.fanout})"
         if self.dests and len(info.dst_pages) != len(self.dests[0].dst_pages):
             return f"decode ranks reserved {len(info.dst_pages)} and {len(self.dests[0].dst_pages)} pages"
+        page_size = self._side.mgr.layout.page_size
+        if info.decode_prefix_len < 0 or info.decode_prefix_len % page_size:
+            return f"decode_prefix_len {info.decode_prefix_len} is not a whole number of {page_size}-token pages"
+        if self.dests and info.decode_prefix_len != self.prefix_pages * page_size:
+            return (f"decode ranks hold different prefixes of room {self.room} "
+                    f"({info.decode_prefix_len} != {self.prefix_pages * page_size} tokens)")
         if info.heads is not None:
             try:
                 check_slice(info.heads, self._side.mgr.layout.kv_heads, info.heads.dst_start + info.heads.count)
             except ValueError as exc:
                 return str(exc)
         self.fanout = max(1, info.fanout)
+        self.prefix_pages = info.decode_prefix_len // page_size
         self.dests.append(Destination(session, list(info.dst_pages), info.heads))
         if self.ready:
             self.state.advance(KVPoll.WaitingForInput)
@@ -138,10 +155,15 @@ class SessionSender(KVSender):
         if not self.ready:
             raise RuntimeError(f"room {self.room}: send() before decode's page list arrived "
                                "(wait for poll() == WaitingForInput)")
+        if start_page < 0:
+            self._side.fail_sender(self, f"send(): start_page {start_page} < 0")
+            return
+        skip = max(0, self.prefix_pages - start_page)  # pages the decode holds already: never sent
+        src_pages, start_page = list(src_pages)[skip:], start_page + skip - self.prefix_pages
         end = start_page + len(src_pages)
-        if start_page < 0 or end > len(self.dests[0].dst_pages):
-            self._side.fail_sender(self, f"pages [{start_page}, {end}) exceed the {len(self.dests[0].dst_pages)} "
-                                         "pages decode reserved")
+        if end > len(self.dests[0].dst_pages):
+            self._side.fail_sender(self, f"pages [{start_page}, {end}) past decode's prefix exceed the "
+                                         f"{len(self.dests[0].dst_pages)} pages it reserved")
             return
         if not src_pages and not is_last:
             return

@@ -4,7 +4,8 @@ null:    NullStage (no transfer machinery at all)
 prefill: manager (sender side) + BootstrapServer publishing every rank's endpoint and layout
          (with --dp-size: dp rank 0 hosts it, the other dp ranks register their ranks over HTTP)
 decode:  manager (receiver side; for shm its pool lives in shared memory) + BootstrapClient
-         (route lookup with the layout check at first contact, heartbeat → manager.peer_dead)
+         (route lookup with the layout check at first contact, heartbeat → manager.peer_dead);
+         with decode_enable_radix_cache its stage matches prompts against the engine's prefix cache
 With tensor parallelism rank 0's manager is one of several: RankedManager (disagg/tp_control.py)
 waits for the other ranks' agents and spans each room over every rank.
 """
@@ -102,7 +103,12 @@ def build_stage(disagg: DisaggConfig | None, layout: KVLayout, pool: KVPool, sch
             rooms.close()
             raise
         return PrefillStage(scheduler, pool.page_size, rooms, server)
+    if disagg.decode_enable_radix_cache and not kv.cache.enabled:
+        rooms.close()
+        raise ValueError("--disaggregation-decode-enable-radix-cache needs the prefix cache "
+                         "(drop --disable-radix-cache)")
     client = BootstrapClient(layout, disagg)
     rooms.watch(client)
     return DecodeStage(scheduler, kv, stops, vocab_size, rooms, client,
-                       recompute=disagg.failure_policy == "recompute")
+                       recompute=disagg.failure_policy == "recompute",
+                       prefix_cache=disagg.decode_enable_radix_cache)

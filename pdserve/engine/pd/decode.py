@@ -14,6 +14,20 @@
 A reserved page returns to the pool only once the receiver is terminal (Success or Failed):
 a write into it may otherwise still land. Aborts wait for that too. A request that recomputes
 is no longer the stage's: the engine runs, aborts and finishes it like a unified one.
+
+Decode-side prefix cache (`--disaggregation-decode-enable-radix-cache`, off by default): finished
+requests leave their prompt and output full pages in this engine's radix cache (as on a unified
+engine). At prealloc the prompt is matched against it first: the hit (whole pages, up to every
+full page of the prompt: the decode needs the KV of every prompt token and the prefill computes
+the last token's logits anyway, so unlike a unified engine nothing has to be left to compute) is
+locked for the request's life and becomes the head of its page table; pages are reserved only
+for the rest, and the RoomInfo says `decode_prefix_len` = the hit in tokens. A full hit of a
+page-aligned prompt reserves no page: only the metadata record (first token) comes. At commit
+the prompt's full pages join the cache (concurrent turns sharing the prefix hit them too);
+`cached_tokens` = max(prefill's own hit, the decode's hit): the prompt tokens some cache served,
+each counted once (both hits are prefixes). A failed transfer frees only the reserved pages (the
+cached prefix is this engine's own KV and stays cached); the recompute re-matches it. Off: no
+match, the RoomInfo names every prompt page, exactly as without a decode cache.
 """
 
 from __future__ import annotations
@@ -47,7 +61,8 @@ def _transfer(req: Request) -> DecodeTransfer:
 
 class DecodeStage:
     def __init__(self, scheduler: Scheduler, kv: KVManager, stops: StopChecker, vocab_size: int,
-                 manager: ServerRooms, client: BootstrapClient, recompute: bool = True) -> None:
+                 manager: ServerRooms, client: BootstrapClient, recompute: bool = True,
+                 prefix_cache: bool = False) -> None:
         self.scheduler = scheduler
         self.kv = kv
         self.stops = stops
@@ -55,6 +70,7 @@ class DecodeStage:
         self.manager = manager
         self.client = client
         self.recompute = recompute
+        self.prefix_cache = prefix_cache  # --disaggregation-decode-enable-radix-cache
         self.prealloc: list[Request] = []
         self.transfer: list[Request] = []
         self.stats: TransferStats | None = TransferStats()
@@ -100,8 +116,12 @@ class DecodeStage:
             t = _transfer(req)
             if self.scheduler.num_running + len(self.transfer) >= self.scheduler.max_running:
                 break
-            need = pages_needed(req.prompt_len + 1, self.kv.page_size) + self.scheduler.decode_headroom_pages()
+            if self.prefix_cache:  # lock the cached prefix first: its pages are then not evictable
+                t.decode_prefix_len = self.kv.lock_prefix(req, req.prompt_len)
+            need = pages_needed(req.prompt_len + 1, self.kv.page_size) - len(req.pages) \
+                + self.scheduler.decode_headroom_pages()
             if self.kv.available() < need:
+                self._unlock(req)
                 break
             try:  # non-blocking: the first contact with a prefill is fetched in the background
                 routes = self._routes(t.boot.host, t.boot.port, t.boot.room)
@@ -110,6 +130,7 @@ class DecodeStage:
                 self._failed(req, f"cannot use the prefill server: {e}", out)
                 continue
             if routes is None:
+                self._unlock(req)
                 continue  # still fetching its prefill's routes (up to fetch_timeout): serve the others
             self.prealloc.remove(req)
             try:
@@ -118,7 +139,9 @@ class DecodeStage:
                 out.finished.append(self._fail(req, f"bootstrap_room {t.boot.room} is taken: {e}", status=400))
                 continue
             self.kv.ensure_pages(req, req.prompt_len)
-            t.receiver.init(req.pages[: pages_needed(req.prompt_len, self.kv.page_size)])
+            dst = req.pages[req.tree_pages: pages_needed(req.prompt_len, self.kv.page_size)]
+            t.num_pages = len(dst)
+            t.receiver.init(dst, t.decode_prefix_len)
             t.started = time.monotonic()
             self.transfer.append(req)
 
@@ -144,7 +167,7 @@ class DecodeStage:
             if state not in (KVPoll.Success, KVPoll.Failed):
                 continue
             self.transfer.remove(req)
-            num_bytes = pages_needed(req.prompt_len, self.kv.page_size) * model_page_bytes(self.manager.layout)
+            num_bytes = t.num_pages * model_page_bytes(self.manager.layout)  # what really moved
             assert self.stats is not None
             self.stats.record(state == KVPoll.Success, num_bytes, time.monotonic() - t.started)
             if t.aborting:
@@ -162,13 +185,22 @@ class DecodeStage:
                     self._commit(req, record)
                     out.progressed.append(req)
 
+    def _unlock(self, req: Request) -> None:
+        """Undo the prealloc's prefix lock of a request that stays queued (it holds no other page)."""
+        if req.tree_node is not None:
+            self.kv.release(req, keep_in_cache=False)
+        _transfer(req).decode_prefix_len = 0
+
     def _commit(self, req: Request, rec: MetadataRecord) -> None:
         """The prompt's KV is in place: take the first token as if this engine sampled it."""
+        hit = _transfer(req).decode_prefix_len
         req.transfer = None
         req.num_computed = req.prompt_len
         req.prompt_lp = req.prompt_top = None  # the prefill scored the prompt; the router merges its answer
         req.admitted = True
-        req.cached_tokens = rec.cached_tokens
+        req.cached_tokens = max(rec.cached_tokens, hit)  # both are prefixes: each cached token once
+        if self.prefix_cache:  # the receiver is terminal: page ids may change (duplicates freed)
+            self.kv.cache_prefix(req)
         req.tokens.append(rec.first_token)
         req.new_ids.append(rec.first_token)
         skip_draw(req.params, req.generator, self.vocab_size)  # the prefill drew for this token

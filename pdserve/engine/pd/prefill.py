@@ -14,6 +14,15 @@ terminal state, so no queued send ever reads a page that was freed and reused.
 Page push arithmetic (page_size 4, prompt 10 tokens, chunks of 6 and 4):
     chunk 1 computes tokens 0..5 → full pages [0] → send(src=[pages[0]], start_page=0)
     chunk 2 computes tokens 6..9 → last: pages[1:3] → send(src=pages[1:3], start_page=1)
+
+A decode with a prefix cache (RoomInfo.decode_prefix_len, whole pages) reserved pages only
+past its hit; this stage still computes the whole prompt (its own cache hit is independent)
+and its send cursor starts at the decode's hit, so only later pages move. Same prompt, the
+decode holding 8 tokens (2 pages):
+    chunk 1 → full pages [0] ≤ cursor 2: nothing sent
+    chunk 2 → last: pages[2:3] → send(src=pages[2:3], start_page=2) (the sender maps it to
+              decode's first reserved page); a full hit sends no page but still the metadata
+The record's cached_tokens is this prefill's own hit; the decode reports the larger of the two.
 """
 
 from __future__ import annotations
@@ -91,7 +100,8 @@ class PrefillStage:
                 continue
             self.inflight.remove(req)
             assert self.stats is not None
-            self.stats.record(state == KVPoll.Success, t.pages_sent * model_page_bytes(self.manager.layout),
+            moved = t.pages_sent - t.skip_pages  # the pages that really moved
+            self.stats.record(state == KVPoll.Success, moved * model_page_bytes(self.manager.layout),
                               time.monotonic() - t.started)
             err = None if state == KVPoll.Success else f"KV transfer to the decode server failed: {t.sender.failure}"
             out.finished.append(self._end(req, t.error if t.error is not None else (None if t.aborting else err),
@@ -109,9 +119,13 @@ class PrefillStage:
             elif state >= KVPoll.WaitingForInput:
                 self.bootstrap.remove(req)
                 want = pages_needed(req.prompt_len, self.page_size)
-                if t.sender.num_dst_pages != want:  # decode got another prompt under this room
-                    t.error = (f"decode reserved {t.sender.num_dst_pages} KV pages for room {t.room}, "
-                               f"the prompt needs {want}: prefill and decode got different prompts")
+                prefix = t.sender.decode_prefix_len or 0
+                t.skip_pages = t.pages_sent = prefix // self.page_size
+                if prefix > req.prompt_len or (t.sender.num_dst_pages or 0) + t.skip_pages != want:
+                    # decode got another prompt under this room
+                    t.error = (f"decode reserved {t.sender.num_dst_pages} KV pages for room {t.room} past "
+                               f"its {prefix} cached tokens, the prompt needs {want} pages: prefill and "
+                               f"decode got different prompts")
                     t.sender.abort()
                     self.inflight.append(req)  # wait for the abort to settle, then answer
                     continue

@@ -19,7 +19,8 @@ class PrefillTransfer:
     sender: KVSender
     room: int
     started: float = 0.0
-    pages_sent: int = 0
+    pages_sent: int = 0  # send cursor (prompt pages); starts past the decode's cached prefix
+    skip_pages: int = 0  # prompt pages the decode holds already (RoomInfo.decode_prefix_len): never sent
     aborting: bool = False
     error: str | None = None  # why prefill itself gave the room up (answered once it is terminal)
 
@@ -30,6 +31,8 @@ class DecodeTransfer:
 
     boot: Bootstrap
     receiver: KVReceiver | None = None
+    decode_prefix_len: int = 0  # prompt tokens served by this decode's prefix cache (locked; not moved)
+    num_pages: int = 0  # pages the prefill writes (the prompt's past the prefix)
     started: float = 0.0  # receiver.init time
     aborting: bool = False
     error: str | None = None
