@@ -28,7 +28,7 @@ import torch
 from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.batch import ScheduleBatch
 from pdserve.engine.config import EngineConfig, keep_freed_memory, set_torch_threads
-from pdserve.engine.dp_attention import DPAttentionRank, join_dp_attention
+from pdserve.engine.dp_attention import DPAttentionRank, dp_device, join_dp_attention
 from pdserve.engine.grammar import Grammars, GrammarState, grammar_error
 from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.kv_manager import KVManager
@@ -68,7 +68,7 @@ def available_host_memory() -> int:
 class Engine:
     def __init__(self, config: EngineConfig, disagg: DisaggConfig | None = None) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = dp_device(config, resolve_device(config.device))
         dtype = resolve_dtype(config.dtype)
         set_torch_threads(config.threads)
         self.model_path: Path = resolve_model(config.model)
