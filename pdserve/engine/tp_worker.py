@@ -175,7 +175,8 @@ def follow(spec: RankSpec) -> None:
     set_torch_threads(rank_threads(config))
     device = resolve_device(config.device)
     if device.type == "cuda":
-        device = torch.device("cuda", spec.rank % config.ranks_per_node)
+        first = config.dp_rank * config.tp_size  # a dp replica's tp ranks take the GPUs after the previous replica's
+        device = torch.device("cuda", (first + spec.rank % config.ranks_per_node) % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
     group = TPGroup.join(spec.rank, config.tp_size, spec.host, spec.port, device)
     shard = TPShard(spec.rank, config.tp_size)
