@@ -96,6 +96,10 @@ def _server_info(state: ServerState) -> dict[str, Any]:
         "max_running_requests": state.info.max_running,
         "device": state.info.device,
         "engine_pid": state.info.pid,
+        "tp_size": cfg.engine.tp_size,
+        "dp_size": cfg.engine.dp_size,  # SGLang's server-args names
+        "enable_dp_attention": cfg.engine.enable_dp_attention,
+        "load_balance_method": cfg.engine.load_balance_method,
         "uptime_s": round(time.time() - state.started, 3),
         **server,
         "engine": dataclasses.asdict(cfg.engine),
