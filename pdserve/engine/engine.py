@@ -11,6 +11,7 @@ A PD request waits in its stage's queues (engine/pd: prefill or decode) while it
 the stage hands it to the scheduler and back, and tells the engine what finished.
 Outputs are incremental `TokenOut`s: the tokens each request produced since the last step.
 When it goes idle the engine checks KV integrity (free + cached + in use == total).
+A DP-attention rank ends every step with one round with the other ranks (engine/dp_attention.py).
 Start-up logs each stage (weights, KV pool); `warm_up()` runs one throw-away request; what the
 engine computes is counted in `self.stats` (engine/stats.py: the periodic stats line, gauges).
 """
@@ -91,9 +92,8 @@ class Engine:
             set_torch_threads(rank_threads(config))
         if config.attn_tp_size > 1:
             self.ranks = TPRanks.start(resolved_config(config, cfg), self.device, disagg)
-        comm: Collectives = self.ranks.group if self.ranks is not None else NoCollectives()
-        dp_group = join_dp_attention(config, self.device)
-        comm = dp_group or comm
+        dp_group = join_dp_attention(config, self.device)  # DP attention: the MLP's group
+        comm: Collectives = dp_group or (self.ranks.group if self.ranks is not None else NoCollectives())
         t0 = time.perf_counter()
         rope_len = min(wanted_len, (num_pages - 1) * ps) if num_pages else wanted_len
         self.model = load_model(self.model_path, self.device, dtype, rope_len + 1, shard, comm, config.cpu_prepack)
