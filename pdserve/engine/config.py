@@ -40,6 +40,7 @@ class EngineConfig:
     nnodes: int = 1  # machines the tp ranks span (tp_size / nnodes ranks on each)
     node_rank: int = 0  # this machine's index; 0 runs the scheduler and the HTTP front
     dist_init_addr: str | None = None  # HOST:PORT of node 0's rendezvous (default: 127.0.0.1, any port)
+    kv_events_config: str | None = None  # JSON (pdserve/kv_events): publish KV events; None = off
 
     def check_parallel(self) -> None:
         """Raise ValueError (one sentence) for a tp/nnodes/node-rank combination that cannot work."""

@@ -23,6 +23,7 @@ SAMPLE = {  # a non-default value per EngineConfig field, as typed on the comman
     "decode_headroom": "0.25", "threads": "3", "max_top_logprobs": "5", "seed": "123",
     "tokenizer": "/some/tokenizer", "chat_template": "{{ messages }}", "log_stats_interval_s": "2.5",
     "tp_size": "2", "nnodes": "2", "node_rank": "1", "dist_init_addr": "10.0.0.1:5000",
+    "kv_events_config": '{"endpoint": "tcp://127.0.0.1:5557"}',
 }
 
 
