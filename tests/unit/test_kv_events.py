@@ -144,3 +144,44 @@ def test_tokenize_body_shapes() -> None:
                                                   "add_generation_prompt": True, "max_tokens": 3})
     assert chat == b'{"messages":[{"role":"user","content":"x"}],"add_generation_prompt":true}'
     assert tokenize_body("/v1/chat/completions", {"messages": [], "tools": [{"type": "function"}]}) is None
+
+
+def test_pd_decide_threshold_and_queue_limit() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from pdserve.kv_events import KVSnapshot
+    from pdserve.router.config import RouterConfig
+    from pdserve.router.metrics import RouterMetrics
+    from pdserve.router.pd import PDForwarder
+    from pdserve.router.policies import RoundRobinPolicy
+    from pdserve.router.workers import WorkerRegistry
+
+    def worker(url: str, role: str) -> Worker:
+        return Worker(WorkerSpec(url, role, 9000 if role == "prefill" else None), CircuitConfig(), None, True)
+
+    cfg = RouterConfig(pd=True, pd_local_prefill_threshold=8, pd_prefill_queue_limit=2,
+                       workers=(WorkerSpec("http://p:1", "prefill", 9000), WorkerSpec("http://d:1", "decode")))
+    index = KVIndex()
+    fwd = PDForwarder(cfg, WorkerRegistry(), None, RoundRobinPolicy(), RoundRobinPolicy(),  # type: ignore[arg-type]
+                      RouterMetrics(), index)
+    d, p = worker("http://d:1", "decode"), worker("http://p:1", "prefill")
+    ids = list(range(100, 120))  # 20 tokens = 5 pages of 4
+
+    def decide(prompt: list[int], batch: int | None = None, want_lp: bool = False) -> str:
+        ctx = SimpleNamespace(prompt_ids=prompt)
+        return asyncio.run(fwd.decide(ctx, d, [p], batch, want_lp))  # type: ignore[arg-type]
+
+    assert decide(ids[:8]) == "local_threshold"  # no index for d: all 8 tokens uncached
+    assert decide(ids[:9]) == "remote"
+    w = index.workers[d.url] = WorkerIndex()
+    chain = chain_hashes(ids, 4)
+    w.load(KVSnapshot(seq=1, block_size=4, blocks=[]))
+    w.hashes.update(chain[:3])  # 12 tokens cached on the decode
+    assert decide(ids) == "local_threshold"  # 20 - 12 = 8
+    assert decide(ids + [7]) == "remote"  # 9 uncached
+    assert decide(ids, batch=2) == "remote" and decide(ids, want_lp=True) == "remote"
+    p.in_flight = 3  # every prefill over the queue limit
+    assert decide(ids + [7]) == "local_queue"
+    p.in_flight, p.load = 0, 2
+    assert decide(ids + [7]) == "remote"  # at the limit is not over it
