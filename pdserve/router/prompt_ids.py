@@ -3,9 +3,10 @@
 The router loads no tokenizer: ids come from the body when the client sent them (`input_ids`,
 or a completion `prompt` of ints), else from one worker's `POST /tokenize`, which renders a
 chat with the same template and tokenizes text exactly as the generation routes do. Cost on
-the request path: one loopback HTTP round trip (about 1-2 ms on the 2-core dev machine for a
-1-3k token prompt, measured by tests/integration/test_kv_events.py's timing print), paid only
-when a policy or conditional PD consults the index and the body carries text. Batches (several
+the request path: one loopback HTTP round trip, about 4 ms for a 260-token chat on the shared
+2-core dev machine (template rendering included; tests/integration/test_kv_events.py prints it),
+paid only when a policy or conditional PD consults the index and the body carries text (ids in
+the body cost nothing). A /tokenize error (e.g. a prompt over the context) gives None. Batches (several
 prompts), chats with tools and bodies /tokenize cannot render give None: the caller falls back
 to its approximate tree (and PD to remote prefill). Looked up once per request (cached on ctx).
 """

@@ -210,10 +210,12 @@ def test_index_equals_caches_after_churn_and_resyncs_after_restart(servers: tupl
     try:
         ids = shared + fresh(rng, 20)
         # the router's cost per request for ids (router/prompt_ids.py): one /tokenize on a kept-alive connection
-        chat = {"messages": [{"role": "system", "content": " ".join(["lantern river"] * 400)},
+        chat = {"messages": [{"role": "system", "content": " ".join(["lantern river"] * 120)},
                              {"role": "user", "content": "a short question?"}]}
         with httpx.Client(timeout=10) as client:
-            n_tok = client.post(pair.decode.url + "/tokenize", json=chat).json()["count"]  # type: ignore[union-attr]
+            first = client.post(pair.decode.url + "/tokenize", json=chat)  # type: ignore[union-attr]
+            assert first.status_code == 200, first.text
+            n_tok = first.json()["count"]
             t1 = time.perf_counter()
             for _ in range(10):
                 assert client.post(pair.decode.url + "/tokenize", json=chat).status_code == 200  # type: ignore[union-attr]
