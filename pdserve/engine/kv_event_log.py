@@ -10,6 +10,8 @@ parent's hash, current as of batch `seq` (events not yet taken must be published
 
 from __future__ import annotations
 
+import time
+
 from pdserve.engine.prefix_cache import Node, PrefixCache
 from pdserve.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVBlock, KVEvent, KVSnapshot
 
@@ -46,4 +48,4 @@ class KVEventLog:
     def snapshot(self, seq: int) -> KVSnapshot:
         blocks = [KVBlock(n.hash, n.parent.hash if n.parent is not None else 0, list(n.key))
                   for n in self.cache.nodes()]
-        return KVSnapshot(seq=seq, block_size=self.page_size, blocks=blocks)
+        return KVSnapshot(seq=seq, block_size=self.page_size, blocks=blocks, ts=time.time())

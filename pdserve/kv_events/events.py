@@ -6,12 +6,14 @@ router/kv_index.py):
      whole-cache flush; the engine process gathers them and, after each engine step or control
      message, PUBlishes one `KVEventBatch` as a 3-frame ZMQ message
      `[topic, seq (8 bytes, big-endian), msgpack(batch)]` — vLLM's publisher framing, which
-     Dynamo consumes. `seq` starts at 1 and grows by one per batch; an idle engine re-sends an
-     empty batch with the current seq once a second (a heartbeat), so a subscriber that missed
-     the last batch learns it within a second;
-  2. a subscriber takes `GET /kv_events/snapshot` (every stored block and the seq it is current
-     at), then applies batches with seq > snapshot seq; a batch whose seq skips one means lost
-     events (PUB drops when nobody listens or a queue is full): take a new snapshot (resync).
+     Dynamo consumes. `seq` starts at 1 and grows by one per batch; a server that sent nothing
+     for a second re-sends an empty batch with the current seq (a heartbeat), so a subscriber
+     that missed the last batch learns it within a second, and silence means trouble;
+  2. a subscriber takes `GET /kv_events/snapshot` (every stored block, the seq it is current
+     at and its time), then applies batches with seq > snapshot seq; a batch whose seq skips
+     one means lost events (PUB drops when nobody listens or a queue is full), and a batch with
+     an older seq but a newer `ts` than the last one applied means the server restarted (its
+     seq began again at 1): either way, take a new snapshot (resync).
 
 Message shapes (vLLM's `KVEventBatch`, tagged msgspec Structs encoded with msgpack, array-like):
     KVEventBatch[ts: float, events: [BlockStored | BlockRemoved | AllBlocksCleared], dp_rank]
@@ -93,11 +95,13 @@ class KVBlock(msgspec.Struct, array_like=True):
 
 
 class KVSnapshot(msgspec.Struct):
-    """`GET /kv_events/snapshot`: every cached page, current as of batch `seq` (0: none sent yet)."""
+    """`GET /kv_events/snapshot`: every cached page, current as of batch `seq` (0: none sent yet),
+    taken at `ts` (the publisher's clock, like a batch's `ts`)."""
 
     seq: int
     block_size: int
     blocks: list[KVBlock]
+    ts: float = 0.0
 
 
 _batch_encoder = msgspec.msgpack.Encoder()

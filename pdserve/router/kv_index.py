@@ -5,8 +5,9 @@ A worker's radix cache is a prefix-closed set of pages, each named by its chaine
 seq. Lifecycle of a `WorkerIndex` (driven by router/kv_sync.py):
   - `load(snapshot)` replaces it with `GET /kv_events/snapshot` (at connect, and on a gap);
   - `apply(seq, batch)` applies one published batch: a seq <= the current one is old news
-    (dropped), seq + 1 is applied, anything further means lost batches: it answers False and
-    the subscriber resyncs (the index is marked unsynced until then);
+    (dropped) unless it is older yet published later (the server restarted), seq + 1 is
+    applied, anything further means lost batches: a restart or a gap answers False and the
+    subscriber resyncs (the index is marked unsynced until then);
   - `prefix_pages(chain)` counts the leading hashes of a prompt's chain the worker holds: its
     cached prefix in pages (exact while synced).
 `KVIndex` maps worker url -> WorkerIndex; a worker with none (or unsynced) is "not indexed" and
@@ -19,7 +20,7 @@ from pdserve.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEve
 
 
 class WorkerIndex:
-    __slots__ = ("block_size", "hashes", "resyncs", "seq", "synced")
+    __slots__ = ("block_size", "hashes", "resyncs", "seq", "synced", "ts")
 
     def __init__(self) -> None:
         self.hashes: set[int] = set()
@@ -27,15 +28,20 @@ class WorkerIndex:
         self.block_size = 0
         self.synced = False
         self.resyncs = 0
+        self.ts = 0.0  # publisher time of the snapshot or the last batch applied
 
     def load(self, snap: KVSnapshot) -> None:
         self.hashes = {b.block_hash for b in snap.blocks}
         self.seq = snap.seq
         self.block_size = snap.block_size
+        self.ts = snap.ts
         self.synced = True
 
     def apply(self, seq: int, batch: KVEventBatch) -> bool:
         if not self.synced:
+            return False
+        if seq < self.seq and batch.ts > self.ts:  # published after what we hold, seq began again
+            self.synced = False
             return False
         if seq <= self.seq:
             return True  # already in the snapshot (or a heartbeat)
@@ -50,6 +56,7 @@ class WorkerIndex:
             elif isinstance(ev, AllBlocksCleared):
                 self.hashes.clear()
         self.seq = seq
+        self.ts = batch.ts
         return True
 
     def prefix_pages(self, chain: list[int]) -> int:

@@ -6,9 +6,11 @@ index) looks at the registry every 0.5 s; a worker whose `/server_info` advertis
 A subscriber: connects a SUB socket to the endpoint (a wildcard host is replaced by the
 worker's), waits briefly for the subscription to reach the publisher, takes
 `GET /kv_events/snapshot` (resync), then applies batches in seq order; a seq gap (lost batches:
-the router was slow, or it was down) or an undecodable batch triggers a new snapshot. A
-snapshot that fails (the worker is down) is retried every 0.5 s; until it succeeds the worker
-is not indexed and the policies use their approximate tree for it. A router restart starts
+the router was slow, or it was down), a restarted publisher (seq back at 1) or an undecodable
+batch triggers a new snapshot. Silence for SILENCE_S (no heartbeat) unindexes the worker and
+re-reads its /server_info (a restarted worker may publish on a new port: resubscribe there),
+then resyncs. A snapshot that fails (the worker is down) is retried every 0.5 s; until it
+succeeds the worker is not indexed and the policies use their approximate tree for it. A router restart starts
 from snapshots, so events published while it was down are recovered.
 """
 
@@ -32,6 +34,7 @@ from pdserve.router.workers import Worker, WorkerRegistry
 logger = logging.getLogger("pdserve.router")
 SCAN_INTERVAL_S = 0.5
 JOIN_DELAY_S = 0.1  # a SUB socket's subscription takes a moment to reach the PUB side
+SILENCE_S = 5.0  # publishers send at least a heartbeat a second; this much silence means trouble
 _snap_decoder = msgspec.json.Decoder(KVSnapshot)
 
 
@@ -98,19 +101,47 @@ class KVSync:
                 logger.debug("kv snapshot of %s failed: %s", w.url, exc)
                 await asyncio.sleep(SCAN_INTERVAL_S)
 
-    async def follow(self, w: Worker, address: str) -> None:
+    async def endpoint_now(self, w: Worker) -> str | None:
+        """The worker's current endpoint from a fresh /server_info (a restart may change its port)."""
+        try:
+            async with self.session().get(w.url + "/server_info", headers=self.headers,
+                                          timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
+                info = await resp.json(content_type=None) if resp.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            return None
+        endpoint = info.get("kv_events_endpoint") if isinstance(info, dict) else None
+        return subscribe_address(endpoint, w) if isinstance(endpoint, str) and endpoint else None
+
+    def _socket(self, address: str) -> zmq.asyncio.Socket:
         sock = self.zctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(address)
+        return sock
+
+    async def follow(self, w: Worker, address: str) -> None:
+        sock = self._socket(address)
         idx = self.index.workers[w.url] = WorkerIndex()
         logger.info("following KV events of %s at %s", w.url, address)
         try:
             await asyncio.sleep(JOIN_DELAY_S)
             await self.resync(w, idx)
             while True:
-                frames = await sock.recv_multipart(copy=True)
+                try:
+                    frames = await asyncio.wait_for(sock.recv_multipart(copy=True), SILENCE_S)
+                except asyncio.TimeoutError:  # no heartbeat: the worker is down or moved its endpoint
+                    idx.synced = False
+                    now = await self.endpoint_now(w)
+                    if now is None:
+                        continue  # still down: not indexed until it answers again
+                    if now != address:
+                        logger.info("KV events of %s moved to %s", w.url, now)
+                        sock.close(linger=0)
+                        address, sock = now, self._socket(now)
+                        await asyncio.sleep(JOIN_DELAY_S)
+                    await self.resync(w, idx)
+                    continue
                 ok = False
                 if len(frames) == 3:
                     try:

@@ -13,8 +13,8 @@ Lifecycle:
      when idle, run `check_integrity()` once and block on the inbox. A bad request (add_request raises) is answered at once with a TokenOut
      whose `error` is set. Control requests are answered between steps;
      With `--kv-events-config` a KVPublisher (server/kv_publisher.py) publishes the prefix cache's
-     events after every step and control message, a heartbeat when idle, and answers
-     `KVSnapshotReq`;
+     events after every step and control message, a heartbeat after a quiet second (busy or
+     idle), and answers `KVSnapshotReq`;
   4. `ShutdownReq` (or the parent's death) ends the loop; an exception in `step()` sends
      `EngineFailed` and exits 1.
 Nothing is pickled on the sockets; the config crosses the spawn boundary as JSON bytes.
@@ -145,7 +145,7 @@ class EngineLoop:
                 checked_idle = False
                 self._send_outs(outs)
                 if self.kv_events is not None:
-                    self.kv_events.flush()
+                    self.kv_events.heartbeat()  # the step's cache events, or a heartbeat when due
                 self.engine.stats.on_busy(time.perf_counter() - t0)
                 self.engine.log_stats()
                 stalled = not outs and self.engine.num_forward_tokens == before

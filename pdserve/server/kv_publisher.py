@@ -3,8 +3,9 @@
 Lifecycle: `KVPublisher.open(cfg, ctx, log)` binds the PUB socket (127.0.0.1 and a free port
 unless `--kv-events-config` names an endpoint) and attaches the event log to the prefix cache;
 `endpoint` is the bound address (advertised by /server_info); `flush()` after each engine step
-or control message sends what the cache reported as one batch (seq + 1); `heartbeat()` (idle,
-once a second) re-sends the current seq with no events so subscribers detect a lost tail;
+or control message sends what the cache reported as one batch (seq + 1); `heartbeat()` (after
+steps and while idle) re-sends the current seq with no events when nothing went out for
+HEARTBEAT_S, so subscribers detect a lost tail and take silence for trouble;
 `snapshot()` flushes, then lists the cache at the current seq; `close()` at shutdown.
 """
 
@@ -17,6 +18,8 @@ import zmq
 from pdserve.engine.kv_event_log import KVEventLog
 from pdserve.kv_events import KVEventBatch, KVEventsConfig, KVSnapshot, encode_batch, seq_frame
 
+HEARTBEAT_S = 1.0
+
 
 class KVPublisher:
     def __init__(self, sock: zmq.Socket, log: KVEventLog, topic: str) -> None:
@@ -24,6 +27,7 @@ class KVPublisher:
         self.log = log
         self.topic = topic.encode()
         self.seq = 0
+        self.last_sent = 0.0
         self.endpoint: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     @classmethod
@@ -36,6 +40,7 @@ class KVPublisher:
         return cls(sock, log, cfg.topic)
 
     def _send(self, batch: KVEventBatch) -> None:
+        self.last_sent = time.monotonic()
         try:
             self.sock.send_multipart([self.topic, seq_frame(self.seq), encode_batch(batch)], flags=zmq.NOBLOCK)
         except zmq.Again:  # a full queue drops the batch; subscribers see the gap and resync
@@ -49,7 +54,7 @@ class KVPublisher:
 
     def heartbeat(self) -> None:
         self.flush()
-        if self.seq:
+        if time.monotonic() - self.last_sent >= HEARTBEAT_S:
             self._send(KVEventBatch(ts=time.time(), events=[]))
 
     def snapshot(self) -> KVSnapshot:

@@ -9,8 +9,9 @@ so churn evicts on both sides), shared by three tests:
     the decode alone, T + 1 is prefilled remotely), also when the decode's cache grows between
     turns and after it is flushed;
   - after churn with evictions on both sides the router's index equals each server's cache
-    (`/kv_events/snapshot` is the debug dump), and events published while the router was down
-    are recovered by the new router's resync.
+    (`/kv_events/snapshot` is the debug dump), events published while the router was down are
+    recovered by the new router's resync, and a restarted decode (new port, seq from 1) is
+    followed again.
 Every test ends with both PD pools back at their start marks.
 """
 
@@ -223,6 +224,19 @@ def test_index_equals_caches_after_churn_and_resyncs_after_restart(servers: tupl
         generate(router.url, ids)
         for url in pair.urls:
             wait_for(lambda: index_matches(router, url), 10, f"the index of {url} after more traffic")
+        # a decode restart: its seq begins again on a new port; the router notices the silence,
+        # re-reads /server_info, resubscribes and resyncs
+        old = httpx.get(pair.decode.url + "/server_info").json()["kv_events_endpoint"]  # type: ignore[union-attr]
+        port = pair.decode.port  # type: ignore[union-attr]
+        pair.kill_decode()
+        pair.launch_decode(port=port).wait_healthy()
+        pair.mark("decode")
+        assert httpx.get(pair.decode.url + "/server_info").json()["kv_events_endpoint"] != old  # type: ignore[union-attr]
+        wait_for(lambda: all(w["healthy"] and w["circuit"] != "open"
+                             for w in httpx.get(router.url + "/workers").json()["workers"]), 20,
+                 "the router to take the restarted decode back")
+        generate(router.url, shared + fresh(rng, 30))
+        wait_for(lambda: index_matches(router, pair.decode.url), 30, "the index of the restarted decode")  # type: ignore[union-attr]
     finally:
         router.stop()
     assert get_load(pair.decode.url)["integrity_errors"] == 0  # type: ignore[union-attr]

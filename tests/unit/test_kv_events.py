@@ -93,9 +93,15 @@ def test_index_prefix_hits_and_gaps() -> None:
     assert w.apply(0, KVEventBatch(ts=0, events=[]))  # a heartbeat at the current seq
     assert not w.apply(2, KVEventBatch(ts=0, events=[AllBlocksCleared()]))  # seq 1 was lost
     assert not w.synced and kv.get("http://a:1") is None
-    w.load(log.snapshot(2))
-    assert w.apply(3, KVEventBatch(ts=0, events=[BlockRemoved(block_hashes=sorted(w.hashes))]))
+    snap = log.snapshot(2)
+    w.load(snap)
+    assert w.apply(1, KVEventBatch(ts=snap.ts - 1, events=[AllBlocksCleared()]))  # old news, in the snapshot
+    assert kv.hits(["http://a:1"], toks) == {"http://a:1": 12}
+    assert w.apply(3, KVEventBatch(ts=snap.ts + 1, events=[BlockRemoved(block_hashes=sorted(w.hashes))]))
     assert kv.hits(["http://a:1"], toks) == {"http://a:1": 0}
+    # the server restarted: its seq began again, its batches are newer than what the index holds
+    assert not w.apply(1, KVEventBatch(ts=snap.ts + 2, events=[]))
+    assert not w.synced
 
 
 def test_wire_format_round_trip_and_config() -> None:
