@@ -110,9 +110,10 @@ class Forwarder(Protocol):
 
 class RegularForwarder:
     def __init__(self, cfg: RouterConfig, registry: WorkerRegistry, pool: UpstreamPool, policy: Policy,
-                 metrics: RouterMetrics, index: KVIndex | None = None) -> None:
+                 metrics: RouterMetrics, index: KVIndex | None = None, role: str = "regular") -> None:
         self.cfg = cfg
         self.index = index
+        self.role = role  # "decode" when PD sends a request to a decode alone (router/pd.py)
         self.registry = registry
         self.pool = pool
         self.policy = policy
@@ -156,7 +157,7 @@ class RegularForwarder:
 
     async def _migrate(self, ctx: RequestCtx, tracker: StreamTracker, w: Worker, exc: UpstreamError) -> bool:
         w.record(False, str(exc))
-        ok = await migrate(ctx, ctx.json(), tracker, {w.url}, self.registry, "regular", self.policy, self.pool,
+        ok = await migrate(ctx, ctx.json(), tracker, {w.url}, self.registry, self.role, self.policy, self.pool,
                            self.cfg.migration_limit, self.timeout)
         self.metrics.migrations.labels("ok" if ok else "failed").inc()
         return ok

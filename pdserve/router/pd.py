@@ -122,7 +122,7 @@ class PDForwarder:
                  decode_policy: Policy, metrics: RouterMetrics, index: KVIndex | None = None) -> None:
         self.cfg = cfg
         self.index = index
-        self.local = RegularForwarder(cfg, registry, pool, decode_policy, metrics)  # decode-alone attempts
+        self.local = RegularForwarder(cfg, registry, pool, decode_policy, metrics, role="decode")  # decode alone
         self.registry = registry
         self.pool = pool
         self.prefill_policy = prefill_policy
