@@ -1,8 +1,10 @@
 """PD mode: pair a prefill with a decode per request and run both legs at once.
 
 Per attempt:
-  1. the prefill and decode policies pick independently among routable workers (ones that
-     failed this request are skipped while others remain);
+  1. the decode policy picks among routable decodes (ones that failed this request are
+     skipped while others remain); `decide` may then send the request to that decode alone
+     (conditional disaggregation, below: an ordinary single-worker attempt); otherwise the
+     prefill policy picks a prefill the same way;
   2. the body gets `bootstrap_host`/`bootstrap_port` of the chosen prefill and a random
      63-bit `bootstrap_room` (lists of them, one per sequence = prompts x n, for batches and
      n > 1, SGLang's batched form);
