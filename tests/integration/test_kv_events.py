@@ -1,8 +1,10 @@
 """KV events end to end (issue 15): real PD servers on the tiny model publishing events, an
 in-process router keeping the exact index and deciding per request (conditional PD).
 
-One module, one prefill + decode pair and one unified server (small pools: 96 pages of 4 tokens,
-so churn evicts on both sides), shared by three tests:
+One module, one prefill + decode pair and two unified servers (small pools: 96 pages of 4
+tokens, so churn evicts on both sides), shared by four tests:
+  - a regular cache_aware router over the two unified servers routes a prompt to the one that
+    cached it behind the router's back (known only from its events);
   - multi-turn chats (2 conversations x 4 turns, shared system prompt) through the router with
     cache_aware + conditional PD equal a unified server's greedy answers, turn by turn;
   - conditional decisions follow `--pd-local-prefill-threshold` exactly (uncached = T goes to
@@ -44,16 +46,18 @@ def servers(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
     args = ["--model", str(tiny_model_dir), "--threads", "1", "--num-pages", "96", "--page-size", str(PAGE),
             "--chunk-budget", "32", "--max-model-len", "360", "--seed", "0", "--kv-events-config", "{}"]
     pair = PDPair(tmp, "tcp", args)
-    unified = ServerProcess(args, tmp / "unified.log")
+    unified = [ServerProcess(args, tmp / f"unified-{i}.log") for i in range(2)]
     try:
         pair.start()
-        unified.wait_healthy()
+        for u in unified:
+            u.wait_healthy()
         yield pair, unified
     except BaseException:
-        print(pair.logs(), unified.log_tail(40))
+        print(pair.logs(), *(u.log_tail(40) for u in unified))
         raise
     finally:
-        unified.stop(timeout=15)
+        for u in unified:
+            u.stop(timeout=15)
         pair.stop()
 
 
@@ -100,8 +104,27 @@ def settled(pair: PDPair) -> None:
     pair.settled()
 
 
-def test_multi_turn_chat_through_router_equals_unified(servers: tuple[PDPair, ServerProcess]) -> None:
-    pair, unified = servers
+def test_cache_aware_routes_by_the_exact_index(servers: tuple[PDPair, list[ServerProcess]]) -> None:
+    """Two unified workers behind a regular cache_aware router: a prompt cached on one of them
+    behind the router's back (its text tree never saw it) is routed there, from the events."""
+    _, unified = servers
+    rng = random.Random(3)
+    cfg = RouterConfig(port=0, policy=PolicyConfig("cache_aware"), workers=tuple(WorkerSpec(u.url) for u in unified),
+                       health=HealthConfig(interval_s=0.3, timeout_s=5.0))
+    with EmbeddedRouter(cfg) as router:
+        for target in (unified[1], unified[0], unified[1]):
+            prompt = fresh(rng, 40)
+            generate(target.url, prompt)  # straight to the worker
+            wait_for(lambda: index_matches(router, target.url), 20, "the index to see the worker's new pages")
+            body = {"input_ids": prompt + fresh(rng, 6), "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
+            r = httpx.post(router.url + "/generate", json=body, timeout=60)
+            assert r.status_code == 200 and r.json()["meta_info"]["cached_tokens"] == 40, r.text
+    for u in unified:
+        assert get_load(u.url)["used_pages"] == 0
+
+
+def test_multi_turn_chat_through_router_equals_unified(servers: tuple[PDPair, list[ServerProcess]]) -> None:
+    pair, (unified, _) = servers
     system = {"role": "system", "content": "You are a terse assistant. " + " ".join(f"rule {i}." for i in range(12))}
     questions = [["Name a colour.", "And another?", "Which is darker?", "Why?"],
                  ["Count to three.", "Now backwards.", "Add one.", "Thanks."]]
@@ -148,7 +171,7 @@ def _craft(base: list[int], uncached: int, decode_url: str, rng: random.Random) 
     raise AssertionError(f"cannot make {uncached} uncached tokens on top of {len(base)}")
 
 
-def test_conditional_decisions_follow_the_threshold_exactly(servers: tuple[PDPair, ServerProcess]) -> None:
+def test_conditional_decisions_follow_the_threshold_exactly(servers: tuple[PDPair, list[ServerProcess]]) -> None:
     pair, _ = servers
     rng = random.Random(7)
     decode = pair.decode.url  # type: ignore[union-attr]
@@ -181,7 +204,7 @@ def test_conditional_decisions_follow_the_threshold_exactly(servers: tuple[PDPai
     settled(pair)
 
 
-def test_index_equals_caches_after_churn_and_resyncs_after_restart(servers: tuple[PDPair, ServerProcess]) -> None:
+def test_index_equals_caches_after_churn_and_resyncs_after_restart(servers: tuple[PDPair, list[ServerProcess]]) -> None:
     pair, _ = servers
     rng = random.Random(11)
     router = start_router(pair)
