@@ -44,7 +44,7 @@ class RouterMetrics:
         self.pd_client_errors = Counter(P + "pd_client_errors_total", "PD: legs answered with a client error (4xx)",
                                         ["leg", "status"], registry=r)
         self.pd_decisions = Counter(P + "pd_decisions_total",
-                                    "PD: per request, remote prefill or the decode alone (local_threshold, local_queue)",
+                                    "PD: per attempt, remote prefill or the decode alone (local_threshold, local_queue)",
                                     ["decision"], registry=r)
         self.kv_resyncs = Counter(P + "kv_index_resyncs_total", "KV index snapshots taken (connects and seq gaps)",
                                   ["worker"], registry=r)

@@ -26,6 +26,7 @@ from pdserve.router.workers import Worker
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
 _CHAT_KEYS = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
+TOKENIZE_TIMEOUT_S = 10.0  # /tokenize never reaches the engine: a worker that takes longer is in trouble
 
 
 def _int_list(value: Any) -> list[int] | None:
@@ -62,7 +63,7 @@ async def prompt_ids(ctx: RequestCtx, via: Worker, pool: UpstreamPool, timeout: 
     else:
         try:
             resp = await pool.request(via.host, via.port, "POST", "/tokenize", via.fwd_headers + ctx.fwd_headers,
-                                      spec, timeout)
+                                      spec, min(timeout, TOKENIZE_TIMEOUT_S))
             try:
                 data = await resp.read()
             finally:
