@@ -338,7 +338,10 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], plots: li
         lines.append(f"| {r['system']} | {r['completed']}/{r['completed'] + r['failed']} | {r['mean_prompt']:.0f} | "
                      f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['itl_p50']:.0f} | {r['itl_p99']:.0f} | "
                      f"{r['kv_bytes_per_req']:.0f} | {r['goodput']:.3f} | {dec} |")
-    lines += ["", "Latencies in ms, goodput in turns/s.", "", "## Targets", "", *targets(by), "",
+    lines += ["", "Latencies in ms, goodput in turns/s."]
+    if getattr(args, "skipped", None):
+        lines += ["", "Not run: " + "; ".join(args.skipped) + "."]
+    lines += ["", "## Targets", "", *targets(by), "",
               *[f"![{p.stem}]({p.name})" for p in plots]]
     text = "\n".join(lines) + "\n"
     (args.out / "report.md").write_text(text)
@@ -370,11 +373,19 @@ def main() -> int:
         args.conversations, args.turns, args.system_len, args.user_len, args.reply_len = 3, 4, 120, 12, 8
         args.rate, args.think_s, args.threshold = 1.0, 0.2, 64
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, results = [], {}
+    rows, results, skipped = [], {}, []
     for name in args.configs:
-        row, res = run_system(name, args)
+        try:
+            row, res = run_system(name, args)
+        except (RuntimeError, TimeoutError) as exc:  # e.g. a server that does not know a flag yet
+            print(f"== {name}: not run: {exc}", flush=True)
+            skipped.append(f"{name} ({exc})")
+            continue
         rows.append(row)
         results[name] = res
+    if not rows:
+        return 1
+    args.skipped = skipped
     plots = plot_bars(rows, args.out) + plot_compare(results, args.out, prefix="cdf_")
     (args.out / "results.json").write_text(json.dumps(
         {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
