@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.engine.config import DTYPE_CHOICES, EngineConfig
+from pdserve.kv_events import parse_kv_events_config
 from pdserve.launch.argtypes import device, fraction, non_negative_float, non_negative_int, positive_float, \
     positive_int
 
@@ -76,6 +77,10 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
          "this machine's index (0 runs the scheduler and the HTTP front; others only their tp ranks)"),
     Flag(("--dist-init-addr",), "dist_init_addr", str,
          "HOST:PORT of node 0's rendezvous; the process group binds the interface toward HOST", metavar="HOST:PORT"),
+    Flag(("--kv-events-config",), "kv_events_config", str,
+         "publish KV-cache events (JSON, e.g. '{\"endpoint\": \"tcp://127.0.0.1:5557\"}'; '{}' binds 127.0.0.1 "
+         "on a free port, shown in /server_info); the router's cache_aware and conditional PD use them",
+         metavar="JSON"),
 )
 
 
@@ -116,6 +121,8 @@ def check_engine_args(args: argparse.Namespace) -> None:
         if args.max_model_len > (args.num_pages - 1) * args.page_size:
             raise ValueError(f"--max-model-len {args.max_model_len} does not fit in {args.num_pages} pages of "
                              f"{args.page_size} tokens (at most {(args.num_pages - 1) * args.page_size})")
+    if args.kv_events_config is not None:
+        parse_kv_events_config(args.kv_events_config)
     template = args.chat_template
     if template is not None and "{" not in template and not Path(template).is_file():
         raise ValueError(f"--chat-template {template!r} is neither a file nor a Jinja template")

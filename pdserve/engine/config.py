@@ -45,6 +45,7 @@ class EngineConfig:
     load_balance_method: str = "round_robin"  # how the front spreads requests over dp ranks
     dp_rank: int = 0  # set by the front for each dp rank's engine process
     dp_store: str | None = None  # DP attention: the FileStore path the ranks meet at (set by the front)
+    kv_events_config: str | None = None  # JSON (pdserve/kv_events): publish KV events; None = off
 
     def check_parallel(self) -> None:
         """Raise ValueError (one sentence) for a tp/dp/nnodes/node-rank combination that cannot work."""
@@ -56,6 +57,9 @@ class EngineConfig:
                              f"{self.tp_size} and dp {self.dp_size}")
         if self.enable_dp_attention and self.dp_size < 2:
             raise ValueError("--enable-dp-attention needs --dp-size >= 2")
+        if self.dp_size > 1 and self.kv_events_config is not None:
+            raise ValueError("--kv-events-config with --dp-size > 1 is not supported yet (one publisher per dp rank "
+                             "would need advertising)")
         if self.dp_size > 1 and self.nnodes > 1:
             raise ValueError("--dp-size > 1 runs on one machine: it cannot be combined with --nnodes > 1 yet")
         if self.tp_size < 1 or self.nnodes < 1 or self.tp_size % self.nnodes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv_events import KVSnapshot
 
 
 class Bootstrap(msgspec.Struct, frozen=True):
@@ -144,6 +145,12 @@ class FlushCacheReq(msgspec.Struct, frozen=True, tag=True):
     cid: int
 
 
+class KVSnapshotReq(msgspec.Struct, frozen=True, tag=True):
+    """Every cached page and the KV-event seq it is current at (`--kv-events-config` only)."""
+
+    cid: int
+
+
 class ShutdownReq(msgspec.Struct, frozen=True, tag=True):
     """Ask the engine process to stop: it aborts what it runs and exits."""
 
@@ -161,6 +168,7 @@ class EngineReady(msgspec.Struct, frozen=True, tag=True):
     device: str = "cpu"
     tokenizer_path: str = ""  # the folder the tokenizer came from ("" = model_path)
     model_config: dict[str, int | float | str | bool | None] = {}
+    kv_events_endpoint: str | None = None  # where KV events are PUBlished (None: off)
 
 
 class EngineFailed(msgspec.Struct, frozen=True, tag=True):
@@ -186,8 +194,13 @@ class FlushCacheResp(msgspec.Struct, frozen=True, tag=True):
     ok: bool
 
 
-EngineInMsg = GenerateReq | AbortReq | GetLoadReq | FlushCacheReq | ShutdownReq
-EngineOutMsg = EngineReady | EngineFailed | TokenOutBatch | LoadResp | FlushCacheResp
+class KVSnapshotResp(msgspec.Struct, frozen=True, tag=True):
+    cid: int
+    snapshot: KVSnapshot | None  # None: KV events are off
+
+
+EngineInMsg = GenerateReq | AbortReq | GetLoadReq | FlushCacheReq | KVSnapshotReq | ShutdownReq
+EngineOutMsg = EngineReady | EngineFailed | TokenOutBatch | LoadResp | FlushCacheResp | KVSnapshotResp
 
 
 # ---- rank 0 -> the other tensor-parallel ranks (engine/tp_worker.py), once per step -------

@@ -14,6 +14,10 @@ Lifecycle of a request against the cache:
             request's table then points at the tree's page. The lock moves to the new node.
   unlock  → at finish/abort/preemption; unreferenced leaves become evictable (LRU first).
 Only partial last pages and pages beyond the tree stay private to a request.
+
+Events: with a `listener` (engine/kv_event_log.py, for `--kv-events-config`), every node gets its
+chained page hash (pdserve/kv_events) when created, and the listener hears each insert's new
+chain of pages (`stored`), each eviction's pages (`removed`) and a flush (`cleared`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,18 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+from typing import Protocol
+
 from pdserve.engine.kv_cache import PageAllocator
+from pdserve.kv_events import NO_PARENT, page_hash
+
+
+class CacheListener(Protocol):
+    def stored(self, parent_hash: int, nodes: list["Node"]) -> None: ...
+
+    def removed(self, nodes: list["Node"]) -> None: ...
+
+    def cleared(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -33,6 +48,7 @@ class Node:
     ref: int = 0
     last_access: int = 0
     depth: int = 0  # pages from the root
+    hash: int = NO_PARENT  # chained page hash (kv_events), set only while a listener is attached
 
 
 class PrefixCache:
@@ -43,6 +59,7 @@ class PrefixCache:
         self.root = Node(key=(), page=-1, parent=None, ref=1)
         self.num_pages = 0  # pages held by tree nodes
         self._tick = 0
+        self.listener: CacheListener | None = None
 
     def _touch(self, node: Node) -> None:
         self._tick += 1
@@ -82,13 +99,11 @@ class PrefixCache:
         """Insert the full pages of `tokens` (stored in `pages`); return the page table to use
         for them (duplicates replaced by the tree's pages, which are freed) and the deepest node."""
         n = min(len(tokens) // self.page_size, len(pages))
-        node, out, dup = self.root, [], []
+        node, out, dup, new = self.root, [], [], []
         for i, key in enumerate(self._keys(tokens, n)):
             child = node.children.get(key)
             if child is None:
-                child = Node(key=key, page=pages[i], parent=node, depth=node.depth + 1)
-                node.children[key] = child
-                self.num_pages += 1
+                child = self._new_node(key, pages[i], node, new)
             elif child.page != pages[i]:
                 dup.append(pages[i])
             node = child
@@ -96,6 +111,7 @@ class PrefixCache:
             out.append(node.page)
         if dup:
             self.allocator.free(dup)
+        self._report_stored(new)
         return out, node
 
     def insert_own(self, tokens: list[int], pages: list[int]) -> tuple[int, Node]:
@@ -103,25 +119,41 @@ class PrefixCache:
         keeping `pages` as they are; returns how many of them now belong to the tree and the
         deepest such node (`insert` instead frees duplicates and swaps in the tree's pages)."""
         n = min(len(tokens) // self.page_size, len(pages))
-        node, count = self.root, 0
+        node, count, new = self.root, 0, []
         for i, key in enumerate(self._keys(tokens, n)):
             child = node.children.get(key)
             if child is None:
-                child = Node(key=key, page=pages[i], parent=node, depth=node.depth + 1)
-                node.children[key] = child
-                self.num_pages += 1
+                child = self._new_node(key, pages[i], node, new)
             elif child.page != pages[i]:
                 break
             node = child
             self._touch(node)
             count += 1
+        self._report_stored(new)
         return count, node
+
+    def _new_node(self, key: tuple[int, ...], page: int, parent: Node, new: list[Node]) -> Node:
+        child = Node(key=key, page=page, parent=parent, depth=parent.depth + 1)
+        if self.listener is not None:
+            child.hash = page_hash(parent.hash, key)
+            new.append(child)
+        parent.children[key] = child
+        self.num_pages += 1
+        return child
+
+    def _report_stored(self, new: list[Node]) -> None:
+        """New nodes of one insert form one chain (once a page is missing, all below are new)."""
+        if new and self.listener is not None:
+            parent = new[0].parent
+            assert parent is not None
+            self.listener.stored(parent.hash, new)
 
     def evict(self, num_pages: int) -> int:
         """Free up to `num_pages` pages from unreferenced leaves, least recently used first."""
         heap = [(n.last_access, id(n), n) for n in self._iter_nodes() if not n.children and n.ref == 0]
         heapq.heapify(heap)
         freed: list[int] = []
+        gone: list[Node] = []
         while heap and len(freed) < num_pages:
             _, _, node = heapq.heappop(heap)
             parent = node.parent
@@ -129,10 +161,13 @@ class PrefixCache:
             del parent.children[node.key]
             self.num_pages -= 1
             freed.append(node.page)
+            gone.append(node)
             if parent is not self.root and not parent.children and parent.ref == 0:
                 heapq.heappush(heap, (parent.last_access, id(parent), parent))
         if freed:
             self.allocator.free(freed)
+            if self.listener is not None:
+                self.listener.removed(gone)
         return len(freed)
 
     def evictable_pages(self) -> int:
@@ -143,7 +178,24 @@ class PrefixCache:
         if any(n.ref for n in self._iter_nodes()):
             return False
         self.evict(self.num_pages)
+        if self.listener is not None:
+            self.listener.cleared()
         return True
+
+    def nodes(self):
+        """Every cached node, parents before children (snapshots)."""
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    def attach_listener(self, listener: CacheListener) -> None:
+        """Hash the nodes already cached (a listener attached after start) and report to `listener`."""
+        self.listener = listener
+        for node in self.nodes():
+            assert node.parent is not None
+            node.hash = page_hash(node.parent.hash, node.key)
 
     def _iter_nodes(self):
         stack = list(self.root.children.values())

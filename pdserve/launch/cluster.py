@@ -7,7 +7,9 @@ Lifecycle of `run_launch(args)`:
   2. start the model servers (`pdserve serve`, bundled model unless `--model`): `--prefill N`
      prefill + `--decode M` decode servers in PD mode, or `--workers K` unified servers with
      `--mode unified`; then the router (`pdserve router`) over them, which health-checks them
-     itself;
+     itself. When the router uses KV events (policy cache_aware, or
+     `--pd-local-prefill-threshold` in `--router-args`) every server publishes them
+     (`--kv-events-config '{}'`, 127.0.0.1 on a free port) unless `--server-args` sets it;
   3. wait (bounded by `--start-timeout`) until every server answers /health and the router's
      /readiness is 200, with a progress bar; a process that exits early stops everything and
      its log tail is shown;
@@ -107,6 +109,8 @@ class Cluster:
         counts: dict[str, int] = {}
         prefill_args: list[str] = []
         decode_args: list[str] = []
+        wants_events = (args.policy == "cache_aware" or "--pd-local-prefill-threshold" in args.router_args) \
+            and "--kv-events-config" not in args.server_args and "--disable-kv-events" not in args.router_args
         for role, cpu_set in zip(roles, plans):
             i = counts[role] = counts.get(role, -1) + 1
             port = free_port()
@@ -130,6 +134,8 @@ class Cluster:
                 decode_args.append(f"http://127.0.0.1:{port}")
             if api_key:
                 cmd += ["--api-key", api_key]
+            if wants_events:
+                cmd += ["--kv-events-config", "{}"]
             cmd += shlex.split(args.server_args)
             self.servers.append(Child(f"{role}-{i}", cmd, log_dir / f"{role}-{i}.log",
                                       f"http://127.0.0.1:{port}/health",

@@ -25,6 +25,7 @@ from pdserve.router.config import RouterConfig, WorkerSpec
 from pdserve.router.health import HealthChecker
 from pdserve.router.http.client import UpstreamError, UpstreamPool
 from pdserve.router.http.protocol import Request, Response
+from pdserve.router.kv_index import KVIndex
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.request import RouteFn, RouterError
 from pdserve.router.resilience import ConcurrencyLimiter
@@ -39,8 +40,10 @@ def _json(obj: Any, rid: str, status: int = 200) -> Response:
 
 class Admin:
     def __init__(self, cfg: RouterConfig, registry: WorkerRegistry, health: HealthChecker,
-                 limiter: ConcurrencyLimiter, metrics: RouterMetrics, pool: UpstreamPool) -> None:
+                 limiter: ConcurrencyLimiter, metrics: RouterMetrics, pool: UpstreamPool,
+                 kv_index: KVIndex | None = None) -> None:
         self.cfg = cfg
+        self.kv_index = kv_index
         self.registry = registry
         self.health = health
         self.limiter = limiter
@@ -59,7 +62,14 @@ class Admin:
             "/get_model_info": info, "/health_generate": info, "/version": info, "/v1/models/{id}": info,
             "/tokenize": {"POST": self.pass_through}, "/detokenize": {"POST": self.pass_through},
             "/flush_cache": {"POST": self.flush_cache, "GET": self.flush_cache},
+            "/kv_index": {"GET": self.kv_index_dump},
         }
+
+    async def kv_index_dump(self, req: Request, rid: str) -> Response:
+        """The exact KV index per worker (router/kv_index.py): seq, sync state, block hashes."""
+        if self.kv_index is None:
+            raise RouterError(404, "the KV index is off (no cache_aware policy nor conditional PD)")
+        return _json(self.kv_index.describe(), rid)
 
     async def liveness(self, req: Request, rid: str) -> Response:
         return _json({"status": "ok"}, rid)

@@ -7,8 +7,9 @@ Lifecycle of `RouterApp`:
     regular or PD forwarder, and the route table (generation routes here, the operational
     ones from admin.py);
   - `start()` opens the control-plane aiohttp session, runs one round of health checks and
-    starts the background loops (health checks, `/get_load` polling for power_of_two, tree
-    eviction for cache_aware);
+    starts the background loops (health checks, `/get_load` polling for power_of_two and the
+    PD prefill queue limit, tree eviction for cache_aware, KV-event subscribers feeding the
+    exact index (router/kv_sync.py) when cache_aware or conditional PD uses it);
   - `handle(request)` (called by the HTTP server for every request) tags it with a request
     id, routes it, checks the API key (all routes except /health, /liveness, /readiness,
     /metrics), and for generation routes takes a concurrency slot (429/408), forwards it and
@@ -33,6 +34,8 @@ from pdserve.router.forward import Forwarder, RegularForwarder
 from pdserve.router.health import HealthChecker, LoadMonitor
 from pdserve.router.http.client import UpstreamPool
 from pdserve.router.http.protocol import Request, Response
+from pdserve.router.kv_index import KVIndex
+from pdserve.router.kv_sync import KVSync
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pd import PDForwarder
 from pdserve.router.policies import Policy, make_policy
@@ -60,16 +63,18 @@ class RouterApp:
         self.registry.subscribe(self._on_registry_change)
         for spec in cfg.workers:
             self.registry.add(new_worker(spec, cfg))
+        self.kv_index = KVIndex() if cfg.uses_kv_index else None
         self.forwarder: Forwarder
         if cfg.pd:
             self.forwarder = PDForwarder(cfg, self.registry, self.pool, self.policies["prefill"],
-                                         self.policies["decode"], self.metrics)
+                                         self.policies["decode"], self.metrics, self.kv_index)
         else:
-            self.forwarder = RegularForwarder(cfg, self.registry, self.pool, self.policies["regular"], self.metrics)
+            self.forwarder = RegularForwarder(cfg, self.registry, self.pool, self.policies["regular"], self.metrics,
+                                              self.kv_index)
         self._tasks: list[asyncio.Task[Any]] = []
         self._key = cfg.api_key.encode() if cfg.api_key else None
         self._forward_client_auth = cfg.worker_key is None
-        self.admin = Admin(cfg, self.registry, self.health, self.limiter, self.metrics, self.pool)
+        self.admin = Admin(cfg, self.registry, self.health, self.limiter, self.metrics, self.pool, self.kv_index)
         self.routes: dict[str, dict[str, RouteFn]] = {path: {"POST": self.generate} for path in GENERATE_ROUTES}
         for path, methods in self.admin.routes().items():
             self.routes.setdefault(path, {}).update(methods)
@@ -88,7 +93,11 @@ class RouterApp:
         await self.health.start(self.session)
         if self.cfg.health.enabled:
             self._tasks.append(asyncio.create_task(self.health.run(), name="health-checks"))
-        if any(p.name == "power_of_two" for p in self.policies.values()):
+        if self.kv_index is not None:
+            sync = KVSync(self.registry, self.kv_index, lambda: self.session, self.cfg.worker_key,
+                          self.cfg.health.timeout_s, lambda url: self.metrics.kv_resyncs.labels(url).inc())
+            self._tasks.append(asyncio.create_task(sync.run(), name="kv-events"))
+        if any(p.name == "power_of_two" for p in self.policies.values()) or self.cfg.pd_prefill_queue_limit is not None:
             monitor = LoadMonitor(self.cfg.health.load_interval_s, self.cfg.health.timeout_s, self.registry,
                                   self.session, self.cfg.worker_key)
             self._tasks.append(asyncio.create_task(monitor.run(), name="load-monitor"))

@@ -64,6 +64,14 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--migration-limit", type=non_negative_int, default=3,
                    help="times a stream whose worker dies mid-way continues on another worker (0: never) "
                         "(default 3)")
+    g.add_argument("--pd-local-prefill-threshold", type=non_negative_int, default=None, metavar="TOKENS",
+                   help="PD: send a request to the decode alone (local prefill) when its prompt tokens not in "
+                        "that decode's prefix cache (exact, from KV events) are at most this (default: off)")
+    g.add_argument("--pd-prefill-queue-limit", type=non_negative_int, default=None, metavar="REQUESTS",
+                   help="PD: send a request to the decode alone when every prefill has more than this many "
+                        "requests queued or running (default: off)")
+    g.add_argument("--disable-kv-events", action="store_true",
+                   help="do not subscribe to workers' KV events (cache_aware then uses only its approximate tree)")
     g.add_argument("--retry-max-retries", type=positive_int, default=ret.max_attempts,
                    help=f"total tries per request (default {ret.max_attempts})")
     g.add_argument("--retry-initial-backoff-ms", type=non_negative_float, default=ret.initial_backoff_s * 1000,
@@ -152,7 +160,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         api_key=api_key, worker_api_key=args.worker_api_key,
         request_id_headers=tuple(h.lower() for h in args.request_id_headers), log_level=args.log_level,
         shutdown_timeout_s=args.shutdown_grace_period_secs, metrics_prefix=args.metrics_prefix,
-        migration_limit=args.migration_limit)
+        migration_limit=args.migration_limit, pd_local_prefill_threshold=args.pd_local_prefill_threshold,
+        pd_prefill_queue_limit=args.pd_prefill_queue_limit, kv_events=not args.disable_kv_events)
 
 
 def add_router_parser(subparsers: Any) -> argparse.ArgumentParser:

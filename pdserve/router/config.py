@@ -147,6 +147,9 @@ class RouterConfig:
     shutdown_timeout_s: float = 30.0
     metrics_prefix: str = "sglang"  # /metrics names are "<prefix>:router_<name>"
     migration_limit: int = 3  # times a broken stream moves to another worker (Dynamo's name); 0 = never
+    pd_local_prefill_threshold: int | None = None  # PD: uncached tokens at most this -> decode alone
+    pd_prefill_queue_limit: int | None = None  # PD: every prefill's queue over this -> decode alone
+    kv_events: bool = True  # follow workers' KV events (exact index) when a policy or PD needs it
 
     def __post_init__(self) -> None:
         roles = {w.role for w in self.workers}
@@ -159,12 +162,23 @@ class RouterConfig:
             raise ValueError("a worker url is listed twice")
         if self.migration_limit < 0:
             raise ValueError("migration_limit must be >= 0")
+        for name in ("pd_local_prefill_threshold", "pd_prefill_queue_limit"):
+            value = getattr(self, name)
+            if value is not None and (value < 0 or not self.pd):
+                raise ValueError(f"--{name.replace('_', '-')} needs --pd-disaggregation and a value >= 0")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
 
     @property
     def worker_key(self) -> str | None:
         return self.worker_api_key if self.worker_api_key is not None else self.api_key
+
+    @property
+    def uses_kv_index(self) -> bool:
+        """Follow KV events? When cache_aware routes a role, or conditional PD needs decode hits."""
+        roles = ("prefill", "decode") if self.pd else ("regular",)
+        return self.kv_events and (self.pd_local_prefill_threshold is not None
+                                   or any(self.policy_for(r).name == "cache_aware" for r in roles))
 
     def policy_for(self, role: str) -> PolicyConfig:
         if role == "prefill" and self.prefill_policy is not None:

@@ -28,9 +28,11 @@ import msgspec
 from pdserve.router.config import RouterConfig
 from pdserve.router.http.client import UpstreamError, UpstreamPool, UpstreamResponse
 from pdserve.router.http.protocol import Response
+from pdserve.router.kv_index import KVIndex
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.migrate import StreamTracker, migratable, migrate, tracked_payload
 from pdserve.router.policies import Policy
+from pdserve.router.prompt_ids import exact_hits
 from pdserve.router.request import RequestCtx, RouterError, error_body
 from pdserve.router.resilience import backoff_s, breaker_failure, retryable_status
 from pdserve.router.workers import Worker, WorkerRegistry
@@ -108,8 +110,10 @@ class Forwarder(Protocol):
 
 class RegularForwarder:
     def __init__(self, cfg: RouterConfig, registry: WorkerRegistry, pool: UpstreamPool, policy: Policy,
-                 metrics: RouterMetrics) -> None:
+                 metrics: RouterMetrics, index: KVIndex | None = None, role: str = "regular") -> None:
         self.cfg = cfg
+        self.index = index
+        self.role = role  # "decode" when PD sends a request to a decode alone (router/pd.py)
         self.registry = registry
         self.pool = pool
         self.policy = policy
@@ -129,7 +133,8 @@ class RegularForwarder:
             if not candidates:
                 break
             fresh = [w for w in candidates if w.url not in tried] or candidates
-            worker = self.policy.select(fresh, ctx.text)
+            worker = self.policy.select(fresh, ctx.text, await exact_hits(
+                ctx, self.policy, self.index, fresh, self.pool, self.timeout))
             tried.add(worker.url)
             outcome = await self.attempt(ctx, worker)
             if not isinstance(outcome, Failure):
@@ -152,7 +157,7 @@ class RegularForwarder:
 
     async def _migrate(self, ctx: RequestCtx, tracker: StreamTracker, w: Worker, exc: UpstreamError) -> bool:
         w.record(False, str(exc))
-        ok = await migrate(ctx, ctx.json(), tracker, {w.url}, self.registry, "regular", self.policy, self.pool,
+        ok = await migrate(ctx, ctx.json(), tracker, {w.url}, self.registry, self.role, self.policy, self.pool,
                            self.cfg.migration_limit, self.timeout)
         self.metrics.migrations.labels("ok" if ok else "failed").inc()
         return ok

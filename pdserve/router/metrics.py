@@ -4,6 +4,8 @@ Named like the servers' (`<prefix>:router_<name>`, prefix `--metrics-prefix`, de
 `sglang`; no `_created` series). Per request: `<prefix>:router_requests_total{route,status}`
 and a duration histogram; per retry `..._retries_total{route}`; rejections by the limiter
 `..._rejected_total{reason}`; PD: `..._pd_ttft_seconds` (request start → first decode byte)
+`..._pd_decisions_total{decision}` (conditional disaggregation: remote, local_threshold,
+local_queue), `..._kv_index_resyncs_total{worker}` (KV-event index snapshots),
 `..._pd_transfer_failures_total{leg,reason}` (worker-side failures: connection errors, 5xx,
 408/429) and `..._pd_client_errors_total{leg,status}` (a leg's 4xx about the client's own
 request: not a transfer failure). Per-worker gauges (in-flight, polled load,
@@ -41,6 +43,11 @@ class RouterMetrics:
                                    registry=r)
         self.pd_client_errors = Counter(P + "pd_client_errors_total", "PD: legs answered with a client error (4xx)",
                                         ["leg", "status"], registry=r)
+        self.pd_decisions = Counter(P + "pd_decisions_total",
+                                    "PD: per attempt, remote prefill or the decode alone (local_threshold, local_queue)",
+                                    ["decision"], registry=r)
+        self.kv_resyncs = Counter(P + "kv_index_resyncs_total", "KV index snapshots taken (connects and seq gaps)",
+                                  ["worker"], registry=r)
         self.migrations = Counter(P + "migrations_total", "Streams moved to another worker mid-way, by outcome",
                                   ["outcome"], registry=r)
         self.active = Gauge(P + "active_requests", "Requests holding a concurrency slot", registry=r)
@@ -55,6 +62,7 @@ class RouterMetrics:
         self._dur: dict[str, Any] = {}
         self._retry: dict[str, Any] = {}
         self._wreq: dict[tuple[str, str], Any] = {}
+        self._dec: dict[str, Any] = {}
 
     def request_done(self, route: str, status: int, seconds: float) -> None:
         c = self._req.get((route, status))
@@ -76,6 +84,12 @@ class RouterMetrics:
         c = self._wreq.get((url, outcome))
         if c is None:
             c = self._wreq[(url, outcome)] = self.worker_requests.labels(url, outcome)
+        c.inc()
+
+    def pd_decision(self, decision: str) -> None:
+        c = self._dec.get(decision)
+        if c is None:
+            c = self._dec[decision] = self.pd_decisions.labels(decision)
         c.inc()
 
     def pd_failure(self, leg: str, reason: str) -> None:

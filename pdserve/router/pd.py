@@ -1,8 +1,10 @@
 """PD mode: pair a prefill with a decode per request and run both legs at once.
 
 Per attempt:
-  1. the prefill and decode policies pick independently among routable workers (ones that
-     failed this request are skipped while others remain);
+  1. the decode policy picks among routable decodes (ones that failed this request are
+     skipped while others remain); `decide` may then send the request to that decode alone
+     (conditional disaggregation, below: an ordinary single-worker attempt); otherwise the
+     prefill policy picks a prefill the same way;
   2. the body gets `bootstrap_host`/`bootstrap_port` of the chosen prefill and a random
      63-bit `bootstrap_room` (lists of them, one per sequence = prompts x n, for batches and
      n > 1, SGLang's batched form);
@@ -20,6 +22,16 @@ counted; one before it keeps the decode leg when that decode recomputes failed t
 decode. A client that goes away in any phase (before the decode answers or mid-stream)
 cancels both legs at once, so neither worker keeps the room until its bootstrap timeout. Metrics: PD TTFT (start → first decode byte) and failed legs by reason.
 
+Conditional disaggregation (`decide`, before a prefill is picked; off unless a flag is set): a
+single-prompt request goes to the chosen decode alone, without bootstrap fields (the decode then
+prefills locally, as it does for a migrated stream) when its uncached part on that decode —
+prompt tokens minus the decode's page-aligned prefix hit from the exact KV index
+(router/kv_index.py; 0 for a decode that publishes no events) — is at most
+`--pd-local-prefill-threshold` tokens ("local_threshold"), or when every routable prefill's
+queue (max of its polled /get_load and this router's in-flight count) is over
+`--pd-prefill-queue-limit` ("local_queue"); otherwise "remote". Each decision is counted in
+`<prefix>:router_pd_decisions_total{decision}`.
+
 Prompt logprobs: the prefill computed the prompt, the decode did not, so a `/generate` with
 `return_logprob: true` or a completion with `echo` + `logprobs` gets the prompt's logprobs from
 the prefill's answer (`prompt_logprobs.py`: JSON bodies, batches and SSE streams).
@@ -36,12 +48,14 @@ from typing import Any
 import msgspec
 
 from pdserve.router.config import RouterConfig
-from pdserve.router.forward import Failure, relay_stream
+from pdserve.router.forward import Failure, RegularForwarder, relay_stream
 from pdserve.router.http.client import UpstreamError, UpstreamPool, UpstreamResponse
 from pdserve.router.http.protocol import Response
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.migrate import StreamTracker, migrate, migratable
+from pdserve.router.kv_index import KVIndex
 from pdserve.router.policies import Policy
+from pdserve.router.prompt_ids import exact_hits, prompt_ids
 from pdserve.router.prompt_logprobs import SSEMerger, merge_body, prefill_metas, wants_prompt_logprobs
 from pdserve.router.request import RequestCtx, RouterError
 from pdserve.router.resilience import backoff_s, breaker_failure
@@ -107,8 +121,10 @@ def _release_late(task: asyncio.Task[Any]) -> None:
 
 class PDForwarder:
     def __init__(self, cfg: RouterConfig, registry: WorkerRegistry, pool: UpstreamPool, prefill_policy: Policy,
-                 decode_policy: Policy, metrics: RouterMetrics) -> None:
+                 decode_policy: Policy, metrics: RouterMetrics, index: KVIndex | None = None) -> None:
         self.cfg = cfg
+        self.index = index
+        self.local = RegularForwarder(cfg, registry, pool, decode_policy, metrics, role="decode")  # decode alone
         self.registry = registry
         self.pool = pool
         self.prefill_policy = prefill_policy
@@ -132,8 +148,23 @@ class PDForwarder:
             decodes = self.registry.routable("decode")
             if not prefills or not decodes:
                 break
-            p = self.prefill_policy.select([w for w in prefills if w.url not in tried_p] or prefills, ctx.text)
-            d = self.decode_policy.select([w for w in decodes if w.url not in tried_d] or decodes, ctx.text)
+            d_cands = [w for w in decodes if w.url not in tried_d] or decodes
+            d = self.decode_policy.select(d_cands, ctx.text, await exact_hits(
+                ctx, self.decode_policy, self.index, d_cands, self.pool, self.timeout))
+            decision = await self.decide(ctx, d, prefills, batch, want_lp)
+            self.metrics.pd_decision(decision)
+            if decision != "remote":
+                local = await self.local.attempt(ctx, d)
+                if not isinstance(local, Failure):
+                    return local
+                last = local
+                tried_d.add(d.url)
+                if local.sent or not local.retryable:
+                    break
+                continue
+            p_cands = [w for w in prefills if w.url not in tried_p] or prefills
+            p = self.prefill_policy.select(p_cands, ctx.text, await exact_hits(
+                ctx, self.prefill_policy, self.index, p_cands, self.pool, self.timeout))
             outcome, blame = await self.pair(ctx, inject_bootstrap(body, p, batch, track), p, d, want_lp, track)
             if not isinstance(outcome, Failure):
                 return outcome
@@ -147,6 +178,23 @@ class PDForwarder:
         if last is None:
             raise RouterError(503, "no healthy prefill/decode pair is available", code="no_healthy_workers")
         return None if last.sent else last.response(ctx)
+
+    async def decide(self, ctx: RequestCtx, d: Worker, prefills: list[Worker], batch: int | None,
+                     want_lp: bool) -> str:
+        """"remote", "local_threshold" or "local_queue" (see the module docstring)."""
+        cfg = self.cfg
+        if batch is not None or want_lp:  # several sequences, or prompt logprobs: the prefill's job
+            return "remote"
+        if cfg.pd_local_prefill_threshold is not None:
+            ids = await prompt_ids(ctx, d, self.pool, self.timeout)
+            if ids:
+                hit = self.index.hits([d.url], ids).get(d.url, 0) if self.index is not None else 0
+                if len(ids) - hit <= cfg.pd_local_prefill_threshold:
+                    return "local_threshold"
+        limit = cfg.pd_prefill_queue_limit
+        if limit is not None and prefills and all(max(p.load, p.in_flight) > limit for p in prefills):
+            return "local_queue"
+        return "remote"
 
     async def _prefill(self, ctx: RequestCtx, p: Worker, payload: bytes) -> Leg:
         resp = await self.pool.request(p.host, p.port, "POST", ctx.req.target, p.fwd_headers + ctx.fwd_headers,

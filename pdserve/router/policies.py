@@ -13,6 +13,9 @@ request only through a `text()` callable, evaluated only by policies that need i
   2. otherwise the longest prefix match in the approximate tree decides when its match rate
      (matched chars / text chars) is above `cache_threshold`;
   3. else the worker with the smallest tree (least cached text) gets it.
+Workers that publish KV events are matched exactly instead (`exact`: cached prefix tokens /
+prompt tokens, from router/kv_index.py); the approximate tree still answers for the others,
+and the better rate of the two decides rule 2.
 The chosen worker's tree then takes the text. `maintain()` (run every
 `eviction_interval_s` by the app) evicts LRU leaves down to `max_tree_size` per worker.
 
@@ -36,13 +39,15 @@ from pdserve.router.config import PolicyConfig
 from pdserve.router.workers import Worker
 
 TextFn = Callable[[], str]
+Exact = tuple[dict[str, int], int]  # (cached prefix tokens per indexed worker, prompt tokens): kv_index.py
 
 
 class Policy:
     name = "base"
     needs_text = False
+    uses_index = False  # wants exact KV-index hits (router/kv_index.py) when workers publish events
 
-    def select(self, workers: Sequence[Worker], text: TextFn) -> Worker:
+    def select(self, workers: Sequence[Worker], text: TextFn, exact: Exact | None = None) -> Worker:
         raise NotImplementedError
 
     def on_removed(self, worker: Worker) -> None:
@@ -58,7 +63,7 @@ class RandomPolicy(Policy):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def select(self, workers: Sequence[Worker], text: TextFn) -> Worker:
+    def select(self, workers: Sequence[Worker], text: TextFn, exact: Exact | None = None) -> Worker:
         return workers[self._rng.randrange(len(workers))] if len(workers) > 1 else workers[0]
 
 
@@ -68,7 +73,7 @@ class RoundRobinPolicy(Policy):
     def __init__(self) -> None:
         self._next = 0
 
-    def select(self, workers: Sequence[Worker], text: TextFn) -> Worker:
+    def select(self, workers: Sequence[Worker], text: TextFn, exact: Exact | None = None) -> Worker:
         i = self._next
         self._next = i + 1
         return workers[i % len(workers)]
@@ -84,7 +89,7 @@ class PowerOfTwoPolicy(Policy):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def select(self, workers: Sequence[Worker], text: TextFn) -> Worker:
+    def select(self, workers: Sequence[Worker], text: TextFn, exact: Exact | None = None) -> Worker:
         if len(workers) == 1:
             return workers[0]
         a, b = self._rng.sample(range(len(workers)), 2)
@@ -224,6 +229,7 @@ class RadixTree:
 class CacheAwarePolicy(Policy):
     name = "cache_aware"
     needs_text = True
+    uses_index = True
 
     def __init__(self, cfg: PolicyConfig) -> None:
         self.cfg = cfg
@@ -235,7 +241,7 @@ class CacheAwarePolicy(Policy):
         hi, lo = max(loads), min(loads)
         return hi - lo > self.cfg.balance_abs_threshold and hi > self.cfg.balance_rel_threshold * lo
 
-    def select(self, workers: Sequence[Worker], text: TextFn) -> Worker:
+    def select(self, workers: Sequence[Worker], text: TextFn, exact: Exact | None = None) -> Worker:
         s = text()
         if len(workers) == 1:
             chosen = workers[0]
@@ -245,10 +251,18 @@ class CacheAwarePolicy(Policy):
             self.last_reason = "balance"
         else:
             by_url = {w.url: w for w in workers}
-            matched, tenant = self.tree.match(s, by_url)
-            if s and tenant is not None and matched / len(s) > self.cfg.cache_threshold:
+            hits, n_tokens = exact if exact is not None else ({}, 0)
+            approx = {u: w for u, w in by_url.items() if u not in hits}  # workers that publish nothing
+            matched, tenant = self.tree.match(s, approx)
+            rate = matched / len(s) if s and tenant is not None else 0.0
+            reason = "cache_hit"
+            if hits and n_tokens:
+                best = max(hits, key=hits.__getitem__)
+                if hits[best] / n_tokens >= rate and hits[best] > 0:
+                    tenant, rate, reason = best, hits[best] / n_tokens, "exact_hit"
+            if tenant is not None and rate > self.cfg.cache_threshold:
                 chosen = by_url[tenant]
-                self.last_reason = "cache_hit"
+                self.last_reason = reason
             else:
                 sizes = self.tree.sizes
                 chosen = min(workers, key=lambda w: sizes.get(w.url, 0))

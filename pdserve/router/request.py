@@ -109,7 +109,7 @@ def routing_text(route: str, body: dict[str, Any]) -> str:
 
 
 class RequestCtx:
-    __slots__ = ("_json", "_text", "fwd_headers", "req", "resp_headers", "rid", "route", "t0")
+    __slots__ = ("_json", "_text", "fwd_headers", "prompt_ids", "req", "resp_headers", "rid", "route", "t0")
 
     def __init__(self, req: Request, rid: str, route: str, client_auth: str | None) -> None:
         self.req = req
@@ -118,6 +118,7 @@ class RequestCtx:
         self.t0 = time.perf_counter()
         self._json: dict[str, Any] | None = None
         self._text: str | None = None
+        self.prompt_ids: list[int] | None | bool = False  # router/prompt_ids.py: False = not looked up yet
         extra = f"x-request-id: {rid}\r\n"
         if client_auth is not None:
             extra += f"authorization: {client_auth}\r\n"

@@ -38,6 +38,8 @@ from pdserve.engine.messages import (
     EngineReady,
     FlushCacheReq,
     FlushCacheResp,
+    KVSnapshotReq,
+    KVSnapshotResp,
     GenerateReq,
     GetLoadReq,
     LoadResp,
@@ -252,6 +254,9 @@ class EngineClient:
         resp: FlushCacheResp = await self._call(lambda cid: FlushCacheReq(cid=cid), timeout)
         return resp.ok
 
+    async def kv_snapshot(self, timeout: float = 30.0) -> KVSnapshotResp:
+        return await self._call(lambda cid: KVSnapshotReq(cid=cid), timeout)
+
     # ---------------------------------------------------------------- background tasks
     async def _recv_loop(self) -> None:
         assert self._pull is not None
@@ -267,7 +272,7 @@ class EngineClient:
                     queue = self._queues.get(out.rid)
                     if queue is not None:
                         queue.put_nowait(out)
-            elif isinstance(msg, (LoadResp, FlushCacheResp)):
+            elif isinstance(msg, (LoadResp, FlushCacheResp, KVSnapshotResp)):
                 fut = self._futures.get(msg.cid)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)

@@ -12,6 +12,9 @@ Lifecycle:
      inbox instead of spinning) and, every --log-stats-interval, the stats line (engine/stats.py);
      when idle, run `check_integrity()` once and block on the inbox. A bad request (add_request raises) is answered at once with a TokenOut
      whose `error` is set. Control requests are answered between steps;
+     With `--kv-events-config` a KVPublisher (server/kv_publisher.py) publishes the prefix cache's
+     events after every step and control message, a heartbeat after a quiet second (busy or
+     idle), and answers `KVSnapshotReq`;
   4. `ShutdownReq` (or the parent's death) ends the loop; an exception in `step()` sends
      `EngineFailed` and exits 1.
 Nothing is pickled on the sockets; the config crosses the spawn boundary as JSON bytes.
@@ -46,14 +49,19 @@ from pdserve.engine.messages import (
     FlushCacheResp,
     GenerateReq,
     GetLoadReq,
+    KVSnapshotReq,
+    KVSnapshotResp,
     LoadResp,
     ShutdownReq,
     TokenOut,
     TokenOutBatch,
 )
 
+from pdserve.kv_events import parse_kv_events_config
+
 if TYPE_CHECKING:  # the front imports this module: it must not import torch
     from pdserve.engine.engine import Engine
+    from pdserve.server.kv_publisher import KVPublisher
 
 logger = logging.getLogger("pdserve.engine_proc")
 
@@ -90,7 +98,7 @@ def _model_summary(engine: Engine) -> dict[str, int | float | str | bool | None]
     return out
 
 
-def ready_message(engine: Engine, config: EngineConfig) -> EngineReady:
+def ready_message(engine: Engine, config: EngineConfig, kv_events_endpoint: str | None = None) -> EngineReady:
     load = engine.load()
     return EngineReady(
         pid=os.getpid(),
@@ -103,14 +111,17 @@ def ready_message(engine: Engine, config: EngineConfig) -> EngineReady:
         device=str(engine.device),
         tokenizer_path=str(engine.tokenizer_path),
         model_config=_model_summary(engine),
+        kv_events_endpoint=kv_events_endpoint,
     )
 
 
 class EngineLoop:
     """Drives one Engine from the inbox socket and reports to the outbox socket."""
 
-    def __init__(self, engine: Engine, inbox: zmq.Socket, outbox: zmq.Socket, parent_pid: int) -> None:
+    def __init__(self, engine: Engine, inbox: zmq.Socket, outbox: zmq.Socket, parent_pid: int,
+                 kv_events: KVPublisher | None = None) -> None:
         self.engine = engine
+        self.kv_events = kv_events
         self.inbox = inbox
         self.outbox = outbox
         self.parent_pid = parent_pid
@@ -134,6 +145,8 @@ class EngineLoop:
                 outs = self.engine.step()
                 checked_idle = False
                 self._send_outs(outs)
+                if self.kv_events is not None:
+                    self.kv_events.heartbeat()  # the step's cache events, or a heartbeat when due
                 self.engine.stats.on_busy(time.perf_counter() - t0)
                 self.engine.log_stats()
                 stalled = not outs and self.engine.num_forward_tokens == before
@@ -150,6 +163,8 @@ class EngineLoop:
             elif os.getppid() != self.parent_pid:
                 logger.warning("parent process is gone; engine exits")
                 return
+            elif self.kv_events is not None:
+                self.kv_events.heartbeat()
 
     def _step(self) -> list[TokenOut]:
         t0 = time.perf_counter()
@@ -188,6 +203,8 @@ class EngineLoop:
                 logger.error("dropping undecodable message: %s", exc)
                 continue
             self._handle(msg)
+            if self.kv_events is not None:
+                self.kv_events.flush()
 
     def _handle(self, msg: EngineInMsg) -> None:
         if isinstance(msg, GenerateReq):
@@ -207,6 +224,9 @@ class EngineLoop:
         elif isinstance(msg, FlushCacheReq):
             ok = bool(self.engine.flush_cache())
             self._send(FlushCacheResp(cid=msg.cid, ok=ok))
+        elif isinstance(msg, KVSnapshotReq):
+            snap = self.kv_events.snapshot() if self.kv_events is not None else None
+            self._send(KVSnapshotResp(cid=msg.cid, snapshot=snap))
         elif isinstance(msg, ShutdownReq):
             self.stopping = True
 
@@ -237,6 +257,8 @@ class DPAttentionLoop(EngineLoop):
                     self._check_integrity()
                     checked_idle = True
                 self.engine.log_stats()
+            if self.kv_events is not None:
+                self.kv_events.heartbeat()  # this round's cache events, or a heartbeat when due
             if dp.view.any_busy:
                 if not outs and dp.view.max_tokens == 0:
                     poller.poll(NAP_MS)  # KV in transit somewhere: don't spin both cores on rounds
@@ -264,26 +286,35 @@ def engine_main(config_json: bytes, in_addr: str, out_addr: str, parent_pid: int
     inbox.connect(in_addr)
     outbox.connect(out_addr)
     code = 0
+    kv_events: KVPublisher | None = None
     try:
         from pdserve.engine.engine import Engine
+        from pdserve.engine.kv_event_log import KVEventLog
+        from pdserve.server.kv_publisher import KVPublisher
 
         engine = Engine(config, disagg)
+        events_cfg = parse_kv_events_config(config.kv_events_config)
+        if events_cfg is not None:
+            kv_events = KVPublisher.open(events_cfg, ctx, KVEventLog(engine.kv.cache))
+            logger.info("KV events published on %s", kv_events.endpoint)
         if config.warmup:
             logger.info("warm-up request done in %.2f s", engine.warm_up())
-        outbox.send(msgspec.msgpack.encode(ready_message(engine, config)))
+        outbox.send(msgspec.msgpack.encode(ready_message(engine, config, kv_events.endpoint if kv_events else None)))
     except BaseException:
         outbox.send(msgspec.msgpack.encode(EngineFailed(message="engine start-up failed:\n" + traceback.format_exc())))
         code = 1
     else:
         try:
             loop = DPAttentionLoop if engine.dp is not None else EngineLoop
-            loop(engine, inbox, outbox, parent_pid).run()
+            loop(engine, inbox, outbox, parent_pid, kv_events).run()
         except BaseException:
             logger.exception("engine loop failed")
             outbox.send(msgspec.msgpack.encode(EngineFailed(message="engine failed:\n" + traceback.format_exc())))
             code = 1
         finally:
             engine.close()  # PD: close transfer sessions and the bootstrap server cleanly
+    if kv_events is not None:
+        kv_events.close()
     inbox.close(linger=0)
     outbox.close(linger=1000)
     ctx.term()

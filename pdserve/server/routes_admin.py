@@ -1,8 +1,8 @@
 """Health, info, load, abort, cache and metrics endpoints (SGLang-compatible shapes).
 
 Stateless handlers over `ServerState`: `/health` is cheap (engine process alive),
-`/health_generate` runs one 1-token generation, `/get_load` and `/flush_cache` are control
-round trips to the engine process, `/metrics` refreshes the engine gauges then renders
+`/health_generate` runs one 1-token generation, `/get_load`, `/flush_cache` and
+`/kv_events/snapshot` are control round trips to the engine process, `/metrics` refreshes the engine gauges then renders
 Prometheus text. `/server_info` never shows the API key.
 """
 
@@ -100,6 +100,7 @@ def _server_info(state: ServerState) -> dict[str, Any]:
         "dp_size": cfg.engine.dp_size,  # SGLang's server-args names
         "enable_dp_attention": cfg.engine.enable_dp_attention,
         "load_balance_method": cfg.engine.load_balance_method,
+        "kv_events_endpoint": state.info.kv_events_endpoint,
         "uptime_s": round(time.time() - state.started, 3),
         **server,
         "engine": dataclasses.asdict(cfg.engine),
@@ -222,6 +223,21 @@ async def flush_cache(request: Request) -> Response:
     if not ok:
         raise APIError(400, "cache not flushed: requests are still running; retry when idle", code="flush_failed")
     return _json({"success": True, "message": "cache flushed"})
+
+
+@router.get("/kv_events/snapshot")
+async def kv_events_snapshot(request: Request) -> Response:
+    """Every cached page (hash, parent hash, tokens) and the KV-event seq it is current at: what
+    a subscriber resyncs from, and the cache's debug dump (pdserve/kv_events)."""
+    state = get_state(request)
+    try:
+        resp = await state.client.kv_snapshot(state.config.control_timeout_s)
+    except (asyncio.TimeoutError, EngineDeadError) as exc:
+        raise _unavailable(exc) from None
+    if resp.snapshot is None:
+        raise APIError(404, "KV events are off on this server (start it with --kv-events-config)",
+                       code="kv_events_off")
+    return _json(resp.snapshot)
 
 
 @router.get("/metrics")

@@ -42,7 +42,7 @@ PROTECTED = [("POST", "/v1/completions", {"prompt": "x"}), ("POST", "/v1/chat/co
              ("POST", "/generate", {"text": "x"}), ("GET", "/v1/models", None), ("GET", "/workers", None),
              ("POST", "/workers", {"url": "http://127.0.0.1:1"}), ("DELETE", "/workers", {"url": "x"}),
              ("GET", "/get_loads", None), ("GET", "/server_info", None), ("GET", "/model_info", None),
-             ("POST", "/flush_cache", None), ("GET", "/health_generate", None)]
+             ("POST", "/flush_cache", None), ("GET", "/health_generate", None), ("GET", "/kv_index", None)]
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},

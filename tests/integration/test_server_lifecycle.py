@@ -24,7 +24,7 @@ KEY = "test-key-123"
 PROTECTED = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
              ("POST", "/generate"), ("GET", "/get_load"), ("GET", "/server_info"), ("GET", "/get_server_info"),
              ("GET", "/model_info"), ("GET", "/get_model_info"), ("POST", "/flush_cache"),
-             ("POST", "/abort_request"), ("GET", "/health_generate")]
+             ("POST", "/abort_request"), ("GET", "/health_generate"), ("GET", "/kv_events/snapshot")]
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ through a chain), and no product file outgrows 400 lines.
     router ──▶ (HTTP only)            server ──▶ engine ──▶ model
     disagg ──▶ (never engine/server/router)      engine ──▶ disagg
     model  ──▶ (nothing else of pdserve)
+    kv_events ◀── engine, server, router  (the KV-event wire format; imports only msgspec/stdlib)
 
 Every import counts, also lazy ones inside functions and those under TYPE_CHECKING: a reader
 follows them all.
@@ -25,6 +26,8 @@ FORBIDDEN = {  # folder → import prefixes its modules must not use
               "pdserve.launch", "pdserve.cli"),
     "parallel": ("pdserve.engine", "pdserve.server", "pdserve.router", "pdserve.disagg", "pdserve.model"),
 }
+KV_EVENTS_ALLOWED = ("msgspec", "pdserve.kv_events", "__future__", "hashlib", "json", "struct", "dataclasses",
+                     "typing")
 PICKLING_MODULES = ("pickle", "cloudpickle", "dill", "_pickle")
 PICKLING_CALLS = ("broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list",
                   "send_object_list", "recv_object_list")  # torch.distributed's pickling collectives
@@ -169,3 +172,10 @@ def test_product_files_stay_small() -> None:
     long = [f"{p.relative_to(PKG)}: {n} lines" for p in MODULES.values()
             if (n := p.read_text().count("\n")) > 400]
     assert not long, "\n".join(long)
+
+
+def test_kv_events_imports_only_msgspec_and_stdlib() -> None:
+    """engine and router both import pdserve/kv_events: it must pull in neither of them (nor torch, zmq)."""
+    bad = [f"{p.relative_to(PKG)} imports {n}" for m, p in MODULES.items() if m.startswith("pdserve.kv_events")
+           for n in _imported_names(p) if not any(n == a or n.startswith(a + ".") for a in KV_EVENTS_ALLOWED)]
+    assert not bad, "\n".join(bad)

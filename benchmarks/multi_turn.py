@@ -1,0 +1,397 @@
+"""Issue 15: multi-turn chat — what a decode-side prefix cache and conditional PD buy.
+
+    python benchmarks/multi_turn.py                       # the full run (tens of minutes on 2 cores)
+    python benchmarks/multi_turn.py --quick --configs unified pd pd_cond --out /tmp/mt
+
+One seeded workload, four systems started one after the other (each behind `pdserve router`,
+so the router hop is on every side; every server publishes KV events, `--kv-events-config {}`):
+
+  unified       one `pdserve serve` on every core; router cache_aware;
+  pd            1P1D, prefill and decode each pinned to half the cores; router cache_aware;
+  pd_cache      pd + `--disaggregation-decode-enable-radix-cache` on the decode (the decode keeps
+                earlier turns' KV and only the new part of a prompt moves);
+  pd_cache_cond pd_cache + the router's conditional disaggregation
+                (`--pd-local-prefill-threshold`): a turn whose uncached part on the decode is small
+                is prefilled on the decode itself, no transfer at all;
+  pd_cond       (extra, not in the default set) pd + conditional, without the decode cache flag.
+
+Workload: `--conversations` chats share one system prompt (`--system-len` tokens); each has
+`--turns` turns; a turn appends a new user message (`--user-len` tokens) to the history
+(system, earlier user messages and the model's real replies), asks for `--reply-len` tokens
+(greedy, EOS ignored) and, once the reply is in, waits an exponential think time
+(`--think-s` mean) before the next turn. Conversations start as a Poisson process at `--rate`
+conversations/s. Token counts are the server's own (`usage.prompt_tokens`). Every system gets
+the same conversations at the same offsets (greedy replies are the same on every system).
+
+Measured per system: TTFT p50/p99 and ITL p50/p99 over every turn, goodput (turns/s meeting
+both SLOs), KV bytes moved per request (the decode's `sglang:kv_transfer_bytes_total` delta /
+turns) and the router's `sglang:router_pd_decisions_total`. Output (in --out): report.md (table,
+ratios, targets met/missed), results.json and PNGs (bars per metric, TTFT and ITL CDFs).
+Targets: pd_cache moves <= 0.3x pd's KV bytes with TTFT p50 <= 0.6x pd's; pd_cache_cond keeps
+p99 ITL <= 0.5x unified's with TTFT p50 <= 1.2x unified's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pdserve.bench.metrics import RequestRecord, summarize  # noqa: E402
+from pdserve.bench.report import plot_compare  # noqa: E402
+from pdserve.bench.runner import BenchConfig, BenchResult  # noqa: E402
+from pdserve.launch.procs import kill_group  # noqa: E402
+
+CONFIGS = ("unified", "pd", "pd_cache", "pd_cache_cond", "pd_cond")
+DEFAULT_CONFIGS = ("unified", "pd", "pd_cache", "pd_cache_cond")
+DECODE_CACHE_FLAG = "--disaggregation-decode-enable-radix-cache"  # the decode-side prefix cache (issue 15 A)
+WORDS = ("river stone lantern orbit maple signal harbor velvet copper meadow falcon ember quartz canyon willow "
+         "summit cobalt thistle beacon glacier saffron tundra marble pepper violet anchor cedar prism").split()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- processes ----------------------------------------------------------------------------------
+class Proc:
+    def __init__(self, name: str, cmd: list[str], log: Path, cpus: list[int] | None) -> None:
+        self.name = name
+        self.log = open(log, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_group(self.proc)
+        self.log.close()
+
+
+def wait_ready(url: str, path: str, procs: list[Proc], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.proc.poll() is not None:
+                raise RuntimeError(f"{p.name} exited with {p.proc.returncode} at start (see its log)")
+        try:
+            with urllib.request.urlopen(url + path, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"{url}{path} not ready after {timeout:.0f} s")
+
+
+def start_system(name: str, args: argparse.Namespace, out: Path) -> tuple[list[Proc], str, str | None]:
+    """Servers and router for `name`; returns (processes, router url, decode url or None)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cpus) // 2)
+    common = ["--kv-events-config", "{}", *args.server_args.split()]
+    serve = [sys.executable, "-m", "pdserve.cli", "serve", "--model", args.model, "--host", "127.0.0.1"]
+    logs = out / f"logs-{name}"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: list[Proc] = []
+    router_port = free_port()
+    router = [sys.executable, "-m", "pdserve.cli", "router", "--host", "127.0.0.1", "--port", str(router_port),
+              "--policy", "cache_aware"]
+    decode_url = None
+    if name == "unified":
+        port = free_port()
+        procs.append(Proc("unified", [*serve, "--port", str(port), "--threads", str(len(cpus)), *common],
+                          logs / "unified.log", cpus))
+        router += ["--worker-urls", f"http://127.0.0.1:{port}"]
+    else:
+        p_port, d_port, boot = free_port(), free_port(), free_port()
+        pd = ["--disaggregation-transfer-backend", args.backend]
+        procs.append(Proc("prefill", [*serve, "--port", str(p_port), "--threads", str(half), *common, *pd,
+                                      "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(boot)],
+                          logs / "prefill.log", cpus[:half]))
+        extra = [DECODE_CACHE_FLAG] if name in ("pd_cache", "pd_cache_cond") else []
+        procs.append(Proc("decode", [*serve, "--port", str(d_port), "--threads", str(len(cpus) - half or 1), *common,
+                                     *pd, "--disaggregation-mode", "decode", "--disaggregation-bootstrap-port",
+                                     str(free_port()), *extra], logs / "decode.log", cpus[half:] or cpus))
+        decode_url = f"http://127.0.0.1:{d_port}"
+        router += ["--pd-disaggregation", "--prefill", f"http://127.0.0.1:{p_port}", str(boot), "--decode", decode_url]
+        if name.endswith("_cond"):
+            router += ["--pd-local-prefill-threshold", str(args.threshold)]
+    try:
+        for p in procs:
+            wait_ready(f"http://127.0.0.1:{p.proc.args[p.proc.args.index('--port') + 1]}", "/health", procs)
+        procs.append(Proc("router", router, logs / "router.log", None))
+        url = f"http://127.0.0.1:{router_port}"
+        wait_ready(url, "/readiness", procs)
+    except BaseException:
+        for p in reversed(procs):
+            p.stop()
+        raise
+    return procs, url, decode_url
+
+
+def scrape(url: str | None, pattern: str) -> dict[str, float]:
+    if url is None:
+        return {}
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {m.group(1) or "": float(m.group(2)) for m in re.finditer(pattern, text)}
+
+
+KV_BYTES = r'sglang:kv_transfer_bytes_total(?:\{[^}]*\})?() ([\d.e+]+)'
+DECISIONS = r'router_pd_decisions_total\{decision="(\w+)"\} ([\d.e+]+)'
+
+
+# -- workload -----------------------------------------------------------------------------------
+def words(rng: random.Random, n: int) -> str:
+    """About `n` tokens of text (one short word is about one token); counts are the server's."""
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def conversations(args: argparse.Namespace) -> tuple[str, list[tuple[float, list[str], list[float]]]]:
+    """The shared system prompt, and per conversation: start offset, user messages, think times."""
+    rng = random.Random(args.seed)
+    system = "You are a helpful assistant. Background notes: " + words(rng, args.system_len)
+    out, t = [], 0.0
+    for _ in range(args.conversations):
+        users = [words(rng, args.user_len) + "?" for _ in range(args.turns)]
+        thinks = [rng.expovariate(1 / args.think_s) if args.think_s > 0 else 0.0 for _ in range(args.turns)]
+        out.append((t, users, thinks))
+        t += rng.expovariate(args.rate)
+    return system, out
+
+
+async def one_turn(session: aiohttp.ClientSession, url: str, messages: list[dict[str, str]], reply_len: int,
+                   origin: float) -> tuple[RequestRecord, str]:
+    rec = RequestRecord()
+    body = {"messages": messages, "max_tokens": reply_len, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    st = time.perf_counter()
+    rec.start = st - origin
+    text: list[str] = []
+    last = st
+    try:
+        async with session.post(url + "/v1/chat/completions", json=body) as resp:
+            if resp.status != 200:
+                rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return rec, ""
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    continue
+                data = json.loads(line[5:])
+                usage = data.get("usage")
+                if isinstance(usage, dict):
+                    rec.prompt_len = int(usage.get("prompt_tokens") or 0)
+                    rec.output_tokens = int(usage.get("completion_tokens") or 0)
+                for ch in data.get("choices") or []:
+                    piece = (ch.get("delta") or {}).get("content")
+                    if piece:
+                        now = time.perf_counter()
+                        if not text:
+                            rec.ttft = now - st
+                        else:
+                            rec.itl.append(now - last)
+                        last = now
+                        rec.chunk_times.append(now - origin)
+                        text.append(piece)
+        rec.latency = time.perf_counter() - st
+        rec.success = bool(text)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"
+        rec.latency = time.perf_counter() - st
+    return rec, "".join(text)
+
+
+async def drive(url: str, args: argparse.Namespace) -> tuple[list[RequestRecord], float]:
+    system, convs = conversations(args)
+    records: list[RequestRecord] = []
+    timeout = aiohttp.ClientTimeout(total=args.timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        origin = time.perf_counter()
+
+        async def chat(start: float, users: list[str], thinks: list[float]) -> None:
+            await asyncio.sleep(max(0.0, start - (time.perf_counter() - origin)))
+            messages = [{"role": "system", "content": system}]
+            for user, think in zip(users, thinks):
+                messages.append({"role": "user", "content": user})
+                rec, reply = await one_turn(session, url, messages, args.reply_len, origin)
+                records.append(rec)
+                if not rec.success:
+                    return
+                messages.append({"role": "assistant", "content": reply})
+                await asyncio.sleep(think)
+
+        await asyncio.gather(*(chat(*c) for c in convs))
+        return records, time.perf_counter() - origin
+
+
+def run_system(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], BenchResult]:
+    print(f"== {name}: starting", flush=True)
+    procs, url, decode = start_system(name, args, args.out)
+    try:
+        warm = argparse.Namespace(**{**vars(args), "conversations": 1, "turns": 1, "seed": args.seed + 999})
+        asyncio.run(drive(url, warm))  # one unrelated turn: compile/warm paths outside the measurement
+        kv0, dec0 = scrape(decode, KV_BYTES), scrape(url, DECISIONS)
+        t0 = time.time()
+        records, duration = asyncio.run(drive(url, args))
+        kv1, dec1 = scrape(decode, KV_BYTES), scrape(url, DECISIONS)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    s = summarize(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+    done = s["completed"]
+    row = {"system": name, "completed": done, "failed": s["failed"], "ttft_p50": s["ttft_ms"]["median"],
+           "ttft_p99": s["ttft_ms"]["p99"], "itl_p50": s["itl_ms"]["median"], "itl_p99": s["itl_ms"]["p99"],
+           "goodput": s["goodput"], "mean_prompt": sum(r.prompt_len for r in records if r.success) / max(done, 1),
+           "kv_bytes_per_req": (sum(kv1.values()) - sum(kv0.values())) / max(done, 1),
+           "decisions": {k: v - dec0.get(k, 0.0) for k, v in dec1.items()}, "duration_s": duration}
+    cfg = BenchConfig(base_url=url, model=None, tokenizer="default", num_prompts=len(records), seed=args.seed,
+                      slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
+    print(json.dumps(row), flush=True)
+    return row, BenchResult(cfg, s, records, duration, t0)
+
+
+# -- report -------------------------------------------------------------------------------------
+def plot_bars(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for keys, label, fname in ((("ttft_p50", "ttft_p99"), "TTFT (ms)", "ttft.png"),
+                               (("itl_p50", "itl_p99"), "inter-token latency (ms)", "itl.png"),
+                               (("kv_bytes_per_req",), "KV bytes moved per request", "kv_bytes.png"),
+                               (("goodput",), "goodput (turns/s within SLOs)", "goodput.png")):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.8 / len(keys)
+        for j, key in enumerate(keys):
+            ax.bar([i + j * width for i in range(len(rows))], [r[key] for r in rows], width, label=key)
+        ax.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(rows))], [r["system"] for r in rows])
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y")
+        if len(keys) > 1:
+            ax.legend()
+        fig.tight_layout()
+        path = out / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def targets(by: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    if "pd" in by and "pd_cache" in by:
+        kv = _ratio(by["pd_cache"]["kv_bytes_per_req"], by["pd"]["kv_bytes_per_req"])
+        tt = _ratio(by["pd_cache"]["ttft_p50"], by["pd"]["ttft_p50"])
+        lines.append(f"- pd_cache vs pd: KV bytes {kv:.2f}x (target <= 0.3), TTFT p50 {tt:.2f}x (target <= 0.6) -> "
+                     f"{'MET' if kv <= 0.3 and tt <= 0.6 else 'MISSED'}")
+    for cond in ("pd_cache_cond", "pd_cond"):
+        if cond in by and "unified" in by:
+            itl = _ratio(by[cond]["itl_p99"], by["unified"]["itl_p99"])
+            tt = _ratio(by[cond]["ttft_p50"], by["unified"]["ttft_p50"])
+            lines.append(f"- {cond} vs unified: p99 ITL {itl:.2f}x (target <= 0.5), TTFT p50 {tt:.2f}x "
+                         f"(target <= 1.2) -> {'MET' if itl <= 0.5 and tt <= 1.2 else 'MISSED'}")
+    return lines or ["- (the targets need unified, pd, pd_cache and pd_cache_cond)"]
+
+
+def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], plots: list[Path]) -> str:
+    by = {r["system"]: r for r in rows}
+    lines = ["# Multi-turn chat: decode cache and conditional PD", "",
+             f"`python benchmarks/multi_turn.py {' '.join(sys.argv[1:])}`", "",
+             f"{args.conversations} conversations x {args.turns} turns, Poisson starts at {args.rate:g}/s, shared "
+             f"system prompt ~{args.system_len} words, user messages ~{args.user_len} words, replies {args.reply_len} "
+             f"tokens (greedy, EOS ignored), think time mean {args.think_s:g} s, seed {args.seed}; conditional "
+             f"threshold {args.threshold} tokens; SLOs TTFT <= {args.slo_ttft_ms:g} ms, TPOT <= "
+             f"{args.slo_tpot_ms:g} ms. Machine: {len(os.sched_getaffinity(0))} cores (PD: half each).", "",
+             "| system | turns | mean prompt | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | KV bytes/req | goodput "
+             "| decisions |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dec = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["decisions"].items())) or "-"
+        lines.append(f"| {r['system']} | {r['completed']}/{r['completed'] + r['failed']} | {r['mean_prompt']:.0f} | "
+                     f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['itl_p50']:.0f} | {r['itl_p99']:.0f} | "
+                     f"{r['kv_bytes_per_req']:.0f} | {r['goodput']:.3f} | {dec} |")
+    lines += ["", "Latencies in ms, goodput in turns/s."]
+    if getattr(args, "skipped", None):
+        lines += ["", "Not run: " + "; ".join(args.skipped) + "."]
+    lines += ["", "## Targets", "", *targets(by), "",
+              *[f"![{p.stem}]({p.name})" for p in plots]]
+    text = "\n".join(lines) + "\n"
+    (args.out / "report.md").write_text(text)
+    return text
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=CONFIGS)
+    ap.add_argument("--conversations", type=int, default=24)
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--system-len", type=int, default=600, help="words in the shared system prompt")
+    ap.add_argument("--user-len", type=int, default=40, help="words per user message")
+    ap.add_argument("--reply-len", type=int, default=48, help="tokens per reply")
+    ap.add_argument("--rate", type=float, default=0.1, help="conversation starts per second (Poisson)")
+    ap.add_argument("--think-s", type=float, default=2.0, help="mean think time between turns (exponential)")
+    ap.add_argument("--threshold", type=int, default=256, help="--pd-local-prefill-threshold of the *_cond systems")
+    ap.add_argument("--slo-ttft-ms", type=float, default=4000.0)
+    ap.add_argument("--slo-tpot-ms", type=float, default=150.0)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--backend", default="tcp", help="PD transfer backend")
+    ap.add_argument("--server-args", default="--max-model-len 4096", help="extra `pdserve serve` flags for all")
+    ap.add_argument("--timeout-s", type=float, default=600.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 3 short conversations of 4 turns")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "multi_turn")
+    args = ap.parse_args()
+    if args.quick:
+        args.conversations, args.turns, args.system_len, args.user_len, args.reply_len = 3, 4, 120, 12, 8
+        args.rate, args.think_s, args.threshold = 1.0, 0.2, 64
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, results, skipped = [], {}, []
+    for name in args.configs:
+        try:
+            row, res = run_system(name, args)
+        except (RuntimeError, TimeoutError) as exc:  # e.g. a server that does not know a flag yet
+            print(f"== {name}: not run: {exc}", flush=True)
+            skipped.append(f"{name} ({exc})")
+            continue
+        rows.append(row)
+        results[name] = res
+    if not rows:
+        return 1
+    args.skipped = skipped
+    plots = plot_bars(rows, args.out) + plot_compare(results, args.out, prefix="cdf_")
+    (args.out / "results.json").write_text(json.dumps(
+        {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    print(write_report(args, rows, plots))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
