@@ -39,7 +39,7 @@ from tests.integration.test_pd_engines import prompts
 ARGS = ["--threads", "1", "--num-pages", "400", "--page-size", "16", "--chunk-budget", "32", "--max-model-len", "1024"]
 DP_ATTENTION = ["--dp-size", "2", "--tp-size", "2", "--enable-dp-attention"]
 PROMPTS = prompts(22, seed=13)
-SHORT_NEW, LONG_NEW = 8, 40
+SHORT_NEW, LONG_NEW = 8, 120  # rank 1 decodes for ~120 rounds: a window no poll misses
 STREAMS = prompts(4, seed=14)  # rank 1's decode streams
 LONG = [random.Random(15).randrange(300, 40000) for _ in range(600)]  # rank 0's prefill (19 chunks of 32)
 
@@ -224,7 +224,7 @@ def test_kill_one_decode_dp_rank(pd_pair: PDPair) -> None:
                  "the router to see both workers healthy")
         victim = get_load(decode.url)["dp_ranks"][1]["pid"]
         assert victim in children_of(decode.proc.pid)
-        fut = _in_background(lambda: pd_pair.send_both(pd_pair.pd_body(body(LONG, 40, 1)), timeout=60))
+        fut = _in_background(lambda: pd_pair.send_both(pd_pair.pd_body(body(LONG, 200, 1)), timeout=60))
         wait_for(lambda: _holds(decode.url, 1) or fut.done(), 30, "decode rank 1 to take the request")
         assert not fut.done(), fut.result().decode.describe()
         os.kill(victim, signal.SIGKILL)
