@@ -65,7 +65,9 @@ class Cluster:
         self.out, self.name, self.procs = out, name, []  # type: ignore[var-annotated]
 
     def spawn(self, tag: str, cmd: list[str], cores: str | None = None) -> None:
-        log = open(self.out / f"{self.name}-{tag}.log", "wb")
+        logs = self.out / f"logs-{self.name}"  # ignored by git
+        logs.mkdir(exist_ok=True)
+        log = open(logs / f"{tag}.log", "wb")
         full = ["taskset", "-c", cores, *cmd] if cores else cmd
         self.procs.append(subprocess.Popen(full, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, start_new_session=True))
@@ -184,30 +186,37 @@ def traces(urls: list[str]) -> list[list[list[float]]]:
     return out
 
 
+args_chunk_marker = 32  # a rank-0 step forwarding more tokens than this holds a prefill chunk
+
+
 def plot(results: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True, sharey=True)
     for ax, system in zip(axes, ("unified", "pd")):
         res = results[system]
         t0 = res["t0_wall"]
-        for rank, trace in enumerate(res["steps"]):
-            fw = [s for s in trace if not s[3] and s[0] >= t0]
-            idle = [s for s in trace if s[3] and s[0] >= t0]
-            ax.scatter([s[0] - t0 for s in fw], [s[1] * 1000 for s in fw], s=6, label=f"rank {rank} forward")
-            ax.scatter([s[0] - t0 for s in idle], [s[1] * 1000 for s in idle], s=6, marker="x",
-                       label=f"rank {rank} idle forward")
+        r0, r1 = ([s for s in trace if s[0] >= t0] for trace in res["steps"][:2])
+        kinds = (("rank 1 step (its streams' decode, or idle)", r1, lambda s: True, "tab:green", "o", 10),
+                 (f"rank 0 step with a prefill chunk (> {args_chunk_marker} tokens)", r0,
+                  lambda s: s[2] > args_chunk_marker, "tab:red", "x", 28),
+                 ("rank 0 step, decode or idle", r0, lambda s: s[2] <= args_chunk_marker, "tab:blue", ".", 6))
+        for label, trace, keep, color, marker, size in kinds:
+            pts = [s for s in trace if keep(s)]
+            ax.scatter([s[0] - t0 for s in pts], [s[1] * 1000 for s in pts], s=size, c=color, marker=marker,
+                       label=label)
         ax.set_yscale("log")
         ax.set_ylabel("step time (ms)")
         title = "unified, tp 2 dp 2 DP attention" if system == "unified" else "PD decode, tp 2 dp 2 DP attention"
         ax.set_title(f"{title}: rank 1 stream ITL p99 {res['summary']['itl_p99_ms']:.0f} ms")
-        ax.legend(fontsize=7, ncol=4)
     axes[1].set_xlabel("seconds since the workload started")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     fig.suptitle(f"DP-attention step times per rank (bundled SmolLM2-135M, 2 CPU cores, {time.strftime('%Y-%m-%d')})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(out / "steps.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -262,8 +271,14 @@ def main() -> None:
     ap.add_argument("--slo-ttft-long-s", type=float, default=40.0)
     ap.add_argument("--slo-itl-max-s", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plots and report from --out/results.json")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        results = json.loads((args.out / "results.json").read_text())
+        plot(results, args.out)
+        print(report(results, args, args.out))
+        return
     reqs = workload(args)
     print(f"{len(reqs)} requests ({sum(r['kind'] == 'long' for r in reqs)} long) over {args.duration:.0f} s; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -279,8 +294,7 @@ def main() -> None:
             print(json.dumps(results[system]["summary"]), flush=True)
         finally:
             cluster.stop()
-    (args.out / "results.json").write_text(json.dumps({s: {k: v for k, v in r.items() if k != "records"}
-                                                       for s, r in results.items()}))
+    (args.out / "results.json").write_text(json.dumps(results))
     plot(results, args.out)
     print(report(results, args, args.out))
 
