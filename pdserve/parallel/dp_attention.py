@@ -27,14 +27,13 @@ is pickled: the sync is an int64 tensor.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from pdserve.parallel.group import COMPUTE_TIMEOUT, interface_of
+from pdserve.parallel.group import COMPUTE_TIMEOUT, interface_of, socket_interface
 
 SYNC_TIMEOUT = timedelta(minutes=10)  # a rank waiting for the others' next round
 
@@ -70,21 +69,11 @@ class DPAttentionGroup:
 
     @classmethod
     def join(cls, rank: int, size: int, store_path: str, device: torch.device) -> DPAttentionGroup:
-        saved = {k: os.environ.get(k) for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
-        iface = interface_of("127.0.0.1")  # one machine: loopback only
-        for k, v in saved.items():
-            os.environ[k] = v or iface
-        try:
+        with socket_interface(interface_of("127.0.0.1")):  # one machine: loopback only
             store = dist.FileStore(store_path, size)
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=COMPUTE_TIMEOUT)
             sync = dist.new_group(list(range(size)), timeout=SYNC_TIMEOUT, backend="gloo")
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         return cls(rank, size, dist.group.WORLD, sync, device)
 
     # ---- the per-step round ----------------------------------------------------------------

@@ -19,8 +19,10 @@ set) and the store to `host` itself, never to every interface.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from datetime import timedelta
 
 import psutil
@@ -49,6 +51,24 @@ def interface_of(host: str) -> str:
     raise ValueError(f"no local interface has the address {local} (toward {ip})")
 
 
+@contextlib.contextmanager
+def socket_interface(iface: str) -> Iterator[None]:
+    """GLOO/NCCL_SOCKET_IFNAME = iface (unless set) only while groups are made (gloo and NCCL
+    read them then), so that processes this one starts later do not inherit another
+    rendezvous' interface."""
+    saved = {k: os.environ.get(k) for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    for k, v in saved.items():
+        os.environ[k] = v or iface
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def host_store(host: str, port: int, world_size: int) -> dist.TCPStore:
     """Rank 0's rendezvous store on host:port (port 0: any free one, no race). We bind the
     socket ourselves: torch's own would listen on every interface."""
@@ -74,24 +94,12 @@ class TPGroup:
     @classmethod
     def join(cls, rank: int, size: int, host: str, port: int, device: torch.device,
              store: dist.TCPStore | None = None) -> TPGroup:
-        iface = interface_of(host)
-        # set only while the groups are made (gloo/NCCL read them then), so that processes this
-        # one starts later do not inherit another rendezvous' interface
-        saved = {k: os.environ.get(k) for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
-        for k, v in saved.items():
-            os.environ[k] = v or iface
-        try:
+        with socket_interface(interface_of(host)):
             if store is None:
                 store = dist.TCPStore(host, port, size, is_master=False, timeout=COMPUTE_TIMEOUT)
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=COMPUTE_TIMEOUT)
             plans = dist.new_group(list(range(size)), timeout=PLAN_TIMEOUT, backend="gloo")
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         return cls(rank, size, dist.group.WORLD, plans, device, store)
 
     # ---- model collectives ---------------------------------------------------------------
