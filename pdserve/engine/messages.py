@@ -155,6 +155,10 @@ class ShutdownReq(msgspec.Struct, frozen=True, tag=True):
     """Ask the engine process to stop: it aborts what it runs and exits."""
 
 
+class WakeReq(msgspec.Struct, frozen=True, tag=True):
+    """DP attention: another rank got a request; come round now (no answer)."""
+
+
 class EngineReady(msgspec.Struct, frozen=True, tag=True):
     """First message of the engine process once its model is loaded."""
 
@@ -199,7 +203,7 @@ class KVSnapshotResp(msgspec.Struct, frozen=True, tag=True):
     snapshot: KVSnapshot | None  # None: KV events are off
 
 
-EngineInMsg = GenerateReq | AbortReq | GetLoadReq | FlushCacheReq | KVSnapshotReq | ShutdownReq
+EngineInMsg = GenerateReq | AbortReq | GetLoadReq | FlushCacheReq | KVSnapshotReq | ShutdownReq | WakeReq
 EngineOutMsg = EngineReady | EngineFailed | TokenOutBatch | LoadResp | FlushCacheResp | KVSnapshotResp
 
 

@@ -12,7 +12,8 @@ tokens or not:
       my_tokens > 0            my forward; per layer mlp_in (all_gather, padded to
                                view.max_tokens) and mlp_out (reduce_scatter, my rows back)
       my_tokens == 0 < max     an idle forward: the same collectives with zero rows
-      view.any_busy            whether to go round again at once (else nap on the inbox)
+      view.any_busy            whether to go round again at once (else nap on the inbox until
+                               a message: the front wakes every rank when it places a request)
 
 A rank whose forward waits here is waiting for the slowest rank's step: with one rank in a
 long prefill chunk, the others' decode steps take as long as that chunk (the imbalance that PD

@@ -5,7 +5,8 @@ Lifecycle (`--dp-size D`):
   1. `start()`: one EngineClient per dp rank, all started at once (each spawns its engine
      process with `dp_rank` set; under --enable-dp-attention they meet at a FileStore in a
      private temp dir and form one group: parallel/dp_attention.py); ready when all are;
-  2. `generate(req)`: place the request on one rank (`place`), then it is that rank's stream;
+  2. `generate(req)`: place the request on one rank (`place`), then it is that rank's stream
+     (under DP attention the other ranks get a WakeReq: idle ranks nap until one comes);
   3. control calls fan out: `get_load` answers every rank's LoadInfo (summed for the server's
      figures, each rank's kept for /get_load and /metrics), `flush_cache` flushes every rank;
   4. any rank's engine dying is the server's death: `on_dead` (503 to everyone, the front
@@ -119,7 +120,12 @@ class DPEngineClient:
         return next(self._next) % self.size
 
     def generate(self, req: GenerateReq) -> AsyncIterator[TokenOut]:
-        return self.ranks[self.place(req)].generate(req)
+        rank = self.place(req)
+        if self.config.enable_dp_attention:  # the others nap while idle: its rounds need them now
+            for d, c in enumerate(self.ranks):
+                if d != rank:
+                    c.wake()
+        return self.ranks[rank].generate(req)
 
     # ---------------------------------------------------------------- the EngineClient interface
     @property

@@ -46,6 +46,7 @@ from pdserve.engine.messages import (
     ShutdownReq,
     TokenOut,
     TokenOutBatch,
+    WakeReq,
 )
 from pdserve.disagg.config import DisaggConfig
 from pdserve.server.engine_proc import spawn_engine_process
@@ -216,6 +217,11 @@ class EngineClient:
                     self._send(AbortReq(rid=req.rid))
                 except EngineDeadError:
                     pass
+
+    def wake(self) -> None:
+        """DP attention: make an idle engine come round for another rank's request."""
+        if self.dead_reason is None and self._push is not None:
+            self._send(WakeReq())
 
     def abort(self, rid: str) -> list[str]:
         """Abort `rid` and its sub-requests (`rid-0`, `rid-1`, ...); returns the ids aborted."""

@@ -67,7 +67,8 @@ logger = logging.getLogger("pdserve.engine_proc")
 
 IDLE_POLL_MS = 1000  # how often an idle engine checks that its parent is alive
 NAP_MS = 1  # nap between steps that made no progress (KV in transit, nothing admissible)
-DP_IDLE_POLL_MS = 20  # DP attention, every rank idle: the beat of their rounds (a new request waits <= this)
+DP_IDLE_POLL_MS = 1000  # DP attention, every rank idle: the beat of their rounds (the front wakes them all
+# with each request: WakeReq)
 
 
 def spawn_engine_process(config: EngineConfig, in_addr: str, out_addr: str,
