@@ -130,3 +130,43 @@ def test_logprob_merge_json_batch_and_sse() -> None:
     assert first["meta_info"]["input_token_logprobs"] == [[-1.5, 9, None]]
     assert json.loads(events[1][6:])["meta_info"]["input_token_logprobs"] == [[-1.5, 9, None]]
     assert merge_body(b"not json", metas) == b"not json"
+
+
+def test_worker_dying_with_a_request_on_a_reused_connection_is_a_disconnect() -> None:
+    """The keep-alive race retries once on a fresh connection; when that connect is refused the
+    worker died holding our request: the error is that disconnect, not a refused connect (a PD
+    router then keeps the decode leg, which recomputes)."""
+    import asyncio
+
+    from pdserve.router.http.client import UpstreamError, UpstreamPool
+
+    async def run() -> str:
+        served = 0
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal served
+            while await reader.readuntil(b"\r\n\r\n"):
+                await reader.readexactly(2)  # the body "{}"
+                served += 1
+                if served == 2:  # the second request: die with it (close, stop listening)
+                    server.close()
+                    writer.transport.abort()
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = UpstreamPool(connect_timeout=2.0)
+        first = await pool.request("127.0.0.1", port, "POST", "/generate", b"", b"{}", 5.0)
+        assert await first.read() == b"ok"
+        first.release()  # back to the pool: the next request reuses it
+        try:
+            await pool.request("127.0.0.1", port, "POST", "/generate", b"", b"{}", 5.0)
+        except UpstreamError as exc:
+            return exc.kind
+        finally:
+            pool.close()
+        return "answered"
+
+    assert asyncio.run(run()) == "disconnect"

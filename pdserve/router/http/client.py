@@ -4,7 +4,9 @@ Lifecycle of one upstream request:
   1. `UpstreamPool.request()` takes an idle keep-alive connection to the worker (LIFO) or opens
      one (bounded by the connect timeout), writes head + body in one write, and waits for the
      response head; a *reused* connection that the worker closed before answering a single
-     byte is retried once on a fresh connection (the usual keep-alive race);
+     byte is retried once on a fresh connection (the usual keep-alive race); if that fresh
+     connection is refused, the worker died after it got the request: the error is the
+     disconnect, not a refused connect (a PD decode then keeps its leg and recomputes);
   2. the caller reads the body whole (`read()`) or chunk by chunk as it arrives
      (`iter_chunks()`: chunked encoding is decoded, nothing is buffered beyond what is unread,
      and reads pause while more than `MAX_BUFFERED` bytes wait);
@@ -326,11 +328,17 @@ class UpstreamPool:
             head = b"%s %s HTTP/1.1\r\nhost: %s:%d\r\n%s\r\n" % (method.encode(), path.encode(), authority,
                                                                  port, headers)
         data = head + body
+        dropped: UpstreamError | None = None  # a reused connection closed under our request
         for attempt in (0, 1):
             conn = self._get_idle(key) if attempt == 0 else None
             reused = conn is not None
             if conn is None:
-                conn = await self._connect(key)
+                try:
+                    conn = await self._connect(key)
+                except UpstreamError:
+                    if dropped is not None:  # not the keep-alive race: the worker died with our request
+                        raise dropped from None
+                    raise
             loop = asyncio.get_running_loop()
             conn.head_fut = loop.create_future()
             conn.method = method
@@ -340,6 +348,7 @@ class UpstreamPool:
                 await conn.head_fut
             except UpstreamError as exc:
                 if reused and exc.kind == "disconnect" and not conn.got_bytes:
+                    dropped = exc
                     continue  # the worker closed this idle connection just as we used it
                 raise
             except BaseException:
