@@ -150,7 +150,7 @@ class PrefixCache:
 
     def evict(self, num_pages: int) -> int:
         """Free up to `num_pages` pages from unreferenced leaves, least recently used first."""
-        heap = [(n.last_access, id(n), n) for n in self._iter_nodes() if not n.children and n.ref == 0]
+        heap = [(n.last_access, id(n), n) for n in self.nodes() if not n.children and n.ref == 0]
         heapq.heapify(heap)
         freed: list[int] = []
         gone: list[Node] = []
@@ -171,11 +171,11 @@ class PrefixCache:
         return len(freed)
 
     def evictable_pages(self) -> int:
-        return sum(1 for n in self._iter_nodes() if n.ref == 0)
+        return sum(1 for n in self.nodes() if n.ref == 0)
 
     def reset(self) -> bool:
         """Drop every cached page (flush); refused while any request holds a lock."""
-        if any(n.ref for n in self._iter_nodes()):
+        if any(n.ref for n in self.nodes()):
             return False
         self.evict(self.num_pages)
         if self.listener is not None:
@@ -196,10 +196,3 @@ class PrefixCache:
         for node in self.nodes():
             assert node.parent is not None
             node.hash = page_hash(node.parent.hash, node.key)
-
-    def _iter_nodes(self):
-        stack = list(self.root.children.values())
-        while stack:
-            node = stack.pop()
-            yield node
-            stack.extend(node.children.values())
