@@ -48,6 +48,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdserve.contract import DEFAULT_BOOTSTRAP_PORT
 from pdserve.disagg.backends import BACKENDS
 
 MODES = ("null", "prefill", "decode")
@@ -68,7 +69,7 @@ class DisaggConfig:
     mode: str = "null"  # null | prefill | decode
     backend: str = "tcp"  # a name in backends.BACKENDS: tcp | shm | fake | nixl | mooncake
     bootstrap_host: str = "127.0.0.1"
-    bootstrap_port: int = 8998  # 0 = any free port (tests)
+    bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT  # 0 = any free port (tests)
     thread_pool_size: int = field(default_factory=default_thread_pool_size)
     queue_size: int = 4
     bootstrap_timeout: float = 300.0  # s a prefill room waits for decode's page list

@@ -33,6 +33,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from pdserve.contract import API_KEY_ENV, DEFAULT_ROUTER_PORT, resolve_api_key
 from pdserve.launch.argtypes import port_number, positive_float, positive_int
 from pdserve.launch.procs import Child, plan_cpus, python_module
 
@@ -61,7 +62,8 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model-path", dest="model", default="default",
                    help="model for every server (default: 'default', the bundled SmolLM2-135M)")
     p.add_argument("--host", default="127.0.0.1", help="router bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=port_number, default=8000, help="router port; 0: a free one (default 8000)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_ROUTER_PORT,
+                   help=f"router port; 0: a free one (default {DEFAULT_ROUTER_PORT})")
     p.add_argument("--policy", choices=POLICIES, default="cache_aware", help="router policy (default cache_aware)")
     p.add_argument("--transfer-backend", "--disaggregation-transfer-backend", dest="transfer_backend",
                    choices=list(BACKENDS), default="tcp", help="PD KV transfer backend (default tcp)")
@@ -71,7 +73,7 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads per server (default: the cores it is pinned to)")
     p.add_argument("--no-pin", action="store_true", help="do not pin servers to cores")
     p.add_argument("--api-key", default=None,
-                   help="key for the router and the servers (default: $PDSERVE_API_KEY, else none)")
+                   help=f"key for the router and the servers (default: ${API_KEY_ENV}, else none)")
     p.add_argument("--log-dir", type=Path, default=None, help="folder for the logs (default: a new temp folder)")
     p.add_argument("--start-timeout", type=positive_float, default=600.0,
                    help="seconds to wait for everything to be ready (default 600)")
@@ -100,8 +102,7 @@ class Cluster:
         self.servers: list[Child] = []
         self.router: Child | None = None
         self.router_url = ""
-        api_key = args.api_key if args.api_key is not None else os.environ.get("PDSERVE_API_KEY") or None
-        self.api_key = api_key
+        self.api_key = api_key = resolve_api_key(args.api_key)
         roles = (["prefill"] * args.prefill + ["decode"] * args.decode) if args.mode == "pd" \
             else ["unified"] * args.workers
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))

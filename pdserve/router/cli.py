@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Any
 
 from pdserve.launch.argtypes import metrics_prefix, non_negative_float, non_negative_int, port_number, positive_float, \
     positive_int, unit_interval
-from pdserve.router.config import (API_KEY_ENV, POLICIES, CircuitConfig, HealthConfig, LimitsConfig, PolicyConfig,
+from pdserve.contract import API_KEY_ENV, resolve_api_key
+from pdserve.router.config import (POLICIES, CircuitConfig, HealthConfig, LimitsConfig, PolicyConfig,
                                    RetryConfig, RouterConfig, WorkerSpec)
 
 
@@ -142,7 +142,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         return PolicyConfig(name, args.cache_threshold, args.balance_abs_threshold, args.balance_rel_threshold,
                             args.eviction_interval_secs, args.max_tree_size)
 
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    api_key = resolve_api_key(args.api_key)
     return RouterConfig(
         host=args.host, port=args.port, pd=args.pd_disaggregation, workers=tuple(workers),
         policy=policy(args.policy),

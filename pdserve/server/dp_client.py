@@ -13,8 +13,8 @@ Lifecycle (`--dp-size D`):
      exits non-zero), exactly as with one engine; `close()` stops them all.
 
 Placement, first rule that applies:
-  a PD prefill      rank bootstrap_room % D (SGLang's convention: the decode fetches the room's
-                    KV from that rank, so the request's data_parallel_rank cannot move it)
+  a PD prefill      rank contract.prefill_dp_rank(room, D) (SGLang's room % D: the decode fetches
+                    the room's KV from that rank, so the request's data_parallel_rank cannot move it)
   data_parallel_rank  that rank (SGLang's request field; 0 <= rank < D checked by the routes)
   share_prompt_with the rank of the first copy of the prompt (n > 1 copies share its pages)
   otherwise         --load-balance-method: round_robin, or shortest_queue (fewest requests in
@@ -32,6 +32,7 @@ from dataclasses import replace
 
 import msgspec
 
+from pdserve.contract import prefill_dp_rank
 from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.messages import EngineReady, GenerateReq, LoadInfo, LoadResp, TokenOut, TransferStats
@@ -108,7 +109,7 @@ class DPEngineClient:
     # ---------------------------------------------------------------- placement
     def place(self, req: GenerateReq) -> int:
         if self.disagg.mode == "prefill" and req.bootstrap is not None:
-            return req.bootstrap.room % self.size
+            return prefill_dp_rank(req.bootstrap.room, self.size)
         if req.data_parallel_rank is not None:
             return req.data_parallel_rank
         if req.share_prompt_with is not None:

@@ -4,7 +4,7 @@ Lifecycle of `run_serve(args)`:
   1. check what can be checked before any process spawns (`preflight`): the model path, the
      flag combinations, and the port, which is bound right away so a taken port fails in a
      second, not after the model loads; any problem is one line on stderr and exit code 2;
-  2. build the frozen ServerConfig (flags; API key also from $PDSERVE_API_KEY);
+  2. build the frozen ServerConfig (flags; API key also from contract.API_KEY_ENV);
   3. `http_server.serve_app`: uvicorn's start-up spawns the engine process and waits for it,
      then logs the one "ready" line; it stops cleanly on SIGTERM/SIGINT.
 This module imports neither torch nor uvicorn: `pdserve --help` builds its parser.
@@ -19,12 +19,13 @@ import socket
 import sys
 from typing import Any
 
+from pdserve.contract import API_KEY_ENV, DEFAULT_BOOTSTRAP_PORT, resolve_api_key
 from pdserve.disagg.backends import BACKENDS
 from pdserve.disagg.config import TOKEN_ENV, DisaggConfig
 from pdserve.engine.args import add_engine_arguments, check_engine_args, engine_config_from_args
 from pdserve.launch.argtypes import metrics_prefix, port_number, positive_float, positive_int
 from pdserve.launch.sockets import bind_socket
-from pdserve.server.config import API_KEY_ENV, ServerConfig
+from pdserve.server.config import ServerConfig
 
 logger = logging.getLogger("pdserve.server")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -64,8 +65,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="null: a unified server; prefill or decode: one side of a PD pair (default null)")
     g.add_argument("--disaggregation-transfer-backend", default="tcp", choices=list(BACKENDS),
                    help="how KV pages move between prefill and decode (default tcp)")
-    g.add_argument("--disaggregation-bootstrap-port", type=port_number, default=8998,
-                   help="bootstrap server port on a prefill server (default 8998)")
+    g.add_argument("--disaggregation-bootstrap-port", type=port_number, default=DEFAULT_BOOTSTRAP_PORT,
+                   help=f"bootstrap server port on a prefill server (default {DEFAULT_BOOTSTRAP_PORT})")
     g.add_argument("--disaggregation-bootstrap-host", default=None,
                    help="address the bootstrap server and transfer endpoint bind (default: --host)")
     g.add_argument("--disaggregation-ib-device", default=None,
@@ -97,7 +98,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    api_key = resolve_api_key(args.api_key)
     # the bootstrap server and transfer sessions need a secret: the cluster token, else the API key
     disagg = DisaggConfig.from_env(
         cluster_token=os.environ.get(TOKEN_ENV) or api_key, mode=args.disaggregation_mode, backend=args.disaggregation_transfer_backend,
