@@ -38,7 +38,7 @@ from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.messages import RankMsg, StepPlan, StopRanks
 from pdserve.engine.pd.build import TPPeers, pool_tensors
 from pdserve.engine.runner import ModelRunner
-from pdserve.launch.procs import die_with_parent
+from pdserve.flags.procs import die_with_parent
 from pdserve.model.bundled import resolve_model
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaForCausalLM

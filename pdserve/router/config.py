@@ -153,6 +153,7 @@ class RouterConfig:
     kv_events: bool = True  # follow workers' KV events (exact index) when a policy or PD needs it
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "request_id_headers", tuple(h.lower() for h in self.request_id_headers))
         roles = {w.role for w in self.workers}
         if self.pd and "regular" in roles:
             raise ValueError("PD mode takes --prefill and --decode workers, not --worker-urls")
