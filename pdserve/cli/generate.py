@@ -24,7 +24,7 @@ def add_generate_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    from dataclasses import fields
 
     from pdserve.engine.llm import LLM
     from pdserve.engine.sampling_params import SamplingParams
@@ -33,7 +33,7 @@ def run_generate(args: argparse.Namespace) -> int:
     check_engine_args(args)
     config = engine_config_from_args(args)
     check_model(config.model)  # FileNotFoundError / ValueError: one line, exit 2 (cli.main)
-    llm = LLM(**asdict(config))
+    llm = LLM(**{f.name: getattr(config, f.name) for f in fields(config)})
     prompts: list[Any] = args.prompt
     if args.chat:
         prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]

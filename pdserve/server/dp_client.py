@@ -77,9 +77,10 @@ class DPEngineClient:
         self.config = config
         self.disagg = disagg or DisaggConfig()
         self._tmpdir = tempfile.mkdtemp(prefix="pdserve-dp-")
-        store = f"{self._tmpdir}/rendezvous" if config.enable_dp_attention else None
-        self.ranks = [EngineClient(replace(config, dp_rank=d, dp_store=store), start_timeout_s, on_dead, self.disagg)
-                      for d in range(config.dp_size)]
+        layout = config.parallel
+        store = f"{self._tmpdir}/rendezvous" if layout.enable_dp_attention else None
+        self.ranks = [EngineClient(replace(config, parallel=replace(layout, dp_rank=d, dp_store=store)),
+                                   start_timeout_s, on_dead, self.disagg) for d in range(layout.dp_size)]
         self._next = itertools.count()
         self.info: EngineReady | None = None
 
@@ -116,13 +117,13 @@ class DPEngineClient:
             for d, c in enumerate(self.ranks):
                 if c.has(req.share_prompt_with):
                     return d
-        if self.config.load_balance_method == "shortest_queue":
+        if self.config.parallel.load_balance_method == "shortest_queue":
             return min(range(self.size), key=lambda d: self.ranks[d].num_in_flight)
         return next(self._next) % self.size
 
     def generate(self, req: GenerateReq) -> AsyncIterator[TokenOut]:
         rank = self.place(req)
-        if self.config.enable_dp_attention:  # the others nap while idle: its rounds need them now
+        if self.config.parallel.enable_dp_attention:  # the others nap while idle: its rounds need them now
             for d, c in enumerate(self.ranks):
                 if d != rank:
                     c.wake()
@@ -174,7 +175,7 @@ EngineHandle = EngineClient | DPEngineClient  # what the routes hold: one engine
 def engine_client(config: EngineConfig, start_timeout_s: float, on_dead: Callable[[str], None] | None,
                   disagg: DisaggConfig | None) -> EngineHandle:
     """The front's engine handle: one engine, or a DP controller over --dp-size of them."""
-    if config.dp_size > 1:
+    if config.parallel.dp_size > 1:
         return DPEngineClient(config, start_timeout_s, on_dead, disagg)
     return EngineClient(config, start_timeout_s, on_dead, disagg)
 

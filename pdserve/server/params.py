@@ -209,7 +209,7 @@ def dp_rank(state: ServerState, body: Any) -> int | None:
     """The request's data-parallel rank (SGLang's field, contract.DP_RANK), checked against --dp-size."""
     rank = body.data_parallel_rank
     if rank is not None:
-        check_int(rank, DP_RANK, 0, state.config.engine.dp_size - 1)
+        check_int(rank, DP_RANK, 0, state.config.engine.parallel.dp_size - 1)
     return rank
 
 

@@ -78,7 +78,7 @@ def _server_info(state: ServerState) -> dict[str, Any]:
     """The contract's ServerInfo (what a router reads) with this server's own keys beside it."""
     cfg = state.config
     server = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("engine", "api_key", "disagg")}
-    pd, layout = cfg.disagg, cfg.engine
+    pd, layout = cfg.disagg, cfg.engine.parallel
     shared = ServerInfo(
         disaggregation_mode=pd.mode, disaggregation_transfer_backend=pd.backend,
         disaggregation_bootstrap_port=pd.bootstrap_port, disaggregation_failure_policy=pd.failure_policy,

@@ -142,7 +142,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("PDSERVE_LOG_LEVEL", config.log_level)
-    if config.engine.node_rank > 0:  # only tensor-parallel ranks here: node 0 serves HTTP
+    if config.engine.parallel.node_rank > 0:  # only tensor-parallel ranks here: node 0 serves HTTP
         from pdserve.engine.tp_worker import serve_node
 
         sock.close()
