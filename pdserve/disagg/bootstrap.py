@@ -57,7 +57,8 @@ def _loopback(remote: str | None) -> bool:
 
 
 class BootstrapServer:
-    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_BOOTSTRAP_PORT, cluster_token: str | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_BOOTSTRAP_PORT,
+                 cluster_token: str | None = None) -> None:
         self.host = host
         self.requested_port = port
         self.cluster_token = cluster_token

@@ -62,7 +62,8 @@ PD_FLAGS: tuple[Flag, ...] = (
     Flag(("--disaggregation-bootstrap-host",), "disagg.bootstrap_host", str,
          "address the bootstrap server and transfer endpoint bind", shown="--host"),
     Flag(("--disaggregation-ib-device",), "disagg.ib_device", str,
-         "RDMA device(s) for the mooncake backend's rdma protocol, e.g. mlx5_0", shown=f"${ENV_PREFIX}IB_DEVICE, else none"),
+         "RDMA device(s) for the mooncake backend's rdma protocol, e.g. mlx5_0",
+         shown=f"${ENV_PREFIX}IB_DEVICE, else none"),
     Flag(("--disaggregation-failure-policy",), "disagg.failure_policy", str,
          "decode, when a KV transfer fails (prefill dead, timeout, rejected record): run the prompt itself "
          "(recompute) or answer a clean 503 (error)", FAILURE_POLICIES),
@@ -73,7 +74,8 @@ PD_FLAGS: tuple[Flag, ...] = (
 LOG_FLAGS: tuple[Flag, ...] = (
     Flag(("--log-level",), "log_level", str, "", LOG_LEVELS),
     Flag(("--access-log",), "access_log", None, "log every HTTP request (uvicorn's access log)"),
-    Flag(("--log-requests",), "log_requests", None, "log one line per finished request (tokens, queue time, TTFT, E2E)"),
+    Flag(("--log-requests",), "log_requests", None,
+         "log one line per finished request (tokens, queue time, TTFT, E2E)"),
     Flag(("--metrics-prefix",), "metrics_prefix", metrics_prefix,
          "/metrics names are PREFIX:name with SGLang's names, so SGLang's dashboards work"),
 )

@@ -74,7 +74,8 @@ def test_serve_router_and_launch_show_their_configs_defaults() -> None:
     from pdserve.server.config import ServerConfig
     from pdserve.server.serve import SERVE_FLAGS
 
-    for flags, config in ((SERVE_FLAGS, ServerConfig()), (ROUTER_FLAGS, RouterConfig()), (LAUNCH_FLAGS, LaunchConfig())):
+    tables = ((SERVE_FLAGS, ServerConfig()), (ROUTER_FLAGS, RouterConfig()), (LAUNCH_FLAGS, LaunchConfig()))
+    for flags, config in tables:
         port = next(f for f in flags if "--port" in f.names)
         assert help_text(port, config).endswith(f"(default {config.port})")
     with pytest.raises(ValueError, match="--disaggregation-decode-enable-radix-cache"):
