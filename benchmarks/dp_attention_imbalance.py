@@ -43,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pdserve.launch.procs import kill_group  # noqa: E402
+from pdserve.flags.procs import kill_group  # noqa: E402
 
 SERVER = [sys.executable, "-m", "pdserve.cli", "serve", "--model", "default", "--threads", "1",
           "--log-stats-interval", "0"]

@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 from pdserve.bench.metrics import RequestRecord, summarize  # noqa: E402
 from pdserve.bench.report import plot_compare  # noqa: E402
 from pdserve.bench.runner import BenchConfig, BenchResult  # noqa: E402
-from pdserve.launch.procs import kill_group  # noqa: E402
+from pdserve.flags.procs import kill_group  # noqa: E402
 
 CONFIGS = ("unified", "pd", "pd_cache", "pd_cache_cond", "pd_cond")
 DEFAULT_CONFIGS = ("unified", "pd", "pd_cache", "pd_cache_cond")

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from pdserve.bench.datasets import BenchRequest, TokenizerLike, random_requests  # noqa: E402
 from pdserve.bench.report import plot_compare, read_json, write_json  # noqa: E402
 from pdserve.bench.runner import BenchConfig, BenchResult, load_tokenizer, run  # noqa: E402
-from pdserve.launch.procs import kill_group  # noqa: E402
+from pdserve.flags.procs import kill_group  # noqa: E402
 
 SYSTEMS = {"unified": ["--mode", "unified", "--workers", "1"],
            "1P1D": ["--mode", "pd", "--prefill", "1", "--decode", "1"]}

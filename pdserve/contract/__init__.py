@@ -1,22 +1,39 @@
 """What the router and the server both speak (stdlib + msgspec only, like `kv_events`).
 
 The router never imports the server (nor torch); the two agree on the names below instead of
-spelling them twice: the extra body fields a router adds to a request, the rule that puts a
-PD room on a prefill dp rank, how many sequences (rooms) a request carries, the API-key
-variable and the default ports. `/server_info`'s struct lives here too (server_info.py).
+spelling them twice: the extra body fields a router adds to a request (`BODY_FIELDS`), the
+rule that puts a PD room on a prefill dp rank, how many sequences (rooms) a request carries
+and which entry each takes (sequences.py), `/server_info`'s struct (server_info.py), the
+API-key variable and the default ports.
 """
 
 from pdserve.contract.fields import (
     API_KEY_ENV,
+    BODY_FIELDS,
     BOOTSTRAP_HOST,
     BOOTSTRAP_KEYS,
     BOOTSTRAP_PORT,
     BOOTSTRAP_ROOM,
+    CREATED,
     DEFAULT_BOOTSTRAP_PORT,
     DEFAULT_ROUTER_PORT,
     DEFAULT_SERVER_PORT,
+    DP_RANK,
+    IDS_COMMENT,
+    RESPONSE_ID,
+    RESUME_IDS,
+    SERVER_INFO_PATH,
+    SERVER_INFO_PATHS,
+    STREAM_IDS,
     prefill_dp_rank,
+    resolve_api_key,
 )
+from pdserve.contract.sequences import per_sequence, sequence_count
+from pdserve.contract.server_info import (FAILURE_POLICY, MODE_OF_ROLE, RECOMPUTE, ServerInfo, decode_server_info,
+                                          encode_server_info)
 
-__all__ = ["API_KEY_ENV", "BOOTSTRAP_HOST", "BOOTSTRAP_KEYS", "BOOTSTRAP_PORT", "BOOTSTRAP_ROOM",
-           "DEFAULT_BOOTSTRAP_PORT", "DEFAULT_ROUTER_PORT", "DEFAULT_SERVER_PORT", "prefill_dp_rank"]
+__all__ = ["API_KEY_ENV", "BODY_FIELDS", "BOOTSTRAP_HOST", "BOOTSTRAP_KEYS", "BOOTSTRAP_PORT", "BOOTSTRAP_ROOM",
+           "CREATED", "DEFAULT_BOOTSTRAP_PORT", "DEFAULT_ROUTER_PORT", "DEFAULT_SERVER_PORT", "DP_RANK",
+           "FAILURE_POLICY", "IDS_COMMENT", "MODE_OF_ROLE", "RECOMPUTE", "RESPONSE_ID", "RESUME_IDS",
+           "SERVER_INFO_PATH", "SERVER_INFO_PATHS", "STREAM_IDS", "ServerInfo", "decode_server_info",
+           "encode_server_info", "per_sequence", "prefill_dp_rank", "resolve_api_key", "sequence_count"]

@@ -33,6 +33,7 @@ import uuid
 import msgspec
 from aiohttp import web
 
+from pdserve.contract import DEFAULT_BOOTSTRAP_PORT
 from pdserve.disagg.bootstrap_client import http_url
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import Health, HttpError, KVLayout, LayoutMismatch, RouteInfo, RouteRegistration
@@ -56,7 +57,8 @@ def _loopback(remote: str | None) -> bool:
 
 
 class BootstrapServer:
-    def __init__(self, host: str = "127.0.0.1", port: int = 8998, cluster_token: str | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_BOOTSTRAP_PORT,
+                 cluster_token: str | None = None) -> None:
         self.host = host
         self.requested_port = port
         self.cluster_token = cluster_token

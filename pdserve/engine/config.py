@@ -1,9 +1,18 @@
-"""Frozen configuration dataclasses: every engine knob in one place, with its default."""
+"""Frozen configuration dataclasses: every engine knob in one place, with its default.
+
+`EngineConfig` holds the engine's knobs and, nested, its parallel layout (`ParallelConfig`):
+both cross process boundaries as msgspec JSON (the engine process spawn, tp_worker's
+RankSpec). The layout may also be spelled flat, `EngineConfig(tp_size=2)` and `cfg.tp_size`
+(the flag tables, `LLM(tp_size=2)`): those keywords fold into `parallel` (`_flat_layout`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 def default_threads() -> int:
@@ -15,27 +24,11 @@ DTYPE_CHOICES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    model: str = "default"  # HF folder, .gguf file, or "default" (bundled SmolLM2-135M)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # compute dtype; fp32 on CPU (no native bf16 here)
-    page_size: int = 16
-    kv_cache_gb: float = 1.0  # KV pool size when neither num_pages nor mem_fraction_static is given
-    num_pages: int | None = None
-    mem_fraction_static: float | None = None  # KV pool = this fraction of memory left after the weights
-    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped
-    max_running: int = 64  # requests in the running batch
-    chunk_budget: int = 512  # tokens per forward (chunked prefill + decode)
-    enable_prefix_cache: bool = True
-    decode_headroom: float = 0.5  # fraction of running requests' remaining decode to keep free
-    threads: int | None = None  # torch intra-op threads (CPU); None = all cores we may use
-    max_top_logprobs: int = 20
-    seed: int = 0
-    tokenizer: str | None = None  # tokenizer folder (default: the model's)
-    chat_template: str | None = None  # Jinja source (default: the tokenizer's)
-    log_stats_interval_s: float = 10.0  # engine stats line while busy; 0 = never
-    cpu_prepack: bool = True  # CPU: GEMM weights prepacked for oneDNN at load (model/linear.py)
-    warmup: bool = True  # the engine process runs one short request before it reports ready
+class ParallelConfig:
+    """The parallel layout of one server: tp ranks (one process each) over nnodes machines, dp
+    ranks behind one HTTP front (engine replicas, or DP-attention ranks sharing one
+    tensor-parallel MLP), and where the processes meet."""
+
     tp_size: int = 1  # tensor-parallel ranks (one process each; engine/tp_worker.py)
     nnodes: int = 1  # machines the tp ranks span (tp_size / nnodes ranks on each)
     node_rank: int = 0  # this machine's index; 0 runs the scheduler and the HTTP front
@@ -45,7 +38,6 @@ class EngineConfig:
     load_balance_method: str = "round_robin"  # how the front spreads requests over dp ranks
     dp_rank: int = 0  # set by the front for each dp rank's engine process
     dp_store: str | None = None  # DP attention: the FileStore path the ranks meet at (set by the front)
-    kv_events_config: str | None = None  # JSON (pdserve/kv_events): publish KV events; None = off
 
     def check_parallel(self) -> None:
         """Raise ValueError (one sentence) for a tp/dp/nnodes/node-rank combination that cannot work."""
@@ -57,9 +49,6 @@ class EngineConfig:
                              f"{self.tp_size} and dp {self.dp_size}")
         if self.enable_dp_attention and self.dp_size < 2:
             raise ValueError("--enable-dp-attention needs --dp-size >= 2")
-        if self.dp_size > 1 and self.kv_events_config is not None:
-            raise ValueError("--kv-events-config with --dp-size > 1 is not supported yet (one publisher per dp rank "
-                             "would need advertising)")
         if self.dp_size > 1 and self.nnodes > 1:
             raise ValueError("--dp-size > 1 runs on one machine: it cannot be combined with --nnodes > 1 yet")
         if self.tp_size < 1 or self.nnodes < 1 or self.tp_size % self.nnodes:
@@ -92,6 +81,63 @@ class EngineConfig:
         if not host or not port.isdigit():
             raise ValueError(f"--dist-init-addr must be HOST:PORT, got {self.dist_init_addr!r}")
         return host.strip("[]"), int(port)
+
+
+LAYOUT_FIELDS = tuple(f.name for f in dataclasses.fields(ParallelConfig))
+_LAYOUT_READS = LAYOUT_FIELDS + ("attn_tp_size", "num_processes", "ranks_per_node", "rendezvous")
+
+
+def _flat_layout(cls: type) -> type:
+    """Let `cls(tp_size=2, ...)` (and dataclasses.replace with those keywords) fold the flat
+    layout keywords into its `parallel`, and `obj.tp_size` (and the layout's sizes) read it.
+    Only __init__ and reads change: msgspec, asdict and == see the field `parallel` alone."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        layout = {k: kwargs.pop(k) for k in LAYOUT_FIELDS if k in kwargs}
+        if layout:
+            kwargs["parallel"] = dataclasses.replace(kwargs.get("parallel") or ParallelConfig(), **layout)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    for name in _LAYOUT_READS:
+        setattr(cls, name, property(lambda self, name=name: getattr(self.parallel, name)))
+    return cls
+
+
+@_flat_layout
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "default"  # HF folder, .gguf file, or "default" (bundled SmolLM2-135M)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # compute dtype; fp32 on CPU (no native bf16 here)
+    page_size: int = 16
+    kv_cache_gb: float = 1.0  # KV pool size when neither num_pages nor mem_fraction_static is given
+    num_pages: int | None = None
+    mem_fraction_static: float | None = None  # KV pool = this fraction of memory left after the weights
+    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped
+    max_running: int = 64  # requests in the running batch
+    chunk_budget: int = 512  # tokens per forward (chunked prefill + decode)
+    enable_prefix_cache: bool = True
+    decode_headroom: float = 0.5  # fraction of running requests' remaining decode to keep free
+    threads: int | None = None  # torch intra-op threads (CPU); None = all cores we may use
+    max_top_logprobs: int = 20
+    seed: int = 0
+    tokenizer: str | None = None  # tokenizer folder (default: the model's)
+    chat_template: str | None = None  # Jinja source (default: the tokenizer's)
+    log_stats_interval_s: float = 10.0  # engine stats line while busy; 0 = never
+    cpu_prepack: bool = True  # CPU: GEMM weights prepacked for oneDNN at load (model/linear.py)
+    warmup: bool = True  # the engine process runs one short request before it reports ready
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the tp/dp layout (flat keywords fold in)
+    kv_events_config: str | None = None  # JSON (pdserve/kv_events): publish KV events; None = off
+
+    def check_parallel(self) -> None:
+        """Raise ValueError (one sentence) for a layout that cannot work, here or with the engine's knobs."""
+        self.parallel.check_parallel()
+        if self.parallel.dp_size > 1 and self.kv_events_config is not None:
+            raise ValueError("--kv-events-config with --dp-size > 1 is not supported yet (one publisher per dp rank "
+                             "would need advertising)")
 
 
 def set_torch_threads(threads: int | None) -> None:

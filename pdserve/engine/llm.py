@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pdserve.engine.config import EngineConfig
+from pdserve.engine.config import LAYOUT_FIELDS, EngineConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.messages import GenerateReq, TopLogprob
 from pdserve.engine.sampling_params import SamplingParams
@@ -37,7 +37,7 @@ class LLM:
     _ids = itertools.count()
 
     def __init__(self, model: str = "default", **engine_kwargs) -> None:
-        known = {f.name for f in fields(EngineConfig)}
+        known = {f.name for f in fields(EngineConfig)} | set(LAYOUT_FIELDS)  # tp_size=2 etc. fold into `parallel`
         unknown = set(engine_kwargs) - known
         if unknown:
             raise TypeError(f"unknown engine options {sorted(unknown)}; known: {sorted(known)}")

@@ -38,7 +38,7 @@ from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.messages import RankMsg, StepPlan, StopRanks
 from pdserve.engine.pd.build import TPPeers, pool_tensors
 from pdserve.engine.runner import ModelRunner
-from pdserve.launch.procs import die_with_parent
+from pdserve.flags.procs import die_with_parent
 from pdserve.model.bundled import resolve_model
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaForCausalLM
@@ -62,7 +62,7 @@ class RankSpec(msgspec.Struct, frozen=True):
 def rank_threads(config: EngineConfig) -> int:
     """torch threads per rank: the flag, else this machine's cores shared among the server's
     engine processes (tp ranks of every dp rank)."""
-    return config.threads or max(1, default_threads() // config.num_processes)
+    return config.threads or max(1, default_threads() // config.parallel.num_processes)
 
 
 def resolved_config(config: EngineConfig, cfg: ModelConfig) -> EngineConfig:
@@ -71,7 +71,7 @@ def resolved_config(config: EngineConfig, cfg: ModelConfig) -> EngineConfig:
     if config.num_pages is None and config.mem_fraction_static is not None:
         raise ValueError("--mem-fraction-static with --tp-size > 1 is not supported yet: the ranks must agree on "
                          "the pool size before loading; give --kv-cache-gb or --num-pages")
-    local, ps = TPShard(0, config.tp_size).local_config(cfg), config.page_size  # raises on a bad tp
+    local, ps = TPShard(0, config.parallel.tp_size).local_config(cfg), config.page_size  # raises on a bad tp
     itemsize = torch.empty((), dtype=resolve_dtype(config.dtype)).element_size()
     num_pages = config.num_pages or KVPool.pages_for_budget(local, ps, config.kv_cache_gb, itemsize)
     max_len = min(config.max_model_len or cfg.max_position_embeddings, (num_pages - 1) * ps)
@@ -119,11 +119,12 @@ class TPRanks:
     @classmethod
     def start(cls, config: EngineConfig, device: torch.device, disagg: DisaggConfig | None = None) -> TPRanks:
         """Node 0: the store, this node's other ranks, and rank 0's place in the group."""
-        host, port = config.rendezvous()
-        store = host_store(host, port, config.tp_size)
-        procs = _spawn(config, range(1, config.ranks_per_node), host, store.port, disagg)
+        par = config.parallel
+        host, port = par.rendezvous()
+        store = host_store(host, port, par.tp_size)
+        procs = _spawn(config, range(1, par.ranks_per_node), host, store.port, disagg)
         try:
-            group = TPGroup.join(0, config.tp_size, host, store.port, device, store)
+            group = TPGroup.join(0, par.tp_size, host, store.port, device, store)
         except BaseException:
             for p in procs:
                 p.kill()
@@ -132,7 +133,7 @@ class TPRanks:
 
     def peers(self, config: EngineConfig) -> TPPeers:
         """What rank 0's PD stage needs to reach the other ranks' transfer agents."""
-        return TPPeers(config.rendezvous()[0], config.tp_size, self.group.store)
+        return TPPeers(config.parallel.rendezvous()[0], config.parallel.tp_size, self.group.store)
 
     def check_alive(self) -> None:
         """Raise if one of this node's other ranks has exited: the engine fails, and its server
@@ -162,24 +163,25 @@ class TPRanks:
 def serve_node(config: EngineConfig, disagg: DisaggConfig | None = None) -> int:
     """A node other than 0 (`pdserve serve --node-rank N`): run its ranks until they end."""
     config = resolved_config(config, ModelConfig.from_folder(resolve_model(config.model)))
-    host, port = config.rendezvous()
-    first = config.node_rank * config.ranks_per_node
-    procs = _spawn(config, range(first, first + config.ranks_per_node), host, port, disagg)
-    log.info("node %d: tp ranks %d..%d joining %s:%d", config.node_rank, first, first + len(procs) - 1, host, port)
+    par = config.parallel
+    host, port = par.rendezvous()
+    first = par.node_rank * par.ranks_per_node
+    procs = _spawn(config, range(first, first + par.ranks_per_node), host, port, disagg)
+    log.info("node %d: tp ranks %d..%d joining %s:%d", par.node_rank, first, first + len(procs) - 1, host, port)
     codes = [p.wait() for p in procs]
     return max(codes, key=abs)
 
 
 def follow(spec: RankSpec) -> None:
-    config = spec.config
+    config, par = spec.config, spec.config.parallel
     set_torch_threads(rank_threads(config))
     device = resolve_device(config.device)
     if device.type == "cuda":
-        first = config.dp_rank * config.tp_size  # a dp replica's tp ranks take the GPUs after the previous replica's
-        device = torch.device("cuda", (first + spec.rank % config.ranks_per_node) % max(torch.cuda.device_count(), 1))
+        first = par.dp_rank * par.tp_size  # a dp replica's tp ranks take the GPUs after the previous replica's
+        device = torch.device("cuda", (first + spec.rank % par.ranks_per_node) % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
-    group = TPGroup.join(spec.rank, config.tp_size, spec.host, spec.port, device)
-    shard = TPShard(spec.rank, config.tp_size)
+    group = TPGroup.join(spec.rank, par.tp_size, spec.host, spec.port, device)
+    shard = TPShard(spec.rank, par.tp_size)
     disagg = spec.disagg if spec.disagg is not None and spec.disagg.mode != "null" else None
     model, pool, cfg = build_rank(config, shard, group, device, disagg)
     keep_freed_memory()

@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, unquote
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from pdserve.contract import SERVER_INFO_PATHS
 from pdserve.router.config import RouterConfig, WorkerSpec
 from pdserve.router.health import HealthChecker
 from pdserve.router.http.client import UpstreamError, UpstreamPool
@@ -58,7 +59,7 @@ class Admin:
             "/workers": {"GET": self.list_workers, "POST": self.add_worker, "DELETE": self.remove_worker},
             "/workers/{url}": {"DELETE": self.remove_worker, "GET": self.get_worker},
             "/get_loads": {"GET": self.loads},
-            "/v1/models": info, "/server_info": info, "/get_server_info": info, "/model_info": info,
+            "/v1/models": info, **{path: info for path in SERVER_INFO_PATHS}, "/model_info": info,
             "/get_model_info": info, "/health_generate": info, "/version": info, "/v1/models/{id}": info,
             "/tokenize": {"POST": self.pass_through}, "/detokenize": {"POST": self.pass_through},
             "/flush_cache": {"POST": self.flush_cache, "GET": self.flush_cache},

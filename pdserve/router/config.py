@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from pdserve.contract import DEFAULT_ROUTER_PORT
+
 ROLES = ("regular", "prefill", "decode")
 POLICIES = ("random", "round_robin", "power_of_two", "cache_aware")
-API_KEY_ENV = "PDSERVE_API_KEY"  # same variable as `pdserve serve`
 
 
 def normalize_url(url: str) -> str:
@@ -130,7 +131,7 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class RouterConfig:
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = DEFAULT_ROUTER_PORT
     pd: bool = False
     workers: tuple[WorkerSpec, ...] = ()
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -152,6 +153,7 @@ class RouterConfig:
     kv_events: bool = True  # follow workers' KV events (exact index) when a policy or PD needs it
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "request_id_headers", tuple(h.lower() for h in self.request_id_headers))
         roles = {w.role for w in self.workers}
         if self.pd and "regular" in roles:
             raise ValueError("PD mode takes --prefill and --decode workers, not --worker-urls")

@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from pdserve.contract import MODE_OF_ROLE, SERVER_INFO_PATH, ServerInfo, decode_server_info
 from pdserve.router.config import HealthConfig
 from pdserve.router.resilience import OPEN
 from pdserve.router.workers import Worker, WorkerRegistry
@@ -36,6 +37,17 @@ STARTING_INTERVAL_S = 0.5
 
 def _auth(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+async def get_server_info(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
+                          timeout_s: float) -> ServerInfo | None:
+    """A worker's /server_info now, or None (unreachable, not 200, not a server-info object)."""
+    try:
+        async with session.get(url + SERVER_INFO_PATH, headers=headers,
+                               timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            return decode_server_info(await resp.read()) if resp.status == 200 else None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        return None
 
 
 class HealthChecker:
@@ -84,7 +96,7 @@ class HealthChecker:
         if worker.removed:
             return ok
         self.apply(worker, ok, error)
-        if ok and not worker.info:
+        if ok and worker.info is None:
             await self.fetch_info(worker)
         self._last[worker.url] = time.monotonic()
         return ok
@@ -97,25 +109,17 @@ class HealthChecker:
 
     async def fetch_info(self, worker: Worker) -> None:
         """Remember /server_info; learn a prefill's bootstrap port when none was given."""
-        try:
-            async with self.session.get(worker.url + "/server_info", headers=_auth(self.api_key),
-                                        timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s)) as resp:
-                if resp.status != 200:
-                    return
-                info: Any = await resp.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-            return
-        if not isinstance(info, dict):
+        info = await get_server_info(self.session, worker.url, _auth(self.api_key), self.cfg.timeout_s)
+        if info is None:
             return
         worker.info = info
-        mode = info.get("disaggregation_mode")
-        expected = {"regular": "null", "prefill": "prefill", "decode": "decode"}[worker.role]
-        if mode is not None and str(mode) != expected:
+        mode = info.disaggregation_mode
+        if mode is not None and mode != MODE_OF_ROLE[worker.role]:
             logger.warning("worker %s was added as %s but reports disaggregation_mode=%s", worker.url,
                            worker.role, mode)
         if worker.role == "prefill" and worker.bootstrap_port is None:
-            port = info.get("disaggregation_bootstrap_port", info.get("bootstrap_port"))
-            if isinstance(port, int) and 0 < port < 65536:
+            port = info.prefill_bootstrap_port()
+            if port is not None:
                 worker.bootstrap_port = port
                 logger.info("prefill %s: bootstrap port %d (from /server_info)", worker.url, port)
 

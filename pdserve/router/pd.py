@@ -47,6 +47,7 @@ from typing import Any
 
 import msgspec
 
+from pdserve.contract import BOOTSTRAP_HOST, BOOTSTRAP_PORT, BOOTSTRAP_ROOM, STREAM_IDS, sequence_count
 from pdserve.router.config import RouterConfig
 from pdserve.router.forward import Failure, RegularForwarder, relay_stream
 from pdserve.router.http.client import UpstreamError, UpstreamPool, UpstreamResponse
@@ -87,19 +88,18 @@ def batch_size(body: dict[str, Any]) -> int | None:
         prompts = len(ids)
     if prompts is None and copies == 1:
         return None
-    return (prompts or 1) * copies
+    return sequence_count(prompts or 1, copies)
 
 
 def inject_bootstrap(body: dict[str, Any], prefill: Worker, batch: int | None, track: bool = False) -> bytes:
     host, port = prefill.bootstrap_host, prefill.bootstrap_port
     if batch is None:
-        extra: dict[str, Any] = {"bootstrap_host": host, "bootstrap_port": port,
-                                 "bootstrap_room": _rand.getrandbits(63)}
+        extra: dict[str, Any] = {BOOTSTRAP_HOST: host, BOOTSTRAP_PORT: port, BOOTSTRAP_ROOM: _rand.getrandbits(63)}
     else:
-        extra = {"bootstrap_host": [host] * batch, "bootstrap_port": [port] * batch,
-                 "bootstrap_room": [_rand.getrandbits(63) for _ in range(batch)]}
+        extra = {BOOTSTRAP_HOST: [host] * batch, BOOTSTRAP_PORT: [port] * batch,
+                 BOOTSTRAP_ROOM: [_rand.getrandbits(63) for _ in range(batch)]}
     if track:  # the decode tells the ids of each event (a stream that may migrate: migrate.py)
-        extra["pdserve_stream_ids"] = True
+        extra[STREAM_IDS] = True
     return _enc.encode({**body, **extra})
 
 
@@ -110,7 +110,7 @@ def recomputes(d: Worker, p_task: asyncio.Task[Any], fail: Failure) -> bool:
     exc = p_task.exception()
     if fail.status < 500 or (isinstance(exc, UpstreamError) and exc.kind == "connect"):
         return False
-    return d.info.get("disaggregation_failure_policy") == "recompute"
+    return d.info is not None and d.info.recomputes
 
 
 def _release_late(task: asyncio.Task[Any]) -> None:

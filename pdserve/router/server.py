@@ -35,7 +35,7 @@ import uvloop
 
 from pdserve.router.app import RouterApp
 from pdserve.router.config import RouterConfig
-from pdserve.launch.sockets import bind_socket as bind_shared
+from pdserve.flags.sockets import bind_socket as bind_shared
 from pdserve.router.http.protocol import HttpListener
 from pdserve.router.request import protocol_error_body
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from pdserve.contract import ServerInfo
 from pdserve.router.config import CircuitConfig, RouterConfig, WorkerSpec
 from pdserve.router.resilience import CircuitBreaker
 
@@ -46,7 +47,7 @@ class Worker:
         self.processed = 0
         self.removed = False
         self.last_error: str | None = None
-        self.info: dict[str, Any] = {}
+        self.info: ServerInfo | None = None  # its /server_info, once read
         auth = f"authorization: Bearer {api_key}\r\n" if api_key else ""
         self.fwd_headers = f"content-type: application/json\r\n{auth}".encode("latin-1")
 

@@ -38,7 +38,7 @@ import zmq
 
 from pdserve.engine.config import EngineConfig
 from pdserve.disagg.config import DisaggConfig
-from pdserve.launch.procs import die_with_parent
+from pdserve.flags.procs import die_with_parent
 from pdserve.engine.messages import (
     AbortReq,
     EngineFailed,

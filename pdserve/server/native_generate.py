@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from pdserve.contract import sequence_count
 from pdserve.engine.messages import TopLogprob
 from pdserve.server.errors import bad_request, from_validation_error
 from pdserve.server.generation import Result, SubRequest, collect, merge, until_disconnect
@@ -89,7 +90,7 @@ async def _build(state: ServerState, body: GenerateRequest) -> tuple[list[SubReq
     score = body.logprob_start_len if body.return_logprob and body.logprob_start_len >= 0 else None
     grammar = await checked(native_grammar(sp))
     prompts, batched = await _prompts(state, body)
-    total = len(prompts) * sp.n
+    total = sequence_count(len(prompts), sp.n)
     rids = _rids(body.rid, total)
     boots = pd_bootstrap(state, body, len(prompts), sp.n)
     subs = []

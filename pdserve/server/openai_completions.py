@@ -19,6 +19,7 @@ import msgspec
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from pdserve.contract import sequence_count
 from pdserve.server.errors import bad_request
 from pdserve.server.generation import SubRequest, collect, merge, until_disconnect
 from pdserve.server.openai_common import (
@@ -77,7 +78,7 @@ async def _build(state: ServerState, body: CompletionRequest, rid: str) -> list[
                           param="logprobs")
     grammar = await checked(openai_grammar(body))
     prompts = await _prompts(state, body.prompt)
-    total = len(prompts) * body.n
+    total = sequence_count(len(prompts), body.n)
     include_stop = body.include_stop_str_in_output or body.no_stop_trim
     boots = pd_bootstrap(state, body, len(prompts), body.n)
     subs = []

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
+from pdserve.contract import SERVER_INFO_PATHS, ServerInfo, encode_server_info
 from pdserve.engine.messages import GenerateReq, LoadInfo
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.dp_client import DPLoadResp
@@ -74,21 +75,23 @@ async def health_generate(request: Request) -> Response:
 
 
 def _server_info(state: ServerState) -> dict[str, Any]:
+    """The contract's ServerInfo (what a router reads) with this server's own keys beside it."""
     cfg = state.config
     server = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("engine", "api_key", "disagg")}
-    pd = cfg.disagg
-    return {
+    pd, layout = cfg.disagg, cfg.engine.parallel
+    shared = ServerInfo(
+        disaggregation_mode=pd.mode, disaggregation_transfer_backend=pd.backend,
+        disaggregation_bootstrap_port=pd.bootstrap_port, disaggregation_failure_policy=pd.failure_policy,
+        disaggregation_decode_enable_radix_cache=pd.decode_enable_radix_cache,
+        kv_events_endpoint=state.info.kv_events_endpoint, max_model_len=state.max_model_len,
+        tp_size=layout.tp_size, dp_size=layout.dp_size, enable_dp_attention=layout.enable_dp_attention,
+        load_balance_method=layout.load_balance_method)
+    return encode_server_info(shared, {
         "version": VERSION,
         "model_path": state.info.model_path,
         "served_model_name": state.model_name,
-        "disaggregation_mode": pd.mode,
-        "disaggregation_transfer_backend": pd.backend,
-        "disaggregation_bootstrap_port": pd.bootstrap_port,
-        "disaggregation_failure_policy": pd.failure_policy,
-        "disaggregation_decode_enable_radix_cache": pd.decode_enable_radix_cache,
         "disaggregation": {k: v for k, v in dataclasses.asdict(pd).items() if k != "cluster_token"},
         "api_key_required": cfg.api_key is not None,
-        "max_model_len": state.max_model_len,
         "context_length": state.max_model_len,
         "max_total_num_tokens": state.info.num_pages * state.info.page_size,
         "num_pages": state.info.num_pages,
@@ -96,19 +99,14 @@ def _server_info(state: ServerState) -> dict[str, Any]:
         "max_running_requests": state.info.max_running,
         "device": state.info.device,
         "engine_pid": state.info.pid,
-        "tp_size": cfg.engine.tp_size,
-        "dp_size": cfg.engine.dp_size,  # SGLang's server-args names
-        "enable_dp_attention": cfg.engine.enable_dp_attention,
-        "load_balance_method": cfg.engine.load_balance_method,
-        "kv_events_endpoint": state.info.kv_events_endpoint,
         "uptime_s": round(time.time() - state.started, 3),
         **server,
         "engine": dataclasses.asdict(cfg.engine),
-    }
+    })
 
 
-@router.get("/server_info")
-@router.get("/get_server_info")
+@router.get(SERVER_INFO_PATHS[0])
+@router.get(SERVER_INFO_PATHS[1])
 async def server_info(request: Request) -> Response:
     return _json(_server_info(get_state(request)))
 

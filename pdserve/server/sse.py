@@ -17,6 +17,7 @@ import msgspec
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from pdserve.contract import IDS_COMMENT
 from pdserve.server.errors import APIError, error_body
 
 logger = logging.getLogger("pdserve.server")
@@ -30,9 +31,9 @@ def frame(obj: Any) -> bytes:
 
 
 def ids_comment(ids: list[int]) -> bytes:
-    """An SSE comment with the token ids of the event it precedes (`pdserve_stream_ids`): SSE
-    clients ignore comments; pdserve's router reads (and strips) them to migrate a stream."""
-    return b": pdserve-ids " + ",".join(map(str, ids)).encode() + b"\n"
+    """An SSE comment with the token ids of the event it precedes (contract.STREAM_IDS asked for
+    them): SSE clients ignore comments; pdserve's router reads (and strips) them to migrate a stream."""
+    return IDS_COMMENT + b",".join(map(str, ids)).encode() + b"\n"
 
 
 def with_ids(want: bool, ids: list[int], data: bytes | None) -> bytes:

@@ -179,3 +179,62 @@ def test_kv_events_imports_only_msgspec_and_stdlib() -> None:
     bad = [f"{p.relative_to(PKG)} imports {n}" for m, p in MODULES.items() if m.startswith("pdserve.kv_events")
            for n in _imported_names(p) if not any(n == a or n.startswith(a + ".") for a in KV_EVENTS_ALLOWED)]
     assert not bad, "\n".join(bad)
+
+
+CONTRACT_ALLOWED = KV_EVENTS_ALLOWED + ("pdserve.contract", "os", "collections.abc")
+
+
+def _contract_words() -> set[str]:
+    """The body fields and /server_info keys only the contract may spell. bootstrap_host and
+    bootstrap_port are left out: they are also fields of the router's WorkerSpec and the server's
+    DisaggConfig (a prefill's bootstrap address), which those configs own."""
+    from pdserve.contract import BODY_FIELDS, BOOTSTRAP_HOST, BOOTSTRAP_PORT, ServerInfo
+
+    info = {k for k in ServerInfo.__struct_fields__ if k.startswith(("disaggregation_", "kv_events"))}
+    return ({name for name, _, _ in BODY_FIELDS} | info) - {BOOTSTRAP_HOST, BOOTSTRAP_PORT}
+
+
+def _contract_spellings(path: Path, words: set[str]) -> list[str]:
+    """Where `path` spells a contract name itself: a string literal that is one (or any
+    `pdserve_*` field), or a class attribute declared under one (a hand-written request model)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+                node.value in words or (node.value.startswith("pdserve_") and node.value.isidentifier())):
+            found.append(f"line {node.lineno}: {node.value!r}")
+        if isinstance(node, ast.ClassDef):
+            found += [f"line {a.lineno}: declares {a.target.id}" for a in node.body
+                      if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and a.target.id in words]
+    return found
+
+
+def test_router_and_server_spell_no_contract_field() -> None:
+    """The extra body fields and the /server_info keys router and server share are named once,
+    in pdserve/contract; router/ and server/ use those names, never their own copy."""
+    words = _contract_words()
+    bad = [f"{p.relative_to(PKG)} {w}" for m, p in MODULES.items()
+           if m.startswith(("pdserve.router.", "pdserve.server.")) for w in _contract_spellings(p, words)]
+    assert not bad, "\n".join(bad)
+
+
+def test_contract_finder_finds_them(tmp_path: Path) -> None:  # the check itself can fail
+    f = tmp_path / "m.py"
+    f.write_text("class B:\n    bootstrap_room: int = 0\n\nx = {'pdserve_resume_ids': 1, 'kv_events_endpoint': 2}\n"
+                 "y = 'a pdserve_stream_ids sentence is prose'\n")
+    assert len(_contract_spellings(f, _contract_words())) == 3
+
+
+def test_contract_imports_only_msgspec_and_stdlib() -> None:
+    """router and server both import pdserve/contract: it pulls in neither of them (nor torch)."""
+    bad = [f"{p.relative_to(PKG)} imports {n}" for m, p in MODULES.items() if m.startswith("pdserve.contract")
+           for n in _imported_names(p) if not any(n == a or n.startswith(a + ".") for a in CONTRACT_ALLOWED)]
+    assert not bad, "\n".join(bad)
+
+
+def test_only_cli_imports_launch() -> None:
+    """launch/ is the top floor (it imports the router); the bottom helpers everyone shares live
+    in flags/, so nothing but cli/ (and launch itself) imports launch/."""
+    bad = [f"{p.relative_to(PKG)} imports {n}" for m, p in MODULES.items()
+           if not m.startswith(("pdserve.cli", "pdserve.launch"))
+           for n in _imported_names(p) if n == "pdserve.launch" or n.startswith("pdserve.launch.")]
+    assert not bad, "\n".join(sorted(set(bad)))

@@ -103,10 +103,11 @@ def build_stage(disagg: DisaggConfig | None, layout: KVLayout, pool: KVPool, sch
             rooms.close()
             raise
         return PrefillStage(scheduler, pool.page_size, rooms, server)
-    if disagg.decode_enable_radix_cache and not kv.cache.enabled:
+    try:
+        disagg.check_decode_radix_cache(prefix_cache=kv.cache.enabled)
+    except ValueError:
         rooms.close()
-        raise ValueError("--disaggregation-decode-enable-radix-cache needs the prefix cache "
-                         "(drop --disable-radix-cache)")
+        raise
     client = BootstrapClient(layout, disagg)
     rooms.watch(client)
     return DecodeStage(scheduler, kv, stops, vocab_size, rooms, client,
