@@ -36,7 +36,7 @@ from aiohttp import web
 from pdserve.disagg.bootstrap_client import http_url
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import Health, HttpError, KVLayout, LayoutMismatch, RouteInfo, RouteRegistration
-from pdserve.disagg.transfer.handshake import secret_matches
+from pdserve.disagg.transfer.sessions.handshake import secret_matches
 
 logger = logging.getLogger("pdserve.disagg.bootstrap")
 

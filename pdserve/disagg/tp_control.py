@@ -36,9 +36,9 @@ import zmq
 
 from pdserve.disagg.bootstrap_client import BootstrapClient, PrefillAddr
 from pdserve.disagg.messages import KVLayout, LinkSpec, MetadataRecord
-from pdserve.disagg.transfer.all_of import AllOfSender, Combined, link_receiver
 from pdserve.disagg.transfer.base import TERMINAL, KVPoll, KVReceiver, KVSender, TransferManager
-from pdserve.disagg.transfer.tp_links import HeadRange, decode_links, head_range
+from pdserve.disagg.transfer.rooms.all_of import AllOfSender, Combined, link_receiver
+from pdserve.disagg.transfer.tp.links import HeadRange, decode_links, head_range
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ def pool_tensors(disagg: DisaggConfig | None, shape: tuple[int, ...], dtype: tor
         return None
     if device.type != "cpu":
         raise ValueError("the shm transfer backend moves host memory: use it with --device cpu")
-    from pdserve.disagg.transfer.shm_pool import allocate_shared_pool
+    from pdserve.disagg.transfer.backends.shm_pool import allocate_shared_pool
 
     pool = allocate_shared_pool(shape, dtype)
     return pool.k, pool.v

@@ -39,7 +39,7 @@ from pdserve.disagg.bootstrap_client import BootstrapClient, Route
 from pdserve.disagg.messages import MetadataRecord
 from pdserve.disagg.tp_control import ServerRooms, model_page_bytes
 from pdserve.disagg.transfer.base import KVPoll
-from pdserve.disagg.transfer.tp_links import head_range
+from pdserve.disagg.transfer.tp.links import head_range
 from pdserve.engine.batch import Chunk
 from pdserve.engine.kv_cache import pages_needed
 from pdserve.engine.kv_manager import KVManager

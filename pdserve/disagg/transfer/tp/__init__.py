@@ -1,0 +1,1 @@
+"""Transfers of tensor-parallel servers: which ranks exchange which KV heads (links.py)."""
