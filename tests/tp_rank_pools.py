@@ -80,7 +80,7 @@ def wait_all(parts: list, state: KVPoll, timeout: float = 30.0) -> None:
 def move_room(pre: list[TransferManager], dec: list[TransferManager], total: int, src_pages: list[int],
               dst_pages: list[int]) -> tuple[list[KVReceiver], MetadataRecord]:
     """One room from every prefill rank to every decode rank, as a TP PD server moves it: each
-    decode rank opens its links (what its agent does, tp_control.py), the prefill ranks send all
+    decode rank opens its links (what its agent does, transfer/tp/agent.py), the prefill ranks send all
     pages at once. Returns the decode ranks' receivers (all Success) and the record sent."""
     room = next(_rooms)
     P, D = len(pre), len(dec)

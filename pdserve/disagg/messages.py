@@ -81,6 +81,11 @@ class KVLayout(msgspec.Struct, frozen=True):
         """Bytes of one page over all layers, K and V."""
         return 2 * self.num_layers * self.span_bytes
 
+    @property
+    def model_page_bytes(self) -> int:
+        """Bytes of one page over every KV head of the model (all tensor-parallel ranks together)."""
+        return self.page_bytes * self.all_kv_heads // self.kv_heads
+
     def check_compatible(self, other: KVLayout, *, mine: str = "decode", theirs: str = "prefill") -> None:
         """Raise LayoutMismatch naming each differing field with both values. Which slice of the
         heads each side holds may differ (tensor parallelism: transfer/tp/links.py pairs the slices)."""
