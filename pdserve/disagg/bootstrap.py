@@ -2,9 +2,10 @@
 endpoint and KV layout, and checks that the prefill is alive.
 
 Lifecycle (prefill server):
-    server = BootstrapServer.from_config(config).start()     # aiohttp in its own thread + loop
-    server.register(rank, manager.endpoint, layout)          # dp rank 0's ranks in-process, or
-    bootstrap_client.register_route(host, port, rank, ...)  # other dp ranks', over HTTP PUT
+    server = publish_routes(config, rooms.ranks, dp_rank, dp_size)   # both of the below:
+      dp rank 0:   server = BootstrapServer.from_config(config).start()  # aiohttp in its own thread + loop
+                   server.register(rank, manager.endpoint, layout)       # its ranks, in-process
+      dp rank > 0: bootstrap_client.register_route(host, port, rank, ...)  # over HTTP PUT; no server
     ... serve ...
     server.close()
 
@@ -34,15 +35,16 @@ import msgspec
 from aiohttp import web
 
 from pdserve.contract import DEFAULT_BOOTSTRAP_PORT
-from pdserve.disagg.bootstrap_client import http_url
+from pdserve.disagg.bootstrap_client import http_url, register_route
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import Health, HttpError, KVLayout, LayoutMismatch, RouteInfo, RouteRegistration
-from pdserve.disagg.transfer.handshake import secret_matches
+from pdserve.disagg.transfer.sessions.handshake import secret_matches
 
 logger = logging.getLogger("pdserve.disagg.bootstrap")
 
 
 MAX_BODY = 1 << 20
+REGISTER_WAIT_S = 600.0  # a dp rank > 0 waits this long for dp rank 0's bootstrap server (weights load first)
 
 
 def _json(obj: msgspec.Struct, status: int = 200) -> web.Response:
@@ -205,3 +207,22 @@ class BootstrapServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def publish_routes(config: DisaggConfig, ranks: list[tuple[str, KVLayout]], dp_rank: int = 0,
+                   dp_size: int = 1) -> BootstrapServer | None:
+    """Register every tp rank's (transfer endpoint, layout): in-process on dp rank 0, which hosts
+    the started server it returns; over HTTP from the other dp ranks (None: no server here)."""
+    if dp_rank == 0:
+        server = BootstrapServer.from_config(config).start()
+        try:
+            for rank, (endpoint, layout) in enumerate(ranks):
+                server.register(rank, endpoint, layout, 0, dp_size)
+        except BaseException:
+            server.close()
+            raise
+        return server
+    for rank, (endpoint, layout) in enumerate(ranks):
+        register_route(config.bootstrap_host, config.bootstrap_port, rank, endpoint, layout, config.cluster_token,
+                       dp_rank=dp_rank, dp_size=dp_size, wait_s=REGISTER_WAIT_S)
+    return None

@@ -3,14 +3,20 @@
 Lifecycle (decode server):
     client = BootstrapClient(my_layout, config)        # starts the heartbeat thread
     manager.watch(client)                               # dead prefill -> its rooms fail
-    route = client.poll_route(host, port, rank, dp_rank)  # engine loop: never blocks (None = not yet)
-      or  client.get_route(host, port, rank, dp_rank=d)     # blocking, bounded (tools, tests)
-    ... receiver(room, route.endpoint) ...
+    sources = client.routes(host, port, room)         # engine loop: never blocks (None = not yet)
+    ... rooms.open(room, sources) ...                  # (endpoint, KV heads) of each prefill tp rank
+      or  client.poll_route(host, port, rank, dp_rank)  # one rank's route, non-blocking
+      or  client.get_route(host, port, rank, dp_rank=d)   # blocking, bounded (tools, tests)
     client.close()
 
 A prefill rank that does not host the bootstrap server registers with `register_route` (PUT).
-With prefill data parallelism a room's KV lives on dp rank `bootstrap_room % dp_size` (every
-route says dp_size); routes are cached per (dp rank, tp rank).
+With prefill data parallelism a room's KV lives on dp rank `prefill_dp_rank(room, dp_size)` (the
+contract's rule; every route says dp_size); routes are cached per (dp rank, tp rank). `routes`
+picks that dp rank from the first route it learns (dp rank 0, tp rank 0), then every tp rank of
+it, with the head range each rank's pool holds:
+
+    room 7, prefill dp 2 x tp 2:  route(dp 0, tp 0) says dp_size 2 -> dp rank 7 % 2 = 1
+                                  -> [(endpoint of (1, 0), heads (0, h/2)), (endpoint of (1, 1), heads (h/2, h/2))]
 
 First contact with a prefill fetches GET /route and checks its KV layout against ours
 (LayoutMismatch names the differing fields). The heartbeat polls GET /health of every known
@@ -33,8 +39,10 @@ from typing import NamedTuple, TypeVar
 
 import msgspec
 
+from pdserve.contract import prefill_dp_rank
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import Health, KVLayout, LayoutMismatch, RouteInfo, RouteRegistration
+from pdserve.disagg.transfer.tp.links import HeadRange, head_range
 
 logger = logging.getLogger("pdserve.disagg.bootstrap")
 
@@ -163,6 +171,23 @@ class BootstrapClient:
                 self._inflight[key] = t
                 t.start()
         return None
+
+    def routes(self, host: str, port: int, room: int) -> list[tuple[str, HeadRange]] | None:
+        """Non-blocking: (transfer endpoint, KV heads) of every tp rank, in rank order, of the
+        prefill dp rank that holds `room`; None while one is still being fetched (every missing
+        rank's fetch starts at once). Raises a fetch's error as poll_route does."""
+        first = self.poll_route(host, port)
+        if first is None:
+            return None
+        dp_rank = prefill_dp_rank(room, first.dp_size)
+        if dp_rank != 0:
+            first = self.poll_route(host, port, 0, dp_rank)
+            if first is None:
+                return None
+        rest = [self.poll_route(host, port, rank, dp_rank) for rank in range(1, first.num_ranks)]
+        if any(r is None for r in rest):
+            return None
+        return [(r.endpoint, head_range(r.layout)) for r in (first, *rest) if r is not None]
 
     def _fetch(self, addr: PrefillAddr, dp_rank: int, rank: int) -> None:
         try:

@@ -81,9 +81,14 @@ class KVLayout(msgspec.Struct, frozen=True):
         """Bytes of one page over all layers, K and V."""
         return 2 * self.num_layers * self.span_bytes
 
+    @property
+    def model_page_bytes(self) -> int:
+        """Bytes of one page over every KV head of the model (all tensor-parallel ranks together)."""
+        return self.page_bytes * self.all_kv_heads // self.kv_heads
+
     def check_compatible(self, other: KVLayout, *, mine: str = "decode", theirs: str = "prefill") -> None:
         """Raise LayoutMismatch naming each differing field with both values. Which slice of the
-        heads each side holds may differ (tensor parallelism: tp_links.py pairs the slices)."""
+        heads each side holds may differ (tensor parallelism: transfer/tp/links.py pairs the slices)."""
         diffs = [f"{name} ({mine}={getattr(self, name)!r}, {theirs}={getattr(other, name)!r})"
                  for name in ("model", "num_layers", "all_kv_heads", "head_dim", "dtype", "page_size")
                  if getattr(self, name) != getattr(other, name)]
@@ -210,7 +215,7 @@ class HelloAck(msgspec.Struct, frozen=True, tag=True):
 
 class HeadSlice(msgspec.Struct, frozen=True):
     """KV heads [src_start, src_start + count) of the prefill rank's pool go to heads
-    [dst_start, dst_start + count) of the decode rank's pool (local indices; tp_links.py)."""
+    [dst_start, dst_start + count) of the decode rank's pool (local indices; transfer/tp/links.py)."""
 
     src_start: int
     dst_start: int
@@ -218,7 +223,7 @@ class HeadSlice(msgspec.Struct, frozen=True):
 
 
 class LinkSpec(msgspec.Struct, frozen=True):
-    """One link of a decode rank's room (tp_links.py): where its heads come from."""
+    """One link of a decode rank's room (transfer/tp/links.py): where its heads come from."""
 
     endpoint: str  # the prefill rank's transfer endpoint
     heads: HeadSlice | None  # None: every head of both pools

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg import DisaggConfig, KVLayout
 from pdserve.engine.batch import ScheduleBatch
 from pdserve.engine.config import EngineConfig, keep_freed_memory, set_torch_threads
 from pdserve.engine.dp_attention import DPAttentionRank, dp_device, join_dp_attention
@@ -34,7 +34,6 @@ from pdserve.engine.grammar import Grammars, GrammarState, grammar_error
 from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.kv_manager import KVManager
 from pdserve.engine.messages import Bootstrap, GenerateReq, LoadInfo, TokenOut
-from pdserve.disagg.messages import KVLayout
 from pdserve.engine.pd.build import DPPlace, build_stage, pool_tensors
 from pdserve.engine.pd.stage import StagePoll
 from pdserve.engine.request import Request

@@ -7,7 +7,7 @@ Lifecycle:
           group itself.
   rank r  joins the group, loads its weight slices, allocates its KV pool (rank 0's page count,
           its own KV heads); in a PD server it also starts its transfer manager and the agent that
-          runs rank 0's transfer commands on it (disagg/tp_control.py); then it loops on RankMsg
+          runs rank 0's transfer commands on it (pdserve.disagg.join_rooms); then it loops on RankMsg
           from rank 0:
             StepPlan  -> run it, joining the forward's collectives (the same plan on every rank)
             StopRanks -> leave the group, exit 0
@@ -29,14 +29,11 @@ from dataclasses import replace
 import msgspec
 import torch
 
-from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.messages import KVLayout
-from pdserve.disagg.tp_control import STORE_KEY, RankAgent
-from pdserve.disagg.transfer.base import create_manager
+from pdserve.disagg import DisaggConfig, KVLayout, TPChannel, join_rooms
 from pdserve.engine.config import EngineConfig, default_threads, keep_freed_memory, set_torch_threads
 from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.messages import RankMsg, StepPlan, StopRanks
-from pdserve.engine.pd.build import TPPeers, pool_tensors
+from pdserve.engine.pd.build import pool_tensors
 from pdserve.engine.runner import ModelRunner
 from pdserve.flags.procs import die_with_parent
 from pdserve.model.bundled import resolve_model
@@ -131,9 +128,9 @@ class TPRanks:
             raise
         return cls(group, procs)
 
-    def peers(self, config: EngineConfig) -> TPPeers:
+    def peers(self, config: EngineConfig) -> TPChannel:
         """What rank 0's PD stage needs to reach the other ranks' transfer agents."""
-        return TPPeers(config.parallel.rendezvous()[0], config.parallel.tp_size, self.group.store)
+        return TPChannel(config.parallel.rendezvous()[0], config.parallel.tp_size, self.group.store.set)
 
     def check_alive(self) -> None:
         """Raise if one of this node's other ranks has exited: the engine fails, and its server
@@ -188,9 +185,7 @@ def follow(spec: RankSpec) -> None:
     agent = None
     if disagg is not None:
         layout = rank_layout(resolve_model(config.model).name, pool, shard, cfg)
-        manager = create_manager(disagg.backend, disagg.mode, pool.k, pool.v, pool.page_size, layout, disagg,
-                                 host=disagg.bootstrap_host)
-        agent = RankAgent(spec.rank, manager, group.store.get(STORE_KEY).decode())
+        agent = join_rooms(disagg, layout, pool.k, pool.v, pool.page_size, spec.rank, group.store.get)
     runner = ModelRunner(model, pool, device)
     decoder = msgspec.msgpack.Decoder(RankMsg)
     while True:

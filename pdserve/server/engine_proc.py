@@ -37,7 +37,7 @@ import msgspec
 import zmq
 
 from pdserve.engine.config import EngineConfig
-from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg import DisaggConfig
 from pdserve.flags.procs import die_with_parent
 from pdserve.engine.messages import (
     AbortReq,

@@ -127,7 +127,7 @@ def test_transfer_rejects_wrong_room_record_on_the_wire(engines: tuple[Engine, E
     """The prefill's Done carries a record for another room: decode's transfer layer refuses it
     (the room fails, its reserved pages return) and tells the prefill at once (AbortRoom), which
     fails the room and frees its pages too, well before its waiting timeout. Then the pair still works."""
-    from pdserve.disagg.transfer import send_sessions
+    from pdserve.disagg.transfer.sessions import send as send_sessions
 
     pre, dec = engines
     marks = (_free_plus_cached(pre), _free_plus_cached(dec))

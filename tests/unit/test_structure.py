@@ -238,3 +238,30 @@ def test_only_cli_imports_launch() -> None:
            if not m.startswith(("pdserve.cli", "pdserve.launch"))
            for n in _imported_names(p) if n == "pdserve.launch" or n.startswith("pdserve.launch.")]
     assert not bad, "\n".join(sorted(set(bad)))
+
+
+def _disagg_submodules(names: list[str]) -> list[str]:
+    """The `pdserve.disagg` submodules among imported names (the package's own names are its face)."""
+    return [n for n in names if (target := _resolve(n)) is not None and target.startswith("pdserve.disagg.")]
+
+
+def test_engine_sees_only_the_disagg_face() -> None:
+    """The engine imports `pdserve.disagg` (its __init__: open_rooms, BootstrapClient, KVPoll, ...),
+    never one of its submodules: how the transfer is laid out stays disagg's business."""
+    bad = [f"{p.relative_to(PKG)} imports {n}" for m, p in MODULES.items() if m.startswith("pdserve.engine")
+           for n in _disagg_submodules(_imported_names(p))]
+    assert not bad, "\n".join(bad)
+
+
+def test_disagg_face_finder_finds_submodules() -> None:  # the check itself can fail
+    names = ["pdserve.disagg", "pdserve.disagg.KVPoll", "pdserve.disagg.transfer.base",
+             "pdserve.disagg.transfer.base.KVPoll", "pdserve.disagg.bootstrap_client"]
+    assert _disagg_submodules(names) == names[2:]
+
+
+def test_disagg_face_names_load() -> None:
+    """Every name the face lists resolves (they load lazily: a typo would only fail at first use)."""
+    import pdserve.disagg as face
+
+    missing = [n for n in face.__all__ if getattr(face, n, None) is None]
+    assert not missing, missing

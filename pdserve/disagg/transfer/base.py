@@ -175,7 +175,7 @@ class TransferManager(ABC):
     @abstractmethod
     def receiver(self, room: int, prefill_endpoint: str, heads: HeadSlice | None = None,
                  fanout: int = 1) -> KVReceiver:
-        """`heads`/`fanout`: this rank's link from that prefill rank (tp_links.py); None/1 without TP."""
+        """`heads`/`fanout`: this rank's link from that prefill rank (tp/links.py); None/1 without TP."""
 
     @abstractmethod
     def peer_dead(self, endpoint: str, reason: str) -> None:

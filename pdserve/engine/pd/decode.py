@@ -35,11 +35,7 @@ from __future__ import annotations
 import logging
 import time
 
-from pdserve.disagg.bootstrap_client import BootstrapClient, Route
-from pdserve.disagg.messages import MetadataRecord
-from pdserve.disagg.tp_control import ServerRooms, model_page_bytes
-from pdserve.disagg.transfer.base import KVPoll
-from pdserve.disagg.transfer.tp_links import head_range
+from pdserve.disagg import BootstrapClient, KVPoll, MetadataRecord, ServerRooms
 from pdserve.engine.batch import Chunk
 from pdserve.engine.kv_cache import pages_needed
 from pdserve.engine.kv_manager import KVManager
@@ -124,7 +120,7 @@ class DecodeStage:
                 self._unlock(req)
                 break
             try:  # non-blocking: the first contact with a prefill is fetched in the background
-                routes = self._routes(t.boot.host, t.boot.port, t.boot.room)
+                routes = self.client.routes(t.boot.host, t.boot.port, t.boot.room)
             except Exception as e:  # unreachable prefill or layout mismatch: recompute, or a clean error
                 self.prealloc.remove(req)
                 self._failed(req, f"cannot use the prefill server: {e}", out)
@@ -134,7 +130,7 @@ class DecodeStage:
                 continue  # still fetching its prefill's routes (up to fetch_timeout): serve the others
             self.prealloc.remove(req)
             try:
-                t.receiver = self.manager.open(t.boot.room, [(r.endpoint, head_range(r.layout)) for r in routes])
+                t.receiver = self.manager.open(t.boot.room, routes)
             except ValueError as e:  # another live request holds this room: refuse this one, keep serving
                 out.finished.append(self._fail(req, f"bootstrap_room {t.boot.room} is taken: {e}", status=400))
                 continue
@@ -145,20 +141,6 @@ class DecodeStage:
             t.started = time.monotonic()
             self.transfer.append(req)
 
-    def _routes(self, host: str, port: int, room: int) -> list[Route] | None:
-        """Every tp rank's route of the prefill dp rank that holds `room` (room % its dp size),
-        or None while one is still being fetched."""
-        first = self.client.poll_route(host, port)
-        if first is None:
-            return None
-        dp_rank = room % first.dp_size
-        if dp_rank != 0:
-            first = self.client.poll_route(host, port, 0, dp_rank)
-            if first is None:
-                return None
-        rest = [self.client.poll_route(host, port, rank, dp_rank) for rank in range(1, first.num_ranks)]
-        return None if any(r is None for r in rest) else [first, *(r for r in rest if r is not None)]
-
     def _poll_transfers(self, out: StagePoll) -> None:
         for req in list(self.transfer):
             t = _transfer(req)
@@ -167,7 +149,7 @@ class DecodeStage:
             if state not in (KVPoll.Success, KVPoll.Failed):
                 continue
             self.transfer.remove(req)
-            num_bytes = t.num_pages * model_page_bytes(self.manager.layout)  # what really moved
+            num_bytes = t.num_pages * self.manager.layout.model_page_bytes  # what really moved
             assert self.stats is not None
             self.stats.record(state == KVPoll.Success, num_bytes, time.monotonic() - t.started)
             if t.aborting:

@@ -5,9 +5,9 @@ Lifecycle of one room on the prefill rank (state in brackets):
   1. `sender(room)` [Bootstrapping]. Decode's RoomInfo may come before or after it: those that
      come first wait in `_pending` (dropped with a RoomFailed after bootstrap_timeout). An
      AbortRoom that comes first (the client left while this busy engine had not taken the
-     request yet) is remembered (room_memory.py) for bootstrap_timeout, so the sender, when
+     request yet) is remembered (rooms/memory.py) for bootstrap_timeout, so the sender, when
      it is created, fails at once instead of waiting for a page list that never comes.
-  2. RoomInfo of every destination bound [WaitingForInput] (send_room.py: one per decode rank
+  2. RoomInfo of every destination bound [WaitingForInput] (rooms/sender.py: one per decode rank
      fed by this rank); `num_dst_pages` is known.
   3. `send(...)` [Transferring]: a task per destination goes to the shard queue of that decode
      (FCFS per decode);
@@ -35,13 +35,13 @@ from typing import Any
 
 from pdserve.disagg.messages import Ack, AbortRoom, Done, Hello, HelloAck, RoomFailed, RoomInfo
 from pdserve.disagg.transfer.base import KVPoll
-from pdserve.disagg.transfer.data_path import DataPath
-from pdserve.disagg.transfer.handshake import refusal
-from pdserve.disagg.transfer.room import RoomState
-from pdserve.disagg.transfer.room_memory import RoomMemory
-from pdserve.disagg.transfer.send_room import Destination, PrefillSession, SendTask, SessionSender
-from pdserve.disagg.transfer.shards import ShardedQueues
-from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed, advertised_host, join_endpoint, listen
+from pdserve.disagg.transfer.rooms.memory import RoomMemory
+from pdserve.disagg.transfer.rooms.sender import Destination, PrefillSession, SendTask, SessionSender
+from pdserve.disagg.transfer.rooms.state import RoomState
+from pdserve.disagg.transfer.sessions.data_path import DataPath
+from pdserve.disagg.transfer.sessions.handshake import refusal
+from pdserve.disagg.transfer.sessions.shards import ShardedQueues
+from pdserve.disagg.transfer.sessions.wire import FrameSocket, SessionClosed, advertised_host, join_endpoint, listen
 
 
 logger = logging.getLogger("pdserve.disagg.prefill")

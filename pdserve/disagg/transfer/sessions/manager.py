@@ -23,7 +23,7 @@ the sockets. A backend subclass sets `backend_name` / `one_sided` and overrides 
   check_done(r, done)  decode   frames received       -                     num_frames notifs seen   -
                                 == sent
 (fake: every hook does nothing.) One-sided backends address decode's pool by base address
-(remote_pool.py); completion per room is announced by Done on the control session either way.
+(backends/remote_pool.py); completion per room is announced by Done on the control session either way.
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ import torch
 
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import DataFrame, Done, HeadSlice, Hello, KVLayout
+from pdserve.disagg.transfer.backends.pages import Run
 from pdserve.disagg.transfer.base import TransferManager
-from pdserve.disagg.transfer.data_path import IncomingRoom
-from pdserve.disagg.transfer.identity import local_identity
-from pdserve.disagg.transfer.pages import Run
-from pdserve.disagg.transfer.receive_sessions import ReceiveSessions, SessionReceiver
-from pdserve.disagg.transfer.send_room import SessionSender
-from pdserve.disagg.transfer.send_sessions import SendSessions
-from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed
+from pdserve.disagg.transfer.rooms.sender import SessionSender
+from pdserve.disagg.transfer.sessions.data_path import IncomingRoom
+from pdserve.disagg.transfer.sessions.identity import local_identity
+from pdserve.disagg.transfer.sessions.receive import ReceiveSessions, SessionReceiver
+from pdserve.disagg.transfer.sessions.send import SendSessions
+from pdserve.disagg.transfer.sessions.wire import FrameSocket, SessionClosed
 
 
 LOST_GRACE_S = 1.0  # after a one-sided write error, how long to wait for the session to drop

@@ -23,10 +23,10 @@ import torch
 
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import DataFrame, Done, HeadSlice, KVLayout
-from pdserve.disagg.transfer.data_path import IncomingRoom
-from pdserve.disagg.transfer.pages import FramePlan, PoolBytes, Run, plan_frames
-from pdserve.disagg.transfer.session_manager import SessionTransferManager
-from pdserve.disagg.transfer.wire import FrameSocket
+from pdserve.disagg.transfer.backends.pages import FramePlan, PoolBytes, Run, plan_frames
+from pdserve.disagg.transfer.sessions.data_path import IncomingRoom
+from pdserve.disagg.transfer.sessions.manager import SessionTransferManager
+from pdserve.disagg.transfer.sessions.wire import FrameSocket
 
 
 class TcpTransferManager(SessionTransferManager):

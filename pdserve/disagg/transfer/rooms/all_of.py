@@ -92,7 +92,7 @@ class AllOfReceiver(KVReceiver):
 
 class AllOfSender(KVSender):
     """A tensor-parallel prefill's room: rank 0's own sender plus the other ranks' views.
-    Sends go to `local` here; `fan_out` forwards them to the other ranks (tp_control.py)."""
+    Sends go to `local` here; `fan_out` forwards them to the other ranks (tp/ranked.py)."""
 
     def __init__(self, room: int, local: KVSender, others: list[Part], fan_out: FanOut) -> None:
         self.room = room

@@ -14,7 +14,7 @@ Segments are listed layer-major; neighbours contiguous on BOTH sides merge, so a
 covers whole layers of two equal pools is one segment for all layers. K and V never merge:
 engines register them as separate buffers.
 
-A head-sliced room (tp_links.py) moves per (layer, slot) one range of count * head_bytes bytes:
+A head-sliced room (tp/links.py) moves per (layer, slot) one range of count * head_bytes bytes:
 
     src  = k_base_local  + (layer * src_slots + src_slot) * src_slot_bytes + src_start * head_bytes
     dst  = k_base_remote + (layer * dst_slots + dst_slot) * dst_slot_bytes + dst_start * head_bytes
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from pdserve.disagg.messages import HeadSlice, PoolRegion
-from pdserve.disagg.transfer.pages import Run
+from pdserve.disagg.transfer.backends.pages import Run
 
 
 def pool_region(k: torch.Tensor, v: torch.Tensor) -> PoolRegion:

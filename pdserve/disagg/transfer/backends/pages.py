@@ -25,7 +25,7 @@ A frame (tcp) or copy group (shm) covers runs[a:b] x layers[l0:l1); its bytes ar
     for layer in l0..l1-1: for K, then V: for run in runs[a:b]: span(layer, run)
 which both sides compute from the same header, so no per-page metadata crosses the wire.
 
-A head-sliced room (tensor parallelism of different sizes, tp_links.py) moves for each
+A head-sliced room (tensor parallelism of different sizes, tp/links.py) moves for each
 (layer, K|V, run) the slice [start, start + count) of every slot's heads, in the same order:
 gathered into a contiguous buffer [layers, K|V, slots, count, head_bytes] (or scattered from
 it) by one fancy-indexed copy per (frame, K|V) on tcp, one strided copy per run over a layer

@@ -8,7 +8,7 @@ pages are left untouched. Use it for tests of the queues/state machine and for w
 
 from __future__ import annotations
 
-from pdserve.disagg.transfer.session_manager import SessionTransferManager
+from pdserve.disagg.transfer.sessions.manager import SessionTransferManager
 
 
 class FakeTransferManager(SessionTransferManager):

@@ -58,10 +58,10 @@ except ImportError as _exc:  # present but unloadable (libibverbs1, or libcuda f
 
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import HeadSlice, Hello, KVLayout, MooncakeRegion, PoolRegion, mooncake_region_decoder
-from pdserve.disagg.transfer.pages import Run
-from pdserve.disagg.transfer.remote_pool import check_dst_runs, check_region, kv_segments, pool_region
-from pdserve.disagg.transfer.session_manager import SessionTransferManager, raise_write_error
-from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed, advertised_host
+from pdserve.disagg.transfer.backends.pages import Run
+from pdserve.disagg.transfer.backends.remote_pool import check_dst_runs, check_region, kv_segments, pool_region
+from pdserve.disagg.transfer.sessions.manager import SessionTransferManager, raise_write_error
+from pdserve.disagg.transfer.sessions.wire import FrameSocket, SessionClosed, advertised_host
 
 MAX_BATCH = 1024  # segments per batch_transfer_sync_write call
 

@@ -43,11 +43,11 @@ import torch
 
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import Done, HeadSlice, Hello, KVLayout, NixlRegion, PoolRegion
-from pdserve.disagg.transfer.data_path import IncomingRoom
-from pdserve.disagg.transfer.pages import Run
-from pdserve.disagg.transfer.remote_pool import check_dst_runs, check_region, kv_segments, pool_region
-from pdserve.disagg.transfer.session_manager import SessionTransferManager, raise_write_error
-from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed
+from pdserve.disagg.transfer.backends.pages import Run
+from pdserve.disagg.transfer.backends.remote_pool import check_dst_runs, check_region, kv_segments, pool_region
+from pdserve.disagg.transfer.sessions.data_path import IncomingRoom
+from pdserve.disagg.transfer.sessions.manager import SessionTransferManager, raise_write_error
+from pdserve.disagg.transfer.sessions.wire import FrameSocket, SessionClosed
 
 
 

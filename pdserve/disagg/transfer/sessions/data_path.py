@@ -1,10 +1,10 @@
 """What the two session halves need from the manager they serve: its identity and layout, and
-the backend's six data-path hooks (see session_manager.py for the per-backend table).
+the backend's six data-path hooks (see manager.py for the per-backend table).
 
     SessionTransferManager ──owns──> SendSessions (prefill)  ─┐
        (implements DataPath)  └─owns──> ReceiveSessions (decode) ┴─uses──> DataPath (this module)
 
-The halves hold a DataPath, not the manager class, so session_manager imports them and they
+The halves hold a DataPath, not the manager class, so manager.py imports them and they
 import only this module: no circle. `IncomingRoom` is the part of a decode-side room that
 `read_frame` and `check_done` may read or count on.
 """
@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import DataFrame, Done, HeadSlice, Hello, KVLayout, PeerIdentity
-from pdserve.disagg.transfer.pages import Run
-from pdserve.disagg.transfer.room import RoomState
-from pdserve.disagg.transfer.wire import FrameSocket
+from pdserve.disagg.transfer.backends.pages import Run
+from pdserve.disagg.transfer.rooms.state import RoomState
+from pdserve.disagg.transfer.sessions.wire import FrameSocket
 
 
 class IncomingRoom(Protocol):

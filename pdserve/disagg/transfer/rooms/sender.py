@@ -1,7 +1,7 @@
 """One room on a prefill rank: the engine's handle (SessionSender) and its destinations.
 
 A room has one destination per decode rank that takes pages from this prefill rank: one
-without tensor parallelism; with TP of different sizes up to the decode's tp (tp_links.py).
+without tensor parallelism; with TP of different sizes up to the decode's tp (tp/links.py).
 Each decode rank's RoomInfo binds one Destination (its session, its page ids, its head slice)
 and says how many there are in all (`fanout`); the room is WaitingForInput once all are bound.
 
@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pdserve.disagg.messages import HeadSlice, MetadataRecord, RoomInfo
+from pdserve.disagg.transfer.backends.pages import Run, check_pages, page_runs
 from pdserve.disagg.transfer.base import KVPoll, KVSender
-from pdserve.disagg.transfer.data_path import DataPath
-from pdserve.disagg.transfer.pages import Run, check_pages, page_runs
-from pdserve.disagg.transfer.room import RoomState
-from pdserve.disagg.transfer.tp_links import check_slice
-from pdserve.disagg.transfer.wire import FrameSocket
+from pdserve.disagg.transfer.rooms.state import RoomState
+from pdserve.disagg.transfer.sessions.data_path import DataPath
+from pdserve.disagg.transfer.sessions.wire import FrameSocket
+from pdserve.disagg.transfer.tp.links import check_slice
 
 
 @dataclass(eq=False)
@@ -60,7 +60,7 @@ class SendTask:
 
 
 class SenderSide(Protocol):
-    """What a room needs of SendSessions (send_sessions.py), which owns the rooms."""
+    """What a room needs of SendSessions (sessions/send.py), which owns the rooms."""
 
     mgr: DataPath
 

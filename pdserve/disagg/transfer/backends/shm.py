@@ -26,12 +26,12 @@ import torch
 
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import HeadSlice, Hello, KVLayout, ShmRegion, region_decoder
-from pdserve.disagg.transfer.identity import same_machine
-from pdserve.disagg.transfer.pages import PoolBytes, Run, byte_rows, copy_head_runs, copy_runs, head_view
-from pdserve.disagg.transfer.session_manager import SessionTransferManager
-from pdserve.disagg.transfer.remote_pool import check_dst_runs
-from pdserve.disagg.transfer.shm_pool import lookup_shared_pool, map_shared_pool
-from pdserve.disagg.transfer.wire import FrameSocket
+from pdserve.disagg.transfer.backends.pages import PoolBytes, Run, byte_rows, copy_head_runs, copy_runs, head_view
+from pdserve.disagg.transfer.backends.remote_pool import check_dst_runs
+from pdserve.disagg.transfer.backends.shm_pool import lookup_shared_pool, map_shared_pool
+from pdserve.disagg.transfer.sessions.identity import same_machine
+from pdserve.disagg.transfer.sessions.manager import SessionTransferManager
+from pdserve.disagg.transfer.sessions.wire import FrameSocket
 
 
 @dataclass(eq=False)
@@ -53,7 +53,7 @@ class ShmTransferManager(SessionTransferManager):
         self._shared = lookup_shared_pool(k, v) if role == "decode" else None
         if role == "decode" and self._shared is None:
             raise ValueError("shm backend: the decode KV pool must live in shared memory; allocate its k/v "
-                             "with pdserve.disagg.transfer.shm_pool.allocate_shared_pool(shape, dtype)")
+                             "with pdserve.disagg.transfer.backends.shm_pool.allocate_shared_pool(shape, dtype)")
         super().__init__(role, k, v, page_size, layout, config, host, **kwargs)
         self.pool = PoolBytes(k, v, page_size)
 

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 
 from pdserve.disagg.messages import (Ack, AbortRoom, DataFrame, Done, HeadSlice, Hello, HelloAck, MetadataRecord,
                                      PeerIdentity, RoomFailed, RoomInfo, SessionMsg)
+from pdserve.disagg.transfer.backends.pages import check_pages
 from pdserve.disagg.transfer.base import KVPoll, KVReceiver
-from pdserve.disagg.transfer.data_path import DataPath
-from pdserve.disagg.transfer.identity import process_gone
-from pdserve.disagg.transfer.pages import check_pages
-from pdserve.disagg.transfer.room import RoomState
-from pdserve.disagg.transfer.wire import FrameSocket, SessionClosed
+from pdserve.disagg.transfer.rooms.state import RoomState
+from pdserve.disagg.transfer.sessions.data_path import DataPath
+from pdserve.disagg.transfer.sessions.identity import process_gone
+from pdserve.disagg.transfer.sessions.wire import FrameSocket, SessionClosed
 
 
 logger = logging.getLogger("pdserve.disagg.decode")
@@ -64,7 +64,7 @@ class SessionReceiver(KVReceiver):
                  fanout: int = 1) -> None:
         self.room = room
         self.endpoint = endpoint
-        self.heads = heads  # the slice of the prefill rank's heads this rank takes (tp_links.py)
+        self.heads = heads  # the slice of the prefill rank's heads this rank takes (tp/links.py)
         self.fanout = fanout
         self._side = side
         self.state = RoomState(room, on_terminal=lambda st: side.on_terminal(st, endpoint))
