@@ -44,6 +44,8 @@ B = TypeVar("B", bound=BaseModel)
 
 @dataclass(frozen=True)
 class Route(Generic[B]):
+    """What a route's body is and how it is counted: step 1 of the module docstring."""
+
     kind: str | None  # label of the request counter (None: not counted)
     model: type[B]
     unsupported: Mapping[str, Any] = field(default_factory=dict)
