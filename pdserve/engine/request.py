@@ -41,7 +41,6 @@ class Request:
     new_top: list[list[TopLogprob]] = field(default_factory=list)
     finish_reason: str | None = None
     matched_stop: int | str | None = None
-    stop_text: str = ""  # decoded tail, kept only when the request has stop strings
     admitted: bool = False
     grammar: GrammarState | None = None  # structured output: its matcher, once compiled
     transfer: Transfer | None = None  # PD state (engine/pd stages) while KV moves to / from a peer

@@ -15,6 +15,7 @@ checker, limiter, metrics, upstream pool); `routes()` is its share of the app's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -39,17 +40,15 @@ def _json(obj: Any, rid: str, status: int = 200) -> Response:
     return Response(_enc.encode(obj), status, headers=[("x-request-id", rid)])
 
 
+@dataclass(frozen=True, eq=False)
 class Admin:
-    def __init__(self, cfg: RouterConfig, registry: WorkerRegistry, health: HealthChecker,
-                 limiter: ConcurrencyLimiter, metrics: RouterMetrics, pool: UpstreamPool,
-                 kv_index: KVIndex | None = None) -> None:
-        self.cfg = cfg
-        self.kv_index = kv_index
-        self.registry = registry
-        self.health = health
-        self.limiter = limiter
-        self.metrics = metrics
-        self.pool = pool
+    cfg: RouterConfig
+    registry: WorkerRegistry
+    health: HealthChecker
+    limiter: ConcurrencyLimiter
+    metrics: RouterMetrics
+    pool: UpstreamPool
+    kv_index: KVIndex | None = None
 
     def routes(self) -> dict[str, dict[str, RouteFn]]:
         info: dict[str, RouteFn] = {"GET": self.pass_through}

@@ -16,6 +16,13 @@ Per attempt:
      the client yet);
   5. the decode's answer is relayed (streamed unbuffered), with the prefill's input logprobs
      merged in front when `return_logprob` is set.
+A client error (a 4xx but 408/429) from either leg, whichever answers first, decides the
+request: that answer is relayed as is (status and body), nothing is retried (the same body
+fails on any pair) and no leg counts as failed (`router_pd_client_errors_total{leg,status}`
+counts it; the worker's circuit is untouched). The other leg is cancelled at once, in
+whatever state it is: a leg already sent sees its connection close and its worker aborts the
+room; a leg not yet written is never sent (the router does not send a leg only to cancel
+it), so a worker may never see a request its peer refused.
 A prefill failure after the decode started answering cannot hurt the answer and is only
 counted; one before it keeps the decode leg when that decode recomputes failed transfers
 (`recomputes`): it then runs the prompt itself, so the client sees no error. A decode stream that breaks after bytes reached the client migrates (migrate.py) to another

@@ -15,7 +15,6 @@ import time
 import uuid
 from typing import Any
 
-import msgspec
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
@@ -26,17 +25,14 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.dp_client import DPLoadResp
 from pdserve.server.engine_client import EngineDeadError
 from pdserve.server.errors import APIError
-from pdserve.server.params import decode_json_object
+from pdserve.server.handler import Route, json_response, read_body
 from pdserve.server.protocol import AbortRequest
 from pdserve.server.state import ServerState, get_state
 
 router = APIRouter()
 
 VERSION = "0.1.0"
-
-
-def _json(obj: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+_ABORT = Route(None, AbortRequest)
 
 
 def _unavailable(exc: BaseException) -> APIError:
@@ -108,7 +104,7 @@ def _server_info(state: ServerState) -> dict[str, Any]:
 @router.get(SERVER_INFO_PATHS[0])
 @router.get(SERVER_INFO_PATHS[1])
 async def server_info(request: Request) -> Response:
-    return _json(_server_info(get_state(request)))
+    return json_response(_server_info(get_state(request)))
 
 
 @router.get("/model_info")
@@ -116,7 +112,7 @@ async def server_info(request: Request) -> Response:
 async def model_info(request: Request) -> Response:
     state = get_state(request)
     mc = state.info.model_config
-    return _json({
+    return json_response({
         "model_path": state.info.model_path,
         "tokenizer_path": state.info.model_path,
         "served_model_name": state.model_name,
@@ -143,7 +139,7 @@ def model_card(state: ServerState, name: str) -> dict[str, Any]:
 async def models(request: Request) -> Response:
     state = get_state(request)
     names = [state.model_name, *state.config.served_model_aliases]
-    return _json({"object": "list", "data": [model_card(state, n) for n in names]})
+    return json_response({"object": "list", "data": [model_card(state, n) for n in names]})
 
 
 def _rank_load(x: LoadInfo) -> dict[str, Any]:
@@ -190,13 +186,12 @@ async def _load(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
 async def get_load(request: Request) -> Response:
     """The server's load; `dp_ranks` has each data-parallel rank's (`?step_trace=1`: its last steps)."""
     trace = request.query_params.get("step_trace", "0") not in ("0", "false", "")
-    return _json(await _load(get_state(request), trace))
+    return json_response(await _load(get_state(request), trace))
 
 
 @router.post("/abort_request")
 async def abort_request(request: Request) -> Response:
-    state = get_state(request)
-    body = AbortRequest.model_validate(decode_json_object(await request.body()))
+    state, body = await read_body(request, _ABORT)
     try:
         if body.abort_all:
             aborted = state.client.in_flight()
@@ -208,7 +203,7 @@ async def abort_request(request: Request) -> Response:
             raise APIError(400, "send 'rid' or 'abort_all': true", param="rid")
     except EngineDeadError as exc:
         raise _unavailable(exc) from None
-    return _json({"success": True, "aborted": aborted})
+    return json_response({"success": True, "aborted": aborted})
 
 
 @router.api_route("/flush_cache", methods=["GET", "POST"])
@@ -220,7 +215,7 @@ async def flush_cache(request: Request) -> Response:
         raise _unavailable(exc) from None
     if not ok:
         raise APIError(400, "cache not flushed: requests are still running; retry when idle", code="flush_failed")
-    return _json({"success": True, "message": "cache flushed"})
+    return json_response({"success": True, "message": "cache flushed"})
 
 
 @router.get("/kv_events/snapshot")
@@ -235,7 +230,7 @@ async def kv_events_snapshot(request: Request) -> Response:
     if resp.snapshot is None:
         raise APIError(404, "KV events are off on this server (start it with --kv-events-config)",
                        code="kv_events_off")
-    return _json(resp.snapshot)
+    return json_response(resp.snapshot)
 
 
 @router.get("/metrics")
