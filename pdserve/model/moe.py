@@ -148,9 +148,10 @@ class Experts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Router + routed experts (this rank's, under EP) + shared expert(s); counts each expert's
-    routed (token, slot) pairs in `expert_load` (this rank's tokens; summed over EP ranks it is
-    the global load)."""
+    """Router + routed experts (this rank's, under EP) + shared expert(s). Two load counters:
+    `expert_load` [E], the (token, slot) pairs this rank's router sent to each expert (summed
+    over EP ranks: the global load), and `expert_rows` [local experts], the rows this rank's
+    experts computed (the same figure for its experts, seen from where the work happens)."""
 
     def __init__(self, hidden: int, moe: MoEConfig, comm: ExpertComm | None = None) -> None:
         super().__init__()
@@ -163,11 +164,13 @@ class SparseMoeBlock(nn.Module):
         self.shared_experts = MLP(hidden, moe.shared_intermediate_size) if moe.shared_intermediate_size else None
         self.shared_expert_gate = Linear(hidden, 1, bias=False) if moe.shared_gate else None
         self.register_buffer("expert_load", torch.zeros(moe.num_experts, dtype=torch.int64), persistent=False)
+        self.register_buffer("expert_rows", torch.zeros(stop - first, dtype=torch.int64), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x)
         self.expert_load += torch.bincount(ids.flatten(), minlength=self.moe.num_experts)
         routed = self.comm.dispatch(x, ids, self.moe.num_experts)
+        self.expert_rows += torch.tensor(routed.counts, dtype=torch.int64, device=self.expert_rows.device)
         pairs = routed.combine(self.experts(routed.rows, routed.counts))  # [T*k, H]
         y = (pairs.view(*ids.shape, x.shape[1]) * weights.unsqueeze(-1).to(pairs.dtype)).sum(1)
         if self.shared_experts is not None:

@@ -70,7 +70,8 @@ class MoEForCausalLM(LlamaForCausalLM):
             if isinstance(m, MLAttention):
                 m.absorb()
             elif isinstance(m, SparseMoeBlock):
-                m.expert_load.zero_()  # a buffer: to_empty() left it uninitialised
+                m.expert_load.zero_()  # buffers: to_empty() left them uninitialised
+                m.expert_rows.zero_()
 
     def hf_name(self, name: str) -> str | None:
         layer = _LAYER.match(name)
