@@ -9,22 +9,30 @@ One sparse layer over T tokens with top-k routing:
       │     one rank: the T*k (token, slot) pairs sorted by expert, N = T*k
       │     EP:       the pairs whose expert another rank holds go there (all-to-all), N = what
       │               this rank's experts receive
-      ├─ experts: one gate_up GEMM + one down GEMM per expert with rows (no loop over tokens)
+      ├─ experts: gate_up and down as grouped GEMMs over the experts' row groups (no token loop)
       ├─ combine(out) ──▶ [T*k, H] back in (token, slot) order (EP: the reverse all-to-all)
       └─ y = sum over k of weights x that, + shared expert(s) (Qwen2-MoE: x sigmoid gate)
 
 Expert weights are stacked as HF's in-memory layout: gate_up_proj [E, 2I, H], down_proj
-[E, H, I] (loaded from the checkpoint's per-expert gate/up/down). Per-expert GEMMs vs
-torch._grouped_mm (which runs on CPU in torch 2.13), measured on this 2-core AVX2 machine with
-16 experts, top-4, H 1024, I 512 (one thread, best of 20, a loaded machine: indicative only):
+[E, H, I] (loaded from the checkpoint's per-expert gate/up/down). Which way to run the expert
+GEMMs on CPU was measured with benchmarks/moe_experts.py on this 2-core AVX2 machine (shared,
+load ~12: one-off, best of 15 interleaved rounds), 16 experts, top-4, H 1024, I 512, in ms:
 
-    tokens                  1       4      16      64     256
-    per-expert F.linear   2.8    19.6    36.2    66.2   204.7  ms
-    _grouped_mm           2.1    12.6    43.7    74.1   196.3  ms
+    tokens                       1      4     16     64    256
+    1 thread   per-expert loop  2.3   22.6   53.5   82.1  252.3   (F.linear on slices)
+               prepacked loop   2.2   18.2   35.5   64.0  192.7   (oneDNN, per expert)
+               _grouped_mm      2.1   20.4   47.7   59.4  215.3
+    2 threads  per-expert loop  2.4   63.3  618.1  433.0  975.4
+               prepacked loop  26.4   33.4   79.1  101.9  696.7
+               _grouped_mm      2.1   90.0  258.9  324.3 1050.7
 
-Neither wins everywhere and the difference is within this machine's noise above 16 tokens;
-_grouped_mm is one call (no Python loop at all) and wins for decode batches, so CPU uses it
-where it runs and falls back to the per-expert loop elsewhere (GROUPED_MM).
+(64 experts, top-6, H 512, I 256: the same picture.) With one thread the prepacked loop is
+fastest by up to 25% from 16 tokens, _grouped_mm within 10-20% of it, all tied at 1 token;
+with two threads on this loaded machine contention dominates, and the prepacked loop at one
+token (a decode step) was 10x slower in every run. So the experts run as torch._grouped_mm
+(it runs on CPU in torch 2.13): one call per projection, no Python loop at all (the per-expert
+loop would make up to E calls per layer: 256 for DeepSeek-V3), nothing to repack; the
+per-expert F.linear loop stays the path where _grouped_mm does not run (GROUPED_MM).
 """
 
 from __future__ import annotations
@@ -117,7 +125,7 @@ class Router(nn.Module):
         return ids, weights * m.routed_scaling_factor if m.routed_scaling_factor != 1.0 else weights
 
 
-GROUPED_MM = hasattr(torch, "_grouped_mm")  # see the table in the module docstring
+GROUPED_MM = hasattr(torch, "_grouped_mm")  # CPU: see the measurements in the module docstring
 
 
 class Experts(nn.Module):
