@@ -4,6 +4,7 @@ Per token (H heads, r = kv_lora_rank, n/p = qk_nope/qk_rope head dims, dv = v_he
 
     x ─ q_proj (or q_a_proj ─ q_a_layernorm ─ q_b_proj) ─▶ q [H, n + p] = [q_nope | q_pe]
     x ─ kv_a_proj_with_mqa ─▶ [c_kv (r) | k_pe (p)];  c_kv ─ kv_a_layernorm
+    (both projections of x run as one GEMM, fused_qkv_a_proj_with_mqa, built at load: absorb())
     RoPE on q_pe (every head) and k_pe (one, shared by the heads)
     latent = [c_kv | k_pe]  (r + p values: ALL the cache holds for this token, in every layer)
     out [H, dv] = attn.latent(layer, q_nope, q_pe, latent, heads) ─ o_proj
@@ -110,16 +111,36 @@ class MLAttention(nn.Module):
         self.o_proj = Linear(h * m.v_head_dim, hidden, bias=cfg.attention_bias)
         self.scale = softmax_scale(cfg, m.qk_head_dim)
         self.heads: LatentHeads | None = None  # absorb(), once the weights are in
+        self.q_width = m.q_lora_rank or h * m.qk_head_dim  # what the fused input projection yields for q
 
     def absorb(self) -> None:
+        """Once the HF-named weights are in: the per-head projections of kv_b_proj, and the two
+        projections of x (q_a_proj or q_proj, kv_a_proj_with_mqa) fused into one GEMM."""
         self.heads = LatentHeads.absorb(self.kv_b_proj, self.mla, self.h, self.scale)
+        first = self.q_proj if self.mla.q_lora_rank is None else self.q_a_proj
+        kv_a = self.kv_a_proj_with_mqa
+        w = torch.cat((first.weight, kv_a.weight))
+        fused = Linear(w.shape[1], w.shape[0], bias=first.bias is not None or kv_a.bias is not None,
+                       device=w.device, dtype=w.dtype)
+        fused.weight.data.copy_(w)
+        if fused.bias is not None:
+            fused.bias.data.copy_(torch.cat([b.bias if b.bias is not None else w.new_zeros(b.weight.shape[0])
+                                             for b in (first, kv_a)]))
+        self.fused_qkv_a_proj_with_mqa = fused.requires_grad_(False)
+        del self.kv_a_proj_with_mqa
+        if self.mla.q_lora_rank is None:
+            del self.q_proj
+        else:
+            del self.q_a_proj
 
     def forward(self, x: torch.Tensor, rot: Rotation, attn: LatentAttnFn) -> torch.Tensor:
         assert self.heads is not None, "MLAttention.absorb() runs after the weights load"
         t, h, m = x.shape[0], self.h, self.mla
-        q = self.q_proj(x) if m.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(t, h, m.qk_head_dim)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        q, c_kv, k_pe = self.fused_qkv_a_proj_with_mqa(x).split([self.q_width, m.kv_lora_rank, m.qk_rope_head_dim],
+                                                                dim=-1)
+        if m.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        q = q.reshape(t, h, m.qk_head_dim)
         pe = rot.apply(torch.cat((q[..., m.qk_nope_head_dim:], k_pe.unsqueeze(1)), dim=1))  # q heads + k: one pass
         latent = torch.cat((self.kv_a_layernorm(c_kv), pe[:, h]), dim=-1)
         out = attn.latent(self.layer, q[..., : m.qk_nope_head_dim], pe[:, :h], latent, self.heads)
