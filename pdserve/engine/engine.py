@@ -122,8 +122,8 @@ class Engine:
         self._aborted: list[str] = []
         self._arrivals = 0
         self.num_forward_tokens = 0
-        self.stage = build_stage(disagg, KVLayout.for_pool(self.model_path.name, self.pool.tensors[0], ps, shard.kv_heads(cfg)[0],
-                                                           cfg.num_key_value_heads),
+        self.stage = build_stage(disagg, KVLayout.for_pool(self.model_path.name, self.pool.tensors[0], ps,
+                                                           shard.kv_heads(cfg)[0], cfg.num_key_value_heads),
                                  self.pool, self.scheduler, self.kv, self.stops, cfg.vocab_size,
                                  self.ranks.peers(config) if self.ranks is not None else None,
                                  DPPlace(config.dp_rank, config.dp_size))
