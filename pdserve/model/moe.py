@@ -15,24 +15,21 @@ One sparse layer over T tokens with top-k routing:
 
 Expert weights are stacked as HF's in-memory layout: gate_up_proj [E, 2I, H], down_proj
 [E, H, I] (loaded from the checkpoint's per-expert gate/up/down). Which way to run the expert
-GEMMs on CPU was measured with benchmarks/moe_experts.py on this 2-core AVX2 machine (shared,
-load ~12: one-off, best of 15 interleaved rounds), 16 experts, top-4, H 1024, I 512, in ms:
+GEMMs on CPU was measured with benchmarks/moe_experts.py on this 2-core AVX2 machine (shared:
+load ~3 during the run; one-off, best of 15 interleaved rounds), 16 experts, top-4, H 1024,
+I 512, one thread, in ms:
 
-    tokens                       1      4     16     64    256
-    1 thread   per-expert loop  2.3   22.6   53.5   82.1  252.3   (F.linear on slices)
-               prepacked loop   2.2   18.2   35.5   64.0  192.7   (oneDNN, per expert)
-               _grouped_mm      2.1   20.4   47.7   59.4  215.3
-    2 threads  per-expert loop  2.4   63.3  618.1  433.0  975.4
-               prepacked loop  26.4   33.4   79.1  101.9  696.7
-               _grouped_mm      2.1   90.0  258.9  324.3 1050.7
+    tokens                     1      4     16     64    256
+    per-expert F.linear      2.1    6.2   12.0   19.0   43.7   (a loop over experts with rows)
+    per-expert prepacked     2.5    6.1   10.5   14.7   36.6   (oneDNN-packed weights, model/linear.py)
+    torch._grouped_mm        2.1    6.1   11.4   18.4   42.7   (one call per projection)
 
-(64 experts, top-6, H 512, I 256: the same picture.) With one thread the prepacked loop is
-fastest by up to 25% from 16 tokens, _grouped_mm within 10-20% of it, all tied at 1 token;
-with two threads on this loaded machine contention dominates, and the prepacked loop at one
-token (a decode step) was 10x slower in every run. So the experts run as torch._grouped_mm
-(it runs on CPU in torch 2.13): one call per projection, no Python loop at all (the per-expert
-loop would make up to E calls per layer: 256 for DeepSeek-V3), nothing to repack; the
-per-expert F.linear loop stays the path where _grouped_mm does not run (GROUPED_MM).
+(64 experts, top-6, H 512, I 256: the same order.) The prepacked loop is 10-25% faster from 16
+tokens but the slowest at 1 token, and with two threads its 1-token time was 3x to 70x the
+others' in every run (oneDNN's small-M kernel under contention), which is a decode step. So
+the experts run as torch._grouped_mm (it runs on CPU in torch 2.13): as fast as the loop, one
+call with no Python loop at all (the loop makes up to E calls per layer: 256 for DeepSeek-V3),
+nothing to repack; the per-expert F.linear loop stays where _grouped_mm does not run.
 """
 
 from __future__ import annotations
