@@ -119,7 +119,9 @@ class Router(nn.Module):
         weights = scores.gather(1, ids)
         if m.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if m.scoring == "sigmoid" else 0.0))
-        return ids, weights * m.routed_scaling_factor if m.routed_scaling_factor != 1.0 else weights
+        if m.routed_scaling_factor != 1.0:
+            weights = weights * m.routed_scaling_factor
+        return ids, weights
 
 
 GROUPED_MM = hasattr(torch, "_grouped_mm")  # CPU: see the measurements in the module docstring

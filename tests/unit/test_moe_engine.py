@@ -188,5 +188,6 @@ def test_parallel_and_pd_are_refused_for_now(moe_dir) -> None:
         TPShard(1, 2, dp_attention=True).local_config(cfg)
     pool = LatentPool(cfg, 4, 4, torch.device("cpu"), torch.float32)
     layout = KVLayout.for_pool("tiny", pool.tensors[0], 4)
+    assert (layout.kv_heads, layout.head_dim, layout.span_bytes) == (1, 40, 4 * 40 * 4)  # one "head": the latent
     with pytest.raises(ValueError, match="latent"):
         build_stage(DisaggConfig(mode="prefill"), layout, pool, None, None, None, 64)  # type: ignore[arg-type]
