@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from pdserve import LLM, SamplingParams
-from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.messages import KVLayout
+from pdserve.disagg import DisaggConfig, KVLayout
 from pdserve.engine.kv_cache import KVPool, LatentPool
 from pdserve.engine.pd.build import build_stage
 from pdserve.model import moe as moe_mod
