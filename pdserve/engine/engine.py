@@ -31,7 +31,7 @@ from pdserve.engine.batch import ScheduleBatch
 from pdserve.engine.config import EngineConfig, keep_freed_memory, set_torch_threads
 from pdserve.engine.dp_attention import DPAttentionRank, dp_device, join_dp_attention
 from pdserve.engine.grammar import Grammars, GrammarState, grammar_error
-from pdserve.engine.kv_cache import KVPool
+from pdserve.engine.kv_cache import KVPool, new_pool
 from pdserve.engine.kv_manager import KVManager
 from pdserve.engine.messages import Bootstrap, GenerateReq, LoadInfo, TokenOut
 from pdserve.engine.pd.build import DPPlace, build_stage, pool_tensors
@@ -103,7 +103,7 @@ class Engine:
             num_pages = KVPool.pages_for_budget(local, ps, self._kv_budget_gb(), dtype.itemsize)
         self.max_model_len = min(wanted_len, (num_pages - 1) * ps)
         tensors = pool_tensors(disagg, KVPool.shape(local, num_pages, ps), dtype, self.device)
-        self.pool = KVPool(local, num_pages, ps, self.device, dtype, tensors)
+        self.pool = new_pool(local, num_pages, ps, self.device, dtype, tensors)
         log.info("KV pool: %d pages of %d tokens = %d tokens, %.2f GB; context length %d", num_pages, ps,
                  num_pages * ps, num_pages * self.pool.page_bytes() / 2**30, self.max_model_len)
         self.kv = KVManager(num_pages, ps, config.enable_prefix_cache)
@@ -122,8 +122,8 @@ class Engine:
         self._aborted: list[str] = []
         self._arrivals = 0
         self.num_forward_tokens = 0
-        self.stage = build_stage(disagg, KVLayout.for_pool(self.model_path.name, self.pool.k, ps, shard.kv_heads(cfg)[0],
-                                                           cfg.num_key_value_heads),
+        self.stage = build_stage(disagg, KVLayout.for_pool(self.model_path.name, self.pool.tensors[0], ps,
+                                                           shard.kv_heads(cfg)[0], cfg.num_key_value_heads),
                                  self.pool, self.scheduler, self.kv, self.stops, cfg.vocab_size,
                                  self.ranks.peers(config) if self.ranks is not None else None,
                                  DPPlace(config.dp_rank, config.dp_size))

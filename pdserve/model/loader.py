@@ -16,6 +16,7 @@ from safetensors import safe_open
 from pdserve.model.config import ModelConfig
 from pdserve.model.linear import can_prepack
 from pdserve.model.llama import LlamaForCausalLM
+from pdserve.model.moe_lm import MoEForCausalLM
 from pdserve.model.rope import RotaryEmbedding
 from pdserve.model.tp import Collectives, NoCollectives, TPShard
 
@@ -60,11 +61,14 @@ def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, max
                cpu_prepack: bool = True) -> LlamaForCausalLM:
     folder = Path(folder)
     cfg = ModelConfig.from_folder(folder)
+    kind = LlamaForCausalLM if cfg.moe is None and cfg.mla is None else MoEForCausalLM
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions=1, tp=tp, comm=comm)
+        model = kind(cfg, max_positions=1, tp=tp, comm=comm)
     model = model.to_empty(device=device).to(dtype)
+    model.keep_fp32()
     model.rope = RotaryEmbedding(cfg, max_positions).to(device)  # fp32 tables, rebuilt off meta
     model.load_weights(iter_safetensors(folder, lambda name: tp.weight_slice(cfg, name)))
+    model.after_load()
     model.eval().requires_grad_(False)
     if cpu_prepack and can_prepack(device) and not model.prepack():
         log.info("GEMM weights stay dense: oneDNN has no %s kernel on this CPU", dtype)

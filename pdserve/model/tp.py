@@ -134,6 +134,9 @@ class TPShard:
 
     def local_config(self, cfg: ModelConfig) -> ModelConfig:
         """The config of the slice this rank computes (the vocabulary stays whole)."""
+        if self.size > 1 and (cfg.moe is not None or cfg.mla is not None):
+            raise ValueError(f"{cfg.architecture} (mixture of experts / latent attention): tensor parallelism and "
+                             f"DP attention are not supported for it yet; run it with tp size 1")
         if self.dp_attention:
             if cfg.intermediate_size % self.size:
                 raise ValueError(f"dp attention size {self.size} does not divide intermediate_size "

@@ -25,7 +25,7 @@ from pdserve.disagg import (
     publish_routes,
     shared_kv_pool,
 )
-from pdserve.engine.kv_cache import KVPool
+from pdserve.engine.kv_cache import KVPool, Pool
 from pdserve.engine.kv_manager import KVManager
 from pdserve.engine.pd.decode import DecodeStage
 from pdserve.engine.pd.prefill import PrefillStage
@@ -48,11 +48,14 @@ class DPPlace:
     size: int = 1
 
 
-def build_stage(disagg: DisaggConfig | None, layout: KVLayout, pool: KVPool, scheduler: Scheduler,
+def build_stage(disagg: DisaggConfig | None, layout: KVLayout, pool: Pool, scheduler: Scheduler,
                 kv: KVManager, stops: StopChecker, vocab_size: int, peers: TPChannel | None = None,
                 dp: DPPlace = DPPlace()) -> Stage:
     if disagg is None or disagg.mode == "null":
         return NullStage(scheduler)
+    if not isinstance(pool, KVPool):
+        raise ValueError("PD disaggregation of a latent (MLA) KV cache is not supported yet: serve this model "
+                         "with --disaggregation-mode null")
     rooms = open_rooms(disagg, layout, pool.k, pool.v, pool.page_size, peers)
     if disagg.mode == "prefill":
         try:
