@@ -41,7 +41,7 @@ import msgspec
 import zmq
 
 from pdserve.engine.config import EngineConfig
-from pdserve.disagg.config import DisaggConfig
+from pdserve.disagg import DisaggConfig
 from pdserve.launch.procs import die_with_parent
 from pdserve.engine.messages import (
     AbortReq,
@@ -326,7 +326,7 @@ def engine_main(config_json: bytes, in_addr: str, out_addr: str, parent_pid: int
         from pdserve.engine.kv_event_log import KVEventLog
         from pdserve.engine.kv_publisher import KVPublisher
 
-        engine = Engine(config, disagg)
+        engine = Engine.build(config, disagg)
         events_cfg = parse_kv_events_config(config.kv_events_config)
         if events_cfg is not None:
             kv_events = KVPublisher.open(events_cfg, ctx, KVEventLog(engine.kv.cache))
