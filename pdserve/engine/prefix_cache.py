@@ -49,7 +49,8 @@ class KVTier(Protocol):
 
     def promote(self, tokens: list[int], pages: list[int], node: "Node") -> tuple[list[int], "Node"]:
         """After a device match (`pages`, ending at `node`): bring back the following full pages of
-        `tokens` this tier holds, and return the longer match (as it is when it holds none)."""
+        `tokens` this tier holds, and return the longer match (as it is when it holds none; a tier
+        that loads off the engine step starts the load here and returns the device match)."""
         ...
 
     def demote(self, nodes: list["Node"]) -> None:
