@@ -1,6 +1,6 @@
 """One DP-attention rank's side of the per-step round (the group is parallel/dp_attention.py).
 
-Lifecycle, on every rank, every iteration of its engine loop (server/engine_proc.py):
+Lifecycle, on every rank, every iteration of its engine loop (engine/process.py):
 
     this rank has work:  Engine.step()
                            the forward, if the scheduler built a batch: the runner calls
@@ -8,8 +8,10 @@ Lifecycle, on every rank, every iteration of its engine loop (server/engine_proc
                            the model's per-layer MLP collectives pad to the largest rank's rows
                            finish_round(busy): nothing more if a forward ran; else a round with
                            0 tokens, and an idle forward if another rank forwards
-    no work:             finish_round(False) alone: the same round, the same idle forward
-    then                 view.any_busy: go round again; else nap on the inbox (all idle)
+    no work:             finish_round(False) alone (the loop's DPAttentionRound.idle): the same
+                           round, the same idle forward
+    then                 view.any_busy: go round again; else sleep on the inbox (all idle;
+                           DPAttentionRound.wait)
 
 So each iteration is exactly one round on every rank, whatever each rank's scheduler decided.
 Each round is counted in the engine's stats (engine/stats.py): forwards with their step time,

@@ -42,7 +42,7 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown engine options {sorted(unknown)}; known: {sorted(known)}")
         engine_kwargs.setdefault("chunk_budget", OFFLINE_CHUNK_BUDGET)
-        self.engine = Engine(EngineConfig(model=model, **engine_kwargs))
+        self.engine = Engine.build(EngineConfig(model=model, **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
 
     def close(self) -> None:

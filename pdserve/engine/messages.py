@@ -131,7 +131,7 @@ class LoadInfo(msgspec.Struct, frozen=True):
         return 1.0 - self.free_pages / max(self.num_pages, 1)
 
 
-# --- Engine-process channel (pdserve/server/engine_proc.py <-> pdserve/server/engine_client.py).
+# --- Engine-process channel (pdserve/engine/process.py <-> pdserve/server/engine_client.py).
 # The front PUSHes `EngineInMsg` values and PULLs `EngineOutMsg` values; control requests carry a
 # `cid` that the engine echoes in its answer so the front can match it to a waiting future.
 

@@ -1,7 +1,7 @@
 """Tensor-parallel ranks 1..tp-1 of one engine: they follow rank 0's scheduler.
 
 Lifecycle:
-  rank 0  `TPRanks.start(...)` (from Engine.__init__): a TCPStore on an ephemeral port, then one
+  rank 0  `TPRanks.start(...)` (from engine/build.py): a TCPStore on an ephemeral port, then one
           `python -m pdserve.engine.tp_worker` process per other rank (its RankSpec, msgspec JSON,
           on stdin, so no secret shows in argv; the process dies with its parent), then joins the
           group itself.

@@ -49,7 +49,7 @@ from pdserve.engine.messages import (
     WakeReq,
 )
 from pdserve.disagg.config import DisaggConfig
-from pdserve.server.engine_proc import spawn_engine_process
+from pdserve.engine.process import spawn_engine_process
 
 logger = logging.getLogger("pdserve.engine_client")
 

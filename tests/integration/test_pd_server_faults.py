@@ -55,8 +55,8 @@ ONE = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
 def engines(tiny_model_dir: Path) -> Iterator[tuple[Engine, Engine]]:
     base = DisaggConfig(backend="tcp", bootstrap_port=0, heartbeat_interval=0.5, waiting_timeout=3.0,
                         failure_policy="error")  # this file checks the clean errors; tests/chaos the recompute
-    pre = Engine(engine_cfg(tiny_model_dir), dataclasses.replace(base, mode="prefill"))
-    dec = Engine(engine_cfg(tiny_model_dir), dataclasses.replace(base, mode="decode"))
+    pre = Engine.build(engine_cfg(tiny_model_dir), dataclasses.replace(base, mode="prefill"))
+    dec = Engine.build(engine_cfg(tiny_model_dir), dataclasses.replace(base, mode="decode"))
     try:
         yield pre, dec
     finally:

@@ -265,3 +265,44 @@ def test_disagg_face_names_load() -> None:
 
     missing = [n for n in face.__all__ if getattr(face, n, None) is None]
     assert not missing, missing
+
+
+ENGINE_PROCESS_NAMES = ("engine_main", "spawn_engine_process")  # the engine process's entry and its spawn
+ENGINE_ONLY_MODULES = ("pdserve.engine.engine", "pdserve.engine.process.engine_main", "pdserve.engine.kv_publisher")
+
+
+def _engine_process_parts(path: Path) -> list[str]:
+    """What of the engine process `path` holds: a class with "Loop" in its name, the entry or spawn
+    function, a multiprocessing Process, an import of the Engine itself or the KV-event publisher."""
+    found, names = [], []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:  # server/ imports absolutely
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ClassDef) and "Loop" in node.name:
+            found.append(f"class {node.name}")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in ENGINE_PROCESS_NAMES:
+            found.append(f"def {node.name}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name)) and \
+                (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id) == "Process":
+            found.append(f"Process(...) at line {node.lineno}")
+    found += [f"imports {n}" for n in names
+              if any(n == m or n.startswith(m + ".") for m in ENGINE_ONLY_MODULES)]
+    return found
+
+
+def test_engine_process_is_not_in_server() -> None:
+    """server/ is HTTP only: the engine process (its loop, entry, spawn, KV-event publisher) lives
+    in engine/ (engine/process.py); the front only calls `spawn_engine_process` from there."""
+    bad = [f"{p.relative_to(PKG)}: {w}" for m, p in MODULES.items()
+           if m.startswith("pdserve.server.") for w in _engine_process_parts(p)]
+    assert not bad, "\n".join(bad)
+
+
+def test_engine_process_finder_finds_them(tmp_path: Path) -> None:  # the check itself can fail
+    f = tmp_path / "m.py"
+    f.write_text("import multiprocessing as mp\nfrom pdserve.engine.engine import Engine\n"
+                 "class DPAttentionLoop:\n    pass\ndef engine_main():\n    mp.get_context('spawn').Process()\n")
+    assert sorted(_engine_process_parts(f)) == ["Process(...) at line 6", "class DPAttentionLoop", "def engine_main",
+                                                "imports pdserve.engine.engine", "imports pdserve.engine.engine.Engine"]

@@ -4,8 +4,8 @@
             receiver.init(pages) tells the prefill rank where to write ──▶ transfer queue
             ── receiver Success, record.room == room ──▶ commit the first token without a
                forward (num_computed = prompt_len; a seeded generator skips the draw the
-               prefill made for it; a grammar's matcher
-               advances past it), join the running batch, decode, stream
+               prefill made for it; the token goes through accept_token like a sampled one:
+               a grammar's matcher advances past it), join the running batch, decode, stream
             └─ Failed / timeout / wrong record / unreachable prefill ──▶ policy
                  recompute (default): free the reserved pages (their bytes cannot be trusted),
                    hand the request to the scheduler as an ordinary prefill (it may reuse a
@@ -36,6 +36,7 @@ import logging
 import time
 
 from pdserve.disagg import BootstrapClient, KVPoll, MetadataRecord, ServerRooms
+from pdserve.engine.accept import accept_token
 from pdserve.engine.batch import Chunk
 from pdserve.engine.kv_cache import pages_needed
 from pdserve.engine.kv_manager import KVManager
@@ -183,17 +184,10 @@ class DecodeStage:
         req.cached_tokens = max(rec.cached_tokens, hit)  # both are prefixes: each cached token once
         if self.prefix_cache:  # the receiver is terminal: page ids may change (duplicates freed)
             self.kv.cache_prefix(req)
-        req.tokens.append(rec.first_token)
-        req.new_ids.append(rec.first_token)
         skip_draw(req.params, req.generator, self.vocab_size)  # the prefill drew for this token
-        if req.grammar is not None:  # the prefill sampled it under the same grammar: start after it
-            req.grammar.accept(rec.first_token)
-        if rec.logprob is not None:
-            req.new_logprobs.append(rec.logprob)
-        if rec.top_logprobs is not None:
-            req.new_top.append([TopLogprob(int(i), float(lp)) for i, lp in rec.top_logprobs])
-        self.stops.check(req)
-        if not req.finished:
+        top = None if rec.top_logprobs is None else [TopLogprob(int(i), float(lp)) for i, lp in rec.top_logprobs]
+        # a grammar's matcher advances past it: the prefill sampled it under the same grammar
+        if not accept_token(req, rec.first_token, rec.logprob, top, self.stops):
             self.scheduler.resume(req)
 
     def _failed(self, req: Request, error: str, out: StagePoll) -> None:

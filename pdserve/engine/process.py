@@ -7,14 +7,17 @@ Lifecycle:
      (PULL for `EngineInMsg`, PUSH for `EngineOutMsg`) and builds the Engine (slow);
   2. it runs one warm-up request (unless --skip-server-warmup), then sends `EngineReady` (or
      `EngineFailed` and exits 1); loading logs its progress (weights, KV pool, warm-up);
-  3. `EngineLoop.run`: while there is work, drain the inbox without blocking, `step()`, and send
-     the step's TokenOuts as one `TokenOutBatch` (a step that made no progress naps 1 ms on the
-     inbox instead of spinning) and, every --log-stats-interval, the stats line (engine/stats.py);
-     when idle, run `check_integrity()` once and block on the inbox. A bad request (add_request raises) is answered at once with a TokenOut
-     whose `error` is set. Control requests are answered between steps;
-     With `--kv-events-config` a KVPublisher (server/kv_publisher.py) publishes the prefix cache's
-     events after every step and control message, a heartbeat after a quiet second (busy or
-     idle), and answers `KVSnapshotReq`;
+  3. `EngineLoop.run`: each iteration drains the inbox without blocking; with work it runs
+     `step()` and sends the step's TokenOuts as one `TokenOutBatch` and, every
+     --log-stats-interval, the stats line (engine/stats.py); idle, it runs `check_integrity()`
+     once. Then the round decides how it waits: a plain engine (SoloRound) naps 1 ms on the
+     inbox after a step that made no progress (instead of spinning) and sleeps on it when idle;
+     a DP-attention rank (DPAttentionRound) joins one round with the other ranks every
+     iteration and sleeps only when no rank is busy. A bad request (add_request raises) is
+     answered at once with a TokenOut whose `error` is set; control requests are answered
+     between steps. With `--kv-events-config` a KVPublisher (engine/kv_publisher.py) publishes
+     the prefix cache's events after every step and control message, a heartbeat after a
+     quiet second (busy or idle), and answers `KVSnapshotReq`;
   4. `ShutdownReq` (or the parent's death) ends the loop; an exception in `step()` sends
      `EngineFailed` and exits 1.
 Nothing is pickled on the sockets; the config crosses the spawn boundary as JSON bytes.
@@ -23,6 +26,7 @@ Nothing is pickled on the sockets; the config crosses the spawn boundary as JSON
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import multiprocessing
 import os
@@ -31,7 +35,7 @@ import sys
 import time
 import traceback
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import zmq
@@ -60,15 +64,15 @@ from pdserve.engine.messages import (
 from pdserve.kv_events import parse_kv_events_config
 
 if TYPE_CHECKING:  # the front imports this module: it must not import torch
+    from pdserve.engine.dp_attention import DPAttentionRank
     from pdserve.engine.engine import Engine
-    from pdserve.server.kv_publisher import KVPublisher
+    from pdserve.engine.kv_publisher import KVPublisher
 
-logger = logging.getLogger("pdserve.engine_proc")
+logger = logging.getLogger("pdserve.engine.process")
 
-IDLE_POLL_MS = 1000  # how often an idle engine checks that its parent is alive
+IDLE_POLL_MS = 1000  # how often an idle engine checks that its parent is alive; under DP attention,
+# every rank idle, the beat of their rounds (the front wakes them all with each request: WakeReq)
 NAP_MS = 1  # nap between steps that made no progress (KV in transit, nothing admissible)
-DP_IDLE_POLL_MS = 1000  # DP attention, every rank idle: the beat of their rounds (the front wakes them all
-# with each request: WakeReq)
 
 
 def spawn_engine_process(config: EngineConfig, in_addr: str, out_addr: str,
@@ -116,16 +120,82 @@ def ready_message(engine: Engine, config: EngineConfig, kv_events_endpoint: str 
     )
 
 
+class Wait(enum.Enum):
+    """What the loop does after an iteration: go on, nap briefly on the inbox, or sleep on it."""
+
+    GO = 0
+    NAP = 1  # NAP_MS: nothing could move (KV in transit, nothing admissible); wake on a message
+    SLEEP = 2  # IDLE_POLL_MS: idle; wake on a message, else check that the parent is alive
+
+
+class Round(Protocol):
+    """What one loop iteration does beyond the engine's step, and how the loop waits after it."""
+
+    def idle(self) -> None:
+        """The iteration had no work (the engine did not step)."""
+        ...
+
+    def wait(self, busy: bool, stalled: bool) -> Wait:
+        """After the iteration: `busy` if the engine stepped, `stalled` if it had no outputs and
+        forwarded no token."""
+        ...
+
+
+class SoloRound:
+    """A plain engine: nothing to do with anyone; sleeps when idle, naps while nothing can move."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def idle(self) -> None:
+        pass
+
+    def wait(self, busy: bool, stalled: bool) -> Wait:
+        if not busy:
+            return Wait.SLEEP
+        return Wait.NAP if stalled or self.engine.is_waiting_on_transfers() else Wait.GO
+
+
+class DPAttentionRound:
+    """A DP-attention rank (engine/dp_attention.py): every iteration is one round with the other
+    ranks, whether this rank has work or not (a busy step ends its round inside `Engine.step`);
+    all ranks sleep on their inboxes only after a round in which none was busy."""
+
+    def __init__(self, dp: DPAttentionRank) -> None:
+        self.dp = dp
+
+    def idle(self) -> None:
+        self.dp.finish_round(busy=False)  # the same round: an idle forward if another rank forwards
+
+    def wait(self, busy: bool, stalled: bool) -> Wait:
+        view = self.dp.view
+        if not view.any_busy:
+            return Wait.SLEEP
+        # no rank forwarded a token and this one made no output: KV in transit somewhere, so don't
+        # spin both cores on rounds
+        return Wait.NAP if stalled and view.max_tokens == 0 else Wait.GO
+
+
 class EngineLoop:
-    """Drives one Engine from the inbox socket and reports to the outbox socket."""
+    """Drives one Engine from the inbox socket and reports to the outbox socket; `rounds` is what
+    each iteration does with other engines (SoloRound: nothing; DPAttentionRound: the DP round).
+
+    one iteration:  drain the inbox (control messages answered, requests added)
+                    work:  step, send its TokenOutBatch, KV events, busy time, stats line
+                    idle:  rounds.idle(), send pending answers, integrity check once, stats line
+                    KV-event heartbeat when due
+                    rounds.wait(): GO | NAP (NAP_MS on the inbox) | SLEEP (IDLE_POLL_MS on the
+                    inbox; a quiet sleep with the parent gone ends the loop)
+    """
 
     def __init__(self, engine: Engine, inbox: zmq.Socket, outbox: zmq.Socket, parent_pid: int,
-                 kv_events: KVPublisher | None = None) -> None:
+                 kv_events: KVPublisher | None = None, rounds: Round | None = None) -> None:
         self.engine = engine
         self.kv_events = kv_events
         self.inbox = inbox
         self.outbox = outbox
         self.parent_pid = parent_pid
+        self.rounds = rounds or SoloRound(engine)
         self.decoder = msgspec.msgpack.Decoder(EngineInMsg)
         self.encoder = msgspec.msgpack.Encoder()
         self.pending: list[TokenOut] = []  # immediate answers (add_request errors)
@@ -137,43 +207,43 @@ class EngineLoop:
         poller.register(self.inbox, zmq.POLLIN)
         checked_idle = False
         while not self.stopping:
-            if self.engine.has_work():
-                t0 = time.perf_counter()
-                self._drain()
-                if self.stopping:
-                    break
-                before = self.engine.num_forward_tokens
-                outs = self.engine.step()
+            t0 = time.perf_counter()
+            self._drain()
+            if self.stopping:
+                break
+            busy = self.engine.has_work()
+            if busy:
+                stalled = self._step(t0)
                 checked_idle = False
-                self._send_outs(outs)
-                if self.kv_events is not None:
-                    self.kv_events.heartbeat()  # the step's cache events, or a heartbeat when due
-                self.engine.stats.on_busy(time.perf_counter() - t0)
-                self.engine.log_stats()
-                stalled = not outs and self.engine.num_forward_tokens == before
-                if (stalled or self.engine.is_waiting_on_transfers()) and poller.poll(NAP_MS):
-                    self._drain()  # don't spin a core while nothing can move
-                continue
-            self._send_outs([])
-            if not checked_idle:
-                self._check_integrity()
-                checked_idle = True
-            self.engine.log_stats()  # the last busy window's line, then nothing while idle
-            if poller.poll(IDLE_POLL_MS):
-                self._drain()
-            elif os.getppid() != self.parent_pid:
+            else:
+                stalled = True  # no step ran
+                self.rounds.idle()
+                self._send_outs([])
+                if not checked_idle:
+                    self._check_integrity()
+                    checked_idle = True
+                self.engine.log_stats()  # the last busy window's line, then nothing while idle
+                self._heartbeat()
+            wait = self.rounds.wait(busy, stalled)
+            if wait is Wait.NAP:
+                poller.poll(NAP_MS)  # don't spin a core while nothing can move
+            elif wait is Wait.SLEEP and not poller.poll(IDLE_POLL_MS) and os.getppid() != self.parent_pid:
                 logger.warning("parent process is gone; engine exits")
                 return
-            elif self.kv_events is not None:
-                self.kv_events.heartbeat()
 
-    def _step(self) -> list[TokenOut]:
-        t0 = time.perf_counter()
+    def _step(self, t0: float) -> bool:
+        """One engine step and its reports; True if it made no output and forwarded no token."""
+        before = self.engine.num_forward_tokens
         outs = self.engine.step()
         self._send_outs(outs)
+        self._heartbeat()  # the step's cache events, or a heartbeat when due
         self.engine.stats.on_busy(time.perf_counter() - t0)
         self.engine.log_stats()
-        return outs
+        return not outs and self.engine.num_forward_tokens == before
+
+    def _heartbeat(self) -> None:
+        if self.kv_events is not None:
+            self.kv_events.heartbeat()
 
     def _send(self, msg: EngineOutMsg) -> None:
         self.outbox.send(self.encoder.encode(msg), copy=False)
@@ -232,43 +302,6 @@ class EngineLoop:
             self.stopping = True
 
 
-class DPAttentionLoop(EngineLoop):
-    """An engine that is one DP-attention rank: every iteration is one round with the other
-    ranks (engine/dp_attention.py), whether this rank has work or not; all ranks nap on their
-    inboxes only in a round where none was busy."""
-
-    def run(self) -> None:
-        dp = self.engine.dp
-        assert dp is not None
-        poller = zmq.Poller()
-        poller.register(self.inbox, zmq.POLLIN)
-        checked_idle = False
-        while not self.stopping:
-            self._drain()
-            if self.stopping:
-                break
-            if self.engine.has_work():
-                outs = self._step()  # its round included
-                checked_idle = False
-            else:
-                outs = []
-                dp.finish_round(busy=False)
-                self._send_outs([])
-                if not checked_idle:
-                    self._check_integrity()
-                    checked_idle = True
-                self.engine.log_stats()
-            if self.kv_events is not None:
-                self.kv_events.heartbeat()  # this round's cache events, or a heartbeat when due
-            if dp.view.any_busy:
-                if not outs and dp.view.max_tokens == 0:
-                    poller.poll(NAP_MS)  # KV in transit somewhere: don't spin both cores on rounds
-                continue
-            if not poller.poll(DP_IDLE_POLL_MS) and os.getppid() != self.parent_pid:
-                logger.warning("parent process is gone; engine exits")
-                return
-
-
 def engine_main(config_json: bytes, in_addr: str, out_addr: str, parent_pid: int, disagg_json: bytes = b"{}") -> None:
     """Entry point of the engine process (see the module docstring)."""
     die_with_parent()
@@ -291,9 +324,9 @@ def engine_main(config_json: bytes, in_addr: str, out_addr: str, parent_pid: int
     try:
         from pdserve.engine.engine import Engine
         from pdserve.engine.kv_event_log import KVEventLog
-        from pdserve.server.kv_publisher import KVPublisher
+        from pdserve.engine.kv_publisher import KVPublisher
 
-        engine = Engine(config, disagg)
+        engine = Engine.build(config, disagg)
         events_cfg = parse_kv_events_config(config.kv_events_config)
         if events_cfg is not None:
             kv_events = KVPublisher.open(events_cfg, ctx, KVEventLog(engine.kv.cache))
@@ -306,8 +339,8 @@ def engine_main(config_json: bytes, in_addr: str, out_addr: str, parent_pid: int
         code = 1
     else:
         try:
-            loop = DPAttentionLoop if engine.dp is not None else EngineLoop
-            loop(engine, inbox, outbox, parent_pid, kv_events).run()
+            rounds = DPAttentionRound(engine.dp) if engine.dp is not None else SoloRound(engine)
+            EngineLoop(engine, inbox, outbox, parent_pid, kv_events, rounds).run()
         except BaseException:
             logger.exception("engine loop failed")
             outbox.send(msgspec.msgpack.encode(EngineFailed(message="engine failed:\n" + traceback.format_exc())))
