@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from pdserve.engine.config import DTYPE_CHOICES, EngineConfig
+from pdserve.engine.spec.config import SPEC_FLAGS
 from pdserve.flags.argtypes import device, fraction, non_negative_float, non_negative_int, positive_float, \
     positive_int
 from pdserve.flags.table import Flag, add_flags, flag_values, with_values
@@ -88,11 +89,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The engine's flags (--help shows EngineConfig's defaults; a flag not given is None)."""
     add_flags(p.add_argument_group("model and engine (SGLang's and vLLM's spellings are aliases)"),
               (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES), EngineConfig())
+    add_flags(p.add_argument_group("speculative decoding (engine/spec/)"), SPEC_FLAGS, EngineConfig())
 
 
 def check_engine_args(args: argparse.Namespace) -> None:
     """Flag combinations that cannot work; raises ValueError with one sentence."""
-    engine_config_from_args(args).check_parallel()
+    config = engine_config_from_args(args)
+    config.check_parallel()
+    config.speculative.check()
     if args.mem_fraction_static is not None and (args.num_pages is not None or args.kv_cache_gb is not None):
         raise ValueError("--mem-fraction-static sizes the KV pool: do not combine it with --num-pages or "
                          "--kv-cache-gb")
@@ -110,7 +114,7 @@ def check_engine_args(args: argparse.Namespace) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    values = flag_values(args, (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES), EngineConfig())
+    values = flag_values(args, (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES, *SPEC_FLAGS), EngineConfig())
     template = values.get("chat_template")
     if template is not None and "{" not in template and Path(template).is_file():
         values["chat_template"] = Path(template).read_text(encoding="utf-8")
