@@ -108,6 +108,18 @@ class SpecStats(msgspec.Struct):
     accept_lengths: list[int] = []  # [n - 1]: verifies that gave n tokens (accepted drafts + the target's own)
     skipped: int = 0  # decode chunks with a proposal that the adaptive rule ran without it
 
+    @staticmethod
+    def total(stats: list[SpecStats]) -> SpecStats | None:
+        """Several engines' (dp ranks') counts summed; None if none speculates."""
+        if not stats:
+            return None
+        width = max(len(s.accept_lengths) for s in stats)
+        return SpecStats(stats[0].proposer, max(s.num_draft_tokens for s in stats),
+                         sum(s.verify_calls for s in stats), sum(s.draft_tokens for s in stats),
+                         sum(s.accepted_tokens for s in stats),
+                         [sum(s.accept_lengths[i] for s in stats if i < len(s.accept_lengths)) for i in range(width)],
+                         sum(s.skipped for s in stats))
+
 
 class StepSample(msgspec.Struct, frozen=True, array_like=True):
     """One engine step: wall-clock start (s since the epoch), seconds, tokens forwarded, and

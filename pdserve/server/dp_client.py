@@ -35,7 +35,7 @@ import msgspec
 from pdserve.contract import prefill_dp_rank
 from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.messages import EngineReady, GenerateReq, LoadInfo, LoadResp, TokenOut, TransferStats
+from pdserve.engine.messages import EngineReady, GenerateReq, LoadInfo, LoadResp, SpecStats, TokenOut, TransferStats
 from pdserve.server.engine_client import EngineClient
 
 
@@ -60,7 +60,7 @@ def merge_loads(loads: list[LoadInfo]) -> LoadInfo:
         prompt_tokens_computed=sum(x.prompt_tokens_computed for x in loads),
         cache_queries=queries, cache_hits=sum(x.cache_hits for x in loads),
         steps=sum(x.steps for x in loads), step_seconds=sum(x.step_seconds for x in loads),
-        idle_steps=sum(x.idle_steps for x in loads))
+        idle_steps=sum(x.idle_steps for x in loads), spec=SpecStats.total([x.spec for x in loads if x.spec is not None]))
 
 
 class DPLoadResp(msgspec.Struct, frozen=True):

@@ -64,8 +64,8 @@ def build_speculator(spec: SpecConfig, mode: str, kv: KVManager, runner: ModelRu
 
         assert spec.draft_model_path is not None
         draft_cost = StepCost()
-        proposer = DraftProposer.load(spec.draft_model_path, target, kv, runner.device, dtype, max_model_len,
-                                      cpu_prepack, stops, grammars, draft_cost, chunk_budget)
+        proposer = DraftProposer.load(spec.draft_model_path, target, kv, runner.pool.num_pages, runner.device, dtype,
+                                      max_model_len, cpu_prepack, stops, grammars, draft_cost, chunk_budget)
     cost = StepCost()
     k = spec.num_draft_tokens
     if probe and spec.adaptive:

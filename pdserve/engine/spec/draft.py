@@ -85,9 +85,10 @@ class DraftProposer:
         self._gens: dict[Request, torch.Generator | None] = {}
 
     @classmethod
-    def load(cls, path: str, target: ModelConfig, kv: KVManager, device: torch.device, dtype: torch.dtype,
-             max_model_len: int, cpu_prepack: bool, stops: StopChecker, grammars: Grammars, cost: StepCost,
-             chunk_budget: int) -> DraftProposer:
+    def load(cls, path: str, target: ModelConfig, kv: KVManager, num_pages: int, device: torch.device,
+             dtype: torch.dtype, max_model_len: int, cpu_prepack: bool, stops: StopChecker, grammars: Grammars,
+             cost: StepCost, chunk_budget: int) -> DraftProposer:
+        """The draft model from `path` and a pool of `num_pages` (the target pool's) pages."""
         from pdserve.model.bundled import resolve_model
 
         folder = resolve_model(path)
@@ -97,10 +98,10 @@ class DraftProposer:
                              f"({target.vocab_size}): it needs the same tokenizer")
         t0 = time.perf_counter()
         model = load_model(folder, device, dtype, max_model_len + 1, cpu_prepack=cpu_prepack)
-        pool: Pool = new_pool(cfg, kv.capacity, kv.page_size, device, dtype)
+        pool: Pool = new_pool(cfg, num_pages, kv.page_size, device, dtype)
         log.info("draft model %s loaded in %.1f s (%d layers, hidden %d; KV pool %.2f GB)", folder.name,
                  time.perf_counter() - t0, cfg.num_hidden_layers, cfg.hidden_size,
-                 kv.capacity * pool.page_bytes() / 2**30)
+                 num_pages * pool.page_bytes() / 2**30)
         return cls(ModelRunner(model, pool, device), kv, stops, grammars, cost, chunk_budget, target.vocab_size)
 
     # ---- proposing ----------------------------------------------------------------------------
