@@ -21,15 +21,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import etcd3gw
-import requests
-from etcd3gw.exceptions import Etcd3Exception
-from etcd3gw.watch import Watcher as _GatewayWatcher
-
 from pdserve.discovery.config import DiscoveryConfig
 
 logger = logging.getLogger("pdserve.discovery")
-_FAILURES = (Etcd3Exception, requests.RequestException, ValueError, KeyError, TypeError)
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """What a failed call raises. etcd3gw and requests are imported on first use (~0.2 s): building
+    `pdserve`'s parser, which sees the discovery flags, does not pay for them."""
+    import requests
+    from etcd3gw.exceptions import Etcd3Exception
+
+    return Etcd3Exception, requests.RequestException, ValueError, KeyError, TypeError
 
 
 def _range_end(prefix: str) -> str:
@@ -62,7 +65,7 @@ class StoreEvent:
 
 
 class Watch:
-    def __init__(self, gateway: _GatewayWatcher) -> None:
+    def __init__(self, gateway: Any) -> None:  # an etcd3gw.watch.Watcher
         self._gateway = gateway
 
     def open(self) -> bool:
@@ -79,13 +82,17 @@ class Watch:
 
 class EtcdStore:
     def __init__(self, cfg: DiscoveryConfig) -> None:
+        import etcd3gw
+
         self.cfg = cfg
+        self._etcd3gw = etcd3gw
+        self._failures = _failures()
         self._client = etcd3gw.client(host=cfg.host, port=cfg.port, timeout=cfg.timeout_s)
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
-        except _FAILURES as exc:
+        except self._failures as exc:
             raise StoreError(f"etcd {self.cfg.host}:{self.cfg.port} {what}: {type(exc).__name__}: {exc}") from None
 
     def identity(self) -> Identity:
@@ -98,13 +105,13 @@ class EtcdStore:
         return int(self._call("lease grant", lambda: self._client.lease(ttl_s)).id)
 
     def refresh(self, lease_id: int) -> int:
-        return int(self._call("lease keepalive", etcd3gw.Lease(lease_id, self._client).refresh))
+        return int(self._call("lease keepalive", self._etcd3gw.Lease(lease_id, self._client).refresh))
 
     def revoke(self, lease_id: int) -> None:
-        self._call("lease revoke", etcd3gw.Lease(lease_id, self._client).revoke)
+        self._call("lease revoke", self._etcd3gw.Lease(lease_id, self._client).revoke)
 
     def put(self, key: str, value: bytes, lease_id: int | None = None) -> None:
-        lease = etcd3gw.Lease(lease_id, self._client) if lease_id is not None else None
+        lease = self._etcd3gw.Lease(lease_id, self._client) if lease_id is not None else None
         self._call("put", lambda: self._client.put(key, value, lease=lease))
 
     def delete(self, key: str) -> None:
@@ -121,7 +128,9 @@ class EtcdStore:
             on_event(StoreEvent(kv["key"].decode(), None if deleted else bytes(kv.get("value", b"")),
                                 int(kv.get("mod_revision", 0))))
 
-        return Watch(self._call("watch", lambda: _GatewayWatcher(
+        from etcd3gw.watch import Watcher as GatewayWatcher
+
+        return Watch(self._call("watch", lambda: GatewayWatcher(
             self._client, prefix, deliver, start_revision=from_revision, range_end=_range_end(prefix))))
 
     def close(self) -> None:

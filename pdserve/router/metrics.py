@@ -6,6 +6,8 @@ and a duration histogram; per retry `..._retries_total{route}`; rejections by th
 `..._rejected_total{reason}`; PD: `..._pd_ttft_seconds` (request start → first decode byte)
 `..._pd_decisions_total{decision}` (conditional disaggregation: remote, local_threshold,
 local_queue), `..._kv_index_resyncs_total{worker}` (KV-event index snapshots),
+`..._discovery_changes_total{kind}` (records added / updated / removed in etcd, --discovery) and
+`..._discovery_connected` (1 while the etcd watch is up),
 `..._pd_transfer_failures_total{leg,reason}` (worker-side failures: connection errors, 5xx,
 408/429) and `..._pd_client_errors_total{leg,status}` (a leg's 4xx about the client's own
 request: not a transfer failure). Per-worker gauges (in-flight, polled load,
@@ -50,6 +52,10 @@ class RouterMetrics:
                                   ["worker"], registry=r)
         self.migrations = Counter(P + "migrations_total", "Streams moved to another worker mid-way, by outcome",
                                   ["outcome"], registry=r)
+        self.discovery_changes = Counter(P + "discovery_changes_total", "Worker records seen in etcd, by kind",
+                                         ["kind"], registry=r)
+        self.discovery_connected = Gauge(P + "discovery_connected", "1 while the etcd watch is up (--discovery)",
+                                         registry=r)
         self.active = Gauge(P + "active_requests", "Requests holding a concurrency slot", registry=r)
         self.queued = Gauge(P + "queued_requests", "Requests waiting for a slot", registry=r)
         self.w_in_flight = Gauge(P + "worker_in_flight", "Requests in flight per worker", ["worker", "role"],
@@ -92,6 +98,9 @@ class RouterMetrics:
             c = self._dec[decision] = self.pd_decisions.labels(decision)
         c.inc()
 
+    def discovery_change(self, kind: str) -> None:
+        self.discovery_changes.labels(kind).inc()
+
     def pd_failure(self, leg: str, reason: str) -> None:
         self.pd_failures.labels(leg, reason).inc()
 
@@ -102,7 +111,9 @@ class RouterMetrics:
         else:
             self.pd_failures.labels(leg, str(status)).inc()
 
-    def render(self, workers: list[Any], active: int, queued: int) -> bytes:
+    def render(self, workers: list[Any], active: int, queued: int, discovery_connected: bool | None = None) -> bytes:
+        if discovery_connected is not None:
+            self.discovery_connected.set(1 if discovery_connected else 0)
         self.active.set(active)
         self.queued.set(queued)
         for g in (self.w_in_flight, self.w_load, self.w_healthy, self.w_circuit):

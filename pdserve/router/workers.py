@@ -1,13 +1,14 @@
 """The workers as the router sees them: one `Worker` each, and the `WorkerRegistry` that holds them by role.
 
-Worker lifecycle: created from a `WorkerSpec` when the router starts or on `POST /workers`;
+Worker lifecycle: created from a `WorkerSpec` when the router starts, on `POST /workers`, or
+when discovery (router/discovery.py) sees a server register;
 the health checker moves `healthy` (it starts False until a first successful check, or True
 when health checks are off); requests bump `in_flight` while they run and report their
 outcome to the worker's circuit breaker; the load monitor refreshes `load` from the worker's
 `/get_load`; `removed` is set by `DELETE /workers` so that requests still holding the object
-finish but no new one picks it.
+finish but no new one picks it (discovery removes the same way when a record goes).
 
-Registry: filled from the config at start, changed at runtime by `POST/DELETE /workers`.
+Registry: filled from the config at start, changed at runtime by `POST/DELETE /workers` and discovery.
 Lists per role are rebuilt on every change (rare) so the per-request `routable(role)` is a
 plain filter over a short list. Listeners (policies' trees, the health checker) hear of
 additions and removals.
@@ -35,7 +36,7 @@ class Worker:
         parts = urlsplit(spec.url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
-        self.bootstrap_host = self.host
+        self.bootstrap_host = spec.bootstrap_host or self.host
         self.bootstrap_port = spec.bootstrap_port
         self.breaker = CircuitBreaker(circuit, name=f"{spec.url} ({spec.role})")
         self.healthy = healthy

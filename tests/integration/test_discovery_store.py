@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from pdserve.contract import WorkerRecord
@@ -58,7 +59,8 @@ class Seen:
 
 
 def record(port: int, role: str = "decode", **kw: object) -> WorkerRecord:
-    return WorkerRecord(role=role, url=f"http://127.0.0.1:{port}", model="m", lease_ttl_s=2, **kw)  # type: ignore[arg-type]
+    return msgspec.convert({"role": role, "url": f"http://127.0.0.1:{port}", "model": "m", "lease_ttl_s": 2, **kw},
+                           WorkerRecord)
 
 
 def cfg_of(etcd: EtcdServer, ttl: int = 2) -> DiscoveryConfig:

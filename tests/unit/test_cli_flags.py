@@ -161,6 +161,8 @@ def test_taken_port_exits_2_with_one_line() -> None:
       "--disable-radix-cache"], "needs the radix cache"),
     (["launch", "--model", "/no/such/model"], "does not exist"),
     (["router", "--prefill", "http://127.0.0.1:1"], "--pd-disaggregation"),
+    (["router", "--discovery", "http://127.0.0.1:2379"], "etcd://HOST:PORT"),
+    (["serve", "--discovery", "etcd://127.0.0.1:2379", "--discovery-ttl", "1"], "TTL"),
 ])
 def test_bad_combinations_exit_2_with_one_line(argv: list[str], words: str) -> None:
     r = _run("-m", "pdserve", *argv)
