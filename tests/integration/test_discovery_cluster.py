@@ -6,10 +6,10 @@ prefix: `pdserve router --discovery` as a process (A) and the same router embedd
 with health checks every 10 s, so any removal seen within seconds is discovery's doing.
 - served through router A, greedy output equals the unified path (the decode server answering
   the same request itself); both routers list the same workers;
-- a second decode (TTL 2 s) is in both routers' rotation within 5 s of its first healthy
-  answer, and router A sends it requests;
-- kill -9 of that decode: both routers drop it within its lease TTL (+1 s), and every request
-  after that succeeds without touching it;
+- a second decode (TTL 2 s, started with the others, timed by a thread polling every 50 ms) is
+  in both routers' rotation within 5 s of its first healthy answer, router A sends it requests, router B (cache_aware decode) follows its KV events;
+- kill -9 of that decode: both routers drop it within its lease TTL (+1 s), router B its KV
+  subscription too, and every request after that succeeds without touching it;
 - etcd killed and restarted empty: the servers register again, both routers watch again (a
   record put after the restart reaches them; its deletion too) without ever dropping a live
   worker, and requests still equal the unified path;
@@ -22,6 +22,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,14 +32,14 @@ from typing import Any
 import httpx
 import pytest
 
-from pdserve.contract import WorkerRecord
+from pdserve.contract import WorkerRecord, decode_record
 from pdserve.discovery import Registration, parse_discovery_url
 from pdserve.discovery.store import EtcdStore
 from pdserve.launch.procs import kill_group
 from pdserve.router.config import PolicyConfig, RouterConfig
 from pdserve.router.server import EmbeddedRouter
 from tests.etcd_server import EtcdServer
-from tests.integration.conftest import ROOT, ServerProcess, free_port
+from tests.integration.conftest import ROOT, START_TIMEOUT_S, ServerProcess, free_port
 from tests.mock_worker import wait_until
 
 ARGS = ["--model", "default", "--threads", "1", "--max-model-len", "1024", "--num-pages", "400", "--page-size", "16",
@@ -54,11 +55,14 @@ class Cluster:
     servers: list[ServerProcess] = field(default_factory=list)  # every server started, stopped at the end
     url_a: str = ""
     router_b: EmbeddedRouter | None = None
+    join: JoinClock | None = None  # the second decode's, started with the others (saves a model load's wait)
 
     def server(self, role: str, tag: str, ttl: int) -> ServerProcess:
         args = [*ARGS, "--disaggregation-mode", role, "--discovery", self.etcd.url, "--discovery-ttl", str(ttl)]
         if role == "prefill":
             args += ["--disaggregation-bootstrap-port", str(free_port())]
+        else:
+            args += ["--kv-events-config", "{}"]  # a publisher on a free port, advertised in the record
         proc = ServerProcess(args, self.tmp / f"{tag}.log")
         self.servers.append(proc)
         return proc
@@ -77,6 +81,38 @@ class Cluster:
         return self.router_b
 
 
+class JoinClock(threading.Thread):
+    """Polls every 50 ms: the server's first healthy answer, then the moment both routers route to it."""
+
+    def __init__(self, cluster: Cluster, server: ServerProcess) -> None:
+        super().__init__(name="join-clock", daemon=True)
+        self.cluster, self.server = cluster, server
+        self.t_healthy = self.t_joined = 0.0
+        self.error: str | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _healthy(self.server.url):
+            if self.server.proc.poll() is not None or time.monotonic() > deadline:
+                self.error = f"the second decode never answered:\n{self.server.log_tail()}"
+                return
+            time.sleep(0.05)
+        self.t_healthy = time.monotonic()
+        while not (routable_b(self.cluster, self.server.url) and routable_a(self.cluster, self.server.url)):
+            if time.monotonic() > self.t_healthy + 30:
+                self.error = "not in both routers' rotation 30 s after healthy"
+                return
+            time.sleep(0.05)
+        self.t_joined = time.monotonic()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def discovered(url: str) -> dict[str, Any]:
     return httpx.get(url + "/workers", timeout=5).json()
 
@@ -87,8 +123,11 @@ def routable_b(cluster: Cluster, url: str) -> bool:
 
 
 def routable_a(cluster: Cluster, url: str) -> bool:
-    return any(w["url"] == url and w["healthy"] and w["circuit"] == "closed"
-               for w in discovered(cluster.url_a)["workers"])
+    try:
+        workers = discovered(cluster.url_a)["workers"]
+    except httpx.HTTPError:  # router A not listening yet
+        return False
+    return any(w["url"] == url and w["healthy"] and w["circuit"] == "closed" for w in workers)
 
 
 def in_both(cluster: Cluster, url: str) -> bool:
@@ -112,8 +151,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, bundled_model_dir: Path) -
                  "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin"],
                 cwd=ROOT, stdout=router_log, stderr=subprocess.STDOUT, start_new_session=True)
             cfg = RouterConfig(port=0, pd=True, policy=PolicyConfig("round_robin"),
+                               decode_policy=PolicyConfig("cache_aware"),  # follows the decodes' KV events
                                discovery=parse_discovery_url(etcd.url))
             c.router_b = EmbeddedRouter(cfg).start()
+            c.join = JoinClock(c, c.server("decode", "decode-2", 2))
+            c.join.start()
             c.prefill.wait_healthy()
             c.decode.wait_healthy()
             yield c
@@ -164,34 +206,33 @@ def test_discovered_workers_serve_like_unified(cluster: Cluster, unified: list[A
     for url in (cluster.url_a, cluster.b.url):
         wait_until(lambda: httpx.get(url + "/readiness", timeout=5).status_code == 200, 20, f"{url} ready")
     assert outputs(cluster.url_a) == unified and all(unified)
-    want = sorted([cluster.prefill.url, cluster.decode.url])
-    assert discovered(cluster.url_a)["discovery"]["workers"] == want
-    assert discovered(cluster.b.url)["discovery"]["workers"] == want
-    prefill = [w for w in discovered(cluster.url_a)["workers"] if w["role"] == "prefill"][0]
-    assert prefill["bootstrap_port"] is not None  # from the record
+    seen = discovered(cluster.url_a)["discovery"]["workers"]
+    assert {cluster.prefill.url, cluster.decode.url} <= set(seen)  # the second decode may be up already
+    assert discovered(cluster.b.url)["discovery"]["workers"] == seen
+    cfg = parse_discovery_url(cluster.etcd.url)
+    records = {r.url: r for r in map(decode_record, EtcdStore(cfg).list(cfg.workers_prefix).values())}
+    prefill, decode = records[cluster.prefill.url], records[cluster.decode.url]
+    assert prefill.role == "prefill" and prefill.bootstrap_port and prefill.bootstrap_host == "127.0.0.1"
+    assert decode.role == "decode" and decode.kv_events_endpoint and decode.transfer_backend == "tcp"
+    prefill_w = [w for w in discovered(cluster.url_a)["workers"] if w["role"] == "prefill"][0]
+    assert prefill_w["bootstrap_port"] == prefill.bootstrap_port
 
 
 def test_new_decode_joins_within_5s_of_healthy(cluster: Cluster) -> None:
-    second = cluster.server("decode", "decode-2", 2)
-    wait_until(lambda: second.proc.poll() is not None or _healthy(second.url), 300, "the second decode up")
-    assert second.proc.poll() is None, second.log_tail()
-    t_healthy = time.monotonic()
-    wait_until(lambda: routable_b(cluster, second.url) and routable_a(cluster, second.url), 5,
-               "the second decode in both routers' rotation")
-    print(f"joined both routers {time.monotonic() - t_healthy:.2f} s after its first healthy answer")
+    clock, second = cluster.join, cluster.servers[2]
+    assert clock is not None
+    clock.join(START_TIMEOUT_S + 40)
+    assert clock.error is None and clock.t_joined > 0, clock.error
+    joined = clock.t_joined - clock.t_healthy
+    print(f"joined both routers {joined:.2f} s after its first healthy answer")
+    assert joined <= 5.0
+    wait_until(lambda: second.url in cluster.b.app.kv_index.workers, 5, "router B follows its KV events")
     assert len(outputs(cluster.url_a)) == len(PROMPTS) + 1
     assert processed(cluster.url_a, second.url) > 0, "round robin sends the new decode requests"
 
 
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def test_killed_decode_leaves_within_lease_ttl(cluster: Cluster, unified: list[Any]) -> None:
-    second = cluster.servers[-1]
+    second = cluster.servers[2]
     assert in_both(cluster, second.url)
     held = cluster.b.app.registry.get(second.url)  # router B's worker object, kept to count what it gets
     assert held is not None
@@ -203,6 +244,7 @@ def test_killed_decode_leaves_within_lease_ttl(cluster: Cluster, unified: list[A
     gone = time.monotonic() - t_kill
     print(f"out of both routers {gone:.2f} s after kill -9 (lease TTL 2 s)")
     assert gone <= 2 + 1.0
+    wait_until(lambda: second.url not in cluster.b.app.kv_index.workers, 2, "its KV subscription dropped")
     after = held.processed
     assert outputs(cluster.url_a) == unified
     r = httpx.post(cluster.b.url + "/v1/completions", timeout=120,
