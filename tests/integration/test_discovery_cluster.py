@@ -35,7 +35,7 @@ import pytest
 from pdserve.contract import WorkerRecord, decode_record
 from pdserve.discovery import Registration, parse_discovery_url
 from pdserve.discovery.store import EtcdStore
-from pdserve.launch.procs import kill_group
+from pdserve.flags.procs import kill_group
 from pdserve.router.config import PolicyConfig, RouterConfig
 from pdserve.router.server import EmbeddedRouter
 from tests.etcd_server import EtcdServer
