@@ -138,6 +138,7 @@ class RouteInfo(msgspec.Struct, frozen=True):
     num_ranks: int  # tensor-parallel ranks of this dp rank
     dp_rank: int = 0
     dp_size: int = 1
+    epoch: int = 1  # the prefill server's role epoch (DisaggConfig.epoch)
 
 
 class Health(msgspec.Struct, frozen=True):

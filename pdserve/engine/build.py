@@ -12,7 +12,8 @@
                                       the manager's prefix cache gets its tier (NoTier: none)
     scheduler, stats, DP rank, runner, sampler, stop checker, grammars
     speculator                        NoSpeculation: plain decoding (engine/speculate.py)
-    stage                             the PD mode's stage and transfer machinery (engine/pd/build.py)
+    stage                             the PD mode's stage and transfer machinery (engine/pd/build.py);
+                                      `make_stage` builds another for a live role switch (same pool)
 
 `Engine.build(config, disagg)` is `Engine(build_parts(config, disagg))`: the Engine only runs
 what it is given, so a test or a new feature can hand it other parts.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +82,8 @@ class EngineParts:
     grammars: Grammars
     speculator: Speculator
     stage: Stage
+    disagg: DisaggConfig | None  # the PD mode `stage` serves
+    make_stage: Callable[[DisaggConfig | None], Stage]  # the stage of a PD mode over this pool (role switch)
 
 
 def available_host_memory() -> int:
@@ -154,11 +158,16 @@ def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> Eng
     eos_ids = frozenset(tokenizer.eos_token_ids) | frozenset(cfg.eos_token_id)
     stops = StopChecker(tokenizer, eos_ids, max_model_len)
     layout = KVLayout.for_pool(model_path.name, pool.tensors[0], ps, shard.kv_heads(cfg)[0], cfg.num_key_value_heads)
-    stage = build_stage(disagg, layout, pool, scheduler, kv, stops, cfg.vocab_size,
-                        ranks.peers(config) if ranks is not None else None, DPPlace(par.dp_rank, par.dp_size))
+
+    def make_stage(mode: DisaggConfig | None) -> Stage:
+        return build_stage(mode, layout, pool, scheduler, kv, stops, cfg.vocab_size,
+                           ranks.peers(config) if ranks is not None else None, DPPlace(par.dp_rank, par.dp_size))
+
+    stage = make_stage(disagg)
     return EngineParts(
         config=config, device=device, model_path=model_path, model_config=cfg, tokenizer_path=tokenizer_path,
         tokenizer=tokenizer, model=model, load_weights_s=load_weights_s, max_model_len=max_model_len, pool=pool,
         kv=kv, scheduler=scheduler, stats=stats, ranks=ranks, dp=dp, runner=ModelRunner(model, pool, device, publish),
         sampler=Sampler(cfg.vocab_size, device), eos_ids=eos_ids, stops=stops,
-        grammars=Grammars(tokenizer.hf, cfg.vocab_size, eos_ids), speculator=NoSpeculation(), stage=stage)
+        grammars=Grammars(tokenizer.hf, cfg.vocab_size, eos_ids), speculator=NoSpeculation(), stage=stage,
+        disagg=disagg, make_stage=make_stage)

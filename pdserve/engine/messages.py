@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
+from pdserve.disagg import DisaggConfig
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_events import KVSnapshot
 
@@ -18,6 +19,8 @@ class Bootstrap(msgspec.Struct, frozen=True):
     host: str
     port: int
     room: int
+    epoch: int | None = None  # the prefill's role epoch the router knew (None: any); the decode's route
+    # lookup names it, and a prefill at another epoch refuses it (409: disagg's StaleEpoch)
 
 
 class GenerateReq(msgspec.Struct, frozen=True, tag=True):
@@ -151,6 +154,14 @@ class KVSnapshotReq(msgspec.Struct, frozen=True, tag=True):
     cid: int
 
 
+class SwitchStageReq(msgspec.Struct, frozen=True, tag=True):
+    """A live role switch (server/elastic.py): rebuild the PD stage for `disagg` (its mode and epoch)
+    on the same weights and KV pool. The front sends it only once the engine is idle (drained)."""
+
+    cid: int
+    disagg: DisaggConfig
+
+
 class ShutdownReq(msgspec.Struct, frozen=True, tag=True):
     """Ask the engine process to stop: it aborts what it runs and exits."""
 
@@ -203,8 +214,16 @@ class KVSnapshotResp(msgspec.Struct, frozen=True, tag=True):
     snapshot: KVSnapshot | None  # None: KV events are off
 
 
-EngineInMsg = GenerateReq | AbortReq | GetLoadReq | FlushCacheReq | KVSnapshotReq | ShutdownReq | WakeReq
-EngineOutMsg = EngineReady | EngineFailed | TokenOutBatch | LoadResp | FlushCacheResp | KVSnapshotResp
+class SwitchStageResp(msgspec.Struct, frozen=True, tag=True):
+    cid: int
+    error: str | None = None  # None: the engine serves in the new mode
+    seconds: float = 0.0  # the stage's close and build
+
+
+EngineInMsg = GenerateReq | AbortReq | GetLoadReq | FlushCacheReq | KVSnapshotReq | ShutdownReq | WakeReq | \
+    SwitchStageReq
+EngineOutMsg = EngineReady | EngineFailed | TokenOutBatch | LoadResp | FlushCacheResp | KVSnapshotResp | \
+    SwitchStageResp
 
 
 # ---- rank 0 -> the other tensor-parallel ranks (engine/tp_worker.py), once per step -------

@@ -15,7 +15,8 @@ Lifecycle:
      a DP-attention rank (DPAttentionRound) joins one round with the other ranks every
      iteration and sleeps only when no rank is busy. A bad request (add_request raises) is
      answered at once with a TokenOut whose `error` is set; control requests are answered
-     between steps. With `--kv-events-config` a KVPublisher (engine/kv_publisher.py) publishes
+     between steps (`SwitchStageReq`: a live role switch of the idle engine, Engine.switch_stage).
+     With `--kv-events-config` a KVPublisher (engine/kv_publisher.py) publishes
      the prefix cache's events after every step and control message, a heartbeat after a
      quiet second (busy or idle), and answers `KVSnapshotReq`;
   4. `ShutdownReq` (or the parent's death) ends the loop; an exception in `step()` sends
@@ -57,6 +58,8 @@ from pdserve.engine.messages import (
     KVSnapshotResp,
     LoadResp,
     ShutdownReq,
+    SwitchStageReq,
+    SwitchStageResp,
     TokenOut,
     TokenOutBatch,
 )
@@ -298,6 +301,17 @@ class EngineLoop:
         elif isinstance(msg, KVSnapshotReq):
             snap = self.kv_events.snapshot() if self.kv_events is not None else None
             self._send(KVSnapshotResp(cid=msg.cid, snapshot=snap))
+        elif isinstance(msg, SwitchStageReq):
+            t0 = time.perf_counter()
+            try:
+                self.engine.switch_stage(msg.disagg)
+                error = None
+                logger.info("serving as %s (epoch %d) after a live role switch in %.2f s", msg.disagg.mode,
+                            msg.disagg.epoch, time.perf_counter() - t0)
+            except Exception as exc:  # refused (not idle, tp/dp, backend) or the new stage failed: old mode kept
+                error = f"{type(exc).__name__}: {exc}"
+                logger.error("live role switch to %s refused: %s", msg.disagg.mode, error)
+            self._send(SwitchStageResp(cid=msg.cid, error=error, seconds=time.perf_counter() - t0))
         elif isinstance(msg, ShutdownReq):
             self.stopping = True
 

@@ -169,6 +169,7 @@ class RouterApp:
     async def generate(self, req: Request, rid: str) -> Response | None:
         t0 = time.perf_counter()
         status = 500
+        ctx: RequestCtx | None = None
         try:
             try:
                 await self.limiter.acquire()
@@ -192,3 +193,5 @@ class RouterApp:
                 self.limiter.release()
         finally:
             self.metrics.request_done(req.path, status, time.perf_counter() - t0)
+            if status == 200 and ctx is not None and ctx.usage is not None:
+                self.metrics.generation(ctx.usage)

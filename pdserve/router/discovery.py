@@ -11,7 +11,8 @@ Lifecycle of `DiscoveredWorkers` (built by the app when the config has `discover
                once (a first good probe makes it routable and reads its /server_info, from
                which kv_sync subscribes to its KV events), its breaker starts closed;
       updated  replaced (removed, then added) when what routing uses changed (role, url,
-               bootstrap host or port), else only remembered (a new epoch of the same shape);
+               bootstrap host or port), else only its epoch is taken (a new epoch of the same shape);
+    the worker's `epoch` is the record's: legs sent to it carry it (router/pd.py);
       removed  `registry.remove`, as `DELETE /workers`: requests holding it finish, no new one
                picks it, policies forget it, health checks and the KV subscription stop;
     a record of the other mode (a unified server under a PD router, or the reverse) is skipped,
@@ -90,14 +91,19 @@ class DiscoveredWorkers:
             self._remove(change.key, str(exc))
             return self._skip(change.key, str(exc))
         if self.specs.get(change.key) == spec:
-            return  # same shape, e.g. a new epoch: nothing to change
+            held = self.registry.get(spec.url)
+            if held is not None:
+                held.epoch = rec.epoch  # same shape, e.g. a new epoch: nothing else to change
+            return
         self._remove(change.key, f"registered again as {spec.role} {spec.url}")
         other = self.registry.get(spec.url)
         if other is not None:
             return self._skip(change.key, f"{spec.url} is already a {other.role} worker given to the router")
         self._skipped.discard(change.key)
         self.specs[change.key] = spec
-        self.registry.add(new_worker(spec, self.cfg))
+        worker = new_worker(spec, self.cfg)
+        worker.epoch = rec.epoch
+        self.registry.add(worker)
         logger.info("discovery: %s worker %s joined (model %s, epoch %d)", spec.role, spec.url, rec.model, rec.epoch)
 
     def _remove(self, key: str, why: str) -> None:

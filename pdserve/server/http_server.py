@@ -5,7 +5,7 @@ Lifecycle of `serve_app(config, sock)`:
      waits for it (the engine logs its loading progress meanwhile);
   2. once uvicorn serves the socket (so /health answers 200), log the one "ready" line with
      the URL; nothing before it claims the server is up; with --discovery, register in etcd
-     now (server/registration.py);
+     now (server/elastic.py, which also drains and switches roles live);
   3. on SIGTERM/SIGINT: deregister (in the background), stop accepting, abort in-flight requests (streams end with
      finish_reason "abort"), wait (bounded) for connections to close, then the lifespan stops
      the engine process; a second SIGINT forces the exit. Returns 0 after a clean stop, 1 if
@@ -27,9 +27,7 @@ from typing import Any
 import uvicorn
 
 from pdserve.server.app import begin_shutdown, build_app
-from pdserve.discovery import Registration
 from pdserve.server.config import ServerConfig
-from pdserve.server.registration import deregister_soon, register
 
 logger = logging.getLogger("pdserve.server")
 
@@ -81,15 +79,13 @@ def serve_app(config: ServerConfig, sock: socket.socket) -> int:
     host = f"[{config.host}]" if ":" in config.host else config.host
     ready = f"pdserve is ready: http://{host}:{config.port} (model {config.engine.model}" + \
             (f", {config.disagg.mode}" if config.disagg.mode != "null" else "") + ")"
-    registration: list[Registration] = []
+    elastic = app.fastapi.state.elastic
 
     def on_ready() -> None:
-        if config.discovery is not None:
-            registration.append(register(config, app.fastapi.state.server))
+        elastic.register(app.fastapi.state.server)
 
     def on_exit() -> None:
-        for reg in registration:
-            deregister_soon(reg)
+        elastic.deregister_soon()
         _schedule_shutdown(app)
 
     server = _Server(uv_config, on_exit=on_exit, ready_line=ready, t0=t0, on_ready=on_ready)
@@ -99,8 +95,7 @@ def serve_app(config: ServerConfig, sock: socket.socket) -> int:
     try:
         server.run(sockets=[sock])
     finally:
-        for reg in registration:
-            reg.stop()  # bounded; a server whose engine died leaves etcd now, not a lease TTL later
+        elastic.stop_registration()  # bounded; a server whose engine died leaves etcd now, not a lease TTL later
     if not server.started:
         logger.error("server failed to start")
         return 1

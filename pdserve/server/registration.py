@@ -1,6 +1,7 @@
 """`pdserve serve --discovery etcd://...`: the server's record in the discovery store, for its lifetime.
 
-Lifecycle (driven by http_server.py):
+Lifecycle (driven by http_server.py through server/elastic.py, which also deregisters on a drain and
+registers the new role and epoch after a live role switch):
   - ready: once uvicorn serves the socket (the engine loaded, /health answers 200),
     `register(config, state)` builds the record from the config and what the engine reported
     and starts a `Registration` (pdserve/discovery): lease, record, keepalive thread. etcd
@@ -32,7 +33,7 @@ def advertised_host(config: ServerConfig) -> str:
     return socket.getfqdn() if host in WILDCARDS else host
 
 
-def worker_record(config: ServerConfig, state: ServerState, epoch: int = 1) -> WorkerRecord:
+def worker_record(config: ServerConfig, state: ServerState) -> WorkerRecord:
     assert config.discovery is not None
     host = advertised_host(config)
     pd = config.disagg
@@ -44,7 +45,7 @@ def worker_record(config: ServerConfig, state: ServerState, epoch: int = 1) -> W
         model=state.model_name, bootstrap_host=boot_host if prefill else None,
         bootstrap_port=pd.bootstrap_port if prefill else None, tp_size=config.engine.tp_size,
         dp_size=config.engine.dp_size, transfer_backend=pd.backend if pd.mode != "null" else None,
-        kv_events_endpoint=state.info.kv_events_endpoint, epoch=epoch, lease_ttl_s=config.discovery.ttl_s,
+        kv_events_endpoint=state.info.kv_events_endpoint, epoch=pd.epoch, lease_ttl_s=config.discovery.ttl_s,
         pid=os.getpid())
 
 
