@@ -205,3 +205,27 @@ def test_decode_radix_cache_flag_reaches_decode_servers_only(tmp_path: Path) -> 
     for argv in (["--mode", "unified", flag], [f"--server-args={flag}"]):
         with pytest.raises(ValueError, match=flag):
             preflight(build_parser().parse_args(["launch", *argv]))
+
+
+def test_launch_discovery_wires_etcd_servers_and_router(tmp_path: Path) -> None:
+    """`launch --discovery`: a local etcd child first, every server registers in it (decodes get a
+    bootstrap port for a later switch to prefill), the router follows it instead of a worker list;
+    `--discovery URL` uses that etcd; without it the shape is fixed as before."""
+    from pdserve.launch.cluster import Cluster
+
+    local = Cluster(build_parser().parse_args(["launch", "--discovery", "--decode", "2"]), tmp_path)
+    assert local.etcd is not None and local.children[0] is local.etcd and local.discovery is not None
+    assert local.discovery.startswith("etcd://127.0.0.1:") and "--data-dir" in local.etcd.cmd
+    for s in local.servers:
+        assert s.cmd[s.cmd.index("--discovery") + 1] == local.discovery
+        assert "--disaggregation-bootstrap-port" in s.cmd
+    assert local.router is not None
+    rcmd = local.router.cmd
+    assert rcmd[rcmd.index("--discovery") + 1] == local.discovery and "--prefill" not in rcmd and "--decode" not in rcmd
+    given = Cluster(build_parser().parse_args(["launch", "--discovery", "etcd://10.0.0.5:2379/team"]), tmp_path)
+    assert given.etcd is None and given.discovery == "etcd://10.0.0.5:2379/team"
+    fixed = Cluster(build_parser().parse_args(["launch"]), tmp_path)
+    assert fixed.etcd is None and "--discovery" not in fixed.router.cmd and "--prefill" in fixed.router.cmd  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="--discovery"):
+        from pdserve.launch.config import config_from_args
+        config_from_args(build_parser().parse_args(["launch", "--discovery", "http://nope"]))
