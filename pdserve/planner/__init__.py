@@ -1,14 +1,18 @@
-"""The SLA planner's core: profile -> predict -> decide prefill and decode counts (pure; no torch, no HTTP).
+"""The SLA planner (issue 26): profile -> observe -> predict -> decide -> act (no torch, no engine).
 
     profile.py    the measured profile (prefill time vs prompt length, decode ITL vs concurrency
-                  and KV use), its JSON format and interpolation
+                  and KV use), its JSON format and interpolation; profiler.py measures one
+                  (`pdserve profile`, over HTTP)
     predictor.py  next-interval load: last value, moving average, linear trend
     decide.py     the counts that meet the TTFT and ITL SLOs within max_workers (M/D/1 prefill,
                   Little's law decode), documented there
-    planner.py    one step per interval: correction factors, prediction, decision, history
+    planner.py    one step per interval: correction factors, prediction, decision, history (pure)
+    scrape.py     the router's /metrics as snapshots, two of them as an observation
+    actions.py    a decision and the workers there are -> switches, starts, stops (pure)
+    connector.py  the interface a deployment implements, and the local one (pdserve's HTTP API)
+    live.py       `pdserve planner`'s loop: read, plan, act, log, export; cli.py its flags
 
-Acting on a decision (role switches, starting and stopping workers through a connector) and
-reading the router's metrics live come with `pdserve planner` (issue 26, phase 2).
+Nothing here imports numpy at import time (profile.py does when it fits): `pdserve --help` stays light.
 """
 
 from pdserve.planner.decide import Decision, Load, Slo, decide

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
-import numpy as np
 
 
 class PrefillPoint(msgspec.Struct, frozen=True):
@@ -71,6 +70,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("profile: prefill points need positive lengths and times")
         if any(d.itl_s <= 0 or d.concurrency <= 0 or d.kv_tokens < 0 for d in self.decode):
             raise ValueError("profile: decode points need positive concurrency and ITL")
+        import numpy as np  # here, not at import: `pdserve --help` builds the planner's parser without it
+
         a = np.array([[1.0, d.concurrency, d.kv_tokens] for d in self.decode]).reshape(-1, 3)
         if np.linalg.matrix_rank(a) < 3:
             raise ValueError("profile: decode needs three points not on one line of (concurrency, kv_tokens)")
@@ -79,6 +80,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
 
     def prefill_s(self, prompt_tokens: float) -> float:
         """Prefill time of one prompt on an idle worker (piecewise linear, end slopes extended; >= 0)."""
+        import numpy as np
+
         pts = sorted(self.prefill, key=lambda p: p.prompt_tokens)
         xs = [p.prompt_tokens for p in pts]
         ys = [p.seconds for p in pts]
@@ -89,6 +92,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
 
     def decode_model(self) -> DecodeModel:
         """The plane itl = a + b * concurrency + d * kv_tokens, least squares over the points."""
+        import numpy as np
+
         a = np.array([[1.0, d.concurrency, d.kv_tokens] for d in self.decode])
         y = np.array([d.itl_s for d in self.decode])
         coef = np.linalg.lstsq(a, y, rcond=None)[0]

@@ -108,7 +108,8 @@ def test_help_and_version_import_no_torch() -> None:
         import contextlib, io, sys
         from pdserve.cli import main
         for argv in (["--help"], ["serve", "--help"], ["router", "--help"], ["launch", "--help"],
-                     ["bench", "--help"], ["generate", "--help"], ["convert", "--help"], ["--version"]):
+                     ["bench", "--help"], ["generate", "--help"], ["convert", "--help"], ["planner", "--help"],
+                     ["profile", "--help"], ["--version"]):
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 try:
