@@ -11,7 +11,8 @@
     └───────────────────────────────────────────────────────────────────────────────────┘
 
 An interval in which no request finished leaves the corrections and the length predictors as
-they were (planner.py) and still predicts the rate. The stability rule keeps a one-interval blip
+they were (planner.py) and still predicts the rate; with no load predicted nothing moves (any
+split serves nothing). The stability rule keeps a one-interval blip
 from moving workers; the cooldown lets a switched worker serve (and the metrics show it) before
 the next move. Metrics (`<prefix>:planner_*`, on --metrics-port): the targets and needs, the
 predicted load, the corrections, the observed TTFT/ITL, the serving workers by role, actions by
@@ -138,7 +139,8 @@ class LivePlanner:
         self.metrics.plan(step, serving)
         acted: list[dict[str, Any]] = []
         cooldown = self.cfg.cooldown_s or self.cfg.interval_s * 0.99
-        if self._held_for >= self.cfg.stable and time.monotonic() - self._last_action >= cooldown:
+        if self._held_for >= self.cfg.stable and time.monotonic() - self._last_action >= cooldown and \
+                step.load.rate > 0:
             actions = plan_actions(workers, want, self.planner.cfg.max_workers, self.connector.starting(),
                                    getattr(self.connector, "can_start", True), not self.planner.cfg.fill,
                                    self.cfg.max_actions)

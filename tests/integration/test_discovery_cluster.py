@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pdserve.contract import WorkerRecord, decode_record
+from pdserve.contract import WorkerRecord
 from pdserve.discovery import Registration, parse_discovery_url
 from pdserve.discovery.store import EtcdStore
 from pdserve.flags.procs import kill_group
@@ -40,12 +40,8 @@ from pdserve.router.config import PolicyConfig, RouterConfig
 from pdserve.router.server import EmbeddedRouter
 from tests.etcd_server import EtcdServer
 from tests.integration.conftest import ROOT, START_TIMEOUT_S, ServerProcess, free_port
+from tests.integration.etcd_cluster import N, PROMPTS, discovered, outputs, records, server_args
 from tests.mock_worker import wait_until
-
-ARGS = ["--model", "default", "--threads", "1", "--max-model-len", "1024", "--num-pages", "400", "--page-size", "16",
-        "--chunk-budget", "64", "--seed", "0", "--max-tokens-cap", "256"]
-PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "def fibonacci(n):"]
-N = 8
 
 
 @dataclass
@@ -58,12 +54,8 @@ class Cluster:
     join: JoinClock | None = None  # the second decode's, started with the others (saves a model load's wait)
 
     def server(self, role: str, tag: str, ttl: int) -> ServerProcess:
-        args = [*ARGS, "--disaggregation-mode", role, "--discovery", self.etcd.url, "--discovery-ttl", str(ttl)]
-        if role == "prefill":
-            args += ["--disaggregation-bootstrap-port", str(free_port())]
-        else:
-            args += ["--kv-events-config", "{}"]  # a publisher on a free port, advertised in the record
-        proc = ServerProcess(args, self.tmp / f"{tag}.log")
+        # a decode publishes KV events on a free port, advertised in its record
+        proc = ServerProcess(server_args(role, self.etcd.url, ttl, events=role == "decode"), self.tmp / f"{tag}.log")
         self.servers.append(proc)
         return proc
 
@@ -111,10 +103,6 @@ def _healthy(url: str) -> bool:
         return httpx.get(url + "/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def discovered(url: str) -> dict[str, Any]:
-    return httpx.get(url + "/workers", timeout=5).json()
 
 
 def routable_b(cluster: Cluster, url: str) -> bool:
@@ -176,22 +164,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, bundled_model_dir: Path) -
                 s.stop(timeout=20)
 
 
-def outputs(base: str) -> list[Any]:
-    out: list[Any] = []
-    with httpx.Client(timeout=120) as client:
-        for prompt in PROMPTS:
-            r = client.post(base + "/v1/completions", json={"model": "default", "prompt": prompt, "max_tokens": N,
-                                                            "temperature": 0})
-            assert r.status_code == 200, r.text
-            out.append(r.json()["choices"][0]["text"])
-        msgs = [{"role": "user", "content": PROMPTS[1]}]
-        r = client.post(base + "/v1/chat/completions", json={"model": "default", "messages": msgs, "max_tokens": N,
-                                                              "temperature": 0})
-        assert r.status_code == 200, r.text
-        out.append(r.json()["choices"][0]["message"]["content"])
-    return out
-
-
 @pytest.fixture(scope="module")
 def unified(cluster: Cluster) -> list[Any]:
     return outputs(cluster.decode.url)  # no bootstrap fields: the decode server runs them itself
@@ -209,9 +181,8 @@ def test_discovered_workers_serve_like_unified(cluster: Cluster, unified: list[A
     seen = discovered(cluster.url_a)["discovery"]["workers"]
     assert {cluster.prefill.url, cluster.decode.url} <= set(seen)  # the second decode may be up already
     assert discovered(cluster.b.url)["discovery"]["workers"] == seen
-    cfg = parse_discovery_url(cluster.etcd.url)
-    records = {r.url: r for r in map(decode_record, EtcdStore(cfg).list(cfg.workers_prefix).values())}
-    prefill, decode = records[cluster.prefill.url], records[cluster.decode.url]
+    found = records(cluster.etcd.url)
+    prefill, decode = found[cluster.prefill.url], found[cluster.decode.url]
     assert prefill.role == "prefill" and prefill.bootstrap_port and prefill.bootstrap_host == "127.0.0.1"
     assert decode.role == "decode" and decode.kv_events_endpoint and decode.transfer_backend == "tcp"
     prefill_w = [w for w in discovered(cluster.url_a)["workers"] if w["role"] == "prefill"][0]
