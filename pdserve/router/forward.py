@@ -63,6 +63,9 @@ class Failure:
         changed role since this router last looked: another worker or pair can serve it)."""
         return cls(status, body, content_type, retryable=retryable_status(status) or stale_epoch(status, body))
 
+    def response(self, ctx: RequestCtx) -> Response:
+        return Response(self.body, self.status, self.content_type, ctx.resp_headers)
+
 
 def stale_epoch(status: int, body: bytes) -> bool:
     """Did a worker refuse a leg for the role epoch it named (server/elastic.py)?"""
@@ -74,9 +77,6 @@ def note_stale(w: Worker, status: int, body: bytes) -> None:
     if stale_epoch(status, body) and not w.stale:
         w.stale = True
         w.info = None
-
-    def response(self, ctx: RequestCtx) -> Response:
-        return Response(self.body, self.status, self.content_type, ctx.resp_headers)
 
 
 def is_sse(content_type: str | None) -> bool:
