@@ -12,9 +12,9 @@ Lifecycle of `DiscoveredWorkers` (built by the app when the config has `discover
                which kv_sync subscribes to its KV events), its breaker starts closed;
       updated  replaced (removed, then added) when what routing uses changed (role, url,
                bootstrap host or port), else only its epoch is taken (a new epoch of the same shape);
-    the worker's `epoch` is the record's: legs sent to it carry it (router/pd.py);
       removed  `registry.remove`, as `DELETE /workers`: requests holding it finish, no new one
                picks it, policies forget it, health checks and the KV subscription stop;
+    a worker's `epoch` is its record's: the PD legs sent to it carry it (router/pd.py);
     a record of the other mode (a unified server under a PD router, or the reverse) is skipped,
     and a URL given on the command line (or added by `POST /workers`) wins over a record;
   - `stop()` ends the watch (bounded, off the loop). Workers stay in the registry.

@@ -21,6 +21,7 @@ failed attempt: what to tell the client if no retry succeeds, and whether a retr
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -39,6 +40,8 @@ from pdserve.router.request import RequestCtx, RouterError, error_body
 from pdserve.router.resilience import backoff_s, breaker_failure, retryable_status
 from pdserve.router.usage import StreamMeter, Usage
 from pdserve.router.workers import Worker, WorkerRegistry
+
+logger = logging.getLogger("pdserve.router")
 
 
 class Failure:
@@ -77,6 +80,8 @@ def note_stale(w: Worker, status: int, body: bytes) -> None:
     if stale_epoch(status, body) and not w.stale:
         w.stale = True
         w.info = None
+        logger.warning("worker %s (%s) is at another role epoch than %s: out until its /server_info is read "
+                       "again", w.url, w.role, w.epoch)
 
 
 def is_sse(content_type: str | None) -> bool:

@@ -119,6 +119,8 @@ class HealthChecker:
             worker.epoch = info.epoch
         mode = info.disaggregation_mode
         if mode is not None and mode != MODE_OF_ROLE[worker.role]:
+            if worker.stale:  # said once, when it answered stale_epoch (router/forward.py)
+                return
             logger.warning("worker %s was added as %s but reports disaggregation_mode=%s", worker.url,
                            worker.role, mode)
         elif worker.stale and not info.draining:
