@@ -62,7 +62,7 @@ class Decision:
     prefill_need: float  # fractional workers the load needs (before rounding and capping)
     decode_need: float
     streams_per_decode: int  # c*: the concurrency one decode worker may hold within the ITL SLO
-    notes: tuple[str, ...] = ()  # ttft_unreachable | itl_unreachable | capped
+    notes: tuple[str, ...] = ()  # ttft_unreachable | itl_unreachable | capped | idle (planner.py)
 
     @property
     def total(self) -> int:

@@ -10,7 +10,8 @@ router's /metrics said over it; `replay` does the same over a recorded series):
          ratio and stays within [0.25, 4]; an interval with nothing finished leaves it;
       2. prediction: the rate, mean prompt and output lengths of the next interval
          (predictor.py; lengths only learn from intervals that finished requests);
-      3. decision: decide.decide() on the predicted load with the corrected profile;
+      3. decision: decide.decide() on the predicted load with the corrected profile; with no load
+         predicted (rate 0) the last decision holds, noted "idle" (any split serves nothing);
       4. the step (inputs and decision) is kept in `history` and logged as one line.
 
 The series format (`load_series`) is JSON lines of `Observation`.
@@ -18,6 +19,7 @@ The series format (`load_series`) is JSON lines of `Observation`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -122,8 +124,12 @@ class Planner:
             self.prompt.observe(obs.prompt_tokens)
             self.output.observe(obs.output_tokens)
         load = Load(self.rate.predict(), self.prompt.predict(), self.output.predict())
-        decision = decide(load, self.profile, self.cfg.slo, self.cfg.max_workers, self.prefill_correction.value,
-                          self.decode_correction.value, self.cfg.fill)
+        if load.rate <= 0 and self.history:
+            last = self.history[-1].decision
+            decision = dataclasses.replace(last, notes=tuple(n for n in last.notes if n != "idle") + ("idle",))
+        else:
+            decision = decide(load, self.profile, self.cfg.slo, self.cfg.max_workers, self.prefill_correction.value,
+                              self.decode_correction.value, self.cfg.fill)
         step = PlanStep(obs.t, obs, load, self.prefill_correction.value, self.decode_correction.value, decision)
         self.history.append(step)
         logger.info("plan t=%.1f: %dP %dD (need %.2f / %.2f, %d streams per decode%s) for %.2f req/s of %.0f "

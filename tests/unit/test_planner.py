@@ -145,3 +145,15 @@ def test_correction_is_bounded_and_ignores_empty_intervals() -> None:
     planner.step(observation(10, PREFILL_HEAVY, 1, 2, 1.0))
     idle = planner.step(Observation(t=20, interval_s=10, requests=0, prefill_workers=1, decode_workers=2))
     assert idle.load == Load(0.5, 500.0, 20.0)  # lengths remember the last busy interval; the rate averages 1, 0
+
+
+def test_no_load_predicted_holds_the_last_decision() -> None:
+    """An idle spell (rate 0 predicted) decides nothing new: the last decision holds, noted idle."""
+    planner = Planner(PlannerConfig(1000, 100, 3, predictor="last", fill=True), PROFILE)
+    busy = planner.step(observation(10, PREFILL_HEAVY, 1, 2, 1.0))
+    assert (busy.decision.prefill, busy.decision.decode) == (2, 1)
+    idle = planner.step(Observation(t=20, interval_s=10, requests=0, prefill_workers=2, decode_workers=1))
+    assert idle.load.rate == 0 and (idle.decision.prefill, idle.decision.decode) == (2, 1)
+    assert idle.decision.notes == ("idle",)
+    again = planner.step(Observation(t=30, interval_s=10, requests=0, prefill_workers=2, decode_workers=1))
+    assert again.decision.notes == ("idle",)
