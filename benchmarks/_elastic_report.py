@@ -39,11 +39,11 @@ def timeline(results: dict[str, Any], out: Path) -> Path:
     for s in systems:
         base = s["phases"][0]["started_at"]
         pts = [(t - base, ttft) for p in s["phases"] for t, ttft, ok in p["requests"] if ok]
-        top.scatter([x for x, _ in pts], [y for _, y in pts], s=8, label=s["system"], alpha=0.7)
+        dots = top.scatter([x for x, _ in pts], [y for _, y in pts], s=8, label=s["system"], alpha=0.7)
         for p in s["phases"][1:]:
-            top.axvline(p["started_at"] - base, color="grey", ls="--", lw=0.6)
+            top.axvline(p["started_at"] - base, color=dots.get_facecolor()[0], ls="--", lw=0.6)
     top.set(yscale="log", ylabel="TTFT (s)", xlabel="seconds since the trace started (each system's own)",
-            title="every request's TTFT; dashed: the next phase starts")
+            title="every request's TTFT; dashed, in its color: a system's next phase starts")
     top.axhline(results["args"]["slo_ttft_ms"] / 1000, color="red", lw=0.8, label="TTFT SLO")
     top.legend(fontsize=8)
     planner = next((s for s in systems if s["system"] == "planner"), None)
@@ -54,17 +54,20 @@ def timeline(results: dict[str, Any], out: Path) -> Path:
         bottom.step(xs, [d["decision"]["prefill"] for d in decisions], where="post", label="prefill decided")
         bottom.step(xs, [d["workers"].get("prefill", 0) for d in decisions], where="post", ls=":",
                     label="prefill serving")
-        bottom.plot(xs, [d["load"]["prompt_tokens"] / max(d["load"]["output_tokens"], 1) for d in decisions], lw=0.8,
-                    alpha=0.6, label="predicted prompt/output tokens")
         for a in _switches(decisions):
             bottom.axvline(a["t"] - base, color="green" if a["ok"] else "red", lw=0.8)
-            bottom.annotate(f"-> {a['role'][0].upper()} {a['seconds']:.1f}s", (a["t"] - base, 0.2), fontsize=7,
-                            rotation=90)
+            bottom.annotate(f" to {a['role']}: {a['seconds']:.1f} s", (a["t"] - base, 2.6), fontsize=7)
         for p in planner["phases"][1:]:
             bottom.axvline(p["started_at"] - base, color="grey", ls="--", lw=0.6)
-        bottom.set(yscale="symlog", ylabel="count / ratio", xlabel="seconds since the planner's trace started",
-                   title="planner: decisions and switches (green: a switch done; its seconds)")
-        bottom.legend(fontsize=8)
+        bottom.set(ylim=(0, 3.2), yticks=[0, 1, 2, 3], ylabel="prefill workers (of 3)",
+                   xlabel="seconds since the planner's trace started",
+                   title="planner: decisions and switches (green: a switch, its seconds; dashed: next phase)")
+        ratio = bottom.twinx()
+        ratio.plot(xs, [max(d["load"]["prompt_tokens"], 1) / max(d["load"]["output_tokens"], 1) for d in decisions],
+                   color="grey", lw=0.8, alpha=0.6, label="predicted prompt / output tokens")
+        ratio.set(yscale="log", ylabel="prompt / output tokens")
+        bottom.legend(fontsize=8, loc="upper left")
+        ratio.legend(fontsize=8, loc="upper right")
     else:
         bottom.set_axis_off()
     path = out / "timeline.png"

@@ -79,7 +79,7 @@ def wait_for(pred: Any, timeout: float, what: str, every: float = 0.5) -> None:
 
 
 class Etcd:
-    def __init__(self, out: Path) -> None:
+    def __init__(self, logs: Path) -> None:
         binary = shutil.which("etcd")
         if binary is None:
             raise SystemExit("etcd is not installed: scripts/install_system_deps.sh (Debian: etcd-server)")
@@ -89,7 +89,7 @@ class Etcd:
         self.proc = subprocess.Popen([binary, "--name", "bench", "--data-dir", str(self.data), "--listen-client-urls",
                                       client, "--advertise-client-urls", client, "--listen-peer-urls", peer,
                                       "--initial-advertise-peer-urls", peer, "--initial-cluster", f"bench={peer}",
-                                      "--log-level", "warn"], stdout=open(out / "etcd.log", "wb"),
+                                      "--log-level", "warn"], stdout=open(logs / "etcd.log", "wb"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: get_json(client + "/health")["health"] == "true", 30, "etcd healthy")
 
@@ -149,7 +149,7 @@ def profile(args: argparse.Namespace) -> Path:
     port = free_port()
     server = subprocess.Popen([PY, "-m", "pdserve.cli", "serve", "--port", str(port), "--threads", "1",
                                *args.server_args.split()],
-                              cwd=ROOT, stdout=open(args.out / "profile-server.log", "wb"), stderr=subprocess.STDOUT,
+                              cwd=ROOT, stdout=open(args.logs / "profile-server.log", "wb"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -167,8 +167,8 @@ def start_planner(url: str, prof: Path, discovery: str, args: argparse.Namespace
     cmd = [PY, "-m", "pdserve.cli", "planner", "--router", url, "--profile", str(prof), "--ttft-slo-ms",
            str(args.slo_ttft_ms), "--itl-slo-ms", str(args.slo_tpot_ms), "--max-workers", "3", "--fill",
            "--interval-s", str(args.interval_s), "--stable", "1", "--predictor", "last", "--discovery", discovery,
-           "--decision-log", str(args.out / "decisions.jsonl")]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(args.out / "planner.log", "wb"), stderr=subprocess.STDOUT,
+           "--decision-log", str(args.logs / "decisions.jsonl")]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(args.logs / "planner.log", "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
@@ -188,7 +188,7 @@ def discovery_costs(url: str, discovery: str, args: argparse.Namespace) -> dict[
     proc = subprocess.Popen([PY, "-m", "pdserve.cli", "serve", "--port", str(port), "--disaggregation-mode", "decode",
                              "--discovery", discovery, "--discovery-ttl", "2", "--threads", "1",
                              *args.server_args.split()], cwd=ROOT,
-                            stdout=open(args.out / "discovery-worker.log", "wb"), stderr=subprocess.STDOUT,
+                            stdout=open(args.logs / "discovery-worker.log", "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     stop_load = threading.Event()
 
@@ -232,7 +232,7 @@ def run_system(name: str, etcd: Etcd, phases: list[tuple[str, list[BenchRequest]
     print(f"== {name}: starting {prefill}P{decode}D", flush=True)
     proc, url = launch(name, prefill, decode, discovery, args)
     if planned:
-        (args.out / "decisions.jsonl").unlink(missing_ok=True)
+        (args.logs / "decisions.jsonl").unlink(missing_ok=True)
     planner = start_planner(url, prof, discovery, args) if planned and prof is not None else None
     rows, out = [], {"system": name}
     try:
@@ -286,6 +286,8 @@ def main() -> int:
     args.rates = args.rates or [0.25, 0.4, 0.25]
     args.interval_s = args.interval_s or (6.0 if q else 15.0)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.logs = args.out / "logs-run"  # etcd, profile server, planner (its decisions.jsonl), discovery worker
+    args.logs.mkdir(exist_ok=True)
     from _elastic_report import write_report
 
     if args.report_only:
@@ -295,16 +297,16 @@ def main() -> int:
     tok = load_tokenizer("default")
     phases = trace(args, tok)
     prof = profile(args) if "planner" in args.systems else None
-    etcd = Etcd(args.out)
+    etcd = Etcd(args.logs)
     systems = []
     try:
         for name in args.systems:
             systems.append(run_system(name, etcd, phases, prof, args))
     finally:
         etcd.stop()
-    decisions = [json.loads(x) for x in (args.out / "decisions.jsonl").read_text().splitlines()] \
-        if (args.out / "decisions.jsonl").exists() else []
-    results = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    decisions = [json.loads(x) for x in (args.logs / "decisions.jsonl").read_text().splitlines()] \
+        if (args.logs / "decisions.jsonl").exists() else []
+    results = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "logs"},
                "systems": systems, "decisions": decisions}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print(write_report(results, args.out))
