@@ -16,8 +16,9 @@ Lifecycle of `Elastic` (one per app, `app.state.elastic`, built with the app):
   - `switch(state, role)`: drain, then the engine swaps its PD stage (SwitchStageReq: the same
     weights, pool and compiled state; the prefix cache is flushed), the config's disagg gets the
     new mode and epoch + 1 (`/server_info` says both), a new record goes into etcd and admission
-    opens again; it answers once the record is in (bounded by the etcd timeout). If the engine
-    refuses or fails the swap, the old role serves again (registered again) and the error is a 500;
+    opens again; it answers once the record is in (bounded by the etcd timeout). If the drain
+    does not end in time (504) or the engine refuses or fails the swap (500), the old role serves
+    again, registered again;
   - `admit(state, body)`: every generation request's check (handler.py): 503 while not serving, 409
     `stale_epoch` when the body names an epoch (contract.EPOCH, set by a router per leg) that is not
     this server's: the router's view of this server is older than its role, so it must not pair it.
@@ -158,7 +159,11 @@ class Elastic:
             if role == old.mode and self.phase == SERVING:
                 return {"role": role, "epoch": old.epoch, "switched": False, "seconds": 0.0}
             t0 = time.monotonic()
-            drained = await self._drain(state, timeout_s)
+            try:
+                drained = await self._drain(state, timeout_s)
+            except APIError as exc:  # not drained in time: it serves on in its old role, registered again
+                await self._serve(state)
+                raise APIError(exc.status, f"switch to {role} abandoned: {exc.message}", code=DRAINING) from None
             new = dataclasses.replace(old, mode=role, epoch=old.epoch + 1,
                                       bootstrap_port=bootstrap_port or old.bootstrap_port,
                                       decode_enable_radix_cache=role == "decode" and
