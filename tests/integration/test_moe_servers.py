@@ -6,8 +6,9 @@ shared expert, a dense first layer) with expert parallelism under DP attention, 
   requests' latents) equals HF transformers token for token; /server_info names the attention
   kind, the experts and the ep size; /get_load and /metrics count every routed pair per expert
   and per EP rank.
-- PD with MLA: prefill tp 1 -> decode DP attention 2 with EP 2 equals HF; every room's latent
-  pages moved (one tensor per page).
+- PD with MLA: prefill tp 1 -> decode DP attention 2 (its sparse layers TP-MoE: every expert's
+  I halved, each rank routing both ranks' gathered tokens) equals HF; the decode's two ranks
+  took rooms; their routing counts add up to their own tokens' only.
 - kill -9 one EP rank mid-request: the request ends with a clean error, the server exits
   non-zero, every rank process is gone (none hangs in an all-to-all) and a router ejects it.
 """
@@ -129,12 +130,12 @@ def test_kill_one_ep_rank_mid_request(ep3: ServerProcess) -> None:
                  "the router to eject the server")
 
 
-def test_pd_mla_prefill_tp1_decode_dp_attention_ep2_equals_hf(tmp_path: Path, v3: Path, hf: list[list[int]]) -> None:
+def test_pd_mla_prefill_tp1_decode_dp_attention_2_equals_hf(tmp_path: Path, v3: Path, hf: list[list[int]]) -> None:
     env = {"PDSERVE_DISAGGREGATION_HEARTBEAT_INTERVAL": "1.0", "PDSERVE_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "20"}
     pair = PDPair(tmp_path, "tcp", ["--model", str(v3), *ARGS], prefill_env=env, decode_env=env)
     try:
         pair.launch_prefill()
-        pair.launch_decode(["--dp-size", "2", "--tp-size", "2", "--enable-dp-attention", "--ep-size", "2"])
+        pair.launch_decode(["--dp-size", "2", "--tp-size", "2", "--enable-dp-attention"])
         pair.wait_healthy()
         pair.mark()
         results = pair.many([("/generate", body(p), False) for p in PROMPTS], concurrency=4)
@@ -144,7 +145,11 @@ def test_pd_mla_prefill_tp1_decode_dp_attention_ep2_equals_hf(tmp_path: Path, v3
         decode = get_load(pair.decode.url)  # type: ignore[union-attr]
         moved = [r["kv_transfers"]["success"] for r in decode["dp_ranks"]]
         assert sum(moved) == len(PROMPTS) and min(moved) > 0  # both DP-attention ranks took rooms
-        assert len(decode["expert_load"]["ep_ranks"]) == 2
+        routed = decode["expert_load"]
+        assert len(routed["ep_ranks"]) == 1 and sum(routed["experts"]) % 8 == 0  # 4 pairs x 2 sparse layers a token
+        # each rank counted only its own tokens (not the gathered padding or the other rank's): the
+        # decode computed every prompt's first token on the prefill, then NEW - 1 tokens per request
+        assert sum(routed["experts"]) < 8 * (len(PROMPTS) * NEW + 16)
         pair.settled()
     except BaseException:
         print(pair.logs())
