@@ -287,7 +287,8 @@ def main() -> None:
     else:
         args.model_dir = args.model
     tag = {"default": "", MLA_MOE: "_mla_moe"}.get(args.model, "_" + Path(args.model).name)
-    args.out = args.out or ROOT / "benchmarks" / "results" / f"dp_attention_imbalance{tag}{'_quick' if args.quick else ''}"
+    tag += "_quick" if args.quick else ""
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"dp_attention_imbalance{tag}"
     args.out.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
         results = json.loads((args.out / "results.json").read_text())

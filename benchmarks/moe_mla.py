@@ -147,7 +147,8 @@ def plot(rows: dict[str, dict[str, Any]], out: Path) -> None:
     fig = Figure(figsize=(10, 3.8))
     names = list(rows)
     ax = fig.add_subplot(1, 2, 1)
-    ax.bar(names, [rows[n]["pool_tokens"] / 1000 for n in names], color=["tab:gray", "tab:gray", "tab:blue", "tab:blue"])
+    colors = ["tab:blue" if n.startswith("dpa") else "tab:gray" for n in names]
+    ax.bar(names, [rows[n]["pool_tokens"] / 1000 for n in names], color=colors)
     ax.set_ylabel("tokens the KV pools hold (thousands)")
     ax.set_title("same KV memory per rank")
     ax = fig.add_subplot(1, 2, 2)

@@ -6,7 +6,8 @@ Lifecycle:
           on stdin, so no secret shows in argv; the process dies with its parent), then joins the
           group itself.
   rank r  joins the group, loads its weight slices (under EP its whole experts: parallel/ep.py's
-          EPShare), allocates its KV pool (rank 0's page count, its own KV heads; MLA: the whole latent); in a PD server it also starts its transfer manager and the agent that
+          EPShare), allocates its KV pool (rank 0's page count, its own KV heads; MLA: the whole
+          latent); in a PD server it also starts its transfer manager and the agent that
           runs rank 0's transfer commands on it (pdserve.disagg.join_rooms); then it loops on RankMsg
           from rank 0:
             StepPlan  -> run it, joining the forward's collectives (the same plan on every rank)
@@ -123,7 +124,8 @@ def build_rank(config: EngineConfig, shard: TPShard, group: TPGroup | None, devi
                        config.cpu_prepack, expert_comm(shard))
     local = shard.local_config(cfg)
     shape = pool_shape(local, config.num_pages, config.page_size)
-    pool = new_pool(local, config.num_pages, config.page_size, device, dtype, pool_tensors(disagg, shape, dtype, device))
+    tensors = pool_tensors(disagg, shape, dtype, device)
+    pool = new_pool(local, config.num_pages, config.page_size, device, dtype, tensors)
     return model, pool, cfg
 
 

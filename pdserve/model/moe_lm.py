@@ -51,7 +51,8 @@ class MoEForCausalLM(LlamaForCausalLM):
         if moe is not None and layer in moe.sparse_layers:
             # DP attention with EP: each rank's own tokens go to the experts all-to-all, nothing to reduce
             own = self.tp.dp_attention and self.tp.expert_parallel
-            mlp: nn.Module = SparseMoeBlock(cfg.hidden_size, moe, self.expert_comm, NoCollectives() if own else mlp_comm)
+            mlp: nn.Module = SparseMoeBlock(cfg.hidden_size, moe, self.expert_comm,
+                                            NoCollectives() if own else mlp_comm)
         else:
             mlp = MLP(cfg.hidden_size, cfg.intermediate_size, mlp_comm)
         return DecoderLayer(cfg, layer, attn_comm, mlp_comm, self_attn=attn, mlp=mlp)

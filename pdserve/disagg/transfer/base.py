@@ -202,7 +202,8 @@ class TransferManager(ABC):
 
 
 def create_manager(backend: str, role: str, k: torch.Tensor, v: torch.Tensor | None, page_size: int,
-                   layout: KVLayout, config: DisaggConfig, host: str = "127.0.0.1", **kwargs: object) -> TransferManager:
+                   layout: KVLayout, config: DisaggConfig, host: str = "127.0.0.1",
+                   **kwargs: object) -> TransferManager:
     """Build the backend's manager; a missing optional backend raises BackendUnavailable (one line)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown transfer backend {backend!r}; choose one of {sorted(BACKENDS)}")

@@ -82,7 +82,8 @@ def plan_frames(runs: list[Run], num_layers: int, span_bytes: int,
     a = 0
     while a < len(runs):
         b, pages = a, 0
-        while b < len(runs) and n * (b - a + 1) <= max_iov and (b == a or n * (pages + runs[b][2]) * span_bytes <= max_bytes):
+        while b < len(runs) and n * (b - a + 1) <= max_iov and \
+                (b == a or n * (pages + runs[b][2]) * span_bytes <= max_bytes):
             pages += runs[b][2]
             b += 1
         per_layer = n * pages * span_bytes
