@@ -5,7 +5,7 @@ names below only (never a submodule; tests/unit/test_structure.py holds it to th
 
     config      DisaggConfig                     the PD flags and knobs of a server
     layout      KVLayout, LayoutMismatch         what both sides' pools must agree on
-    rooms       open_rooms(config, layout, k, v, page_size, tp) -> ServerRooms (TPChannel: the
+    rooms       open_rooms(config, layout, tensors, page_size, tp) -> ServerRooms (TPChannel: the
                 tensor-parallel ranks), join_rooms(...) on ranks > 0, shared_kv_pool(...) for a
                 shm decode's pool; a room is a KVSender (prefill) or KVReceiver (decode) that the
                 stages poll (KVPoll) and whose Done carries a MetadataRecord

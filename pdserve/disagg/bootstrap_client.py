@@ -17,6 +17,8 @@ it, with the head range each rank's pool holds:
 
     room 7, prefill dp 2 x tp 2:  route(dp 0, tp 0) says dp_size 2 -> dp rank 7 % 2 = 1
                                   -> [(endpoint of (1, 0), heads (0, h/2)), (endpoint of (1, 1), heads (h/2, h/2))]
+    an MLA model (latent pool):   every tp rank says heads (0, 1) of 1: each holds every latent, and
+                                  transfer/tp/links.py takes each page from one of them
 
 First contact with a prefill fetches GET /route and checks its KV layout against ours
 (LayoutMismatch names the differing fields). The heartbeat polls GET /health of every known

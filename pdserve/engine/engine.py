@@ -43,6 +43,7 @@ from pdserve.engine.pd.stage import StagePoll
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import SampleResult, SampleRow, score_prompt
 from pdserve.engine.sampling_params import SamplingError, SamplingParams, check_prompt
+from pdserve.engine.stats import expert_load
 
 
 class Engine:
@@ -272,7 +273,8 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens_computed=self.stats.prompt_tokens,
             cache_queries=self.stats.cache_queries, cache_hits=self.stats.cache_hits,
             dp_rank=self.config.parallel.dp_rank, pid=os.getpid(), steps=st.steps, step_seconds=st.step_seconds,
-            idle_steps=st.idle_steps, step_trace=list(st.trace) if step_trace else None)
+            idle_steps=st.idle_steps, step_trace=list(st.trace) if step_trace else None,
+            experts=expert_load(self.model, self.config.parallel.ep_ranks))
 
     def log_stats(self) -> str | None:
         """The periodic stats line (engine/stats.py), when it is due."""

@@ -106,6 +106,24 @@ class StepSample(msgspec.Struct, frozen=True, array_like=True):
     idle: bool
 
 
+class ExpertLoad(msgspec.Struct, frozen=True):
+    """A mixture-of-experts engine's routed (token, expert) pairs since start, of its own tokens:
+    per sparse layer and expert, and per expert-parallel rank (the pairs its experts received).
+    Summed over DP-attention ranks it is the server's load; an EPLB-style rebalance reads it."""
+
+    layers: list[list[int]]  # [sparse layer][expert]
+    ep_ranks: list[int]  # [ep rank]: pairs routed to the experts it holds (one entry without EP)
+
+    @property
+    def experts(self) -> list[int]:
+        """Per expert, over every sparse layer."""
+        return [sum(col) for col in zip(*self.layers)]
+
+    def __add__(self, other: ExpertLoad) -> ExpertLoad:
+        return ExpertLoad([[a + b for a, b in zip(x, y)] for x, y in zip(self.layers, other.layers)],
+                          [a + b for a, b in zip(self.ep_ranks, other.ep_ranks)])
+
+
 class LoadInfo(msgspec.Struct, frozen=True):
     num_running: int
     num_waiting: int
@@ -128,6 +146,7 @@ class LoadInfo(msgspec.Struct, frozen=True):
     step_seconds: float = 0.0  # their total time (a DP-attention rank's includes waiting for the others)
     idle_steps: int = 0  # DP attention: forwards run with no tokens of its own (the others' collectives)
     step_trace: list[StepSample] | None = None  # the last steps, when asked (GetLoadReq.step_trace)
+    experts: ExpertLoad | None = None  # a mixture-of-experts model's routing counts
 
     @property
     def kv_usage(self) -> float:

@@ -94,15 +94,27 @@ def spawn_engine_process(config: EngineConfig, in_addr: str, out_addr: str,
     return proc
 
 
-def _model_summary(engine: Engine) -> dict[str, int | float | str | bool | None]:
-    """The model config's scalar fields (for /model_info); lists and tuples become strings."""
+Scalar = int | float | str | bool | None
+
+
+def _scalar(value: object) -> Scalar:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
+
+
+def _model_summary(engine: Engine) -> dict[str, Scalar]:
+    """The model config's scalar fields (for /model_info, /server_info); lists and tuples become
+    strings, the MoE / MLA records' fields are named "moe.<field>" / "mla.<field>"."""
     mc = engine.model_config
-    out: dict[str, int | float | str | bool | None] = {}
+    out: dict[str, Scalar] = {"attention_kind": mc.attention_kind,
+                              "kv_bytes_per_token": mc.kv_elements_per_token * engine.pool.tensors[0].element_size()}
     for f in dataclasses.fields(mc):
         value = getattr(mc, f.name)
-        if isinstance(value, (list, tuple)):
-            value = ",".join(map(str, value))
-        out[f.name] = value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
+        if dataclasses.is_dataclass(value):
+            out.update({f"{f.name}.{k}": _scalar(v) for k, v in dataclasses.asdict(value).items()})  # type: ignore
+        else:
+            out[f.name] = _scalar(value)
     return out
 
 

@@ -98,11 +98,20 @@ def _server_info(state: ServerState, draining: bool = False) -> dict[str, Any]:
         "page_size": state.info.page_size,
         "max_running_requests": state.info.max_running,
         "device": state.info.device,
+        **_model_kind(state),
         "engine_pid": state.info.pid,
         "uptime_s": round(time.time() - state.started, 3),
         **server,
         "engine": dataclasses.asdict(cfg.engine),
     })
+
+
+def _model_kind(state: ServerState) -> dict[str, Any]:
+    """What /server_info says of the model's attention and experts, and how the experts are placed."""
+    mc = state.info.model_config
+    return {"attention_kind": mc.get("attention_kind"), "kv_bytes_per_token": mc.get("kv_bytes_per_token"),
+            "num_experts": mc.get("moe.num_experts", 0), "num_experts_per_tok": mc.get("moe.top_k", 0),
+            "ep_size": state.config.engine.parallel.ep_ranks if "moe.num_experts" in mc else 1}
 
 
 @router.get(SERVER_INFO_PATHS[0])
@@ -183,6 +192,8 @@ async def _load(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
         "integrity_errors": resp.integrity_errors,
         "dp_size": len(ranks),
         "dp_ranks": [_rank_load(x) for x in ranks],
+        **({} if load.experts is None else {"expert_load": {  # routed (token, expert) pairs since start
+            "experts": load.experts.experts, "ep_ranks": load.experts.ep_ranks, "layers": load.experts.layers}}),
     }
 
 

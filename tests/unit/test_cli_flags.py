@@ -23,7 +23,7 @@ SAMPLE = {  # a non-default value per EngineConfig field, as typed on the comman
     "decode_headroom": "0.25", "threads": "3", "max_top_logprobs": "5", "seed": "123",
     "tokenizer": "/some/tokenizer", "chat_template": "{{ messages }}", "log_stats_interval_s": "2.5",
     "tp_size": "2", "nnodes": "2", "node_rank": "1", "dist_init_addr": "10.0.0.1:5000",
-    "dp_size": "2", "load_balance_method": "shortest_queue",
+    "dp_size": "2", "ep_size": "2", "load_balance_method": "shortest_queue",
     "kv_events_config": '{"endpoint": "tcp://127.0.0.1:5557"}',
 }
 
@@ -56,6 +56,12 @@ def test_named_aliases_exist() -> None:
                   "--max-num-batched-tokens", "--random-seed", "--mem-fraction-static", "--tokenizer",
                   "--chat-template"):
         assert alias in names
+
+
+def test_enable_expert_parallel_is_ep_over_the_tp_ranks() -> None:
+    cfg = engine_config_from_args(_serve(["--tp-size", "2", "--enable-expert-parallel"]))
+    assert cfg.parallel.ep_ranks == 2 == engine_config_from_args(_serve(["--tp-size", "2", "--ep-size", "2"])).ep_ranks
+    assert engine_config_from_args(_serve(["--tp-size", "2"])).parallel.ep_ranks == 1
 
 
 @pytest.mark.parametrize("alias", ["--disable-prefix-cache", "--disable-radix-cache", "--no-enable-prefix-caching"])
