@@ -160,7 +160,8 @@ def test_json_schema_with_speculation(tiny_model_dir: Path, bundled_model_dir: P
     """The grammar cuts proposals it refuses and masks each verified row after the drafts before it."""
     folder = build_tiny_model(tmp_path / "m", bundled_model_dir, attn_out_scale=0.02)
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "tags": {
-        "type": "array", "items": {"type": "string", "enum": ["aa", "bb"]}, "maxItems": 6}}, "required": ["name", "tags"]}
+        "type": "array", "items": {"type": "string", "enum": ["aa", "bb"]}, "maxItems": 6}},
+        "required": ["name", "tags"]}
     params = SamplingParams(max_new_tokens=60, temperature=0.0, logprobs=True,
                             grammar=GrammarSpec("json_schema", json.dumps(schema)))
     rng = random.Random(0)
@@ -168,7 +169,8 @@ def test_json_schema_with_speculation(tiny_model_dir: Path, bundled_model_dir: P
     cfg = dict(num_pages=256, page_size=4, chunk_budget=64, threads=1)
     ref = LLM(str(folder), **cfg).generate(ps, params, use_tqdm=False)
     for algorithm, draft in (("NGRAM", None), ("STANDALONE", str(folder))):
-        llm = LLM(str(folder), **cfg, speculative=SpecConfig(algorithm=algorithm, draft_model_path=draft, adaptive=False))
+        spec = SpecConfig(algorithm=algorithm, draft_model_path=draft, adaptive=False)
+        llm = LLM(str(folder), **cfg, speculative=spec)
         got = llm.generate(ps, params, use_tqdm=False)
         assert_same(ref, got)
         assert all(isinstance(json.loads(o.text), dict) for o in got)
@@ -206,3 +208,18 @@ def test_draft_model_rejection_sampling_keeps_the_target_distribution(loop_dir: 
     chi2 = float((((ca - expected) ** 2 + (cb - expected) ** 2) / expected.clamp_min(1e-9)).sum())
     df = len(keys) - 1
     assert chi2 < df + 4 * (2 * df) ** 0.5 + 10, (chi2, df, a, b)  # ~ the 0.1% tail of chi2(df)
+
+
+def test_bundled_model_greedy_equals_plain_with_draft_free_proposers(bundled_model_dir: Path) -> None:
+    """The real model on prompts it answers by copying (where drafts are accepted) and one it does not."""
+    ps = ["red, green, blue, red, green, blue, red, green, blue, red,",
+          "def f(x):\n    return x * x + x\n\n\ndef g(x):\n    return x * x + x\n\n\ndef h(x):\n",
+          "The capital of France is"]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, logprobs=True, top_logprobs=2)
+    cfg = dict(num_pages=128, page_size=16, chunk_budget=128, threads=1)
+    ref = LLM(str(bundled_model_dir), **cfg).generate(ps, params, use_tqdm=False)
+    for algorithm in ("NGRAM", "SUFFIX"):
+        llm = LLM(str(bundled_model_dir), **cfg, speculative=SpecConfig(algorithm=algorithm, adaptive=False))
+        assert_same(ref, llm.generate(ps, params, use_tqdm=False))
+        assert llm.engine.speculator.stats.accepted_tokens > 0
+        llm.engine.check_integrity()
