@@ -1,6 +1,7 @@
 """Issue 27: speculative decoding, measured where it pays and where it does not.
 
-    python benchmarks/spec_decode.py --quick      # smoke: a few minutes on 2 cores
+    python benchmarks/spec_decode.py --quick      # smoke: the targets' cells only (repetitive batch 1,
+                                                  # chat batch 16), 32 tokens, no draft model
     python benchmarks/spec_decode.py              # the full run (quiet machine)
     python benchmarks/spec_decode.py --skip-vllm --skip-pd --systems off ngram
 
@@ -42,6 +43,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -160,6 +162,8 @@ def workloads(args: argparse.Namespace, tok: Any) -> dict[tuple[str, int], list[
         n = args.batch1_requests if b == 1 else b * args.rounds
         out[("repetitive", b)] = reqs(REPETITIVE, n)
         out[("chat", b)] = reqs(CHAT_PROMPTS, n)
+    if args.quick:  # the cells the targets name: repetitive at batch 1, chat at batch 16
+        return {key: out[key] for key in (("repetitive", 1), ("chat", 16))}
     return out
 
 
@@ -235,7 +239,7 @@ def run_vllm(args: argparse.Namespace, model: Path, tok: Any, loads: dict, rows:
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        if not wait_ready(proc, url, "/health", 600, log):
+        if not wait_ready(proc, url, "/health", 300 if args.quick else 900, log):
             lines = [ln for ln in log.read_text(errors="replace").splitlines() if "rror" in ln]
             return f"refused the config (exit {proc.returncode}): {lines[-1].strip()[:300] if lines else 'see log'}"
         drive("vllm-ngram", url, str(model), tok, loads, rows, None)
@@ -305,8 +309,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None, help="default: results/spec_decode (--quick: spec_decode_quick)")
     args = p.parse_args()
     args.out = args.out or ROOT / "benchmarks" / "results" / ("spec_decode_quick" if args.quick else "spec_decode")
-    args.output_len, args.batch1_requests, args.rounds = (64, 3, 1) if args.quick else (192, 9, 2)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a TERM stops the servers too (finally)
+    args.output_len, args.batch1_requests, args.rounds = (32, 2, 1) if args.quick else (192, 9, 2)
     args.batches = (1, 16)
+    if args.quick and args.systems == list(SPEC):
+        args.systems = ["off", "ngram", "suffix", "adaptive"]
     args.out.mkdir(parents=True, exist_ok=True)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     model = resolve_model("default")

@@ -13,6 +13,16 @@ Probes: B decode rows, then B verify chunks of k + 1 rows, for B = 1, 4, 16, 32,
 PROBE_CONTEXT (less where the pool is small), each twice; their pages are borrowed from the free
 list and given back (what the probes wrote there is never read: a page's next owner writes
 before it reads).
+
+A draft model under PD: the decode prefills the draft's prompt KV itself (its first proposal's
+catch-up, chunk_budget tokens a step), rather than the prefill computing it and moving it with
+the target's. The draft's compute is the same either way (L_draft / L_target of the target's
+prefill: 8 / 30 layers = 27% for the benchmark's draft); moving it would add the same share to
+the transfer (the bundled model's KV is 46 KB a token, an 8-layer draft's 12 KB: 12 MB for a
+1000-token prompt, ~5 ms at tcp's measured 2.7 GB/s) and make the prefill load and run the draft,
+lengthening every TTFT, and tie the prefill's pool layout to a draft the prefill does not use.
+On the decode the catch-up delays only that request's first drafts (it decodes plainly until
+the draft has caught up) and any other request's step by at most a chunk of draft layers.
 """
 
 from __future__ import annotations
