@@ -71,6 +71,7 @@ SPEC = {
     "draft": ["--speculative-algorithm", "draft_model", "--disable-speculative-adaptive"],
     "adaptive": ["--speculative-algorithm", "suffix"],
 }
+ROWS_FILE: Path | None = None  # every measured row so far (main sets it under --out)
 VLLM_SPEC = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
 
 CODE = '''def summarize(data, limit=10):
@@ -132,6 +133,12 @@ def stop(proc: subprocess.Popen) -> None:
     kill_group(proc)
 
 
+def threads(args: argparse.Namespace) -> list[str]:
+    """--threads for every pdserve server (on a machine others load, 1 thread avoids OpenMP
+    barriers waiting on a descheduled peer: seconds per step instead of tens of ms)."""
+    return ["--threads", str(args.threads)] if args.threads else []
+
+
 def make_draft(model: Path, out: Path) -> Path:
     """The target cut to its first DRAFT_LAYERS layers (embeddings, final norm, tied head kept)."""
     from safetensors.torch import load_file, save_file
@@ -190,7 +197,8 @@ def row(system: str, workload: str, batch: int, res: BenchResult, before: dict, 
         "spec_decode_num_accepted_tokens_total", 0.0)
     return {"system": system, "workload": workload, "batch": batch, "completed": s["completed"],
             "failed": s["failed"], "output_tokens": s["total_output_tokens"], "tok_s": s["output_throughput"],
-            "itl_p50_ms": s["itl_ms"]["p50"], "itl_p99_ms": s["itl_ms"]["p99"], "tpot_p50_ms": s["tpot_ms"]["p50"],
+            "itl_p50_ms": s["itl_ms"]["median"], "itl_p99_ms": s["itl_ms"]["p99"],
+            "tpot_p50_ms": s["tpot_ms"]["median"],
             "verify_calls": calls, "accept_length": (acc + calls) / calls if calls else None}
 
 
@@ -203,8 +211,11 @@ def drive(system: str, url: str, model: str, tok: Any, loads: dict, rows: list, 
         after = scrape(metrics_url) if metrics_url else {}
         r = row(system, workload, batch, res, before, after)
         rows.append(r)
-        print(f"[spec] {system:10s} {workload:10s} b={batch:<3d} {r['tok_s']:7.1f} tok/s  itl p50 "
-              f"{r['itl_p50_ms']:6.1f} ms  tpot p50 {r['tpot_p50_ms']:6.1f} ms  accept len {r['accept_length']}",
+        if ROWS_FILE is not None:
+            ROWS_FILE.write_text(json.dumps(rows, indent=1))  # --resume starts from here
+        print(f"[spec] {system:10s} {workload:10s} b={batch:<3d} {r['tok_s']:7.1f} tok/s  itl p50/p99 "
+              f"{r['itl_p50_ms']:6.1f}/{r['itl_p99_ms']:6.1f} ms  tpot p50 {r['tpot_p50_ms']:6.1f} ms  "
+              f"accept len {r['accept_length']}",
               file=sys.stderr, flush=True)
 
 
@@ -214,7 +225,7 @@ def run_pdserve(system: str, args: argparse.Namespace, model: Path, draft: Path 
     extra = list(SPEC[system]) + (["--speculative-draft-model-path", str(draft)] if system == "draft" else [])
     log = args.out / f"serve-{system}.log"
     cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--model", str(model), "--port", str(port),
-           "--num-speculative-tokens", str(K), *extra]
+           "--num-speculative-tokens", str(K), *threads(args), *extra]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -235,7 +246,9 @@ def run_vllm(args: argparse.Namespace, model: Path, tok: Any, loads: dict, rows:
     cmd = [VLLM_PYTHON, str(ROOT / "benchmarks" / "vllm_cli.py"), "serve", str(model), "--port", str(port),
            "--dtype", "float32", "--max-model-len", "2048", "--speculative-config", json.dumps(VLLM_SPEC)]
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=vllm_env(),
+        cores = sorted(os.sched_getaffinity(0))[:args.threads] if args.threads else None  # pdserve's thread count
+        env = vllm_env([f"VLLM_CPU_OMP_THREADS_BIND={','.join(map(str, cores))}"] if cores else [])
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -245,7 +258,9 @@ def run_vllm(args: argparse.Namespace, model: Path, tok: Any, loads: dict, rows:
         drive("vllm-ngram", url, str(model), tok, loads, rows, None)
         return "accepted the config and ran"
     except TimeoutError as e:
-        return f"did not start: {e}"
+        text = log.read_text(errors="replace")
+        took = "speculative_config=SpeculativeConfig(" in text  # its engine was built with the config
+        return f"{'accepted the config (its engine initialised with it) but ' if took else ''}did not start: {e}"
     finally:
         stop(proc)
 
@@ -253,9 +268,9 @@ def run_vllm(args: argparse.Namespace, model: Path, tok: Any, loads: dict, rows:
 def run_pd(args: argparse.Namespace, system: str, model: Path, tok: Any, loads: dict, rows: list) -> None:
     port = free_port()
     log_dir = args.out / f"logs-pd-{system}"
-    server_args = " ".join(["--model", str(model), "--num-speculative-tokens", str(K), *SPEC[system]])
+    server_args = " ".join(["--num-speculative-tokens", str(K), *SPEC[system]])
     cmd = [sys.executable, "-m", "pdserve.cli", "launch", "--mode", "pd", "--prefill", "1", "--decode", "1",
-           "--port", str(port), "--transfer-backend", "tcp", "--log-dir", str(log_dir), "--server-args", server_args]
+           "--model", str(model), *threads(args), "--port", str(port), "--transfer-backend", "tcp", "--log-dir", str(log_dir), "--server-args", server_args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -276,16 +291,18 @@ def ratio(rows: list, a: str, b: str, workload: str, batch: int, key: str) -> fl
 def report(args: argparse.Namespace, rows: list, vllm: str, load: str) -> str:
     out = [f"# Speculative decoding ({'quick' if args.quick else 'full'} run)", "",
            f"Machine load at start: `{load}`. Bundled SmolLM2-135M-Instruct, fp32, k = {K} drafts, "
-           f"{args.output_len} tokens max, greedy, EOS honoured. Draft model: the target's first {DRAFT_LAYERS} "
-           "layers. SUFFIX (and adaptive, on SUFFIX) also looks up earlier requests' outputs: the prompts "
-           "repeat across loads, as an agent loop's do; NGRAM looks only at the request itself.", "",
+           f"{args.output_len} tokens max, greedy, EOS honoured, pdserve threads {args.threads or 'all cores'}. "
+           f"Draft model: the target's first {DRAFT_LAYERS} layers. SUFFIX (and adaptive, on SUFFIX) also looks up "
+           "earlier requests' outputs: the prompts repeat across loads, as an agent loop's do; NGRAM looks only at "
+           "the request itself.", "",
            f"vLLM-CPU with `--speculative-config {json.dumps(VLLM_SPEC)}`: {vllm}.", "",
            "| system | workload | batch | tok/s | ITL p50 ms | ITL p99 ms | TPOT p50 ms | accepted length |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = f"{r['accept_length']:.2f}" if r["accept_length"] else "-"
+        p99 = f"{r['itl_p99_ms']:.1f}" if r["itl_p99_ms"] is not None else "-"
         out.append(f"| {r['system']} | {r['workload']} | {r['batch']} | {r['tok_s']:.1f} | {r['itl_p50_ms']:.1f} | "
-                   f"{r['itl_p99_ms']:.1f} | {r['tpot_p50_ms']:.1f} | {acc} |")
+                   f"{p99} | {r['tpot_p50_ms']:.1f} | {acc} |")
     out += ["", "## Targets", ""]
     best = [ratio(rows, s, "off", "repetitive", 1, "tok_s") for s in ("ngram", "suffix")]
     best_v = max((b for b in best if b), default=None)
@@ -304,14 +321,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few requests, short outputs: a smoke run")
     p.add_argument("--systems", nargs="+", default=list(SPEC), choices=list(SPEC))
+    p.add_argument("--threads", type=int, default=None, help="torch threads per pdserve server (default: every "
+                   "core; --quick: 1, for a shared machine)")
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--skip-pd", action="store_true")
+    p.add_argument("--resume", action="store_true", help="keep --out's rows.json and run only what it lacks")
     p.add_argument("--out", type=Path, default=None, help="default: results/spec_decode (--quick: spec_decode_quick)")
     args = p.parse_args()
     args.out = args.out or ROOT / "benchmarks" / "results" / ("spec_decode_quick" if args.quick else "spec_decode")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a TERM stops the servers too (finally)
     args.output_len, args.batch1_requests, args.rounds = (32, 2, 1) if args.quick else (192, 9, 2)
     args.batches = (1, 16)
+    if args.quick and args.threads is None:
+        args.threads = 1
     if args.quick and args.systems == list(SPEC):
         args.systems = ["off", "ngram", "suffix", "adaptive"]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -320,15 +342,22 @@ def main() -> int:
     tok = load_tokenizer(str(model))
     loads = workloads(args, tok)
     draft = make_draft(model, args.out / "draft-model") if "draft" in args.systems else None
-    rows: list[dict[str, Any]] = []
+    global ROWS_FILE
+    ROWS_FILE = args.out / "rows.json"
+    rows: list[dict[str, Any]] = json.loads(ROWS_FILE.read_text()) if args.resume and ROWS_FILE.exists() else []
+    done = {r["system"] for r in rows}
     for system in args.systems:
-        run_pdserve(system, args, model, draft, tok, loads, rows)
-    vllm = "not run (--skip-vllm)"
-    if not args.skip_vllm:
+        if system not in done:
+            run_pdserve(system, args, model, draft, tok, loads, rows)
+    vllm_note = args.out / "vllm.txt"
+    vllm = vllm_note.read_text() if args.resume and vllm_note.exists() else "not run (--skip-vllm)"
+    if not args.skip_vllm and not (args.resume and vllm_note.exists()):
         vllm = run_vllm(args, model, tok, {("repetitive", 1): loads[("repetitive", 1)]}, rows)
+        vllm_note.write_text(vllm)
     if not args.skip_pd:
         for system in ("off", "ngram"):
-            run_pd(args, system, model, tok, {("repetitive", 1): loads[("repetitive", 1)]}, rows)
+            if f"pd-{system}" not in done:
+                run_pd(args, system, model, tok, {("repetitive", 1): loads[("repetitive", 1)]}, rows)
     if draft is not None:
         shutil.rmtree(draft, ignore_errors=True)
     text = report(args, rows, vllm, load)
