@@ -12,6 +12,7 @@ def default_threads() -> int:
 
 # the names model.loader.DTYPES accepts (kept here as strings so the CLI needs no torch)
 DTYPE_CHOICES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+ATTENTION_BACKENDS = ("auto", "cpp", "torch_native")  # engine/attention.py's decode_in_place
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class EngineConfig:
     chat_template: str | None = None  # Jinja source (default: the tokenizer's)
     log_stats_interval_s: float = 10.0  # engine stats line while busy; 0 = never
     cpu_prepack: bool = True  # CPU: GEMM weights prepacked for oneDNN at load (model/linear.py)
+    attention_backend: str = "auto"  # decode attention: auto | cpp (pages read in place) | torch_native (gather)
     warmup: bool = True  # the engine process runs one short request before it reports ready
     tp_size: int = 1  # tensor-parallel ranks (one process each; engine/tp_worker.py)
     nnodes: int = 1  # machines the tp ranks span (tp_size / nnodes ranks on each)

@@ -113,7 +113,7 @@ class Engine:
         self.stats = EngineStats(config.log_stats_interval_s)
         self.dp = DPAttentionRank(dp_group, self.model, self.stats) if dp_group is not None else None
         publish = self.ranks.publish if self.ranks is not None else self.dp.before_forward if self.dp else None
-        self.runner = ModelRunner(self.model, self.pool, self.device, publish)
+        self.runner = ModelRunner(self.model, self.pool, self.device, publish, config.attention_backend)
         self.sampler = Sampler(cfg.vocab_size, self.device)
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_id)
         self.stops = StopChecker(self.tokenizer, self.eos_ids, self.max_model_len)

@@ -189,7 +189,7 @@ def follow(spec: RankSpec) -> None:
         manager = create_manager(disagg.backend, disagg.mode, pool.k, pool.v, pool.page_size, layout, disagg,
                                  host=disagg.bootstrap_host)
         agent = RankAgent(spec.rank, manager, group.store.get(STORE_KEY).decode())
-    runner = ModelRunner(model, pool, device)
+    runner = ModelRunner(model, pool, device, attention_backend=config.attention_backend)
     decoder = msgspec.msgpack.Decoder(RankMsg)
     while True:
         msg = decoder.decode(group.recv_bytes())
