@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pdserve.engine.config import ATTENTION_BACKENDS, DTYPE_CHOICES, EngineConfig
+from pdserve.engine.config import ATTENTION_BACKENDS, DTYPE_CHOICES, QUANTIZATIONS, EngineConfig
 from pdserve.kv_events import parse_kv_events_config
 from pdserve.launch.argtypes import device, fraction, non_negative_float, non_negative_int, positive_float, \
     positive_int
@@ -38,6 +38,9 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
          metavar="DEVICE"),
     Flag(("--dtype",), "dtype", str, "compute dtype (float32 on CPU)", DTYPE_CHOICES),
     Flag(("--page-size", "--block-size"), "page_size", positive_int, "tokens per KV page"),
+    Flag(("--quantization",), "quantization", str,
+         "weight-only quantization of the GEMM weights (CPU, float32 compute): fp16 halves the bytes a decode "
+         "step reads (fbgemm)", QUANTIZATIONS),
     Flag(("--attention-backend",), "attention_backend", str,
          "decode attention: cpp reads the KV pages in place (C++ kernel, built once and cached), torch_native "
          "gathers them for SDPA, auto = cpp where it builds (CPU, float32)", ATTENTION_BACKENDS),

@@ -13,6 +13,7 @@ def default_threads() -> int:
 # the names model.loader.DTYPES accepts (kept here as strings so the CLI needs no torch)
 DTYPE_CHOICES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 ATTENTION_BACKENDS = ("auto", "cpp", "torch_native")  # engine/attention.py's decode_in_place
+QUANTIZATIONS = ("fp16",)  # weight-only, model/linear.py (int8/int4: no CPU kernel that pays, see there)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class EngineConfig:
     log_stats_interval_s: float = 10.0  # engine stats line while busy; 0 = never
     cpu_prepack: bool = True  # CPU: GEMM weights prepacked for oneDNN at load (model/linear.py)
     attention_backend: str = "auto"  # decode attention: auto | cpp (pages read in place) | torch_native (gather)
+    quantization: str | None = None  # weight-only: fp16 (fbgemm) instead of the prepacked fp32 weights
     warmup: bool = True  # the engine process runs one short request before it reports ready
     tp_size: int = 1  # tensor-parallel ranks (one process each; engine/tp_worker.py)
     nnodes: int = 1  # machines the tp ranks span (tp_size / nnodes ranks on each)

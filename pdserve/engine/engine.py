@@ -96,7 +96,8 @@ class Engine:
         comm: Collectives = dp_group or (self.ranks.group if self.ranks is not None else NoCollectives())
         t0 = time.perf_counter()
         rope_len = min(wanted_len, (num_pages - 1) * ps) if num_pages else wanted_len
-        self.model = load_model(self.model_path, self.device, dtype, rope_len + 1, shard, comm, config.cpu_prepack)
+        self.model = load_model(self.model_path, self.device, dtype, rope_len + 1, shard, comm, config.cpu_prepack,
+                                config.quantization)
         weights_gb = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**30
         self.load_weights_s = time.perf_counter() - t0
         log.info("weights loaded in %.1f s (%.2f GB)", self.load_weights_s, weights_gb)

@@ -98,7 +98,7 @@ def build_rank(config: EngineConfig, shard: TPShard, group: TPGroup | None, devi
     cfg = ModelConfig.from_folder(path)
     dtype = resolve_dtype(config.dtype)
     model = load_model(path, device, dtype, config.max_model_len + 1, shard, group or NoCollectives(),
-                       config.cpu_prepack)
+                       config.cpu_prepack, config.quantization)
     local = shard.local_config(cfg)
     shape = KVPool.shape(local, config.num_pages, config.page_size)
     pool = KVPool(local, config.num_pages, config.page_size, device, dtype, pool_tensors(disagg, shape, dtype, device))

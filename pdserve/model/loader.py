@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from pdserve.model.config import ModelConfig
-from pdserve.model.linear import can_prepack
+from pdserve.model.linear import can_prepack, can_quantize
 from pdserve.model.llama import LlamaForCausalLM
 from pdserve.model.rope import RotaryEmbedding
 from pdserve.model.tp import Collectives, NoCollectives, TPShard
@@ -57,7 +57,12 @@ def iter_safetensors(folder: Path, part: SliceFn = lambda name: None) -> Iterato
 
 def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, max_positions: int,
                tp: TPShard = TPShard(), comm: Collectives = NoCollectives(),
-               cpu_prepack: bool = True) -> LlamaForCausalLM:
+               cpu_prepack: bool = True, quantization: str | None = None) -> LlamaForCausalLM:
+    """The model on `device`, its GEMM weights prepacked for oneDNN (CPU, `cpu_prepack`) or
+    quantized (`quantization`: "fp16"; ValueError where this device has no kernel for it)."""
+    if quantization is not None and not can_quantize(quantization, device, dtype):
+        raise ValueError(f"--quantization {quantization} needs --dtype float32 on a CPU with fbgemm (x86), "
+                         f"not {dtype} on {device}")
     folder = Path(folder)
     cfg = ModelConfig.from_folder(folder)
     with torch.device("meta"):
@@ -66,6 +71,8 @@ def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, max
     model.rope = RotaryEmbedding(cfg, max_positions).to(device)  # fp32 tables, rebuilt off meta
     model.load_weights(iter_safetensors(folder, lambda name: tp.weight_slice(cfg, name)))
     model.eval().requires_grad_(False)
-    if cpu_prepack and can_prepack(device) and not model.prepack():
+    if quantization is not None:
+        log.info("%d GEMM weights quantized to %s", model.quantize(), quantization)
+    elif cpu_prepack and can_prepack(device) and not model.prepack():
         log.info("GEMM weights stay dense: oneDNN has no %s kernel on this CPU", dtype)
     return model
