@@ -11,14 +11,6 @@ GEMMs' achieved GFLOP/s against the machine's matmul rate measured in the same r
 Caveat, measured: at large decode batches (64 x 288) the profiled step allocates differently
 and its index_select self time exceeds the unprofiled step's wall time; read the op shares of
 small batches from here, and time large ones without the profiler.
-
-Issue 29, `--ab`: no profiler; the decode step at `--ab-batches` (default 1 and 64) timed for
-each of issue 29's steps, all in this one process and interleaved (A, B, C, D, A, B, ...):
-    before      KV gathered for SDPA, eager forward (the path before issue 29)
-    in place    + decode attention reading the pages in place (C++ kernel)
-    compiled    + the decode forward compiled (engine/compiled.py)
-    fp16        + --quantization fp16 (a second engine, compiled too)
-medians of `--rounds` rounds and their ratio to "before". Check `uptime` first.
 """
 
 from __future__ import annotations
@@ -122,43 +114,6 @@ def report(title: str, wall_ms: float, by_class: dict[str, float], gemm_flops: f
         print(f"GEMM: {gemm_flops / 1e9:.2f} GFLOP per step at {rate:.1f} GFLOP/s = {rate / peak:.0%} of matmul")
 
 
-def ab(args: argparse.Namespace) -> None:
-    import statistics
-
-    print(f"load average {os.getloadavg()[0]:.2f} before")
-    kw = dict(enable_prefix_cache=False, threads=args.threads)
-    with LLM(args.model, **kw) as llm, LLM(args.model, quantization="fp16", **kw) as q:
-        runner, qrunner = llm.engine.runner, q.engine.runner
-        compiled = runner.compiled
-
-        def setup(in_place: bool, comp: bool) -> None:
-            runner.in_place, runner.compiled = in_place, compiled if comp else None
-
-        variants = {"before": (llm, lambda: setup(False, False)), "in place": (llm, lambda: setup(True, False)),
-                    "compiled": (llm, lambda: setup(True, True)), "fp16": (q, lambda: None)}
-        for rows in args.ab_batches:
-            batches = {id(e): make_batch(e, rows, args.context, 1) for e in (llm, q)}  # variants share llm's
-            times: dict[str, list[float]] = {name: [] for name in variants}
-            for r in range(args.rounds + 1):
-                for name, (engine, prepare) in variants.items():
-                    prepare()
-                    run = qrunner if engine is q else runner
-                    t0 = time.perf_counter()
-                    run.forward(batches[id(engine)])
-                    if r:  # round 0 warms up
-                        times[name].append((time.perf_counter() - t0) * 1e3)
-            base = statistics.median(times["before"])
-            print(f"\n## decode step, batch {rows} at {args.context} tokens ({args.rounds} interleaved rounds)")
-            print("| variant | median ms | vs before |")
-            print("|---|---|---|")
-            for name, ts in times.items():
-                print(f"| {name} | {statistics.median(ts):.1f} | {statistics.median(ts) / base:.2f}x |")
-            for engine in (llm, q):
-                engine.engine.kv.allocator.free([p for c in batches[id(engine)].chunks for p in c.req.pages])
-        setup(True, True)
-    print(f"\nload average {os.getloadavg()[0]:.2f} after")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=1)
@@ -166,21 +121,11 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--model", default="default")
-    ap.add_argument("--ab", action="store_true", help="issue 29's A/B of a decode step (no profiler)")
-    ap.add_argument("--ab-batches", type=int, nargs="+", default=[1, 64])
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    ap.add_argument("--eager", action="store_true", help="profile with the decode compile off")
-    ap.add_argument("--attention-backend", default="auto", choices=("auto", "cpp", "torch_native"))
     args = ap.parse_args()
-    if args.ab:
-        ab(args)
-        return
     torch.manual_seed(0)
     peak = matmul_flops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, matmul {peak:.1f} GFLOP/s")
-    with LLM(args.model, enable_prefix_cache=False, threads=args.threads, compile_decode=not args.eager,
-             attention_backend=args.attention_backend) as llm:
+    with LLM(args.model, enable_prefix_cache=False) as llm:
         dec = make_batch(llm, args.batch, args.context, 1)
         report(f"decode, batch {args.batch} at {args.context} tokens", *profile_step(llm, dec, args.steps), peak)
         pre = make_batch(llm, 1, 0, args.prefill)

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 _MODELS: dict[str, object] = {}
-_GREEDY: dict[tuple[str, tuple[int, ...], int], tuple[list[int], list[float]]] = {}  # tests run both paths
 
 
 def hf_model(folder: Path):
@@ -22,13 +21,6 @@ def hf_model(folder: Path):
 @torch.inference_mode()
 def hf_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
     """Greedy tokens and their log-softmax, one sequence at a time with HF's own KV cache."""
-    key = (str(folder), tuple(prompt), max_new_tokens)
-    if key not in _GREEDY:
-        _GREEDY[key] = _hf_greedy(folder, prompt, max_new_tokens)
-    return _GREEDY[key]
-
-
-def _hf_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
     model = hf_model(folder)
     out = model(torch.tensor([prompt]), use_cache=True)
     past, ids, lps = out.past_key_values, [], []

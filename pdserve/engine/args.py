@@ -111,9 +111,6 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "tensor-parallel over all of them (needs --tp-size == --dp-size)")
     g.add_argument("--disable-cpu-prepack", dest="disable_cpu_prepack", action="store_true",
                    help="CPU: keep GEMM weights dense (F.linear) instead of prepacked for oneDNN")
-    g.add_argument("--disable-compile", "--enforce-eager", "--disable-cuda-graph", dest="disable_compile",
-                   action="store_true", help="run decode steps eagerly instead of the forward compiled at start-up "
-                                             "(torch.compile, cached on disk)")
     g.add_argument("--skip-server-warmup", "--skip-warmup", dest="skip_warmup", action="store_true",
                    help="report ready without running the warm-up request")
 
@@ -152,8 +149,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kwargs["enable_dp_attention"] = True
     if getattr(args, "disable_cpu_prepack", False):
         kwargs["cpu_prepack"] = False
-    if getattr(args, "disable_compile", False):
-        kwargs["compile_decode"] = False
     if getattr(args, "skip_warmup", False):
         kwargs["warmup"] = False
     return EngineConfig(**kwargs)

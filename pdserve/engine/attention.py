@@ -163,9 +163,9 @@ def build_metadata(
     return AttentionMetadata(slot_t, prefills, groups)
 
 
-def paged_decode(q: torch.Tensor, pool: KVPool, layer: int, table: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """q [B, Hq, D] against each row's pages of the pool's `layer` (the C++ kernel)."""
-    return torch.ops.pdserve.paged_decode(q, pool.k, pool.v, layer, table, lens, pool.page_size, q.shape[-1] ** -0.5,
+def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: DecodeRows, page_size: int) -> torch.Tensor:
+    """q [B, Hq, D] against each row's pages of k/v [slots, Hkv, D] (the C++ kernel)."""
+    return torch.ops.pdserve.paged_decode(q, k, v, d.page_table, d.seq_lens, page_size, q.shape[-1] ** -0.5,
                                           PART_TOKENS)
 
 
@@ -181,7 +181,7 @@ class PagedAttention:
         pool.write(layer, meta.slots, k, v)
         d = meta.decode_rows
         if d is not None and d.rows.shape[0] == q.shape[0]:  # decode-only: no row gather/scatter
-            return paged_decode(q, pool, layer, d.page_table, d.seq_lens)
+            return paged_decode(q, pool.k[layer], pool.v[layer], d, pool.page_size)
         out = torch.empty_like(q)
         for s in meta.prefills:
             rows = slice(s.q_start, s.q_start + s.q_len)
@@ -201,7 +201,7 @@ class PagedAttention:
         for g in meta.decode_groups:
             out[g.rows] = self._decode(layer, q[g.rows], g)
         if d is not None:
-            out[d.rows] = paged_decode(q[d.rows], pool, layer, d.page_table, d.seq_lens)
+            out[d.rows] = paged_decode(q[d.rows], pool.k[layer], pool.v[layer], d, pool.page_size)
         return out
 
     def _decode(self, layer: int, q: torch.Tensor, g: DecodeGroup) -> torch.Tensor:

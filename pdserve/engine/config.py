@@ -39,7 +39,6 @@ class EngineConfig:
     cpu_prepack: bool = True  # CPU: GEMM weights prepacked for oneDNN at load (model/linear.py)
     attention_backend: str = "auto"  # decode attention: auto | cpp (pages read in place) | torch_native (gather)
     quantization: str | None = None  # weight-only: fp16 (fbgemm) instead of the prepacked fp32 weights
-    compile_decode: bool = True  # decode-only steps run a torch.compile'd forward (engine/compiled.py)
     warmup: bool = True  # the engine process runs one short request before it reports ready
     tp_size: int = 1  # tensor-parallel ranks (one process each; engine/tp_worker.py)
     nnodes: int = 1  # machines the tp ranks span (tp_size / nnodes ranks on each)
@@ -51,11 +50,6 @@ class EngineConfig:
     dp_rank: int = 0  # set by the front for each dp rank's engine process
     dp_store: str | None = None  # DP attention: the FileStore path the ranks meet at (set by the front)
     kv_events_config: str | None = None  # JSON (pdserve/kv_events): publish KV events; None = off
-
-    @property
-    def gemm_weights(self) -> str:
-        """How model/loader.py keeps the GEMM weights: the quantization, else "prepack" or "dense"."""
-        return self.quantization or ("prepack" if self.cpu_prepack else "dense")
 
     def check_parallel(self) -> None:
         """Raise ValueError (one sentence) for a tp/dp/nnodes/node-rank combination that cannot work."""

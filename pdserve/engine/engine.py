@@ -38,7 +38,7 @@ from pdserve.disagg.messages import KVLayout
 from pdserve.engine.pd.build import DPPlace, build_stage, pool_tensors
 from pdserve.engine.pd.stage import StagePoll
 from pdserve.engine.request import Request
-from pdserve.engine.runner import ModelRunner, RunnerOptions
+from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import Sampler, SampleResult, SampleRow, score_prompt
 from pdserve.engine.sampling_params import SamplingError, SamplingParams, check_prompt
 from pdserve.engine.scheduler import Scheduler
@@ -96,7 +96,8 @@ class Engine:
         comm: Collectives = dp_group or (self.ranks.group if self.ranks is not None else NoCollectives())
         t0 = time.perf_counter()
         rope_len = min(wanted_len, (num_pages - 1) * ps) if num_pages else wanted_len
-        self.model = load_model(self.model_path, self.device, dtype, rope_len + 1, shard, comm, config.gemm_weights)
+        self.model = load_model(self.model_path, self.device, dtype, rope_len + 1, shard, comm, config.cpu_prepack,
+                                config.quantization)
         weights_gb = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**30
         self.load_weights_s = time.perf_counter() - t0
         log.info("weights loaded in %.1f s (%.2f GB)", self.load_weights_s, weights_gb)
@@ -113,7 +114,7 @@ class Engine:
         self.stats = EngineStats(config.log_stats_interval_s)
         self.dp = DPAttentionRank(dp_group, self.model, self.stats) if dp_group is not None else None
         publish = self.ranks.publish if self.ranks is not None else self.dp.before_forward if self.dp else None
-        self.runner = ModelRunner(self.model, self.pool, self.device, publish, RunnerOptions.of(config))
+        self.runner = ModelRunner(self.model, self.pool, self.device, publish, config.attention_backend)
         self.sampler = Sampler(cfg.vocab_size, self.device)
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_id)
         self.stops = StopChecker(self.tokenizer, self.eos_ids, self.max_model_len)

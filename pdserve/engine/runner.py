@@ -13,39 +13,21 @@ rows 0..2 score a1..a3; its last row, 3, is the sampled one).
 The layout is a StepPlan: with tensor parallelism rank 0 publishes each plan to the other
 ranks (engine/tp_worker.py), and every rank runs the same plan on its slice of the model
 (the logits are collective, so every rank computes the same rows).
-A decode-only plan (every row one token that samples) runs the compiled forward of
-engine/compiled.py when compile is on; every other plan runs the model eagerly.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from pdserve.engine.attention import PagedAttention, build_metadata, decode_in_place
 from pdserve.engine.batch import Chunk, ScheduleBatch
-from pdserve.engine.compiled import CompiledDecode, can_compile
-from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.messages import StepPlan
 from pdserve.model.llama import LlamaForCausalLM
 
-log = logging.getLogger(__name__)
-
 PromptRows = list[tuple[Chunk, range, torch.Tensor]]  # chunk, positions p scored, logits [len, V]
-
-
-@dataclass(frozen=True)
-class RunnerOptions:
-    attention_backend: str = "auto"  # engine/attention.py's decode_in_place
-    compile_max_batch: int = 0  # decode-only steps of up to this many rows run compiled (0: never)
-
-    @classmethod
-    def of(cls, config: EngineConfig) -> RunnerOptions:
-        return cls(config.attention_backend, config.max_running if config.compile_decode else 0)
 
 
 def plan_step(batch: ScheduleBatch) -> tuple[StepPlan, list[Chunk], list[tuple[Chunk, range]]]:
@@ -76,17 +58,12 @@ def plan_step(batch: ScheduleBatch) -> tuple[StepPlan, list[Chunk], list[tuple[C
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: KVPool, device: torch.device,
-                 publish: Callable[[StepPlan], None] | None = None, options: RunnerOptions = RunnerOptions()) -> None:
+                 publish: Callable[[StepPlan], None] | None = None, attention_backend: str = "auto") -> None:
         self.model = model
         self.pool = pool
         self.device = device
         self.publish = publish  # tensor parallelism: send the plan to the other ranks
-        self.in_place = decode_in_place(options.attention_backend, pool)  # decode attention reads pages in place
-        self.compiled: CompiledDecode | None = None
-        if options.compile_max_batch and can_compile(model, pool, self.in_place):
-            self.compiled = CompiledDecode(model, pool, options.compile_max_batch)
-            log.info("decode forward compiled for batches of 1..%d in %.1f s", options.compile_max_batch,
-                     self.compiled.warm())
+        self.in_place = decode_in_place(attention_backend, pool)  # decode attention reads pages in place
 
     def forward(self, batch: ScheduleBatch) -> tuple[torch.Tensor | None, list[Chunk], PromptRows]:
         plan, sampled, scored = plan_step(batch)
@@ -100,8 +77,6 @@ class ModelRunner:
     def run(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """The forward of `plan`: the sampled rows' logits (None when none samples) and each
         score span's logits (None on tp ranks other than 0)."""
-        if self.compiled is not None and self.compiled.fits(plan):
-            return self.compiled.run(plan), []
         meta = build_metadata(plan.spans, self.pool.page_size, self.device, self.in_place)
         hidden = self.model(
             torch.tensor(plan.input_ids, dtype=torch.long, device=self.device),

@@ -37,7 +37,7 @@ from pdserve.engine.config import EngineConfig, default_threads, keep_freed_memo
 from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.messages import RankMsg, StepPlan, StopRanks
 from pdserve.engine.pd.build import TPPeers, pool_tensors
-from pdserve.engine.runner import ModelRunner, RunnerOptions
+from pdserve.engine.runner import ModelRunner
 from pdserve.launch.procs import die_with_parent
 from pdserve.model.bundled import resolve_model
 from pdserve.model.config import ModelConfig
@@ -98,7 +98,7 @@ def build_rank(config: EngineConfig, shard: TPShard, group: TPGroup | None, devi
     cfg = ModelConfig.from_folder(path)
     dtype = resolve_dtype(config.dtype)
     model = load_model(path, device, dtype, config.max_model_len + 1, shard, group or NoCollectives(),
-                       config.gemm_weights)
+                       config.cpu_prepack, config.quantization)
     local = shard.local_config(cfg)
     shape = KVPool.shape(local, config.num_pages, config.page_size)
     pool = KVPool(local, config.num_pages, config.page_size, device, dtype, pool_tensors(disagg, shape, dtype, device))
@@ -189,7 +189,7 @@ def follow(spec: RankSpec) -> None:
         manager = create_manager(disagg.backend, disagg.mode, pool.k, pool.v, pool.page_size, layout, disagg,
                                  host=disagg.bootstrap_host)
         agent = RankAgent(spec.rank, manager, group.store.get(STORE_KEY).decode())
-    runner = ModelRunner(model, pool, device, options=RunnerOptions.of(config))
+    runner = ModelRunner(model, pool, device, attention_backend=config.attention_backend)
     decoder = msgspec.msgpack.Decoder(RankMsg)
     while True:
         msg = decoder.decode(group.recv_bytes())

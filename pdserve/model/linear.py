@@ -22,62 +22,25 @@ packed once, and computes in fp32: half the bytes a decode step streams. The can
 thread, every GEMM of 10 layers of the bundled model's shapes, interleaved A/B (ratio to the
 prepacked fp32 time; a 2-core AVX2/AVX-512 box at load 7-11):
 
-    rows                                                  1      4      16     64
-    fp16, fbgemm                                        0.27   0.83   0.94   0.99  (256: 0.91, 512: 1.12)
-    int8 per channel, aten _weight_int8pack_mm          2.4    14     30     39
-    int4 groups of 32, aten _weight_int4pack_mm_for_cpu 5.2    22     56     83    (30 layers + head)
+    rows                                      1      4      16     64
+    fp16, fbgemm                            0.27   0.83   0.94   0.99     (256 rows 0.91, 512 1.12)
+    int8 per channel, aten _weight_int8pack_mm  2.4   14     30     39
+    int4 groups of 32, aten _weight_int4pack_mm_for_cpu (30 layers + head)  5.2  22  56  83
 
 On the whole bundled model (benchmarks/quant_agreement.py, 2 threads, load 7.6): greedy output
 equal to fp32's on 61/64 prompts' first 32 tokens; decode step batch 1 x 256 0.66x, batch 64
-0.95x the prepacked fp32 time. torchao 0.18 has no CPU kernel of its own for these (its wheel
-carries CUDA extensions only; its CPU int4 layout is a prototype over the same aten op), so
-int8/int4 are not offered: they would slow decode down. A GGUF's Q4_1/Q8_0 blocks map exactly onto the int4 layout (scale d,
+0.95x the prepacked fp32 time. torchao 0.18 has no CPU kernel of its own for these (its wheel carries CUDA extensions only;
+its CPU int4 layout is a prototype over the same aten op), so int8/int4 are not offered: they
+would slow decode down. A GGUF's Q4_1/Q8_0 blocks map exactly onto the int4 layout (scale d,
 zero m + 8d) but no kernel that pays exists for them here either; GGUF weights are served as
 converted (fp32, or fp16 with this flag).
 """
 
 from __future__ import annotations
 
-import itertools
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-# torch.compile cannot trace a oneDNN-packed tensor (opaque storage) or fbgemm's packed object,
-# so a compiled graph (engine/compiled.py) names each packed weight by a key and calls
-# `pdserve_model::packed_linear`, which looks it up here; eager code calls the kernels directly.
-# The key is a one-element tensor (a buffer, hence a graph input, not a constant): two engines
-# of the same model in one process share one compiled graph.
-_PACKED: dict[int, torch.Tensor | torch.ScriptObject] = {}
-_KEYS = itertools.count()
-_LIB = torch.library.Library("pdserve_model", "DEF")
-_LIB.define("packed_linear(Tensor x, Tensor key, int n, Tensor? bias) -> Tensor")
-
-
-def register_packed(owner: object, packed: torch.Tensor | torch.ScriptObject) -> torch.Tensor:
-    """A key for `packed`, dropped from the registry when `owner` is garbage-collected."""
-    key = next(_KEYS)
-    _PACKED[key] = packed
-    weakref.finalize(owner, _PACKED.pop, key, None)
-    return torch.tensor(key)
-
-
-def packed_linear(x: torch.Tensor, key: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T (+ bias) for the packed weight registered as `key` ([n, in])."""
-    w = _PACKED[int(key)]
-    if isinstance(w, torch.Tensor):
-        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
-    return linear_fp16(x, w)
-
-
-_LIB.impl("packed_linear", packed_linear, "CPU")
-
-
-@torch.library.register_fake("pdserve_model::packed_linear")
-def _packed_linear_shape(x: torch.Tensor, key: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], n))
 
 
 def can_prepack(device: torch.device) -> bool:
@@ -119,14 +82,7 @@ class Linear(nn.Linear):
 
     fp16: torch.ScriptObject | None = None
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__(in_features, out_features, bias)
-        self.key: torch.Tensor | None  # of the packed weight in the registry above (pack / quantize)
-        self.register_buffer("key", None, persistent=False)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.key is not None and torch.compiler.is_compiling():
-            return torch.ops.pdserve_model.packed_linear(x, self.key, self.out_features, self.bias)
         if self.fp16 is not None:
             return linear_fp16(x, self.fp16)
         return linear(x, self.weight, self.bias)
@@ -136,7 +92,6 @@ class Linear(nn.Linear):
         if packed is None:
             return False
         self.weight = nn.Parameter(packed, requires_grad=False)
-        self.register_buffer("key", register_packed(self, packed), persistent=False)
         return True
 
     def quantize(self) -> None:
@@ -144,4 +99,3 @@ class Linear(nn.Linear):
         self.fp16 = pack_fp16(self.weight, self.bias)
         self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
         self.bias = None
-        self.register_buffer("key", register_packed(self, self.fp16), persistent=False)

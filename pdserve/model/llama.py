@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve.model.config import ModelConfig
-from pdserve.model.linear import Linear, linear, linear_fp16, pack_fp16, prepack, register_packed
+from pdserve.model.linear import Linear, linear, linear_fp16, pack_fp16, prepack
 from pdserve.model.rope import RotaryEmbedding, Rotation
 from pdserve.model.tp import Collectives, NoCollectives, TPShard
 
@@ -131,8 +131,6 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, vocab, bias=False)
         self.tied_head: torch.Tensor | None = None  # prepacked copy of a tied embedding (prepack)
         self.tied_fp16: torch.ScriptObject | None = None  # fp16 copy of a tied embedding (quantize)
-        self.tied_key: torch.Tensor | None  # the packed tied head's registry key (model/linear.py)
-        self.register_buffer("tied_key", None, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnFn) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
@@ -151,9 +149,6 @@ class LlamaForCausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self.lm_head is not None:
             return self.comm.gather_vocab(self.lm_head(hidden).float())
-        if self.tied_key is not None and torch.compiler.is_compiling():
-            n = self.model.embed_tokens.weight.shape[0]
-            return self.comm.gather_vocab(torch.ops.pdserve_model.packed_linear(hidden, self.tied_key, n, None))
         if self.tied_fp16 is not None:
             return self.comm.gather_vocab(linear_fp16(hidden, self.tied_fp16))
         weight = self.model.embed_tokens.weight if self.tied_head is None else self.tied_head
@@ -166,8 +161,6 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is None:
             self.tied_head = prepack(self.model.embed_tokens.weight)
             packed += self.tied_head is not None
-            if self.tied_head is not None:
-                self.register_buffer("tied_key", register_packed(self, self.tied_head), persistent=False)
         return packed
 
     def quantize(self) -> int:
@@ -178,7 +171,6 @@ class LlamaForCausalLM(nn.Module):
             m.quantize()
         if self.lm_head is None:
             self.tied_fp16 = pack_fp16(self.model.embed_tokens.weight)
-            self.register_buffer("tied_key", register_packed(self, self.tied_fp16), persistent=False)
         return len(linears) + (self.lm_head is None)
 
     # ---- weights ---------------------------------------------------------------------------

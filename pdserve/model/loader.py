@@ -57,10 +57,9 @@ def iter_safetensors(folder: Path, part: SliceFn = lambda name: None) -> Iterato
 
 def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, max_positions: int,
                tp: TPShard = TPShard(), comm: Collectives = NoCollectives(),
-               weights: str = "prepack") -> LlamaForCausalLM:
-    """The model on `device`, its GEMM weights `weights`: "prepack" (oneDNN's layout on CPU),
-    "dense", or a quantization ("fp16"; ValueError where this device has no kernel for it)."""
-    quantization = None if weights in ("prepack", "dense") else weights
+               cpu_prepack: bool = True, quantization: str | None = None) -> LlamaForCausalLM:
+    """The model on `device`, its GEMM weights prepacked for oneDNN (CPU, `cpu_prepack`) or
+    quantized (`quantization`: "fp16"; ValueError where this device has no kernel for it)."""
     if quantization is not None and not can_quantize(quantization, device, dtype):
         raise ValueError(f"--quantization {quantization} needs --dtype float32 on a CPU with fbgemm (x86), "
                          f"not {dtype} on {device}")
@@ -74,6 +73,6 @@ def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, max
     model.eval().requires_grad_(False)
     if quantization is not None:
         log.info("%d GEMM weights quantized to %s", model.quantize(), quantization)
-    elif weights == "prepack" and can_prepack(device) and not model.prepack():
+    elif cpu_prepack and can_prepack(device) and not model.prepack():
         log.info("GEMM weights stay dense: oneDNN has no %s kernel on this CPU", dtype)
     return model

@@ -21,10 +21,9 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["compiled", "eager"])
-def llm(bundled_model_dir: Path, request: pytest.FixtureRequest) -> LLM:
-    """The default (fastest) path, and with the decode compile off (--disable-compile)."""
-    return LLM(str(bundled_model_dir), kv_cache_gb=0.25, chunk_budget=256, compile_decode=request.param)
+@pytest.fixture(scope="module")
+def llm(bundled_model_dir: Path) -> LLM:
+    return LLM(str(bundled_model_dir), kv_cache_gb=0.25, chunk_budget=256)
 
 
 def test_bundled_greedy_equals_hf_on_22_prompts(llm: LLM, bundled_model_dir: Path) -> None:

@@ -107,12 +107,12 @@ def test_kernel_splits_long_rows_exactly() -> None:
         pytest.skip("no C++ compiler")
     torch.manual_seed(3)
     pages = torch.randperm(199)[:130].add(1).to(torch.int32)[None]  # 130 pages of 4: 517 tokens fit
-    k, v = torch.randn(2, 800, 3, 64), torch.randn(2, 800, 3, 64)
+    k, v = torch.randn(800, 3, 64), torch.randn(800, 3, 64)
     q = torch.randn(1, 9, 64)
     lens = torch.tensor([517], dtype=torch.int32)
-    one = torch.ops.pdserve.paged_decode(q, k, v, 1, pages, lens, PS, 0.125, 4096)
+    one = torch.ops.pdserve.paged_decode(q, k, v, pages, lens, PS, 0.125, 4096)
     for part in (4, 64, 100):
-        torch.testing.assert_close(torch.ops.pdserve.paged_decode(q, k, v, 1, pages, lens, PS, 0.125, part), one,
+        torch.testing.assert_close(torch.ops.pdserve.paged_decode(q, k, v, pages, lens, PS, 0.125, part), one,
                                    rtol=1e-5, atol=1e-6)
 
 

@@ -28,8 +28,8 @@ def test_fp16_linear_equals_rounded_weights() -> None:
 
 def test_quantized_model_stays_close_and_generates(tiny_model_dir: Path) -> None:
     cpu = torch.device("cpu")
-    ref = load_model(tiny_model_dir, cpu, torch.float32, 64, weights="dense")
-    q = load_model(tiny_model_dir, cpu, torch.float32, 64, weights="fp16")
+    ref = load_model(tiny_model_dir, cpu, torch.float32, 64, cpu_prepack=False)
+    q = load_model(tiny_model_dir, cpu, torch.float32, 64, quantization="fp16")
     assert q.tied_fp16 is not None and all(m.fp16 is not None for m in q.modules() if isinstance(m, Linear))
     h = torch.randn(3, ref.config.hidden_size)
     a, b = ref.logits(h), q.logits(h)
@@ -44,4 +44,4 @@ def test_quantized_model_stays_close_and_generates(tiny_model_dir: Path) -> None
 
 def test_quantization_needs_float32_on_cpu(tiny_model_dir: Path) -> None:
     with pytest.raises(ValueError, match="--quantization fp16 needs --dtype float32"):
-        load_model(tiny_model_dir, torch.device("cpu"), torch.bfloat16, 64, weights="fp16")
+        load_model(tiny_model_dir, torch.device("cpu"), torch.bfloat16, 64, quantization="fp16")

@@ -60,12 +60,12 @@ def one_kv_head_dir(tmp_path_factory: pytest.TempPathFactory, bundled_model_dir:
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_each_rank_loads_only_its_slices(tiny_model_dir: Path, tp: int) -> None:
-    full = load_model(tiny_model_dir, torch.device("cpu"), torch.float32, 64, weights="dense")
+    full = load_model(tiny_model_dir, torch.device("cpu"), torch.float32, 64, cpu_prepack=False)
     fp = dict(full.named_parameters())
     total = sum(p.numel() for p in fp.values())
     cfg = full.config
     for r in range(tp):
-        part = load_model(tiny_model_dir, torch.device("cpu"), torch.float32, 64, TPShard(r, tp), weights="dense")
+        part = load_model(tiny_model_dir, torch.device("cpu"), torch.float32, 64, TPShard(r, tp), cpu_prepack=False)
         mine = sum(p.numel() for p in part.parameters())
         assert mine < total / tp * 1.25  # replicated norms (and kv heads at tp 4) are small
         (q0, nq), (k0, nk), d = TPShard(r, tp).q_heads(cfg), TPShard(r, tp).kv_heads(cfg), cfg.head_dim

@@ -103,21 +103,5 @@ def load_with(compiler: str | None) -> bool:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("C++ kernels unavailable (%s): paged attention falls back to gathering the KV", e)
         return False
-    _register_shapes()
     return True
-
-
-@cache
-def _register_shapes() -> None:
-    """The ops' output shapes for torch.compile's tracing (no data is touched)."""
-
-    @torch.library.register_fake("pdserve::paged_decode")
-    def _paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, layer: int, page_table: torch.Tensor,
-                      seq_lens: torch.Tensor, page_size: int, scale: float, part_tokens: int) -> torch.Tensor:
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake("pdserve::kv_write")
-    def _kv_write(k_pool: torch.Tensor, v_pool: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor,
-                  v: torch.Tensor) -> None:
-        return None
 

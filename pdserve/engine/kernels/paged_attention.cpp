@@ -1,10 +1,8 @@
 // Decode attention that reads the KV pool's pages in place (pdserve/engine/kernels/__init__.py
 // tells why and how it is built). fp32, CPU, any head counts with Hq % Hkv == 0.
 //
-//   k_pool [layers, slots, Hkv, D], the op reads k_pool[layer]: slot = page * page_size + offset;
-//   a token's Hkv*D floats are one contiguous row, so a work item that takes every head of a
-//   token streams whole rows. (The whole pool and a layer index, not a per-layer view: a
-//   compiled graph then writes into its input itself, with no view to re-apply.)
+//   k_cache [slots, Hkv, D]: slot = page * page_size + offset; a token's Hkv*D floats are one
+//   contiguous row, so a work item that takes every head of a token streams whole rows.
 //
 //   work items: (row b, token range [t0, t1)), t0/t1 multiples of page_size
 //     seq 0 (len 40, part 32): [0,32) [32,40)      seq 1 (len 9): [0,9)
@@ -110,13 +108,10 @@ void attend_range(const float* q, int64_t hq, int64_t hkv, int64_t dd, const flo
   }
 }
 
-at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, int64_t layer,
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& page_table, const at::Tensor& seq_lens, int64_t page_size,
                         double scale, int64_t part_tokens) {
-  TORCH_CHECK(k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes() && layer >= 0 && layer < k_pool.size(0),
-              "paged_decode: pools [L,S,Hkv,D] and a layer in range");
-  const at::Tensor k_cache = k_pool.select(0, layer), v_cache = v_pool.select(0, layer);
-  TORCH_CHECK(q.dim() == 3, "q [B,Hq,D]");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), "q [B,Hq,D], cache [S,Hkv,D]");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
                   v_cache.scalar_type() == at::kFloat, "paged_decode: float32 only");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode: contiguous caches");
@@ -176,12 +171,9 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
   return out;
 }
 
-// k/v rows [T, Hkv, D] into slots [T] of layer `layer` of the pools [L, S, Hkv, D].
-void kv_write(const at::Tensor& k_pool, const at::Tensor& v_pool, int64_t layer, const at::Tensor& slots,
-              const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes() && layer >= 0 && layer < k_pool.size(0),
-              "kv_write: pools [L,S,Hkv,D] and a layer in range");
-  const at::Tensor k_cache = k_pool.select(0, layer), v_cache = v_pool.select(0, layer);
+// k/v rows [T, Hkv, D] into slots [T] of the caches [S, Hkv, D] (the per-layer pool write).
+void kv_write(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& k,
+              const at::Tensor& v) {
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && slots.scalar_type() == at::kLong);
   TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type());
   const int64_t n = slots.size(0), row = k_cache.size(1) * k_cache.size(2), rows = k_cache.size(0);
@@ -201,9 +193,9 @@ void kv_write(const at::Tensor& k_pool, const at::Tensor& v_pool, int64_t layer,
 }  // namespace
 
 TORCH_LIBRARY(pdserve, m) {
-  m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, int layer, Tensor page_table, Tensor seq_lens, "
+  m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor seq_lens, "
         "int page_size, float scale, int part_tokens) -> Tensor");
-  m.def("kv_write(Tensor(a!) k_pool, Tensor(b!) v_pool, int layer, Tensor slots, Tensor k, Tensor v) -> ()");
+  m.def("kv_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor k, Tensor v) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
