@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 from pdserve.bench.metrics import RequestRecord, summarize  # noqa: E402
 from pdserve.bench.report import plot_compare  # noqa: E402
 from pdserve.bench.runner import BenchConfig, BenchResult  # noqa: E402
-from pdserve.launch.procs import kill_group  # noqa: E402
+from pdserve.flags.procs import kill_group  # noqa: E402
 
 CONFIGS = ("unified", "pd", "pd_cache", "pd_cache_cond", "pd_cond")
 DEFAULT_CONFIGS = ("unified", "pd", "pd_cache", "pd_cache_cond")
@@ -275,17 +275,15 @@ def run_system(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], Ben
 
 # -- report -------------------------------------------------------------------------------------
 def plot_bars(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: nothing to close, no backend to pick
 
     paths = []
     for keys, label, fname in ((("ttft_p50", "ttft_p99"), "TTFT (ms)", "ttft.png"),
                                (("itl_p50", "itl_p99"), "inter-token latency (ms)", "itl.png"),
                                (("kv_bytes_per_req",), "KV bytes moved per request", "kv_bytes.png"),
                                (("goodput",), "goodput (turns/s within SLOs)", "goodput.png")):
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4), layout="tight")
+        ax = fig.subplots()
         width = 0.8 / len(keys)
         for j, key in enumerate(keys):
             ax.bar([i + j * width for i in range(len(rows))], [r[key] for r in rows], width, label=key)
@@ -294,11 +292,8 @@ def plot_bars(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.grid(alpha=0.3, axis="y")
         if len(keys) > 1:
             ax.legend()
-        fig.tight_layout()
-        path = out / fname
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(out / fname)
+        fig.savefig(paths[-1], dpi=110)
     return paths
 
 

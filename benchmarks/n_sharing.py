@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    engine = Engine(EngineConfig(model="default", threads=args.threads, max_model_len=2048))
+    engine = Engine.build(EngineConfig(model="default", threads=args.threads, max_model_len=2048))
     rng = random.Random(0)
     prompt = [rng.randrange(100, 40000) for _ in range(args.prompt_len)]
     run(engine, prompt[:32], 1, 2, False, "warm")

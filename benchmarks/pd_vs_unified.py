@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from pdserve.bench.datasets import BenchRequest, TokenizerLike, random_requests  # noqa: E402
 from pdserve.bench.report import plot_compare, read_json, write_json  # noqa: E402
 from pdserve.bench.runner import BenchConfig, BenchResult, load_tokenizer, run  # noqa: E402
-from pdserve.launch.procs import kill_group  # noqa: E402
+from pdserve.flags.procs import kill_group  # noqa: E402
 
 SYSTEMS = {"unified": ["--mode", "unified", "--workers", "1"],
            "1P1D": ["--mode", "pd", "--prefill", "1", "--decode", "1"]}
@@ -117,28 +117,22 @@ def stalled_share(records: list[Any]) -> float:
 
 
 def plot_sweep(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: nothing to close, no backend to pick
 
     paths = []
     for key, label, fname in (("itl_p99", "p99 inter-token latency (ms)", "sweep_itl_p99.png"),
                               ("goodput", "goodput (req/s meeting both SLOs)", "sweep_goodput.png"),
                               ("ttft_p50", "median TTFT (ms)", "sweep_ttft_p50.png")):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4), layout="tight")
+        ax = fig.subplots()
         for system in SYSTEMS:
             pts = [(r["rate"], r[key]) for r in rows if r["system"] == system]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
-        ax.set_xlabel("request rate (req/s, Poisson)")
-        ax.set_ylabel(label)
+        ax.set(xlabel="request rate (req/s, Poisson)", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        path = out / fname
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(out / fname)
+        fig.savefig(paths[-1], dpi=110)
     return paths
 
 

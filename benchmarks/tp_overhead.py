@@ -109,7 +109,7 @@ def print_steps(args: argparse.Namespace) -> None:
 
 def room_seconds(backend: str, P: int, D: int, pages: int, reps: int) -> tuple[float, int]:
     """Median seconds of one room from P prefill ranks to D decode ranks, and its bytes."""
-    from pdserve.disagg.transfer.shm_pool import sweep_stale_pools
+    from pdserve.disagg.transfer.backends.shm_pool import sweep_stale_pools
     from tests.tp_rank_pools import Shape, managers, move_room, rank_pools
 
     total = 3  # the bundled model's KV heads

@@ -19,17 +19,23 @@ def hf_model(folder: Path):
 
 
 @torch.inference_mode()
-def hf_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens and their log-softmax, one sequence at a time with HF's own KV cache."""
+def hf_greedy_rows(folder: Path, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and each step's whole log-softmax row, one sequence at a time with HF's own
+    KV cache."""
     model = hf_model(folder)
     out = model(torch.tensor([prompt]), use_cache=True)
-    past, ids, lps = out.past_key_values, [], []
+    past, ids, rows = out.past_key_values, [], []
     logits = out.logits[0, -1]
     for _ in range(max_new_tokens):
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        rows.append(torch.log_softmax(logits.float(), dim=-1))
         tok = int(torch.argmax(logits))
         ids.append(tok)
-        lps.append(float(logp[tok]))
         out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
         past, logits = out.past_key_values, out.logits[0, -1]
-    return ids, lps
+    return ids, rows
+
+
+def hf_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their log-softmax (fp32, no EOS stop)."""
+    ids, rows = hf_greedy_rows(folder, prompt, max_new_tokens)
+    return ids, [float(row[tok]) for tok, row in zip(ids, rows)]

@@ -4,9 +4,10 @@ It speaks the worker API the router uses — `/generate`, `/v1/completions`,
 `/v1/chat/completions` (whole or SSE-streamed), `/health`, `/get_load`, `/server_info`,
 `/model_info`, `/v1/models`, `/health_generate`, `/flush_cache`, `/abort_request` — with
 deterministic text ("tok0 tok1 ..."), and can misbehave on demand: answer N requests (or all)
-with a status, add latency, stream slowly, hang a decode "waiting for KV", fail health checks,
-or die (stop listening and drop every connection). It records what it received (bodies,
-headers) and how each request ended (completed / cancelled by the client).
+with a status, add latency, stream slowly, hang a decode "waiting for KV", answer a PD leg only
+after its peer received the other leg, fail health checks, or die (stop listening and drop
+every connection). It records what it received (bodies, headers) and how each request ended
+(completed / cancelled by the client).
 
 In-process: `MockWorker(role="decode").start()` runs it on its own event loop in a thread;
 `configure(...)`, `kill()`, `revive()`, `stop()`; `records`, `counts`. As a process
@@ -47,6 +48,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def _until(pred: Any, timeout: float = 10.0) -> None:
+    """`wait_until` on an event loop: poll `pred()` every 5 ms; go on after `timeout` regardless
+    (the test's own assertions then say what did not happen)."""
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+
+
 @dataclass(frozen=True)
 class Behaviour:
     latency_s: float = 0.0  # before answering a generation request
@@ -57,6 +66,9 @@ class Behaviour:
     health_status: int = 200
     extra_load: int = 0  # added to /get_load
     max_tokens: int = 4
+    # a MockWorker: answer only once it received this request's other PD leg (the same
+    # bootstrap_room), so a test fixes which leg answers first instead of racing them (bounded)
+    after_peer: MockWorker | None = None
 
 
 @dataclass
@@ -100,6 +112,10 @@ class MockWorker:
 
     def generation_records(self) -> list[Record]:
         return [r for r in self.records if r.path in ("/generate", "/v1/completions", "/v1/chat/completions")]
+
+    def has_room(self, room: Any) -> bool:
+        """Did a generation request with this bootstrap_room (a PD leg) arrive here?"""
+        return any(r.body.get("bootstrap_room") == room for r in self.generation_records())
 
     def start(self, timeout: float = 10.0) -> MockWorker:
         self._started.clear()
@@ -193,6 +209,9 @@ class MockWorker:
         b = self.behaviour
         self.in_flight += 1
         try:
+            room = body.get("bootstrap_room")
+            if b.after_peer is not None and room is not None:
+                await _until(lambda: b.after_peer.has_room(room))
             if b.latency_s:
                 await asyncio.sleep(b.latency_s)
             if b.fail_status is not None and b.fail_count != 0:

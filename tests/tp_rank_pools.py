@@ -1,6 +1,6 @@
 """One process holding every rank of a prefill and a decode server at the transfer level: a KV
 pool per rank (its KV heads only) and a transfer manager on each, so a room can move over the
-links tp_links.py plans without engines. Used by tests/integration/test_transfer_tp_links.py and
+links transfer/tp/links.py plans without engines. Used by tests/integration/test_transfer_tp_links.py and
 benchmarks/tp_overhead.py (the benchmark puts the repo root on sys.path to import it).
 
     src = rank_pools(Shape(...), total, P, backend, "prefill", seed=1)   # random KV
@@ -20,10 +20,10 @@ import torch
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import KVLayout, MetadataRecord
 from pdserve.disagg.transfer import KVPoll, create_manager
-from pdserve.disagg.transfer.all_of import link_receiver
+from pdserve.disagg.transfer.backends.shm_pool import allocate_shared_pool
 from pdserve.disagg.transfer.base import KVReceiver, TransferManager
-from pdserve.disagg.transfer.shm_pool import allocate_shared_pool
-from pdserve.disagg.transfer.tp_links import decode_links
+from pdserve.disagg.transfer.rooms.all_of import link_receiver
+from pdserve.disagg.transfer.tp.links import decode_links
 
 _rooms = itertools.count(random.Random().randrange(1 << 40) << 20)
 Pool = tuple[torch.Tensor, torch.Tensor]
@@ -80,7 +80,7 @@ def wait_all(parts: list, state: KVPoll, timeout: float = 30.0) -> None:
 def move_room(pre: list[TransferManager], dec: list[TransferManager], total: int, src_pages: list[int],
               dst_pages: list[int]) -> tuple[list[KVReceiver], MetadataRecord]:
     """One room from every prefill rank to every decode rank, as a TP PD server moves it: each
-    decode rank opens its links (what its agent does, tp_control.py), the prefill ranks send all
+    decode rank opens its links (what its agent does, transfer/tp/agent.py), the prefill ranks send all
     pages at once. Returns the decode ranks' receivers (all Success) and the record sent."""
     room = next(_rooms)
     P, D = len(pre), len(dec)

@@ -172,7 +172,7 @@ class _AgentState:
         gen = torch.Generator().manual_seed(spec.seed)
         self.shared = None
         if spec.role == "decode":
-            from pdserve.disagg.transfer.shm_pool import allocate_shared_pool
+            from pdserve.disagg.transfer.backends.shm_pool import allocate_shared_pool
 
             self.shared = allocate_shared_pool(shape, dtype)
             self.k, self.v = self.shared.k, self.shared.v

@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from pdserve.bench.cli_output import add_output_arguments, slos, write_outputs
-from pdserve.launch.argtypes import non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
+from pdserve.flags.argtypes import non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
 
 if TYPE_CHECKING:
     from pdserve.bench.runner import BenchConfig

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pdserve.launch.argtypes import positive_float
+from pdserve.flags.argtypes import positive_float
 
 if TYPE_CHECKING:
     from pdserve.bench.runner import BenchResult

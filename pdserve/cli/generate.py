@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from pdserve.engine.args import add_engine_arguments, check_engine_args, engine_config_from_args
-from pdserve.launch.argtypes import non_negative_float, non_negative_int, unit_interval
+from pdserve.flags.argtypes import non_negative_float, non_negative_int, unit_interval
 
 
 def add_generate_parser(sub: Any) -> argparse.ArgumentParser:
@@ -24,15 +24,16 @@ def add_generate_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    from dataclasses import fields
 
     from pdserve.engine.llm import LLM
     from pdserve.engine.sampling_params import SamplingParams
     from pdserve.model.bundled import check_model
 
-    check_model(args.model)  # FileNotFoundError / ValueError: one line, exit 2 (cli.main)
     check_engine_args(args)
-    llm = LLM(**asdict(engine_config_from_args(args)))
+    config = engine_config_from_args(args)
+    check_model(config.model)  # FileNotFoundError / ValueError: one line, exit 2 (cli.main)
+    llm = LLM(**{f.name: getattr(config, f.name) for f in fields(config)})
     prompts: list[Any] = args.prompt
     if args.chat:
         prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]

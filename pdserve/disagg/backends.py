@@ -19,12 +19,12 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {
-    "tcp": Backend("pdserve.disagg.transfer.tcp", "TcpTransferManager"),
-    "shm": Backend("pdserve.disagg.transfer.shm", "ShmTransferManager"),
-    "fake": Backend("pdserve.disagg.transfer.fake", "FakeTransferManager"),
-    "nixl": Backend("pdserve.disagg.transfer.nixl", "NixlTransferManager",
+    "tcp": Backend("pdserve.disagg.transfer.backends.tcp", "TcpTransferManager"),
+    "shm": Backend("pdserve.disagg.transfer.backends.shm", "ShmTransferManager"),
+    "fake": Backend("pdserve.disagg.transfer.backends.fake", "FakeTransferManager"),
+    "nixl": Backend("pdserve.disagg.transfer.backends.nixl", "NixlTransferManager",
                     "pip install 'pdserve[nixl]' (the nixl-cu12 wheel; it also runs on CPU)"),
-    "mooncake": Backend("pdserve.disagg.transfer.mooncake", "MooncakeTransferManager",
+    "mooncake": Backend("pdserve.disagg.transfer.backends.mooncake", "MooncakeTransferManager",
                         "pip install 'pdserve[mooncake]' (mooncake-transfer-engine-non-cuda; "
                         "needs the system library libibverbs1: apt-get install libibverbs1)"),
 }

@@ -2,15 +2,18 @@
 endpoint and KV layout, and checks that the prefill is alive.
 
 Lifecycle (prefill server):
-    server = BootstrapServer.from_config(config).start()     # aiohttp in its own thread + loop
-    server.register(rank, manager.endpoint, layout)          # dp rank 0's ranks in-process, or
-    bootstrap_client.register_route(host, port, rank, ...)  # other dp ranks', over HTTP PUT
+    server = publish_routes(config, rooms.ranks, dp_rank, dp_size)   # both of the below:
+      dp rank 0:   server = BootstrapServer.from_config(config).start()  # aiohttp in its own thread + loop
+                   server.register(rank, manager.endpoint, layout)       # its ranks, in-process
+      dp rank > 0: bootstrap_client.register_route(host, port, rank, ...)  # over HTTP PUT; no server
     ... serve ...
     server.close()
 
 HTTP (JSON bodies from pdserve.disagg.messages):
     PUT /route          RouteRegistration -> 200 | 400 bad body | 401 token | 409 layout conflict
-    GET /route?rank=N&dp_rank=M -> RouteInfo (404 until registered; both default to 0)
+    GET /route?rank=N&dp_rank=M[&epoch=E] -> RouteInfo (404 until registered; both default to 0;
+                        409 when E is not this server's role epoch: a lookup for an earlier role
+                        of this server, never paired with its KV)
 Routes are keyed by (dp rank, tp rank): a prefill server with --dp-size D runs D engines, each
 registering its tp ranks with its dp rank; a room's KV lives on dp rank bootstrap_room % D.
     GET /health         -> Health {status, instance}; `instance` changes when the server restarts
@@ -33,15 +36,17 @@ import uuid
 import msgspec
 from aiohttp import web
 
-from pdserve.disagg.bootstrap_client import http_url
+from pdserve.contract import DEFAULT_BOOTSTRAP_PORT
+from pdserve.disagg.bootstrap_client import http_url, register_route
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import Health, HttpError, KVLayout, LayoutMismatch, RouteInfo, RouteRegistration
-from pdserve.disagg.transfer.handshake import secret_matches
+from pdserve.disagg.transfer.sessions.handshake import secret_matches
 
 logger = logging.getLogger("pdserve.disagg.bootstrap")
 
 
 MAX_BODY = 1 << 20
+REGISTER_WAIT_S = 600.0  # a dp rank > 0 waits this long for dp rank 0's bootstrap server (weights load first)
 
 
 def _json(obj: msgspec.Struct, status: int = 200) -> web.Response:
@@ -56,8 +61,10 @@ def _loopback(remote: str | None) -> bool:
 
 
 class BootstrapServer:
-    def __init__(self, host: str = "127.0.0.1", port: int = 8998, cluster_token: str | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_BOOTSTRAP_PORT,
+                 cluster_token: str | None = None, epoch: int = 1) -> None:
         self.host = host
+        self.epoch = epoch
         self.requested_port = port
         self.cluster_token = cluster_token
         self.instance = uuid.uuid4().hex
@@ -71,7 +78,7 @@ class BootstrapServer:
 
     @classmethod
     def from_config(cls, config: DisaggConfig) -> BootstrapServer:
-        return cls(config.bootstrap_host, config.bootstrap_port, config.cluster_token)
+        return cls(config.bootstrap_host, config.bootstrap_port, config.cluster_token, config.epoch)
 
     @property
     def port(self) -> int:
@@ -105,7 +112,7 @@ class BootstrapServer:
                 return None
             num_ranks = sum(1 for d, _ in self._routes if d == dp_rank)
             return RouteInfo(rank=rank, endpoint=reg.endpoint, layout=reg.layout, instance=self.instance,
-                             num_ranks=num_ranks, dp_rank=dp_rank, dp_size=reg.dp_size)
+                             num_ranks=num_ranks, dp_rank=dp_rank, dp_size=reg.dp_size, epoch=self.epoch)
 
     # --- HTTP handlers ------------------------------------------------------------------------
 
@@ -128,10 +135,14 @@ class BootstrapServer:
         if (refused := self._refused(request, write=False)) is not None:
             return refused
         raw, raw_dp = request.query.get("rank", "0"), request.query.get("dp_rank", "0")
+        raw_epoch = request.query.get("epoch", str(self.epoch))
         try:
-            rank, dp_rank = int(raw), int(raw_dp)
+            rank, dp_rank, epoch = int(raw), int(raw_dp), int(raw_epoch)
         except ValueError:
-            return _json(HttpError(error=f"rank and dp_rank must be integers, got {raw!r}, {raw_dp!r}"), 400)
+            return _json(HttpError(error=f"rank, dp_rank and epoch must be integers, got {raw!r}, {raw_dp!r}, "
+                                         f"{raw_epoch!r}"), 400)
+        if epoch != self.epoch:
+            return _json(HttpError(error=f"stale epoch {epoch}: this prefill is at epoch {self.epoch}"), 409)
         info = self.route(rank, dp_rank)
         if info is None:
             return _json(HttpError(error=f"prefill rank {rank} of dp rank {dp_rank} is not registered"), 404)
@@ -203,3 +214,22 @@ class BootstrapServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def publish_routes(config: DisaggConfig, ranks: list[tuple[str, KVLayout]], dp_rank: int = 0,
+                   dp_size: int = 1) -> BootstrapServer | None:
+    """Register every tp rank's (transfer endpoint, layout): in-process on dp rank 0, which hosts
+    the started server it returns; over HTTP from the other dp ranks (None: no server here)."""
+    if dp_rank == 0:
+        server = BootstrapServer.from_config(config).start()
+        try:
+            for rank, (endpoint, layout) in enumerate(ranks):
+                server.register(rank, endpoint, layout, 0, dp_size)
+        except BaseException:
+            server.close()
+            raise
+        return server
+    for rank, (endpoint, layout) in enumerate(ranks):
+        register_route(config.bootstrap_host, config.bootstrap_port, rank, endpoint, layout, config.cluster_token,
+                       dp_rank=dp_rank, dp_size=dp_size, wait_s=REGISTER_WAIT_S)
+    return None

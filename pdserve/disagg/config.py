@@ -48,6 +48,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdserve.contract import DEFAULT_BOOTSTRAP_PORT
 from pdserve.disagg.backends import BACKENDS
 
 MODES = ("null", "prefill", "decode")
@@ -55,6 +56,17 @@ FAILURE_POLICIES = ("recompute", "error")
 ENV_PREFIX = "PDSERVE_DISAGGREGATION_"
 ALIAS_PREFIX = "SGLANG_DISAGGREGATION_"
 TOKEN_ENV = "PDSERVE_CLUSTER_TOKEN"
+DECODE_RADIX_FLAG = "--disaggregation-decode-enable-radix-cache"
+
+
+def check_decode_radix_cache(enabled: bool, mode: str, prefix_cache: bool = True) -> None:
+    """The one rule of DECODE_RADIX_FLAG, which serve, launch, the config and the PD stage builder
+    all ask: a decode server's, over its radix cache. Raises ValueError with one sentence."""
+    if enabled and mode != "decode":
+        raise ValueError(f"{DECODE_RADIX_FLAG} is for --disaggregation-mode decode only (pdserve launch: "
+                         f"--mode pd), got {mode}")
+    if enabled and not prefix_cache:
+        raise ValueError(f"{DECODE_RADIX_FLAG} needs the radix cache: drop --disable-radix-cache")
 
 
 def default_thread_pool_size(cpu_count: int | None = None) -> int:
@@ -68,7 +80,7 @@ class DisaggConfig:
     mode: str = "null"  # null | prefill | decode
     backend: str = "tcp"  # a name in backends.BACKENDS: tcp | shm | fake | nixl | mooncake
     bootstrap_host: str = "127.0.0.1"
-    bootstrap_port: int = 8998  # 0 = any free port (tests)
+    bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT  # 0 = any free port (tests)
     thread_pool_size: int = field(default_factory=default_thread_pool_size)
     queue_size: int = 4
     bootstrap_timeout: float = 300.0  # s a prefill room waits for decode's page list
@@ -85,6 +97,8 @@ class DisaggConfig:
     # decode: match prompts against its own radix cache; only pages past the hit move
     # (--disaggregation-decode-enable-radix-cache, SGLang's name; engine/pd/decode.py)
     decode_enable_radix_cache: bool = False
+    epoch: int = 1  # the server's role epoch: a live role switch bumps it (server/elastic.py); a route lookup
+    # naming another epoch is refused (409, bootstrap.py), so a stale request never pairs with this server's KV
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -109,11 +123,15 @@ class DisaggConfig:
             raise ValueError(f"mooncake protocol must be tcp or rdma, got {self.mooncake_protocol!r}")
         if not self.nixl_backend or not self.mooncake_metadata:
             raise ValueError("nixl_backend and mooncake_metadata must be non-empty")
-        if self.decode_enable_radix_cache and self.mode != "decode":
-            raise ValueError(f"--disaggregation-decode-enable-radix-cache needs --disaggregation-mode decode, "
-                             f"got {self.mode}")
+        self.check_decode_radix_cache()
+        if self.epoch < 1:
+            raise ValueError(f"epoch must be >= 1, got {self.epoch}")
         if self.cluster_token is not None and not self.cluster_token:
             raise ValueError("cluster_token must be non-empty when set")
+
+    def check_decode_radix_cache(self, prefix_cache: bool = True) -> None:
+        """`check_decode_radix_cache` for this config (`prefix_cache`: the engine's radix cache is on)."""
+        check_decode_radix_cache(self.decode_enable_radix_cache, self.mode, prefix_cache)
 
     @property
     def heartbeat_deadline(self) -> float:

@@ -10,28 +10,13 @@ torch: `pdserve --help` must stay fast.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pdserve.engine.config import ATTENTION_BACKENDS, DTYPE_CHOICES, QUANTIZATIONS, EngineConfig
-from pdserve.kv_events import parse_kv_events_config
-from pdserve.launch.argtypes import device, fraction, non_negative_float, non_negative_int, positive_float, \
+from pdserve.flags.argtypes import device, fraction, non_negative_float, non_negative_int, positive_float, \
     positive_int
-
-
-@dataclass(frozen=True)
-class Flag:
-    """One EngineConfig knob on the command line: pdserve's flag first, then its aliases."""
-
-    names: tuple[str, ...]
-    field: str
-    type: Callable[[str], Any]
-    help: str
-    choices: tuple[str, ...] | None = None
-    metavar: str | None = None
-
+from pdserve.flags.table import Flag, add_flags, flag_values, with_values
+from pdserve.kv_events import parse_kv_events_config
 
 ENGINE_FLAGS: tuple[Flag, ...] = (
     Flag(("--device",), "device", device, "auto | cpu | cuda | cuda:N (auto: cuda when available)",
@@ -75,6 +60,9 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
     Flag(("--dp-size", "--data-parallel-size"), "dp_size", positive_int,
          "data-parallel ranks behind one HTTP front: engine replicas, each with its own scheduler and KV pool "
          "(with --enable-dp-attention: attention ranks sharing one tensor-parallel MLP)"),
+    Flag(("--ep-size", "--expert-parallel-size"), "ep_size", positive_int,
+         "expert-parallel ranks of a mixture-of-experts model: 1, or --tp-size (each rank holds 1/ep of the "
+         "routed experts, whole; under --enable-dp-attention the dp ranks, tokens sent all-to-all)"),
     Flag(("--load-balance-method",), "load_balance_method", str,
          "how the front spreads requests over dp ranks (a request's data_parallel_rank wins; a PD prefill "
          "puts each room on bootstrap_room %% dp-size)", ("round_robin", "shortest_queue")),
@@ -90,29 +78,27 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
 )
 
 
-def _default_text(name: str) -> str | None:
-    value = getattr(EngineConfig(), name)
-    return None if value is None else str(value)
+MODEL_FLAG = Flag(("--model", "--model-path"), "model", str,
+                  "HF folder, .gguf file, or 'default' (bundled SmolLM2-135M-Instruct)")
+ENGINE_SWITCHES: tuple[Flag, ...] = (
+    Flag(("--disable-prefix-cache", "--disable-radix-cache", "--no-enable-prefix-caching"), "enable_prefix_cache",
+         None, "turn the radix prefix cache off", const=False),
+    Flag(("--enable-dp-attention",), "enable_dp_attention", None,
+         "dp ranks keep their own requests, KV pools and whole attention while the MLP is "
+         "tensor-parallel over all of them (needs --tp-size == --dp-size)"),
+    Flag(("--enable-expert-parallel",), "ep_size", None,
+         "vLLM's spelling of --ep-size equal to --tp-size", const=0),
+    Flag(("--disable-cpu-prepack",), "cpu_prepack", None,
+         "CPU: keep GEMM weights dense (F.linear) instead of prepacked for oneDNN", const=False),
+    Flag(("--skip-server-warmup", "--skip-warmup"), "warmup", None,
+         "report ready without running the warm-up request", const=False),
+)
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and engine (SGLang's and vLLM's spellings are aliases)")
-    g.add_argument("--model", "--model-path", dest="model", default="default",
-                   help="HF folder, .gguf file, or 'default' (bundled SmolLM2-135M-Instruct) (default default)")
-    for f in ENGINE_FLAGS:
-        default = _default_text(f.field)
-        text = f"{f.help} (default {default})" if default is not None else f.help
-        g.add_argument(*f.names, dest=f.field, type=f.type, default=None, choices=f.choices, metavar=f.metavar,
-                       help=text)
-    g.add_argument("--disable-prefix-cache", "--disable-radix-cache", "--no-enable-prefix-caching",
-                   dest="disable_prefix_cache", action="store_true", help="turn the radix prefix cache off")
-    g.add_argument("--enable-dp-attention", dest="enable_dp_attention", action="store_true",
-                   help="dp ranks keep their own requests, KV pools and whole attention while the MLP is "
-                        "tensor-parallel over all of them (needs --tp-size == --dp-size)")
-    g.add_argument("--disable-cpu-prepack", dest="disable_cpu_prepack", action="store_true",
-                   help="CPU: keep GEMM weights dense (F.linear) instead of prepacked for oneDNN")
-    g.add_argument("--skip-server-warmup", "--skip-warmup", dest="skip_warmup", action="store_true",
-                   help="report ready without running the warm-up request")
+    """The engine's flags (--help shows EngineConfig's defaults; a flag not given is None)."""
+    add_flags(p.add_argument_group("model and engine (SGLang's and vLLM's spellings are aliases)"),
+              (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES), EngineConfig())
 
 
 def check_engine_args(args: argparse.Namespace) -> None:
@@ -135,20 +121,8 @@ def check_engine_args(args: argparse.Namespace) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    kwargs: dict[str, Any] = {"model": args.model}
-    for f in ENGINE_FLAGS:
-        value = getattr(args, f.field)
-        if value is not None:
-            kwargs[f.field] = value
-    template = kwargs.get("chat_template")
+    values = flag_values(args, (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES), EngineConfig())
+    template = values.get("chat_template")
     if template is not None and "{" not in template and Path(template).is_file():
-        kwargs["chat_template"] = Path(template).read_text(encoding="utf-8")
-    if args.disable_prefix_cache:
-        kwargs["enable_prefix_cache"] = False
-    if getattr(args, "enable_dp_attention", False):
-        kwargs["enable_dp_attention"] = True
-    if getattr(args, "disable_cpu_prepack", False):
-        kwargs["cpu_prepack"] = False
-    if getattr(args, "skip_warmup", False):
-        kwargs["warmup"] = False
-    return EngineConfig(**kwargs)
+        values["chat_template"] = Path(template).read_text(encoding="utf-8")
+    return with_values(EngineConfig(), values)

@@ -18,6 +18,22 @@ Per forward the runner builds `AttentionMetadata` once; every layer then
 
         widths (pages) sorted: 3 4 4 5 | 13 14 | 63        -> 3 groups, 3 SDPA calls per layer
 
+MLA models call `latent(layer, q_nope, q_pe, latent, heads)` instead (model/mla.py draws the
+two forms); the pool holds one latent row per token (r = kv_lora_rank, p = rope dims, H heads):
+
+    write      latent [T, r+p] -> pool.kv[layer] slots
+    prefill    L = chunk (+ its cached prefix, gathered from the pool by slot)
+               latents [L, r+p] ─ heads.expand (kv_b_proj) ─▶ k [L, H, n+p], v [L, H, dv]
+               SDPA(q = [q_nope | q_pe] [1, H, Lq, n+p], k, v) ─▶ [Lq, H, dv]
+    decode     q = heads.absorb_query(q_nope, q_pe)  [B, H, r+p]   (W_UK folded into q)
+               latents = whole pages, as above        [B, P*page_size, r+p]
+               SDPA(q as [B, 1, H, r+p]: the H heads are the query rows of ONE kv head,
+                    k = latents [B, 1, L, r+p], v = latents[..., :r] [B, 1, L, r])
+                 ─▶ o_lat [B, H, r] ─ heads.values (W_UV) ─▶ [B, H, dv]
+
+MLA's latent pools keep the gather path for decode (the kernel reads K/V pools only).
+The same code runs on CUDA (gather path); only the tensors' device changes.
+
 Why a C++ kernel for decode (issue 29, one layer of the bundled model's shape, 9/3 heads x 64,
 page 16; interleaved A/B in one process, medians, a 2-core box at load 10-14, so read ratios):
 gather + SDPA -> kernel: batch 1 x 256 tokens 0.68x, x 2048 0.5-0.7x; batch 64 x 256 0.36-0.46x,
@@ -27,8 +43,6 @@ took 0.31x its time at batch 1 x 2048 and 0.09-0.14x at batch 64 (plus 30-60 s o
 shape). No maintained CPU paged kernel fits: vLLM-CPU's is inside vLLM's own extension.
 Prefill chunks keep SDPA over gathered pages: their attention is O(q x kv) and compute-bound
 (SDPA's blocked kernel), the gather O(kv), so reading pages in place would not pay there.
-
-The same code runs on CUDA (gather path); only the tensors' device changes.
 """
 
 from __future__ import annotations
@@ -39,13 +53,20 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine import kernels
-from pdserve.engine.kv_cache import KVPool
+from pdserve.engine.kv_cache import KVPool, LatentPool, Pool
+from pdserve.model.mla import LatentHeads
 
 
-def decode_in_place(backend: str, pool: KVPool) -> bool:
-    """Whether decode rows use the C++ kernel: "auto" where it loads (CPU, fp32 pool), "cpp"
-    insists (ValueError where it cannot), "torch_native" never (the gather path)."""
+def decode_in_place(backend: str, pool: Pool) -> bool:
+    """Whether decode rows use the C++ kernel: "auto" where it loads (CPU, fp32 K/V pool), "cpp"
+    insists (ValueError where it cannot), "torch_native" never (the gather path). MLA's latent
+    pool always gathers: the kernel walks K/V pools of Hkv heads only."""
     if backend == "torch_native":
+        return False
+    if not isinstance(pool, KVPool):
+        if backend == "cpp":
+            raise ValueError("--attention-backend cpp reads K/V pools only; an MLA model's latent pool gathers "
+                             "(--attention-backend auto or torch_native)")
         return False
     fits = pool.k.device.type == "cpu" and pool.k.dtype == torch.float32
     if fits and kernels.load():
@@ -170,14 +191,16 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: DecodeRow
 
 
 class PagedAttention:
-    """The `attn(layer, q, k, v)` callable handed to the model for one forward."""
+    """The attention handed to the model for one forward: `attn(layer, q, k, v)` over a KVPool,
+    `attn.latent(...)` over a LatentPool (MLA)."""
 
-    def __init__(self, pool: KVPool, meta: AttentionMetadata) -> None:
+    def __init__(self, pool: Pool, meta: AttentionMetadata) -> None:
         self.pool = pool
         self.meta = meta
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta, pool = self.meta, self.pool
+        assert isinstance(pool, KVPool)
         pool.write(layer, meta.slots, k, v)
         d = meta.decode_rows
         if d is not None and d.rows.shape[0] == q.shape[0]:  # decode-only: no row gather/scatter
@@ -204,8 +227,34 @@ class PagedAttention:
             out[d.rows] = paged_decode(q[d.rows], pool.k[layer], pool.v[layer], d, pool.page_size)
         return out
 
+    def latent(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+               heads: LatentHeads) -> torch.Tensor:
+        meta, pool = self.meta, self.pool
+        assert isinstance(pool, LatentPool)
+        pool.write(layer, meta.slots, latent)
+        out = q_nope.new_empty(*q_nope.shape[:2], heads.w_uv.shape[2])
+        rows_of = pool.kv[layer].view(pool.kv.shape[1], -1)  # [slots, r+p]
+        for s in meta.prefills:
+            rows = slice(s.q_start, s.q_start + s.q_len)
+            lat = latent[rows] if s.kv_slots is None else rows_of.index_select(0, s.kv_slots)
+            k, v = heads.expand(lat)
+            q = torch.cat((q_nope[rows], q_pe[rows]), dim=-1)
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                attn_mask=s.mask, is_causal=s.kv_slots is None, scale=heads.scale)
+            out[rows] = o[0].transpose(0, 1)
+        for g in meta.decode_groups:
+            q = heads.absorb_query(q_nope[g.rows], q_pe[g.rows])  # [B, H, r+p]
+            b, h, width = q.shape
+            lat = pool.kv[layer].view(pool.num_pages, -1).index_select(0, g.pages).view(b, 1, -1, width)
+            o = F.scaled_dot_product_attention(q.unsqueeze(1), lat, lat[..., : heads.rank], attn_mask=g.mask,
+                                               scale=heads.scale)  # [B, 1, H, r]
+            out[g.rows] = heads.values(o.view(b, h, heads.rank))
+        return out
+
     def _decode(self, layer: int, q: torch.Tensor, g: DecodeGroup) -> torch.Tensor:
         pool = self.pool
+        assert isinstance(pool, KVPool)
         b, hq, d = q.shape
         hkv = pool.k.shape[2]
         # index_select of whole pages (rows of page_size*Hkv*D): ~4x faster on CPU than

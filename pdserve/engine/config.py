@@ -1,9 +1,18 @@
-"""Frozen configuration dataclasses: every engine knob in one place, with its default."""
+"""Frozen configuration dataclasses: every engine knob in one place, with its default.
+
+`EngineConfig` holds the engine's knobs and, nested, its parallel layout (`ParallelConfig`):
+both cross process boundaries as msgspec JSON (the engine process spawn, tp_worker's
+RankSpec). The layout may also be spelled flat, `EngineConfig(tp_size=2)` and `cfg.tp_size`
+(the flag tables, `LLM(tp_size=2)`): those keywords fold into `parallel` (`_flat_layout`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 def default_threads() -> int:
@@ -16,6 +25,100 @@ ATTENTION_BACKENDS = ("auto", "cpp", "torch_native")  # engine/attention.py's de
 QUANTIZATIONS = ("fp16",)  # weight-only, model/linear.py (int8/int4: no CPU kernel that pays, see there)
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    """The parallel layout of one server: tp ranks (one process each) over nnodes machines, dp
+    ranks behind one HTTP front (engine replicas, or DP-attention ranks sharing one
+    tensor-parallel MLP), and where the processes meet."""
+
+    tp_size: int = 1  # tensor-parallel ranks (one process each; engine/tp_worker.py)
+    nnodes: int = 1  # machines the tp ranks span (tp_size / nnodes ranks on each)
+    node_rank: int = 0  # this machine's index; 0 runs the scheduler and the HTTP front
+    dist_init_addr: str | None = None  # HOST:PORT of node 0's rendezvous (default: 127.0.0.1, any port)
+    dp_size: int = 1  # data-parallel ranks behind one front (replicas, or attention ranks)
+    enable_dp_attention: bool = False  # dp attention ranks share one tensor-parallel MLP (tp == dp)
+    load_balance_method: str = "round_robin"  # how the front spreads requests over dp ranks
+    ep_size: int = 1  # a mixture's routed experts over the tp ranks (DP attention: the dp ranks): 1 or tp_size;
+    # 0 = tp_size (vLLM's --enable-expert-parallel)
+    dp_rank: int = 0  # set by the front for each dp rank's engine process
+    dp_store: str | None = None  # DP attention: the FileStore path the ranks meet at (set by the front)
+
+    def check_parallel(self) -> None:
+        """Raise ValueError (one sentence) for a tp/dp/nnodes/node-rank combination that cannot work."""
+        if self.dp_size < 1:
+            raise ValueError(f"--dp-size must be >= 1, got {self.dp_size}")
+        if self.enable_dp_attention and self.tp_size != self.dp_size:
+            raise ValueError(f"--enable-dp-attention needs --tp-size equal to --dp-size (one attention rank per "
+                             f"dp rank; attention tp inside a dp rank is not supported yet), got tp "
+                             f"{self.tp_size} and dp {self.dp_size}")
+        if self.enable_dp_attention and self.dp_size < 2:
+            raise ValueError("--enable-dp-attention needs --dp-size >= 2")
+        if self.ep_size < 0 or self.ep_ranks not in (1, self.tp_size):
+            raise ValueError(f"--ep-size must be 1 or --tp-size {self.tp_size} (the experts spread over the tp "
+                             f"ranks, or under DP attention the dp ranks), got {self.ep_size}")
+        if self.dp_size > 1 and self.nnodes > 1:
+            raise ValueError("--dp-size > 1 runs on one machine: it cannot be combined with --nnodes > 1 yet")
+        if self.tp_size < 1 or self.nnodes < 1 or self.tp_size % self.nnodes:
+            raise ValueError(f"--tp-size {self.tp_size} must be a positive multiple of --nnodes {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp_size // self.nnodes
+
+    @property
+    def attn_tp_size(self) -> int:
+        """Tensor-parallel ranks of one engine (scheduler): 1 under DP attention (tp == dp)."""
+        return 1 if self.enable_dp_attention else self.tp_size
+
+    @property
+    def ep_ranks(self) -> int:
+        """Expert-parallel ranks (1: every rank holds every expert, sliced under TP)."""
+        return self.tp_size if self.ep_size == 0 else self.ep_size
+
+    @property
+    def num_processes(self) -> int:
+        """Engine processes of the whole server on this machine (they share its cores)."""
+        per_dp = 1 if self.enable_dp_attention else self.ranks_per_node
+        return self.dp_size * per_dp
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(host, port) of node 0's TCPStore; port 0 means any free one (single node only)."""
+        if not self.dist_init_addr:
+            return "127.0.0.1", 0
+        host, _, port = self.dist_init_addr.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--dist-init-addr must be HOST:PORT, got {self.dist_init_addr!r}")
+        return host.strip("[]"), int(port)
+
+
+LAYOUT_FIELDS = tuple(f.name for f in dataclasses.fields(ParallelConfig))
+_LAYOUT_READS = LAYOUT_FIELDS + ("attn_tp_size", "ep_ranks", "num_processes", "ranks_per_node", "rendezvous")
+
+
+def _flat_layout(cls: type) -> type:
+    """Let `cls(tp_size=2, ...)` (and dataclasses.replace with those keywords) fold the flat
+    layout keywords into its `parallel`, and `obj.tp_size` (and the layout's sizes) read it.
+    Only __init__ and reads change: msgspec, asdict and == see the field `parallel` alone."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        layout = {k: kwargs.pop(k) for k in LAYOUT_FIELDS if k in kwargs}
+        if layout:
+            kwargs["parallel"] = dataclasses.replace(kwargs.get("parallel") or ParallelConfig(), **layout)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    for name in _LAYOUT_READS:
+        setattr(cls, name, property(lambda self, name=name: getattr(self.parallel, name)))
+    return cls
+
+
+@_flat_layout
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = "default"  # HF folder, .gguf file, or "default" (bundled SmolLM2-135M)
@@ -40,62 +143,15 @@ class EngineConfig:
     attention_backend: str = "auto"  # decode attention: auto | cpp (pages read in place) | torch_native (gather)
     quantization: str | None = None  # weight-only: fp16 (fbgemm) instead of the prepacked fp32 weights
     warmup: bool = True  # the engine process runs one short request before it reports ready
-    tp_size: int = 1  # tensor-parallel ranks (one process each; engine/tp_worker.py)
-    nnodes: int = 1  # machines the tp ranks span (tp_size / nnodes ranks on each)
-    node_rank: int = 0  # this machine's index; 0 runs the scheduler and the HTTP front
-    dist_init_addr: str | None = None  # HOST:PORT of node 0's rendezvous (default: 127.0.0.1, any port)
-    dp_size: int = 1  # data-parallel ranks behind one front (replicas, or attention ranks)
-    enable_dp_attention: bool = False  # dp attention ranks share one tensor-parallel MLP (tp == dp)
-    load_balance_method: str = "round_robin"  # how the front spreads requests over dp ranks
-    dp_rank: int = 0  # set by the front for each dp rank's engine process
-    dp_store: str | None = None  # DP attention: the FileStore path the ranks meet at (set by the front)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the tp/dp layout (flat keywords fold in)
     kv_events_config: str | None = None  # JSON (pdserve/kv_events): publish KV events; None = off
 
     def check_parallel(self) -> None:
-        """Raise ValueError (one sentence) for a tp/dp/nnodes/node-rank combination that cannot work."""
-        if self.dp_size < 1:
-            raise ValueError(f"--dp-size must be >= 1, got {self.dp_size}")
-        if self.enable_dp_attention and self.tp_size != self.dp_size:
-            raise ValueError(f"--enable-dp-attention needs --tp-size equal to --dp-size (one attention rank per "
-                             f"dp rank; attention tp inside a dp rank is not supported yet), got tp "
-                             f"{self.tp_size} and dp {self.dp_size}")
-        if self.enable_dp_attention and self.dp_size < 2:
-            raise ValueError("--enable-dp-attention needs --dp-size >= 2")
-        if self.dp_size > 1 and self.kv_events_config is not None:
+        """Raise ValueError (one sentence) for a layout that cannot work, here or with the engine's knobs."""
+        self.parallel.check_parallel()
+        if self.parallel.dp_size > 1 and self.kv_events_config is not None:
             raise ValueError("--kv-events-config with --dp-size > 1 is not supported yet (one publisher per dp rank "
                              "would need advertising)")
-        if self.dp_size > 1 and self.nnodes > 1:
-            raise ValueError("--dp-size > 1 runs on one machine: it cannot be combined with --nnodes > 1 yet")
-        if self.tp_size < 1 or self.nnodes < 1 or self.tp_size % self.nnodes:
-            raise ValueError(f"--tp-size {self.tp_size} must be a positive multiple of --nnodes {self.nnodes}")
-        if not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(f"--node-rank {self.node_rank} must be in [0, --nnodes {self.nnodes})")
-        if self.nnodes > 1 and not self.dist_init_addr:
-            raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
-
-    @property
-    def ranks_per_node(self) -> int:
-        return self.tp_size // self.nnodes
-
-    @property
-    def attn_tp_size(self) -> int:
-        """Tensor-parallel ranks of one engine (scheduler): 1 under DP attention (tp == dp)."""
-        return 1 if self.enable_dp_attention else self.tp_size
-
-    @property
-    def num_processes(self) -> int:
-        """Engine processes of the whole server on this machine (they share its cores)."""
-        per_dp = 1 if self.enable_dp_attention else self.ranks_per_node
-        return self.dp_size * per_dp
-
-    def rendezvous(self) -> tuple[str, int]:
-        """(host, port) of node 0's TCPStore; port 0 means any free one (single node only)."""
-        if not self.dist_init_addr:
-            return "127.0.0.1", 0
-        host, _, port = self.dist_init_addr.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"--dist-init-addr must be HOST:PORT, got {self.dist_init_addr!r}")
-        return host.strip("[]"), int(port)
 
 
 def set_torch_threads(threads: int | None) -> None:

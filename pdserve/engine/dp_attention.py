@@ -1,6 +1,6 @@
 """One DP-attention rank's side of the per-step round (the group is parallel/dp_attention.py).
 
-Lifecycle, on every rank, every iteration of its engine loop (server/engine_proc.py):
+Lifecycle, on every rank, every iteration of its engine loop (engine/process.py):
 
     this rank has work:  Engine.step()
                            the forward, if the scheduler built a batch: the runner calls
@@ -8,8 +8,10 @@ Lifecycle, on every rank, every iteration of its engine loop (server/engine_proc
                            the model's per-layer MLP collectives pad to the largest rank's rows
                            finish_round(busy): nothing more if a forward ran; else a round with
                            0 tokens, and an idle forward if another rank forwards
-    no work:             finish_round(False) alone: the same round, the same idle forward
-    then                 view.any_busy: go round again; else nap on the inbox (all idle)
+    no work:             finish_round(False) alone (the loop's DPAttentionRound.idle): the same
+                           round, the same idle forward
+    then                 view.any_busy: go round again; else sleep on the inbox (all idle;
+                           DPAttentionRound.wait)
 
 So each iteration is exactly one round on every rank, whatever each rank's scheduler decided.
 Each round is counted in the engine's stats (engine/stats.py): forwards with their step time,
@@ -33,20 +35,22 @@ from pdserve.parallel.dp_attention import MODE_DECODE, MODE_EXTEND, MODE_IDLE, D
 def dp_device(config: EngineConfig, device: torch.device) -> torch.device:
     """A dp rank's device: on CUDA without an explicit index, GPU dp_rank x (its tp ranks), so
     that each rank (and a replica's tp ranks after it) gets its own GPUs."""
-    if device.type != "cuda" or device.index is not None or config.dp_size == 1:
+    par = config.parallel
+    if device.type != "cuda" or device.index is not None or par.dp_size == 1:
         return device
-    device = torch.device("cuda", config.dp_rank * config.attn_tp_size % max(torch.cuda.device_count(), 1))
+    device = torch.device("cuda", par.dp_rank * par.attn_tp_size % max(torch.cuda.device_count(), 1))
     torch.cuda.set_device(device)
     return device
 
 
 def join_dp_attention(config: EngineConfig, device: torch.device) -> DPAttentionGroup | None:
     """This engine's DP-attention group (None without --enable-dp-attention)."""
-    if not config.enable_dp_attention:
+    par = config.parallel
+    if not par.enable_dp_attention:
         return None
-    if config.dp_store is None:
-        raise ValueError("DP attention needs the front's rendezvous path (EngineConfig.dp_store)")
-    return DPAttentionGroup.join(config.dp_rank, config.dp_size, config.dp_store, device)
+    if par.dp_store is None:
+        raise ValueError("DP attention needs the front's rendezvous path (ParallelConfig.dp_store)")
+    return DPAttentionGroup.join(par.dp_rank, par.dp_size, par.dp_store, device)
 
 
 class DPAttentionRank:

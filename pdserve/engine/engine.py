@@ -5,140 +5,67 @@ Lifecycle of a request:
   running: chunked prefill … the chunk that reaches the end of its tokens samples a token
            ─▶ decode, one token per step ─▶ stop (EOS / stop id / stop string / length)
   finish or abort ─▶ pages released (computed full pages stay in the prefix cache)
-A constrained request (structured output) first waits in the grammar queue until its grammar
-is compiled off the loop (engine/grammar.py); each step masks its logits and advances its matcher.
-A PD request waits in its stage's queues (engine/pd: prefill or decode) while its KV moves;
-the stage hands it to the scheduler and back, and tells the engine what finished.
-Outputs are incremental `TokenOut`s: the tokens each request produced since the last step.
-When it goes idle the engine checks KV integrity (free + cached + in use == total).
-A DP-attention rank ends every step with one round with the other ranks (engine/dp_attention.py).
-Start-up logs each stage (weights, KV pool); `warm_up()` runs one throw-away request; what the
-engine computes is counted in `self.stats` (engine/stats.py: the periodic stats line, gauges).
-"""
+A constrained request first waits in the grammar queue until its grammar is compiled off the
+loop (engine/grammar.py); each step masks its logits and advances its matcher. Every output
+token enters its request through `accept_token` (engine/accept.py). Outputs are incremental
+`TokenOut`s: the tokens each request produced since the last step. When it goes idle the engine
+checks KV integrity (free + cached + in use == total). A DP-attention rank ends every step with
+one round with the other ranks (engine/dp_attention.py). `Engine.build(config, disagg)`
+assembles the parts (engine/build.py); `warm_up()` runs one throw-away request; what the engine
+computes is counted in `self.stats` (engine/stats.py: the periodic stats line, gauges).
 
+Seams, each a Protocol with a do-nothing default, where a feature plugs in without touching the step:
+  stage        PD (engine/pd/stage.py): a PD request waits in its stage's queues while its KV
+               moves; the stage hands it to the scheduler and back, and says what finished.
+               NullStage: unified. A live role switch (`switch_stage`, server/elastic.py) swaps it
+               for another mode's on the same weights and pool once the engine is idle.
+  speculator   speculative decoding around the forward (engine/speculate.py): drafts proposed
+               before it, verified after sampling, each accepted token through accept_token.
+               NoSpeculation: plain decoding.
+  KV tier      under the prefix cache (engine/prefix_cache.py's KVTier): a match may promote
+               pages from a lower tier, an eviction may demote them. NoTier: the device only.
+"""
 from __future__ import annotations
 
-import logging
 import os
 import time
-from concurrent.futures import Future
-from pathlib import Path
 
 import torch
 
-from pdserve.disagg.config import DisaggConfig
-from pdserve.engine.batch import ScheduleBatch
-from pdserve.engine.config import EngineConfig, keep_freed_memory, set_torch_threads
-from pdserve.engine.dp_attention import DPAttentionRank, dp_device, join_dp_attention
-from pdserve.engine.grammar import Grammars, GrammarState, grammar_error
-from pdserve.engine.kv_cache import KVPool
-from pdserve.engine.kv_manager import KVManager
+from pdserve.disagg import DisaggConfig
+from pdserve.engine.accept import accept_token
+from pdserve.engine.batch import Chunk, ScheduleBatch
+from pdserve.engine.build import EngineParts, build_parts
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.grammar import GrammarQueue
 from pdserve.engine.messages import Bootstrap, GenerateReq, LoadInfo, TokenOut
-from pdserve.disagg.messages import KVLayout
-from pdserve.engine.pd.build import DPPlace, build_stage, pool_tensors
 from pdserve.engine.pd.stage import StagePoll
 from pdserve.engine.request import Request
-from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampler import Sampler, SampleResult, SampleRow, score_prompt
+from pdserve.engine.sampler import SampleResult, SampleRow, score_prompt
 from pdserve.engine.sampling_params import SamplingError, SamplingParams, check_prompt
-from pdserve.engine.scheduler import Scheduler
-from pdserve.engine.stats import EngineStats
-from pdserve.engine.stop import StopChecker
-from pdserve.engine.tp_worker import TPRanks, rank_threads, resolved_config
-from pdserve.model.bundled import resolve_model
-from pdserve.model.config import ModelConfig
-from pdserve.model.loader import load_model, resolve_device, resolve_dtype
-from pdserve.model.tokenizer import Tokenizer
-from pdserve.model.tp import Collectives, NoCollectives, TPShard
-
-log = logging.getLogger(__name__)
-
-
-def available_host_memory() -> int:
-    """Bytes of host memory available to new allocations (Linux MemAvailable, else physical)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+from pdserve.engine.stats import expert_load
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, disagg: DisaggConfig | None = None) -> None:
-        self.config = config
-        self.device = dp_device(config, resolve_device(config.device))
-        dtype = resolve_dtype(config.dtype)
-        set_torch_threads(config.threads)
-        self.model_path: Path = resolve_model(config.model)
-        self.model_config = ModelConfig.from_folder(self.model_path)
-        self.tokenizer_path: Path = resolve_model(config.tokenizer) if config.tokenizer else self.model_path
-        self.tokenizer = Tokenizer(self.tokenizer_path, config.chat_template)
-        cfg, ps = self.model_config, config.page_size
-        shard = TPShard(config.dp_rank, config.tp_size, dp_attention=True) if config.enable_dp_attention else \
-            TPShard(0, config.tp_size)
-        local = shard.local_config(cfg)  # a tp size that does not fit fails here, before any weight loads
-        wanted_len = config.max_model_len or cfg.max_position_embeddings
-        log.info("loading weights of %s (%d layers, hidden %d) on %s in %s", self.model_path.name,
-                 cfg.num_hidden_layers, cfg.hidden_size, self.device, config.dtype)
-        # the pool's size is known before the weights load, except with --mem-fraction-static
-        # (a fraction of what is left after them): RoPE tables then cover the model's length
-        num_pages = config.num_pages or (None if config.mem_fraction_static is not None else
-                                         KVPool.pages_for_budget(local, ps, config.kv_cache_gb, dtype.itemsize))
-        self.ranks: TPRanks | None = None
-        if config.num_processes > 1:
-            set_torch_threads(rank_threads(config))
-        if config.attn_tp_size > 1:
-            self.ranks = TPRanks.start(resolved_config(config, cfg), self.device, disagg)
-        dp_group = join_dp_attention(config, self.device)  # DP attention: the MLP's group
-        comm: Collectives = dp_group or (self.ranks.group if self.ranks is not None else NoCollectives())
-        t0 = time.perf_counter()
-        rope_len = min(wanted_len, (num_pages - 1) * ps) if num_pages else wanted_len
-        self.model = load_model(self.model_path, self.device, dtype, rope_len + 1, shard, comm, config.cpu_prepack,
-                                config.quantization)
-        weights_gb = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**30
-        self.load_weights_s = time.perf_counter() - t0
-        log.info("weights loaded in %.1f s (%.2f GB)", self.load_weights_s, weights_gb)
-        if num_pages is None:
-            num_pages = KVPool.pages_for_budget(local, ps, self._kv_budget_gb(), dtype.itemsize)
-        self.max_model_len = min(wanted_len, (num_pages - 1) * ps)
-        tensors = pool_tensors(disagg, KVPool.shape(local, num_pages, ps), dtype, self.device)
-        self.pool = KVPool(local, num_pages, ps, self.device, dtype, tensors)
-        log.info("KV pool: %d pages of %d tokens = %d tokens, %.2f GB; context length %d", num_pages, ps,
-                 num_pages * ps, num_pages * self.pool.page_bytes() / 2**30, self.max_model_len)
-        self.kv = KVManager(num_pages, ps, config.enable_prefix_cache)
-        self.scheduler = Scheduler(self.kv, config.chunk_budget, config.max_running, config.decode_headroom)
-        keep_freed_memory()  # after the weights and the pool: they keep their own mappings
-        self.stats = EngineStats(config.log_stats_interval_s)
-        self.dp = DPAttentionRank(dp_group, self.model, self.stats) if dp_group is not None else None
-        publish = self.ranks.publish if self.ranks is not None else self.dp.before_forward if self.dp else None
-        self.runner = ModelRunner(self.model, self.pool, self.device, publish, config.attention_backend)
-        self.sampler = Sampler(cfg.vocab_size, self.device)
-        self.eos_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(cfg.eos_token_id)
-        self.stops = StopChecker(self.tokenizer, self.eos_ids, self.max_model_len)
+    def __init__(self, parts: EngineParts) -> None:
+        p = parts
+        self.config, self.device, self.model_config, self.model_path = p.config, p.device, p.model_config, p.model_path
+        self.tokenizer, self.tokenizer_path, self.eos_ids = p.tokenizer, p.tokenizer_path, p.eos_ids
+        self.model, self.load_weights_s, self.max_model_len = p.model, p.load_weights_s, p.max_model_len
+        self.pool, self.kv, self.scheduler, self.stats = p.pool, p.kv, p.scheduler, p.stats
+        self.ranks, self.dp, self.runner, self.sampler = p.ranks, p.dp, p.runner, p.sampler
+        self.stops, self.grammars, self.speculator, self.stage = p.stops, p.grammars, p.speculator, p.stage
+        self.disagg, self.make_stage = p.disagg, p.make_stage
+        self.grammar_wait: GrammarQueue[Request] = GrammarQueue(self.grammars)  # compiling
         self._requests: dict[str, Request] = {}
-        self.grammars = Grammars(self.tokenizer.hf, cfg.vocab_size, self.eos_ids)
-        self._grammar_wait: dict[Request, tuple[Bootstrap | None, Future]] = {}  # compiling
         self._aborted: list[str] = []
         self._arrivals = 0
         self.num_forward_tokens = 0
-        self.stage = build_stage(disagg, KVLayout.for_pool(self.model_path.name, self.pool.k, ps, shard.kv_heads(cfg)[0],
-                                                           cfg.num_key_value_heads),
-                                 self.pool, self.scheduler, self.kv, self.stops, cfg.vocab_size,
-                                 self.ranks.peers(config) if self.ranks is not None else None,
-                                 DPPlace(config.dp_rank, config.dp_size))
 
-    def _kv_budget_gb(self) -> float:
-        """GiB for the KV pool: --mem-fraction-static of the memory left now (weights loaded)."""
-        fraction = self.config.mem_fraction_static
-        assert fraction is not None
-        if self.device.type == "cuda":
-            available = torch.cuda.mem_get_info(self.device)[0]
-        else:
-            available = available_host_memory()
-        return fraction * available / (1 << 30)
+    @classmethod
+    def build(cls, config: EngineConfig, disagg: DisaggConfig | None = None) -> Engine:
+        """An engine with the parts its config asks for (engine/build.py)."""
+        return cls(build_parts(config, disagg))
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, req: GenerateReq) -> None:
@@ -149,7 +76,8 @@ class Engine:
             gen = torch.Generator(device=self.device).manual_seed(req.params.seed)
         self._arrivals += 1
         r = Request(rid=req.rid, prompt_len=len(req.input_ids), params=req.params,
-                    tokens=[*req.input_ids, *req.output_ids], arrival=self._arrivals, generator=gen, t_arrival=time.monotonic())
+                    tokens=[*req.input_ids, *req.output_ids], arrival=self._arrivals, generator=gen,
+                    t_arrival=time.monotonic())
         if req.return_prompt_logprobs:
             r.prompt_lp, r.prompt_lp_from = [None] * r.prompt_len, min(max(req.prompt_logprobs_from, 0), r.prompt_len)
             r.prompt_top = [[] for _ in range(r.prompt_len)] if req.params.top_logprobs > 0 else None
@@ -157,37 +85,29 @@ class Engine:
         if leader is not None and leader.tokens[: leader.prompt_len] == r.tokens:
             r.leader = leader  # the scheduler admits r once leader's prompt pages are cached
         if req.params.grammar is not None:  # joins the scheduler / stage once compiled (poll_grammars)
-            self._grammar_wait[r] = (req.bootstrap, self.grammars.submit(req.params.grammar))
-        elif req.bootstrap is not None:
-            self.stage.add(r, req.bootstrap)  # may refuse it (its room is taken): register it only after
+            self.grammar_wait.add(r, req.params.grammar, req.bootstrap)
+        else:
+            self._enqueue(r, req.bootstrap)  # may refuse it (its room is taken): register it only after
+        self._requests[req.rid] = r
+
+    def _enqueue(self, r: Request, boot: Bootstrap | None) -> None:
+        """To the PD stage (which may refuse it: ValueError) or the scheduler."""
+        if boot is not None:
+            self.stage.add(r, boot)
         else:
             self.scheduler.add(r)
-        self._requests[req.rid] = r
 
     def _poll_grammars(self) -> list[TokenOut]:
         """Requests whose grammar compiled go on (scheduler or PD stage); failed ones get a 400."""
-        outputs = []
-        for r, (boot, fut) in [(r, w) for r, w in self._grammar_wait.items() if w[1].done()]:
-            del self._grammar_wait[r]
-            spec = r.params.grammar
-            assert spec is not None
+        ready, refused = self.grammar_wait.poll()
+        outputs = [self.finish_request(r, "abort", error=why) for r, why in refused]
+        for r, state, boot in ready:
+            r.grammar = state
             try:
-                r.grammar = GrammarState(fut.result())
-            except Exception as exc:  # an invalid schema / regex / grammar
-                self.grammars.forget(spec)
-                outputs.append(self._refuse(r, f"{spec.param}: invalid {spec.kind.replace('_', ' ')}: "
-                                               f"{grammar_error(exc)}"))
-                continue
-            try:
-                self.stage.add(r, boot) if boot is not None else self.scheduler.add(r)
+                self._enqueue(r, boot)
             except ValueError as exc:  # the stage refused it (its room is taken)
-                outputs.append(self._refuse(r, str(exc)))
+                outputs.append(self.finish_request(r, "abort", error=str(exc)))
         return outputs
-
-    def _refuse(self, r: Request, error: str) -> TokenOut:
-        out = self.finish_request(r, "abort")
-        out.error, out.error_status = error, 400
-        return out
 
     def validate(self, req: GenerateReq) -> None:
         req.params.validate(self.config.max_top_logprobs)
@@ -205,7 +125,7 @@ class Engine:
 
     def has_work(self) -> bool:
         return (self.scheduler.has_work() or bool(self._aborted) or self.stage.pending() > 0
-                or bool(self._grammar_wait))
+                or bool(self.grammar_wait))
 
     def is_waiting_on_transfers(self) -> bool:
         """True when the only pending work is KV moving (the caller may sleep briefly)."""
@@ -238,7 +158,7 @@ class Engine:
 
     def _step(self) -> list[TokenOut]:
         outputs = self._abort_requests()
-        if self._grammar_wait:
+        if self.grammar_wait:
             outputs += self._poll_grammars()
         polled = self._finish_polled(self.stage.poll())
         if polled:  # stream committed first tokens and errors now, not after a forward:
@@ -248,18 +168,18 @@ class Engine:
             if not self.has_work():
                 self.check_integrity()
             return outputs
-        now = time.monotonic()
-        for c in batch.chunks:
-            if c.req.t_admitted is None:
-                c.req.t_admitted = now
-        self.stats.on_forward(sum(c.length for c in batch.chunks if c.end <= c.req.prompt_len or c.length > 1), 0)
         self._forward(batch)
-        handed_off = self.stage.after_forward(batch.chunks)
-        for r in (c.req for c in batch.chunks if c.req not in handed_off):
+        return outputs + self._after_forward(batch.chunks)
+
+    def _after_forward(self, chunks: list[Chunk]) -> list[TokenOut]:
+        """The stage takes what it hands off; every other request that progressed is reported."""
+        handed_off = self.stage.after_forward(chunks)
+        outputs = []
+        for r in (c.req for c in chunks if c.req not in handed_off):
             if r.finished:
                 outputs.append(self.finish_request(r, r.finish_reason or "stop"))
             elif r.new_ids:
-                outputs.append(self.take_output(r))
+                outputs.append(r.take_output())
         return outputs
 
     def _abort_requests(self) -> list[TokenOut]:
@@ -268,7 +188,7 @@ class Engine:
         self._aborted.clear()
         outputs = []
         for r in (self._requests[rid] for rid in rids):
-            if self._grammar_wait.pop(r, None) is not None:
+            if self.grammar_wait.discard(r):
                 outputs.append(self.finish_request(r, "abort"))  # still compiling: holds nothing
             elif self.stage.owns(r):
                 self.stage.abort(r)  # answered once the transfer is terminal: pages are safe then
@@ -277,18 +197,20 @@ class Engine:
         return outputs
 
     def _finish_polled(self, polled: StagePoll) -> list[TokenOut]:
-        outputs = []
-        for f in polled.finished:
-            out = self.finish_request(f.req, f.reason, keep_in_cache=f.keep_in_cache)
-            if f.error is not None:
-                out.error, out.error_status = f.error, f.status
-            outputs.append(out)
+        outputs = [self.finish_request(f.req, f.reason, f.keep_in_cache, f.error, f.status) for f in polled.finished]
         for r in polled.progressed:
-            outputs.append(self.finish_request(r, r.finish_reason or "stop") if r.finished else self.take_output(r))
+            outputs.append(self.finish_request(r, r.finish_reason or "stop") if r.finished else r.take_output())
         return outputs
 
     def _forward(self, batch: ScheduleBatch) -> None:
-        """Run the batch, advance the counters, sample and append the sampled rows' tokens."""
+        """Run the batch, advance the counters, sample, and accept the tokens the speculator
+        verifies (without speculation: each sampled row's one token)."""
+        now = time.monotonic()
+        for c in batch.chunks:
+            if c.req.t_admitted is None:
+                c.req.t_admitted = now
+        self.stats.on_forward(sum(c.length for c in batch.chunks if c.end <= c.req.prompt_len or c.length > 1), 0)
+        self.speculator.propose(batch)
         self.num_forward_tokens += batch.num_tokens
         t0 = time.perf_counter()
         logits, sampled, prompt_rows = self.runner.forward(batch)
@@ -301,63 +223,41 @@ class Engine:
             if any(s is not None for s in states):
                 self.grammars.mask(logits, states)  # disallowed tokens -> -inf, constrained rows only
             result = self.sampler.sample(logits, [self._sample_row(c.req) for c in sampled])
-            for i, c in enumerate(sampled):
-                self._append(c.req, i, result)
+            for c, rows in self.speculator.verify(sampled, result):
+                for i in rows:
+                    if self._accept(c.req, i, result):
+                        break
         self.stats.on_forward_time(time.perf_counter() - t0, batch.num_tokens)
 
     def _sample_row(self, r: Request) -> SampleRow:
         return SampleRow(r.params, r.generator, r.tokens[: r.prompt_len], r.output_ids,
                          self.stops.suppressed(r))
 
-    def _append(self, r: Request, i: int, result: SampleResult) -> None:
+    def _accept(self, r: Request, i: int, result: SampleResult) -> bool:
+        """Accept row `i`'s token into `r`; True if `r` is finished (accept no more of its rows)."""
         if r.params.max_new_tokens == 0:
             r.finish_reason = "length"
-            return
+            return True
         if r.num_output == 0:  # the prompt is done: share its pages with later requests
             if r.transfer is None:
                 self.kv.cache_prefix(r)
             else:  # a PD prefill: its sends name its own page ids, which must stay its own
                 self.kv.share_prefix(r)
-        tok = result.token_ids[i]
         if r.t_first_token is None:
             r.t_first_token = time.monotonic()
-        r.tokens.append(tok)
-        r.new_ids.append(tok)
-        if r.grammar is not None:
-            r.grammar.accept(tok)
-        if result.logprobs is not None and (r.params.logprobs or r.params.top_logprobs):
-            r.new_logprobs.append(result.logprobs[i])
-            if result.top_logprobs is not None:
-                r.new_top.append(result.top_logprobs[i])
-        self.stops.check(r)
+        lp, top = result.logprob_entries(i, r.params)
+        return accept_token(r, result.token_ids[i], lp, top, self.stops)
 
-    def take_output(self, r: Request, finish_reason: str | None = None) -> TokenOut:
-        wants_lp = r.params.logprobs or r.params.top_logprobs > 0
-        out = TokenOut(
-            rid=r.rid, token_ids=r.new_ids,
-            logprobs=r.new_logprobs if wants_lp else None,
-            top_logprobs=r.new_top if r.params.top_logprobs > 0 else None,
-            finish_reason=finish_reason, matched_stop=r.matched_stop if finish_reason else None,
-            prompt_tokens=r.prompt_len, completion_tokens=r.num_output, cached_tokens=r.cached_tokens)
-        r.new_ids, r.new_logprobs, r.new_top = [], [], []
-        if r.prompt_lp is not None and (r.num_computed >= r.prompt_len or finish_reason is not None):
-            out.prompt_logprobs = r.prompt_lp[r.prompt_lp_from:]  # once: the prompt ran (or never will)
-            out.prompt_top_logprobs = r.prompt_top[r.prompt_lp_from:] if r.prompt_top is not None else None
-            r.prompt_lp = r.prompt_top = None
-        return out
-
-    def finish_request(self, r: Request, reason: str, keep_in_cache: bool = True) -> TokenOut:
+    def finish_request(self, r: Request, reason: str, keep_in_cache: bool = True, error: str | None = None,
+                       status: int = 400) -> TokenOut:
+        """Release `r` (pages back) and answer it; `error` (HTTP `status`) when it failed."""
         self.scheduler.finish(r, keep_in_cache=keep_in_cache)
         del self._requests[r.rid]
         r.finish_reason = reason
         self.stats.on_finish(r.prompt_len, r.cached_tokens)
-        out = self.take_output(r, reason)
-        now = time.monotonic()
-        admitted = r.t_admitted if r.t_admitted is not None else now
-        first = r.t_first_token if r.t_first_token is not None else now
-        out.queue_time_s = max(0.0, admitted - r.t_arrival)
-        out.prefill_time_s = max(0.0, first - admitted)
-        out.decode_time_s = max(0.0, now - first)
+        out = r.take_output(reason)
+        if error is not None:
+            out.error, out.error_status = error, status
         return out
 
     # ---- introspection -------------------------------------------------------------------
@@ -365,15 +265,16 @@ class Engine:
         st = self.stats
         return LoadInfo(
             num_running=self.scheduler.num_running,
-            num_waiting=len(self.scheduler.waiting) + self.stage.pending() + len(self._grammar_wait),
+            num_waiting=len(self.scheduler.waiting) + self.stage.pending() + len(self.grammar_wait),
             num_pages=self.kv.capacity, free_pages=self.kv.allocator.num_free,
             cached_pages=self.kv.cache.num_pages, page_size=self.config.page_size,
             transfer=self.stage.stats, gen_throughput=self.stats.gen_throughput,
             prompt_throughput=self.stats.prompt_throughput, cache_hit_rate=self.stats.cache_hit_rate,
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens_computed=self.stats.prompt_tokens,
             cache_queries=self.stats.cache_queries, cache_hits=self.stats.cache_hits,
-            dp_rank=self.config.dp_rank, pid=os.getpid(), steps=st.steps, step_seconds=st.step_seconds, idle_steps=st.idle_steps,
-            step_trace=list(st.trace) if step_trace else None)
+            dp_rank=self.config.parallel.dp_rank, pid=os.getpid(), steps=st.steps, step_seconds=st.step_seconds,
+            idle_steps=st.idle_steps, step_trace=list(st.trace) if step_trace else None,
+            experts=expert_load(self.model, self.config.parallel.ep_ranks))
 
     def log_stats(self) -> str | None:
         """The periodic stats line (engine/stats.py), when it is due."""
@@ -384,6 +285,29 @@ class Engine:
 
     def flush_cache(self) -> bool:
         return self.kv.cache.reset()
+
+    def switch_stage(self, disagg: DisaggConfig) -> None:
+        """A live role switch: close the PD stage and build `disagg`'s (its mode and epoch) over the
+        same weights and KV pool. Only an idle engine of one process switches (the front drained it;
+        ValueError otherwise). The prefix cache is flushed: the other role's pages go, and KV-event
+        subscribers start clean. If the new stage cannot be built the old mode is rebuilt and the
+        error raised."""
+        if self._requests or self.has_work():
+            raise ValueError("the engine still has requests: drain it first")
+        if self.ranks is not None or self.dp is not None or self.config.parallel.dp_size > 1:
+            raise ValueError("a live role switch needs --tp-size 1 and --dp-size 1")
+        if disagg.backend == "shm":
+            raise ValueError("a live role switch needs a transfer backend whose decode pool is the engine's own "
+                             "(not shm: its decode pool lives in shared memory from the start)")
+        self.stage.close()
+        self.flush_cache()
+        try:
+            self.stage = self.make_stage(disagg)
+        except BaseException:
+            self.stage = self.make_stage(self.disagg)
+            raise
+        self.disagg = disagg
+        self.check_integrity()
 
     def close(self) -> None:
         """Stop PD threads and sockets and the other tp ranks (the engine process calls this on

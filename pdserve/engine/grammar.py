@@ -2,12 +2,12 @@
 
 Lifecycle of a constrained request (its `SamplingParams.grammar` is a `GrammarSpec`):
 
-  add_request ─▶ Grammars.submit(spec)   compile in the grammar thread (xgrammar), cached by
-                 │                        spec: the same schema compiles once per engine
+  add_request ─▶ GrammarQueue.add ─▶ Grammars.submit(spec)   compile in the grammar thread
+                 │                  (xgrammar), cached by spec: the same schema compiles once per engine
                  ▼
-  engine's grammar queue ── poll(): compiled ─▶ a fresh GrammarState (matcher) on the request,
-                 │                               then scheduler / PD stage as any request
-                 └── compile failed ─▶ answered with a 400 naming the grammar's field
+  GrammarQueue.poll() each step ── compiled ─▶ ready: a fresh GrammarState (matcher) for the
+                 │                              request, which then goes to the scheduler / PD stage
+                 └── compile failed ─▶ refused: the engine answers a 400 naming the grammar's field
   every step:  Grammars.mask(logits, states)   fill each constrained row's bitmask from its
                                                 matcher, -inf the disallowed logits (in place)
                after sampling: state.accept(token)   advance the matcher; terminated ends the
@@ -25,11 +25,13 @@ import logging
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
 
+from pdserve.engine.messages import Bootstrap
 from pdserve.engine.sampling_params import GrammarSpec
 
 if TYPE_CHECKING:
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T", bound=Hashable)  # what waits (the engine's Request)
 CACHE_ENTRIES = 256  # compiled grammars kept per engine (LRU)
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[14:00:20] /project/cpp/x.cc:94: "
 
@@ -143,3 +146,35 @@ class Grammars:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class GrammarQueue(Generic[T]):
+    """Constrained requests waiting for their grammar to compile, each with the bootstrap it came
+    with (a PD request goes to its stage once ready). The engine step asks `poll()` which are
+    ready (with a fresh matcher) and which were refused (an invalid grammar: the 400's message)."""
+
+    def __init__(self, grammars: Grammars) -> None:
+        self.grammars = grammars
+        self._waiting: dict[T, tuple[GrammarSpec, Bootstrap | None, Future["xgr.CompiledGrammar"]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, item: T, spec: GrammarSpec, boot: Bootstrap | None) -> None:
+        self._waiting[item] = (spec, boot, self.grammars.submit(spec))
+
+    def discard(self, item: T) -> bool:
+        """Forget `item` (aborted while compiling; it holds nothing); False if it was not here."""
+        return self._waiting.pop(item, None) is not None
+
+    def poll(self) -> tuple[list[tuple[T, GrammarState, Bootstrap | None]], list[tuple[T, str]]]:
+        """(ready: item, its matcher, its bootstrap), (refused: item, why) since the last poll."""
+        ready, refused = [], []
+        for item, (spec, boot, fut) in [(i, w) for i, w in self._waiting.items() if w[2].done()]:
+            del self._waiting[item]
+            try:
+                ready.append((item, GrammarState(fut.result()), boot))
+            except Exception as exc:  # an invalid schema / regex / grammar
+                self.grammars.forget(spec)
+                refused.append((item, f"{spec.param}: invalid {spec.kind.replace('_', ' ')}: {grammar_error(exc)}"))
+        return ready, refused

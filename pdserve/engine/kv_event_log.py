@@ -1,10 +1,10 @@
 """The engine's side of KV events: what the radix cache reports, gathered into event lists.
 
-Lifecycle: the engine process (server/engine_proc.py, `--kv-events-config`) attaches one
+Lifecycle: the engine process (engine/process.py, `--kv-events-config`) attaches one
 `KVEventLog` to the prefix cache at start (`attach`); from then on each insert, eviction and
 flush appends an event (pdserve/kv_events: BlockStored / BlockRemoved / AllBlocksCleared);
 after every engine step or control message the engine process `take()`s them and publishes
-them as one batch (server/kv_publisher.py). `snapshot(seq)` lists every cached page with its
+them as one batch (engine/kv_publisher.py). `snapshot(seq)` lists every cached page with its
 parent's hash, current as of batch `seq` (events not yet taken must be published first).
 """
 

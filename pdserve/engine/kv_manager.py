@@ -7,6 +7,8 @@ Every page is in exactly one of three places, which `check_integrity` asserts:
 A request's table is `pages[:tree_pages]` (cache nodes, locked through `tree_node`) followed
 by private pages it allocated. Release either hands the computed full pages to the cache
 (finish, abort, preemption) or frees them (failed transfers: their bytes cannot be trusted).
+KV tiers plug in under the cache (`tier`, engine/prefix_cache.py's KVTier): a match may bring
+pages back from a lower tier, an eviction may demote them; NoTier (the default) holds none.
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ from __future__ import annotations
 from typing import Iterable
 
 from pdserve.engine.kv_cache import PageAllocator, pages_needed
-from pdserve.engine.prefix_cache import PrefixCache
+from pdserve.engine.prefix_cache import KVTier, PrefixCache
 from pdserve.engine.request import Request
 
 
 class KVManager:
-    def __init__(self, num_pages: int, page_size: int, enable_prefix_cache: bool) -> None:
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_cache: bool, tier: KVTier | None = None) -> None:
         self.page_size = page_size
         self.allocator = PageAllocator(num_pages)
-        self.cache = PrefixCache(self.allocator, page_size, enabled=enable_prefix_cache)
+        self.cache = PrefixCache(self.allocator, page_size, enabled=enable_prefix_cache, tier=tier)
 
     @property
     def capacity(self) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pdserve.engine.config import EngineConfig
+from pdserve.engine.config import LAYOUT_FIELDS, EngineConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.messages import GenerateReq, TopLogprob
 from pdserve.engine.sampling_params import SamplingParams
@@ -37,12 +37,12 @@ class LLM:
     _ids = itertools.count()
 
     def __init__(self, model: str = "default", **engine_kwargs) -> None:
-        known = {f.name for f in fields(EngineConfig)}
+        known = {f.name for f in fields(EngineConfig)} | set(LAYOUT_FIELDS)  # tp_size=2 etc. fold into `parallel`
         unknown = set(engine_kwargs) - known
         if unknown:
             raise TypeError(f"unknown engine options {sorted(unknown)}; known: {sorted(known)}")
         engine_kwargs.setdefault("chunk_budget", OFFLINE_CHUNK_BUDGET)
-        self.engine = Engine(EngineConfig(model=model, **engine_kwargs))
+        self.engine = Engine.build(EngineConfig(model=model, **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
 
     def close(self) -> None:

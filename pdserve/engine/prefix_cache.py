@@ -15,6 +15,11 @@ Lifecycle of a request against the cache:
   unlock  → at finish/abort/preemption; unreferenced leaves become evictable (LRU first).
 Only partial last pages and pages beyond the tree stay private to a request.
 
+Lower tiers (the seam for host memory / shared storage; none is built yet): `tier` is a KVTier.
+`match` offers it the device hit, and it may extend the hit with pages it brings back (into
+pages of this pool, as new nodes); `evict` hands it the leaves before their pages are freed, so
+it may keep their bytes (demote). NoTier, the default, holds nothing.
+
 Events: with a `listener` (engine/kv_event_log.py, for `--kv-events-config`), every node gets its
 chained page hash (pdserve/kv_events) when created, and the listener hears each insert's new
 chain of pages (`stored`), each eviction's pages (`removed`) and a flush (`cleared`).
@@ -39,6 +44,30 @@ class CacheListener(Protocol):
     def cleared(self) -> None: ...
 
 
+class KVTier(Protocol):
+    """A KV tier below the device pool (engine/build.py picks it; NoTier: none)."""
+
+    def promote(self, tokens: list[int], pages: list[int], node: "Node") -> tuple[list[int], "Node"]:
+        """After a device match (`pages`, ending at `node`): bring back the following full pages of
+        `tokens` this tier holds, and return the longer match (as it is when it holds none; a tier
+        that loads off the engine step starts the load here and returns the device match)."""
+        ...
+
+    def demote(self, nodes: list["Node"]) -> None:
+        """Eviction is about to free these leaves' pages: keep their bytes (their hashes name them)."""
+        ...
+
+
+class NoTier:
+    """No tier below the device: a match is what the device holds, an evicted page is gone."""
+
+    def promote(self, tokens: list[int], pages: list[int], node: "Node") -> tuple[list[int], "Node"]:
+        return pages, node
+
+    def demote(self, nodes: list["Node"]) -> None:
+        pass
+
+
 @dataclass(eq=False)
 class Node:
     key: tuple[int, ...]
@@ -52,10 +81,12 @@ class Node:
 
 
 class PrefixCache:
-    def __init__(self, allocator: PageAllocator, page_size: int, enabled: bool = True) -> None:
+    def __init__(self, allocator: PageAllocator, page_size: int, enabled: bool = True,
+                 tier: KVTier | None = None) -> None:
         self.allocator = allocator
         self.page_size = page_size
         self.enabled = enabled
+        self.tier: KVTier = tier or NoTier()
         self.root = Node(key=(), page=-1, parent=None, ref=1)
         self.num_pages = 0  # pages held by tree nodes
         self._tick = 0
@@ -82,7 +113,7 @@ class PrefixCache:
             node = child
             self._touch(node)
             pages.append(node.page)
-        return pages, node
+        return self.tier.promote(tokens, pages, node)
 
     def lock(self, node: Node) -> None:
         while node is not None:
@@ -165,6 +196,7 @@ class PrefixCache:
             if parent is not self.root and not parent.children and parent.ref == 0:
                 heapq.heappush(heap, (parent.last_access, id(parent), parent))
         if freed:
+            self.tier.demote(gone)
             self.allocator.free(freed)
             if self.listener is not None:
                 self.listener.removed(gone)

@@ -7,16 +7,19 @@
 Prefill, chunked prefill, prefix-cache hits (num_computed starts > 0), decode (todo == 1),
 preemption (num_computed reset to 0, recompute) and "prebuilt from a transfer" are all just
 values of these counters. A forward that reaches the end of `tokens` samples one more token.
+`take_output()` hands what is new since the last call to the stream (a TokenOut); with a
+finish reason it is the last one and carries the request's queue / prefill / decode times.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from pdserve.engine.grammar import GrammarState
-from pdserve.engine.messages import TopLogprob
+from pdserve.engine.messages import TokenOut, TopLogprob
 from pdserve.engine.pd.state import Transfer
 from pdserve.engine.prefix_cache import Node
 from pdserve.engine.sampling_params import SamplingParams
@@ -41,7 +44,6 @@ class Request:
     new_top: list[list[TopLogprob]] = field(default_factory=list)
     finish_reason: str | None = None
     matched_stop: int | str | None = None
-    stop_text: str = ""  # decoded tail, kept only when the request has stop strings
     admitted: bool = False
     grammar: GrammarState | None = None  # structured output: its matcher, once compiled
     transfer: Transfer | None = None  # PD state (engine/pd stages) while KV moves to / from a peer
@@ -82,3 +84,27 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def take_output(self, finish_reason: str | None = None) -> TokenOut:
+        """The tokens (and logprobs) produced since the last call, as one TokenOut; with
+        `finish_reason`, the request's last one."""
+        p = self.params
+        out = TokenOut(
+            rid=self.rid, token_ids=self.new_ids,
+            logprobs=self.new_logprobs if p.logprobs or p.top_logprobs > 0 else None,
+            top_logprobs=self.new_top if p.top_logprobs > 0 else None,
+            finish_reason=finish_reason, matched_stop=self.matched_stop if finish_reason else None,
+            prompt_tokens=self.prompt_len, completion_tokens=self.num_output, cached_tokens=self.cached_tokens)
+        self.new_ids, self.new_logprobs, self.new_top = [], [], []
+        if self.prompt_lp is not None and (self.num_computed >= self.prompt_len or finish_reason is not None):
+            out.prompt_logprobs = self.prompt_lp[self.prompt_lp_from:]  # once: the prompt ran (or never will)
+            out.prompt_top_logprobs = self.prompt_top[self.prompt_lp_from:] if self.prompt_top is not None else None
+            self.prompt_lp = self.prompt_top = None
+        if finish_reason is not None:
+            now = time.monotonic()
+            admitted = self.t_admitted if self.t_admitted is not None else now
+            first = self.t_first_token if self.t_first_token is not None else now
+            out.queue_time_s = max(0.0, admitted - self.t_arrival)
+            out.prefill_time_s = max(0.0, first - admitted)
+            out.decode_time_s = max(0.0, now - first)
+        return out

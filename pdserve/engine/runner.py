@@ -23,7 +23,7 @@ import torch
 
 from pdserve.engine.attention import PagedAttention, build_metadata, decode_in_place
 from pdserve.engine.batch import Chunk, ScheduleBatch
-from pdserve.engine.kv_cache import KVPool
+from pdserve.engine.kv_cache import Pool
 from pdserve.engine.messages import StepPlan
 from pdserve.model.llama import LlamaForCausalLM
 
@@ -57,7 +57,7 @@ def plan_step(batch: ScheduleBatch) -> tuple[StepPlan, list[Chunk], list[tuple[C
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, pool: KVPool, device: torch.device,
+    def __init__(self, model: LlamaForCausalLM, pool: Pool, device: torch.device,
                  publish: Callable[[StepPlan], None] | None = None, attention_backend: str = "auto") -> None:
         self.model = model
         self.pool = pool

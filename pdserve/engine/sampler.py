@@ -61,6 +61,12 @@ class SampleResult:
     logprobs: list[float] | None  # per row logprob of the chosen token (None when no row asked)
     top_logprobs: list[list[TopLogprob]] | None
 
+    def logprob_entries(self, i: int, params: SamplingParams) -> tuple[float | None, list[TopLogprob] | None]:
+        """Row `i`'s logprob and top entries for a request that asked for them; else (None, None)."""
+        if self.logprobs is None or not _wants_logprobs(params):
+            return None, None
+        return self.logprobs[i], self.top_logprobs[i] if self.top_logprobs is not None else None
+
 
 def _is_greedy(p: SamplingParams) -> bool:
     return p.temperature == 0.0 or p.top_k == 1

@@ -1,6 +1,6 @@
 """KV events: page-level "stored"/"removed" messages of a server's prefix cache, and the page hash.
 
-Lifecycle of the stream (publisher: server/kv_publisher.py in the engine process; subscriber:
+Lifecycle of the stream (publisher: engine/kv_publisher.py in the engine process; subscriber:
 router/kv_index.py):
   1. the engine's radix cache reports every page it adopts (insert), drops (eviction) and the
      whole-cache flush; the engine process gathers them and, after each engine step or control

@@ -1,3 +1,3 @@
-"""Starting processes: `pdserve launch` (a whole cluster on this machine: `cluster`), child
-process groups, CPU plans and parent-death handling (`procs`), and listening sockets bound
-before a server starts (`sockets`). Light imports only: the router uses it too."""
+"""`pdserve launch`: a whole cluster on this machine (`cluster`: its flags, start-up and
+supervision; `procs`: the CPU plan and the child processes). Only `pdserve.cli` imports it; the
+bottom helpers it shares with router, server and engine live in `pdserve.flags`."""

@@ -4,6 +4,9 @@ Lifecycle of `run_launch(args)`:
   1. plan: free local ports for every server (and each prefill's bootstrap port), the cores
      each server is pinned to and its torch thread count (`procs.plan_cpus`), a log
      folder (`--log-dir`, default a fresh temp folder) with one log per process;
+     With `--discovery` (bare: a local etcd is started first, on free ports, its data in the log
+     folder) every server registers in etcd and the router follows it instead of a fixed list;
+     every PD server then gets a bootstrap port, so a decode can later switch to prefill;
   2. start the model servers (`pdserve serve`, bundled model unless `--model`): `--prefill N`
      prefill + `--decode M` decode servers in PD mode, or `--workers K` unified servers with
      `--mode unified`; then the router (`pdserve router`) over them, which health-checks them
@@ -16,7 +19,7 @@ Lifecycle of `run_launch(args)`:
   4. print the URL, an example `curl` and where the logs are, then supervise: if a child
      dies, everything stops (exit 1);
   5. Ctrl-C or SIGTERM: stop the router first (it drains), then the servers, each with
-     SIGTERM, a bounded wait, then SIGKILL of its process group; exit 0.
+     SIGTERM, a bounded wait, then SIGKILL of its process group, then the local etcd; exit 0.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -33,7 +37,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pdserve.launch.argtypes import port_number, positive_float, positive_int
+from pdserve.disagg.config import DECODE_RADIX_FLAG
+from pdserve.flags.table import add_flags
+from pdserve.launch.config import LAUNCH_FLAGS, LOCAL_ETCD, LaunchConfig, config_from_args
 from pdserve.launch.procs import Child, plan_cpus, python_module
 
 
@@ -44,41 +50,7 @@ def free_port() -> int:
 
 
 def add_launch_arguments(p: argparse.ArgumentParser) -> None:
-    from pdserve.disagg.backends import BACKENDS
-    from pdserve.router.config import POLICIES
-
-    p.add_argument("--mode", choices=["pd", "unified"], default="pd",
-                   help="pd: prefill + decode servers behind the router; unified: plain load balancing (default pd)")
-    p.add_argument("--prefill", type=positive_int, default=1, help="prefill servers in pd mode (default 1)")
-    p.add_argument("--decode", type=positive_int, default=1, help="decode servers in pd mode (default 1)")
-    p.add_argument("--workers", type=positive_int, default=1, help="unified servers in unified mode (default 1)")
-    p.add_argument("--prefill-tp", type=positive_int, default=1,
-                   help="tensor-parallel ranks of each prefill server (default 1)")
-    p.add_argument("--decode-tp", type=positive_int, default=1,
-                   help="tensor-parallel ranks of each decode server; may differ from --prefill-tp (default 1)")
-    p.add_argument("--tp", "--tp-size", dest="tp", type=positive_int, default=1,
-                   help="tensor-parallel ranks of each unified server (default 1)")
-    p.add_argument("--model", "--model-path", dest="model", default="default",
-                   help="model for every server (default: 'default', the bundled SmolLM2-135M)")
-    p.add_argument("--host", default="127.0.0.1", help="router bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=port_number, default=8000, help="router port; 0: a free one (default 8000)")
-    p.add_argument("--policy", choices=POLICIES, default="cache_aware", help="router policy (default cache_aware)")
-    p.add_argument("--transfer-backend", "--disaggregation-transfer-backend", dest="transfer_backend",
-                   choices=list(BACKENDS), default="tcp", help="PD KV transfer backend (default tcp)")
-    p.add_argument("--disaggregation-decode-enable-radix-cache", dest="decode_radix_cache", action="store_true",
-                   help="pd mode: decode servers keep a prefix cache; only KV past its hit moves (default off)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch threads per server (default: the cores it is pinned to)")
-    p.add_argument("--no-pin", action="store_true", help="do not pin servers to cores")
-    p.add_argument("--api-key", default=None,
-                   help="key for the router and the servers (default: $PDSERVE_API_KEY, else none)")
-    p.add_argument("--log-dir", type=Path, default=None, help="folder for the logs (default: a new temp folder)")
-    p.add_argument("--start-timeout", type=positive_float, default=600.0,
-                   help="seconds to wait for everything to be ready (default 600)")
-    p.add_argument("--stop-timeout", type=positive_float, default=30.0,
-                   help="seconds each process gets to stop (default 30)")
-    p.add_argument("--server-args", default="", help="extra flags for every `pdserve serve`, one string (default none)")
-    p.add_argument("--router-args", default="", help="extra flags for `pdserve router`, one string (default none)")
+    add_flags(p, LAUNCH_FLAGS, LaunchConfig())
 
 
 def add_launch_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -94,66 +66,75 @@ def add_launch_parser(subparsers: Any) -> argparse.ArgumentParser:
 class Cluster:
     """The children of one launch, in start order (servers first, router last)."""
 
-    def __init__(self, args: argparse.Namespace, log_dir: Path) -> None:
-        self.args = args
+    def __init__(self, args: argparse.Namespace | LaunchConfig, log_dir: Path) -> None:
+        self.cfg = cfg = config_from_args(args) if isinstance(args, argparse.Namespace) else args
         self.log_dir = log_dir
         self.servers: list[Child] = []
         self.router: Child | None = None
+        self.etcd: Child | None = None
+        self.discovery = cfg.discovery
+        if cfg.discovery == LOCAL_ETCD:
+            self.etcd, self.discovery = local_etcd(log_dir)
         self.router_url = ""
-        api_key = args.api_key if args.api_key is not None else os.environ.get("PDSERVE_API_KEY") or None
-        self.api_key = api_key
-        roles = (["prefill"] * args.prefill + ["decode"] * args.decode) if args.mode == "pd" \
-            else ["unified"] * args.workers
+        self.api_key = api_key = cfg.api_key
+        roles = (["prefill"] * cfg.prefill + ["decode"] * cfg.decode) if cfg.mode == "pd" \
+            else ["unified"] * cfg.workers
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
         plans = plan_cpus(len(roles), cpus)
         counts: dict[str, int] = {}
         prefill_args: list[str] = []
         decode_args: list[str] = []
-        wants_events = (args.policy == "cache_aware" or "--pd-local-prefill-threshold" in args.router_args) \
-            and "--kv-events-config" not in args.server_args and "--disable-kv-events" not in args.router_args
+        wants_events = (cfg.policy == "cache_aware" or "--pd-local-prefill-threshold" in cfg.router_args) \
+            and "--kv-events-config" not in cfg.server_args and "--disable-kv-events" not in cfg.router_args
         for role, cpu_set in zip(roles, plans):
             i = counts[role] = counts.get(role, -1) + 1
             port = free_port()
-            tp = {"prefill": args.prefill_tp, "decode": args.decode_tp}.get(role, args.tp)
-            threads = args.threads or max(1, len(cpu_set) // tp)  # per rank: the ranks share the cores
-            cmd = python_module("pdserve.cli", "serve", "--model", args.model, "--host", "127.0.0.1", "--port",
+            tp = {"prefill": cfg.prefill_tp, "decode": cfg.decode_tp}.get(role, cfg.tp)
+            threads = cfg.threads or max(1, len(cpu_set) // tp)  # per rank: the ranks share the cores
+            cmd = python_module("pdserve.cli", "serve", "--model", cfg.model, "--host", "127.0.0.1", "--port",
                                 str(port), "--threads", str(threads))
             if tp > 1:
                 cmd += ["--tp-size", str(tp)]
             if role != "unified":
-                cmd += ["--disaggregation-mode", role, "--disaggregation-transfer-backend", args.transfer_backend]
-            if role == "prefill":
+                cmd += ["--disaggregation-mode", role, "--disaggregation-transfer-backend", cfg.transfer_backend]
+            if role == "prefill" or (role == "decode" and self.discovery):  # a decode may switch to prefill
                 bport = free_port()
                 cmd += ["--disaggregation-bootstrap-port", str(bport)]
+            if role == "prefill":
                 prefill_args += ["--prefill", f"http://127.0.0.1:{port}", str(bport)]
             elif role == "decode":
                 decode_args += ["--decode", f"http://127.0.0.1:{port}"]
-                if args.decode_radix_cache:
-                    cmd.append("--disaggregation-decode-enable-radix-cache")
+                if cfg.decode_radix_cache:
+                    cmd.append(DECODE_RADIX_FLAG)
             else:
                 decode_args.append(f"http://127.0.0.1:{port}")
             if api_key:
                 cmd += ["--api-key", api_key]
             if wants_events:
                 cmd += ["--kv-events-config", "{}"]
-            cmd += shlex.split(args.server_args)
+            if self.discovery:
+                cmd += ["--discovery", self.discovery]
+            cmd += shlex.split(cfg.server_args)
             self.servers.append(Child(f"{role}-{i}", cmd, log_dir / f"{role}-{i}.log",
                                       f"http://127.0.0.1:{port}/health",
-                                      None if args.no_pin else cpu_set, threads))
-        rport = args.port or free_port()
-        self.router_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{rport}"
-        rcmd = python_module("pdserve.router", "--host", args.host, "--port", str(rport), "--policy", args.policy,
+                                      cpu_set if cfg.pin else None, threads))
+        rport = cfg.port or free_port()
+        self.router_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{rport}"
+        rcmd = python_module("pdserve.router", "--host", cfg.host, "--port", str(rport), "--policy", cfg.policy,
                              "--health-check-interval-secs", "5")
-        rcmd += (["--pd-disaggregation", *prefill_args, *decode_args] if args.mode == "pd"
-                 else ["--worker-urls", *decode_args])
+        if self.discovery:
+            rcmd += [*(["--pd-disaggregation"] if cfg.mode == "pd" else []), "--discovery", self.discovery]
+        else:
+            rcmd += (["--pd-disaggregation", *prefill_args, *decode_args] if cfg.mode == "pd"
+                     else ["--worker-urls", *decode_args])
         if api_key:
             rcmd += ["--api-key", api_key]
-        rcmd += shlex.split(args.router_args)
+        rcmd += shlex.split(cfg.router_args)
         self.router = Child("router", rcmd, log_dir / "router.log", f"{self.router_url}/readiness")
 
     @property
     def children(self) -> list[Child]:
-        return [*self.servers, *([self.router] if self.router else [])]
+        return [*([self.etcd] if self.etcd else []), *self.servers, *([self.router] if self.router else [])]
 
     def start(self) -> None:
         for child in self.children:
@@ -196,12 +177,17 @@ class Cluster:
             child.terminate()
         for child in self.servers:
             child.wait_or_kill(timeout)
+        if self.etcd is not None:  # last: the servers deregister on their way out
+            self.etcd.terminate()
+            self.etcd.wait_or_kill(timeout)
 
     def banner(self) -> str:
         auth = f" -H 'Authorization: Bearer {self.api_key}'" if self.api_key else ""
         body = '{"model": "default", "messages": [{"role": "user", "content": "What is the capital of France?"}], ' \
                '"max_tokens": 32, "temperature": 0}'
-        lines = [f"pdserve is ready: {self.router_url}  ({len(self.servers)} servers, mode {self.args.mode})"]
+        lines = [f"pdserve is ready: {self.router_url}  ({len(self.servers)} servers, mode {self.cfg.mode})"]
+        if self.discovery:
+            lines.append(f"  discovery  {self.discovery}  (pdserve planner --router {self.router_url} ... acts on it)")
         for c in self.children:
             pin = f", cores {','.join(map(str, c.cpus))}" if c.cpus else ""
             lines.append(f"  {c.name:<10} pid {c.pid}{pin}  log {c.log_path}")
@@ -210,37 +196,52 @@ class Cluster:
         return "\n".join(lines)
 
 
+def local_etcd(log_dir: Path) -> tuple[Child, str]:
+    """An etcd of its own on free 127.0.0.1 ports, its data in the log folder; the `--discovery` URL."""
+    binary = shutil.which("etcd") or "etcd"  # preflight said whether there is one
+    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    cmd = [binary, "--name", "pdserve-launch", "--data-dir", str(log_dir / "etcd-data"), "--listen-client-urls",
+           client, "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls",
+           peer, "--initial-cluster", f"pdserve-launch={peer}", "--log-level", "warn"]
+    return Child("etcd", cmd, log_dir / "etcd.log", f"{client}/health"), f"etcd://{client.split('//')[1]}/pdserve"
+
+
 class _Stop(Exception):
     pass
 
 
-def preflight(args: argparse.Namespace) -> None:
+RESERVED = ("--host", "--port", "--model", "--model-path", "--api-key", "--tp-size", "--tensor-parallel-size",
+            DECODE_RADIX_FLAG)  # flags of serve/router that launch sets itself
+
+
+def preflight(args: argparse.Namespace) -> LaunchConfig:
     """Start-up checks before any process spawns; raises ValueError / OSError with one line."""
-    from pdserve.launch.sockets import bind_socket
+    from pdserve.flags.sockets import bind_socket
     from pdserve.model.bundled import check_model
 
-    check_model(args.model)
-    for flag in ("--server-args", "--router-args"):
-        extra = shlex.split(getattr(args, flag[2:].replace("-", "_")))
-        reserved = {"--host", "--port", "--model", "--model-path", "--api-key", "--tp-size", "--tensor-parallel-size",
-                    "--disaggregation-decode-enable-radix-cache"} & {a.split("=")[0] for a in extra}
+    cfg = config_from_args(args)  # its flag-combination rules: LaunchConfig.__post_init__
+    check_model(cfg.model)
+    if cfg.discovery == LOCAL_ETCD and shutil.which("etcd") is None:
+        raise ValueError("--discovery without a URL starts a local etcd, and there is none: install etcd-server "
+                         "(scripts/install_system_deps.sh) or give --discovery etcd://HOST:PORT")
+    for flag, text in (("--server-args", cfg.server_args), ("--router-args", cfg.router_args)):
+        reserved = set(RESERVED) & {a.split("=")[0] for a in shlex.split(text)}
         if reserved:
             raise ValueError(f"{flag} may not set {', '.join(sorted(reserved))}: launch sets it (use its own flag)")
-    if args.decode_radix_cache and args.mode != "pd":
-        raise ValueError("--disaggregation-decode-enable-radix-cache is for --mode pd (its decode servers)")
-    if args.port:
-        bind_socket(args.host, args.port).close()
+    if cfg.port:
+        bind_socket(cfg.host, cfg.port).close()
+    return cfg
 
 
 def run_launch(args: argparse.Namespace) -> int:
     try:
-        preflight(args)
+        cfg = preflight(args)
     except (ValueError, OSError) as exc:
         print(f"pdserve launch: error: {exc}", file=sys.stderr)
         return 2
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="pdserve-launch-"))
+    log_dir = cfg.log_dir or Path(tempfile.mkdtemp(prefix="pdserve-launch-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(args, log_dir)
+    cluster = Cluster(cfg, log_dir)
 
     def on_signal(sig: int, frame: FrameType | None) -> None:
         raise _Stop(signal.Signals(sig).name)
@@ -249,7 +250,7 @@ def run_launch(args: argparse.Namespace) -> int:
     code = 0
     try:
         cluster.start()
-        cluster.wait_ready(args.start_timeout)
+        cluster.wait_ready(cfg.start_timeout_s)
         print(cluster.banner(), flush=True)
         while True:
             time.sleep(0.5)
@@ -268,7 +269,7 @@ def run_launch(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean stop short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            cluster.stop(args.stop_timeout)
+            cluster.stop(cfg.stop_timeout_s)
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)

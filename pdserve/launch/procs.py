@@ -7,12 +7,11 @@ same core. `Child` lifecycle: `start()` spawns the command in its own session (s
 the terminal reaches only the launcher, which then stops children in order), pinned with
 `sched_setaffinity` and with OMP/MKL thread counts set, stdout+stderr to its log file;
 `healthy()` polls its health URL; `stop()` sends SIGTERM, waits (bounded), then kills the
-whole process group.
+whole process group (`flags.procs.kill_group`, which tests and benchmarks use too).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -20,6 +19,8 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from pdserve.flags.procs import kill_group
 
 
 def plan_cpus(n_servers: int, cpus: list[int]) -> list[list[int]]:
@@ -32,18 +33,6 @@ def plan_cpus(n_servers: int, cpus: list[int]) -> list[list[int]]:
         per = len(cpus) // n_servers
         return [cpus[i * per:(i + 1) * per] for i in range(n_servers)]
     return [[cpus[i % len(cpus)]] for i in range(n_servers)]
-
-
-def kill_group(proc: subprocess.Popen, wait_s: float = 5.0) -> None:
-    """SIGKILL a child's whole process group (front and engine processes), then reap it, bounded."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(wait_s)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 class Child:
@@ -119,12 +108,3 @@ class Child:
 def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
-
-def die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this process when its parent dies (PR_SET_PDEATHSIG), so
-    an engine or transfer agent never outlives the process that started it."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-        except OSError:
-            pass

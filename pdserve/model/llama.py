@@ -63,12 +63,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, comm: Collectives) -> None:
+    """SwiGLU with gate/up fused (also an MoE model's dense layers and shared experts)."""
+
+    def __init__(self, hidden: int, inter: int, comm: Collectives = NoCollectives()) -> None:
         super().__init__()
         self.comm = comm
-        self.inter = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.inter = inter
+        self.gate_up_proj = Linear(hidden, 2 * inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(self.comm.mlp_in(x)).split(self.inter, dim=-1)
@@ -76,10 +78,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, attn_comm: Collectives, mlp_comm: Collectives) -> None:
+    """Pre-norm residual block; other families (model/moe_lm.py) pass their own attention / MLP."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, attn_comm: Collectives, mlp_comm: Collectives,
+                 self_attn: nn.Module | None = None, mlp: nn.Module | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer, attn_comm)
-        self.mlp = MLP(cfg, mlp_comm)
+        self.self_attn = self_attn or Attention(cfg, layer, attn_comm)
+        self.mlp = mlp or MLP(cfg.hidden_size, cfg.intermediate_size, mlp_comm)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -104,13 +109,16 @@ class VocabEmbedding(nn.Module):
         return self.comm.all_reduce(x * mine.unsqueeze(-1).to(x.dtype))
 
 
+MakeLayer = Callable[[ModelConfig, int, Collectives, Collectives], nn.Module]  # (local cfg, index, attn, mlp comm)
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPShard, comm: Collectives) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPShard, comm: Collectives, make_layer: MakeLayer = DecoderLayer) -> None:
         super().__init__()
         local = tp.local_config(cfg)
         attn_comm = NoCollectives() if tp.dp_attention else comm  # DP attention: whole on every rank
         self.embed_tokens = VocabEmbedding(*tp.vocab_range(cfg), cfg.hidden_size, attn_comm, whole=tp.attn_size == 1)
-        self.layers = nn.ModuleList(DecoderLayer(local, i, attn_comm, comm) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(make_layer(local, i, attn_comm, comm) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -125,12 +133,15 @@ class LlamaForCausalLM(nn.Module):
         self.tp = tp
         self.comm = NoCollectives() if tp.dp_attention else comm  # the LM head's
         self.local = tp.local_config(cfg)  # the sizes this rank computes
-        self.model = LlamaModel(cfg, tp, comm)
+        self.model = LlamaModel(cfg, tp, comm, self.make_layer)
         self.rope = RotaryEmbedding(cfg, max_positions)
         vocab = cfg.vocab_size // tp.attn_size
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, vocab, bias=False)
         self.tied_head: torch.Tensor | None = None  # prepacked copy of a tied embedding (prepack)
         self.tied_fp16: torch.ScriptObject | None = None  # fp16 copy of a tied embedding (quantize)
+
+    def make_layer(self, cfg: ModelConfig, layer: int, attn_comm: Collectives, mlp_comm: Collectives) -> nn.Module:
+        return DecoderLayer(cfg, layer, attn_comm, mlp_comm)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnFn) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
@@ -179,47 +190,72 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
+    def keep_fp32(self) -> None:
+        """After the cast to the compute dtype: parts that must stay fp32 go back (none here)."""
+
+    def after_load(self) -> None:
+        """Once every weight is in, before prepacking: weights derived from others (none here)."""
+
+    def hf_name(self, name: str) -> str | None:
+        """The parameter a checkpoint tensor loads into (HF names, fused ones resolved later);
+        None: not one of ours."""
+        if name == "lm_head.weight" and self.lm_head is None:
+            return None  # tied: some checkpoints store a copy
+        return None if "rotary_emb" in name else name
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors (already sliced to this rank: TPShard.weight_slice), stacking
-        q/k/v and gate/up into the fused projections."""
+        """Load HF-named tensors (already sliced to this rank: TPShard.weight_slice): a tensor
+        whose name is a parameter loads as is, the others are pieces of fused parameters."""
         params = dict(self.named_parameters())
         seen: set[str] = set()
-        for name, tensor in weights:
-            if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: some checkpoints store a copy
-            if "rotary_emb" in name:
+        for hf, tensor in weights:
+            name = self.hf_name(hf)
+            if name is None:
                 continue
-            fused = next((f for f in self._FUSED if f".{f}." in name), None)
-            if fused is None:
-                target = params.get(name)
-                if target is None:
-                    raise KeyError(f"unexpected weight {name!r} in checkpoint")
+            target = params.get(name)
+            if target is not None:
                 target.data.copy_(tensor)
                 seen.add(name)
                 continue
-            new_frag, shard = self._FUSED[fused]
-            pname = name.replace(fused, new_frag)
-            target = params[pname]
-            offset, size = self._shard_range(new_frag, shard)
-            target.data[offset:offset + size].copy_(tensor)
-            seen.add(f"{pname}#{shard}")
+            piece = self.load_piece(name, tensor, params)
+            if piece is None:
+                raise KeyError(f"unexpected weight {hf!r} in checkpoint")
+            seen.add(piece)
         self._check_complete(params, seen)
 
-    def _shard_range(self, frag: str, shard: int) -> tuple[int, int]:
-        c = self.local
+    def load_piece(self, name: str, tensor: torch.Tensor, params: dict[str, nn.Parameter]) -> str | None:
+        """Copy `tensor` into its slot of a fused parameter; returns "param#piece" (None: no such)."""
+        fused = next((f for f in self._FUSED if f".{f}." in name), None)
+        if fused is None:
+            return None
+        new_frag, shard = self._FUSED[fused]
+        pname = name.replace(fused, new_frag)
+        target = params.get(pname)
+        if target is None:
+            return None
+        offset, size = self._shard_range(new_frag, shard, target)
+        target.data[offset:offset + size].copy_(tensor)
+        return f"{pname}#{shard}"
+
+    def _shard_range(self, frag: str, shard: int, target: nn.Parameter) -> tuple[int, int]:
         if frag == "gate_up_proj":
-            return shard * c.intermediate_size, c.intermediate_size
+            half = target.shape[0] // 2
+            return shard * half, half
+        c = self.local
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         return [(0, q), (q, kv), (q + kv, kv)][shard]
+
+    def pieces(self, name: str) -> int:
+        """How many checkpoint tensors fill parameter `name`."""
+        return 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 1
 
     def _check_complete(self, params: dict[str, nn.Parameter], seen: set[str]) -> None:
         missing = []
         for name in params:
-            if "qkv_proj" in name:
-                missing += [f"{name}#{i}" for i in range(3) if f"{name}#{i}" not in seen]
-            elif "gate_up_proj" in name:
-                missing += [f"{name}#{i}" for i in range(2) if f"{name}#{i}" not in seen]
-            elif name not in seen:
-                missing.append(name)
+            n = self.pieces(name)
+            if n == 1:
+                missing += [] if name in seen else [name]
+            else:
+                missing += [f"{name}#{i}" for i in range(n) if f"{name}#{i}" not in seen]
         if missing:
             raise KeyError(f"checkpoint is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -6,7 +6,9 @@ router takes traffic (with checks off it only reads their `/server_info`); `run(
 probes each worker every `interval_s` (a worker that has never been healthy, e.g. still
 loading its model, every 0.5 s), with `timeout_s` per probe. A first success makes a new
 worker healthy at once; afterwards `failure_threshold` consecutive failures eject it and
-`success_threshold` consecutive successes bring it back. Every probe of a worker that has
+`success_threshold` consecutive successes bring it back. A worker marked `stale` (a leg answered
+409 stale_epoch) has its /server_info read again at its next good probe (every 0.5 s): its epoch
+is refreshed and it routes again if its mode still fits its role. Every probe of a worker that has
 been healthy once also feeds its circuit breaker, so a dead worker both leaves rotation and
 opens its circuit (a server still loading its model trips nothing). Fast rejoin: a worker that
 is unhealthy or whose circuit is open is probed every 0.5 s, and a probe that succeeds while
@@ -26,6 +28,7 @@ from typing import Any
 
 import aiohttp
 
+from pdserve.contract import MODE_OF_ROLE, SERVER_INFO_PATH, ServerInfo, decode_server_info
 from pdserve.router.config import HealthConfig
 from pdserve.router.resilience import OPEN
 from pdserve.router.workers import Worker, WorkerRegistry
@@ -36,6 +39,17 @@ STARTING_INTERVAL_S = 0.5
 
 def _auth(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+async def get_server_info(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
+                          timeout_s: float) -> ServerInfo | None:
+    """A worker's /server_info now, or None (unreachable, not 200, not a server-info object)."""
+    try:
+        async with session.get(url + SERVER_INFO_PATH, headers=headers,
+                               timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            return decode_server_info(await resp.read()) if resp.status == 200 else None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        return None
 
 
 class HealthChecker:
@@ -84,38 +98,37 @@ class HealthChecker:
         if worker.removed:
             return ok
         self.apply(worker, ok, error)
-        if ok and not worker.info:
+        if ok and (worker.info is None or worker.stale):
             await self.fetch_info(worker)
         self._last[worker.url] = time.monotonic()
         return ok
 
     def _next_check(self, worker: Worker) -> float:
         """When `worker` is due: every interval_s, or every 0.5 s while it is unhealthy or open."""
-        fast = not worker.healthy or worker.breaker.state == OPEN
+        fast = not worker.healthy or worker.stale or worker.breaker.state == OPEN
         interval = min(self.cfg.interval_s, STARTING_INTERVAL_S) if fast else self.cfg.interval_s
         return self._last.get(worker.url, 0.0) + interval
 
     async def fetch_info(self, worker: Worker) -> None:
         """Remember /server_info; learn a prefill's bootstrap port when none was given."""
-        try:
-            async with self.session.get(worker.url + "/server_info", headers=_auth(self.api_key),
-                                        timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s)) as resp:
-                if resp.status != 200:
-                    return
-                info: Any = await resp.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-            return
-        if not isinstance(info, dict):
+        info = await get_server_info(self.session, worker.url, _auth(self.api_key), self.cfg.timeout_s)
+        if info is None:
             return
         worker.info = info
-        mode = info.get("disaggregation_mode")
-        expected = {"regular": "null", "prefill": "prefill", "decode": "decode"}[worker.role]
-        if mode is not None and str(mode) != expected:
+        if info.epoch is not None:
+            worker.epoch = info.epoch
+        mode = info.disaggregation_mode
+        if mode is not None and mode != MODE_OF_ROLE[worker.role]:
+            if worker.stale:  # said once, when it answered stale_epoch (router/forward.py)
+                return
             logger.warning("worker %s was added as %s but reports disaggregation_mode=%s", worker.url,
                            worker.role, mode)
+        elif worker.stale and not info.draining:
+            worker.stale = False
+            logger.info("worker %s (%s) is at epoch %s: routable again", worker.url, worker.role, worker.epoch)
         if worker.role == "prefill" and worker.bootstrap_port is None:
-            port = info.get("disaggregation_bootstrap_port", info.get("bootstrap_port"))
-            if isinstance(port, int) and 0 < port < 65536:
+            port = info.prefill_bootstrap_port()
+            if port is not None:
                 worker.bootstrap_port = port
                 logger.info("prefill %s: bootstrap port %d (from /server_info)", worker.url, port)
 

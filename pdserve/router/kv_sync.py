@@ -28,6 +28,7 @@ import zmq
 import zmq.asyncio
 
 from pdserve.kv_events import KVSnapshot, decode_batch, seq_of
+from pdserve.router.health import get_server_info
 from pdserve.router.kv_index import KVIndex, WorkerIndex
 from pdserve.router.workers import Worker, WorkerRegistry
 
@@ -76,8 +77,8 @@ class KVSync:
             self.tasks.pop(url).cancel()
             self.index.remove(url)
         for url, w in live.items():
-            endpoint = w.info.get("kv_events_endpoint")
-            if url not in self.tasks and isinstance(endpoint, str) and endpoint:
+            endpoint = w.info.kv_events_endpoint if w.info is not None else None
+            if url not in self.tasks and endpoint:
                 self.tasks[url] = asyncio.create_task(self.follow(w, subscribe_address(endpoint, w)),
                                                       name=f"kv-events {url}")
 
@@ -103,14 +104,9 @@ class KVSync:
 
     async def endpoint_now(self, w: Worker) -> str | None:
         """The worker's current endpoint from a fresh /server_info (a restart may change its port)."""
-        try:
-            async with self.session().get(w.url + "/server_info", headers=self.headers,
-                                          timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
-                info = await resp.json(content_type=None) if resp.status == 200 else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-            return None
-        endpoint = info.get("kv_events_endpoint") if isinstance(info, dict) else None
-        return subscribe_address(endpoint, w) if isinstance(endpoint, str) and endpoint else None
+        info = await get_server_info(self.session(), w.url, self.headers, self.timeout_s)
+        endpoint = info.kv_events_endpoint if info is not None else None
+        return subscribe_address(endpoint, w) if endpoint else None
 
     def _socket(self, address: str) -> zmq.asyncio.Socket:
         sock = self.zctx.socket(zmq.SUB)

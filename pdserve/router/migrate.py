@@ -27,6 +27,7 @@ from typing import Any
 
 import msgspec
 
+from pdserve.contract import BOOTSTRAP_KEYS, CREATED, IDS_COMMENT, RESPONSE_ID, RESUME_IDS, STREAM_IDS
 from pdserve.router.http.client import UpstreamError, UpstreamPool
 from pdserve.router.policies import Policy
 from pdserve.router.request import RequestCtx
@@ -34,8 +35,6 @@ from pdserve.router.workers import Worker, WorkerRegistry
 
 logger = logging.getLogger("pdserve.router")
 _enc = msgspec.json.Encoder()
-IDS_PREFIX = b": pdserve-ids "
-BOOTSTRAP_KEYS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
 
 
 def migratable(body: dict[str, Any], limit: int) -> bool:
@@ -78,8 +77,8 @@ class StreamTracker:
     def _event(self, event: bytes) -> bytes:
         kept = []
         for line in event.split(b"\n"):
-            if line.startswith(IDS_PREFIX):
-                self.ids.extend(int(x) for x in line[len(IDS_PREFIX):].split(b",") if x.strip())
+            if line.startswith(IDS_COMMENT):
+                self.ids.extend(int(x) for x in line[len(IDS_COMMENT):].split(b",") if x.strip())
             elif line:
                 kept.append(line)
                 if line.strip() == b"data: [DONE]":
@@ -103,15 +102,15 @@ def _head(data: bytes) -> dict[str, Any]:
         return {"rid": meta["id"]}
     head: dict[str, Any] = {}
     if isinstance(obj.get("id"), str):
-        head["pdserve_response_id"] = obj["id"]
+        head[RESPONSE_ID] = obj["id"]
     if isinstance(obj.get("created"), int):
-        head["pdserve_created"] = obj["created"]
+        head[CREATED] = obj["created"]
     return head
 
 
 def tracked_payload(body: dict[str, Any], extra: dict[str, Any] | None = None) -> bytes:
     """The worker's body: ids of each streamed event asked for."""
-    return _enc.encode({**body, **(extra or {}), "pdserve_stream_ids": True})
+    return _enc.encode({**body, **(extra or {}), STREAM_IDS: True})
 
 
 async def migrate(ctx: RequestCtx, body: dict[str, Any], tracker: StreamTracker, tried: set[str],
@@ -130,7 +129,7 @@ async def migrate(ctx: RequestCtx, body: dict[str, Any], tracker: StreamTracker,
         tried.add(w.url)
         t0 = time.perf_counter()
         tracker.restart()
-        payload = tracked_payload(resume, {**(tracker.head or {}), "pdserve_resume_ids": list(tracker.ids)})
+        payload = tracked_payload(resume, {**(tracker.head or {}), RESUME_IDS: list(tracker.ids)})
         w.in_flight += 1
         resp = None
         try:

@@ -47,11 +47,9 @@ class CircuitBreaker:
         self.cfg = cfg
         self.name = name
         self._clock = clock
-        self._state = CLOSED
-        self._failures = 0
-        self._successes = 0
         self._opened_at = 0.0
         self.opened_count = 0
+        self.reset()
 
     @property
     def state(self) -> str:
@@ -94,6 +92,7 @@ class CircuitBreaker:
         self.opened_count += 1
 
     def reset(self) -> None:
+        """Closed, with no failure or success counted (as a new breaker starts)."""
         self._state = CLOSED
         self._failures = 0
         self._successes = 0

@@ -35,7 +35,7 @@ import uvloop
 
 from pdserve.router.app import RouterApp
 from pdserve.router.config import RouterConfig
-from pdserve.launch.sockets import bind_socket as bind_shared
+from pdserve.flags.sockets import bind_socket as bind_shared
 from pdserve.router.http.protocol import HttpListener
 from pdserve.router.request import protocol_error_body
 
@@ -77,7 +77,7 @@ async def serve(cfg: RouterConfig, sock: socket.socket | None = None, stop: asyn
         mode = "PD" if cfg.pd else "regular"
         policy = ", ".join(f"{r}: {p.name}" for r, p in app.policies.items())
         logger.info("pdserve router on http://%s:%d (%s mode, %d workers, policy %s)", cfg.host, port, mode,
-                    len(cfg.workers), policy)
+                    len(app.registry.all()), policy)
         if ready is not None:
             ready(app, port)
         await stop.wait()

@@ -1,6 +1,6 @@
 """Frozen configuration of the HTTP front (`pdserve serve`); the engine's knobs live in EngineConfig.
 
-Built once by `serve.run_serve` from CLI flags (and `PDSERVE_API_KEY`), then read by the
+Built once by `serve.run_serve` from CLI flags (and the API-key variable, contract.API_KEY_ENV), then read by the
 app, the engine client and the request handlers for the life of the server.
 """
 
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.engine.config import EngineConfig
+from pdserve.contract import DEFAULT_SERVER_PORT
 from pdserve.disagg.config import DisaggConfig
-
-API_KEY_ENV = "PDSERVE_API_KEY"
+from pdserve.discovery import DiscoveryConfig
+from pdserve.engine.config import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     disagg: DisaggConfig = field(default_factory=DisaggConfig)  # PD role, backend, bootstrap
     host: str = "127.0.0.1"
-    port: int = 30000
+    port: int = DEFAULT_SERVER_PORT
     api_key: str | None = None  # protects every route but /health and /metrics
     served_model_name: str | None = None  # default: the model folder's name
     served_model_aliases: tuple[str, ...] = ()  # more names requests may use (--served-model-name a b c)
@@ -41,3 +41,5 @@ class ServerConfig:
     access_log: bool = False
     log_requests: bool = False  # one log line per finished request
     metrics_prefix: str = "sglang"  # /metrics names are "<prefix>:<name>" (SGLang's names)
+    discovery: DiscoveryConfig | None = None  # --discovery: register in etcd once ready (server/registration.py)
+    advertise_host: str | None = None  # the host routers reach (default --host, or this machine's name)

@@ -13,8 +13,8 @@ Lifecycle (`--dp-size D`):
      exits non-zero), exactly as with one engine; `close()` stops them all.
 
 Placement, first rule that applies:
-  a PD prefill      rank bootstrap_room % D (SGLang's convention: the decode fetches the room's
-                    KV from that rank, so the request's data_parallel_rank cannot move it)
+  a PD prefill      rank contract.prefill_dp_rank(room, D) (SGLang's room % D: the decode fetches
+                    the room's KV from that rank, so the request's data_parallel_rank cannot move it)
   data_parallel_rank  that rank (SGLang's request field; 0 <= rank < D checked by the routes)
   share_prompt_with the rank of the first copy of the prompt (n > 1 copies share its pages)
   otherwise         --load-balance-method: round_robin, or shortest_queue (fewest requests in
@@ -24,7 +24,9 @@ Placement, first rule that applies:
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import operator
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -32,9 +34,10 @@ from dataclasses import replace
 
 import msgspec
 
+from pdserve.contract import prefill_dp_rank
 from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.messages import EngineReady, GenerateReq, LoadInfo, LoadResp, TokenOut, TransferStats
+from pdserve.engine.messages import EngineReady, ExpertLoad, GenerateReq, LoadInfo, LoadResp, TokenOut, TransferStats
 from pdserve.server.engine_client import EngineClient
 
 
@@ -59,7 +62,13 @@ def merge_loads(loads: list[LoadInfo]) -> LoadInfo:
         prompt_tokens_computed=sum(x.prompt_tokens_computed for x in loads),
         cache_queries=queries, cache_hits=sum(x.cache_hits for x in loads),
         steps=sum(x.steps for x in loads), step_seconds=sum(x.step_seconds for x in loads),
-        idle_steps=sum(x.idle_steps for x in loads))
+        idle_steps=sum(x.idle_steps for x in loads), experts=_sum_experts(loads))
+
+
+def _sum_experts(loads: list[LoadInfo]) -> ExpertLoad | None:
+    """The ranks' routing counts summed (each counted only its own tokens)."""
+    parts = [x.experts for x in loads if x.experts is not None]
+    return functools.reduce(operator.add, parts) if parts else None
 
 
 class DPLoadResp(msgspec.Struct, frozen=True):
@@ -76,9 +85,10 @@ class DPEngineClient:
         self.config = config
         self.disagg = disagg or DisaggConfig()
         self._tmpdir = tempfile.mkdtemp(prefix="pdserve-dp-")
-        store = f"{self._tmpdir}/rendezvous" if config.enable_dp_attention else None
-        self.ranks = [EngineClient(replace(config, dp_rank=d, dp_store=store), start_timeout_s, on_dead, self.disagg)
-                      for d in range(config.dp_size)]
+        layout = config.parallel
+        store = f"{self._tmpdir}/rendezvous" if layout.enable_dp_attention else None
+        self.ranks = [EngineClient(replace(config, parallel=replace(layout, dp_rank=d, dp_store=store)),
+                                   start_timeout_s, on_dead, self.disagg) for d in range(layout.dp_size)]
         self._next = itertools.count()
         self.info: EngineReady | None = None
 
@@ -108,20 +118,20 @@ class DPEngineClient:
     # ---------------------------------------------------------------- placement
     def place(self, req: GenerateReq) -> int:
         if self.disagg.mode == "prefill" and req.bootstrap is not None:
-            return req.bootstrap.room % self.size
+            return prefill_dp_rank(req.bootstrap.room, self.size)
         if req.data_parallel_rank is not None:
             return req.data_parallel_rank
         if req.share_prompt_with is not None:
             for d, c in enumerate(self.ranks):
                 if c.has(req.share_prompt_with):
                     return d
-        if self.config.load_balance_method == "shortest_queue":
+        if self.config.parallel.load_balance_method == "shortest_queue":
             return min(range(self.size), key=lambda d: self.ranks[d].num_in_flight)
         return next(self._next) % self.size
 
     def generate(self, req: GenerateReq) -> AsyncIterator[TokenOut]:
         rank = self.place(req)
-        if self.config.enable_dp_attention:  # the others nap while idle: its rounds need them now
+        if self.config.parallel.enable_dp_attention:  # the others nap while idle: its rounds need them now
             for d, c in enumerate(self.ranks):
                 if d != rank:
                     c.wake()
@@ -173,7 +183,7 @@ EngineHandle = EngineClient | DPEngineClient  # what the routes hold: one engine
 def engine_client(config: EngineConfig, start_timeout_s: float, on_dead: Callable[[str], None] | None,
                   disagg: DisaggConfig | None) -> EngineHandle:
     """The front's engine handle: one engine, or a DP controller over --dp-size of them."""
-    if config.dp_size > 1:
+    if config.parallel.dp_size > 1:
         return DPEngineClient(config, start_timeout_s, on_dead, disagg)
     return EngineClient(config, start_timeout_s, on_dead, disagg)
 

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from pdserve.contract import STALE_EPOCH
 from pdserve.engine.messages import Bootstrap, GenerateReq, TokenOut, TopLogprob
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.engine_client import DuplicateRequestError, EngineDeadError
@@ -45,25 +46,15 @@ class SubRequest:
 
 
 @dataclass
-class Delta:
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[TopLogprob]] | None = None
-    finish_reason: str | None = None
-    matched: int | str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    e2e_latency: float = 0.0
-    prompt_logprobs: list[float | None] | None = None
-    prompt_top_logprobs: list[list[TopLogprob]] | None = None
-
-
-@dataclass
 class Result:
-    index: int
+    """What one sub-request produced: all of it so far (`collect` sums the deltas with `add`).
+
+    A `Delta` is the same record holding one engine step's share (what `run_one` and `merge`
+    yield): its text and token ids are new ones; the counts, latency and `matched` are set on
+    the last delta only (the one with `finish_reason`), prompt logprobs on the first that has
+    them."""
+
+    index: int  # choice index in the response
     rid: str
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -97,6 +88,9 @@ class Result:
             self.cached_tokens, self.e2e_latency = d.cached_tokens, d.e2e_latency
 
 
+Delta = Result  # one engine step's share of a Result (see its docstring)
+
+
 def _engine_error(exc: Exception) -> APIError:
     if isinstance(exc, DuplicateRequestError):
         return APIError(400, str(exc), param="rid")
@@ -122,15 +116,15 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
             async for out in outs:
                 if out.error is not None:
                     finished = True  # rejected by the engine, or its PD transfer failed
-                    raise APIError(out.error_status, out.error,
-                                   code="kv_transfer_failed" if out.error_status >= 500 else None)
+                    raise APIError(out.error_status, out.error, code="kv_transfer_failed" if out.error_status >= 500
+                                   else STALE_EPOCH if out.error_status == 409 else None)
                 ids = out.token_ids
                 timer.tokens(len(ids))
                 count += len(ids)
                 piece = text.add(ids)
                 if not out.finished:
                     if piece or ids or out.prompt_logprobs is not None:
-                        yield Delta(sub.index, piece, ids, out.logprobs, out.top_logprobs,
+                        yield Delta(sub.index, sub.rid, piece, ids, out.logprobs, out.top_logprobs,
                                     prompt_logprobs=out.prompt_logprobs, prompt_top_logprobs=out.prompt_top_logprobs)
                     continue
                 piece += text.finish(out.matched_stop)
@@ -138,7 +132,7 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
                 prompt = out.prompt_tokens or len(sub.prompt_ids)
                 finished = True
                 e2e = timer.finish(out, prompt, count)
-                yield Delta(sub.index, piece, ids, out.logprobs, out.top_logprobs, reason, matched,
+                yield Delta(sub.index, sub.rid, piece, ids, out.logprobs, out.top_logprobs, reason, matched,
                             prompt, count, out.cached_tokens, e2e, out.prompt_logprobs, out.prompt_top_logprobs)
                 return
     except (EngineDeadError, DuplicateRequestError) as exc:

@@ -1,14 +1,15 @@
 """POST /generate: SGLang's native generation endpoint (text or input_ids, single or batched).
 
-Per request: decode + validate the body and its `sampling_params` (SGLang names), build one
-sub-request per prompt × n (rid from the body, else random), then either stream SSE chunks
-(`{"text", "output_ids", "meta_info", "index"}` with cumulative text and ids, SGLang's default,
-then `[DONE]`) or answer one object (a list for batched input or n > 1). `meta_info` holds id,
-finish_reason (`{"type": "stop", "matched": ...}`, `{"type": "length", "length": N}`,
-`{"type": "abort", "message": ...}`), prompt/completion/cached token counts, e2e latency and,
-with `return_logprob`, `output_token_logprobs` / `output_top_logprobs` as [logprob, id, text]
-(and, with `logprob_start_len` >= 0, the prompt's `input_token_logprobs` / `input_top_logprobs`
-from that position; position 0 has no context: null).
+Per request, after the shared preamble (server/handler.py: the body decoded and validated):
+validate its `sampling_params` (SGLang names), build one sub-request per prompt × n (rid from
+the body, else random), then either stream SSE chunks (`{"text", "output_ids", "meta_info",
+"index"}` with cumulative text and ids, SGLang's default, then `[DONE]`) or answer one object
+(a list for batched input or n > 1). `meta_info` holds id, finish_reason (`{"type": "stop",
+"matched": ...}`, `{"type": "length", "length": N}`, `{"type": "abort", "message": ...}`),
+prompt/completion/cached token counts, e2e latency and, with `return_logprob`,
+`output_token_logprobs` / `output_top_logprobs` as [logprob, id, text] (and, with
+`logprob_start_len` >= 0, the prompt's `input_token_logprobs` / `input_top_logprobs` from that
+position; position 0 has no context: null).
 """
 
 from __future__ import annotations
@@ -18,40 +19,32 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
-from fastapi import APIRouter, Request
 from pydantic import ValidationError
-from starlette.responses import Response
 
+from pdserve.contract import sequence_count
 from pdserve.engine.messages import TopLogprob
 from pdserve.server.errors import bad_request, from_validation_error
-from pdserve.server.generation import Result, SubRequest, collect, merge, until_disconnect
+from pdserve.server.generation import Result, SubRequest, merge
+from pdserve.server.handler import Route, Whole, fan_out, generation_router, sub_rids
 from pdserve.server.openai_common import TokenTexts
 from pdserve.server.params import (
-    dp_rank,
     INT_LIMIT,
-    pd_bootstrap,
     check_int,
     check_n,
     check_prompt_ids,
-    decode_json_object,
     drop_nulls,
     encode_text,
     make_params,
     resolve_max_tokens,
-    resume_ids,
     stop_ids,
     stop_list,
-    with_seed,
 )
 from pdserve.server.protocol import GenerateRequest, NativeSamplingParams
-from pdserve.server.sse import SSEResponse, frame, with_ids
-from pdserve.server.unsupported import GENERATE, GENERATE_SAMPLING, reject_unsupported
+from pdserve.server.sse import frame, with_ids
+from pdserve.server.state import ServerState
 from pdserve.server.structured import checked, native_grammar
-from pdserve.server.state import ServerState, get_state
 from pdserve.server.text_stream import TextStream
-
-router = APIRouter()
+from pdserve.server.unsupported import GENERATE, GENERATE_SAMPLING, reject_unsupported
 
 
 async def _prompts(state: ServerState, body: GenerateRequest) -> tuple[list[list[int]], bool]:
@@ -89,27 +82,21 @@ async def _build(state: ServerState, body: GenerateRequest) -> tuple[list[SubReq
     score = body.logprob_start_len if body.return_logprob and body.logprob_start_len >= 0 else None
     grammar = await checked(native_grammar(sp))
     prompts, batched = await _prompts(state, body)
-    total = len(prompts) * sp.n
-    rids = _rids(body.rid, total)
-    boots = pd_bootstrap(state, body, len(prompts), sp.n)
-    subs = []
-    for p, ids in enumerate(prompts):
+    planned = []
+    for ids in prompts:
         max_new = resolve_max_tokens(state, sp.max_new_tokens, len(ids), state.config.generate_default_max_tokens,
                                      param="sampling_params.max_new_tokens", minimum=0)
-        params = make_params(
-            state, "sampling_params.", max_new_tokens=max_new, min_new_tokens=sp.min_new_tokens, temperature=sp.temperature,
-            top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p, repetition_penalty=sp.repetition_penalty,
-            frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty, seed=sp.seed,
+        planned.append((ids, make_params(
+            state, "sampling_params.", max_new_tokens=max_new, min_new_tokens=sp.min_new_tokens,
+            temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p,
+            repetition_penalty=sp.repetition_penalty, frequency_penalty=sp.frequency_penalty,
+            presence_penalty=sp.presence_penalty, seed=sp.seed,
             stop=stop_list(state, sp.stop, "sampling_params.stop"),
             stop_token_ids=stop_ids(state, sp.stop_token_ids, "sampling_params.stop_token_ids"),
             ignore_eos=sp.ignore_eos, skip_special_tokens=sp.skip_special_tokens,
             logprobs=body.return_logprob, top_logprobs=body.top_logprobs_num if body.return_logprob else 0,
-            logit_bias=sp.logit_bias, grammar=grammar)
-        for j in range(sp.n):
-            index = p * sp.n + j
-            subs.append(SubRequest(index, rids[index], ids, with_seed(params, j), sp.no_stop_trim,
-                                   boots[index] if boots and max_new else None, rids[p * sp.n] if j else None, score,
-                                   resume_ids(state, body, total, max_new), dp_rank(state, body)))
+            logit_bias=sp.logit_bias, grammar=grammar)))
+    subs = fan_out(state, body, planned, sp.n, _rids(body.rid, sequence_count(len(prompts), sp.n)), sp.no_stop_trim, score)
     return subs, batched or sp.n > 1
 
 
@@ -118,8 +105,7 @@ def _rids(rid: str | list[str] | None, total: int) -> list[str]:
         if len(rid) != total or len(set(rid)) != total or not all(rid):
             raise bad_request(f"rid must list {total} distinct non-empty ids", param="rid")
         return rid
-    base = rid or uuid.uuid4().hex
-    return [base] if total == 1 else [f"{base}-{k}" for k in range(total)]
+    return sub_rids(rid or uuid.uuid4().hex, total)
 
 
 def finish_reason(reason: str | None, matched: int | str | None, completion_tokens: int) -> dict[str, Any] | None:
@@ -170,23 +156,20 @@ def _scored_prompts(subs: list[SubRequest]) -> dict[int, tuple[list[int], int]]:
     return {s.index: (s.prompt_ids, s.score_from) for s in subs if s.score_from is not None}
 
 
-@router.post("/generate")
-async def generate(request: Request) -> Response:
-    state = get_state(request)
-    state.metrics.request("generate")
-    data = decode_json_object(await request.body())
-    reject_unsupported(data, GENERATE)
-    body = GenerateRequest.model_validate(data)
+async def _plan(state: ServerState, body: GenerateRequest) -> AsyncIterator[bytes] | Whole:
     subs, many = await _build(state, body)
     texts = TokenTexts(state) if body.return_text_in_logprobs else None
     if body.stream:
-        return SSEResponse(_stream(state, subs, body, texts))
-    results = await until_disconnect(request, collect(state, subs))
+        return _stream(state, subs, body, texts)
     prompts = _scored_prompts(subs)
-    outs = [{"text": r.text, "output_ids": r.token_ids,
-             "meta_info": _meta(r, body.return_logprob, body.top_logprobs_num, texts, prompts.get(r.index)),
-             **({"index": r.index} if many else {})} for r in results]
-    return Response(msgspec.json.encode(outs if many else outs[0]), media_type="application/json")
+
+    def shape(results: list[Result]) -> object:
+        outs = [{"text": r.text, "output_ids": r.token_ids,
+                 "meta_info": _meta(r, body.return_logprob, body.top_logprobs_num, texts, prompts.get(r.index)),
+                 **({"index": r.index} if many else {})} for r in results]
+        return outs if many else outs[0]
+
+    return Whole(subs, shape)
 
 
 async def _stream(state: ServerState, subs: list[SubRequest], body: GenerateRequest,
@@ -217,3 +200,6 @@ def _resumed(state: ServerState, s: SubRequest) -> Result:
         text = TextStream(state.tokenizer, s.prompt_ids, s.params.stop, s.params.skip_special_tokens, s.include_stop)
         r.text, r.token_ids = text.add(s.resume_ids), list(s.resume_ids)
     return r
+
+
+router = generation_router("/generate", Route("generate", GenerateRequest, GENERATE), _plan)

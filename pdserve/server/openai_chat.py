@@ -1,51 +1,42 @@
 """POST /v1/chat/completions (OpenAI chat; streaming and not) over the model's chat template.
 
-Per request: decode + validate the body, turn the messages into plain {role, content} dicts
-(text parts only; tool calls and tool results keep their fields), plan tool use
-(server/tools.py) and structured output (server/structured.py), render the messages (and
-tools) with the model's chat template into prompt ids, fan out n sub-requests, then either
-stream `chat.completion.chunk`s (a role delta first, content and tool_calls deltas, a final
-delta with `finish_reason`, a usage chunk when `stream_options.include_usage`, then `[DONE]`)
-or answer one `chat.completion` body. Output text goes through the plan's ToolStream
-(server/tool_parsers.py) in both shapes. `max_completion_tokens` wins over `max_tokens`.
+Per request, after the shared preamble (server/handler.py: the body decoded and validated, the
+model checked): turn the messages into plain {role, content} dicts (text parts only; tool
+calls and tool results keep their fields), plan tool use (server/tools.py) and structured
+output (server/structured.py), render the messages (and tools) with the model's chat template
+into prompt ids, fan out n sub-requests, then either stream `chat.completion.chunk`s (a role
+delta first, content and tool_calls deltas, a final delta with `finish_reason`, a usage chunk
+when `stream_options.include_usage`, then `[DONE]`) or answer one `chat.completion` body.
+Output text goes through the plan's ToolStream (server/tool_parsers.py) in both shapes.
+`max_completion_tokens` wins over `max_tokens`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
-from fastapi import APIRouter, Request
-from starlette.responses import Response
-
 from pdserve.server.errors import bad_request
-from pdserve.server.generation import SubRequest, collect, merge, until_disconnect
-from pdserve.server.openai_common import TokenTexts, chat_logprobs, new_id, openai_params, sub_rid, usage
-from pdserve.server.params import (
-    dp_rank,
-    pd_bootstrap,
-    check_model,
-    check_n,
-    check_prompt_ids,
-    decode_json_object,
-    off_loop,
-    resolve_max_tokens,
-    resume_ids,
-    with_seed,
+from pdserve.server.generation import Result, SubRequest, merge
+from pdserve.server.handler import Route, Whole, fan_out, generation_router, sub_rids
+from pdserve.server.openai_common import (
+    TokenTexts,
+    chat_logprobs,
+    include_usage,
+    openai_params,
+    response_head,
+    usage,
 )
+from pdserve.server.params import check_n, check_prompt_ids, off_loop, resolve_max_tokens
 from pdserve.server.protocol import ChatCompletionRequest
-from pdserve.server.sse import SSEResponse, frame, with_ids
-from pdserve.server.unsupported import CHAT, reject_unsupported
+from pdserve.server.sse import frame, with_ids
+from pdserve.server.state import ServerState
 from pdserve.server.structured import checked, openai_grammar
 from pdserve.server.tool_parsers import Call, Content, Event
 from pdserve.server.tools import ToolPlan, history_fields, new_call_id
 from pdserve.server.tools import plan as tool_plan
-from pdserve.server.state import ServerState, get_state
-
-router = APIRouter()
+from pdserve.server.unsupported import CHAT
 
 _RESERVED_TEMPLATE_KWARGS = {"messages", "conversation", "tokenize", "add_generation_prompt", "tools",
                              "documents", "continue_final_message", "return_tensors", "return_dict",
@@ -121,47 +112,33 @@ async def _build(state: ServerState, body: ChatCompletionRequest, rid: str,
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_new = resolve_max_tokens(state, requested, len(ids), None, param=name)
     params = openai_params(state, body, max_new, body.logprobs, top or 0, grammar)
-    include_stop = body.include_stop_str_in_output or body.no_stop_trim
-    boots = pd_bootstrap(state, body, 1, body.n)
-    resume = resume_ids(state, body, body.n, max_new)
-    return [SubRequest(k, sub_rid(rid, k, body.n), ids, with_seed(params, k), include_stop,
-                       boots[k] if boots and max_new else None, sub_rid(rid, 0, body.n) if k else None,
-                       resume_ids=resume, dp_rank=dp_rank(state, body))
-            for k in range(body.n)]
+    return fan_out(state, body, [(ids, params)], body.n, sub_rids(rid, body.n),
+                   body.include_stop_str_in_output or body.no_stop_trim)
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    state = get_state(request)
-    state.metrics.request("chat")
-    data = decode_json_object(await request.body())
-    reject_unsupported(data, CHAT)
-    body = ChatCompletionRequest.model_validate(data)
-    check_model(state, body.model)
-    rid = body.pdserve_response_id if body.pdserve_resume_ids is not None and body.pdserve_response_id \
-        else new_id("chatcmpl")  # a resumed stream keeps its first server's id
+async def _plan(state: ServerState, body: ChatCompletionRequest) -> AsyncIterator[bytes] | Whole:
+    head = response_head(state, body, "chatcmpl")
     plan = tool_plan(body, state.config.tool_call_parser)
-    subs = await _build(state, body, rid, plan)
-    head = {"id": rid, "created": body.pdserve_created or int(time.time()), "model": body.model or state.model_name}
+    subs = await _build(state, body, head["id"], plan)
     texts = TokenTexts(state)
     if body.stream:
-        inc_usage = body.stream_options is not None and body.stream_options.include_usage
-        return SSEResponse(_stream(state, subs, head, texts, body.logprobs, inc_usage, plan,
-                                   body.pdserve_stream_ids))
-    results = await until_disconnect(request, collect(state, subs))
-    choices = []
-    for r in results:
-        message, called = _message(plan, r.text)
-        choices.append({
-            "index": r.index,
-            "message": message,
-            "logprobs": chat_logprobs(texts, r.token_ids, r.logprobs, r.top_logprobs) if body.logprobs else None,
-            "finish_reason": _finish(plan, r.finish_reason, called),
-            "matched_stop": r.matched,
-        })
-    out = dict(head, object="chat.completion", choices=choices,
-               usage=usage(len(subs[0].prompt_ids), sum(r.completion_tokens for r in results), results[0].cached_tokens))
-    return Response(msgspec.json.encode(out), media_type="application/json")
+        return _stream(state, subs, head, texts, body.logprobs, include_usage(body), plan, body.pdserve_stream_ids)
+
+    def shape(results: list[Result]) -> dict[str, Any]:
+        choices = []
+        for r in results:
+            message, called = _message(plan, r.text)
+            choices.append({
+                "index": r.index,
+                "message": message,
+                "logprobs": chat_logprobs(texts, r.token_ids, r.logprobs, r.top_logprobs) if body.logprobs else None,
+                "finish_reason": _finish(plan, r.finish_reason, called),
+                "matched_stop": r.matched,
+            })
+        return dict(head, object="chat.completion", choices=choices, usage=usage(
+            len(subs[0].prompt_ids), sum(r.completion_tokens for r in results), results[0].cached_tokens))
+
+    return Whole(subs, shape)
 
 
 def _message(plan: ToolPlan, text: str) -> tuple[dict[str, Any], bool]:
@@ -240,3 +217,6 @@ async def _stream(state: ServerState, subs: list[SubRequest], head: dict[str, An
                 cached = d.cached_tokens if d.index == 0 else cached
     if inc_usage:
         yield frame(dict(base, choices=[], usage=usage(len(subs[0].prompt_ids), completion_tokens, cached)))
+
+
+router = generation_router("/v1/chat/completions", Route("chat", ChatCompletionRequest, CHAT), _plan)

@@ -1,12 +1,13 @@
 """Pieces shared by /v1/completions and /v1/chat/completions: ids, sampling params from the
 OpenAI fields, usage blocks, and the two logprobs shapes (completions' and chat's).
 
-Pure helpers: called by the handlers while they build sub-requests and while they turn
-`Delta`s / `Result`s into OpenAI JSON, one call per chunk or response.
+Pure helpers: called by the handlers while they build the response head and sub-requests,
+and while they turn `Delta`s / `Result`s into OpenAI JSON, one call per chunk or response.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -21,8 +22,17 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def sub_rid(base: str, k: int, total: int) -> str:
-    return base if total == 1 else f"{base}-{k}"
+def response_head(state: ServerState, body: _SamplingFields, prefix: str) -> dict[str, Any]:
+    """`id`, `created` and `model` of a response; a resumed stream (migrated by the router)
+    keeps the id and time its first server put in its chunks."""
+    resumed = body.pdserve_resume_ids is not None and body.pdserve_response_id
+    return {"id": body.pdserve_response_id if resumed else new_id(prefix),
+            "created": body.pdserve_created or int(time.time()), "model": body.model or state.model_name}
+
+
+def include_usage(body: _SamplingFields) -> bool:
+    """A stream ends with a usage chunk (`stream_options.include_usage`)."""
+    return body.stream_options is not None and body.stream_options.include_usage
 
 
 def openai_params(state: ServerState, body: _SamplingFields, max_new_tokens: int, logprobs: bool,

@@ -1,9 +1,10 @@
 """POST /v1/completions (OpenAI legacy completions; streaming and not).
 
-Per request: decode + validate the body, tokenize each prompt (or take its ids), fan out
-prompt × n sub-requests with their sampling params (seed + choice for n > 1), then either
-stream `text_completion` chunks (SSE, usage chunk when `stream_options.include_usage`, then
-`[DONE]`) or wait for all choices and answer one JSON body. Choice index = prompt × n + k.
+Per request, after the shared preamble (server/handler.py: the body decoded and validated, the
+model checked): tokenize each prompt (or take its ids), fan out prompt × n sub-requests with
+their sampling params (seed + choice for n > 1), then either stream `text_completion` chunks
+(SSE, usage chunk when `stream_options.include_usage`, then `[DONE]`) or wait for all choices
+and answer one JSON body. Choice index = prompt × n + k.
 `echo` + `logprobs` scores the prompt too (its first token's logprob is null) and allows
 `max_tokens: 0` (score only: what lm-eval-harness's log-likelihood tasks send).
 """
@@ -11,45 +12,29 @@ stream `text_completion` chunks (SSE, usage chunk when `stream_options.include_u
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
-from fastapi import APIRouter, Request
-from starlette.responses import Response
-
+from pdserve.contract import sequence_count
 from pdserve.server.errors import bad_request
-from pdserve.server.generation import SubRequest, collect, merge, until_disconnect
+from pdserve.server.generation import Result, SubRequest, merge
+from pdserve.server.handler import Route, Whole, fan_out, generation_router, sub_rids
 from pdserve.server.openai_common import (
     TokenTexts,
     completion_logprobs,
+    include_usage,
     join_logprobs,
-    new_id,
     openai_params,
     prompt_logprobs_block,
-    sub_rid,
+    response_head,
     usage,
 )
-from pdserve.server.params import (
-    dp_rank,
-    pd_bootstrap,
-    check_model,
-    check_n,
-    check_prompt_ids,
-    decode_json_object,
-    encode_text,
-    resolve_max_tokens,
-    resume_ids,
-    with_seed,
-)
+from pdserve.server.params import check_n, check_prompt_ids, encode_text, resolve_max_tokens
 from pdserve.server.protocol import CompletionRequest
-from pdserve.server.sse import SSEResponse, frame, with_ids
-from pdserve.server.unsupported import COMPLETIONS, reject_unsupported
+from pdserve.server.sse import frame, with_ids
+from pdserve.server.state import ServerState
 from pdserve.server.structured import checked, openai_grammar
-from pdserve.server.state import ServerState, get_state
-
-router = APIRouter()
+from pdserve.server.unsupported import COMPLETIONS
 
 
 async def _prompts(state: ServerState, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
@@ -76,63 +61,46 @@ async def _build(state: ServerState, body: CompletionRequest, rid: str) -> list[
         raise bad_request(f"logprobs must be in [0, {state.config.engine.max_top_logprobs}], got {k}",
                           param="logprobs")
     grammar = await checked(openai_grammar(body))
-    prompts = await _prompts(state, body.prompt)
-    total = len(prompts) * body.n
-    include_stop = body.include_stop_str_in_output or body.no_stop_trim
-    boots = pd_bootstrap(state, body, len(prompts), body.n)
-    subs = []
-    for p, ids in enumerate(prompts):
+    prompts = []
+    for ids in await _prompts(state, body.prompt):
         max_new = resolve_max_tokens(state, body.max_tokens, len(ids), state.config.completion_default_max_tokens,
                                      minimum=0 if body.echo else 1)  # echo + max_tokens 0: score the prompt
-        params = openai_params(state, body, max_new, k is not None, k or 0, grammar)
-        score = 0 if body.echo and k is not None else None
-        for j in range(body.n):
-            index = p * body.n + j
-            subs.append(SubRequest(index, sub_rid(rid, index, total), ids, with_seed(params, j), include_stop,
-                                   boots[index] if boots and max_new else None, sub_rid(rid, p * body.n, total) if j else None,
-                                   score, resume_ids(state, body, total, max_new), dp_rank(state, body)))
-    return subs
+        prompts.append((ids, openai_params(state, body, max_new, k is not None, k or 0, grammar)))
+    return fan_out(state, body, prompts, body.n, sub_rids(rid, sequence_count(len(prompts), body.n)),
+                   body.include_stop_str_in_output or body.no_stop_trim, 0 if body.echo and k is not None else None)
 
 
 def _choice(index: int, text: str, logprobs: Any, finish: str | None, matched: Any) -> dict[str, Any]:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, "matched_stop": matched}
 
 
-@router.post("/v1/completions")
-async def completions(request: Request) -> Response:
-    state = get_state(request)
-    state.metrics.request("completions")
-    data = decode_json_object(await request.body())
-    reject_unsupported(data, COMPLETIONS)
-    body = CompletionRequest.model_validate(data)
-    check_model(state, body.model)
-    rid = body.pdserve_response_id if body.pdserve_resume_ids is not None and body.pdserve_response_id \
-        else new_id("cmpl")  # a resumed stream keeps its first server's id
-    subs = await _build(state, body, rid)
-    created = body.pdserve_created or int(time.time())
+async def _plan(state: ServerState, body: CompletionRequest) -> AsyncIterator[bytes] | Whole:
+    head = dict(response_head(state, body, "cmpl"), object="text_completion")
+    subs = await _build(state, body, head["id"])
     echo = {s.index: state.tokenizer.decode(s.prompt_ids, skip_special_tokens=False) for s in subs} if body.echo else {}
-    head = {"id": rid, "object": "text_completion", "created": created, "model": body.model or state.model_name}
     texts = TokenTexts(state)
     want_lp = body.logprobs is not None
     if body.stream:
-        inc_usage = body.stream_options is not None and body.stream_options.include_usage
-        return SSEResponse(_stream(state, subs, body.n, head, echo, texts, want_lp, inc_usage, bool(body.logprobs),
-                                   body.pdserve_stream_ids))
-    results = await until_disconnect(request, collect(state, subs))
-    choices = []
-    prompts = {s.index: s.prompt_ids for s in subs}
-    for r in results:
-        prefix = echo.get(r.index, "")
-        lp = completion_logprobs(texts, r.token_ids, r.logprobs, r.top_logprobs, len(prefix))[0] if want_lp else None
-        if lp is not None and body.echo:
-            block = prompt_logprobs_block(texts, prompts[r.index], r.prompt_logprobs, r.prompt_top_logprobs,
-                                          bool(body.logprobs))
-            lp = join_logprobs(block, lp) if r.token_ids else block
-        choices.append(_choice(r.index, prefix + r.text, lp, r.finish_reason, r.matched))
-    prompt_tokens = sum(len(s.prompt_ids) for s in subs if s.index % body.n == 0)
-    out = dict(head, choices=choices, usage=usage(prompt_tokens, sum(r.completion_tokens for r in results),
-                                                  sum(r.cached_tokens for r in results if r.index % body.n == 0)))
-    return Response(msgspec.json.encode(out), media_type="application/json")
+        return _stream(state, subs, body.n, head, echo, texts, want_lp, include_usage(body), bool(body.logprobs),
+                       body.pdserve_stream_ids)
+
+    def shape(results: list[Result]) -> dict[str, Any]:
+        choices = []
+        prompts = {s.index: s.prompt_ids for s in subs}
+        for r in results:
+            prefix = echo.get(r.index, "")
+            lp = (completion_logprobs(texts, r.token_ids, r.logprobs, r.top_logprobs, len(prefix))[0]
+                  if want_lp else None)
+            if lp is not None and body.echo:
+                block = prompt_logprobs_block(texts, prompts[r.index], r.prompt_logprobs, r.prompt_top_logprobs,
+                                              bool(body.logprobs))
+                lp = join_logprobs(block, lp) if r.token_ids else block
+            choices.append(_choice(r.index, prefix + r.text, lp, r.finish_reason, r.matched))
+        prompt_tokens = sum(len(s.prompt_ids) for s in subs if s.index % body.n == 0)
+        return dict(head, choices=choices, usage=usage(prompt_tokens, sum(r.completion_tokens for r in results),
+                                                       sum(r.cached_tokens for r in results if r.index % body.n == 0)))
+
+    return Whole(subs, shape)
 
 
 async def _stream(state: ServerState, subs: list[SubRequest], n: int, head: dict[str, Any], echo: dict[int, str],
@@ -169,3 +137,6 @@ async def _stream(state: ServerState, subs: list[SubRequest], n: int, head: dict
     if inc_usage:
         prompt_tokens = sum(len(s.prompt_ids) for s in subs if s.index % n == 0)
         yield frame(dict(head, choices=[], usage=usage(prompt_tokens, completion_tokens, cached)))
+
+
+router = generation_router("/v1/completions", Route("completions", CompletionRequest, COMPLETIONS), _plan)

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from pdserve.contract import (BOOTSTRAP_EPOCH, BOOTSTRAP_HOST, BOOTSTRAP_KEYS, BOOTSTRAP_PORT, BOOTSTRAP_ROOM, DP_RANK,
+                              RESUME_IDS, per_sequence, sequence_count)
 from pdserve.engine.messages import Bootstrap
 from pdserve.engine.sampling_params import SamplingError, SamplingParams, check_prompt
 from pdserve.server.errors import APIError, bad_request
@@ -175,12 +177,12 @@ def with_seed(params: SamplingParams, offset: int) -> SamplingParams:
 
 
 def resume_ids(state: ServerState, body: Any, num_subs: int, max_new: int) -> tuple[int, ...] | None:
-    """`pdserve_resume_ids` of a migrated stream (checked: one streamed sequence, ids in the
-    vocabulary, fewer than max_tokens; maybe none yet), or None for an ordinary request."""
+    """The resumed ids of a migrated stream (contract.RESUME_IDS; checked: one streamed sequence,
+    ids in the vocabulary, fewer than max_tokens; maybe none yet), or None for an ordinary request."""
     ids = body.pdserve_resume_ids
     if ids is None:
         return None
-    param = "pdserve_resume_ids"
+    param = RESUME_IDS
     if num_subs != 1 or not body.stream:
         raise bad_request("a resumed stream carries one streamed sequence (n = 1, one prompt, stream)", param=param)
     vocab = state.vocab_size
@@ -195,25 +197,19 @@ def resume_ids(state: ServerState, body: Any, num_subs: int, max_new: int) -> tu
 _ROOM_STEP = 0x9E3779B97F4A7C15  # odd (golden ratio): rooms derived for the n copies of a prompt never repeat
 
 
-def _per_sequence(value: Any, name: str, num_prompts: int, n: int) -> list[Any]:
-    """One value per sequence (index p * n + j) from a scalar, a list per sequence, or a list
-    per prompt (then shared by its n copies)."""
-    total = num_prompts * n
-    if not isinstance(value, list):
-        return [value] * total
-    if len(value) == total:
-        return list(value)
-    if len(value) == num_prompts:
-        return [v for v in value for _ in range(n)]
-    raise bad_request(f"{name} lists {len(value)} values; the request has {total} sequences "
-                      f"({num_prompts} prompts x n = {n})", param=name)
+def _per_sequence(body: Any, name: str, num_prompts: int, n: int) -> list[Any]:
+    """Field `name`'s value for each sequence (contract.per_sequence: index p * n + j)."""
+    try:
+        return per_sequence(getattr(body, name), num_prompts, n)
+    except ValueError as exc:
+        raise bad_request(f"{name} {exc}", param=name) from None
 
 
 def dp_rank(state: ServerState, body: Any) -> int | None:
-    """The request's data_parallel_rank (SGLang's field), checked against --dp-size."""
+    """The request's data-parallel rank (SGLang's field, contract.DP_RANK), checked against --dp-size."""
     rank = body.data_parallel_rank
     if rank is not None:
-        check_int(rank, "data_parallel_rank", 0, state.config.engine.dp_size - 1)
+        check_int(rank, DP_RANK, 0, state.config.engine.parallel.dp_size - 1)
     return rank
 
 
@@ -230,20 +226,19 @@ def pd_bootstrap(state: ServerState, body: Any, num_prompts: int, n: int) -> lis
     if state.config.disagg.mode == "null" or all(f is None for f in fields):
         return None
     if any(f is None for f in fields):
-        raise bad_request("bootstrap_host, bootstrap_port and bootstrap_room must be given together",
-                          param="bootstrap_room")
-    hosts = _per_sequence(body.bootstrap_host, "bootstrap_host", num_prompts, n)
-    ports = _per_sequence(body.bootstrap_port, "bootstrap_port", num_prompts, n)
-    given = _per_sequence(body.bootstrap_room, "bootstrap_room", num_prompts, n)
-    per_seq = isinstance(body.bootstrap_room, list) and len(body.bootstrap_room) == num_prompts * n
+        raise bad_request(f"{BOOTSTRAP_HOST}, {BOOTSTRAP_PORT} and {BOOTSTRAP_ROOM} must be given together",
+                          param=BOOTSTRAP_ROOM)
+    hosts, ports, given = (_per_sequence(body, name, num_prompts, n) for name in BOOTSTRAP_KEYS)
+    per_seq = isinstance(body.bootstrap_room, list) and len(body.bootstrap_room) == sequence_count(num_prompts, n)
     out = []
     for k, (host, port, room) in enumerate(zip(hosts, ports, given)):
-        check_int(port, "bootstrap_port", 1, 65535)
-        check_int(room, "bootstrap_room", 0, SEED_LIMIT)
+        check_int(port, BOOTSTRAP_PORT, 1, 65535)
+        check_int(room, BOOTSTRAP_ROOM, 0, SEED_LIMIT)
         if not host:
-            raise bad_request("bootstrap_host must be non-empty", param="bootstrap_host")
+            raise bad_request(f"{BOOTSTRAP_HOST} must be non-empty", param=BOOTSTRAP_HOST)
         j = 0 if per_seq else (k % n if isinstance(body.bootstrap_room, list) else k)
-        out.append(Bootstrap(host=host, port=port, room=(room + j * _ROOM_STEP) & SEED_LIMIT))
+        out.append(Bootstrap(host=host, port=port, room=(room + j * _ROOM_STEP) & SEED_LIMIT,
+                             epoch=getattr(body, BOOTSTRAP_EPOCH, None)))
     if len({b.room for b in out}) != len(out):
-        raise bad_request("bootstrap_room: every sequence needs its own room", param="bootstrap_room")
+        raise bad_request(f"{BOOTSTRAP_ROOM}: every sequence needs its own room", param=BOOTSTRAP_ROOM)
     return out

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, create_model
+
+from pdserve.contract import BODY_FIELDS
 
 _CONFIG = ConfigDict(extra="ignore", strict=True)
 
@@ -26,23 +28,14 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
-class _BootstrapFields(_Model):
-    """PD fields a router adds (SGLang's names): where the prefill's bootstrap server is, a
-    scalar or a list with one entry per sequence (SGLang's batched form for n > 1 and prompt
-    lists; `params.pd_bootstrap` pairs them with the sequences); and pdserve's router's stream
-    migration fields: `pdserve_stream_ids` asks for the token ids of each streamed event (as
-    `: pdserve-ids` SSE comments, which clients ignore), and `pdserve_resume_ids` continues a
-    stream another server started: those ids were already delivered, count as output, and are
-    not sent again."""
-
-    bootstrap_host: Union[str, list[str], None] = None
-    bootstrap_port: Union[int, list[int], None] = None
-    bootstrap_room: Union[int, list[int], None] = None
-    data_parallel_rank: int | None = None  # SGLang's: the dp rank to serve it (0 <= rank < --dp-size)
-    pdserve_stream_ids: bool = False
-    pdserve_resume_ids: list[int] | None = None
-    pdserve_response_id: str | None = None  # a resumed stream: the id and created time its
-    pdserve_created: int | None = None  # first server put in its chunks (kept)
+# The fields a router adds, exactly as the contract names and types them (pdserve/contract):
+# where the prefill's bootstrap server is and the room (a scalar or a list with one entry per
+# sequence, SGLang's batched form for n > 1 and prompt lists; `params.pd_bootstrap` pairs them
+# with the sequences), the data-parallel rank, and pdserve's router's stream migration fields
+# (the ids of each streamed event asked for; a stream another server started continued: those
+# ids were already delivered, count as output and are not sent again; its chunks' id and time).
+_BootstrapFields = create_model("_BootstrapFields", __base__=_Model,
+                                **{name: (kind, default) for name, kind, default in BODY_FIELDS})  # type: ignore
 
 
 class JSONSchemaFormat(_Model):

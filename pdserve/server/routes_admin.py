@@ -1,6 +1,7 @@
 """Health, info, load, abort, cache and metrics endpoints (SGLang-compatible shapes).
 
-Stateless handlers over `ServerState`: `/health` is cheap (engine process alive),
+Stateless handlers over `ServerState`: `/health` is cheap (engine process alive, and 503 while
+the server drains or switches roles: server/elastic.py),
 `/health_generate` runs one 1-token generation, `/get_load`, `/flush_cache` and
 `/kv_events/snapshot` are control round trips to the engine process, `/metrics` refreshes the engine gauges then renders
 Prometheus text. `/server_info` never shows the API key.
@@ -15,27 +16,24 @@ import time
 import uuid
 from typing import Any
 
-import msgspec
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
+from pdserve.contract import DRAINING, SERVER_INFO_PATHS, ServerInfo, encode_server_info
 from pdserve.engine.messages import GenerateReq, LoadInfo
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.dp_client import DPLoadResp
 from pdserve.server.engine_client import EngineDeadError
 from pdserve.server.errors import APIError
-from pdserve.server.params import decode_json_object
+from pdserve.server.handler import Route, json_response, read_body
 from pdserve.server.protocol import AbortRequest
 from pdserve.server.state import ServerState, get_state
 
 router = APIRouter()
 
 VERSION = "0.1.0"
-
-
-def _json(obj: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+_ABORT = Route(None, AbortRequest)
 
 
 def _unavailable(exc: BaseException) -> APIError:
@@ -49,6 +47,9 @@ async def health(request: Request) -> Response:
     state = get_state(request)
     if not state.client.alive or state.client.closing:
         raise APIError(503, state.client.dead_reason or "the server is shutting down", code="unhealthy")
+    elastic = request.app.state.elastic
+    if not elastic.serving:
+        raise APIError(503, f"the server is {elastic.phase}", code=DRAINING)
     return Response(status_code=200)
 
 
@@ -73,44 +74,50 @@ async def health_generate(request: Request) -> Response:
     return Response(status_code=200)
 
 
-def _server_info(state: ServerState) -> dict[str, Any]:
+def _server_info(state: ServerState, draining: bool = False) -> dict[str, Any]:
+    """The contract's ServerInfo (what a router reads) with this server's own keys beside it."""
     cfg = state.config
     server = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("engine", "api_key", "disagg")}
-    pd = cfg.disagg
-    return {
+    pd, layout = cfg.disagg, cfg.engine.parallel
+    shared = ServerInfo(
+        disaggregation_mode=pd.mode, disaggregation_transfer_backend=pd.backend,
+        disaggregation_bootstrap_port=pd.bootstrap_port, disaggregation_failure_policy=pd.failure_policy,
+        disaggregation_decode_enable_radix_cache=pd.decode_enable_radix_cache,
+        kv_events_endpoint=state.info.kv_events_endpoint, max_model_len=state.max_model_len,
+        tp_size=layout.tp_size, dp_size=layout.dp_size, enable_dp_attention=layout.enable_dp_attention,
+        load_balance_method=layout.load_balance_method, epoch=pd.epoch, draining=draining)
+    return encode_server_info(shared, {
         "version": VERSION,
         "model_path": state.info.model_path,
         "served_model_name": state.model_name,
-        "disaggregation_mode": pd.mode,
-        "disaggregation_transfer_backend": pd.backend,
-        "disaggregation_bootstrap_port": pd.bootstrap_port,
-        "disaggregation_failure_policy": pd.failure_policy,
-        "disaggregation_decode_enable_radix_cache": pd.decode_enable_radix_cache,
         "disaggregation": {k: v for k, v in dataclasses.asdict(pd).items() if k != "cluster_token"},
         "api_key_required": cfg.api_key is not None,
-        "max_model_len": state.max_model_len,
         "context_length": state.max_model_len,
         "max_total_num_tokens": state.info.num_pages * state.info.page_size,
         "num_pages": state.info.num_pages,
         "page_size": state.info.page_size,
         "max_running_requests": state.info.max_running,
         "device": state.info.device,
+        **_model_kind(state),
         "engine_pid": state.info.pid,
-        "tp_size": cfg.engine.tp_size,
-        "dp_size": cfg.engine.dp_size,  # SGLang's server-args names
-        "enable_dp_attention": cfg.engine.enable_dp_attention,
-        "load_balance_method": cfg.engine.load_balance_method,
-        "kv_events_endpoint": state.info.kv_events_endpoint,
         "uptime_s": round(time.time() - state.started, 3),
         **server,
         "engine": dataclasses.asdict(cfg.engine),
-    }
+    })
 
 
-@router.get("/server_info")
-@router.get("/get_server_info")
+def _model_kind(state: ServerState) -> dict[str, Any]:
+    """What /server_info says of the model's attention and experts, and how the experts are placed."""
+    mc = state.info.model_config
+    return {"attention_kind": mc.get("attention_kind"), "kv_bytes_per_token": mc.get("kv_bytes_per_token"),
+            "num_experts": mc.get("moe.num_experts", 0), "num_experts_per_tok": mc.get("moe.top_k", 0),
+            "ep_size": state.config.engine.parallel.ep_ranks if "moe.num_experts" in mc else 1}
+
+
+@router.get(SERVER_INFO_PATHS[0])
+@router.get(SERVER_INFO_PATHS[1])
 async def server_info(request: Request) -> Response:
-    return _json(_server_info(get_state(request)))
+    return json_response(_server_info(get_state(request), not request.app.state.elastic.serving))
 
 
 @router.get("/model_info")
@@ -118,7 +125,7 @@ async def server_info(request: Request) -> Response:
 async def model_info(request: Request) -> Response:
     state = get_state(request)
     mc = state.info.model_config
-    return _json({
+    return json_response({
         "model_path": state.info.model_path,
         "tokenizer_path": state.info.model_path,
         "served_model_name": state.model_name,
@@ -145,7 +152,7 @@ def model_card(state: ServerState, name: str) -> dict[str, Any]:
 async def models(request: Request) -> Response:
     state = get_state(request)
     names = [state.model_name, *state.config.served_model_aliases]
-    return _json({"object": "list", "data": [model_card(state, n) for n in names]})
+    return json_response({"object": "list", "data": [model_card(state, n) for n in names]})
 
 
 def _rank_load(x: LoadInfo) -> dict[str, Any]:
@@ -185,6 +192,8 @@ async def _load(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
         "integrity_errors": resp.integrity_errors,
         "dp_size": len(ranks),
         "dp_ranks": [_rank_load(x) for x in ranks],
+        **({} if load.experts is None else {"expert_load": {  # routed (token, expert) pairs since start
+            "experts": load.experts.experts, "ep_ranks": load.experts.ep_ranks, "layers": load.experts.layers}}),
     }
 
 
@@ -192,13 +201,12 @@ async def _load(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
 async def get_load(request: Request) -> Response:
     """The server's load; `dp_ranks` has each data-parallel rank's (`?step_trace=1`: its last steps)."""
     trace = request.query_params.get("step_trace", "0") not in ("0", "false", "")
-    return _json(await _load(get_state(request), trace))
+    return json_response(await _load(get_state(request), trace))
 
 
 @router.post("/abort_request")
 async def abort_request(request: Request) -> Response:
-    state = get_state(request)
-    body = AbortRequest.model_validate(decode_json_object(await request.body()))
+    state, body = await read_body(request, _ABORT)
     try:
         if body.abort_all:
             aborted = state.client.in_flight()
@@ -210,7 +218,7 @@ async def abort_request(request: Request) -> Response:
             raise APIError(400, "send 'rid' or 'abort_all': true", param="rid")
     except EngineDeadError as exc:
         raise _unavailable(exc) from None
-    return _json({"success": True, "aborted": aborted})
+    return json_response({"success": True, "aborted": aborted})
 
 
 @router.api_route("/flush_cache", methods=["GET", "POST"])
@@ -222,7 +230,7 @@ async def flush_cache(request: Request) -> Response:
         raise _unavailable(exc) from None
     if not ok:
         raise APIError(400, "cache not flushed: requests are still running; retry when idle", code="flush_failed")
-    return _json({"success": True, "message": "cache flushed"})
+    return json_response({"success": True, "message": "cache flushed"})
 
 
 @router.get("/kv_events/snapshot")
@@ -237,7 +245,7 @@ async def kv_events_snapshot(request: Request) -> Response:
     if resp.snapshot is None:
         raise APIError(404, "KV events are off on this server (start it with --kv-events-config)",
                        code="kv_events_off")
-    return _json(resp.snapshot)
+    return json_response(resp.snapshot)
 
 
 @router.get("/metrics")

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-import msgspec
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 from starlette.responses import Response
 
 from pdserve.server.errors import bad_request
+from pdserve.server.handler import Route, json_response, read_body
 from pdserve.server.openai_chat import chat_prompt_ids
-from pdserve.server.params import check_model, decode_json_object, encode_text
+from pdserve.server.params import check_model, encode_text
 from pdserve.server.protocol import ChatCompletionRequest
 from pdserve.server.routes_admin import VERSION, model_card
 from pdserve.server.state import get_state
@@ -46,16 +46,14 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def _json(obj: Any) -> Response:
-    return Response(msgspec.json.encode(obj), media_type="application/json")
+_TOKENIZE = Route(None, TokenizeRequest)
+_DETOKENIZE = Route(None, DetokenizeRequest)
 
 
 @router.post("/tokenize")
 @router.post("/v1/tokenize")
 async def tokenize(request: Request) -> Response:
-    state = get_state(request)
-    body = TokenizeRequest.model_validate(decode_json_object(await request.body()))
-    check_model(state, body.model)
+    state, body = await read_body(request, _TOKENIZE)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("send exactly one of 'prompt' and 'messages'", param="prompt")
     if body.messages is not None:
@@ -77,30 +75,28 @@ async def tokenize(request: Request) -> Response:
     if body.return_token_strs:
         strs = [[state.tokenizer.decode([i], skip_special_tokens=False) for i in t] for t in batch]
         out["token_strs"] = strs[0] if not isinstance(body.prompt, list) else strs
-    return _json(out)
+    return json_response(out)
 
 
 @router.post("/detokenize")
 @router.post("/v1/detokenize")
 async def detokenize(request: Request) -> Response:
-    state = get_state(request)
-    body = DetokenizeRequest.model_validate(decode_json_object(await request.body()))
-    check_model(state, body.model)
+    state, body = await read_body(request, _DETOKENIZE)
     bad = next((t for t in body.tokens if not 0 <= t < state.vocab_size), None)
     if bad is not None:
         raise bad_request(f"token id {bad} is out of vocabulary (valid ids are 0..{state.vocab_size - 1})",
                           param="tokens")
     text = state.tokenizer.decode(body.tokens, skip_special_tokens=False)
-    return _json({"prompt": text, "text": text})
+    return json_response({"prompt": text, "text": text})
 
 
 @router.get("/version")
 async def version(request: Request) -> Response:
-    return _json({"version": VERSION})
+    return json_response({"version": VERSION})
 
 
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request) -> Response:
     state = get_state(request)
     check_model(state, model_id)
-    return _json(model_card(state, model_id))
+    return json_response(model_card(state, model_id))

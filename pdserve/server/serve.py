@@ -4,7 +4,7 @@ Lifecycle of `run_serve(args)`:
   1. check what can be checked before any process spawns (`preflight`): the model path, the
      flag combinations, and the port, which is bound right away so a taken port fails in a
      second, not after the model loads; any problem is one line on stderr and exit code 2;
-  2. build the frozen ServerConfig (flags; API key also from $PDSERVE_API_KEY);
+  2. build the frozen ServerConfig (flags; API key also from contract.API_KEY_ENV);
   3. `http_server.serve_app`: uvicorn's start-up spawns the engine process and waits for it,
      then logs the one "ready" line; it stops cleanly on SIGTERM/SIGINT.
 This module imports neither torch nor uvicorn: `pdserve --help` builds its parser.
@@ -19,72 +19,86 @@ import socket
 import sys
 from typing import Any
 
+from pdserve.contract import API_KEY_ENV, resolve_api_key
 from pdserve.disagg.backends import BACKENDS
-from pdserve.disagg.config import TOKEN_ENV, DisaggConfig
+from pdserve.disagg.config import DECODE_RADIX_FLAG, ENV_PREFIX, FAILURE_POLICIES, MODES, TOKEN_ENV, DisaggConfig
+from pdserve.discovery import DEFAULT_TTL_S, MIN_TTL_S, DiscoveryConfig, parse_discovery_url
 from pdserve.engine.args import add_engine_arguments, check_engine_args, engine_config_from_args
-from pdserve.launch.argtypes import metrics_prefix, port_number, positive_float, positive_int
-from pdserve.launch.sockets import bind_socket
-from pdserve.server.config import API_KEY_ENV, ServerConfig
+from pdserve.flags.argtypes import metrics_prefix, port_number, positive_float, positive_int
+from pdserve.flags.sockets import bind_socket
+from pdserve.flags.table import Flag, add_flags, flag_values, with_values
+from pdserve.server.config import ServerConfig
 
 logger = logging.getLogger("pdserve.server")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+HTTP_FLAGS: tuple[Flag, ...] = (
+    Flag(("--host",), "host", str, "bind address"),
+    Flag(("--port",), "port", port_number, "HTTP port"),
+    Flag(("--api-key",), None, str, "require 'Authorization: Bearer KEY' on every route but /health and /metrics",
+         shown=f"${API_KEY_ENV}, else none"),
+    Flag(("--served-model-name",), None, str, "model name(s) requests may use; the first is shown by /v1/models, "
+         "others answer 404", nargs="+", shown="'default' or the model folder's name"),
+    Flag(("--generation-config",), "generation_config", str,
+         "sampling defaults: 'auto' (the model's generation_config.json), 'none', or a folder"),
+    Flag(("--max-body-mb",), "max_body_bytes", positive_float, "request body cap in MiB; larger bodies get 413",
+         unit=2**20),
+    Flag(("--max-n",), "max_n", positive_int, "cap on n"),
+    Flag(("--max-prompts",), "max_prompts", positive_int, "cap on prompts per request"),
+    Flag(("--max-tokens-cap",), "max_tokens_cap", positive_int, "cap on max_tokens", shown="the context length"),
+    Flag(("--tool-call-parser",), "tool_call_parser", str, "reads the model's own tool calls for tool_choice "
+         "\"auto\" (hermes: Qwen/Hermes <tool_call>)", ("hermes", "llama3_json"),
+         shown='none; "auto" is then refused'),
+    Flag(("--engine-start-timeout",), "engine_start_timeout_s", positive_float, "seconds the engine may take to load"),
+    Flag(("--shutdown-timeout",), "shutdown_timeout_s", positive_float, "seconds per shutdown stage"),
+)
+# fields of ServerConfig.disagg: a flag given overrides the environment knob (DisaggConfig.from_env)
+PD_FLAGS: tuple[Flag, ...] = (
+    Flag(("--disaggregation-mode",), "disagg.mode", str,
+         "null: a unified server; prefill or decode: one side of a PD pair", MODES),
+    Flag(("--disaggregation-transfer-backend",), "disagg.backend", str,
+         "how KV pages move between prefill and decode", tuple(BACKENDS)),
+    Flag(("--disaggregation-bootstrap-port",), "disagg.bootstrap_port", port_number,
+         "bootstrap server port on a prefill server"),
+    Flag(("--disaggregation-bootstrap-host",), "disagg.bootstrap_host", str,
+         "address the bootstrap server and transfer endpoint bind", shown="--host"),
+    Flag(("--disaggregation-ib-device",), "disagg.ib_device", str,
+         "RDMA device(s) for the mooncake backend's rdma protocol, e.g. mlx5_0",
+         shown=f"${ENV_PREFIX}IB_DEVICE, else none"),
+    Flag(("--disaggregation-failure-policy",), "disagg.failure_policy", str,
+         "decode, when a KV transfer fails (prefill dead, timeout, rejected record): run the prompt itself "
+         "(recompute) or answer a clean 503 (error)", FAILURE_POLICIES),
+    Flag((DECODE_RADIX_FLAG,), "disagg.decode_enable_radix_cache", None,
+         "decode: keep finished requests' pages in the radix cache and match each PD prompt against it first; "
+         "only the pages past the hit move", shown="off"),
+)
+LOG_FLAGS: tuple[Flag, ...] = (
+    Flag(("--log-level",), "log_level", str, "", LOG_LEVELS),
+    Flag(("--access-log",), "access_log", None, "log every HTTP request (uvicorn's access log)"),
+    Flag(("--log-requests",), "log_requests", None,
+         "log one line per finished request (tokens, queue time, TTFT, E2E)"),
+    Flag(("--metrics-prefix",), "metrics_prefix", metrics_prefix,
+         "/metrics names are PREFIX:name with SGLang's names, so SGLang's dashboards work"),
+)
+DISCOVERY_FLAGS: tuple[Flag, ...] = (
+    Flag(("--discovery",), None, str, "register this server in etcd once ready (role, URL, bootstrap port, model, "
+         "...), under a lease it keeps alive; routers given the same --discovery find it",
+         metavar="etcd://HOST:PORT[/PREFIX]", shown="off"),
+    Flag(("--discovery-ttl",), None, int, f"lease TTL: a server that dies leaves the routers this long after "
+         f"(>= {MIN_TTL_S})", metavar="SECONDS", shown=str(DEFAULT_TTL_S)),
+    Flag(("--discovery-advertise-host",), "advertise_host", str, "the host routers reach this server at",
+         metavar="HOST", shown="--host, or this machine's name when --host is a wildcard"),
+)
+SERVE_FLAGS = HTTP_FLAGS + PD_FLAGS + DISCOVERY_FLAGS + LOG_FLAGS
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p)
     d = ServerConfig()
-    g = p.add_argument_group("HTTP server")
-    g.add_argument("--host", default=d.host, help=f"bind address (default {d.host})")
-    g.add_argument("--port", type=port_number, default=d.port, help=f"HTTP port (default {d.port})")
-    g.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on every route but /health and /metrics "
-                        f"(default: ${API_KEY_ENV}, else none)")
-    g.add_argument("--served-model-name", nargs="+", default=None,
-                   help="model name(s) requests may use; the first is shown by /v1/models, others answer 404 "
-                        "(default: 'default' or the model folder's name)")
-    g.add_argument("--generation-config", default="auto",
-                   help="sampling defaults: 'auto' (the model's generation_config.json), 'none', or a folder "
-                        "(default auto)")
-    g.add_argument("--max-body-mb", type=positive_float, default=d.max_body_bytes / 2**20,
-                   help=f"request body cap in MiB; larger bodies get 413 (default {d.max_body_bytes / 2**20:g})")
-    g.add_argument("--max-n", type=positive_int, default=d.max_n, help=f"cap on n (default {d.max_n})")
-    g.add_argument("--max-prompts", type=positive_int, default=d.max_prompts,
-                   help=f"cap on prompts per request (default {d.max_prompts})")
-    g.add_argument("--max-tokens-cap", type=positive_int, default=None,
-                   help="cap on max_tokens (default: the context length)")
-    g.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
-                   help='reads the model\'s own tool calls for tool_choice "auto" (hermes: Qwen/Hermes '
-                        '<tool_call>) (default: none; "auto" is then refused)')
-    g.add_argument("--engine-start-timeout", type=positive_float, default=d.engine_start_timeout_s,
-                   help=f"seconds the engine may take to load (default {d.engine_start_timeout_s:g})")
-    g.add_argument("--shutdown-timeout", type=positive_float, default=d.shutdown_timeout_s,
-                   help=f"seconds per shutdown stage (default {d.shutdown_timeout_s:g})")
-    g = p.add_argument_group("PD disaggregation (knobs: PDSERVE_DISAGGREGATION_* env, see README)")
-    g.add_argument("--disaggregation-mode", default="null", choices=["null", "prefill", "decode"],
-                   help="null: a unified server; prefill or decode: one side of a PD pair (default null)")
-    g.add_argument("--disaggregation-transfer-backend", default="tcp", choices=list(BACKENDS),
-                   help="how KV pages move between prefill and decode (default tcp)")
-    g.add_argument("--disaggregation-bootstrap-port", type=port_number, default=8998,
-                   help="bootstrap server port on a prefill server (default 8998)")
-    g.add_argument("--disaggregation-bootstrap-host", default=None,
-                   help="address the bootstrap server and transfer endpoint bind (default: --host)")
-    g.add_argument("--disaggregation-ib-device", default=None,
-                   help="RDMA device(s) for the mooncake backend's rdma protocol, e.g. mlx5_0 "
-                        "(default: $PDSERVE_DISAGGREGATION_IB_DEVICE, else none)")
-    g.add_argument("--disaggregation-failure-policy", default=None, choices=["recompute", "error"],
-                   help="decode, when a KV transfer fails (prefill dead, timeout, rejected record): run "
-                        "the prompt itself (recompute) or answer a clean 503 (error) (default recompute)")
-    g.add_argument("--disaggregation-decode-enable-radix-cache", action="store_true",
-                   help="decode: keep finished requests' pages in the radix cache and match each PD "
-                        "prompt against it first; only the pages past the hit move (default off)")
-    g = p.add_argument_group("logging and metrics")
-    g.add_argument("--log-level", default=d.log_level, choices=LOG_LEVELS, help=f"(default {d.log_level})")
-    g.add_argument("--access-log", action="store_true", help="log every HTTP request (uvicorn's access log)")
-    g.add_argument("--log-requests", action="store_true",
-                   help="log one line per finished request (tokens, queue time, TTFT, E2E)")
-    g.add_argument("--metrics-prefix", type=metrics_prefix, default=d.metrics_prefix,
-                   help=f"/metrics names are PREFIX:name with SGLang's names, so SGLang's dashboards work "
-                        f"(default {d.metrics_prefix})")
+    add_flags(p.add_argument_group("HTTP server"), HTTP_FLAGS, d)
+    add_flags(p.add_argument_group("PD disaggregation (knobs: PDSERVE_DISAGGREGATION_* env, see README)"), PD_FLAGS, d)
+    add_flags(p.add_argument_group("discovery"), DISCOVERY_FLAGS, d)
+    add_flags(p.add_argument_group("logging and metrics"), LOG_FLAGS, d)
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -97,23 +111,23 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    values = flag_values(args, SERVE_FLAGS, ServerConfig())
+    api_key = resolve_api_key(args.api_key)
+    pd = {k.removeprefix("disagg."): values.pop(k) for k in [k for k in values if k.startswith("disagg.")]}
+    pd.setdefault("bootstrap_host", values.get("host", ServerConfig.host))  # default: --host
+    names = args.served_model_name or [None]
     # the bootstrap server and transfer sessions need a secret: the cluster token, else the API key
-    disagg = DisaggConfig.from_env(
-        cluster_token=os.environ.get(TOKEN_ENV) or api_key, mode=args.disaggregation_mode, backend=args.disaggregation_transfer_backend,
-        bootstrap_port=args.disaggregation_bootstrap_port,
-        bootstrap_host=args.disaggregation_bootstrap_host or args.host, ib_device=args.disaggregation_ib_device,
-        failure_policy=args.disaggregation_failure_policy,
-        decode_enable_radix_cache=args.disaggregation_decode_enable_radix_cache or None)
-    return ServerConfig(
-        engine=engine_config_from_args(args), disagg=disagg, host=args.host, port=args.port, api_key=api_key,
-        served_model_name=args.served_model_name[0] if args.served_model_name else None,
-        served_model_aliases=tuple(args.served_model_name[1:]) if args.served_model_name else (),
-        generation_config=args.generation_config, max_body_bytes=int(args.max_body_mb * 2**20),
-        max_n=args.max_n, max_prompts=args.max_prompts, max_tokens_cap=args.max_tokens_cap,
-        engine_start_timeout_s=args.engine_start_timeout, shutdown_timeout_s=args.shutdown_timeout,
-        log_level=args.log_level, access_log=args.access_log, log_requests=args.log_requests,
-        metrics_prefix=args.metrics_prefix, tool_call_parser=args.tool_call_parser)
+    disagg = DisaggConfig.from_env(cluster_token=os.environ.get(TOKEN_ENV) or api_key, **pd)
+    return with_values(ServerConfig(), {**values, "engine": engine_config_from_args(args), "disagg": disagg,
+                                        "api_key": api_key, "served_model_name": names[0],
+                                        "served_model_aliases": tuple(names[1:]),
+                                        "discovery": _discovery(args)})
+
+
+def _discovery(args: argparse.Namespace) -> DiscoveryConfig | None:
+    if not args.discovery:
+        return None
+    return parse_discovery_url(args.discovery, DEFAULT_TTL_S if args.discovery_ttl is None else args.discovery_ttl)
 
 
 def preflight(args: argparse.Namespace) -> tuple[ServerConfig, socket.socket]:
@@ -121,22 +135,19 @@ def preflight(args: argparse.Namespace) -> tuple[ServerConfig, socket.socket]:
     Returns the config and the bound (not yet listening) socket."""
     from pdserve.model.bundled import check_model
 
-    check_model(args.model)
-    if args.tokenizer:
-        check_model(args.tokenizer)
     check_engine_args(args)
-    if args.disaggregation_mode == "prefill" and args.disaggregation_bootstrap_port == args.port:
-        raise ValueError(f"--disaggregation-bootstrap-port {args.port} is the HTTP --port too; pick another")
-    if args.disaggregation_decode_enable_radix_cache and args.disaggregation_mode != "decode":
-        raise ValueError("--disaggregation-decode-enable-radix-cache is for --disaggregation-mode decode only")
-    if args.disaggregation_decode_enable_radix_cache and args.disable_prefix_cache:
-        raise ValueError("--disaggregation-decode-enable-radix-cache needs the radix cache: "
-                         "drop --disable-radix-cache")
     config = config_from_args(args)
+    check_model(config.engine.model)
+    if config.engine.tokenizer:
+        check_model(config.engine.tokenizer)
+    pd = config.disagg
+    if pd.mode == "prefill" and pd.bootstrap_port == config.port:
+        raise ValueError(f"--disaggregation-bootstrap-port {config.port} is the HTTP --port too; pick another")
+    pd.check_decode_radix_cache(config.engine.enable_prefix_cache)
     sock = bind_socket(config.host, config.port)
-    if config.disagg.mode == "prefill":
+    if pd.mode == "prefill":
         try:  # the bootstrap server binds it later, in the engine process: fail now, not after the load
-            bind_socket(config.disagg.bootstrap_host or config.host, config.disagg.bootstrap_port).close()
+            bind_socket(pd.bootstrap_host or config.host, pd.bootstrap_port).close()
         except OSError:
             sock.close()
             raise
@@ -151,7 +162,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("PDSERVE_LOG_LEVEL", config.log_level)
-    if config.engine.node_rank > 0:  # only tensor-parallel ranks here: node 0 serves HTTP
+    if config.engine.parallel.node_rank > 0:  # only tensor-parallel ranks here: node 0 serves HTTP
         from pdserve.engine.tp_worker import serve_node
 
         sock.close()

@@ -46,7 +46,7 @@ def test_tp3_equals_tp1_on_22_mixed_prompts(bundled_model_dir: Path, reference: 
 def test_pd_with_tp3_on_one_side_equals_tp1(backend: str, prefill_tp: int, decode_tp: int,
                                             bundled_model_dir: Path, reference: list) -> None:
     def engine(mode: str, tp: int) -> Engine:
-        return Engine(EngineConfig(model=str(bundled_model_dir), kv_cache_gb=0.25, chunk_budget=256, tp_size=tp),
+        return Engine.build(EngineConfig(model=str(bundled_model_dir), kv_cache_gb=0.25, chunk_budget=256, tp_size=tp),
                       DisaggConfig(mode=mode, backend=backend, bootstrap_port=0, heartbeat_interval=0.5))
 
     pre = engine("prefill", prefill_tp)  # one process holds one tp group: the other side has tp 1

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pdserve.launch.procs import kill_group
+from pdserve.flags.procs import kill_group
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = float(os.environ.get("PDSERVE_TEST_START_TIMEOUT", "300"))

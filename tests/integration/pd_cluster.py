@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from pdserve.launch.procs import kill_group
+from pdserve.flags.procs import kill_group
 from tests.integration.conftest import ServerProcess, free_port
 
 PD_TIMEOUT_S = 120.0  # one PD request, end to end (bounded: a hang fails the test, never blocks it)

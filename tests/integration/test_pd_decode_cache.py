@@ -26,9 +26,9 @@ PARAMS = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True)
 def pd_pair(folder: Path, backend: str, dec_pages: int = 200, prefill_tp: int = 1, decode_tp: int = 1,
             **kw) -> tuple[Engine, Engine]:
     base = dict(backend=backend, bootstrap_port=0, heartbeat_interval=0.5, **kw)
-    pre = Engine(engine_cfg(folder, tp_size=prefill_tp), DisaggConfig(**{**base, "mode": "prefill"}))
+    pre = Engine.build(engine_cfg(folder, tp_size=prefill_tp), DisaggConfig(**{**base, "mode": "prefill"}))
     try:
-        dec = Engine(engine_cfg(folder, num_pages=dec_pages, tp_size=decode_tp),
+        dec = Engine.build(engine_cfg(folder, num_pages=dec_pages, tp_size=decode_tp),
                      DisaggConfig(**{**base, "mode": "decode", "fail_rate": 0.0, "decode_enable_radix_cache": True}))
     except BaseException:
         pre.close()
@@ -86,7 +86,7 @@ def assert_pools_whole(*engines: Engine) -> None:
 
 @pytest.fixture(scope="module")
 def uni(tiny_model_dir: Path) -> Engine:
-    return Engine(engine_cfg(tiny_model_dir))
+    return Engine.build(engine_cfg(tiny_model_dir))
 
 
 CASES = [("tcp", 1, 1), ("shm", 1, 1), ("nixl", 1, 1), ("mooncake", 1, 1), ("tcp", 1, 2), ("nixl", 2, 1)]
@@ -190,8 +190,8 @@ def test_decode_cache_evictions_and_recompute(tiny_model_dir: Path, uni: Engine)
 def test_plain_pd_reports_the_prefills_hit_and_moves_every_page(tiny_model_dir: Path, uni: Engine) -> None:
     """Without the flag nothing changes: every prompt page moves, cached_tokens is the prefill's hit."""
     base = dict(backend="tcp", bootstrap_port=0, heartbeat_interval=0.5)
-    pre = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**base, "mode": "prefill"}))
-    dec = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**base, "mode": "decode"}))
+    pre = Engine.build(engine_cfg(tiny_model_dir), DisaggConfig(**{**base, "mode": "prefill"}))
+    dec = Engine.build(engine_cfg(tiny_model_dir), DisaggConfig(**{**base, "mode": "decode"}))
     conv = Conversation([random.Random(5).randrange(3, 49000) for _ in range(13)], 3)
     prev = 0
     try:

@@ -30,7 +30,7 @@ def transfer_bytes(url: str) -> float:
 
 
 def test_router_multi_turn_usage_and_bytes(tmp_path: Path, tiny_model_dir: Path) -> None:
-    uni = Engine(engine_cfg(tiny_model_dir))
+    uni = Engine.build(engine_cfg(tiny_model_dir))
     page_bytes = uni.pool.page_bytes()
     args = ["--model", str(tiny_model_dir), "--threads", "1", "--num-pages", "200", "--page-size", str(PS),
             "--chunk-budget", "24", "--skip-server-warmup"]

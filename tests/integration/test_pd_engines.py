@@ -64,14 +64,14 @@ def tokens(outs: list[TokenOut]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def unified(tiny_model_dir: Path) -> Engine:
-    return Engine(engine_cfg(tiny_model_dir))
+    return Engine.build(engine_cfg(tiny_model_dir))
 
 
 @pytest.mark.parametrize("backend", ["tcp", "shm", "nixl", "mooncake"])
 def test_pd_equals_unified_and_kv_bytes_match(backend: str, tiny_model_dir: Path, unified: Engine) -> None:
     base = DisaggConfig(backend=backend, bootstrap_port=0, heartbeat_interval=0.5)
-    pre = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**base.__dict__, "mode": "prefill"}))
-    dec = Engine(engine_cfg(tiny_model_dir, num_pages=150), DisaggConfig(**{**base.__dict__, "mode": "decode"}))
+    pre = Engine.build(engine_cfg(tiny_model_dir), DisaggConfig(**{**base.__dict__, "mode": "prefill"}))
+    dec = Engine.build(engine_cfg(tiny_model_dir, num_pages=150), DisaggConfig(**{**base.__dict__, "mode": "decode"}))
     try:
         ps = prompts(12)
         for i, p in enumerate(ps):
@@ -100,8 +100,8 @@ def test_pd_equals_unified_and_kv_bytes_match(backend: str, tiny_model_dir: Path
 def test_decode_kv_bytes_equal_prefill_pages(tiny_model_dir: Path) -> None:
     """After a transfer (before decode writes more), decode's pages hold the prefill's bytes."""
     cfg = DisaggConfig(backend="tcp", bootstrap_port=0)
-    pre = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**cfg.__dict__, "mode": "prefill"}))
-    dec = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**cfg.__dict__, "mode": "decode"}))
+    pre = Engine.build(engine_cfg(tiny_model_dir), DisaggConfig(**{**cfg.__dict__, "mode": "prefill"}))
+    dec = Engine.build(engine_cfg(tiny_model_dir), DisaggConfig(**{**cfg.__dict__, "mode": "decode"}))
     try:
         p = prompts(1, seed=3)[0] * 2
         boot = Bootstrap("127.0.0.1", pre.stage.bootstrap_server.port, room=77)
@@ -145,9 +145,9 @@ def test_n_copies_share_prefill_pages_and_seeded_pd_equals_unified(tiny_model_di
     leader's pages, then compute the last partial page) and every seeded sampled stream equals
     the unified engine's token for token (the decode skips the draw the prefill made)."""
     base = DisaggConfig(backend="tcp", bootstrap_port=0, heartbeat_interval=0.5)
-    uni = Engine(engine_cfg(tiny_model_dir))
-    pre = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**base.__dict__, "mode": "prefill"}))
-    dec = Engine(engine_cfg(tiny_model_dir, num_pages=150), DisaggConfig(**{**base.__dict__, "mode": "decode"}))
+    uni = Engine.build(engine_cfg(tiny_model_dir))
+    pre = Engine.build(engine_cfg(tiny_model_dir), DisaggConfig(**{**base.__dict__, "mode": "prefill"}))
+    dec = Engine.build(engine_cfg(tiny_model_dir, num_pages=150), DisaggConfig(**{**base.__dict__, "mode": "decode"}))
     n, ps = 4, [p + [7] * 20 for p in prompts(2, seed=5)]  # >= 23 tokens: several full pages to share
     try:
         port = pre.stage.bootstrap_server.port
@@ -188,8 +188,8 @@ def test_failed_transfers_are_recomputed(tiny_model_dir: Path, unified: Engine) 
         unified.add_request(GenerateReq(f"r{i}", p, PARAMS))
     ref = run_until_done([unified], {f"r{i}" for i in range(len(ps))})
     cfg = DisaggConfig(backend="tcp", bootstrap_port=0, heartbeat_interval=0.5, fail_rate=0.3)
-    pre = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**cfg.__dict__, "mode": "prefill"}))
-    dec = Engine(engine_cfg(tiny_model_dir), DisaggConfig(**{**cfg.__dict__, "mode": "decode", "fail_rate": 0.0}))
+    pre = Engine.build(engine_cfg(tiny_model_dir), DisaggConfig(**{**cfg.__dict__, "mode": "prefill"}))
+    dec = Engine.build(engine_cfg(tiny_model_dir), DisaggConfig(**{**cfg.__dict__, "mode": "decode", "fail_rate": 0.0}))
     marks = [e.load().free_pages + e.load().cached_pages for e in (pre, dec)]
     make_receiver = dec.stage.manager.open
 

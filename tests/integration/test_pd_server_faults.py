@@ -55,8 +55,8 @@ ONE = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
 def engines(tiny_model_dir: Path) -> Iterator[tuple[Engine, Engine]]:
     base = DisaggConfig(backend="tcp", bootstrap_port=0, heartbeat_interval=0.5, waiting_timeout=3.0,
                         failure_policy="error")  # this file checks the clean errors; tests/chaos the recompute
-    pre = Engine(engine_cfg(tiny_model_dir), dataclasses.replace(base, mode="prefill"))
-    dec = Engine(engine_cfg(tiny_model_dir), dataclasses.replace(base, mode="decode"))
+    pre = Engine.build(engine_cfg(tiny_model_dir), dataclasses.replace(base, mode="prefill"))
+    dec = Engine.build(engine_cfg(tiny_model_dir), dataclasses.replace(base, mode="decode"))
     try:
         yield pre, dec
     finally:
@@ -127,7 +127,7 @@ def test_transfer_rejects_wrong_room_record_on_the_wire(engines: tuple[Engine, E
     """The prefill's Done carries a record for another room: decode's transfer layer refuses it
     (the room fails, its reserved pages return) and tells the prefill at once (AbortRoom), which
     fails the room and frees its pages too, well before its waiting timeout. Then the pair still works."""
-    from pdserve.disagg.transfer import send_sessions
+    from pdserve.disagg.transfer.sessions import send as send_sessions
 
     pre, dec = engines
     marks = (_free_plus_cached(pre), _free_plus_cached(dec))

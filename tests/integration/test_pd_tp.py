@@ -42,7 +42,7 @@ PROMPTS = prompts(6, seed=21)
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir: Path) -> dict[int, list[TokenOut]]:
-    unified = Engine(engine_cfg(tiny_model_dir))
+    unified = Engine.build(engine_cfg(tiny_model_dir))
     try:
         for i, p in enumerate(PROMPTS):
             unified.add_request(GenerateReq(f"u{i}", p, PARAMS))
@@ -66,9 +66,9 @@ def free_plus_cached(e: Engine) -> int:
 def test_engine_pd_with_tp_equals_unified(backend: str, prefill_tp: int, decode_tp: int, tiny_model_dir: Path,
                                           reference: dict[int, list[TokenOut]]) -> None:
     base = DisaggConfig(backend=backend, bootstrap_port=0, heartbeat_interval=0.5)
-    pre = Engine(engine_cfg(tiny_model_dir, tp_size=prefill_tp), DisaggConfig(**{**base.__dict__, "mode": "prefill"}))
+    pre = Engine.build(engine_cfg(tiny_model_dir, tp_size=prefill_tp), DisaggConfig(**{**base.__dict__, "mode": "prefill"}))
     try:
-        dec = Engine(engine_cfg(tiny_model_dir, tp_size=decode_tp, num_pages=150),
+        dec = Engine.build(engine_cfg(tiny_model_dir, tp_size=decode_tp, num_pages=150),
                      DisaggConfig(**{**base.__dict__, "mode": "decode"}))
     except BaseException:
         pre.close()

@@ -142,8 +142,9 @@ def test_prefill_500_is_retried_on_another_prefill(pd: tuple[MockWorker, MockWor
     bad, d = pd
     good = MockWorker("prefill").start()
     try:
-        bad.configure(fail_status=500)
-        d.configure(decode_wait_s=0.3)  # the bad prefill's 500 always comes first (a real decode waits for KV)
+        # the bad prefill's 500 comes first (a real decode waits for KV), once the decode has its leg
+        bad.configure(fail_status=500, after_peer=d)
+        d.configure(decode_wait_s=0.3)
         with EmbeddedRouter(pd_cfg([(bad, 1), (good, 2)], [d])) as r, httpx.Client(base_url=r.url, timeout=10) as c:
             assert [c.post("/v1/completions", json={"prompt": "x"}).status_code for _ in range(4)] == [200] * 4
             # each request ends on a pair with the good prefill; some first tried the bad one (the
@@ -171,23 +172,28 @@ def test_pd_readiness_needs_a_prefill_and_a_decode() -> None:
 
 
 def test_client_400_is_relayed_and_not_a_failed_leg(pd: tuple[MockWorker, MockWorker]) -> None:
+    """The prefill's 400 comes first (router/pd.py, client errors): relayed as is, the decode leg
+    cancelled at once, nothing retried, no leg counted as failed."""
     p, d = pd
-    p.configure(fail_status=400)
-    d.configure(fail_status=400)
+    p.configure(fail_status=400, after_peer=d)  # the 400 once the decode has its leg: no race
+    d.configure(decode_wait_s=30.0)  # the decode waits for KV that never comes
     with EmbeddedRouter(pd_cfg([(p, 1)], [d])) as r:
         resp = httpx.post(r.url + "/v1/completions", json={"prompt": ["a", "b"], "n": 2}, timeout=20)
         assert resp.status_code == 400, resp.text
-        assert d.counts()["received"] == 1  # a client's error is not retried on a new pair
-        wait_until(lambda: len(p.generation_records()) == 1, 10, "the prefill leg")
+        assert resp.json()["error"]["message"] == "mock failure 400"  # the prefill's own body
+        assert p.counts()["received"] == d.counts()["received"] == 1  # a client's error is not retried
+        wait_until(lambda: d.counts().get("cancelled") == 1, 10, "the decode leg to be cancelled")
         assert len(d.generation_records()[0].body["bootstrap_room"]) == 4  # one room per sequence
         metrics = httpx.get(r.url + "/metrics").text
         assert "sglang:router_pd_transfer_failures_total{" not in metrics  # no leg counted as failed
+        assert 'sglang:router_pd_client_errors_total{leg="prefill",status="400"} 1.0' in metrics
 
 
 def test_client_errors_are_not_transfer_failures(pd: tuple[MockWorker, MockWorker]) -> None:
     """A leg's 400 about the client's body is the client's error, counted apart from failed legs."""
     p, d = pd
-    p.configure(fail_status=400, fail_count=1)  # the first request: the prefill's 400 comes first...
+    # the first request: the prefill's 400 comes first (once the decode has its leg)...
+    p.configure(fail_status=400, fail_count=1, after_peer=d)
     d.configure(latency_s=0.5)
     with EmbeddedRouter(pd_cfg([(p, 1)], [d])) as r, httpx.Client(base_url=r.url, timeout=10) as c:
         assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 400

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from pdserve import LLM, SamplingParams
-from pdserve.launch.procs import kill_group
+from pdserve.flags.procs import kill_group
 from tests.integration.conftest import ROOT, ServerProcess, free_port
 from tests.integration.pd_cluster import call, wait_settled
 

@@ -24,7 +24,7 @@ from pdserve.disagg.bootstrap_client import BootstrapClient
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import KVLayout, LayoutMismatch
 from pdserve.disagg.transfer import KVPoll, create_manager
-from pdserve.disagg.transfer.shm_pool import sweep_stale_pools
+from pdserve.disagg.transfer.backends.shm_pool import sweep_stale_pools
 from tests.transfer_harness import Agent, AgentSpec, close_all
 
 BACKENDS = ["tcp", "shm", "fake", "nixl", "mooncake"]

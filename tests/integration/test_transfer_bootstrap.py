@@ -4,23 +4,26 @@ prefill at the same address."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import msgspec
 import pytest
 
-from pdserve.disagg.bootstrap import BootstrapServer
-from pdserve.disagg.bootstrap_client import BootstrapClient, BootstrapError, PrefillAddr, register_route
+from pdserve.disagg.bootstrap import BootstrapServer, publish_routes
+from pdserve.disagg.bootstrap_client import BootstrapClient, BootstrapError, PrefillAddr, StaleEpoch, register_route
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import KVLayout, LayoutMismatch
 
 LAYOUT = KVLayout(model="tiny", num_layers=2, kv_heads=2, head_dim=16, dtype="float32", page_size=4)
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -117,6 +120,35 @@ def test_layout_checked_at_first_contact(server: BootstrapServer) -> None:
         client.close()
 
 
+def _poll(fetch: Callable[[], T | None], timeout: float = 5.0) -> T:
+    deadline = time.monotonic() + timeout
+    while (got := fetch()) is None:
+        assert time.monotonic() < deadline, "never fetched"
+        time.sleep(0.01)
+    return got
+
+
+def test_routes_pick_the_rooms_dp_rank_and_every_tp_rank() -> None:
+    """A prefill of dp 2 x tp 2 (2 of 4 KV heads per tp rank): dp rank 0 hosts the bootstrap server,
+    dp rank 1 registers over HTTP; a room's routes are its dp rank's (room % 2), in tp rank order,
+    each with the heads its pool holds."""
+    half = [msgspec.structs.replace(LAYOUT, head_start=h, total_kv_heads=4) for h in (0, 2)]
+    cfg = DisaggConfig(bootstrap_port=0, cluster_token="tok")
+    server = publish_routes(cfg, [("dp0-tp0:1", half[0]), ("dp0-tp1:1", half[1])], 0, 2)
+    assert server is not None
+    client = BootstrapClient(msgspec.structs.replace(LAYOUT, kv_heads=4), cfg, heartbeat=False, fetch_timeout=5)
+    try:
+        other = dataclasses.replace(cfg, bootstrap_port=server.port)
+        assert publish_routes(other, [("dp1-tp0:1", half[0]), ("dp1-tp1:1", half[1])], 1, 2) is None
+        assert _poll(lambda: client.routes("127.0.0.1", server.port, 7)) == [("dp1-tp0:1", (0, 2)),
+                                                                             ("dp1-tp1:1", (2, 2))]
+        assert _poll(lambda: client.routes("127.0.0.1", server.port, 4)) == [("dp0-tp0:1", (0, 2)),
+                                                                             ("dp0-tp1:1", (2, 2))]
+    finally:
+        client.close()
+        server.close()
+
+
 def test_unreachable_prefill_is_a_clear_error() -> None:
     client = BootstrapClient(LAYOUT, DisaggConfig(), heartbeat=False, fetch_timeout=0.5)
     try:
@@ -170,3 +202,32 @@ def test_heartbeat_declares_death_and_relearns_a_restart(server: BootstrapServer
             restarted.close()
     finally:
         client.close()
+
+
+def test_a_lookup_naming_another_role_epoch_is_refused() -> None:
+    """A prefill at role epoch 3 (two live switches on): a lookup naming epoch 1 gets 409 and the client's
+    StaleEpoch, never a route; its own epoch (or none) gets the route. A cached route of epoch 3 refuses an
+    older lookup at once; a newer one (the prefill switched away and back) drops it and asks again."""
+    srv = BootstrapServer("127.0.0.1", 0, cluster_token="tok", epoch=3).start()
+    srv.register(0, "127.0.0.1:5555", LAYOUT)
+    client = BootstrapClient(LAYOUT, DisaggConfig(cluster_token="tok"), heartbeat=False, fetch_timeout=2)
+    dead: list[str] = []
+    client.add_dead_callback(lambda addr, eps, why: dead.append(why))
+    auth = {"Authorization": "Bearer tok"}
+    try:
+        status, body = _http("GET", srv.url + "/route?rank=0&epoch=1", headers=auth)
+        assert status == 409 and "stale epoch 1" in body["error"]
+        assert _http("GET", srv.url + "/route?rank=0&epoch=3", headers=auth)[1]["epoch"] == 3
+        assert _http("GET", srv.url + "/route?rank=0", headers=auth)[1]["epoch"] == 3
+        with pytest.raises(StaleEpoch, match="409"):
+            client.get_route("127.0.0.1", srv.port, epoch=1)
+        assert client.cached("127.0.0.1", srv.port) is None  # nothing learnt from a refused lookup
+        assert _poll(lambda: client.routes("127.0.0.1", srv.port, 7, epoch=3)) == [("127.0.0.1:5555", (0, 2))]
+        with pytest.raises(StaleEpoch, match="at epoch 3, the request names 2"):
+            client.routes("127.0.0.1", srv.port, 7, epoch=2)
+        srv.epoch = 5  # switched away and back: the cached epoch-3 route goes, the lookup asks again
+        assert client.get_route("127.0.0.1", srv.port, epoch=5).epoch == 5
+        assert dead == ["a new role epoch (3 -> 5)"]
+    finally:
+        client.close()
+        srv.close()

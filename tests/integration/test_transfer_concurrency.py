@@ -13,7 +13,7 @@ import torch
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import KVLayout, MetadataRecord
 from pdserve.disagg.transfer import KVPoll, create_manager
-from pdserve.disagg.transfer.shm_pool import allocate_shared_pool
+from pdserve.disagg.transfer.backends.shm_pool import allocate_shared_pool
 
 L, H, D, PS, PAGES = 2, 2, 16, 4, 256
 

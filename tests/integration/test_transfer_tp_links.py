@@ -1,5 +1,5 @@
 """Heterogeneous tensor parallelism at the transfer level: P prefill rank managers and D decode
-rank managers (one per rank pool, in this process) move one room over the links tp_links.py
+rank managers (one per rank pool, in this process) move one room over the links transfer/tp/links.py
 plans; each decode rank's pool then holds exactly its head slice of the prefill's KV, on every
 backend, and every other byte of it is untouched."""
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.disagg.transfer.shm_pool import sweep_stale_pools
-from pdserve.disagg.transfer.tp_links import plan_links
+from pdserve.disagg.transfer.backends.shm_pool import sweep_stale_pools
+from pdserve.disagg.transfer.tp.links import plan_links
 from tests.tp_rank_pools import Shape, managers, move_room, rank_heads, rank_pools
 
 SHAPE = Shape(layers=2, pages=24, page_size=4, head_dim=8)

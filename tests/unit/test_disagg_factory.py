@@ -27,7 +27,7 @@ MISSING = {"nixl": ["nixl", "nixl_cu12", "nixl_cu12._api", "nixl_cu13", "nixl_cu
 
 @pytest.mark.parametrize("backend", ["nixl", "mooncake"])
 def test_missing_optional_backend_is_one_line(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(sys.modules, f"pdserve.disagg.transfer.{backend}", raising=False)
+    monkeypatch.delitem(sys.modules, f"pdserve.disagg.transfer.backends.{backend}", raising=False)
     for name in MISSING[backend]:
         monkeypatch.setitem(sys.modules, name, None)  # "import name" raises ModuleNotFoundError
     with pytest.raises(BackendUnavailable) as err:

@@ -9,7 +9,7 @@ import torch
 from pdserve.disagg.messages import (Done, Hello, KVLayout, LayoutMismatch, MetadataRecord, PeerIdentity, RoomInfo,
                                      session_decoder, session_encoder)
 from pdserve.disagg.transfer.base import KVPoll, advance
-from pdserve.disagg.transfer.room import RoomState
+from pdserve.disagg.transfer.rooms.state import RoomState
 
 LAYOUT = KVLayout(model="m", num_layers=2, kv_heads=2, head_dim=16, dtype="float32", page_size=4)
 

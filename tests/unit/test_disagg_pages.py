@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.disagg.transfer.pages import PoolBytes, check_pages, page_runs, plan_frames
+from pdserve.disagg.transfer.backends.pages import PoolBytes, check_pages, page_runs, plan_frames
 
 
 def test_page_runs_merge_only_when_both_sides_are_consecutive() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pdserve import LLM, SamplingParams
-from pdserve.engine.engine import available_host_memory
+from pdserve.engine.build import available_host_memory
 from pdserve.engine.stats import EngineStats
 from pdserve.model.tokenizer import Tokenizer
 

@@ -12,11 +12,11 @@ import torch
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import Hello, KVLayout, MetadataRecord, MooncakeRegion
 from pdserve.disagg.transfer import KVPoll, create_manager
-from pdserve.disagg.transfer.identity import local_identity
-from pdserve.disagg.transfer.remote_pool import pool_region
-from pdserve.disagg.transfer.wire import SessionClosed
+from pdserve.disagg.transfer.backends.remote_pool import pool_region
+from pdserve.disagg.transfer.sessions.identity import local_identity
+from pdserve.disagg.transfer.sessions.wire import SessionClosed
 
-import pdserve.disagg.transfer.mooncake as mc  # noqa: E402  (CI installs the extra: never skipped)
+import pdserve.disagg.transfer.backends.mooncake as mc  # noqa: E402  (CI installs the extra: never skipped)
 
 L, H, D, PS = 3, 2, 4, 2  # slot_bytes = 2 * 4 * 4 = 32, span = 64
 

@@ -11,7 +11,7 @@ from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import KVLayout, MetadataRecord
 from pdserve.disagg.transfer import KVPoll, create_manager
 
-import pdserve.disagg.transfer.nixl as nixl_backend  # noqa: E402  (CI installs the extra: never skipped)
+import pdserve.disagg.transfer.backends.nixl as nixl_backend  # noqa: E402  (CI installs the extra: never skipped)
 parse_notif, NotifCollector = nixl_backend.parse_notif, nixl_backend.NotifCollector
 
 

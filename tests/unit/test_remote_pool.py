@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pdserve.disagg.messages import PoolRegion
-from pdserve.disagg.transfer import remote_pool as rp
-from pdserve.disagg.transfer.remote_pool import segments
+from pdserve.disagg.transfer.backends import remote_pool as rp
+from pdserve.disagg.transfer.backends.remote_pool import segments
 
 L, H, D, PS = 3, 2, 4, 2  # slot_bytes = 2 * 4 * 4 = 32, span = 64
 SPAN = 100

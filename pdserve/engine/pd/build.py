@@ -6,8 +6,9 @@ prefill: manager (sender side) + BootstrapServer publishing every rank's endpoin
 decode:  manager (receiver side; for shm its pool lives in shared memory) + BootstrapClient
          (route lookup with the layout check at first contact, heartbeat → manager.peer_dead);
          with decode_enable_radix_cache its stage matches prompts against the engine's prefix cache
-With tensor parallelism rank 0's manager is one of several: RankedManager (disagg/tp_control.py)
-waits for the other ranks' agents and spans each room over every rank.
+The transfer itself is `pdserve.disagg`'s (open_rooms, publish_routes, BootstrapClient): with tensor
+parallelism rank 0's rooms wait for the other ranks' agents and span each room over every rank.
+An MLA model's latent pool moves as any pool (one tensor, one "head"; the layout says so).
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.distributed import Store
 
-from pdserve.disagg.bootstrap import BootstrapServer
-from pdserve.disagg.bootstrap_client import BootstrapClient, register_route
-from pdserve.disagg.config import DisaggConfig
-from pdserve.disagg.messages import KVLayout
-from pdserve.disagg.tp_control import LocalRooms, RankedManager, RankHub, ServerRooms
-from pdserve.disagg.transfer.base import create_manager
-from pdserve.engine.kv_cache import KVPool
+from pdserve.disagg import (
+    BootstrapClient,
+    DisaggConfig,
+    KVLayout,
+    TPChannel,
+    open_rooms,
+    publish_routes,
+    shared_kv_pool,
+)
+from pdserve.engine.kv_cache import Pool
 from pdserve.engine.kv_manager import KVManager
 from pdserve.engine.pd.decode import DecodeStage
 from pdserve.engine.pd.prefill import PrefillStage
@@ -32,27 +35,11 @@ from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.stop import StopChecker
 
 
-@dataclass(frozen=True)
-class TPPeers:
-    """What rank 0's stage needs to reach the other tensor-parallel ranks' transfer agents."""
-
-    host: str  # the rendezvous host: rank 0's hub binds there
-    num_ranks: int
-    store: Store  # the group's rendezvous store: the hub's address goes there
-
-
-def pool_tensors(disagg: DisaggConfig | None, shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """K/V tensors in shared memory for a shm decode server (prefill writes into them);
-    None: the pool allocates its own."""
-    if disagg is None or disagg.mode != "decode" or disagg.backend != "shm":
-        return None
-    if device.type != "cpu":
-        raise ValueError("the shm transfer backend moves host memory: use it with --device cpu")
-    from pdserve.disagg.transfer.shm_pool import allocate_shared_pool
-
-    pool = allocate_shared_pool(shape, dtype)
-    return pool.k, pool.v
+def pool_tensors(disagg: DisaggConfig | None, shape: tuple[tuple[int, ...], int], dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, ...] | None:
+    """The KV pool's memory for the PD mode (`shape`: kv_cache.pool_shape's, the tensors' shape and
+    count): shared memory for a shm decode, else None (its own)."""
+    return shared_kv_pool(disagg, shape[0], dtype, device, shape[1])
 
 
 @dataclass(frozen=True)
@@ -63,50 +50,24 @@ class DPPlace:
     size: int = 1
 
 
-REGISTER_WAIT_S = 600.0  # a dp rank > 0 waits this long for dp rank 0's bootstrap server (weights load first)
-
-
-def _bootstrap(disagg: DisaggConfig, rooms: ServerRooms, dp: DPPlace) -> BootstrapServer | None:
-    """Register every rank's route: in-process on dp rank 0 (which hosts the server), over HTTP
-    from the other dp ranks."""
-    if dp.rank == 0:
-        server = BootstrapServer.from_config(disagg).start()
-        for rank, (endpoint, rank_layout) in enumerate(rooms.ranks):
-            server.register(rank, endpoint, rank_layout, 0, dp.size)
-        return server
-    for rank, (endpoint, rank_layout) in enumerate(rooms.ranks):
-        register_route(disagg.bootstrap_host, disagg.bootstrap_port, rank, endpoint, rank_layout,
-                       disagg.cluster_token, dp_rank=dp.rank, dp_size=dp.size, wait_s=REGISTER_WAIT_S)
-    return None
-
-
-def build_stage(disagg: DisaggConfig | None, layout: KVLayout, pool: KVPool, scheduler: Scheduler,
-                kv: KVManager, stops: StopChecker, vocab_size: int, peers: TPPeers | None = None,
+def build_stage(disagg: DisaggConfig | None, layout: KVLayout, pool: Pool, scheduler: Scheduler,
+                kv: KVManager, stops: StopChecker, vocab_size: int, peers: TPChannel | None = None,
                 dp: DPPlace = DPPlace()) -> Stage:
     if disagg is None or disagg.mode == "null":
         return NullStage(scheduler)
-    manager = create_manager(disagg.backend, disagg.mode, pool.k, pool.v, pool.page_size, layout, disagg,
-                             host=disagg.bootstrap_host)
-    rooms: ServerRooms
-    if peers is None:
-        rooms = LocalRooms(manager)
-    else:
-        try:
-            rooms = RankedManager(manager, RankHub(peers.host, peers.num_ranks, peers.store.set))
-        except BaseException:
-            manager.close()
-            raise
+    rooms = open_rooms(disagg, layout, pool.tensors, pool.page_size, peers)  # a latent pool: one tensor
     if disagg.mode == "prefill":
         try:
-            server = _bootstrap(disagg, rooms, dp)
+            server = publish_routes(disagg, rooms.ranks, dp.rank, dp.size)
         except BaseException:
             rooms.close()
             raise
         return PrefillStage(scheduler, pool.page_size, rooms, server)
-    if disagg.decode_enable_radix_cache and not kv.cache.enabled:
+    try:
+        disagg.check_decode_radix_cache(prefix_cache=kv.cache.enabled)
+    except ValueError:
         rooms.close()
-        raise ValueError("--disaggregation-decode-enable-radix-cache needs the prefix cache "
-                         "(drop --disable-radix-cache)")
+        raise
     client = BootstrapClient(layout, disagg)
     rooms.watch(client)
     return DecodeStage(scheduler, kv, stops, vocab_size, rooms, client,

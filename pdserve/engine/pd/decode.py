@@ -4,8 +4,8 @@
             receiver.init(pages) tells the prefill rank where to write ──▶ transfer queue
             ── receiver Success, record.room == room ──▶ commit the first token without a
                forward (num_computed = prompt_len; a seeded generator skips the draw the
-               prefill made for it; a grammar's matcher
-               advances past it), join the running batch, decode, stream
+               prefill made for it; the token goes through accept_token like a sampled one:
+               a grammar's matcher advances past it), join the running batch, decode, stream
             └─ Failed / timeout / wrong record / unreachable prefill ──▶ policy
                  recompute (default): free the reserved pages (their bytes cannot be trusted),
                    hand the request to the scheduler as an ordinary prefill (it may reuse a
@@ -35,11 +35,8 @@ from __future__ import annotations
 import logging
 import time
 
-from pdserve.disagg.bootstrap_client import BootstrapClient, Route
-from pdserve.disagg.messages import MetadataRecord
-from pdserve.disagg.tp_control import ServerRooms, model_page_bytes
-from pdserve.disagg.transfer.base import KVPoll
-from pdserve.disagg.transfer.tp_links import head_range
+from pdserve.disagg import BootstrapClient, KVPoll, MetadataRecord, ServerRooms, StaleEpoch
+from pdserve.engine.accept import accept_token
 from pdserve.engine.batch import Chunk
 from pdserve.engine.kv_cache import pages_needed
 from pdserve.engine.kv_manager import KVManager
@@ -124,17 +121,17 @@ class DecodeStage:
                 self._unlock(req)
                 break
             try:  # non-blocking: the first contact with a prefill is fetched in the background
-                routes = self._routes(t.boot.host, t.boot.port, t.boot.room)
-            except Exception as e:  # unreachable prefill or layout mismatch: recompute, or a clean error
-                self.prealloc.remove(req)
-                self._failed(req, f"cannot use the prefill server: {e}", out)
+                routes = self.client.routes(t.boot.host, t.boot.port, t.boot.room, t.boot.epoch)
+            except Exception as e:  # unreachable prefill, layout mismatch or another role epoch: recompute,
+                self.prealloc.remove(req)  # or a clean error (409 for the epoch: the router tries another pair)
+                self._failed(req, f"cannot use the prefill server: {e}", out, 409 if isinstance(e, StaleEpoch) else 503)
                 continue
             if routes is None:
                 self._unlock(req)
                 continue  # still fetching its prefill's routes (up to fetch_timeout): serve the others
             self.prealloc.remove(req)
             try:
-                t.receiver = self.manager.open(t.boot.room, [(r.endpoint, head_range(r.layout)) for r in routes])
+                t.receiver = self.manager.open(t.boot.room, routes)
             except ValueError as e:  # another live request holds this room: refuse this one, keep serving
                 out.finished.append(self._fail(req, f"bootstrap_room {t.boot.room} is taken: {e}", status=400))
                 continue
@@ -145,20 +142,6 @@ class DecodeStage:
             t.started = time.monotonic()
             self.transfer.append(req)
 
-    def _routes(self, host: str, port: int, room: int) -> list[Route] | None:
-        """Every tp rank's route of the prefill dp rank that holds `room` (room % its dp size),
-        or None while one is still being fetched."""
-        first = self.client.poll_route(host, port)
-        if first is None:
-            return None
-        dp_rank = room % first.dp_size
-        if dp_rank != 0:
-            first = self.client.poll_route(host, port, 0, dp_rank)
-            if first is None:
-                return None
-        rest = [self.client.poll_route(host, port, rank, dp_rank) for rank in range(1, first.num_ranks)]
-        return None if any(r is None for r in rest) else [first, *(r for r in rest if r is not None)]
-
     def _poll_transfers(self, out: StagePoll) -> None:
         for req in list(self.transfer):
             t = _transfer(req)
@@ -167,7 +150,7 @@ class DecodeStage:
             if state not in (KVPoll.Success, KVPoll.Failed):
                 continue
             self.transfer.remove(req)
-            num_bytes = t.num_pages * model_page_bytes(self.manager.layout)  # what really moved
+            num_bytes = t.num_pages * self.manager.layout.model_page_bytes  # what really moved
             assert self.stats is not None
             self.stats.record(state == KVPoll.Success, num_bytes, time.monotonic() - t.started)
             if t.aborting:
@@ -201,23 +184,16 @@ class DecodeStage:
         req.cached_tokens = max(rec.cached_tokens, hit)  # both are prefixes: each cached token once
         if self.prefix_cache:  # the receiver is terminal: page ids may change (duplicates freed)
             self.kv.cache_prefix(req)
-        req.tokens.append(rec.first_token)
-        req.new_ids.append(rec.first_token)
         skip_draw(req.params, req.generator, self.vocab_size)  # the prefill drew for this token
-        if req.grammar is not None:  # the prefill sampled it under the same grammar: start after it
-            req.grammar.accept(rec.first_token)
-        if rec.logprob is not None:
-            req.new_logprobs.append(rec.logprob)
-        if rec.top_logprobs is not None:
-            req.new_top.append([TopLogprob(int(i), float(lp)) for i, lp in rec.top_logprobs])
-        self.stops.check(req)
-        if not req.finished:
+        top = None if rec.top_logprobs is None else [TopLogprob(int(i), float(lp)) for i, lp in rec.top_logprobs]
+        # a grammar's matcher advances past it: the prefill sampled it under the same grammar
+        if not accept_token(req, rec.first_token, rec.logprob, top, self.stops):
             self.scheduler.resume(req)
 
-    def _failed(self, req: Request, error: str, out: StagePoll) -> None:
+    def _failed(self, req: Request, error: str, out: StagePoll, status: int = 503) -> None:
         """A transfer that failed for good (the receiver is terminal: no write can land)."""
         if not self.recompute:
-            out.finished.append(self._fail(req, error))
+            out.finished.append(self._fail(req, error, status))
             return
         room = _transfer(req).boot.room
         log.warning("request %s (room %d): %s; recomputing the prompt locally", req.rid, room, error)

@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import time
 
-from pdserve.disagg.bootstrap import BootstrapServer
-from pdserve.disagg.messages import MetadataRecord
-from pdserve.disagg.tp_control import ServerRooms, model_page_bytes
-from pdserve.disagg.transfer.base import KVPoll
+from pdserve.disagg import BootstrapServer, KVPoll, MetadataRecord, ServerRooms
 from pdserve.engine.batch import Chunk
 from pdserve.engine.kv_cache import pages_needed
 from pdserve.engine.messages import Bootstrap, TransferStats
@@ -101,7 +98,7 @@ class PrefillStage:
             self.inflight.remove(req)
             assert self.stats is not None
             moved = t.pages_sent - t.skip_pages  # the pages that really moved
-            self.stats.record(state == KVPoll.Success, moved * model_page_bytes(self.manager.layout),
+            self.stats.record(state == KVPoll.Success, moved * self.manager.layout.model_page_bytes,
                               time.monotonic() - t.started)
             err = None if state == KVPoll.Success else f"KV transfer to the decode server failed: {t.sender.failure}"
             out.finished.append(self._end(req, t.error if t.error is not None else (None if t.aborting else err),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.disagg.transfer.base import KVReceiver, KVSender
+from pdserve.disagg import KVReceiver, KVSender
 from pdserve.engine.messages import Bootstrap
 
 
