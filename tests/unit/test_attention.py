@@ -124,7 +124,8 @@ def test_without_a_compiler_the_engine_gathers(monkeypatch: pytest.MonkeyPatch, 
     with caplog.at_level("WARNING"):
         assert not kernels.load_with(None)
         assert not kernels.load_with(str(tmp_path / "no-such-c++"))
-    assert len(caplog.records) == 2 and "falls back to gathering" in caplog.records[0].getMessage()
+        assert not kernels.load_with("/bin/false")  # a "compiler" that fails every build
+    assert len(caplog.records) == 3 and all("falls back to gathering" in r.getMessage() for r in caplog.records)
     monkeypatch.setattr(kernels, "load", lambda: False)
     cfg = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=1, head_dim=8)
     pool = KVPool(cfg, num_pages=4, page_size=PS, device=torch.device("cpu"), dtype=torch.float32)
