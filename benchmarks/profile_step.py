@@ -124,8 +124,8 @@ def report(title: str, wall_ms: float, by_class: dict[str, float], gemm_flops: f
 
 def ab(args: argparse.Namespace) -> None:
     """Interleaved A/B of a decode step: gather vs kernel attention (fp32), and fp16 weights."""
-    print(f"load average {os.getloadavg()[0]:.2f} before, torch {torch.get_num_threads()} threads")
-    kw = dict(enable_prefix_cache=False, kv_cache_gb=args.kv_cache_gb)
+    print(f"load average {os.getloadavg()[0]:.2f} before")
+    kw = dict(enable_prefix_cache=False, kv_cache_gb=args.kv_cache_gb, threads=args.threads)
     with LLM(args.model, **kw) as llm, LLM(args.model, quantization="fp16", **kw) as q:
         runner = llm.engine.runner
         if not runner.in_place:
@@ -169,6 +169,7 @@ def main() -> None:
     ap.add_argument("--ab-batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--kv-cache-gb", type=float, default=1.5, help="--ab: each engine's KV pool")
+    ap.add_argument("--threads", type=int, default=None, help="--ab: torch threads (default: every core)")
     args = ap.parse_args()
     if args.ab:
         ab(args)
