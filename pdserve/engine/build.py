@@ -145,7 +145,7 @@ def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> Eng
     t0 = time.perf_counter()
     rope_len = min(wanted_len, (num_pages - 1) * ps) if num_pages else wanted_len
     model = load_model(model_path, device, dtype, rope_len + 1, shard, comm, config.cpu_prepack,
-                       expert_comm(shard, dp_group))
+                       expert_comm(shard, dp_group), config.quantization)
     weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     load_weights_s = time.perf_counter() - t0
     log.info("weights loaded in %.1f s (%.2f GB)", load_weights_s, weights_gb)
@@ -171,7 +171,7 @@ def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> Eng
                            ranks.peers(config) if ranks is not None else None, DPPlace(par.dp_rank, par.dp_size))
 
     stage = make_stage(disagg)
-    runner = ModelRunner(model, pool, device, publish)
+    runner = ModelRunner(model, pool, device, publish, config.attention_backend)
     grammars = Grammars(tokenizer.hf, cfg.vocab_size, eos_ids)
     speculator = build_speculator(config.speculative, disagg.mode if disagg is not None else "null", kv, runner, cfg,
                                   stops, grammars, config.chunk_budget, max_model_len, probe=dp is None, dtype=dtype,
