@@ -34,6 +34,7 @@ from types import FrameType
 from typing import Any
 
 from pdserve.disagg.config import DECODE_RADIX_FLAG
+from pdserve.flags.argtypes import OneLineParser
 from pdserve.flags.table import add_flags
 from pdserve.launch.config import LAUNCH_FLAGS, LaunchConfig, config_from_args
 from pdserve.launch.procs import Child, plan_cpus, python_module
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "launch":
         argv = argv[1:]
-    parser = argparse.ArgumentParser(prog="pdserve launch", description=__doc__,
+    parser = OneLineParser(prog="pdserve launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_launch_arguments(parser)
     return run_launch(parser.parse_args(argv))

@@ -13,8 +13,8 @@ import sys
 from typing import Any
 
 from pdserve.contract import API_KEY_ENV, SERVER_INFO_PATH, resolve_api_key
-from pdserve.flags.argtypes import metrics_prefix, non_negative_float, non_negative_int, port_number, positive_float, \
-    positive_int, unit_interval
+from pdserve.flags.argtypes import OneLineParser, metrics_prefix, non_negative_float, non_negative_int, port_number, \
+    positive_float, positive_int, unit_interval
 from pdserve.flags.table import Flag, add_flags, flag_values, with_values
 from pdserve.router.config import POLICIES, RouterConfig, WorkerSpec
 
@@ -179,6 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "router":
         argv = argv[1:]
-    parser = argparse.ArgumentParser(prog="pdserve router", description="Route requests over pdserve workers.")
+    parser = OneLineParser(prog="pdserve router", description="Route requests over pdserve workers.")
     add_router_arguments(parser)
     return run_router(parser.parse_args(argv))

@@ -116,10 +116,11 @@ def preflight(args: argparse.Namespace) -> tuple[ServerConfig, socket.socket]:
     """Start-up checks before any process spawns; raises ValueError / OSError with one line.
     Returns the config and the bound (not yet listening) socket."""
     from pdserve.model.bundled import check_model
+    from pdserve.model.config import check_architecture
 
     check_engine_args(args)
     config = config_from_args(args)
-    check_model(config.engine.model)
+    check_architecture(check_model(config.engine.model))
     if config.engine.tokenizer:
         check_model(config.engine.tokenizer)
     pd = config.disagg
