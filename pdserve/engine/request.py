@@ -57,6 +57,8 @@ class Request:
     prompt_top: list[list[TopLogprob]] | None = None
     prompt_lp_from: int = 1
     leader: "Request | None" = None  # same prompt, arrived first (n > 1): wait for its pages, then share them
+    priority: int = 0  # lower first, under priority scheduling (engine/scheduler.py)
+    deadline: float | None = None  # wall clock by which the first token is due (GenerateReq.deadline)
 
     @property
     def output_ids(self) -> list[int]:

@@ -50,6 +50,9 @@ def build_fastapi(config: ServerConfig) -> FastAPI:
                         info.model_path, info.max_model_len, info.num_pages, info.page_size)
             yield
         finally:
+            state = app.state.server
+            if state is not None:
+                state.tracer.close()  # exports the spans still queued
             app.state.server = None
             await client.close(config.shutdown_timeout_s)
             logger.info("engine stopped")

@@ -11,13 +11,17 @@ request through `handle`:
      `fan_out`), and either the SSE frames of a stream or a `Whole` answer;
   3. a stream goes out as an `SSEResponse` (an error mid-stream: an error frame, then
      `[DONE]`); a whole answer runs every sub-request to its end (`collect`; the client going
-     away aborts them: 499) and answers the JSON that `Whole.shape` makes of the results.
+     away aborts them: 499) and answers the JSON that `Whole.shape` makes of the results (the
+     router may ask to see its progress: `progress`).
 Every failure is raised (`APIError`, ValidationError) to the app's error handlers.
 
 `fan_out` turns prompts x n into sub-requests alike for every route: choice j of prompt p is
 sequence p * n + j (its choice index), with its own rid, its seed offset j, its PD bootstrap
 (none for a score-only sequence: nothing to decode), its dp rank and, for j > 0, the rid of
-its prompt's first copy, whose prompt pages it shares.
+its prompt's first copy, whose prompt pages it shares; all of them the request's priority and
+TTFT deadline. Admission control (server/admission.py) admits the request or refuses it (503)
+there, before anything reaches the engine. `handle` also keeps the request's trace headers for
+its spans (server/traces.py).
 """
 
 from __future__ import annotations
@@ -31,14 +35,18 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from pdserve.contract import sequence_count
+from pdserve.contract import STATUS_COMMENT, STREAM_IDS, sequence_count
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.server.generation import Result, SubRequest, collect, until_disconnect
-from pdserve.server.params import check_model, decode_json_object, dp_rank, pd_bootstrap, resume_ids, with_seed
+from pdserve.server.errors import APIError, error_body
+from pdserve.server.generation import Result, SubRequest, collect, merge, resumed_result, until_disconnect
+from pdserve.server.params import (check_model, deadline, decode_json_object, dp_rank, pd_bootstrap, priority,
+                                   resume_ids, with_seed)
 from pdserve.server.protocol import _BootstrapFields
-from pdserve.server.sse import SSEResponse
+from pdserve.server.sse import SSEResponse, frame, with_ids
 from pdserve.server.state import ServerState, get_state
+from pdserve.server.traces import REQUEST
 from pdserve.server.unsupported import reject_unsupported
+from pdserve.tracing import TRACEPARENT
 
 B = TypeVar("B", bound=BaseModel)
 
@@ -88,12 +96,51 @@ def generation_router(path: str, route: Route[B], plan: Plan[B]) -> APIRouter:
 
 
 async def handle(request: Request, route: Route[B], plan: Plan[B]) -> Response:
+    REQUEST.set((request.headers.get(TRACEPARENT), request.headers.get("x-request-id")))
     state, body = await read_body(request, route)
     answer = await plan(state, body)
     if not isinstance(answer, Whole):
         return SSEResponse(answer)
+    if getattr(body, STREAM_IDS) and len(answer.subs) == 1 and state.config.disagg.mode != "prefill":
+        return await progress(request, state, answer)
     results = await until_disconnect(request, collect(state, answer.subs))
     return json_response(answer.shape(results))
+
+
+async def progress(request: Request, state: ServerState, whole: Whole) -> Response:
+    """A whole answer whose progress is streamed (the body asked for STREAM_IDS without `stream`:
+    pdserve's router, so that it can move the request if this server dies): once its first
+    token came (an error before it is an ordinary error answer), an SSE stream of ids comments,
+    then one `data:` frame holding the whole answer (an error later: a STATUS_COMMENT line with
+    its status, then its error frame), then `[DONE]`. A resumed request's answer includes the
+    ids it resumed from."""
+    sub = whole.subs[0]
+    acc = resumed_result(state, sub)
+    it = merge(state, whole.subs)
+    try:
+        first = await until_disconnect(request, anext(it))
+    except BaseException:
+        await it.aclose()
+        raise
+
+    async def frames() -> AsyncIterator[bytes]:
+        d = first
+        try:
+            while True:
+                acc.add(d)
+                if d.token_ids:
+                    yield with_ids(True, d.token_ids, None)
+                if d.finish_reason is not None:
+                    break
+                d = await anext(it)
+            yield frame(whole.shape([acc]))
+        except APIError as exc:
+            yield STATUS_COMMENT + str(exc.status).encode() + b"\n" + frame(
+                error_body(exc.status, exc.message, exc.param, exc.code, exc.type))
+        finally:
+            await it.aclose()
+
+    return SSEResponse(frames())
 
 
 def json_response(obj: object, status: int = 200) -> Response:
@@ -111,6 +158,7 @@ def fan_out(state: ServerState, body: _BootstrapFields, prompts: list[tuple[list
     one id per sequence."""
     total = sequence_count(len(prompts), n)
     boots = pd_bootstrap(state, body, len(prompts), n)
+    level, due = priority(state, body), deadline(body)
     subs = []
     for p, (ids, params) in enumerate(prompts):
         max_new = params.max_new_tokens
@@ -120,5 +168,8 @@ def fan_out(state: ServerState, body: _BootstrapFields, prompts: list[tuple[list
             k = p * n + j
             subs.append(SubRequest(k, rids[k], ids, with_seed(params, j), include_stop,
                                    boots[k] if boots and max_new else None, rids[p * n] if j else None,
-                                   score_from, resume, rank))
+                                   score_from, resume, rank, level, due))
+    remote = state.config.disagg.mode == "decode"  # a PD decode computes none of a PD prompt
+    state.admission.admit(state.client.brief, [(s.rid, len(s.prompt_ids) + len(s.resume_ids or ()))
+                                               for s in subs if not (remote and s.bootstrap)], due)
     return subs

@@ -33,7 +33,7 @@ def frame(obj: Any) -> bytes:
 def ids_comment(ids: list[int]) -> bytes:
     """An SSE comment with the token ids of the event it precedes (contract.STREAM_IDS asked for
     them): SSE clients ignore comments; pdserve's router reads (and strips) them to migrate a stream."""
-    return IDS_COMMENT + b",".join(map(str, ids)).encode() + b"\n"
+    return IDS_COMMENT + ",".join(map(str, ids)).encode() + b"\n"
 
 
 def with_ids(want: bool, ids: list[int], data: bytes | None) -> bytes:
