@@ -9,8 +9,8 @@ request through `handle`:
      the body with the model (a ValidationError: 400 naming the field) and check `model` (404);
   2. `plan(state, body)`: the route's prompts and sampling params, its sub-requests (built by
      `fan_out`), and either the SSE frames of a stream or a `Whole` answer;
-  3. a stream goes out as an `SSEResponse` (an error mid-stream: an error frame, then
-     `[DONE]`); a whole answer runs every sub-request to its end (`collect`; the client going
+  3. a stream goes out as an `SSEResponse` once its first frame is there (`primed`: an error
+     before it is an ordinary error answer; one mid-stream: an error frame, then `[DONE]`); a whole answer runs every sub-request to its end (`collect`; the client going
      away aborts them: 499) and answers the JSON that `Whole.shape` makes of the results (the
      router may ask to see its progress: `progress`).
 Every failure is raised (`APIError`, ValidationError) to the app's error handlers.
@@ -100,11 +100,39 @@ async def handle(request: Request, route: Route[B], plan: Plan[B]) -> Response:
     state, body = await read_body(request, route)
     answer = await plan(state, body)
     if not isinstance(answer, Whole):
-        return SSEResponse(answer)
+        return await primed(request, answer)
     if getattr(body, STREAM_IDS) and len(answer.subs) == 1 and state.config.disagg.mode != "prefill":
         return await progress(request, state, answer)
     results = await until_disconnect(request, collect(state, answer.subs))
     return json_response(answer.shape(results))
+
+
+async def _first(frames: AsyncIterator[bytes]) -> bytes | None:
+    async for f in frames:
+        return f
+    return None
+
+
+async def primed(request: Request, frames: AsyncIterator[bytes]) -> Response:
+    """A stream whose head goes out with its first frame (its first token): a refusal or failure
+    before it (a deadline drop, a failed KV transfer, a dead engine) is an ordinary error answer
+    with its own status, which a router can act on; the client going away meanwhile aborts it."""
+    try:
+        first = await until_disconnect(request, _first(frames))
+    except BaseException:
+        await frames.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def rest() -> AsyncIterator[bytes]:
+        try:
+            if first is not None:
+                yield first
+            async for f in frames:
+                yield f
+        finally:
+            await frames.aclose()  # type: ignore[attr-defined]
+
+    return SSEResponse(rest())
 
 
 async def progress(request: Request, state: ServerState, whole: Whole) -> Response:
@@ -120,7 +148,7 @@ async def progress(request: Request, state: ServerState, whole: Whole) -> Respon
     try:
         first = await until_disconnect(request, anext(it))
     except BaseException:
-        await it.aclose()
+        await it.aclose()  # type: ignore[attr-defined]
         raise
 
     async def frames() -> AsyncIterator[bytes]:
