@@ -34,8 +34,6 @@ from tests.chaos.cluster import AUTH, Chaos, engine_pid, router_config, rss_kib,
 from tests.chaos.otlp_receiver import Spans
 from tests.integration.pd_cluster import call, wait_for
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
 
 @pytest.fixture(scope="module")
 def slo(chaos: Chaos) -> Chaos:
@@ -127,18 +125,20 @@ def test_one_trace_through_router_prefill_and_decode(slo: Chaos, otlp_spans: tup
 def test_high_priority_ttft_under_low_priority_saturation(slo: Chaos) -> None:
     url = slo.router.url
 
-    async def highs(client: httpx.AsyncClient, seed: int) -> list[Timed]:
-        return [await timed_stream(client, url, gen(ids(120, seed + i), 2, priority=0)) for i in range(6)]
+    async def highs(client: httpx.AsyncClient, seed: int) -> list[Timed]:  # two chunks of prefill each
+        return [await timed_stream(client, url, gen(ids(250, seed + i), 2, priority=0)) for i in range(6)]
 
     async def run() -> tuple[list[Timed], list[Timed], list[Timed], int]:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=120, headers=AUTH, limits=limits) as client:
             idle = await highs(client, 100)
-            lows = [asyncio.create_task(timed_stream(client, url, gen(ids(400, 200 + i), 32, priority=10), 180))
-                    for i in range(24)]
+            # low priority saturates the prefill (long prompts, short answers: the decodes stay light, so
+            # what the high class sees is the prefill's scheduling, not three processes sharing two cores)
+            lows = [asyncio.create_task(timed_stream(client, url, gen(ids(300, 200 + i), 2, priority=10), 300))
+                    for i in range(12)]
             deadline = time.monotonic() + 60
             queued = 0
-            while time.monotonic() < deadline and queued < 8:  # the prefill saturated: low queued
+            while time.monotonic() < deadline and queued < 6:  # the prefill saturated: low queued
                 await asyncio.sleep(0.2)
                 load = (await client.get(slo.pair.prefill.url + "/get_load")).json()
                 queued = load["num_waiting_reqs"]
@@ -151,7 +151,7 @@ def test_high_priority_ttft_under_low_priority_saturation(slo: Chaos) -> None:
     done = sum(t.status == 200 and t.error is None for t in lows)
     print(f"high priority TTFT p99: idle {idle_p99 * 1e3:.0f} ms, under {len(lows)} low-priority requests "
           f"({queued} queued on the prefill) {busy_p99 * 1e3:.0f} ms; low priority: {done} completed")
-    assert queued >= 8, "the low-priority load never saturated the prefill"
+    assert queued >= 6, "the low-priority load never saturated the prefill"
     assert busy_p99 <= 2.0 * idle_p99, (idle_p99, busy_p99)
     for t in lows:  # preempted or queued low-priority requests complete, or end with a clean error
         assert (t.status == 200 and t.error is None) or t.error is not None, t
@@ -255,7 +255,7 @@ def test_non_streaming_request_survives_its_decode_killed_mid_way(slo: Chaos) ->
 
 # --- the disconnect soak ------------------------------------------------------------------------------------
 
-WAVES, PER_WAVE = 10, 50  # per topology: 500 disconnects against 1P2D, 500 against 1P1D
+WAVES, PER_WAVE = 10, 100  # per topology: 1,000 disconnects against 1P2D, 1,000 against 1P1D
 
 
 def test_disconnect_soak_1p2d_and_1p1d(slo: Chaos) -> None:
@@ -283,13 +283,14 @@ def test_disconnect_soak_1p2d_and_1p1d(slo: Chaos) -> None:
         await asyncio.gather(task, return_exceptions=True)
         return "left"
 
-    async def soak(url: str, waves: int, offset: int) -> Counter[str]:
+    async def soak(url: str, waves: int, offset: int, life: float) -> Counter[str]:
         limits = httpx.Limits(max_connections=PER_WAVE + 8, max_keepalive_connections=0)
         outcomes: Counter[str] = Counter()
         async with httpx.AsyncClient(timeout=60, headers=AUTH, limits=limits) as client:
-            for wave in range(waves):  # each leaves at a random moment: before bootstrap (a few ms), in a
-                # queue, mid-forward, mid-transfer, in the decode's prealloc queue, mid-stream
-                delays = [rng.choice((rng.uniform(0, 0.02), rng.uniform(0, 0.4), rng.uniform(0, 1.2)))
+            for wave in range(waves):  # each leaves at a random moment of a request's life (`life`: one
+                # alone, end to end): before bootstrap (a few ms), in a queue, mid-forward, mid-transfer,
+                # in the decode's prealloc queue, mid-stream
+                delays = [rng.choice((rng.uniform(0, 0.02), rng.uniform(0, life), rng.uniform(0, 2 * life)))
                           for _ in range(PER_WAVE)]
                 got = await asyncio.gather(*(leave(client, url, offset + wave * PER_WAVE + j, d)
                                              for j, d in enumerate(delays)))
@@ -298,13 +299,18 @@ def test_disconnect_soak_1p2d_and_1p1d(slo: Chaos) -> None:
 
     with EmbeddedRouter(one_decode) as single:
         wait_for(lambda: httpx.get(single.url + "/readiness").status_code == 200, 30, "the 1P1D router")
-        asyncio.run(soak(slo.router.url, 1, 0))  # warm-up: the engines reach their working-set size first
+        for k, url in enumerate((slo.router.url, single.url)):  # warm-up: the engines reach their working set
+            asyncio.run(soak(url, 1, 100_000 + k * PER_WAVE, 1.0))
         slo.settled(timeout=10.0)
+        t0 = time.monotonic()
+        path, b = body(0)
+        assert httpx.post(slo.router.url + path, json=b, headers=AUTH, timeout=60).status_code == 200
+        life = time.monotonic() - t0  # one request alone, end to end
         rss0 = {name: rss_kib(pid) for name, pid in pids.items()}
         t0 = time.monotonic()
-        outcomes = asyncio.run(soak(slo.router.url, WAVES, 10_000))
+        outcomes = asyncio.run(soak(slo.router.url, WAVES, 10_000, life))
         took_2d = slo.settled(timeout=5.0)
-        outcomes += asyncio.run(soak(single.url, WAVES, 20_000))
+        outcomes += asyncio.run(soak(single.url, WAVES, 40_000, life))
         gone = time.monotonic()
         for name in ("prefill", "decode"):
             wait_settled_keyed(slo.servers[name].url, slo.marks[name], 5.0)
@@ -314,9 +320,10 @@ def test_disconnect_soak_1p2d_and_1p1d(slo: Chaos) -> None:
                                             ("/generate", gen(ids(20, 78), 4), True)], 2))
         single_ok = httpx.post(single.url + "/generate", json=gen(ids(20, 79), 4), headers=AUTH, timeout=60)
     total = sum(outcomes.values())
-    print(f"{total} disconnects (1P2D then 1P1D) in {gone - t0:.1f} s: {dict(outcomes)}; pools back "
+    print(f"{total} clients at random phases of a {life:.2f} s request (1P2D then 1P1D) in {gone - t0:.1f} s: "
+          f"{dict(outcomes)}; pools back "
           f"{took_2d:.2f} s (1P2D) and {took_1d:.2f} s (1P1D) after the last; engine RSS KiB {rss0} -> {rss1}")
-    assert total >= 1000 and outcomes["left"] >= 700, outcomes
+    assert outcomes["left"] >= 2 * 1000 * 0.6 and outcomes["left"] >= 1000, outcomes
     for name in pids:
         assert rss1[name] < rss0[name] * 1.05, (name, rss0[name], rss1[name])
     assert single_ok.status_code == 200, single_ok.text
