@@ -145,8 +145,10 @@ def traced_capacity(tmp: Path, a: argparse.Namespace, on: bool) -> float:
     spans = Spans()
     receiver = HTTPReceiver(spans) if on else None
     args = ["--enable-trace", "--otlp-traces-endpoint", receiver.url] if receiver else []
+    where = tmp / ("trace-on" if on else "trace-off")
+    where.mkdir()
     try:
-        with chaos_cluster(tmp / ("trace-on" if on else "trace-off"), args) as c:
+        with chaos_cluster(where, args) as c:
             asyncio.run(closed_loop(c.router.url, 4, 4, a, 1))
             return asyncio.run(closed_loop(c.router.url, a.requests, a.concurrency, a, 100))
     finally:
@@ -190,6 +192,7 @@ def main() -> int:
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (numbers mean little on a busy machine)")
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
+        (Path(tmp) / "sweep").mkdir()
         with chaos_cluster(Path(tmp) / "sweep") as c:
             result = sweep(c, a)
         result["deadline_ms"] = a.deadline_ms
