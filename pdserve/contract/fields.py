@@ -40,6 +40,20 @@ STATUS_COMMENT = b": pdserve-status "
 PRIORITY = "priority"
 TTFT_DEADLINE = "ttft_deadline_ms"
 
+# Live role switches (issue 26): a server's epoch starts at 1 and grows with each switch of its role.
+# A router that knows a worker's epoch (its discovery record, its /server_info) puts it in the leg it
+# sends that worker (EPOCH) and the prefill's in both legs (BOOTSTRAP_EPOCH: the decode carries it in
+# its route lookup to the prefill's bootstrap server). A server or bootstrap server at another epoch
+# answers 409 with the error code STALE_EPOCH (the router then retries another pair); a server that
+# drains answers new work 503 with DRAINING. PROMPT_TOKENS_HEADER / COMPLETION_TOKENS_HEADER: the
+# token counts a generation answer reports to the router (completion tokens of whole answers only).
+EPOCH = "pdserve_epoch"
+BOOTSTRAP_EPOCH = "pdserve_bootstrap_epoch"
+STALE_EPOCH = "stale_epoch"
+DRAINING = "draining"
+PROMPT_TOKENS_HEADER = "x-pdserve-prompt-tokens"
+COMPLETION_TOKENS_HEADER = "x-pdserve-completion-tokens"
+
 # `GET /server_info` (and SGLang's older `/get_server_info`): the struct is server_info.ServerInfo
 SERVER_INFO_PATH = "/server_info"
 SERVER_INFO_PATHS = (SERVER_INFO_PATH, "/get_server_info")
@@ -64,7 +78,15 @@ BODY_FIELDS: tuple[tuple[str, object, object], ...] = (
     (CREATED, int | None, None),
     (PRIORITY, int | None, None),
     (TTFT_DEADLINE, float | None, None),
+    (EPOCH, int | None, None),
+    (BOOTSTRAP_EPOCH, int | None, None),
 )
+
+
+def error_code_is(body: bytes, code: str) -> bool:
+    """Does an OpenAI-style error body carry this error `code`? (a byte search: the router need not
+    parse every error body it relays)."""
+    return b'"code":"' + code.encode() + b'"' in body.replace(b'": "', b'":"')
 
 
 def resolve_api_key(flag: str | None, env: Mapping[str, str] = os.environ) -> str | None:

@@ -24,6 +24,7 @@ import msgspec
 
 from pdserve.router.http.protocol import Request, Response
 from pdserve.tracing import TRACEPARENT, Span, Tracer
+from pdserve.router.usage import Usage
 
 # -- errors ------------------------------------------------------------------------------------
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -113,7 +114,7 @@ def routing_text(route: str, body: dict[str, Any]) -> str:
 
 class RequestCtx:
     __slots__ = ("_json", "_mark", "_text", "fwd_headers", "prompt_ids", "req", "resp_headers", "rid", "route",
-                 "span", "t0", "tracer")
+                 "span", "t0", "tracer", "usage")
 
     def __init__(self, req: Request, rid: str, route: str, client_auth: str | None, tracer: Tracer | None = None,
                  span: Span | None = None) -> None:
@@ -126,6 +127,7 @@ class RequestCtx:
         self.prompt_ids: list[int] | None | bool = False  # router/prompt_ids.py: False = not looked up yet
         self.tracer, self.span = tracer, span  # the request's router span (tracing on): the legs' parent
         self._mark = time.time_ns() if span is not None else 0
+        self.usage: Usage | None = None  # what the answer cost (router/usage.py), once relayed
         extra = f"x-request-id: {rid}\r\n"
         if span is not None and span.traceparent:
             extra += f"{TRACEPARENT}: {span.traceparent}\r\n"

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+import msgspec
+
 from pdserve.contract import STATUS_COMMENT
 from pdserve.router.forward import Failure
 from pdserve.router.http.client import UpstreamError, UpstreamResponse
 from pdserve.router.http.protocol import Response
 from pdserve.router.migrate import StreamTracker
 from pdserve.router.request import RequestCtx, error_body
+from pdserve.router.usage import Usage
 
 Write = Callable[[bytes], Awaitable[None]]
 OnBreak = Callable[[UpstreamError, Write], Awaitable[bool]]
@@ -56,11 +59,12 @@ async def answer_whole(ctx: RequestCtx, resp: UpstreamResponse, first: bytes | N
         if not await on_break(exc, keep):
             return Failure(502, error_body(502, f"the decode failed mid-way and no other could continue: {exc}",
                                            code=f"worker_{exc.kind}"))
-    return final_answer(ctx, bytes(got))
+    return final_answer(ctx, bytes(got), resp.headers)
 
 
-def final_answer(ctx: RequestCtx, events: bytes) -> Response | Failure:
-    """The client's answer from the progress events the tracker kept (ids comments taken out)."""
+def final_answer(ctx: RequestCtx, events: bytes, headers: dict[str, str]) -> Response | Failure:
+    """The client's answer from the progress events the tracker kept (ids comments taken out);
+    its usage (router/usage.py) from the decode's prompt-tokens header and the answer's own count."""
     status, body = 200, None
     for event in events.split(b"\n\n"):
         for line in event.split(b"\n"):
@@ -72,4 +76,13 @@ def final_answer(ctx: RequestCtx, events: bytes) -> Response | Failure:
         return Failure(502, error_body(502, "the decode ended without an answer", code="worker_incomplete"))
     if status >= 400:
         return Failure.answer(status, body, "application/json")
+    ctx.usage = Usage(Usage.whole(headers).prompt_tokens, _completion_tokens(body))
     return Response(body, status, "application/json", ctx.resp_headers)
+
+
+def _completion_tokens(body: bytes) -> int | None:
+    try:
+        count = msgspec.json.decode(body).get("usage", {}).get("completion_tokens")
+    except (msgspec.DecodeError, AttributeError):
+        return None
+    return count if isinstance(count, int) else None

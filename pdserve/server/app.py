@@ -5,7 +5,8 @@
              loaded (uvicorn binds the port only after this, so /health answers only when
              ready), then `ServerState` (tokenizer, metrics, caps) goes into `app.state.server`;
              an engine that fails to start leaves one line in `app.state.startup_error`;
-  serving  - routers: OpenAI (/v1/...), native (/generate), admin (health, info, load, ...);
+  serving  - routers: OpenAI (/v1/...), native (/generate), admin (health, info, load, ...),
+             elastic (/drain, /switch_role: server/elastic.py);
              errors always come back as OpenAI error bodies; API key and body cap run as
              ASGI middleware around everything;
   shutdown - `begin_shutdown(app)` (called from the signal handler) refuses new work and ends
@@ -22,8 +23,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from pdserve.server import native_generate, openai_chat, openai_completions, routes_admin, routes_tokenize
+from pdserve.server import native_generate, openai_chat, openai_completions, routes_admin, routes_elastic, \
+    routes_tokenize
 from pdserve.server.config import ServerConfig
+from pdserve.server.elastic import Elastic
 from pdserve.server.dp_client import EngineHandle, engine_client
 from pdserve.server.engine_client import EngineDeadError
 from pdserve.server.errors import install_error_handlers
@@ -63,12 +66,14 @@ def build_fastapi(config: ServerConfig) -> FastAPI:
     app.state.client = None
     app.state.request_exit = None  # set by the launcher: ask the HTTP server to stop
     app.state.startup_error = None  # why the engine did not start (one line)
+    app.state.elastic = Elastic(config)  # drain, live role switch, discovery record (server/elastic.py)
     install_error_handlers(app)
     app.include_router(openai_completions.router)
     app.include_router(openai_chat.router)
     app.include_router(native_generate.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_tokenize.router)
+    app.include_router(routes_elastic.router)
     return app
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from pdserve.contract import DEFAULT_SERVER_PORT
 from pdserve.disagg.config import DisaggConfig
+from pdserve.discovery import DiscoveryConfig
 from pdserve.engine.config import EngineConfig
 
 
@@ -81,3 +82,5 @@ class ServerConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # at start; POST /admission changes it
     enable_trace: bool = False  # OpenTelemetry spans per request (pdserve/tracing)
     otlp_traces_endpoint: str = "localhost:4317"  # http://... : OTLP HTTP/protobuf; host:port: OTLP gRPC
+    discovery: DiscoveryConfig | None = None  # --discovery: register in etcd once ready (server/registration.py)
+    advertise_host: str | None = None  # the host routers reach (default --host, or this machine's name)

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from pdserve.contract import STALE_EPOCH
 from pdserve.engine.messages import Bootstrap, GenerateReq, TokenOut, TopLogprob
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.engine_client import DuplicateRequestError, EngineDeadError
@@ -95,7 +96,8 @@ Delta = Result  # one engine step's share of a Result (see its docstring)
 
 def engine_error(out: TokenOut) -> APIError:
     """The engine's error answer to a request as an APIError (a deadline drop carries Retry-After)."""
-    code = out.error_code or ("kv_transfer_failed" if out.error_status >= 500 else None)
+    code = out.error_code or ("kv_transfer_failed" if out.error_status >= 500
+                              else STALE_EPOCH if out.error_status == 409 else None)
     headers = {"Retry-After": "1"} if code == "deadline_exceeded" else None
     return APIError(out.error_status, out.error or "failed", code=code, headers=headers)
 

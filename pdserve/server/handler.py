@@ -7,12 +7,16 @@ request through `handle`:
   1. `read_body`: count the request under `route.kind`, decode the raw body as a JSON object
      (400 `invalid_json` otherwise), refuse unsupported fields (400 naming the field), validate
      the body with the model (a ValidationError: 400 naming the field) and check `model` (404);
+     then admission (server/elastic.py: 503 while the server drains, 409 for a stale role epoch);
   2. `plan(state, body)`: the route's prompts and sampling params, its sub-requests (built by
      `fan_out`), and either the SSE frames of a stream or a `Whole` answer;
   3. a stream goes out as an `SSEResponse` once its first frame is there (`primed`: an error
-     before it is an ordinary error answer; one mid-stream: an error frame, then `[DONE]`); a whole answer runs every sub-request to its end (`collect`; the client going
-     away aborts them: 499) and answers the JSON that `Whole.shape` makes of the results (the
-     router may ask to see its progress: `progress`).
+     before it is an ordinary error answer; one mid-stream: an error frame, then `[DONE]`); a
+     whole answer runs every sub-request to its end (`collect`; the client going away aborts
+     them: 499) and answers the JSON that `Whole.shape` makes of the results (the router may ask
+     to see its progress: `progress`). Both carry the request's prompt tokens in a header
+     (contract.PROMPT_TOKENS_HEADER; `fan_out` counts them), a whole answer also its completion
+     tokens: what a router's planner metrics read.
 Every failure is raised (`APIError`, ValidationError) to the app's error handlers.
 
 `fan_out` turns prompts x n into sub-requests alike for every route: choice j of prompt p is
@@ -27,6 +31,7 @@ its spans (server/traces.py).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -35,7 +40,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from pdserve.contract import STATUS_COMMENT, STREAM_IDS, sequence_count
+from pdserve.contract import COMPLETION_TOKENS_HEADER, PROMPT_TOKENS_HEADER, STATUS_COMMENT, STREAM_IDS, sequence_count
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.errors import APIError, error_body
 from pdserve.server.generation import Result, SubRequest, collect, merge, resumed_result, until_disconnect
@@ -49,6 +54,7 @@ from pdserve.server.unsupported import reject_unsupported
 from pdserve.tracing import TRACEPARENT
 
 B = TypeVar("B", bound=BaseModel)
+_prompt_tokens: ContextVar[int] = ContextVar("prompt_tokens", default=0)  # set by fan_out in the handling task
 
 
 @dataclass(frozen=True)
@@ -98,13 +104,16 @@ def generation_router(path: str, route: Route[B], plan: Plan[B]) -> APIRouter:
 async def handle(request: Request, route: Route[B], plan: Plan[B]) -> Response:
     REQUEST.set((request.headers.get(TRACEPARENT), request.headers.get("x-request-id")))
     state, body = await read_body(request, route)
+    request.app.state.elastic.admit(state, body)
     answer = await plan(state, body)
+    counts = {PROMPT_TOKENS_HEADER: str(_prompt_tokens.get())}
     if not isinstance(answer, Whole):
-        return await primed(request, answer)
+        return await primed(request, answer, counts)
     if getattr(body, STREAM_IDS) and len(answer.subs) == 1 and state.config.disagg.mode != "prefill":
-        return await progress(request, state, answer)
+        return await progress(request, state, answer, counts)
     results = await until_disconnect(request, collect(state, answer.subs))
-    return json_response(answer.shape(results))
+    counts[COMPLETION_TOKENS_HEADER] = str(sum(r.completion_tokens for r in results))
+    return json_response(answer.shape(results), headers=counts)
 
 
 async def _first(frames: AsyncIterator[bytes]) -> bytes | None:
@@ -113,7 +122,7 @@ async def _first(frames: AsyncIterator[bytes]) -> bytes | None:
     return None
 
 
-async def primed(request: Request, frames: AsyncIterator[bytes]) -> Response:
+async def primed(request: Request, frames: AsyncIterator[bytes], headers: dict[str, str]) -> Response:
     """A stream whose head goes out with its first frame (its first token): a refusal or failure
     before it (a deadline drop, a failed KV transfer, a dead engine) is an ordinary error answer
     with its own status, which a router can act on; the client going away meanwhile aborts it."""
@@ -132,10 +141,10 @@ async def primed(request: Request, frames: AsyncIterator[bytes]) -> Response:
         finally:
             await frames.aclose()  # type: ignore[attr-defined]
 
-    return SSEResponse(rest())
+    return SSEResponse(rest(), headers=headers)
 
 
-async def progress(request: Request, state: ServerState, whole: Whole) -> Response:
+async def progress(request: Request, state: ServerState, whole: Whole, headers: dict[str, str]) -> Response:
     """A whole answer whose progress is streamed (the body asked for STREAM_IDS without `stream`:
     pdserve's router, so that it can move the request if this server dies): once its first
     token came (an error before it is an ordinary error answer), an SSE stream of ids comments,
@@ -168,11 +177,11 @@ async def progress(request: Request, state: ServerState, whole: Whole) -> Respon
         finally:
             await it.aclose()
 
-    return SSEResponse(frames())
+    return SSEResponse(frames(), headers=headers)
 
 
-def json_response(obj: object, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+def json_response(obj: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json", headers=headers)
 
 
 def sub_rids(base: str, total: int) -> list[str]:
@@ -185,6 +194,7 @@ def fan_out(state: ServerState, body: _BootstrapFields, prompts: list[tuple[list
     """The sub-requests of `prompts` (ids, params) x `n` (see the module docstring); `rids` has
     one id per sequence."""
     total = sequence_count(len(prompts), n)
+    _prompt_tokens.set(sum(len(ids) for ids, _ in prompts))
     boots = pd_bootstrap(state, body, len(prompts), n)
     level, due = priority(state, body), deadline(body)
     subs = []

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from pdserve.contract import PROMPT_TOKENS_HEADER
 from pdserve.engine.messages import LoadBrief
 from pdserve.router.admission import RouterAdmission, deadline_left_s, with_deadline_left
 from pdserve.router.config import AdmissionConfig as RouterAdmissionConfig
@@ -17,6 +18,7 @@ from pdserve.router.forward import Failure
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.migrate import StreamTracker, progress_tracked
 from pdserve.router.request import RouterError
+from pdserve.router.usage import Usage
 from pdserve.router.whole import final_answer
 from pdserve.router.workers import WorkerRegistry, new_worker
 from pdserve.server.admission import Admission
@@ -111,19 +113,24 @@ def test_deadline_left_and_forwarded() -> None:
 
 class _Ctx:
     resp_headers = [("x-request-id", "r")]
+    usage: Usage | None = None
 
 
 def test_a_whole_answer_from_its_progress() -> None:
     assert progress_tracked({"prompt": "x"}, 3) and not progress_tracked({"prompt": "x", "stream": True}, 3)
     assert not progress_tracked({"prompt": "x", "n": 2}, 3) and not progress_tracked({"prompt": "x"}, 0)
     t = StreamTracker()
-    kept = t.feed(b": pdserve-ids 5,6\n\n: pdserve-ids 7\n\ndata: {\"text\": \"abc\"}\n\ndata: [DONE]\n\n")
+    kept = t.feed(b": pdserve-ids 5,6\n\n: pdserve-ids 7\n\n"
+                  b'data: {"text": "abc", "usage": {"completion_tokens": 3}}\n\ndata: [DONE]\n\n')
     assert t.ids == [5, 6, 7] and t.done
-    resp = final_answer(_Ctx(), kept)  # type: ignore[arg-type]
-    assert resp.status == 200 and resp.body == b'{"text": "abc"}'
-    failed = final_answer(_Ctx(), b': pdserve-status 503\ndata: {"error": {"message": "x"}}\n\ndata: [DONE]\n\n')  # type: ignore[arg-type]
+    ctx = _Ctx()
+    resp = final_answer(ctx, kept, {PROMPT_TOKENS_HEADER: "4"})  # type: ignore[arg-type]
+    assert resp.status == 200 and resp.body == b'{"text": "abc", "usage": {"completion_tokens": 3}}'
+    assert ctx.usage == Usage(4, 3)  # what the planner's metrics count for it
+    failed = final_answer(_Ctx(), b': pdserve-status 503\ndata: {"error": {"message": "x"}}\n\ndata: [DONE]\n\n',
+                          {})  # type: ignore[arg-type]
     assert isinstance(failed, Failure) and failed.status == 503 and failed.retryable
-    cut = final_answer(_Ctx(), b"")  # type: ignore[arg-type]
+    cut = final_answer(_Ctx(), b"", {})  # type: ignore[arg-type]
     assert isinstance(cut, Failure) and cut.status == 502
 
 
