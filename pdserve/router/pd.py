@@ -259,7 +259,7 @@ class PDForwarder:
             p.record(False, str(exc))
             self.metrics.pd_failure("prefill", getattr(exc, "kind", "error"))
             return
-        status, body, _ = task.result()
+        status, body, _, _ = task.result()
         if status >= 400:
             note_stale(p, status, body)
             p.record(not breaker_failure(status), f"answered {status}")
