@@ -133,6 +133,7 @@ def chaos_cluster(tmp: Path, server_args: list[str] | None = None, **router_kw: 
     pair = PDPair(tmp, "tcp", [*ENGINE_ARGS, *(server_args or [])], prefill_env=HB, decode_env=HB)
     decode2: ServerProcess | None = None
     router: EmbeddedRouter | None = None
+    c: Chaos | None = None
     try:
         pair.launch_prefill()
         pair.launch_decode()
@@ -153,8 +154,10 @@ def chaos_cluster(tmp: Path, server_args: list[str] | None = None, **router_kw: 
     finally:
         if router is not None:
             router.stop()
-        if decode2 is not None:
-            decode2.stop(timeout=15)
+        held = c.decode2 if c is not None else None  # a test may have replaced decode2 (restarted it)
+        for extra in (decode2, held if held is not decode2 else None):
+            if extra is not None:
+                extra.stop(timeout=15)
         pair.stop()
 
 
