@@ -4,7 +4,10 @@ One cluster (tests/chaos/cluster.py: a prefill and two decodes, `pdserve serve` 
 pdserve's PD router, 127.0.0.1), seeded streaming /generate requests (prompt --prompt-len tokens,
 --max-new out, greedy, ignore EOS):
 
-  capacity   a closed loop at --concurrency: completed requests/s (the 1x of the sweep)
+  capacity   a closed loop at --concurrency: completed requests/s (the 1x of the sweep) and the
+             smallest TTFT seen; the TTFT deadline is --deadline-ms, else 6x that TTFT (at least
+             1.5 s): a deadline the machine cannot meet even idle refuses everything, which says
+             nothing about overload (on a shared 2-core box one request alone took 2.3 s)
   sweep      Poisson arrivals at 0.5x .. 3x capacity for --seconds each, twice:
                off  no admission control, no deadline in the body (what a plain cluster does)
                on   servers and router with admission control (POST /admission), each request
@@ -17,7 +20,7 @@ pdserve's PD router, 127.0.0.1), seeded streaming /generate requests (prompt --p
 
 Writes results/overload/results.json and results/overload/overload.png.
 
-    python benchmarks/overload.py [--quick] [--seconds 20] [--deadline-ms 3000]
+    python benchmarks/overload.py [--quick] [--seconds 20] [--deadline-ms MS]
 """
 
 from __future__ import annotations
@@ -76,8 +79,8 @@ async def one(client: httpx.AsyncClient, url: str, b: dict[str, Any]) -> dict[st
     return out
 
 
-async def closed_loop(url: str, n: int, concurrency: int, a: argparse.Namespace, seed: int) -> float:
-    """Completed requests/s with `concurrency` always in flight."""
+async def closed_loop(url: str, n: int, concurrency: int, a: argparse.Namespace, seed: int) -> tuple[float, float]:
+    """Completed requests/s with `concurrency` always in flight, and the smallest TTFT (s)."""
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=120, headers=AUTH, limits=httpx.Limits(max_connections=concurrency + 4)) as c:
         async def go(i: int) -> dict[str, Any]:
@@ -86,7 +89,8 @@ async def closed_loop(url: str, n: int, concurrency: int, a: argparse.Namespace,
 
         t0 = time.monotonic()
         got = await asyncio.gather(*(go(i) for i in range(n)))
-        return sum(g["ok"] for g in got) / (time.monotonic() - t0)
+        ttfts = [g["ttft"] for g in got if g["ok"] and g["ttft"] is not None]
+        return sum(g["ok"] for g in got) / (time.monotonic() - t0), min(ttfts, default=float("nan"))
 
 
 async def open_loop(url: str, rate: float, a: argparse.Namespace, deadline_ms: float | None,
@@ -119,17 +123,21 @@ def admission(c: Chaos, router: EmbeddedRouter, on: bool) -> None:
 def sweep(c: Chaos, a: argparse.Namespace) -> dict[str, Any]:
     cfg = router_config(c.pair, [c.pair.decode, c.decode2], admission=AdmissionConfig(enabled=False),
                         limits=LimitsConfig(max_concurrent=4 * a.concurrency, queue_size=16 * a.concurrency,
-                                            queue_timeout_s=a.deadline_ms / 1000.0))
+                                            queue_timeout_s=(a.deadline_ms or 60_000.0) / 1000.0))
     with EmbeddedRouter(cfg) as router:
         asyncio.run(closed_loop(router.url, 4, 4, a, 1))  # warm-up
-        capacity = asyncio.run(closed_loop(router.url, a.requests, a.concurrency, a, 100))
-        print(f"capacity: {capacity:.2f} req/s ({a.prompt_len} in / {a.max_new} out, concurrency {a.concurrency})")
+        capacity, ttft0 = asyncio.run(closed_loop(router.url, a.requests, a.concurrency, a, 100))
+        if a.deadline_ms is None:
+            a.deadline_ms = max(1500.0, 6000.0 * ttft0)
+        print(f"capacity: {capacity:.2f} req/s ({a.prompt_len} in / {a.max_new} out, concurrency {a.concurrency}), "
+              f"smallest TTFT {ttft0:.2f} s: TTFT deadline {a.deadline_ms:.0f} ms")
         runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
         for mode in ("off", "on"):
             admission(c, router, mode == "on")
             for k, x in enumerate(RATES):
+                seed = 10_000 * (k + 1) + (500_000 if mode == "on" else 0)  # new prompts: no prefix hits
                 row = asyncio.run(open_loop(router.url, x * capacity, a, a.deadline_ms if mode == "on" else None,
-                                            10_000 * (k + 1)))
+                                            seed))
                 row["x"] = x
                 runs[mode].append(row)
                 p99 = f"{row['p99_ttft']:.2f} s" if row["p99_ttft"] is not None else "-"
@@ -150,7 +158,7 @@ def traced_capacity(tmp: Path, a: argparse.Namespace, on: bool) -> float:
     try:
         with chaos_cluster(where, args) as c:
             asyncio.run(closed_loop(c.router.url, 4, 4, a, 1))
-            return asyncio.run(closed_loop(c.router.url, a.requests, a.concurrency, a, 100))
+            return asyncio.run(closed_loop(c.router.url, a.requests, a.concurrency, a, 100))[0]
     finally:
         if receiver is not None:
             receiver.stop()
@@ -178,17 +186,18 @@ def plot(result: dict[str, Any]) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a short run: 4 s per rate, 16 calibration requests")
+    p.add_argument("--quick", action="store_true", help="a short run: 6 s per rate, 16 calibration requests")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--prompt-len", type=int, default=200)
     p.add_argument("--max-new", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--requests", type=int, default=48, help="requests of the capacity loop")
-    p.add_argument("--deadline-ms", type=float, default=3000.0)
+    p.add_argument("--deadline-ms", type=float, default=None, help="TTFT deadline (default: 6x the smallest "
+                   "TTFT of the capacity loop, at least 1500)")
     p.add_argument("--skip-tracing", action="store_true")
     a = p.parse_args()
     if a.quick:
-        a.seconds, a.requests = 4.0, 16
+        a.seconds, a.requests = 6.0, 16
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (numbers mean little on a busy machine)")
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
