@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -25,6 +26,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.engine_client import DuplicateRequestError, EngineDeadError
 from pdserve.server.errors import APIError
 from pdserve.server.metrics import RequestTimer
+from pdserve.server.params import Deadline
 from pdserve.server.state import ServerState
 from pdserve.server.text_stream import TextStream
 from pdserve.server.traces import trace_request
@@ -45,7 +47,7 @@ class SubRequest:
     resume_ids: tuple[int, ...] | None = None  # a migrated stream: output already delivered elsewhere
     dp_rank: int | None = None  # the request's data_parallel_rank (SGLang's field): which dp rank serves it
     sched_priority: int = 0  # the request's priority: lower first (--enable-priority-scheduling)
-    deadline: float | None = None  # wall clock by which its first token is due (contract.TTFT_DEADLINE)
+    deadline: Deadline | None = None  # its TTFT deadline (contract.TTFT_DEADLINE) as wall clocks
 
 
 @dataclass
@@ -124,10 +126,10 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
                      share_prompt_with=sub.share_with, return_prompt_logprobs=sub.score_from is not None,
                      prompt_logprobs_from=sub.score_from or 0,
                      output_ids=list(resumed), data_parallel_rank=sub.dp_rank, priority=sub.sched_priority,
-                     deadline=sub.deadline)
+                     deadline=sub.deadline.aim if sub.deadline else None)
     state.admission.started(sub.rid)  # its prompt tokens count as queued until its first token
     try:
-        outs = state.client.generate(req)
+        outs = _first_by(state.client.generate(req), sub.deadline.due if sub.deadline else None)
         async with contextlib.aclosing(outs):
             async for out in outs:
                 if out.error is not None:
@@ -160,6 +162,25 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
         state.admission.done(sub.rid)
         if not finished:  # client gone, error or cancellation: count it as aborted
             timer.finish(TokenOut(rid=sub.rid, token_ids=[], finish_reason="abort"), len(sub.prompt_ids), count)
+
+
+async def _first_by(outs: AsyncIterator[TokenOut], due: float | None) -> AsyncIterator[TokenOut]:
+    """`outs`, whose first item must come by `due` (wall clock): past it the request is aborted
+    (closing `outs` tells the engine, which frees its pages) and answered 503 with Retry-After, so
+    an accepted request meets its TTFT deadline even when a prediction was wrong."""
+    try:
+        if due is not None:
+            try:
+                yield await asyncio.wait_for(anext(outs), max(0.0, due - time.time()))
+            except TimeoutError:
+                raise APIError(503, "deadline exceeded: no first token by its TTFT deadline", code="deadline_exceeded",
+                               headers={"Retry-After": "1"}) from None
+            except StopAsyncIteration:
+                return
+        async for out in outs:
+            yield out
+    finally:
+        await outs.aclose()  # type: ignore[attr-defined]
 
 
 def resumed_result(state: ServerState, s: SubRequest) -> Result:

@@ -209,5 +209,6 @@ def fan_out(state: ServerState, body: _BootstrapFields, prompts: list[tuple[list
                                    score_from, resume, rank, level, due))
     remote = state.config.disagg.mode == "decode"  # a PD decode computes none of a PD prompt
     state.admission.admit(state.client.brief, [(s.rid, len(s.prompt_ids) + len(s.resume_ids or ()))
-                                               for s in subs if not (remote and s.bootstrap)], due)
+                                               for s in subs if not (remote and s.bootstrap)],
+                          due.aim if due else None)
     return subs

@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
@@ -30,6 +31,16 @@ LONG_TEXT = 8192  # characters; longer texts are tokenized off the event loop
 _TOKENIZE_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-tokenize")
 DEADLINE_SHARE = 0.8  # of a TTFT deadline, the part the server aims its first token at: the rest is
 # for what follows it (a PD decode's commit after the KV transfer, the router's relay)
+DUE_SHARE = 0.98  # of a TTFT deadline, when the front gives up on a first token (the rest: the relay back)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A request's TTFT deadline as wall clocks: the engine aims its first token at `aim` (drops the
+    request if its prefill cannot begin in time for it); the front answers 503 if none came by `due`."""
+
+    aim: float
+    due: float
 
 
 async def off_loop(size: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -221,14 +232,15 @@ def priority(state: ServerState, body: Any) -> int:
     return value
 
 
-def deadline(body: Any) -> float | None:
-    """The wall clock by which the first token is due (contract.TTFT_DEADLINE: ms from now), or None."""
+def deadline(body: Any) -> Deadline | None:
+    """The request's TTFT deadline (contract.TTFT_DEADLINE: ms from now), or None."""
     ms = body.ttft_deadline_ms
     if ms is None:
         return None
     if not 0 < ms < 1e9:
         raise bad_request(f"{TTFT_DEADLINE} must be in (0, 1e9) milliseconds, got {ms}", param=TTFT_DEADLINE)
-    return time.time() + DEADLINE_SHARE * ms / 1000.0
+    now = time.time()
+    return Deadline(now + DEADLINE_SHARE * ms / 1000.0, now + DUE_SHARE * ms / 1000.0)
 
 
 def dp_rank(state: ServerState, body: Any) -> int | None:

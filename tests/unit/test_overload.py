@@ -145,3 +145,42 @@ def test_tracing_off_imports_no_sdk() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_first_token_past_its_due_time_is_a_503_and_aborts_the_request() -> None:
+    """The front gives up on a first token at the deadline's due time: 503 + Retry-After, and the
+    engine's stream is closed (which sends the engine its AbortReq: the pages come back)."""
+    import asyncio
+
+    from pdserve.engine.messages import TokenOut
+    from pdserve.server.generation import _first_by
+    from pdserve.server.params import DEADLINE_SHARE, DUE_SHARE, deadline
+
+    closed: list[str] = []
+
+    async def engine(first_after: float) -> object:
+        try:
+            await asyncio.sleep(first_after)
+            yield TokenOut(rid="r", token_ids=[1])
+            yield TokenOut(rid="r", token_ids=[2], finish_reason="length")
+        finally:
+            closed.append("closed")
+
+    async def run(first_after: float, due_in: float | None) -> list[list[int]]:
+        due = None if due_in is None else time.time() + due_in
+        return [o.token_ids async for o in _first_by(engine(first_after), due)]  # type: ignore[arg-type]
+
+    assert asyncio.run(run(0.01, 1.0)) == [[1], [2]] and closed == ["closed"]
+    assert asyncio.run(run(0.01, None)) == [[1], [2]]
+    t0 = time.monotonic()
+    with pytest.raises(APIError) as err:
+        asyncio.run(run(5.0, 0.1))
+    assert time.monotonic() - t0 < 2.0  # given up at the due time, not after the first token
+    assert err.value.status == 503 and err.value.code == "deadline_exceeded" and err.value.headers == {"Retry-After": "1"}
+    assert closed == ["closed"] * 3
+
+    class Body:
+        ttft_deadline_ms = 1000.0
+
+    d = deadline(Body())
+    assert d is not None and d.due - d.aim == pytest.approx((DUE_SHARE - DEADLINE_SHARE) * 1.0, abs=1e-3)
