@@ -9,6 +9,12 @@ by private pages it allocated. Release either hands the computed full pages to t
 (finish, abort, preemption) or frees them (failed transfers: their bytes cannot be trusted).
 KV tiers plug in under the cache (`tier`, engine/prefix_cache.py's KVTier): a match may bring
 pages back from a lower tier, an eviction may demote them; NoTier (the default) holds none.
+
+The seam for KV tiers (engine/kv_tiers: host memory and storage below the pool): the scheduler
+calls `poll()` once per schedule and `prepare(req)` before admitting a waiting request; here
+(no tiers) nothing is ever elsewhere, so `prepare` is always ready and `poll` does nothing.
+`TieredKVManager` overrides both: prepare starts loading a prefix found in a lower tier and says
+"not yet" while it moves; poll applies finished copies.
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ class KVManager:
     def available(self) -> int:
         """Pages obtainable now: free plus evictable cached pages."""
         return self.allocator.num_free + self.cache.evictable_pages()
+
+    def prepare(self, req: Request) -> bool:
+        """Ready to admit `req`? (KV tiers: False while its prefix is being loaded.)"""
+        return True
+
+    def poll(self) -> None:
+        """Apply copies between KV tiers that finished (KV tiers only)."""
 
     def attach_prefix(self, req: Request) -> None:
         """Reuse the longest cached prefix (leaving at least one token to compute, and the prompt

@@ -19,6 +19,10 @@ Lower tiers (the seam for host memory / shared storage; none is built yet): `tie
 `match` offers it the device hit, and it may extend the hit with pages it brings back (into
 pages of this pool, as new nodes); `evict` hands it the leaves before their pages are freed, so
 it may keep their bytes (demote). NoTier, the default, holds nothing.
+KV tiers (engine/kv_tiers, off by default): a node also says which lower tiers hold its page
+(`host` slot, `stored`), and `page` may be NO_PAGE (not on the device: demoted to the host
+tier or read from storage, loaded back before use). `TieredPrefixCache` decides that; here an
+insert only adopts a request's page for such a node (`_adopt`), which never happens without tiers.
 
 Events: with a `listener` (engine/kv_event_log.py, for `--kv-events-config`), every node gets its
 chained page hash (pdserve/kv_events) when created, and the listener hears each insert's new
@@ -68,6 +72,10 @@ class NoTier:
         pass
 
 
+NO_PAGE = -1  # Node.page of a node whose page is not on the device (KV tiers)
+NO_SLOT = -1  # Node.host of a node with no host-tier copy
+
+
 @dataclass(eq=False)
 class Node:
     key: tuple[int, ...]
@@ -77,7 +85,13 @@ class Node:
     ref: int = 0
     last_access: int = 0
     depth: int = 0  # pages from the root
-    hash: int = NO_PARENT  # chained page hash (kv_events), set only while a listener is attached
+    hash: int = NO_PARENT  # chained page hash (kv_events), set while a listener is attached or tiers are on
+    # KV tiers only (engine/kv_tiers): lower tiers holding the page, copies in flight, matches seen
+    host: int = NO_SLOT  # host-tier slot with a copy of the page
+    stored: bool = False  # written to (or read from) the storage tier
+    copying: int = 0  # device <-> host copies of this page in flight: it stays in both places
+    storing: int = 0  # storage writes reading its host slot in flight
+    hits: int = 0  # times a match reached it (write_through_selective)
 
 
 class PrefixCache:
@@ -135,6 +149,8 @@ class PrefixCache:
             child = node.children.get(key)
             if child is None:
                 child = self._new_node(key, pages[i], node, new)
+            elif child.page == NO_PAGE:
+                self._adopt(child, pages[i])
             elif child.page != pages[i]:
                 dup.append(pages[i])
             node = child
@@ -155,6 +171,8 @@ class PrefixCache:
             child = node.children.get(key)
             if child is None:
                 child = self._new_node(key, pages[i], node, new)
+            elif child.page == NO_PAGE:
+                self._adopt(child, pages[i])
             elif child.page != pages[i]:
                 break
             node = child
@@ -171,6 +189,11 @@ class PrefixCache:
         parent.children[key] = child
         self.num_pages += 1
         return child
+
+    def _adopt(self, node: Node, page: int) -> None:
+        """A node whose page is in a lower tier only takes the request's freshly computed page."""
+        node.page = page
+        self.num_pages += 1
 
     def _report_stored(self, new: list[Node]) -> None:
         """New nodes of one insert form one chain (once a page is missing, all below are new)."""

@@ -7,7 +7,9 @@ Each `schedule()` builds one forward under a token budget:
   2. waiting requests, FCFS, while budget, `max_running` and pages allow: a request is
      admitted only if its whole remaining prompt fits with headroom kept for the decode of
      those already running (`decode_headroom` × their remaining new tokens). A copy of a
-     prompt (n > 1) waits, without blocking the queue, until its leader's prompt is cached.
+     prompt (n > 1) waits, without blocking the queue, until its leader's prompt is cached;
+     so does a request whose cached prefix the KV manager is still loading from a lower KV
+     tier (`kv.prepare`; finished copies are applied by `kv.poll` first thing each schedule).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class Scheduler:
         return bool(self.running) or bool(self.waiting)
 
     def schedule(self) -> ScheduleBatch | None:
+        self.kv.poll()
         chunks: list[Chunk] = []
         budget = self._schedule_running(chunks, self.chunk_budget)
         self._admit_waiting(chunks, budget)
@@ -108,8 +111,8 @@ class Scheduler:
         for req in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_running:
                 break
-            if self._waits_for_leader(req):
-                continue  # admitted once its leader's prompt pages are in the prefix cache
+            if self._waits_for_leader(req) or not self.kv.prepare(req):
+                continue  # admitted once its leader's prompt pages are cached / its prefix is loaded
             req.leader = None
             self.kv.attach_prefix(req)
             need = pages_needed(len(req.tokens), self.kv.page_size) - len(req.pages) + self.decode_headroom_pages()

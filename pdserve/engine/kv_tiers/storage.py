@@ -81,19 +81,6 @@ def parse_size(value: int | float | str, what: str) -> int:
         raise ValueError(f"{what}: {value!r} is not a size") from None
 
 
-def create_backend(name: str, extra: dict[str, object]) -> StorageBackend:
-    """`--hicache-storage-backend NAME` with its extra config (a JSON object)."""
-    if name == "file":
-        from pdserve.engine.kv_tiers.file_store import FileStore
-
-        return FileStore.from_extra(extra)
-    if name == "mooncake":
-        from pdserve.engine.kv_tiers.mooncake_store import MooncakeStore
-
-        return MooncakeStore.from_extra(extra)
-    raise ValueError(f"storage backend {name!r} is not one of {', '.join(BACKENDS)}")
-
-
 class PageStore:
     """A backend behind the page codec and an outage breaker (see the module docstring)."""
 

@@ -1,0 +1,376 @@
+"""The radix cache as the index of every tier: device pages, host slots, storage.
+
+A node's page lives in one or more tiers:
+
+    page != NO_PAGE   on the device (KV pool page id)      host != NO_SLOT   a host-tier copy
+    stored            in storage (written or read there)   copying/storing   copies in flight
+
+Shape of the tree (checked by `check`): every node is on the device or in host (a node in
+neither leaves the tree); device nodes form a prefix-closed subtree (a device node's parent is
+on the device), so a prompt's device hit is a path from the root and its lower-tier hit is the
+path's continuation:
+
+    root ─ A:p3,h1 ─ B:p5 ─ C:-,h4 ─ D:-,h0        match → [p3, p5]; match_tiers → [A, B], [C, D]
+
+Lifecycle of a page across tiers (policies: tiers.py):
+  insert      on the device; write-through policies back it up to host (copy thread), then storage
+  evict (dev) LRU among unlocked device nodes with no device child: with a host copy the device
+              page is just freed; else it is demoted (one synchronous batch copy into host slots);
+              a leaf with no host room is dropped as without tiers
+  evict(host) LRU among host copies: a host-only leaf leaves the tree (write_back: its bytes go
+              to storage first); a device node just loses its copy
+  load        host -> device pages before a request is admitted (copy thread), its path locked
+  fetch       storage -> host slots (storage thread), new host-only nodes under the locked anchor
+Finished copies are applied by `apply_finished` on the engine thread (KVManager.poll).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from pdserve.engine.kv_cache import PageAllocator
+from pdserve.engine.kv_tiers.tiers import Copy, KVTiers
+from pdserve.engine.prefix_cache import NO_PAGE, NO_SLOT, Node, PrefixCache
+from pdserve.kv_events import page_hash
+
+
+class TieredPrefixCache(PrefixCache):
+    def __init__(self, allocator: PageAllocator, page_size: int, tiers: KVTiers) -> None:
+        super().__init__(allocator, page_size, enabled=True)
+        self.tiers = tiers
+        self.policy = tiers.cfg.write_policy
+        self.num_host = 0  # host slots held by nodes
+        self._fresh: list[Node] = []  # nodes that got a device page in this insert
+
+    # -- match -------------------------------------------------------------------------------
+    def match(self, tokens: list[int]) -> tuple[list[int], Node]:
+        """The device part of the longest cached prefix (what a request can use now)."""
+        dev, _ = self.match_tiers(tokens)
+        hot = []
+        for n in dev:
+            self._touch(n)
+            n.hits += 1
+            if self.policy == "write_through_selective" and n.hits >= self.tiers.cfg.hot_hits:
+                hot.append(n)
+        if hot:
+            self._backup(hot)
+        return [n.page for n in dev], dev[-1] if dev else self.root
+
+    def match_tiers(self, tokens: list[int]) -> tuple[list[Node], list[Node]]:
+        """Nodes of the longest cached prefix: those on the device, then those only in host
+        (stopping at a page being loaded already)."""
+        node, dev, low = self.root, [], []
+        for key in self._keys(tokens, len(tokens) // self.page_size):
+            child = node.children.get(key)
+            if child is None:
+                break
+            if child.page != NO_PAGE and not low:
+                dev.append(child)
+            elif child.page == NO_PAGE and child.host != NO_SLOT and not child.copying:
+                low.append(child)
+            else:
+                break
+            node = child
+        return dev, low
+
+    # -- insert (device pages) ----------------------------------------------------------------
+    def _new_node(self, key: tuple[int, ...], page: int, parent: Node, new: list[Node]) -> Node:
+        child = super()._new_node(key, page, parent, new)
+        if self.listener is None:
+            child.hash = page_hash(parent.hash, key)
+        self._fresh.append(child)
+        return child
+
+    def _adopt(self, node: Node, page: int) -> None:
+        super()._adopt(node, page)
+        self._fresh.append(node)
+
+    def _report_stored(self, new: list[Node]) -> None:
+        super()._report_stored(new)
+        fresh, self._fresh = self._fresh, []
+        if self.policy == "write_through" and fresh:
+            self._backup(fresh)
+
+    def _backup(self, nodes: list[Node]) -> None:
+        """Copy device pages to host (copy thread); pages already in host go on to storage."""
+        todo = [n for n in nodes if n.page != NO_PAGE and n.host == NO_SLOT and not n.copying]
+        self._store([n for n in nodes if n.host != NO_SLOT])
+        slots = self.host_alloc(len(todo))
+        todo = todo[:len(slots)]
+        if not todo:
+            return
+        for n, s in zip(todo, slots):
+            n.host, n.copying = s, n.copying + 1
+            self.num_host += 1
+        self.tiers.submit(Copy("backup", nodes=todo, pages=[n.page for n in todo], slots=slots))
+
+    def _store(self, nodes: list[Node]) -> None:
+        """Write host copies to storage (storage thread)."""
+        if self.tiers.store is None:
+            return
+        todo = [n for n in nodes if n.host != NO_SLOT and not n.stored and not n.storing and not n.copying]
+        if not todo:
+            return
+        for n in todo:
+            n.storing += 1
+        self.tiers.submit(Copy("store", nodes=todo, slots=[n.host for n in todo], hashes=[n.hash for n in todo]))
+
+    def _writes_through(self, node: Node) -> bool:
+        return self.policy == "write_through" or (
+            self.policy == "write_through_selective" and node.hits >= self.tiers.cfg.hot_hits)
+
+    # -- eviction ------------------------------------------------------------------------------
+    def _device_evictable(self, n: Node) -> bool:
+        return (n.page != NO_PAGE and n.ref == 0 and not n.copying and n is not self.root
+                and not any(c.page != NO_PAGE for c in n.children.values()))
+
+    def evict(self, num_pages: int) -> int:
+        """Free up to `num_pages` device pages, least recently used first, demoting to host."""
+        heap = [(n.last_access, id(n), n) for n in self.nodes() if self._device_evictable(n)]
+        heapq.heapify(heap)
+        freed: list[int] = []
+        gone: list[Node] = []
+        moved: list[tuple[Node, int]] = []  # (node, its old device page) demoted in this call
+        while heap and len(freed) + len(moved) < num_pages:
+            node = heapq.heappop(heap)[2]
+            if node.host == NO_SLOT:
+                slot = self.host_alloc(1)
+                if not slot and moved:  # host is full of this batch: finish it, its pages may go on
+                    self._demoted(moved, freed)
+                    moved, slot = [], self.host_alloc(1)
+                slot = slot or (self._prune(node, gone) and self.host_alloc(1))
+                if slot:
+                    node.host, node.copying = slot[0], node.copying + 1
+                    self.num_host += 1
+                    moved.append((node, node.page))
+                elif not node.children:
+                    parent = node.parent
+                    assert parent is not None
+                    del parent.children[node.key]
+                    gone.append(node)
+                    freed.append(node.page)
+                else:
+                    continue
+            else:
+                freed.append(node.page)
+            node.page = NO_PAGE
+            self.num_pages -= 1
+            parent = node.parent
+            if parent is not None and self._device_evictable(parent):
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        self._demoted(moved, freed)
+        self.tiers.counters.dropped += len(gone)
+        if freed:
+            self.allocator.free(freed)
+        if gone and self.listener is not None:
+            self.listener.removed(gone)
+        return len(freed)
+
+    def _demoted(self, moved: list[tuple[Node, int]], freed: list[int]) -> None:
+        """Copy a batch of demoted nodes' device pages into their host slots; the pages are free then."""
+        if not moved:
+            return
+        self.tiers.copy_now([p for _, p in moved], [n.host for n, _ in moved])
+        self.tiers.counters.demoted += len(moved)
+        for n, p in moved:
+            n.copying -= 1
+            freed.append(p)
+        self._store([n for n, _ in moved if self._writes_through(n)])
+
+    def _prune(self, node: Node, gone: list[Node]) -> bool:
+        """The host tier is full of pages that cannot go: drop `node`'s (host-only) subtree, its
+        least useful pages, so that `node` itself can be demoted. False if a copy holds one."""
+        below = [n for n in self.nodes() if self._is_below(n, node)]
+        if not below or any(n.copying or n.storing for n in below):
+            return False
+        node.children.clear()
+        self.tiers.host.allocator.free([n.host for n in below])
+        self.num_host -= len(below)
+        self.tiers.counters.dropped += len(below)
+        gone += below
+        return True
+
+    @staticmethod
+    def _is_below(n: Node, top: Node) -> bool:
+        while n.parent is not None:
+            if n.parent is top:
+                return True
+            n = n.parent
+        return False
+
+    def evictable_pages(self) -> int:
+        return sum(1 for n in self.nodes() if n.page != NO_PAGE and n.ref == 0 and not n.copying)
+
+    def _host_evictable(self, n: Node) -> bool:
+        return (n.host != NO_SLOT and not n.copying and not n.storing
+                and (n.page != NO_PAGE or (n.ref == 0 and not n.children)))
+
+    def host_alloc(self, n: int) -> list[int]:
+        """Up to `n` host slots, evicting host copies (LRU) when the tier is full."""
+        slots = self.tiers.host.allocator.alloc(n)
+        if len(slots) < n:
+            self.evict_host(n - len(slots))
+            slots += self.tiers.host.allocator.alloc(n - len(slots))
+        return slots
+
+    def evict_host(self, num_slots: int) -> int:
+        heap = [(n.last_access, id(n), n) for n in self.nodes() if self._host_evictable(n)]
+        heapq.heapify(heap)
+        freed: list[int] = []
+        gone: list[Node] = []
+        while heap and len(freed) < num_slots:
+            node = heapq.heappop(heap)[2]
+            if node.page == NO_PAGE:  # host-only leaf: it leaves the tree
+                if self.policy == "write_back" and not node.stored:
+                    self.tiers.write_back(node.hash, node.host)
+                parent = node.parent
+                assert parent is not None
+                del parent.children[node.key]
+                gone.append(node)
+                if parent is not self.root and self._host_evictable(parent):
+                    heapq.heappush(heap, (parent.last_access, id(parent), parent))
+            freed.append(node.host)
+            node.host = NO_SLOT
+        self.num_host -= len(freed)
+        self.tiers.counters.host_evicted += len(freed)
+        self.tiers.host.allocator.free(freed)
+        if gone and self.listener is not None:
+            self.listener.removed(gone)
+        return len(freed)
+
+    def reset(self) -> bool:
+        """Drop every page of every tier (flush); refused while a request or a copy holds one."""
+        if any(n.ref or n.copying or n.storing for n in self.nodes()) or self.tiers.pending:
+            return False
+        nodes = list(self.nodes())
+        self.allocator.free([n.page for n in nodes if n.page != NO_PAGE])
+        self.tiers.host.allocator.free([n.host for n in nodes if n.host != NO_SLOT])
+        self.root.children.clear()
+        self.num_pages = self.num_host = 0
+        if self.listener is not None:
+            self.listener.cleared()
+        return True
+
+    # -- loads and fetches (KVManager.prepare), applied at poll ---------------------------------
+    def start_load(self, low: list[Node]) -> Copy | None:
+        """Copy host-only nodes `low` (continuing a device path) into fresh device pages."""
+        self.lock(low[-1])  # the whole path: nothing it reads or extends can be evicted meanwhile
+        short = len(low) - self.allocator.num_free
+        if short > 0:
+            self.evict(short)
+        n = min(len(low), self.allocator.num_free)
+        self.unlock(low[-1])
+        if n == 0:
+            return None
+        low = low[:n]
+        self.lock(low[-1])
+        for node in low:
+            node.copying += 1
+        c = Copy("load", nodes=low, pages=self.allocator.alloc(n), slots=[x.host for x in low], anchor=low[-1])
+        self.tiers.submit(c)
+        return c
+
+    def start_fetch(self, anchor: Node, tokens: list[int], first: int, count: int) -> Copy:
+        """Ask storage for pages first .. first+count-1 of `tokens` (continuing `anchor`); the
+        pages it holds are then read into host slots (`_apply_lookup` starts that fetch)."""
+        keys = self._keys(tokens, first + count)[first:]
+        hashes, h = [], anchor.hash
+        for key in keys:
+            h = page_hash(h, key)
+            hashes.append(h)
+        self.lock(anchor)
+        c = Copy("lookup", hashes=hashes, keys=keys, anchor=anchor)
+        self.tiers.submit(c)
+        return c
+
+    def apply_finished(self) -> list[Copy]:
+        """Apply the copies that finished since the last call (the engine thread's poll)."""
+        done = self.tiers.finished()
+        for c in done:
+            getattr(self, f"_apply_{c.kind}")(c)
+            c.applied = True
+        return done
+
+    def _apply_backup(self, c: Copy) -> None:
+        for n, ok in zip(c.nodes, c.ok):
+            n.copying -= 1
+            if not ok:
+                self.tiers.host.allocator.free([n.host])
+                n.host = NO_SLOT
+                self.num_host -= 1
+        self.tiers.counters.backed_up += sum(c.ok)
+        self._store([n for n, ok in zip(c.nodes, c.ok) if ok and self._writes_through(n)])
+
+    def _apply_load(self, c: Copy) -> None:
+        unused = []
+        for n, page, ok in zip(c.nodes, c.pages, c.ok):
+            n.copying -= 1
+            if ok and n.page == NO_PAGE:
+                n.page = page
+                self.num_pages += 1
+            else:  # the copy failed, or a request computed the page meanwhile (adopted)
+                unused.append(page)
+        self.allocator.free(unused)
+        self.tiers.counters.loaded += len(c.pages) - len(unused)
+        assert c.anchor is not None
+        self.unlock(c.anchor)
+
+    def _apply_store(self, c: Copy) -> None:
+        for n, ok in zip(c.nodes, c.ok):
+            n.storing -= 1
+            n.stored = n.stored or ok
+        self.tiers.counters.stored += sum(c.ok)
+
+    def _apply_lookup(self, c: Copy) -> None:
+        assert c.anchor is not None
+        n = next((i for i, ok in enumerate(c.ok) if not ok), len(c.ok))
+        slots = self.host_alloc(n) if n else []
+        if not slots:
+            self.unlock(c.anchor)
+            return
+        k = len(slots)
+        c.next = Copy("fetch", slots=slots, hashes=c.hashes[:k], keys=c.keys[:k], anchor=c.anchor)
+        self.tiers.submit(c.next)
+
+    def _apply_fetch(self, c: Copy) -> None:
+        assert c.anchor is not None
+        parent, new, unused = c.anchor, [], []
+        k = next((i for i, ok in enumerate(c.ok) if not ok), len(c.ok))
+        for key, slot, h in zip(c.keys[:k], c.slots[:k], c.hashes[:k]):
+            child = parent.children.get(key)
+            if child is None:
+                child = Node(key=key, page=NO_PAGE, parent=parent, depth=parent.depth + 1, hash=h, host=slot,
+                             stored=True)
+                parent.children[key] = child
+                self.num_host += 1
+                new.append(child)
+            elif child.host == NO_SLOT and not child.copying:
+                child.host, child.stored = slot, True
+                self.num_host += 1
+            else:
+                unused.append(slot)
+            self._touch(child)
+            parent = child
+        self.tiers.host.allocator.free(unused + c.slots[k:])
+        self.tiers.counters.fetched += k
+        self.unlock(c.anchor)
+        if new and self.listener is not None:
+            self.listener.stored(c.anchor.hash, new)
+
+    def check(self) -> None:
+        """Every node is in some tier, device nodes are prefix-closed, counts match, host slots add up."""
+        dev = host = 0
+        for n in self.nodes():
+            assert n.page != NO_PAGE or n.host != NO_SLOT, "a cache node in no tier"
+            assert n.parent is not None
+            if n.page != NO_PAGE:
+                dev += 1
+                assert n.parent is self.root or n.parent.page != NO_PAGE, "a device node under a non-device one"
+            host += n.host != NO_SLOT
+        assert dev == self.num_pages, f"device nodes {dev} != counted {self.num_pages}"
+        assert host == self.num_host, f"host nodes {host} != counted {self.num_host}"
+        a = self.tiers.host.allocator
+        total = a.num_free + self.num_host + self.tiers.slots_in_flight
+        assert total == a.capacity, (
+            f"host KV slots leaked: free {a.num_free} + cached {self.num_host} + in flight "
+            f"{self.tiers.slots_in_flight} = {total} != {a.capacity}")

@@ -1,0 +1,194 @@
+"""KV tiers behind the radix cache, on a real KV pool of a tiny model with the KV it computed:
+demote -> load back gives the same bytes; greedy output with every write policy (and a device
+pool small enough to evict mid-run) equals the run without tiers; a second instance reads a
+conversation's prefix from storage (file, and Mooncake Store with a real master) and computes
+only the rest; corrupt pages and a dead master cost recomputation, never output; every tier's
+`free + cached + in use == total` holds after each step of the way."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdserve import LLM, SamplingParams
+from pdserve.engine.kv_tiers.host_pool import SlotAllocator
+from pdserve.engine.kv_tiers.manager import TieredKVManager
+from pdserve.engine.kv_tiers.tiers import KVTiers, TierConfig, namespace_for
+from pdserve.engine.prefix_cache import NO_PAGE, NO_SLOT
+from pdserve.engine.request import Request
+from pdserve.kv_events import chain_hashes
+from tests.mooncake_master import MooncakeMaster
+
+PS = 4
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def prompts(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 49000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def with_tiers(llm: LLM, **cfg) -> TieredKVManager:
+    """Put a tiered KV manager on an idle engine (what the engine builder will do with the flags)."""
+    eng = llm.engine
+    cfg.setdefault("host_pages", 64)
+    tiers = KVTiers(TierConfig(**cfg), eng.pool.k, eng.pool.v, PS, namespace_for("tiny", eng.pool.k, PS))
+    kv = TieredKVManager(eng.pool.num_pages, PS, tiers)
+    eng.kv = eng.scheduler.kv = kv
+    return kv
+
+
+def tiered_llm(model_dir: Path, num_pages: int = 100, **cfg) -> tuple[LLM, TieredKVManager]:
+    llm = LLM(str(model_dir), num_pages=num_pages, page_size=PS, chunk_budget=64, threads=1)
+    return llm, with_tiers(llm, **cfg)
+
+
+def close(llm: LLM) -> None:
+    llm.engine.kv.close()  # type: ignore[attr-defined]  (the tiers' threads and store client)
+    llm.close()
+
+
+def turn_one_stored(model_dir: Path, **cfg) -> None:
+    """One instance serves a conversation's first turn with write-through to storage, then goes."""
+    a, _ = tiered_llm(model_dir, **cfg)
+    run(a, [conversation()[0]])
+    close(a)
+
+
+def run(llm: LLM, ps: list[list[int]]) -> list[tuple[list[int], int]]:
+    outs = llm.generate(ps, GREEDY, use_tqdm=False)
+    if isinstance(llm.engine.kv, TieredKVManager):
+        llm.engine.kv.flush()
+    llm.engine.check_integrity()  # device and host tiers: nothing leaked
+    return [(o.output_ids, o.cached_tokens) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(tiny_model_dir: Path) -> dict[str, list[list[int]]]:
+    """Reference outputs without tiers (a pool large enough that nothing is evicted)."""
+    llm = LLM(str(tiny_model_dir), num_pages=400, page_size=PS, chunk_budget=64, threads=1)
+    ref = {"batch": [o for o, _ in run(llm, prompts(10, 20, 60, seed=1))],
+           "turns": [o for o, _ in run(llm, conversation())]}
+    llm.close()
+    return ref
+
+
+def conversation() -> list[list[int]]:
+    """Three turns: each prompt extends the one before (a chat's growing context)."""
+    base = prompts(1, 40, 40, seed=7)[0]
+    return [base, base + prompts(1, 20, 20, seed=8)[0], base + prompts(1, 20, 20, seed=8)[0] + [5, 6, 7, 8, 9]]
+
+
+def test_slot_allocator_counts_and_refuses_double_free() -> None:
+    a = SlotAllocator(3)
+    assert a.alloc(5) == [0, 1, 2] and a.num_free == 0
+    a.free([1])
+    with pytest.raises(AssertionError, match="double free"):
+        a.free([1])
+    assert a.alloc(1) == [1]
+
+
+def test_demote_then_load_back_gives_the_same_bytes(tiny_model_dir: Path) -> None:
+    llm = LLM(str(tiny_model_dir), num_pages=64, page_size=PS, chunk_budget=64, threads=1)
+    kv = with_tiers(llm, write_policy="write_back")
+    pool = llm.engine.pool
+    prompt = prompts(1, 41, 41, seed=3)[0]
+    first = run(llm, [prompt])
+    pages, _ = kv.cache.match(prompt)
+    assert len(pages) == 10  # 40 of 41 tokens in full pages, computed by the model
+    before = [(pool.k[:, p * PS:(p + 1) * PS].clone(), pool.v[:, p * PS:(p + 1) * PS].clone()) for p in pages]
+    cached = kv.cache.num_pages  # the prompt's 10 pages and 2 of the reply's
+    assert cached == 12 and kv.cache.evict(cached) == cached  # the device tier evicts: demoted, not dropped
+    nodes = list(kv.cache.nodes())
+    assert all(n.page == NO_PAGE and n.host != NO_SLOT for n in nodes) and kv.cache.num_pages == 0
+    assert kv.tiers.counters.demoted == 12 and kv.cache.num_host == 12
+    pool.k.zero_()  # the device copy is gone for sure
+    pool.v.zero_()
+    r = Request(rid="r", prompt_len=len(prompt), params=GREEDY, tokens=list(prompt))
+    assert not kv.prepare(r)  # its prefix is being loaded back: not admitted yet
+    kv.flush()
+    assert kv.prepare(r)
+    kv.attach_prefix(r)
+    assert r.num_computed == 40 and kv.tiers.counters.loaded == 10
+    for p, (k, v) in zip(r.pages, before):
+        assert torch.equal(pool.k[:, p * PS:(p + 1) * PS], k) and torch.equal(pool.v[:, p * PS:(p + 1) * PS], v)
+    kv.release(r)
+    kv.check_integrity([])
+    assert run(llm, [prompt]) == [(first[0][0], 40)]  # generation from loaded pages: same output
+    llm.close()
+
+
+@pytest.mark.parametrize("policy", ["write_through", "write_through_selective", "write_back"])
+def test_small_pool_with_tiers_keeps_greedy_output(tiny_model_dir: Path, tmp_path: Path, policy: str,
+                                                   plain_outputs: dict[str, list[list[int]]]) -> None:
+    llm = LLM(str(tiny_model_dir), num_pages=40, page_size=PS, chunk_budget=64, threads=1, decode_headroom=0.0)
+    kv = with_tiers(llm, host_pages=48, write_policy=policy, storage_backend="file",
+                    storage_extra=json.dumps({"path": str(tmp_path)}), prefetch_policy="wait_complete")
+    assert [o for o, _ in run(llm, prompts(10, 20, 60, seed=1))] == plain_outputs["batch"]
+    turns = [run(llm, [p])[0] for p in conversation()]
+    assert [o for o, _ in turns] == plain_outputs["turns"]
+    c = kv.tiers.counters
+    assert c.demoted + c.backed_up > 0 and llm.engine.scheduler.num_preemptions >= 0
+    assert turns[1][1] >= 40 and turns[2][1] >= 60  # each turn found the previous one in some tier
+    if policy == "write_through":
+        assert c.backed_up > 0 and kv.tiers.store is not None and kv.tiers.store.counters.pages_written > 0
+    llm.close()
+
+
+def test_a_second_instance_reads_the_prefix_from_file_storage(tiny_model_dir: Path, tmp_path: Path,
+                                                              plain_outputs: dict[str, list[list[int]]]) -> None:
+    extra = json.dumps({"path": str(tmp_path)})
+    turn_one_stored(tiny_model_dir, storage_backend="file", storage_extra=extra)
+    b, kv = tiered_llm(tiny_model_dir, storage_backend="file", storage_extra=extra, prefetch_policy="wait_complete")
+    computed = b.engine.stats.prompt_tokens
+    out = run(b, [conversation()[1]])
+    assert out == [(plain_outputs["turns"][1], 40)]  # turn 1's 40 tokens came from storage
+    assert b.engine.stats.prompt_tokens - computed == 20  # only the new message was computed
+    assert kv.tiers.counters.fetched == 10 and kv.tiers.store is not None
+    assert kv.tiers.store.counters.pages_read == 10
+    close(b)
+
+
+def test_corrupt_pages_in_storage_are_recomputed(tiny_model_dir: Path, tmp_path: Path,
+                                                 plain_outputs: dict[str, list[list[int]]]) -> None:
+    extra = json.dumps({"path": str(tmp_path)})
+    turn_one_stored(tiny_model_dir, storage_backend="file", storage_extra=extra)
+    assert len(list(tmp_path.glob("*/pdkv-*"))) == 12  # turn 1's prompt (10 pages) and reply (2)
+    key = namespace_for("tiny", torch.zeros(2, 4, 2, 16), PS).key(chain_hashes(conversation()[0], PS)[3])
+    fourth = tmp_path / key[-2:] / key
+    blob = bytearray(fourth.read_bytes())
+    blob[len(blob) // 2] ^= 0x55
+    fourth.write_bytes(bytes(blob))
+    b, kv = tiered_llm(tiny_model_dir, storage_backend="file", storage_extra=extra, prefetch_policy="wait_complete")
+    assert run(b, [conversation()[1]]) == [(plain_outputs["turns"][1], 12)]  # pages 0..2 only, output equal
+    assert kv.tiers.store is not None and kv.tiers.store.counters.bad_pages == {"checksum": 1}
+    close(b)
+
+
+def test_mooncake_store_shared_by_two_instances_and_a_dead_master(tiny_model_dir: Path,
+                                                                   plain_outputs: dict[str, list[list[int]]]) -> None:
+    master = MooncakeMaster.start()
+    extra = json.dumps({"master_server_address": master.address, "local_hostname": "127.0.0.1",
+                        "global_segment_size": "32mb", "local_buffer_size": "16mb"})
+    a = b = None
+    try:
+        a, _ = tiered_llm(tiny_model_dir, storage_backend="mooncake", storage_extra=extra)
+        run(a, [conversation()[0]])  # a keeps serving: its segment holds the pages
+        b, kv = tiered_llm(tiny_model_dir, storage_backend="mooncake", storage_extra=extra,
+                           prefetch_policy="wait_complete", storage_retry_s=60.0)
+        assert run(b, [conversation()[1]]) == [(plain_outputs["turns"][1], 40)]
+        assert kv.tiers.store is not None and kv.tiers.store.counters.pages_read == 10
+        master.kill()
+        assert run(b, [conversation()[2]])[0][0] == plain_outputs["turns"][2]  # computed; no request fails
+        assert kv.tiers.store.counters.outages == 1
+        kv.cache.reset()
+        assert run(b, [conversation()[1]]) == [(plain_outputs["turns"][1], 0)]  # nothing anywhere: recomputed
+    finally:
+        for llm in (a, b):
+            if llm is not None:
+                close(llm)
+        master.stop()
