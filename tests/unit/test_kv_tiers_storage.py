@@ -185,3 +185,18 @@ def test_master_listens_on_loopback_only(master: MooncakeMaster) -> None:
             if state == "0A" and int(port, 16) == master.rpc_port:
                 listening.append(addr)
     assert listening == ["0100007F"]  # 127.0.0.1, never 0.0.0.0
+
+
+def test_a_full_mooncake_store_evicts_and_never_refuses_for_long(master: MooncakeMaster) -> None:
+    backend = MooncakeStore(MooncakeStoreConfig(master_server_address=master.address, local_hostname="127.0.0.1",
+                                                global_segment_size=32 << 20, local_buffer_size=16 << 20))
+    big = 1 << 20
+    store = PageStore(backend, Namespace("big", "uint8", 1, "1"), big)
+    try:
+        for h in range(1, 81):  # 80 MiB through a 32 MiB store, one page at a time
+            assert store.write([h], [bytes([h]) * big]) == [True], f"page {h} refused"
+        assert store.counters.write_failures == 0
+        assert store.lookup([80]) == 1 and bytes(store.read([80])[0]) == bytes([80]) * big  # the newest is there
+        assert store.lookup([1]) == 0  # the oldest made room
+    finally:
+        store.close()

@@ -14,21 +14,27 @@ Config, first found wins (SGLang's order and names):
      MOONCAKE_LOCAL_HOSTNAME (or LOCAL_HOSTNAME), MOONCAKE_GLOBAL_SEGMENT_SIZE,
      MOONCAKE_LOCAL_BUFFER_SIZE.
 Lifecycle: `setup` at start (a master that does not answer fails start-up: the flag asked for
-it); then batch put / exists / get. An RPC failure (the master gone) raises StorageDown, which
-PageStore turns into misses until the client reaches a master again (the client reconnects on
-its own; objects the old master indexed are gone with it and read as misses).
+it); then batch put / exists / get (a put of a key already there succeeds: same content). A
+full store answers NO_AVAILABLE_HANDLE and the master evicts objects whose lease has expired
+(its --eviction_high_watermark_ratio / --eviction_ratio / --default_kv_lease_ttl): the put is
+tried again shortly. An RPC failure (the master gone) raises StorageDown, which PageStore turns
+into misses until the client reaches a master again (the client reconnects on its own; objects
+the old master indexed are gone with it and read as misses).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Mapping
 
 from pdserve.engine.kv_tiers.storage import StorageDown, parse_size
 
 RPC_FAIL = -900  # mooncake ErrorCode::RPC_FAIL: the master did not answer
+NO_AVAILABLE_HANDLE = -200  # the segments are full: the master evicts (asynchronously), try again
+FULL_RETRIES = (0.05, 0.2, 0.5)  # waits between attempts at a put into a full store
 KEYS = ("master_server_address", "metadata_server", "protocol", "device_name", "local_hostname",
         "global_segment_size", "local_buffer_size")
 ENV = {"master_server_address": "MOONCAKE_MASTER", "metadata_server": "MOONCAKE_TE_META_DATA_SERVER",
@@ -96,12 +102,17 @@ class MooncakeStore:
         return cls(MooncakeStoreConfig.resolve(extra))
 
     def put(self, keys: list[str], values: list[bytes]) -> list[bool]:
-        """One batch put; if the store refuses it (full), each page alone, to keep what fits."""
-        code = self.store.put_batch(keys, values)
-        if code == RPC_FAIL:
-            raise StorageDown(f"master {self.cfg.master_server_address} did not answer a put")
-        if code == 0:
-            return [True] * len(keys)
+        """One batch put; into a full store, again after the master's eviction made room (a few
+        short waits on the storage thread), then each page alone to keep what fits."""
+        for wait in (*FULL_RETRIES, None):
+            code = self.store.put_batch(keys, values)
+            if code == RPC_FAIL:
+                raise StorageDown(f"master {self.cfg.master_server_address} did not answer a put")
+            if code == 0:
+                return [True] * len(keys)
+            if code != NO_AVAILABLE_HANDLE or wait is None:
+                break
+            time.sleep(wait)
         return [self.store.put(k, v) == 0 for k, v in zip(keys, values)]
 
     def get(self, keys: list[str]) -> list[bytes | None]:

@@ -20,13 +20,15 @@ Lifecycle of a page across tiers (policies: tiers.py):
   evict(host) LRU among host copies: a host-only leaf leaves the tree (write_back: its bytes go
               to storage first); a device node just loses its copy
   load        host -> device pages before a request is admitted (copy thread), its path locked
+              while it runs and pinned (evicted last) until the request is admitted
   fetch       storage -> host slots (storage thread), new host-only nodes under the locked anchor
-Finished copies are applied by `apply_finished` on the engine thread (KVManager.poll).
+Loads and fetches are started, and every finished copy applied to the tree, by moves.py.
 """
 
 from __future__ import annotations
 
 import heapq
+from typing import Callable
 
 from pdserve.engine.kv_cache import PageAllocator
 from pdserve.engine.kv_tiers.tiers import Copy, KVTiers
@@ -41,6 +43,32 @@ class TieredPrefixCache(PrefixCache):
         self.policy = tiers.cfg.write_policy
         self.num_host = 0  # host slots held by nodes
         self._fresh: list[Node] = []  # nodes that got a device page in this insert
+        self._pins: dict[Node, int] = {}  # paths a waiting request's copies brought in: evicted last
+
+    # -- pins: an eviction preference, never a reservation ------------------------------------
+    def pin(self, node: Node) -> None:
+        self._pins[node] = self._pins.get(node, 0) + 1
+
+    def unpin(self, node: Node) -> None:
+        if self._pins[node] == 1:
+            del self._pins[node]
+        else:
+            self._pins[node] -= 1
+
+    def _victims(self, ok: Callable[[Node], bool]) -> tuple[list[tuple[bool, int, int, Node]], set[Node]]:
+        """A heap of nodes passing `ok`: unpinned least recently used first, then pinned ones
+        (on a pinned path); and the pinned nodes, for what the caller pushes later."""
+        pinned: set[Node] = set()
+        for n in self._pins:
+            while n is not None and n not in pinned:
+                pinned.add(n)
+                n = n.parent  # type: ignore[assignment]
+        heap = [(n in pinned, n.last_access, id(n), n) for n in self.nodes() if ok(n)]
+        heapq.heapify(heap)
+        return heap, pinned
+
+    def touch(self, node: Node) -> None:
+        self._touch(node)
 
     # -- match -------------------------------------------------------------------------------
     def match(self, tokens: list[int]) -> tuple[list[int], Node]:
@@ -94,7 +122,7 @@ class TieredPrefixCache(PrefixCache):
     def _backup(self, nodes: list[Node]) -> None:
         """Copy device pages to host (copy thread); pages already in host go on to storage."""
         todo = [n for n in nodes if n.page != NO_PAGE and n.host == NO_SLOT and not n.copying]
-        self._store([n for n in nodes if n.host != NO_SLOT])
+        self.store_pages([n for n in nodes if n.host != NO_SLOT])
         slots = self.host_alloc(len(todo))
         todo = todo[:len(slots)]
         if not todo:
@@ -104,7 +132,7 @@ class TieredPrefixCache(PrefixCache):
             self.num_host += 1
         self.tiers.submit(Copy("backup", nodes=todo, pages=[n.page for n in todo], slots=slots))
 
-    def _store(self, nodes: list[Node]) -> None:
+    def store_pages(self, nodes: list[Node]) -> None:
         """Write host copies to storage (storage thread)."""
         if self.tiers.store is None:
             return
@@ -115,7 +143,7 @@ class TieredPrefixCache(PrefixCache):
             n.storing += 1
         self.tiers.submit(Copy("store", nodes=todo, slots=[n.host for n in todo], hashes=[n.hash for n in todo]))
 
-    def _writes_through(self, node: Node) -> bool:
+    def writes_through(self, node: Node) -> bool:
         return self.policy == "write_through" or (
             self.policy == "write_through_selective" and node.hits >= self.tiers.cfg.hot_hits)
 
@@ -126,13 +154,14 @@ class TieredPrefixCache(PrefixCache):
 
     def evict(self, num_pages: int) -> int:
         """Free up to `num_pages` device pages, least recently used first, demoting to host."""
-        heap = [(n.last_access, id(n), n) for n in self.nodes() if self._device_evictable(n)]
-        heapq.heapify(heap)
+        heap, pinned = self._victims(self._device_evictable)
         freed: list[int] = []
         gone: list[Node] = []
         moved: list[tuple[Node, int]] = []  # (node, its old device page) demoted in this call
         while heap and len(freed) + len(moved) < num_pages:
-            node = heapq.heappop(heap)[2]
+            node = heapq.heappop(heap)[3]
+            if not self._device_evictable(node):
+                continue  # pushed twice, or changed since it was pushed
             if node.host == NO_SLOT:
                 slot = self.host_alloc(1)
                 if not slot and moved:  # host is full of this batch: finish it, its pages may go on
@@ -157,7 +186,7 @@ class TieredPrefixCache(PrefixCache):
             self.num_pages -= 1
             parent = node.parent
             if parent is not None and self._device_evictable(parent):
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+                heapq.heappush(heap, (parent in pinned, parent.last_access, id(parent), parent))
         self._demoted(moved, freed)
         self.tiers.counters.dropped += len(gone)
         if freed:
@@ -175,7 +204,7 @@ class TieredPrefixCache(PrefixCache):
         for n, p in moved:
             n.copying -= 1
             freed.append(p)
-        self._store([n for n, _ in moved if self._writes_through(n)])
+        self.store_pages([n for n, _ in moved if self.writes_through(n)])
 
     def _prune(self, node: Node, gone: list[Node]) -> bool:
         """The host tier is full of pages that cannot go: drop `node`'s (host-only) subtree, its
@@ -214,12 +243,13 @@ class TieredPrefixCache(PrefixCache):
         return slots
 
     def evict_host(self, num_slots: int) -> int:
-        heap = [(n.last_access, id(n), n) for n in self.nodes() if self._host_evictable(n)]
-        heapq.heapify(heap)
+        heap, pinned = self._victims(self._host_evictable)
         freed: list[int] = []
         gone: list[Node] = []
         while heap and len(freed) < num_slots:
-            node = heapq.heappop(heap)[2]
+            node = heapq.heappop(heap)[3]
+            if not self._host_evictable(node):
+                continue  # pushed twice (a device node with a host copy is a candidate, then its parent too)
             if node.page == NO_PAGE:  # host-only leaf: it leaves the tree
                 if self.policy == "write_back" and not node.stored:
                     self.tiers.write_back(node.hash, node.host)
@@ -228,7 +258,7 @@ class TieredPrefixCache(PrefixCache):
                 del parent.children[node.key]
                 gone.append(node)
                 if parent is not self.root and self._host_evictable(parent):
-                    heapq.heappush(heap, (parent.last_access, id(parent), parent))
+                    heapq.heappush(heap, (parent in pinned, parent.last_access, id(parent), parent))
             freed.append(node.host)
             node.host = NO_SLOT
         self.num_host -= len(freed)
@@ -250,112 +280,6 @@ class TieredPrefixCache(PrefixCache):
         if self.listener is not None:
             self.listener.cleared()
         return True
-
-    # -- loads and fetches (KVManager.prepare), applied at poll ---------------------------------
-    def start_load(self, low: list[Node]) -> Copy | None:
-        """Copy host-only nodes `low` (continuing a device path) into fresh device pages."""
-        self.lock(low[-1])  # the whole path: nothing it reads or extends can be evicted meanwhile
-        short = len(low) - self.allocator.num_free
-        if short > 0:
-            self.evict(short)
-        n = min(len(low), self.allocator.num_free)
-        self.unlock(low[-1])
-        if n == 0:
-            return None
-        low = low[:n]
-        self.lock(low[-1])
-        for node in low:
-            node.copying += 1
-        c = Copy("load", nodes=low, pages=self.allocator.alloc(n), slots=[x.host for x in low], anchor=low[-1])
-        self.tiers.submit(c)
-        return c
-
-    def start_fetch(self, anchor: Node, tokens: list[int], first: int, count: int) -> Copy:
-        """Ask storage for pages first .. first+count-1 of `tokens` (continuing `anchor`); the
-        pages it holds are then read into host slots (`_apply_lookup` starts that fetch)."""
-        keys = self._keys(tokens, first + count)[first:]
-        hashes, h = [], anchor.hash
-        for key in keys:
-            h = page_hash(h, key)
-            hashes.append(h)
-        self.lock(anchor)
-        c = Copy("lookup", hashes=hashes, keys=keys, anchor=anchor)
-        self.tiers.submit(c)
-        return c
-
-    def apply_finished(self) -> list[Copy]:
-        """Apply the copies that finished since the last call (the engine thread's poll)."""
-        done = self.tiers.finished()
-        for c in done:
-            getattr(self, f"_apply_{c.kind}")(c)
-            c.applied = True
-        return done
-
-    def _apply_backup(self, c: Copy) -> None:
-        for n, ok in zip(c.nodes, c.ok):
-            n.copying -= 1
-            if not ok:
-                self.tiers.host.allocator.free([n.host])
-                n.host = NO_SLOT
-                self.num_host -= 1
-        self.tiers.counters.backed_up += sum(c.ok)
-        self._store([n for n, ok in zip(c.nodes, c.ok) if ok and self._writes_through(n)])
-
-    def _apply_load(self, c: Copy) -> None:
-        unused = []
-        for n, page, ok in zip(c.nodes, c.pages, c.ok):
-            n.copying -= 1
-            if ok and n.page == NO_PAGE:
-                n.page = page
-                self.num_pages += 1
-            else:  # the copy failed, or a request computed the page meanwhile (adopted)
-                unused.append(page)
-        self.allocator.free(unused)
-        self.tiers.counters.loaded += len(c.pages) - len(unused)
-        assert c.anchor is not None
-        self.unlock(c.anchor)
-
-    def _apply_store(self, c: Copy) -> None:
-        for n, ok in zip(c.nodes, c.ok):
-            n.storing -= 1
-            n.stored = n.stored or ok
-        self.tiers.counters.stored += sum(c.ok)
-
-    def _apply_lookup(self, c: Copy) -> None:
-        assert c.anchor is not None
-        n = next((i for i, ok in enumerate(c.ok) if not ok), len(c.ok))
-        slots = self.host_alloc(n) if n else []
-        if not slots:
-            self.unlock(c.anchor)
-            return
-        k = len(slots)
-        c.next = Copy("fetch", slots=slots, hashes=c.hashes[:k], keys=c.keys[:k], anchor=c.anchor)
-        self.tiers.submit(c.next)
-
-    def _apply_fetch(self, c: Copy) -> None:
-        assert c.anchor is not None
-        parent, new, unused = c.anchor, [], []
-        k = next((i for i, ok in enumerate(c.ok) if not ok), len(c.ok))
-        for key, slot, h in zip(c.keys[:k], c.slots[:k], c.hashes[:k]):
-            child = parent.children.get(key)
-            if child is None:
-                child = Node(key=key, page=NO_PAGE, parent=parent, depth=parent.depth + 1, hash=h, host=slot,
-                             stored=True)
-                parent.children[key] = child
-                self.num_host += 1
-                new.append(child)
-            elif child.host == NO_SLOT and not child.copying:
-                child.host, child.stored = slot, True
-                self.num_host += 1
-            else:
-                unused.append(slot)
-            self._touch(child)
-            parent = child
-        self.tiers.host.allocator.free(unused + c.slots[k:])
-        self.tiers.counters.fetched += k
-        self.unlock(c.anchor)
-        if new and self.listener is not None:
-            self.listener.stored(c.anchor.hash, new)
 
     def check(self) -> None:
         """Every node is in some tier, device nodes are prefix-closed, counts match, host slots add up."""

@@ -125,6 +125,8 @@ class Copy:
     job: Job | None = None
     next: "Copy | None" = None  # a lookup's fetch (it takes over the anchor's lock)
     applied: bool = False  # the radix cache took its result (engine thread)
+    keep: bool = False  # load / fetch: at apply, the lock on what arrived passes to the waiting request
+    held: Node | None = None  # ... that node (the request's KV manager unlocks it)
 
     def last(self) -> "Copy":
         return self if self.next is None else self.next.last()
