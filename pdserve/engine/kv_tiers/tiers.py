@@ -4,7 +4,7 @@
           ▲                                        │     ▲                             │
           └──────────── load (copy thread) ────────┘     └──── fetch (storage thread) ─┘
 
-`KVTiers` owns no tree: the radix cache (radix.py) decides what moves and applies the results;
+`KVTiers` owns no tree: the radix cache (radix.py, moves.py) decides what moves, applies results;
 this module reserves nothing itself and runs the bytes. Copies between device and host run on
 one thread (a CUDA stream of their own on GPUs), storage calls on another, so a slow or dead
 store never delays a load. Lifecycle of a `Copy`: the cache reserves its pages/slots and locks
