@@ -234,3 +234,59 @@ def test_mooncake_store_shared_by_two_instances_and_a_dead_master(tiny_model_dir
             if llm is not None:
                 close(llm)
         master.stop()
+
+
+def test_tier_config_refuses_what_cannot_work() -> None:
+    for bad, match in [(dict(host_pages=0), "at least 1 page"), (dict(write_policy="write_around"), "write policy"),
+                       (dict(prefetch_policy="eager"), "prefetch policy"), (dict(storage_backend="s3"), "backend"),
+                       ]:
+        with pytest.raises(ValueError, match=match):
+            TierConfig(**{"host_pages": 4, **bad})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not JSON"):
+        TierConfig(host_pages=4, storage_backend="file", storage_extra="{path:").extra()
+    with pytest.raises(ValueError, match="needs"):
+        k = torch.zeros(1, 8, 1, 2)
+        KVTiers(TierConfig(host_pages=4, storage_backend="file"), k, k.clone(), 2, namespace_for("m", k, 2))
+
+
+def test_kv_events_see_pages_leave_only_when_no_tier_holds_them(tmp_path: Path) -> None:
+    """Demotion keeps a page cached (events say nothing); leaving the host tier too is a removal;
+    pages fetched from storage are stored again under the right parent."""
+    from pdserve.engine.kv_event_log import KVEventLog
+    from pdserve.kv_events import BlockRemoved, BlockStored
+
+    k, v = torch.zeros(1, 8 * 2, 1, 2), torch.zeros(1, 8 * 2, 1, 2)
+    tiers = KVTiers(TierConfig(host_pages=2, write_policy="write_back", storage_backend="file",
+                               storage_extra=json.dumps({"path": str(tmp_path)}), prefetch_policy="wait_complete"),
+                    k, v, 2, namespace_for("m", k, 2))
+    kv = TieredKVManager(8, 2, tiers)
+    log = KVEventLog(kv.cache)
+    log.attach()
+    toks = [1, 2, 3, 4, 5, 6, 7]
+    r = Request(rid="a", prompt_len=7, params=GREEDY, tokens=list(toks))
+    assert kv.prepare(r) is False  # asks storage first (nothing there)
+    kv.flush()
+    assert kv.prepare(r)
+    kv.attach_prefix(r)
+    assert kv.ensure_pages(r, 7)
+    r.num_computed = 7
+    kv.release(r)
+    hashes = chain_hashes(toks, 2)
+    assert [type(e) for e in log.take()] == [BlockStored]
+    assert kv.cache.evict(3) == 3  # all demoted; 2 host slots, so the deepest page went on to storage
+    assert kv.tiers.counters.demoted == 3 and kv.tiers.counters.host_evicted == 1
+    assert log.take() == [BlockRemoved(block_hashes=[hashes[2]])]  # only that one left the instance
+    kv.flush()
+    assert kv.tiers.counters.stored == 1
+    r2 = Request(rid="b", prompt_len=7, params=GREEDY, tokens=list(toks))
+    while not kv.prepare(r2):
+        kv.flush()
+    kv.attach_prefix(r2)
+    assert r2.num_computed == 6  # all three pages: two from host, one back from storage
+    back = [e for e in log.take() if isinstance(e, BlockStored)]
+    assert back == [BlockStored(block_hashes=[hashes[2]], parent_block_hash=hashes[1], token_ids=[5, 6],
+                                block_size=2)]
+    kv.release(r2)
+    kv.flush()
+    kv.check_integrity([])
+    kv.close()

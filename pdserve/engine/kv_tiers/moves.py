@@ -137,5 +137,6 @@ class TierMoves:
             self.cache.pin(parent)
             c.held = parent
         self.cache.unlock(c.anchor)
-        if new and self.cache.listener is not None:
-            self.cache.listener.stored(c.anchor.hash, new)
+        if new and self.cache.listener is not None:  # the new nodes are one chain (below any reused one)
+            assert new[0].parent is not None
+            self.cache.listener.stored(new[0].parent.hash, new)

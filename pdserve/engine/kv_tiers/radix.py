@@ -60,6 +60,8 @@ class TieredPrefixCache(PrefixCache):
         (on a pinned path); and the pinned nodes, for what the caller pushes later."""
         pinned: set[Node] = set()
         for n in self._pins:
+            if n.parent is None or n.parent.children.get(n.key) is not n:
+                continue  # evicted from every tier since it was pinned
             while n is not None and n not in pinned:
                 pinned.add(n)
                 n = n.parent  # type: ignore[assignment]

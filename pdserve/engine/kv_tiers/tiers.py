@@ -40,7 +40,7 @@ from pdserve.engine.prefix_cache import Node
 
 WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
 PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
-MAX_QUEUED_WRITES = 256  # write-backs waiting for the storage thread; more are skipped (counted)
+MAX_QUEUED_WRITE_BYTES = 256 << 20  # write-backs waiting for the storage thread; more are skipped (counted)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,10 @@ class TierConfig:
             raise ValueError(f"storage backend {self.storage_backend!r} is not one of {', '.join(BACKENDS)}")
 
     def extra(self) -> dict[str, object]:
-        raw = json.loads(self.storage_extra or "{}")
+        try:
+            raw = json.loads(self.storage_extra or "{}")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--hicache-storage-backend-extra-config is not JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise ValueError("--hicache-storage-backend-extra-config must be a JSON object")
         return raw
@@ -182,7 +185,7 @@ class KVTiers:
         """Queue a page leaving the host tier for storage (its bytes copied now: the slot is freed)."""
         if self.store is None:
             return False
-        if self._io.pending >= MAX_QUEUED_WRITES:
+        if self._io.pending * self.host.slot_bytes >= MAX_QUEUED_WRITE_BYTES:
             self.counters.writes_skipped += 1
             return False
         self.submit(Copy("store", hashes=[page_hash], payloads=[bytes(self.host.payload(slot))]))
