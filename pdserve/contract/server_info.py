@@ -31,6 +31,7 @@ class ServerInfo(msgspec.Struct, kw_only=True):
     dp_size: int = 1
     enable_dp_attention: bool = False
     load_balance_method: str | None = None
+    hicache_storage: str | None = None  # the KV tiers' shared store ("file:/dir", "mooncake:HOST:PORT"); None: none
 
     def prefill_bootstrap_port(self) -> int | None:
         """The bootstrap port a prefill reports, if a valid one."""

@@ -139,6 +139,7 @@ class Engine:
                                      params=SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)))
         while self.has_work():
             self.step()
+        self.kv.flush()  # KV tiers: its copies land before the cache is dropped
         self.kv.cache.reset()
         self.stats.reset()
         self.check_integrity()
@@ -270,7 +271,7 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens_computed=self.stats.prompt_tokens,
             cache_queries=self.stats.cache_queries, cache_hits=self.stats.cache_hits,
             dp_rank=self.config.parallel.dp_rank, pid=os.getpid(), steps=st.steps, step_seconds=st.step_seconds,
-            idle_steps=st.idle_steps, step_trace=list(st.trace) if step_trace else None)
+            idle_steps=st.idle_steps, step_trace=list(st.trace) if step_trace else None, tiers=self.kv.tier_load())
 
     def log_stats(self) -> str | None:
         """The periodic stats line (engine/stats.py), when it is due."""
@@ -280,13 +281,22 @@ class Engine:
                                     used, kv.capacity * self.config.page_size, self.scheduler.num_preemptions)
 
     def flush_cache(self) -> bool:
+        self.kv.flush()  # KV tiers: copies in flight land first
         return self.kv.cache.reset()
+
+    def set_storage(self, backend: str | None, extra: str | None = None) -> None:
+        """Attach / detach the KV tiers' storage backend; ValueError unless idle (SGLang's rule)."""
+        if self.has_work():
+            raise ValueError("the server is not idle: attach or detach the storage backend with no request "
+                             "running or waiting")
+        self.kv.set_storage(backend, extra)
 
     def close(self) -> None:
         """Stop PD threads and sockets and the other tp ranks (the engine process calls this on
         shutdown)."""
         self.stage.close()
         self.grammars.close()
+        self.kv.close()  # KV tiers: queued copies finish, the storage client closes
         if self.ranks is not None:
             self.ranks.close()
             self.ranks = None

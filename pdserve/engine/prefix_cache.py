@@ -15,14 +15,13 @@ Lifecycle of a request against the cache:
   unlock  → at finish/abort/preemption; unreferenced leaves become evictable (LRU first).
 Only partial last pages and pages beyond the tree stay private to a request.
 
-Lower tiers (the seam for host memory / shared storage; none is built yet): `tier` is a KVTier.
-`match` offers it the device hit, and it may extend the hit with pages it brings back (into
-pages of this pool, as new nodes); `evict` hands it the leaves before their pages are freed, so
-it may keep their bytes (demote). NoTier, the default, holds nothing.
-KV tiers (engine/kv_tiers, off by default): a node also says which lower tiers hold its page
-(`host` slot, `stored`), and `page` may be NO_PAGE (not on the device: demoted to the host
-tier or read from storage, loaded back before use). `TieredPrefixCache` decides that; here an
-insert only adopts a request's page for such a node (`_adopt`), which never happens without tiers.
+Lower tiers (host memory, shared storage: engine/kv_tiers, picked by engine/build.py): `tier` is
+a KVTier. `match` offers it the device hit (a tier may extend it, or count it); `evict` hands it
+pages before they are freed, so it may keep their bytes (demote). With tiers a node also says
+which lower tiers hold its page (`host` slot, `stored`), and `page` may be NO_PAGE (not on the
+device: demoted to host or read from storage, loaded back before use); a match stops there, and
+an insert adopts a request's freshly computed page for such a node (`_adopt`). NoTier, the
+default, holds nothing: every node is on the device.
 
 Events: with a `listener` (engine/kv_event_log.py, for `--kv-events-config`), every node gets its
 chained page hash (pdserve/kv_events) when created, and the listener hears each insert's new
@@ -37,13 +36,15 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pdserve.engine.kv_cache import PageAllocator
-from pdserve.kv_events import NO_PARENT, page_hash
+from pdserve.kv_events import MEDIUM_DEVICE, NO_PARENT, page_hash
 
 
 class CacheListener(Protocol):
-    def stored(self, parent_hash: int, nodes: list["Node"]) -> None: ...
+    """Hears the cache's changes (medium: the tier, pdserve/kv_events; None in `removed`: every tier)."""
 
-    def removed(self, nodes: list["Node"]) -> None: ...
+    def stored(self, parent_hash: int, nodes: list["Node"], medium: str = MEDIUM_DEVICE) -> None: ...
+
+    def removed(self, nodes: list["Node"], medium: str | None = None) -> None: ...
 
     def cleared(self) -> None: ...
 
@@ -54,11 +55,12 @@ class KVTier(Protocol):
     def promote(self, tokens: list[int], pages: list[int], node: "Node") -> tuple[list[int], "Node"]:
         """After a device match (`pages`, ending at `node`): bring back the following full pages of
         `tokens` this tier holds, and return the longer match (as it is when it holds none; a tier
-        that loads off the engine step starts the load here and returns the device match)."""
+        that loads off the engine step has started its loads before admission, KVManager.prepare,
+        and returns the device match)."""
         ...
 
     def demote(self, nodes: list["Node"]) -> None:
-        """Eviction is about to free these leaves' pages: keep their bytes (their hashes name them)."""
+        """Eviction is about to free these nodes' pages: keep their bytes (their hashes name them)."""
         ...
 
 
@@ -122,7 +124,7 @@ class PrefixCache:
             return pages, node
         for key in self._keys(tokens, len(tokens) // self.page_size):
             child = node.children.get(key)
-            if child is None:
+            if child is None or child.page == NO_PAGE:  # (KV tiers) not on the device: loaded before admission
                 break
             node = child
             self._touch(node)
@@ -236,6 +238,10 @@ class PrefixCache:
         if self.listener is not None:
             self.listener.cleared()
         return True
+
+    def media(self, node: Node) -> tuple[str, ...]:
+        """The tiers holding a node's page (KV events' `medium`): the device only, without tiers."""
+        return (MEDIUM_DEVICE,)
 
     def nodes(self):
         """Every cached node, parents before children (snapshots)."""

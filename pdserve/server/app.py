@@ -21,7 +21,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from pdserve.server import native_generate, openai_chat, openai_completions, routes_admin, routes_tokenize
+from pdserve.server import native_generate, openai_chat, openai_completions, routes_admin, routes_hicache, \
+    routes_tokenize
 from pdserve.server.config import ServerConfig
 from pdserve.server.dp_client import EngineHandle, engine_client
 from pdserve.server.errors import install_error_handlers
@@ -58,6 +59,7 @@ def build_fastapi(config: ServerConfig) -> FastAPI:
     app.include_router(openai_chat.router)
     app.include_router(native_generate.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_hicache.router)
     app.include_router(routes_tokenize.router)
     return app
 

@@ -38,6 +38,8 @@ from pdserve.engine.messages import (
     EngineReady,
     FlushCacheReq,
     FlushCacheResp,
+    HiCacheStorageReq,
+    HiCacheStorageResp,
     KVSnapshotReq,
     KVSnapshotResp,
     GenerateReq,
@@ -263,6 +265,11 @@ class EngineClient:
     async def kv_snapshot(self, timeout: float = 30.0) -> KVSnapshotResp:
         return await self._call(lambda cid: KVSnapshotReq(cid=cid), timeout)
 
+    async def hicache_storage(self, backend: str | None, extra: str | None, timeout: float = 30.0) -> str | None:
+        """Attach (backend) or detach (None) the KV tiers' storage; the engine's refusal, or None."""
+        resp: HiCacheStorageResp = await self._call(lambda cid: HiCacheStorageReq(cid, backend, extra), timeout)
+        return resp.error
+
     # ---------------------------------------------------------------- background tasks
     async def _recv_loop(self) -> None:
         assert self._pull is not None
@@ -278,7 +285,7 @@ class EngineClient:
                     queue = self._queues.get(out.rid)
                     if queue is not None:
                         queue.put_nowait(out)
-            elif isinstance(msg, (LoadResp, FlushCacheResp, KVSnapshotResp)):
+            elif isinstance(msg, (LoadResp, FlushCacheResp, KVSnapshotResp, HiCacheStorageResp)):
                 fut = self._futures.get(msg.cid)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)

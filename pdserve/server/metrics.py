@@ -17,7 +17,7 @@ SGLang has no metric, vLLM's name is used under the same prefix. Label: `model_n
     prefix_cache_hits_total, prefill_compute_tokens_total; PD: kv_transfers_total{result},
     kv_transfer_bytes_total, num_transfer_failed_reqs_total, kv_transfer_seconds_total,
     kv_transfer_recomputed_total, gauges kv_transfer_latency_ms and
-    kv_transfer_speed_gb_s (means over successful transfers).
+    kv_transfer_speed_gb_s (means over successful transfers); KV tiers: server/tier_metrics.py.
 With `--log-requests`, `RequestTimer.finish` also logs one line per finished request.
 """
 
@@ -32,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pdserve.engine.messages import LoadInfo, TokenOut
+from pdserve.server.tier_metrics import tier_metrics
 
 disable_created_metrics()  # no `*_created` series: they double the scrape for no use here
 log = logging.getLogger("pdserve.server.requests")
@@ -84,6 +85,8 @@ class EngineCollector(Collector):
         yield self._counter("prefill_compute_tokens", "Prompt tokens computed (recomputation included)",
                             load.prompt_tokens_computed)
         yield from self._per_rank()
+        if load.tiers is not None:
+            yield from tier_metrics(self.p, self.model_name, load.tiers, load)
         x = load.transfer
         if x is None:
             return

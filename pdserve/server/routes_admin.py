@@ -28,6 +28,7 @@ from pdserve.server.errors import APIError
 from pdserve.server.handler import Route, json_response, read_body
 from pdserve.server.protocol import AbortRequest
 from pdserve.server.state import ServerState, get_state
+from pdserve.server.tier_metrics import tier_figures
 
 router = APIRouter()
 
@@ -35,7 +36,7 @@ VERSION = "0.1.0"
 _ABORT = Route(None, AbortRequest)
 
 
-def _unavailable(exc: BaseException) -> APIError:
+def unavailable(exc: BaseException) -> APIError:
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return APIError(503, "the engine did not answer in time", code="engine_timeout")
     return APIError(503, f"the engine is unavailable: {exc}", code="engine_unavailable")
@@ -66,7 +67,7 @@ async def health_generate(request: Request) -> Response:
     try:
         await asyncio.wait_for(run(), state.config.health_generate_timeout_s)
     except (asyncio.TimeoutError, EngineDeadError) as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     return Response(status_code=200)
 
 
@@ -81,7 +82,7 @@ def _server_info(state: ServerState) -> dict[str, Any]:
         disaggregation_decode_enable_radix_cache=pd.decode_enable_radix_cache,
         kv_events_endpoint=state.info.kv_events_endpoint, max_model_len=state.max_model_len,
         tp_size=layout.tp_size, dp_size=layout.dp_size, enable_dp_attention=layout.enable_dp_attention,
-        load_balance_method=layout.load_balance_method)
+        load_balance_method=layout.load_balance_method, hicache_storage=state.hicache_storage)
     return encode_server_info(shared, {
         "version": VERSION,
         "model_path": state.info.model_path,
@@ -156,11 +157,11 @@ def _rank_load(x: LoadInfo) -> dict[str, Any]:
     return out
 
 
-async def _load(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
+async def load_figures(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
     try:
         resp = await state.client.get_load(state.config.control_timeout_s, step_trace)
     except (asyncio.TimeoutError, EngineDeadError) as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     load = resp.load
     ranks = resp.ranks if isinstance(resp, DPLoadResp) else [load]
     state.metrics.set_load(load, state.client.num_in_flight, ranks)
@@ -179,6 +180,7 @@ async def _load(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
         "integrity_errors": resp.integrity_errors,
         "dp_size": len(ranks),
         "dp_ranks": [_rank_load(x) for x in ranks],
+        **({"kv_tiers": tier_figures(load.tiers, load)} if load.tiers is not None else {}),
     }
 
 
@@ -186,7 +188,7 @@ async def _load(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
 async def get_load(request: Request) -> Response:
     """The server's load; `dp_ranks` has each data-parallel rank's (`?step_trace=1`: its last steps)."""
     trace = request.query_params.get("step_trace", "0") not in ("0", "false", "")
-    return json_response(await _load(get_state(request), trace))
+    return json_response(await load_figures(get_state(request), trace))
 
 
 @router.post("/abort_request")
@@ -202,7 +204,7 @@ async def abort_request(request: Request) -> Response:
         else:
             raise APIError(400, "send 'rid' or 'abort_all': true", param="rid")
     except EngineDeadError as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     return json_response({"success": True, "aborted": aborted})
 
 
@@ -212,7 +214,7 @@ async def flush_cache(request: Request) -> Response:
     try:
         ok = await state.client.flush_cache(state.config.control_timeout_s)
     except (asyncio.TimeoutError, EngineDeadError) as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     if not ok:
         raise APIError(400, "cache not flushed: requests are still running; retry when idle", code="flush_failed")
     return json_response({"success": True, "message": "cache flushed"})
@@ -226,7 +228,7 @@ async def kv_events_snapshot(request: Request) -> Response:
     try:
         resp = await state.client.kv_snapshot(state.config.control_timeout_s)
     except (asyncio.TimeoutError, EngineDeadError) as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     if resp.snapshot is None:
         raise APIError(404, "KV events are off on this server (start it with --kv-events-config)",
                        code="kv_events_off")
@@ -237,5 +239,5 @@ async def kv_events_snapshot(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state = get_state(request)
     with contextlib.suppress(APIError):
-        await _load(state)
+        await load_figures(state)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

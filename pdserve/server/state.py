@@ -2,7 +2,8 @@
 
 Created in `app.lifespan` after `EngineClient.start()` returns the engine's `EngineReady`:
 the tokenizer is loaded from the model folder the engine resolved, the metrics registry is
-made, and the caps are fixed. Stored in `app.state.server`; read-only afterwards.
+made, and the caps are fixed. Stored in `app.state.server`; read-only afterwards, but for
+`hicache_storage`, which /hicache/storage-backend changes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from fastapi import Request
 
+from pdserve.engine.kv_tiers.backends import storage_id
 from pdserve.engine.messages import EngineReady
 from pdserve.model.config import sampling_defaults
 from pdserve.model.tokenizer import Tokenizer
@@ -34,6 +36,7 @@ class ServerState:
     model_names: tuple[str, ...] = ()  # every name a request's `model` may use (404 otherwise)
     sampling_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
     started: float = field(default_factory=time.time)
+    hicache_storage: str | None = None  # the KV tiers' store now attached (/server_info; storage_id)
 
     @property
     def max_model_len(self) -> int:
@@ -56,9 +59,11 @@ class ServerState:
         if not config.served_model_name:  # no explicit names: the --model argument is one too
             names += (config.engine.model, info.model_path)
         gen = {"auto": info.model_path, "none": None}.get(config.generation_config, config.generation_config)
+        h = config.engine.hicache
         return cls(config=config, client=client, info=info, tokenizer=tokenizer,
                    metrics=ServerMetrics(name, config.metrics_prefix, config.log_requests), model_name=name,
-                   model_names=tuple(dict.fromkeys(names)), sampling_defaults=sampling_defaults(gen) if gen else {})
+                   model_names=tuple(dict.fromkeys(names)), sampling_defaults=sampling_defaults(gen) if gen else {},
+                   hicache_storage=storage_id(h.storage_backend, h.storage_extra) if h.enable else None)
 
 
 def model_display_name(model_arg: str, model_path: str) -> str:

@@ -19,6 +19,7 @@ from pdserve import LLM, SamplingParams
 from pdserve.engine.kv_tiers.host_pool import SlotAllocator
 from pdserve.engine.kv_tiers.manager import TieredKVManager
 from pdserve.engine.messages import GenerateReq
+from pdserve.engine.kv_tiers.backends import check_backend_config
 from pdserve.engine.kv_tiers.tiers import KVTiers, TierConfig, namespace_for
 from pdserve.engine.prefix_cache import NO_PAGE, NO_SLOT
 from pdserve.engine.request import Request
@@ -237,23 +238,26 @@ def test_mooncake_store_shared_by_two_instances_and_a_dead_master(tiny_model_dir
 
 
 def test_tier_config_refuses_what_cannot_work() -> None:
-    for bad, match in [(dict(host_pages=0), "at least 1 page"), (dict(write_policy="write_around"), "write policy"),
-                       (dict(prefetch_policy="eager"), "prefetch policy"), (dict(storage_backend="s3"), "backend"),
+    for bad, match in [(dict(host_pages=0), "at least 1 page"), (dict(write_policy="write_around"), "write-policy"),
+                       (dict(prefetch_policy="eager"), "prefetch-policy"), (dict(storage_backend="s3"), "backend"),
                        ]:
         with pytest.raises(ValueError, match=match):
             TierConfig(**{"host_pages": 4, **bad})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not JSON"):
-        TierConfig(host_pages=4, storage_backend="file", storage_extra="{path:").extra()
+        check_backend_config("file", "{path:")
     with pytest.raises(ValueError, match="needs"):
         k = torch.zeros(1, 8, 1, 2)
         KVTiers(TierConfig(host_pages=4, storage_backend="file"), k, k.clone(), 2, namespace_for("m", k, 2))
 
 
-def test_kv_events_see_pages_leave_only_when_no_tier_holds_them(tmp_path: Path) -> None:
-    """Demotion keeps a page cached (events say nothing); leaving the host tier too is a removal;
-    pages fetched from storage are stored again under the right parent."""
+def test_kv_events_name_the_tier_and_a_router_index_follows_them(tmp_path: Path) -> None:
+    """Every page entering or leaving a tier is an event naming it (vLLM's `medium`): demotion is a
+    removal from the device and a store in host, leaving the last tier a removal from every tier;
+    a router's index that applies them holds what each tier holds; pages fetched from storage
+    are stored again under the right parent; a page written to storage goes to the store's index."""
     from pdserve.engine.kv_event_log import KVEventLog
-    from pdserve.kv_events import BlockRemoved, BlockStored
+    from pdserve.kv_events import MEDIUM_DISK, MEDIUM_HOST, BlockStored, KVEventBatch
+    from pdserve.router.kv_index import StoreIndex, WorkerIndex
 
     k, v = torch.zeros(1, 8 * 2, 1, 2), torch.zeros(1, 8 * 2, 1, 2)
     tiers = KVTiers(TierConfig(host_pages=2, write_policy="write_back", storage_backend="file",
@@ -262,6 +266,18 @@ def test_kv_events_see_pages_leave_only_when_no_tier_holds_them(tmp_path: Path) 
     kv = TieredKVManager(8, 2, tiers)
     log = KVEventLog(kv.cache)
     log.attach()
+    store = StoreIndex()
+    idx = WorkerIndex(store)
+    idx.load(log.snapshot(0))
+
+    def follow() -> list:
+        events = log.take()
+        assert idx.apply(idx.seq + 1, KVEventBatch(ts=time.time(), events=events))
+        snap = WorkerIndex(StoreIndex())
+        snap.load(log.snapshot(idx.seq))  # a resync sees what the events built
+        assert (snap.hashes, snap.host) == (idx.hashes, idx.host)
+        return events
+
     toks = [1, 2, 3, 4, 5, 6, 7]
     r = Request(rid="a", prompt_len=7, params=GREEDY, tokens=list(toks))
     assert kv.prepare(r) is False  # asks storage first (nothing there)
@@ -271,11 +287,12 @@ def test_kv_events_see_pages_leave_only_when_no_tier_holds_them(tmp_path: Path) 
     assert kv.ensure_pages(r, 7)
     r.num_computed = 7
     kv.release(r)
-    hashes = chain_hashes(toks, 2)
-    assert [type(e) for e in log.take()] == [BlockStored]
+    h = chain_hashes(toks, 2)
+    assert [type(e) for e in follow()] == [BlockStored] and idx.hashes == set(h) and not idx.host
     assert kv.cache.evict(3) == 3  # all demoted; 2 host slots, so the deepest page went on to storage
     assert kv.tiers.counters.demoted == 3 and kv.tiers.counters.host_evicted == 1
-    assert log.take() == [BlockRemoved(block_hashes=[hashes[2]])]  # only that one left the instance
+    follow()
+    assert idx.hashes == set() and idx.host == {h[0], h[1]}  # h[2] left the instance (to storage)
     kv.flush()
     assert kv.tiers.counters.stored == 1
     r2 = Request(rid="b", prompt_len=7, params=GREEDY, tokens=list(toks))
@@ -283,10 +300,17 @@ def test_kv_events_see_pages_leave_only_when_no_tier_holds_them(tmp_path: Path) 
         kv.flush()
     kv.attach_prefix(r2)
     assert r2.num_computed == 6  # all three pages: two from host, one back from storage
-    back = [e for e in log.take() if isinstance(e, BlockStored)]
-    assert back == [BlockStored(block_hashes=[hashes[2]], parent_block_hash=hashes[1], token_ids=[5, 6],
-                                block_size=2)]
+    r2.admitted = True
+    assert kv.tiers.counters.hit_tokens == {"device": 0, "host": 0, "storage": 0}  # counted at release
+    back = [e for e in follow() if isinstance(e, BlockStored) and e.medium == MEDIUM_HOST]
+    assert back == [BlockStored(block_hashes=[h[2]], parent_block_hash=h[1], token_ids=[5, 6], block_size=2,
+                                medium=MEDIUM_HOST)]
+    assert idx.hashes == set(h) and idx.host == {h[1], h[2]}  # h[0]'s host copy made room for the fetch
     kv.release(r2)
+    assert kv.tiers.counters.hit_tokens == {"device": 0, "host": 4, "storage": 2}
+    kv.cache._backup(kv.cache.path(toks), store=True)  # what a PD decode does with a finished request
     kv.flush()
+    assert [e.medium for e in follow() if isinstance(e, BlockStored)][-1] == MEDIUM_DISK
+    assert all(x in store for x in h)  # the whole chain is in the file store now: any worker may fetch it
     kv.check_integrity([])
     kv.close()

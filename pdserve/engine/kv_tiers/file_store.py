@@ -39,9 +39,10 @@ class FileStore:
         self.evicted = 0  # objects this process removed to stay under the cap
         self._bytes = self._scan()[1]
 
-    @classmethod
-    def from_extra(cls, extra: dict[str, object]) -> "FileStore":
-        """`{"path": DIR, "max_bytes": 64gb}` (path also from SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR)."""
+    @staticmethod
+    def settings(extra: dict[str, object]) -> tuple[str, int]:
+        """(path, max_bytes) from `{"path": DIR, "max_bytes": 64gb}` (path also from
+        SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR); raises ValueError for a config that cannot work."""
         unknown = set(extra) - {"path", "max_bytes"}
         if unknown:
             raise ValueError(f"file storage: unknown extra config keys {sorted(unknown)} (path, max_bytes)")
@@ -49,8 +50,12 @@ class FileStore:
         if not isinstance(path, str) or not path:
             raise ValueError('file storage needs {"path": DIR} in --hicache-storage-backend-extra-config')
         size = extra.get("max_bytes", DEFAULT_MAX_BYTES)
-        assert isinstance(size, (int, float, str))
-        return cls(path, parse_size(size, "file storage max_bytes"))
+        if not isinstance(size, (int, float, str)):
+            raise ValueError(f"file storage max_bytes: {size!r} is not a size")
+        max_bytes = parse_size(size, "file storage max_bytes")
+        if max_bytes <= 0:
+            raise ValueError(f"file storage: max_bytes must be > 0, got {max_bytes}")
+        return path, max_bytes
 
     def _path(self, key: str) -> Path:
         return self.root / key[-2:] / key

@@ -1,4 +1,9 @@
-"""Moving pages between tiers for the radix cache: starting loads and fetches, applying copies.
+"""Moving pages between tiers for the radix cache: the KVTier seam, loads and fetches, applying copies.
+
+`TierMoves` is the tiered cache's KVTier (engine/prefix_cache.py): `promote` sees each device
+match (it counts hits: write_through_selective backs hot pages up; loads from lower tiers were
+started before admission, by the KV manager's `prepare`), `demote` copies evicted pages into
+their host slots (the one synchronous copy). KV events name the tier each page enters.
 
 Lifecycle of a copy (tiers.py runs it; the cache reserves and applies it on the engine thread):
   start_load   host-only nodes continuing a device path: their path is locked, fresh device
@@ -17,13 +22,33 @@ from __future__ import annotations
 from pdserve.engine.kv_tiers.radix import TieredPrefixCache
 from pdserve.engine.kv_tiers.tiers import Copy
 from pdserve.engine.prefix_cache import NO_PAGE, NO_SLOT, Node
-from pdserve.kv_events import page_hash
-
+from pdserve.kv_events import MEDIUM_DEVICE, MEDIUM_HOST, page_hash
 
 class TierMoves:
     def __init__(self, cache: TieredPrefixCache) -> None:
         self.cache = cache
         self.tiers = cache.tiers
+        cache.tier = self  # the cache's KVTier: its matches and evictions come here
+
+    # -- the KVTier seam ---------------------------------------------------------------------
+    def promote(self, tokens: list[int], pages: list[int], node: Node) -> tuple[list[int], Node]:
+        """A device match ending at `node`: every node on its path was hit once more."""
+        hot = []
+        n: Node | None = node
+        while n is not None and n is not self.cache.root:
+            n.hits += 1
+            if self.cache.policy == "write_through_selective" and n.hits >= self.tiers.cfg.hot_hits:
+                hot.append(n)
+            n = n.parent
+        if hot:
+            self.cache._backup(hot[::-1])
+        return pages, node
+
+    def demote(self, nodes: list[Node]) -> None:
+        """Eviction frees these nodes' device pages: copy them into the host slots they were given."""
+        self.tiers.copy_now([n.page for n in nodes], [n.host for n in nodes])
+        self.tiers.counters.demoted += len(nodes)
+        self.cache.tell_stored(nodes, MEDIUM_HOST)
 
     def start_load(self, low: list[Node], keep: bool = False) -> Copy | None:
         """Copy host-only nodes `low` (continuing a device path) into fresh device pages; with
@@ -76,7 +101,9 @@ class TierMoves:
                 n.host = NO_SLOT
                 self.cache.num_host -= 1
         self.tiers.counters.backed_up += sum(c.ok)
-        self.cache.store_pages([n for n, ok in zip(c.nodes, c.ok) if ok and self.cache.writes_through(n)])
+        done = [n for n, ok in zip(c.nodes, c.ok) if ok]
+        self.cache.tell_stored(done, MEDIUM_HOST)
+        self.cache.store_pages([n for n in done if c.then_store or self.cache.writes_through(n)])
 
     def _apply_load(self, c: Copy) -> None:
         unused = []
@@ -89,6 +116,7 @@ class TierMoves:
                 unused.append(page)
         self.cache.allocator.free(unused)
         self.tiers.counters.loaded += len(c.pages) - len(unused)
+        self.cache.tell_stored([n for n, ok in zip(c.nodes, c.ok) if ok and n.page != NO_PAGE], MEDIUM_DEVICE)
         assert c.anchor is not None
         if c.keep:
             self.cache.pin(c.anchor)
@@ -96,10 +124,15 @@ class TierMoves:
         self.cache.unlock(c.anchor)
 
     def _apply_store(self, c: Copy) -> None:
+        new = []
         for n, ok in zip(c.nodes, c.ok):
             n.storing -= 1
-            n.stored = n.stored or ok
+            if ok and not n.stored:
+                n.stored = True
+                new.append(n)
         self.tiers.counters.stored += sum(c.ok)
+        if self.tiers.store is not None:
+            self.cache.tell_stored(new, self.tiers.storage_medium)
 
     def _apply_lookup(self, c: Copy) -> None:
         assert c.anchor is not None
@@ -114,7 +147,7 @@ class TierMoves:
 
     def _apply_fetch(self, c: Copy) -> None:
         assert c.anchor is not None
-        parent, new, unused = c.anchor, [], []
+        parent, new, unused, filled = c.anchor, [], [], []
         k = next((i for i, ok in enumerate(c.ok) if not ok), len(c.ok))
         for key, slot, h in zip(c.keys[:k], c.slots[:k], c.hashes[:k]):
             child = parent.children.get(key)
@@ -127,6 +160,7 @@ class TierMoves:
             elif child.host == NO_SLOT and not child.copying:
                 child.host, child.stored = slot, True
                 self.cache.num_host += 1
+                filled.append(child)
             else:
                 unused.append(slot)
             self.cache.touch(child)
@@ -137,6 +171,6 @@ class TierMoves:
             self.cache.pin(parent)
             c.held = parent
         self.cache.unlock(c.anchor)
-        if new and self.cache.listener is not None:  # the new nodes are one chain (below any reused one)
-            assert new[0].parent is not None
-            self.cache.listener.stored(new[0].parent.hash, new)
+        self.cache.tell_stored(filled + new, MEDIUM_HOST)  # (new nodes: one chain below any reused one)
+        if self.tiers.store is not None:  # ... and they are in the store, for whoever did not know
+            self.cache.tell_stored(filled + new, self.tiers.storage_medium)

@@ -33,7 +33,7 @@ from typing import Callable
 from pdserve.engine.kv_cache import PageAllocator
 from pdserve.engine.kv_tiers.tiers import Copy, KVTiers
 from pdserve.engine.prefix_cache import NO_PAGE, NO_SLOT, Node, PrefixCache
-from pdserve.kv_events import page_hash
+from pdserve.kv_events import MEDIUM_DEVICE, MEDIUM_HOST, page_hash
 
 
 class TieredPrefixCache(PrefixCache):
@@ -73,18 +73,16 @@ class TieredPrefixCache(PrefixCache):
         self._touch(node)
 
     # -- match -------------------------------------------------------------------------------
-    def match(self, tokens: list[int]) -> tuple[list[int], Node]:
-        """The device part of the longest cached prefix (what a request can use now)."""
-        dev, _ = self.match_tiers(tokens)
-        hot = []
-        for n in dev:
-            self._touch(n)
-            n.hits += 1
-            if self.policy == "write_through_selective" and n.hits >= self.tiers.cfg.hot_hits:
-                hot.append(n)
-        if hot:
-            self._backup(hot)
-        return [n.page for n in dev], dev[-1] if dev else self.root
+    def path(self, tokens: list[int]) -> list[Node]:
+        """The nodes spelling the leading full pages of `tokens`, in any tier."""
+        node, out = self.root, []
+        for key in self._keys(tokens, len(tokens) // self.page_size):
+            child = node.children.get(key)
+            if child is None:
+                break
+            out.append(child)
+            node = child
+        return out
 
     def match_tiers(self, tokens: list[int]) -> tuple[list[Node], list[Node]]:
         """Nodes of the longest cached prefix: those on the device, then those only in host
@@ -118,13 +116,40 @@ class TieredPrefixCache(PrefixCache):
     def _report_stored(self, new: list[Node]) -> None:
         super()._report_stored(new)
         fresh, self._fresh = self._fresh, []
+        if len(fresh) > len(new):  # nodes of a lower tier that took a freshly computed page
+            known = set(new)
+            self.tell_stored([n for n in fresh if n not in known], MEDIUM_DEVICE)
         if self.policy == "write_through" and fresh:
             self._backup(fresh)
 
-    def _backup(self, nodes: list[Node]) -> None:
-        """Copy device pages to host (copy thread); pages already in host go on to storage."""
+    def tell_stored(self, nodes: list[Node], medium: str) -> None:
+        """KV events: `nodes` entered tier `medium`, one BlockStored per chain among them."""
+        if self.listener is None or not nodes:
+            return
+        run = [nodes[0]]
+        for n in [*nodes[1:], None]:
+            if n is not None and n.parent is run[-1]:
+                run.append(n)
+                continue
+            assert run[0].parent is not None
+            self.listener.stored(run[0].parent.hash, run, medium)
+            if n is not None:
+                run = [n]
+
+    def tell_removed(self, nodes: list[Node], medium: str | None) -> None:
+        if self.listener is not None and nodes:
+            self.listener.removed(nodes, medium)
+
+    def media(self, node: Node) -> tuple[str, ...]:
+        out = (MEDIUM_DEVICE,) if node.page != NO_PAGE else ()
+        out += (MEDIUM_HOST,) if node.host != NO_SLOT else ()
+        return out + ((self.tiers.storage_medium,) if node.stored and self.tiers.store is not None else ())
+
+    def _backup(self, nodes: list[Node], store: bool = False) -> None:
+        """Copy device pages to host (copy thread); pages already in host go on to storage (with
+        `store`, all of them go on to storage once in host, whatever the policy)."""
         todo = [n for n in nodes if n.page != NO_PAGE and n.host == NO_SLOT and not n.copying]
-        self.store_pages([n for n in nodes if n.host != NO_SLOT])
+        self.store_pages([n for n in nodes if n.host != NO_SLOT and (store or self.writes_through(n))])
         slots = self.host_alloc(len(todo))
         todo = todo[:len(slots)]
         if not todo:
@@ -132,7 +157,7 @@ class TieredPrefixCache(PrefixCache):
         for n, s in zip(todo, slots):
             n.host, n.copying = s, n.copying + 1
             self.num_host += 1
-        self.tiers.submit(Copy("backup", nodes=todo, pages=[n.page for n in todo], slots=slots))
+        self.tiers.submit(Copy("backup", nodes=todo, pages=[n.page for n in todo], slots=slots, then_store=store))
 
     def store_pages(self, nodes: list[Node]) -> None:
         """Write host copies to storage (storage thread)."""
@@ -158,7 +183,8 @@ class TieredPrefixCache(PrefixCache):
         """Free up to `num_pages` device pages, least recently used first, demoting to host."""
         heap, pinned = self._victims(self._device_evictable)
         freed: list[int] = []
-        gone: list[Node] = []
+        gone: list[Node] = []  # left the tree (every tier of this instance)
+        left: list[Node] = []  # left the device, still in host
         moved: list[tuple[Node, int]] = []  # (node, its old device page) demoted in this call
         while heap and len(freed) + len(moved) < num_pages:
             node = heapq.heappop(heap)[3]
@@ -174,6 +200,7 @@ class TieredPrefixCache(PrefixCache):
                     node.host, node.copying = slot[0], node.copying + 1
                     self.num_host += 1
                     moved.append((node, node.page))
+                    left.append(node)
                 elif not node.children:
                     parent = node.parent
                     assert parent is not None
@@ -184,6 +211,7 @@ class TieredPrefixCache(PrefixCache):
                     continue
             else:
                 freed.append(node.page)
+                left.append(node)
             node.page = NO_PAGE
             self.num_pages -= 1
             parent = node.parent
@@ -193,18 +221,20 @@ class TieredPrefixCache(PrefixCache):
         self.tiers.counters.dropped += len(gone)
         if freed:
             self.allocator.free(freed)
-        if gone and self.listener is not None:
-            self.listener.removed(gone)
+        self.tell_removed(left, MEDIUM_DEVICE)
+        self.tell_removed(gone, None)
         return len(freed)
 
     def _demoted(self, moved: list[tuple[Node, int]], freed: list[int]) -> None:
-        """Copy a batch of demoted nodes' device pages into their host slots; the pages are free then."""
+        """The tier demotes a batch of nodes (their device pages copied into their host slots,
+        `TierMoves.demote`); the pages are free then."""
         if not moved:
             return
-        self.tiers.copy_now([p for _, p in moved], [n.host for n, _ in moved])
-        self.tiers.counters.demoted += len(moved)
         for n, p in moved:
-            n.copying -= 1
+            n.page = p  # its bytes are still there until the copy returns
+        self.tier.demote([n for n, _ in moved])
+        for n, p in moved:
+            n.page, n.copying = NO_PAGE, n.copying - 1
             freed.append(p)
         self.store_pages([n for n, _ in moved if self.writes_through(n)])
 
@@ -248,11 +278,14 @@ class TieredPrefixCache(PrefixCache):
         heap, pinned = self._victims(self._host_evictable)
         freed: list[int] = []
         gone: list[Node] = []
+        kept: list[Node] = []  # device nodes that lost their host copy
         while heap and len(freed) < num_slots:
             node = heapq.heappop(heap)[3]
             if not self._host_evictable(node):
                 continue  # pushed twice (a device node with a host copy is a candidate, then its parent too)
-            if node.page == NO_PAGE:  # host-only leaf: it leaves the tree
+            if node.page != NO_PAGE:
+                kept.append(node)
+            else:  # host-only leaf: it leaves the tree
                 if self.policy == "write_back" and not node.stored:
                     self.tiers.write_back(node.hash, node.host)
                 parent = node.parent
@@ -266,8 +299,8 @@ class TieredPrefixCache(PrefixCache):
         self.num_host -= len(freed)
         self.tiers.counters.host_evicted += len(freed)
         self.tiers.host.allocator.free(freed)
-        if gone and self.listener is not None:
-            self.listener.removed(gone)
+        self.tell_removed(kept, MEDIUM_HOST)
+        self.tell_removed(gone, None)
         return len(freed)
 
     def reset(self) -> bool:

@@ -25,9 +25,6 @@ from pdserve.engine.kv_tiers.codec import BadPage, Namespace, frame_page, open_p
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-BACKENDS = ("file", "mooncake")
-
-
 class StorageDown(RuntimeError):
     """The backend cannot reach its store at all (not one page's problem)."""
 
@@ -85,13 +82,14 @@ class PageStore:
     """A backend behind the page codec and an outage breaker (see the module docstring)."""
 
     def __init__(self, backend: StorageBackend, ns: Namespace, page_bytes: int, retry_s: float = 2.0,
-                 batch_pages: int = 32) -> None:
+                 batch_pages: int = 32, counters: StorageCounters | None = None) -> None:
         self.backend = backend
         self.ns = ns
         self.page_bytes = page_bytes
         self.retry_s = retry_s
         self.batch_pages = batch_pages
-        self.counters = StorageCounters()
+        self.counters = counters if counters is not None else StorageCounters()
+        self.counters.down = False
         self._down_until = 0.0
 
     def _guarded(self, what: str, call: Callable[[], T], fallback: T) -> T:
@@ -165,3 +163,4 @@ class PageStore:
 
     def close(self) -> None:
         self.backend.close()
+

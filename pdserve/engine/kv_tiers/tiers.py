@@ -26,7 +26,6 @@ up to `prefetch_timeout_s`). A host hit is always loaded back before the request
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 
@@ -34,57 +33,40 @@ import torch
 
 from pdserve.engine.kv_tiers.codec import Namespace
 from pdserve.engine.kv_tiers.host_pool import HostPool
-from pdserve.engine.kv_tiers.storage import BACKENDS, PageStore, StorageBackend
+from pdserve.engine.config import HiCacheConfig, ParallelConfig
+from pdserve.engine.kv_tiers.backends import create_backend
+from pdserve.engine.kv_tiers.storage import PageStore, StorageCounters
 from pdserve.engine.kv_tiers.worker import Job, Worker
 from pdserve.engine.prefix_cache import Node
+from pdserve.kv_events import MEDIUM_DISK, MEDIUM_EXTERNAL
 
-WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
-PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
 MAX_QUEUED_WRITE_BYTES = 256 << 20  # write-backs waiting for the storage thread; more are skipped (counted)
 
 
 @dataclass(frozen=True)
 class TierConfig:
+    """The tiers as the engine runs them: HiCacheConfig (engine/config.py) with the host tier sized."""
+
     host_pages: int  # host-tier slots (pages)
     write_policy: str = "write_through"
     prefetch_policy: str = "best_effort"
     prefetch_timeout_s: float = 2.0
     storage_backend: str | None = None  # None | file | mooncake
-    storage_extra: str = "{}"  # --hicache-storage-backend-extra-config (JSON text)
+    storage_extra: str | None = None  # --hicache-storage-backend-extra-config (JSON text)
     hot_hits: int = 2  # write_through_selective: matches before a page is written through
     storage_retry_s: float = 2.0  # a store that is down is asked again after this long
+    write_finished: bool = False  # a PD decode: finished requests' pages go to storage under any policy
 
     def __post_init__(self) -> None:
         if self.host_pages < 1:
             raise ValueError(f"the host KV tier needs at least 1 page, got {self.host_pages}")
-        if self.write_policy not in WRITE_POLICIES:
-            raise ValueError(f"write policy {self.write_policy!r} is not one of {', '.join(WRITE_POLICIES)}")
-        if self.prefetch_policy not in PREFETCH_POLICIES:
-            raise ValueError(f"prefetch policy {self.prefetch_policy!r} is not one of {', '.join(PREFETCH_POLICIES)}")
-        if self.storage_backend is not None and self.storage_backend not in BACKENDS:
-            raise ValueError(f"storage backend {self.storage_backend!r} is not one of {', '.join(BACKENDS)}")
+        HiCacheConfig(enable=True, write_policy=self.write_policy, prefetch_policy=self.prefetch_policy,
+                      storage_backend=self.storage_backend).check(True, ParallelConfig())
 
-    def extra(self) -> dict[str, object]:
-        try:
-            raw = json.loads(self.storage_extra or "{}")
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--hicache-storage-backend-extra-config is not JSON: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ValueError("--hicache-storage-backend-extra-config must be a JSON object")
-        return raw
-
-
-def create_backend(name: str, extra: dict[str, object]) -> StorageBackend:
-    """`--hicache-storage-backend NAME` with its extra config (a JSON object)."""
-    if name == "file":
-        from pdserve.engine.kv_tiers.file_store import FileStore
-
-        return FileStore.from_extra(extra)
-    if name == "mooncake":
-        from pdserve.engine.kv_tiers.mooncake_store import MooncakeStore
-
-        return MooncakeStore.from_extra(extra)
-    raise ValueError(f"storage backend {name!r} is not one of {', '.join(BACKENDS)}")
+    @classmethod
+    def from_hicache(cls, h: HiCacheConfig, host_pages: int, write_finished: bool = False) -> "TierConfig":
+        return cls(host_pages, h.write_policy, h.prefetch_policy, h.prefetch_timeout_s, h.storage_backend,
+                   h.storage_extra, write_finished=write_finished)
 
 
 def namespace_for(model: str, k: torch.Tensor, page_size: int, head_start: int = 0, num_heads: int = 0) -> Namespace:
@@ -96,7 +78,7 @@ def namespace_for(model: str, k: torch.Tensor, page_size: int, head_start: int =
 
 @dataclass
 class TierCounters:
-    """Pages moved between tiers, and how long loads took (engine thread only)."""
+    """Pages moved between tiers, hits per tier, and how long loads took (engine thread only)."""
 
     backed_up: int = 0  # device -> host copies (write-through)
     demoted: int = 0  # device -> host at eviction
@@ -106,8 +88,11 @@ class TierCounters:
     stored: int = 0  # host -> storage
     host_evicted: int = 0
     writes_skipped: int = 0  # write-backs dropped because the storage queue was full
-    load_s: float = 0.0
-    fetch_s: float = 0.0
+    loads: int = 0  # load copies finished (host -> device batches)
+    load_s: float = 0.0  # ... their total time
+    prefetches: int = 0  # storage prefetches finished (lookup + fetch)
+    fetch_s: float = 0.0  # ... their total time
+    hit_tokens: dict[str, int] = field(default_factory=lambda: {"device": 0, "host": 0, "storage": 0})
 
 
 @dataclass(eq=False)
@@ -130,6 +115,7 @@ class Copy:
     applied: bool = False  # the radix cache took its result (engine thread)
     keep: bool = False  # load / fetch: at apply, the lock on what arrived passes to the waiting request
     held: Node | None = None  # ... that node (the request's KV manager unlocks it)
+    then_store: bool = False  # backup: once in host, on to storage whatever the policy (a decode's write-back)
 
     def last(self) -> "Copy":
         return self if self.next is None else self.next.last()
@@ -140,16 +126,16 @@ class KVTiers:
                  ns: Namespace | None = None) -> None:
         self.cfg = cfg
         self.k, self.v = k, v
+        self.ns = ns
         self.host = HostPool(cfg.host_pages, k, page_size)
         self.store: PageStore | None = None
+        self._io = Worker("kv-tier-storage")
+        self.storage_counters = StorageCounters()  # kept across detach / attach
         if cfg.storage_backend is not None:
-            assert ns is not None, "a storage tier needs the pages' namespace"
-            backend = create_backend(cfg.storage_backend, cfg.extra())
-            self.store = PageStore(backend, ns, self.host.slot_bytes, cfg.storage_retry_s)
+            self.attach_storage(cfg.storage_backend, cfg.storage_extra)
         self.counters = TierCounters()
         self.stream = torch.cuda.Stream(k.device) if k.is_cuda else None
         self._copier = Worker("kv-tier-copy")
-        self._io = Worker("kv-tier-storage")
         self.pages_in_flight = 0  # device pages reserved by loads not yet applied
         self.slots_in_flight = 0  # host slots reserved by fetches not yet applied
         self._jobs: dict[Job, Copy] = {}
@@ -157,6 +143,25 @@ class KVTiers:
     @property
     def pending(self) -> int:
         return self._copier.pending + self._io.pending
+
+    def attach_storage(self, backend: str, extra: str | None) -> None:
+        """Connect a storage backend (start-up, or SGLang's runtime attach; nothing may be in flight)."""
+        assert self.ns is not None, "a storage tier needs the pages' namespace"
+        assert self.store is None and not self._io.pending
+        self.store = PageStore(create_backend(backend, extra), self.ns, self.host.slot_bytes, self.cfg.storage_retry_s,
+                               counters=self.storage_counters)
+
+    @property
+    def storage_medium(self) -> str:
+        """KV events' name of the storage tier (pdserve/kv_events)."""
+        return MEDIUM_DISK if self.store is not None and self.store.backend.name == "file" else MEDIUM_EXTERNAL
+
+    def detach_storage(self) -> None:
+        """Close the storage backend (nothing may be in flight: the manager flushes first)."""
+        assert not self._io.pending
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
     # -- the engine thread ------------------------------------------------------------------
     def copy_now(self, pages: list[int], slots: list[int]) -> None:
@@ -200,11 +205,13 @@ class KVTiers:
                 c.ok = [False] * max(len(c.pages), len(c.slots), len(c.hashes))
             self.pages_in_flight -= len(c.pages) if c.kind == "load" else 0
             self.slots_in_flight -= len(c.slots) if c.kind == "fetch" else 0
-            elapsed = time.monotonic() - c.t0
+            elapsed = job.finished_at - c.t0  # submit -> done on its thread (queueing included)
             if c.kind == "load":
                 self.counters.load_s += elapsed
+                self.counters.loads += 1
             elif c.kind in ("lookup", "fetch"):
                 self.counters.fetch_s += elapsed
+                self.counters.prefetches += c.kind == "fetch" or not any(c.ok)  # a lookup that found nothing ends it
             out.append(c)
         return out
 
@@ -217,10 +224,12 @@ class KVTiers:
             time.sleep(0.001)
 
     def close(self) -> None:
+        """Queued copies finish, the threads stop, the storage client closes (idempotent)."""
         self._copier.close()
         self._io.close()
         if self.store is not None:
             self.store.close()
+            self.store = None
 
     # -- the threads ------------------------------------------------------------------------
     def _device_copy(self, c: Copy, ready: "torch.cuda.Event | None") -> None:

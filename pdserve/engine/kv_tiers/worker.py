@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from typing import Callable
 
@@ -24,6 +25,7 @@ class Job:
         self.run = run
         self.done = False
         self.error: BaseException | None = None
+        self.finished_at = 0.0  # time.monotonic() when it finished (latency without the wait for a poll)
 
 
 class Worker:
@@ -52,6 +54,7 @@ class Worker:
             except BaseException as exc:  # noqa: BLE001 - reported to the engine thread
                 log.exception("KV tier copy failed")
                 job.error = exc
+            job.finished_at = time.monotonic()
             job.done = True
             self._done.append(job)
 
