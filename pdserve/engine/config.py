@@ -100,8 +100,10 @@ class HiCacheConfig:
     write_policy: str = "write_through"  # when pages go down a tier (kv_tiers/tiers.py)
     storage_backend: str | None = None  # None | file | mooncake
     storage_extra: str | None = None  # --hicache-storage-backend-extra-config (JSON object)
-    prefetch_policy: str = "best_effort"  # how long a request waits for its prefix from storage
-    prefetch_timeout_s: float = 2.0  # prefetch_policy timeout: the wait's bound
+    # how long a request waits for its prefix from storage: SGLang's default best_effort never
+    # waits, so a request an idle server admits at once gains nothing; a bounded wait does
+    prefetch_policy: str = "timeout"
+    prefetch_timeout_s: float = 1.0  # prefetch_policy timeout: the wait's bound
 
     def check(self, prefix_cache: bool, layout: ParallelConfig) -> None:
         """Raise ValueError (one sentence) for tiers that cannot work with this engine."""

@@ -15,6 +15,7 @@ from pdserve.flags.table import Flag, flag_values, with_values
 from pdserve.router.config import POLICIES
 
 MODES = ("pd", "unified")
+STORE_BACKENDS = ("file", "mooncake")  # engine/config.py's HICACHE_BACKENDS (launch imports no engine)
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,16 @@ class LaunchConfig:
     stop_timeout_s: float = 30.0  # each process's to stop
     server_args: str = ""  # extra flags for every `pdserve serve`
     router_args: str = ""  # extra flags for `pdserve router`
+    hicache_storage_backend: str | None = None  # KV tiers' shared store for every server (launch/kv_store.py)
+    hicache_storage_backend_extra_config: str | None = None  # its JSON (mooncake: none starts a master here)
+    hicache_store_gb: float = 4.0  # mooncake: the memory launch's store holder gives the store
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
         check_decode_radix_cache(self.decode_radix_cache, "decode" if self.mode == "pd" else "null")
+        if self.hicache_storage_backend_extra_config is not None and self.hicache_storage_backend is None:
+            raise ValueError("--hicache-storage-backend-extra-config needs --hicache-storage-backend")
 
 
 LAUNCH_FLAGS: tuple[Flag, ...] = (
@@ -75,6 +81,14 @@ LAUNCH_FLAGS: tuple[Flag, ...] = (
     Flag(("--server-args",), "server_args", str, "extra flags for every `pdserve serve`, one string",
          shown="none"),
     Flag(("--router-args",), "router_args", str, "extra flags for `pdserve router`, one string", shown="none"),
+    Flag(("--hicache-storage-backend",), "hicache_storage_backend", str,
+         "KV tiers for every server with this shared store; mooncake: launch runs a mooncake_master and a store "
+         "holder (127.0.0.1) and stops them with the cluster", STORE_BACKENDS, shown="none"),
+    Flag(("--hicache-storage-backend-extra-config",), "hicache_storage_backend_extra_config", str,
+         "the store's JSON (file: {\"path\": DIR}, default a folder in --log-dir; mooncake: a "
+         "master_server_address uses that store instead of starting one)", metavar="JSON"),
+    Flag(("--hicache-store-gb",), "hicache_store_gb", positive_float,
+         "mooncake: memory of the store holder launch starts (the store's capacity)"),
 )
 
 

@@ -15,10 +15,11 @@ What a request's copies brought in stays pinned for it (`Staging.hold`) until it
 requests' eviction does not undo the copy, yet a pin never reserves pages the running batch needs.
 `poll` (once per schedule, and by the engine process while idle with copies pending) applies
 finished copies to the tree. Hits are counted per tier the prefix came from at the request's
-first admission, added to `TierCounters.hit_tokens` when it is released. A PD decode (`TierConfig.write_finished`) writes every
-finished request's pages, prompt and reply, to storage whatever the write policy, and under
-write_through each page as it completes (`pages_completed`, called by its stage after every
-forward), so another instance can continue a stream or a recomputed request from the store.
+first admission, added to `TierCounters.hit_tokens` when it is released. A PD decode
+(`TierConfig.write_finished`) writes every finished request's pages, prompt and reply, to
+storage whatever the write policy, and under write_through each page as it completes
+(`pages_completed`, called by its stage after every forward), so another instance can continue
+a stream or a recomputed request from the store.
 Every page and slot is counted:
 
     device: free + cached on device + private (requests) + reserved by loads in flight == capacity

@@ -49,8 +49,8 @@ class TierConfig:
 
     host_pages: int  # host-tier slots (pages)
     write_policy: str = "write_through"
-    prefetch_policy: str = "best_effort"
-    prefetch_timeout_s: float = 2.0
+    prefetch_policy: str = "timeout"
+    prefetch_timeout_s: float = 1.0
     storage_backend: str | None = None  # None | file | mooncake
     storage_extra: str | None = None  # --hicache-storage-backend-extra-config (JSON text)
     hot_hits: int = 2  # write_through_selective: matches before a page is written through
