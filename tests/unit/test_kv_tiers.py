@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pdserve import LLM, SamplingParams
+from pdserve.engine.config import HiCacheConfig
 from pdserve.engine.kv_tiers.host_pool import SlotAllocator
 from pdserve.engine.kv_tiers.manager import TieredKVManager
 from pdserve.engine.messages import GenerateReq
@@ -39,7 +40,7 @@ def with_tiers(llm: LLM, **cfg) -> TieredKVManager:
     """Put a tiered KV manager on an idle engine (what the engine builder will do with the flags)."""
     eng = llm.engine
     cfg.setdefault("host_pages", 64)
-    tiers = KVTiers(TierConfig(**cfg), eng.pool.k, eng.pool.v, PS, namespace_for("tiny", eng.pool.k, PS))
+    tiers = KVTiers(TierConfig(**cfg), eng.pool.k, eng.pool.v, PS, namespace_for(eng.model_path.name, eng.pool.k, PS))
     kv = TieredKVManager(eng.pool.num_pages, PS, tiers)
     eng.kv = eng.scheduler.kv = kv
     return kv
@@ -193,19 +194,31 @@ def test_best_effort_never_waits_and_the_fetch_serves_the_next_request(
     close(b)
 
 
-def test_corrupt_pages_in_storage_are_recomputed(tiny_model_dir: Path, tmp_path: Path,
-                                                 plain_outputs: dict[str, list[list[int]]]) -> None:
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "missing"])
+def test_bad_pages_in_storage_are_misses_and_recomputed(tiny_model_dir: Path, tmp_path: Path, damage: str,
+                                                        plain_outputs: dict[str, list[list[int]]]) -> None:
     extra = json.dumps({"path": str(tmp_path)})
     turn_one_stored(tiny_model_dir, storage_backend="file", storage_extra=extra)
     assert len(list(tmp_path.glob("*/pdkv-*"))) == 12  # turn 1's prompt (10 pages) and reply (2)
-    key = namespace_for("tiny", torch.zeros(2, 4, 2, 16), PS).key(chain_hashes(conversation()[0], PS)[3])
+    key = namespace_for(tiny_model_dir.name, torch.zeros(2, 4, 2, 16), PS).key(chain_hashes(conversation()[0], PS)[3])
     fourth = tmp_path / key[-2:] / key
     blob = bytearray(fourth.read_bytes())
-    blob[len(blob) // 2] ^= 0x55
-    fourth.write_bytes(bytes(blob))
-    b, kv = tiered_llm(tiny_model_dir, storage_backend="file", storage_extra=extra, prefetch_policy="wait_complete")
+    if damage == "corrupt":
+        blob[len(blob) // 2] ^= 0x55
+        fourth.write_bytes(bytes(blob))
+    elif damage == "truncated":
+        fourth.write_bytes(bytes(blob[:len(blob) - 100]))
+    else:
+        fourth.unlink()
+    # through the engine builder, as `pdserve serve --enable-hierarchical-cache ...` makes it
+    h = HiCacheConfig(enable=True, storage_backend="file", storage_extra=extra, prefetch_policy="wait_complete")
+    b = LLM(str(tiny_model_dir), num_pages=100, page_size=PS, chunk_budget=64, threads=1, hicache=h)
+    kv = b.engine.kv
+    assert isinstance(kv, TieredKVManager)
     assert run(b, [conversation()[1]]) == [(plain_outputs["turns"][1], 12)]  # pages 0..2 only, output equal
-    assert kv.tiers.store is not None and kv.tiers.store.counters.bad_pages == {"checksum": 1}
+    bad = {"corrupt": {"checksum": 1}, "truncated": {"truncated": 1}, "missing": {}}[damage]
+    assert kv.tiers.store is not None and kv.tiers.store.counters.bad_pages == bad
+    assert kv.tiers.store.counters.pages_read == 3
     close(b)
 
 

@@ -260,7 +260,19 @@ class TieredPrefixCache(PrefixCache):
         return False
 
     def evictable_pages(self) -> int:
-        return sum(1 for n in self.nodes() if n.page != NO_PAGE and n.ref == 0 and not n.copying)
+        """Device pages `evict` can free: unlocked, and no copy in flight at or below them (a node
+        leaves the device only after its device children)."""
+        blocked: set[Node] = set()
+        count = 0
+        for n in reversed(list(self.nodes())):  # children before parents
+            if n.page == NO_PAGE:
+                continue
+            if n.ref or n.copying or n in blocked:
+                if n.parent is not None:
+                    blocked.add(n.parent)
+                continue
+            count += 1
+        return count
 
     def _host_evictable(self, n: Node) -> bool:
         return (n.host != NO_SLOT and not n.copying and not n.storing

@@ -139,13 +139,15 @@ class DecodeStage:
             if routes is None:
                 self._unlock(req)
                 continue  # still fetching its prefill's routes (up to fetch_timeout): serve the others
+            if not self.kv.ensure_pages(req, req.prompt_len):  # `available` was an estimate (KV tiers: pages
+                self._unlock(req)  # being copied cannot go yet): it waits, its room not yet opened
+                break
             self.prealloc.remove(req)
             try:
                 t.receiver = self.manager.open(t.boot.room, routes)
             except ValueError as e:  # another live request holds this room: refuse this one, keep serving
                 out.finished.append(self._fail(req, f"bootstrap_room {t.boot.room} is taken: {e}", status=400))
                 continue
-            self.kv.ensure_pages(req, req.prompt_len)
             dst = req.pages[req.tree_pages: pages_needed(req.prompt_len, self.kv.page_size)]
             t.num_pages = len(dst)
             t.receiver.init(dst, t.decode_prefix_len)
