@@ -119,8 +119,9 @@ def wait_settled_keyed(url: str, mark: int, timeout: float) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def chaos_cluster(tmp: Path, **router_kw: Any) -> Iterator[Chaos]:
-    pair = PDPair(tmp, "tcp", ENGINE_ARGS, prefill_env=HB, decode_env=HB)
+def chaos_cluster(tmp: Path, extra_args: list[str] | None = None, **router_kw: Any) -> Iterator[Chaos]:
+    """`extra_args`: more `pdserve serve` flags for every server (e.g. KV tiers)."""
+    pair = PDPair(tmp, "tcp", [*ENGINE_ARGS, *(extra_args or [])], prefill_env=HB, decode_env=HB)
     decode2: ServerProcess | None = None
     router: EmbeddedRouter | None = None
     try:
