@@ -440,8 +440,9 @@ def main() -> int:
     if args.quick:
         args.conversations, args.turns, args.system_len, args.user_len, args.reply_len = 3, 4, 120, 12, 8
         args.rate, args.think_s, args.threshold = 1.0, 0.2, 64
-        if many:
-            args.conversations, args.small_pages, args.think_s = 6, 24, 1.0
+        if many:  # 6 users x (~80-token document + 3 short turns) over 16 pages: ~3x the pool
+            args.conversations, args.turns, args.system_len, args.user_len = 6, 3, 50, 8
+            args.small_pages, args.think_s = 16, 1.0
     if many and args.server_args == SERVER_ARGS:  # a context the small pool can hold
         args.server_args = f"--max-model-len {(args.small_pages - 1) * args.page_size} --page-size {args.page_size}"
     args.out.mkdir(parents=True, exist_ok=True)

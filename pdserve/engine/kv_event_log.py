@@ -4,8 +4,9 @@ Lifecycle: the engine process (engine/process.py, `--kv-events-config`) attaches
 `KVEventLog` to the prefix cache at start (`attach`); from then on each insert, eviction and
 flush appends an event (pdserve/kv_events: BlockStored / BlockRemoved / AllBlocksCleared);
 after every engine step or control message the engine process `take()`s them and publishes
-them as one batch (engine/kv_publisher.py). With KV tiers each event names its tier (`medium`). `snapshot(seq)` lists every cached page with its
-parent's hash, current as of batch `seq` (events not yet taken must be published first).
+them as one batch (engine/kv_publisher.py). With KV tiers each event names its tier (`medium`).
+`snapshot(seq)` lists every cached page with its parent's hash (once per tier holding it),
+current as of batch `seq` (events not yet taken must be published first).
 """
 
 from __future__ import annotations
