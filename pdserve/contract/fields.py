@@ -29,6 +29,20 @@ RESPONSE_ID = "pdserve_response_id"
 CREATED = "pdserve_created"
 IDS_COMMENT = b": pdserve-ids "
 
+# Live role switches (issue 26): a server's epoch starts at 1 and grows with each switch of its role.
+# A router that knows a worker's epoch (its discovery record, its /server_info) puts it in the leg it
+# sends that worker (EPOCH) and the prefill's in both legs (BOOTSTRAP_EPOCH: the decode carries it in
+# its route lookup to the prefill's bootstrap server). A server or bootstrap server at another epoch
+# answers 409 with the error code STALE_EPOCH (the router then retries another pair); a server that
+# drains answers new work 503 with DRAINING. PROMPT_TOKENS_HEADER / COMPLETION_TOKENS_HEADER: the
+# token counts a generation answer reports to the router (completion tokens of whole answers only).
+EPOCH = "pdserve_epoch"
+BOOTSTRAP_EPOCH = "pdserve_bootstrap_epoch"
+STALE_EPOCH = "stale_epoch"
+DRAINING = "draining"
+PROMPT_TOKENS_HEADER = "x-pdserve-prompt-tokens"
+COMPLETION_TOKENS_HEADER = "x-pdserve-completion-tokens"
+
 # `GET /server_info` (and SGLang's older `/get_server_info`): the struct is server_info.ServerInfo
 SERVER_INFO_PATH = "/server_info"
 SERVER_INFO_PATHS = (SERVER_INFO_PATH, "/get_server_info")
@@ -51,7 +65,15 @@ BODY_FIELDS: tuple[tuple[str, object, object], ...] = (
     (RESUME_IDS, list[int] | None, None),
     (RESPONSE_ID, str | None, None),
     (CREATED, int | None, None),
+    (EPOCH, int | None, None),
+    (BOOTSTRAP_EPOCH, int | None, None),
 )
+
+
+def error_code_is(body: bytes, code: str) -> bool:
+    """Does an OpenAI-style error body carry this error `code`? (a byte search: the router need not
+    parse every error body it relays)."""
+    return b'"code":"' + code.encode() + b'"' in body.replace(b'": "', b'":"')
 
 
 def resolve_api_key(flag: str | None, env: Mapping[str, str] = os.environ) -> str | None:

@@ -4,6 +4,9 @@ Lifecycle of `run_launch(args)`:
   1. plan: free local ports for every server (and each prefill's bootstrap port), the cores
      each server is pinned to and its torch thread count (`procs.plan_cpus`), a log
      folder (`--log-dir`, default a fresh temp folder) with one log per process;
+     With `--discovery` (bare: a local etcd is started first, on free ports, its data in the log
+     folder) every server registers in etcd and the router follows it instead of a fixed list;
+     every PD server then gets a bootstrap port, so a decode can later switch to prefill;
   2. start the model servers (`pdserve serve`, bundled model unless `--model`): `--prefill N`
      prefill + `--decode M` decode servers in PD mode, or `--workers K` unified servers with
      `--mode unified`; then the router (`pdserve router`) over them, which health-checks them
@@ -17,6 +20,7 @@ Lifecycle of `run_launch(args)`:
      dies, everything stops (exit 1);
   5. Ctrl-C or SIGTERM: stop the router first (it drains), then the servers, each with
      SIGTERM, a bounded wait, then SIGKILL of its process group; exit 0.
+     SIGTERM, a bounded wait, then SIGKILL of its process group, then the local etcd; exit 0.
 With `--hicache-storage-backend` every server gets KV tiers over one shared store; for mooncake
 launch runs the store itself (a mooncake_master and a store holder, started before the servers
 and stopped after them: launch/kv_store.py says why).
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -38,7 +43,7 @@ from typing import Any
 
 from pdserve.disagg.config import DECODE_RADIX_FLAG
 from pdserve.flags.table import add_flags
-from pdserve.launch.config import LAUNCH_FLAGS, LaunchConfig, config_from_args
+from pdserve.launch.config import LAUNCH_FLAGS, LOCAL_ETCD, LaunchConfig, config_from_args
 from pdserve.launch.kv_store import check_store, kv_store
 from pdserve.launch.procs import Child, plan_cpus, python_module
 
@@ -76,6 +81,10 @@ class Cluster:
             self.stores, store_flags = kv_store(cfg.hicache_storage_backend, cfg.hicache_storage_backend_extra_config,
                                                 cfg.hicache_store_gb, log_dir)
         self.router: Child | None = None
+        self.etcd: Child | None = None
+        self.discovery = cfg.discovery
+        if cfg.discovery == LOCAL_ETCD:
+            self.etcd, self.discovery = local_etcd(log_dir)
         self.router_url = ""
         self.api_key = api_key = cfg.api_key
         roles = (["prefill"] * cfg.prefill + ["decode"] * cfg.decode) if cfg.mode == "pd" \
@@ -98,9 +107,10 @@ class Cluster:
                 cmd += ["--tp-size", str(tp)]
             if role != "unified":
                 cmd += ["--disaggregation-mode", role, "--disaggregation-transfer-backend", cfg.transfer_backend]
-            if role == "prefill":
+            if role == "prefill" or (role == "decode" and self.discovery):  # a decode may switch to prefill
                 bport = free_port()
                 cmd += ["--disaggregation-bootstrap-port", str(bport)]
+            if role == "prefill":
                 prefill_args += ["--prefill", f"http://127.0.0.1:{port}", str(bport)]
             elif role == "decode":
                 decode_args += ["--decode", f"http://127.0.0.1:{port}"]
@@ -112,6 +122,8 @@ class Cluster:
                 cmd += ["--api-key", api_key]
             if wants_events:
                 cmd += ["--kv-events-config", "{}"]
+            if self.discovery:
+                cmd += ["--discovery", self.discovery]
             cmd += store_flags + shlex.split(cfg.server_args)
             self.servers.append(Child(f"{role}-{i}", cmd, log_dir / f"{role}-{i}.log",
                                       f"http://127.0.0.1:{port}/health",
@@ -120,8 +132,11 @@ class Cluster:
         self.router_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{rport}"
         rcmd = python_module("pdserve.router", "--host", cfg.host, "--port", str(rport), "--policy", cfg.policy,
                              "--health-check-interval-secs", "5")
-        rcmd += (["--pd-disaggregation", *prefill_args, *decode_args] if cfg.mode == "pd"
-                 else ["--worker-urls", *decode_args])
+        if self.discovery:
+            rcmd += [*(["--pd-disaggregation"] if cfg.mode == "pd" else []), "--discovery", self.discovery]
+        else:
+            rcmd += (["--pd-disaggregation", *prefill_args, *decode_args] if cfg.mode == "pd"
+                     else ["--worker-urls", *decode_args])
         if api_key:
             rcmd += ["--api-key", api_key]
         rcmd += shlex.split(cfg.router_args)
@@ -129,7 +144,8 @@ class Cluster:
 
     @property
     def children(self) -> list[Child]:
-        return [*self.stores, *self.servers, *([self.router] if self.router else [])]
+        return [*self.stores, *([self.etcd] if self.etcd else []), *self.servers,
+                *([self.router] if self.router else [])]
 
     def start(self, store_timeout: float = 60.0) -> None:
         """The store first (a server's store client needs its master at start-up), then the rest."""
@@ -184,18 +200,33 @@ class Cluster:
         for child in reversed(self.stores):  # the store holder, then its master
             child.terminate()
             child.wait_or_kill(timeout)
+        if self.etcd is not None:  # last: the servers deregister on their way out
+            self.etcd.terminate()
+            self.etcd.wait_or_kill(timeout)
 
     def banner(self) -> str:
         auth = f" -H 'Authorization: Bearer {self.api_key}'" if self.api_key else ""
         body = '{"model": "default", "messages": [{"role": "user", "content": "What is the capital of France?"}], ' \
                '"max_tokens": 32, "temperature": 0}'
         lines = [f"pdserve is ready: {self.router_url}  ({len(self.servers)} servers, mode {self.cfg.mode})"]
+        if self.discovery:
+            lines.append(f"  discovery  {self.discovery}  (pdserve planner --router {self.router_url} ... acts on it)")
         for c in self.children:
             pin = f", cores {','.join(map(str, c.cpus))}" if c.cpus else ""
             lines.append(f"  {c.name:<10} pid {c.pid}{pin}  log {c.log_path}")
         lines += ["try:", f"  curl -s {self.router_url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
                           f"-d '{body}'", "Ctrl-C stops everything."]
         return "\n".join(lines)
+
+
+def local_etcd(log_dir: Path) -> tuple[Child, str]:
+    """An etcd of its own on free 127.0.0.1 ports, its data in the log folder; the `--discovery` URL."""
+    binary = shutil.which("etcd") or "etcd"  # preflight said whether there is one
+    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    cmd = [binary, "--name", "pdserve-launch", "--data-dir", str(log_dir / "etcd-data"), "--listen-client-urls",
+           client, "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls",
+           peer, "--initial-cluster", f"pdserve-launch={peer}", "--log-level", "warn"]
+    return Child("etcd", cmd, log_dir / "etcd.log", f"{client}/health"), f"etcd://{client.split('//')[1]}/pdserve"
 
 
 class _Stop(Exception):
@@ -214,6 +245,9 @@ def preflight(args: argparse.Namespace) -> LaunchConfig:
 
     cfg = config_from_args(args)  # its flag-combination rules: LaunchConfig.__post_init__
     check_model(cfg.model)
+    if cfg.discovery == LOCAL_ETCD and shutil.which("etcd") is None:
+        raise ValueError("--discovery without a URL starts a local etcd, and there is none: install etcd-server "
+                         "(scripts/install_system_deps.sh) or give --discovery etcd://HOST:PORT")
     for flag, text in (("--server-args", cfg.server_args), ("--router-args", cfg.router_args)):
         taken = RESERVED + (STORE_RESERVED if cfg.hicache_storage_backend else ())
         reserved = set(taken) & {a.split("=")[0] for a in shlex.split(text)}

@@ -4,7 +4,8 @@
 - `GET /readiness`: 200 when traffic can be served — a routable worker in regular mode, a
   routable prefill *and* decode in PD mode — else 503 with the counts.
 - `GET/POST/DELETE /workers` (and `DELETE /workers/{url}`): list, add (probed at once, then
-  health-checked like the others) and remove workers at runtime; API-key protected.
+  health-checked like the others) and remove workers at runtime; API-key protected. With
+  `--discovery` the list also says what etcd gave (`discovery`: url, connected, workers).
 - `GET /metrics`: Prometheus text. `GET /get_loads`: per-worker load.
 - `GET /v1/models`, `/v1/models/{id}`, `/version`, `/server_info`, `/model_info`,
   `/health_generate`, `POST /tokenize`, `/detokenize`: answered by one routable (decode or
@@ -24,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from pdserve.contract import SERVER_INFO_PATHS
 from pdserve.router.config import RouterConfig, WorkerSpec
+from pdserve.router.discovery import DiscoveredWorkers
 from pdserve.router.health import HealthChecker
 from pdserve.router.http.client import UpstreamError, UpstreamPool
 from pdserve.router.http.protocol import Request, Response
@@ -49,6 +51,7 @@ class Admin:
     metrics: RouterMetrics
     pool: UpstreamPool
     kv_index: KVIndex | None = None
+    discovery: DiscoveredWorkers | None = None
 
     def routes(self) -> dict[str, dict[str, RouteFn]]:
         info: dict[str, RouteFn] = {"GET": self.pass_through}
@@ -87,12 +90,14 @@ class Admin:
         return _json(body, rid, 200 if ready else 503)
 
     async def prometheus(self, req: Request, rid: str) -> Response:
-        text = self.metrics.render(self.registry.all(), self.limiter.active, self.limiter.queued)
+        text = self.metrics.render(self.registry.all(), self.limiter.active, self.limiter.queued,
+                                   self.discovery.connected if self.discovery is not None else None)
         return Response(text, 200, CONTENT_TYPE_LATEST, [("x-request-id", rid)])
 
     async def list_workers(self, req: Request, rid: str) -> Response:
         workers = [w.describe() for w in self.registry.all()]
-        return _json({"workers": workers, "total": len(workers), **self._counts()}, rid)
+        found = {"discovery": self.discovery.describe()} if self.discovery is not None else {}
+        return _json({"workers": workers, "total": len(workers), **self._counts(), **found}, rid)
 
     async def get_worker(self, req: Request, rid: str) -> Response:
         worker = self.registry.get(self._url_from(req))

@@ -4,7 +4,8 @@
   startup  - `EngineClient.start()` spawns the engine process and waits until its model is
              loaded (uvicorn binds the port only after this, so /health answers only when
              ready), then `ServerState` (tokenizer, metrics, caps) goes into `app.state.server`;
-  serving  - routers: OpenAI (/v1/...), native (/generate), admin (health, info, load, ...);
+  serving  - routers: OpenAI (/v1/...), native (/generate), admin (health, info, load, ...),
+             elastic (/drain, /switch_role: server/elastic.py);
              errors always come back as OpenAI error bodies; API key and body cap run as
              ASGI middleware around everything;
   shutdown - `begin_shutdown(app)` (called from the signal handler) refuses new work and ends
@@ -21,9 +22,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from pdserve.server import native_generate, openai_chat, openai_completions, routes_admin, routes_hicache, \
-    routes_tokenize
+from pdserve.server import native_generate, openai_chat, openai_completions, routes_admin, routes_elastic, \
+    routes_hicache, routes_tokenize
 from pdserve.server.config import ServerConfig
+from pdserve.server.elastic import Elastic
 from pdserve.server.dp_client import EngineHandle, engine_client
 from pdserve.server.errors import install_error_handlers
 from pdserve.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
@@ -54,6 +56,7 @@ def build_fastapi(config: ServerConfig) -> FastAPI:
     app.state.server = None
     app.state.client = None
     app.state.request_exit = None  # set by the launcher: ask the HTTP server to stop
+    app.state.elastic = Elastic(config)  # drain, live role switch, discovery record (server/elastic.py)
     install_error_handlers(app)
     app.include_router(openai_completions.router)
     app.include_router(openai_chat.router)
@@ -61,6 +64,7 @@ def build_fastapi(config: ServerConfig) -> FastAPI:
     app.include_router(routes_admin.router)
     app.include_router(routes_hicache.router)
     app.include_router(routes_tokenize.router)
+    app.include_router(routes_elastic.router)
     return app
 
 

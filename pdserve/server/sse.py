@@ -61,9 +61,10 @@ async def guarded(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 
 class SSEResponse(StreamingResponse):
-    def __init__(self, frames: AsyncIterator[bytes], status_code: int = 200) -> None:
+    def __init__(self, frames: AsyncIterator[bytes], status_code: int = 200,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(guarded(frames), status_code=status_code, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
