@@ -316,6 +316,7 @@ class Engine:
             self.stage = self.make_stage(self.disagg)
             raise
         self.disagg = disagg
+        self.kv.set_role(disagg.mode == "decode")
         self.check_integrity()
 
     def close(self) -> None:

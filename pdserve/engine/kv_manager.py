@@ -62,6 +62,9 @@ class KVManager:
         """Attach (or, None, detach) the storage tier at run time."""
         raise ValueError("this server has no KV tiers (start it with --enable-hierarchical-cache)")
 
+    def set_role(self, decode: bool) -> None:
+        """A live role switch (KV tiers: a PD decode writes finished requests back to storage)."""
+
     def close(self) -> None:
         """Stop the KV tiers' threads and storage client."""
 

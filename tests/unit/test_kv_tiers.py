@@ -327,3 +327,21 @@ def test_kv_events_name_the_tier_and_a_router_index_follows_them(tmp_path: Path)
     assert all(x in store for x in h)  # the whole chain is in the file store now: any worker may fetch it
     kv.check_integrity([])
     kv.close()
+
+
+def test_a_role_switch_turns_the_decode_write_back_on_and_off(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A live role switch (Engine.switch_stage -> kv.set_role) decides whether finished requests'
+    pages go to storage: a prefill under write_back writes nothing on its own, a decode writes all."""
+    llm, kv = tiered_llm(tiny_model_dir, write_policy="write_back", storage_backend="file",
+                         storage_extra=json.dumps({"path": str(tmp_path)}))
+    assert kv.tiers.store is not None
+    run(llm, [conversation()[0]])
+    assert kv.tiers.store.counters.pages_written == 0  # nothing evicted, not a decode: nothing written
+    kv.set_role(True)
+    run(llm, [prompts(1, 40, 40, seed=11)[0]])
+    assert kv.tiers.store.counters.pages_written >= 10  # the finished request's prompt and reply
+    kv.set_role(False)
+    written = kv.tiers.store.counters.pages_written
+    run(llm, [prompts(1, 40, 40, seed=12)[0]])
+    assert kv.tiers.store.counters.pages_written == written
+    close(llm)

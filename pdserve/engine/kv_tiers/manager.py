@@ -64,6 +64,7 @@ class TieredKVManager(KVManager):
         self.cache: TieredPrefixCache = TieredPrefixCache(self.allocator, page_size, tiers)
         self.moves = TierMoves(self.cache)  # the cache's KVTier
         self._staged: weakref.WeakKeyDictionary[Request, Staging] = weakref.WeakKeyDictionary()
+        self.write_finished = tiers.cfg.write_finished  # a PD decode's write-back (set_role changes it)
 
     @classmethod
     def build(cls, config: EngineConfig, pool: Pool, model_name: str, decode: bool = False) -> "TieredKVManager":
@@ -76,7 +77,7 @@ class TieredKVManager(KVManager):
         ps = pool.page_size
         host = HostPool.slots_for_bytes(pool.k, ps, int(h.size_gb * 2**30)) if h.size_gb > 0 \
             else max(1, int(h.ratio * pool.num_pages))
-        cfg = TierConfig.from_hicache(h, host, write_finished=decode and h.storage_backend is not None)
+        cfg = TierConfig.from_hicache(h, host, write_finished=decode)
         return cls(pool.num_pages, ps, KVTiers(cfg, pool.k, pool.v, ps, namespace_for(model_name, pool.k, ps)))
 
     def poll(self) -> None:
@@ -147,11 +148,11 @@ class TieredKVManager(KVManager):
                     self.tiers.counters.hit_tokens[tier] += pages * self.page_size
         done = req.tokens[:min(req.num_computed // self.page_size, len(req.pages)) * self.page_size]
         super().release(req, keep_in_cache)
-        if keep_in_cache and self.tiers.cfg.write_finished and self.tiers.store is not None:
+        if keep_in_cache and self.write_finished and self.tiers.store is not None:
             self.cache._backup(self.cache.path(done), store=True)  # a decode writes back what it served
 
     def pages_completed(self, req: Request) -> None:
-        if self.tiers.cfg.write_finished and self.tiers.cfg.write_policy == "write_through" and self.tiers.store:
+        if self.write_finished and self.tiers.cfg.write_policy == "write_through" and self.tiers.store:
             self.cache_prefix(req)  # full pages join the tree: write-through takes them to storage
 
     def _may_go(self, st: Staging) -> bool:
@@ -180,6 +181,9 @@ class TieredKVManager(KVManager):
             n.stored = False
         if backend is not None:
             self.tiers.attach_storage(backend, extra)
+
+    def set_role(self, decode: bool) -> None:
+        self.write_finished = decode
 
     def close(self) -> None:
         self.tiers.close()
