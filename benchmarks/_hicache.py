@@ -27,11 +27,15 @@ def store_of(name: str) -> str | None:
     return name.rsplit("_", 1)[-1] if name.endswith(("_file", "_mooncake")) else ""
 
 
-def hicache_flags(name: str, out: Path, store_gb: float = 2.0) -> tuple[list[Child], list[str]]:
+def hicache_flags(name: str, out: Path, store_gb: float = 2.0, host_gb: float | None = None
+                  ) -> tuple[list[Child], list[str]]:
+    """The host tier is HOST_RATIO x the pool, or `host_gb` GiB (a default-sized pool of 1 GB times
+    16 on two servers would not fit this machine's memory)."""
     store = store_of(name)
     if store is None:
         return [], []
-    flags = ["--enable-hierarchical-cache", "--hicache-ratio", str(HOST_RATIO)]
+    host = ["--hicache-size", str(host_gb)] if host_gb else ["--hicache-ratio", str(HOST_RATIO)]
+    flags = ["--enable-hierarchical-cache", *host]
     if not store:
         return [], flags
     folder = out / f"logs-{name}"

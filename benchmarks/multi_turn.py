@@ -134,7 +134,7 @@ def start_system(name: str, args: argparse.Namespace, out: Path) -> tuple[list[P
     shared KV store of a system with one (`args.stores`) starts first and is stopped last."""
     cpus = sorted(os.sched_getaffinity(0))
     half = max(1, len(cpus) // 2)
-    stores, tier_flags = hicache_flags(name, out)
+    stores, tier_flags = hicache_flags(name, out, host_gb=0.5 if name.startswith("pd") else None)
     start_stores(stores)
     args.stores = stores
     pool = {"small": ["--num-pages", str(args.small_pages)], "unbounded": ["--num-pages", str(args.big_pages)]}
@@ -461,7 +461,8 @@ def main() -> int:
     args.skipped = skipped
     plots = plot_bars(rows, args.out) + plot_compare(results, args.out, prefix="cdf_")
     (args.out / "results.json").write_text(json.dumps(
-        {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+        {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "stores"},
+         "rows": rows}, indent=1))
     print(write_report(args, rows, plots))
     return 0
 
