@@ -87,7 +87,12 @@ def load(url: str) -> dict[str, Any]:
 
 def wait(pred: Any, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not pred():
+    while True:
+        try:
+            if pred():
+                return
+        except httpx.TransportError:  # a poll refused or reset under load: poll again
+            pass
         if time.monotonic() > deadline:
             raise TimeoutError
         time.sleep(0.02)
@@ -117,7 +122,7 @@ def migration(c: Chaos, args: argparse.Namespace) -> dict[str, Any]:
     killed: dict[str, float] = {}
 
     def kill() -> None:
-        wait(lambda: load(c.pair.decode.url)["num_running_reqs"] >= 2, 120)
+        wait(lambda: load(c.pair.decode.url).get("num_running_reqs", 0) >= 2, 120)
         time.sleep(1.0)
         killed["t"] = time.monotonic()
         c.pair.kill_decode()
@@ -125,6 +130,8 @@ def migration(c: Chaos, args: argparse.Namespace) -> dict[str, Any]:
     tiers0 = tiers(c.decode2.url)
     got = run_streams(c.router.url, bodies, kill)
     load_s = store_load_s(tiers0, tiers(c.decode2.url))
+    if "t" not in killed:
+        raise RuntimeError("the streams ended before the decode had two running: no kill, no migration measured")
     kt = killed["t"]
     gaps, prefixes, equal = [], [], 0
     for g, b0 in zip(got, base):
@@ -165,7 +172,7 @@ def recompute(c: Chaos, args: argparse.Namespace) -> dict[str, Any]:
     killed: dict[str, float] = {}
 
     def kill() -> None:
-        wait(lambda: load(c.pair.prefill.url)["num_running_reqs"] >= 1, 120)
+        wait(lambda: load(c.pair.prefill.url).get("num_running_reqs", 0) >= 1, 120)
         killed["t"] = time.monotonic()
         c.pair.kill_prefill()
 
@@ -208,7 +215,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run: 3 short streams")
     args = p.parse_args()
     if args.quick:
-        args.streams, args.max_new, args.prompt_len, args.long_prompt = 3, 48, 100, 200
+        args.streams, args.max_new, args.prompt_len, args.long_prompt = 3, 96, 100, 200  # 48: ended before the kill
     with tempfile.TemporaryDirectory() as tmp, chaos_cluster(Path(tmp), hicache_args(Path(tmp), args)) as c:
         mig = migration(c, args)
         print("migration:", json.dumps(mig))
