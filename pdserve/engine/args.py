@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pdserve.engine.config import ATTENTION_BACKENDS, DTYPE_CHOICES, HICACHE_BACKENDS, HICACHE_PREFETCH_POLICIES, \
     HICACHE_WRITE_POLICIES, QUANTIZATIONS, EngineConfig
+from pdserve.engine.spec.config import SPEC_FLAGS
 from pdserve.flags.argtypes import device, fraction, non_negative_float, non_negative_int, positive_float, \
     positive_int
 from pdserve.flags.table import Flag, add_flags, flag_values, with_values
@@ -129,6 +130,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
               (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES), EngineConfig())
     add_flags(p.add_argument_group("KV tiers (SGLang's HiCache flags; with --enable-hierarchical-cache)"),
               HICACHE_FLAGS, EngineConfig())
+    add_flags(p.add_argument_group("speculative decoding (engine/spec/)"), SPEC_FLAGS, EngineConfig())
 
 
 def check_engine_args(args: argparse.Namespace) -> None:
@@ -142,6 +144,7 @@ def check_engine_args(args: argparse.Namespace) -> None:
         from pdserve.engine.kv_tiers.backends import check_backend_config
 
         check_backend_config(config.hicache.storage_backend, config.hicache.storage_extra)
+    config.speculative.check()
     if args.mem_fraction_static is not None and (args.num_pages is not None or args.kv_cache_gb is not None):
         raise ValueError("--mem-fraction-static sizes the KV pool: do not combine it with --num-pages or "
                          "--kv-cache-gb")
@@ -159,7 +162,8 @@ def check_engine_args(args: argparse.Namespace) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    values = flag_values(args, (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES, *HICACHE_FLAGS), EngineConfig())
+    values = flag_values(args, (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES, *HICACHE_FLAGS, *SPEC_FLAGS),
+                         EngineConfig())
     template = values.get("chat_template")
     if template is not None and "{" not in template and Path(template).is_file():
         values["chat_template"] = Path(template).read_text(encoding="utf-8")
