@@ -1,7 +1,9 @@
-"""Issue 15: multi-turn chat — what a decode-side prefix cache and conditional PD buy.
+"""Issues 15 and 25: multi-turn chat — what a decode-side prefix cache, conditional PD and a KV
+hierarchy (host tier + shared store) buy.
 
     python benchmarks/multi_turn.py                       # the full run (tens of minutes on 2 cores)
     python benchmarks/multi_turn.py --quick --configs unified pd pd_cond --out /tmp/mt
+    python benchmarks/multi_turn.py --workload many_users  # working set >= 8x the device pool
 
 One seeded workload, four systems started one after the other (each behind `pdserve router`,
 so the router hop is on every side; every server publishes KV events, `--kv-events-config {}`):
@@ -13,7 +15,21 @@ so the router hop is on every side; every server publishes KV events, `--kv-even
   pd_cache_cond pd_cache + the router's conditional disaggregation
                 (`--pd-local-prefill-threshold`): a turn whose uncached part on the decode is small
                 is prefilled on the decode itself, no transfer at all;
-  pd_cond       (extra, not in the default set) pd + conditional, without the decode cache flag.
+  pd_cond       (extra, not in the default set) pd + conditional, without the decode cache flag;
+  pd_hicache_file / pd_hicache_mooncake
+                pd + KV tiers on both servers (--enable-hierarchical-cache, host tier 16x the
+                pool) over one shared store: a directory, or a mooncake_master with a store holder
+                started as `pdserve launch` starts them (benchmarks/_hicache.py); the decode writes
+                every finished turn back, so the next turn's prefill reads the reply instead of
+                computing it.
+
+`--workload many_users` (issue 25): every conversation has its own long system prompt (a user's
+document), so the working set (every user's history) is >= 8x a small device pool
+(`--small-pages`); unified servers, one after the other:
+  small                  the small pool, no tiers: a returning user's pages were evicted
+  small_hicache          + a host tier (16x the pool): evicted pages are demoted and loaded back
+  small_hicache_file     + a file store below it
+  unbounded              a pool that holds everything (`--big-pages`): the hit rate to match
 
 Workload: `--conversations` chats share one system prompt (`--system-len` tokens); each has
 `--turns` turns; a turn appends a new user message (`--user-len` tokens) to the history
@@ -28,7 +44,10 @@ both SLOs), KV bytes moved per request (the decode's `sglang:kv_transfer_bytes_t
 turns) and the router's `sglang:router_pd_decisions_total`. Output (in --out): report.md (table,
 ratios, targets met/missed), results.json and PNGs (bars per metric, TTFT and ITL CDFs).
 Targets: pd_cache moves <= 0.3x pd's KV bytes with TTFT p50 <= 0.6x pd's; pd_cache_cond keeps
-p99 ITL <= 0.5x unified's with TTFT p50 <= 1.2x unified's.
+p99 ITL <= 0.5x unified's with TTFT p50 <= 1.2x unified's; pd_hicache_* TTFT p50 <= 0.6x pd's and
+<= 1.3x unified's; many_users: small_hicache's prefix hit rate (cached / prompt tokens, from the
+usage) >= 0.9x unbounded's and its TTFT p50 <= 0.5x small's. Rows with tiers also report each
+tier's hit tokens and the store's bytes read / written (servers' /get_load).
 """
 
 from __future__ import annotations
@@ -55,9 +74,13 @@ from pdserve.bench.metrics import RequestRecord, summarize  # noqa: E402
 from pdserve.bench.report import plot_compare  # noqa: E402
 from pdserve.bench.runner import BenchConfig, BenchResult  # noqa: E402
 from pdserve.flags.procs import kill_group  # noqa: E402
+from benchmarks._hicache import hicache_flags, start_stores, stop_stores, tier_totals  # noqa: E402
 
-CONFIGS = ("unified", "pd", "pd_cache", "pd_cache_cond", "pd_cond")
-DEFAULT_CONFIGS = ("unified", "pd", "pd_cache", "pd_cache_cond")
+CONFIGS = ("unified", "pd", "pd_cache", "pd_cache_cond", "pd_cond", "pd_hicache_file", "pd_hicache_mooncake",
+           "small", "small_hicache", "small_hicache_file", "unbounded")
+DEFAULT_CONFIGS = ("unified", "pd", "pd_cache", "pd_cache_cond", "pd_hicache_file", "pd_hicache_mooncake")
+MANY_USER_CONFIGS = ("small", "small_hicache", "small_hicache_file", "unbounded")
+SERVER_ARGS = "--max-model-len 4096"
 DECODE_CACHE_FLAG = "--disaggregation-decode-enable-radix-cache"  # the decode-side prefix cache (issue 15 A)
 WORDS = ("river stone lantern orbit maple signal harbor velvet copper meadow falcon ember quartz canyon willow "
          "summit cobalt thistle beacon glacier saffron tundra marble pepper violet anchor cedar prism").split()
@@ -107,10 +130,16 @@ def wait_ready(url: str, path: str, procs: list[Proc], timeout: float = 600) -> 
 
 
 def start_system(name: str, args: argparse.Namespace, out: Path) -> tuple[list[Proc], str, str | None]:
-    """Servers and router for `name`; returns (processes, router url, decode url or None)."""
+    """Servers and router for `name`; returns (processes, router url, decode url or None). The
+    shared KV store of a system with one (`args.stores`) starts first and is stopped last."""
     cpus = sorted(os.sched_getaffinity(0))
     half = max(1, len(cpus) // 2)
-    common = ["--kv-events-config", "{}", *args.server_args.split()]
+    stores, tier_flags = hicache_flags(name, out, host_gb=0.5 if name.startswith("pd") else None)
+    start_stores(stores)
+    args.stores = stores
+    pool = {"small": ["--num-pages", str(args.small_pages)], "unbounded": ["--num-pages", str(args.big_pages)]}
+    common = ["--kv-events-config", "{}", *args.server_args.split(), *tier_flags,
+              *pool.get(name.split("_")[0], [])]
     serve = [sys.executable, "-m", "pdserve.cli", "serve", "--model", args.model, "--host", "127.0.0.1"]
     logs = out / f"logs-{name}"
     logs.mkdir(parents=True, exist_ok=True)
@@ -119,11 +148,13 @@ def start_system(name: str, args: argparse.Namespace, out: Path) -> tuple[list[P
     router = [sys.executable, "-m", "pdserve.cli", "router", "--host", "127.0.0.1", "--port", str(router_port),
               "--policy", "cache_aware"]
     decode_url = None
-    if name == "unified":
+    args.server_urls = []
+    if not name.startswith("pd"):
         port = free_port()
         procs.append(Proc("unified", [*serve, "--port", str(port), "--threads", str(len(cpus)), *common],
                           logs / "unified.log", cpus))
         router += ["--worker-urls", f"http://127.0.0.1:{port}"]
+        args.server_urls = [f"http://127.0.0.1:{port}"]
     else:
         p_port, d_port, boot = free_port(), free_port(), free_port()
         pd = ["--disaggregation-transfer-backend", args.backend]
@@ -135,6 +166,7 @@ def start_system(name: str, args: argparse.Namespace, out: Path) -> tuple[list[P
                                      *pd, "--disaggregation-mode", "decode", "--disaggregation-bootstrap-port",
                                      str(free_port()), *extra], logs / "decode.log", cpus[half:] or cpus))
         decode_url = f"http://127.0.0.1:{d_port}"
+        args.server_urls = [f"http://127.0.0.1:{p_port}", decode_url]
         router += ["--pd-disaggregation", "--prefill", f"http://127.0.0.1:{p_port}", str(boot), "--decode", decode_url]
         if name.endswith("_cond"):
             router += ["--pd-local-prefill-threshold", str(args.threshold)]
@@ -147,6 +179,7 @@ def start_system(name: str, args: argparse.Namespace, out: Path) -> tuple[list[P
     except BaseException:
         for p in reversed(procs):
             p.stop()
+        stop_stores(stores)
         raise
     return procs, url, decode_url
 
@@ -169,21 +202,24 @@ def words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def conversations(args: argparse.Namespace) -> tuple[str, list[tuple[float, list[str], list[float]]]]:
-    """The shared system prompt, and per conversation: start offset, user messages, think times."""
+def conversations(args: argparse.Namespace) -> list[tuple[float, str, list[str], list[float]]]:
+    """Per conversation: start offset, system prompt (shared; many_users: each its own), user
+    messages, think times."""
     rng = random.Random(args.seed)
-    system = "You are a helpful assistant. Background notes: " + words(rng, args.system_len)
+    shared = "You are a helpful assistant. Background notes: " + words(rng, args.system_len)
     out, t = [], 0.0
-    for _ in range(args.conversations):
+    for i in range(args.conversations):
+        system = shared if args.workload == "multi_turn" else \
+            f"You are user {i}'s assistant. Their document: " + words(rng, args.system_len)
         users = [words(rng, args.user_len) + "?" for _ in range(args.turns)]
         thinks = [rng.expovariate(1 / args.think_s) if args.think_s > 0 else 0.0 for _ in range(args.turns)]
-        out.append((t, users, thinks))
+        out.append((t, system, users, thinks))
         t += rng.expovariate(args.rate)
-    return system, out
+    return out
 
 
 async def one_turn(session: aiohttp.ClientSession, url: str, messages: list[dict[str, str]], reply_len: int,
-                   origin: float) -> tuple[RequestRecord, str]:
+                   origin: float, cached: list[int]) -> tuple[RequestRecord, str]:
     rec = RequestRecord()
     body = {"messages": messages, "max_tokens": reply_len, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -205,6 +241,7 @@ async def one_turn(session: aiohttp.ClientSession, url: str, messages: list[dict
                 if isinstance(usage, dict):
                     rec.prompt_len = int(usage.get("prompt_tokens") or 0)
                     rec.output_tokens = int(usage.get("completion_tokens") or 0)
+                    cached.append(int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0))
                 for ch in data.get("choices") or []:
                     piece = (ch.get("delta") or {}).get("content")
                     if piece:
@@ -224,19 +261,21 @@ async def one_turn(session: aiohttp.ClientSession, url: str, messages: list[dict
     return rec, "".join(text)
 
 
-async def drive(url: str, args: argparse.Namespace) -> tuple[list[RequestRecord], float]:
-    system, convs = conversations(args)
+async def drive(url: str, args: argparse.Namespace) -> tuple[list[RequestRecord], float, int]:
+    """Every conversation's turns; the records, the duration and the cached prompt tokens."""
+    convs = conversations(args)
     records: list[RequestRecord] = []
+    cached: list[int] = []
     timeout = aiohttp.ClientTimeout(total=args.timeout_s)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         origin = time.perf_counter()
 
-        async def chat(start: float, users: list[str], thinks: list[float]) -> None:
+        async def chat(start: float, system: str, users: list[str], thinks: list[float]) -> None:
             await asyncio.sleep(max(0.0, start - (time.perf_counter() - origin)))
             messages = [{"role": "system", "content": system}]
             for user, think in zip(users, thinks):
                 messages.append({"role": "user", "content": user})
-                rec, reply = await one_turn(session, url, messages, args.reply_len, origin)
+                rec, reply = await one_turn(session, url, messages, args.reply_len, origin, cached)
                 records.append(rec)
                 if not rec.success:
                     return
@@ -244,7 +283,7 @@ async def drive(url: str, args: argparse.Namespace) -> tuple[list[RequestRecord]
                 await asyncio.sleep(think)
 
         await asyncio.gather(*(chat(*c) for c in convs))
-        return records, time.perf_counter() - origin
+        return records, time.perf_counter() - origin, sum(cached)
 
 
 def run_system(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], BenchResult]:
@@ -253,20 +292,24 @@ def run_system(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], Ben
     try:
         warm = argparse.Namespace(**{**vars(args), "conversations": 1, "turns": 1, "seed": args.seed + 999})
         asyncio.run(drive(url, warm))  # one unrelated turn: compile/warm paths outside the measurement
-        kv0, dec0 = scrape(decode, KV_BYTES), scrape(url, DECISIONS)
+        kv0, dec0, tiers0 = scrape(decode, KV_BYTES), scrape(url, DECISIONS), tier_totals(args.server_urls)
         t0 = time.time()
-        records, duration = asyncio.run(drive(url, args))
-        kv1, dec1 = scrape(decode, KV_BYTES), scrape(url, DECISIONS)
+        records, duration, cached = asyncio.run(drive(url, args))
+        time.sleep(1.0)  # the last turns' write-backs land
+        kv1, dec1, tiers1 = scrape(decode, KV_BYTES), scrape(url, DECISIONS), tier_totals(args.server_urls)
     finally:
         for p in reversed(procs):
             p.stop()
+        stop_stores(args.stores)
     s = summarize(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
     done = s["completed"]
     row = {"system": name, "completed": done, "failed": s["failed"], "ttft_p50": s["ttft_ms"]["median"],
            "ttft_p99": s["ttft_ms"]["p99"], "itl_p50": s["itl_ms"]["median"], "itl_p99": s["itl_ms"]["p99"],
            "goodput": s["goodput"], "mean_prompt": sum(r.prompt_len for r in records if r.success) / max(done, 1),
            "kv_bytes_per_req": (sum(kv1.values()) - sum(kv0.values())) / max(done, 1),
-           "decisions": {k: v - dec0.get(k, 0.0) for k, v in dec1.items()}, "duration_s": duration}
+           "decisions": {k: v - dec0.get(k, 0.0) for k, v in dec1.items()}, "duration_s": duration,
+           "hit_rate": cached / max(1, sum(r.prompt_len for r in records if r.success)),
+           "tiers": {k: v - tiers0.get(k, 0) for k, v in tiers1.items()}}
     cfg = BenchConfig(base_url=url, model=None, tokenizer="default", num_prompts=len(records), seed=args.seed,
                       slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
     print(json.dumps(row), flush=True)
@@ -301,39 +344,59 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+_COND = (("itl_p99", "unified", "<=", 0.5), ("ttft_p50", "unified", "<=", 1.2))
+_TIERED_PD = (("ttft_p50", "pd", "<=", 0.6), ("ttft_p50", "unified", "<=", 1.3))
+_MANY = (("hit_rate", "unbounded", ">=", 0.9), ("ttft_p50", "small", "<=", 0.5))
+# system -> (metric, the system it is compared with, <= or >=, the ratio to reach)
+TARGETS: dict[str, tuple[tuple[str, str, str, float], ...]] = {
+    "pd_cache": (("kv_bytes_per_req", "pd", "<=", 0.3), ("ttft_p50", "pd", "<=", 0.6)),
+    "pd_cache_cond": _COND, "pd_cond": _COND, "pd_hicache_file": _TIERED_PD, "pd_hicache_mooncake": _TIERED_PD,
+    "small_hicache": _MANY, "small_hicache_file": _MANY}
+
+
 def targets(by: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
-    if "pd" in by and "pd_cache" in by:
-        kv = _ratio(by["pd_cache"]["kv_bytes_per_req"], by["pd"]["kv_bytes_per_req"])
-        tt = _ratio(by["pd_cache"]["ttft_p50"], by["pd"]["ttft_p50"])
-        lines.append(f"- pd_cache vs pd: KV bytes {kv:.2f}x (target <= 0.3), TTFT p50 {tt:.2f}x (target <= 0.6) -> "
-                     f"{'MET' if kv <= 0.3 and tt <= 0.6 else 'MISSED'}")
-    for cond in ("pd_cache_cond", "pd_cond"):
-        if cond in by and "unified" in by:
-            itl = _ratio(by[cond]["itl_p99"], by["unified"]["itl_p99"])
-            tt = _ratio(by[cond]["ttft_p50"], by["unified"]["ttft_p50"])
-            lines.append(f"- {cond} vs unified: p99 ITL {itl:.2f}x (target <= 0.5), TTFT p50 {tt:.2f}x "
-                         f"(target <= 1.2) -> {'MET' if itl <= 0.5 and tt <= 1.2 else 'MISSED'}")
-    return lines or ["- (the targets need unified, pd, pd_cache and pd_cache_cond)"]
+    for system, checks in TARGETS.items():
+        if system not in by or any(base not in by for _, base, _, _ in checks):
+            continue
+        parts, met = [], True
+        for metric, base, op, limit in checks:
+            r = _ratio(by[system][metric], by[base][metric])
+            met &= r <= limit if op == "<=" else r >= limit
+            parts.append(f"{metric} {r:.2f}x {base} (target {op} {limit:g})")
+        lines.append(f"- {system}: {', '.join(parts)} -> {'MET' if met else 'MISSED'}")
+    return lines or ["- (the targets need a system and the systems it is compared with)"]
 
 
 def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], plots: list[Path]) -> str:
     by = {r["system"]: r for r in rows}
-    lines = ["# Multi-turn chat: decode cache and conditional PD", "",
+    title = "many users, a working set larger than the device pool" if args.workload == "many_users" else \
+        "decode cache, conditional PD, KV hierarchy"
+    lines = [f"# Multi-turn chat: {title}", "",
              f"`python benchmarks/multi_turn.py {' '.join(sys.argv[1:])}`", "",
              f"{args.conversations} conversations x {args.turns} turns, Poisson starts at {args.rate:g}/s, shared "
              f"system prompt ~{args.system_len} words, user messages ~{args.user_len} words, replies {args.reply_len} "
              f"tokens (greedy, EOS ignored), think time mean {args.think_s:g} s, seed {args.seed}; conditional "
              f"threshold {args.threshold} tokens; SLOs TTFT <= {args.slo_ttft_ms:g} ms, TPOT <= "
              f"{args.slo_tpot_ms:g} ms. Machine: {len(os.sched_getaffinity(0))} cores (PD: half each).", "",
-             "| system | turns | mean prompt | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | KV bytes/req | goodput "
-             "| decisions |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| system | turns | mean prompt | hit rate | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | KV bytes/req "
+             "| goodput | decisions | tier hits (tokens) | store MB read / written |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dec = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["decisions"].items())) or "-"
+        t = r.get("tiers") or {}
+        hits = ", ".join(f"{k[4:]} {t[k]:.0f}" for k in ("hit_device", "hit_host", "hit_storage") if k in t) or "-"
+        store = f"{t['storage_bytes_read'] / 1e6:.1f} / {t['storage_bytes_written'] / 1e6:.1f}" \
+            if t.get("storage_bytes_written") else "-"
         lines.append(f"| {r['system']} | {r['completed']}/{r['completed'] + r['failed']} | {r['mean_prompt']:.0f} | "
-                     f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['itl_p50']:.0f} | {r['itl_p99']:.0f} | "
-                     f"{r['kv_bytes_per_req']:.0f} | {r['goodput']:.3f} | {dec} |")
-    lines += ["", "Latencies in ms, goodput in turns/s."]
+                     f"{r.get('hit_rate', 0.0):.2f} | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['itl_p50']:.0f} | "
+                     f"{r['itl_p99']:.0f} | {r['kv_bytes_per_req']:.0f} | {r['goodput']:.3f} | {dec} | {hits} | "
+                     f"{store} |")
+    lines += ["", "Latencies in ms, goodput in turns/s; hit rate: cached / prompt tokens (usage)."]
+    if args.workload == "many_users":
+        ws = args.conversations * (args.system_len + args.turns * (args.user_len + args.reply_len))
+        lines += [f"Working set about {ws} tokens = {ws / (args.small_pages * args.page_size):.1f}x the small "
+                  f"pool ({args.small_pages} pages of {args.page_size})."]
     if getattr(args, "skipped", None):
         lines += ["", "Not run: " + "; ".join(args.skipped) + "."]
     lines += ["", "## Targets", "", *targets(by), "",
@@ -345,7 +408,12 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], plots: li
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=CONFIGS)
+    ap.add_argument("--configs", nargs="+", choices=CONFIGS,
+                    help="systems, one after the other (default: by workload)")
+    ap.add_argument("--workload", default="multi_turn", choices=("multi_turn", "many_users"))
+    ap.add_argument("--small-pages", type=int, default=96, help="many_users: the small device pool (pages)")
+    ap.add_argument("--big-pages", type=int, default=4096, help="many_users: the unbounded pool (pages)")
+    ap.add_argument("--page-size", type=int, default=16, help="the servers' --page-size (for the working set)")
     ap.add_argument("--conversations", type=int, default=24)
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--system-len", type=int, default=600, help="words in the shared system prompt")
@@ -358,15 +426,25 @@ def main() -> int:
     ap.add_argument("--slo-tpot-ms", type=float, default=150.0)
     ap.add_argument("--model", default="default")
     ap.add_argument("--backend", default="tcp", help="PD transfer backend")
-    ap.add_argument("--server-args", default="--max-model-len 4096", help="extra `pdserve serve` flags for all")
+    ap.add_argument("--server-args", default=SERVER_ARGS, help="extra `pdserve serve` flags for all")
     ap.add_argument("--timeout-s", type=float, default=600.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a smoke run: 3 short conversations of 4 turns")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "multi_turn")
+    ap.add_argument("--out", type=Path, help="default: benchmarks/results/multi_turn (many_users: ..._many_users)")
     args = ap.parse_args()
+    many = args.workload == "many_users"
+    args.configs = args.configs or list(MANY_USER_CONFIGS if many else DEFAULT_CONFIGS)
+    args.out = args.out or ROOT / "benchmarks" / "results" / ("multi_turn_many_users" if many else "multi_turn")
+    if many and not args.quick:  # 24 users x (600-word document + 4 turns) over 96 pages: ~10x the pool
+        args.conversations, args.turns, args.system_len, args.rate, args.think_s = 24, 4, 600, 0.2, 6.0
     if args.quick:
         args.conversations, args.turns, args.system_len, args.user_len, args.reply_len = 3, 4, 120, 12, 8
         args.rate, args.think_s, args.threshold = 1.0, 0.2, 64
+        if many:  # 6 users x (~80-token document + 3 short turns) over 16 pages: ~3x the pool
+            args.conversations, args.turns, args.system_len, args.user_len = 6, 3, 50, 8
+            args.small_pages, args.think_s = 16, 1.0
+    if many and args.server_args == SERVER_ARGS:  # a context the small pool can hold
+        args.server_args = f"--max-model-len {(args.small_pages - 1) * args.page_size} --page-size {args.page_size}"
     args.out.mkdir(parents=True, exist_ok=True)
     rows, results, skipped = [], {}, []
     for name in args.configs:
@@ -383,7 +461,8 @@ def main() -> int:
     args.skipped = skipped
     plots = plot_bars(rows, args.out) + plot_compare(results, args.out, prefix="cdf_")
     (args.out / "results.json").write_text(json.dumps(
-        {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+        {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "stores"},
+         "rows": rows}, indent=1))
     print(write_report(args, rows, plots))
     return 0
 

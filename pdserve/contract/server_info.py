@@ -31,6 +31,7 @@ class ServerInfo(msgspec.Struct, kw_only=True):
     dp_size: int = 1
     enable_dp_attention: bool = False
     load_balance_method: str | None = None
+    hicache_storage: str | None = None  # the KV tiers' shared store ("file:/dir", "mooncake:HOST:PORT"); None: none
     epoch: int | None = None  # its role epoch (a live role switch bumps it; None: it does not say)
     draining: bool = False  # it finishes what it runs and takes nothing new (POST /drain, /switch_role)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pdserve.engine.config import ATTENTION_BACKENDS, DTYPE_CHOICES, QUANTIZATIONS, EngineConfig
+from pdserve.engine.config import ATTENTION_BACKENDS, DTYPE_CHOICES, HICACHE_BACKENDS, HICACHE_PREFETCH_POLICIES, \
+    HICACHE_WRITE_POLICIES, QUANTIZATIONS, EngineConfig
 from pdserve.engine.spec.config import SPEC_FLAGS
 from pdserve.flags.argtypes import device, fraction, non_negative_float, non_negative_int, positive_float, \
     positive_int
@@ -78,6 +79,32 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
          metavar="JSON"),
 )
 
+# KV tiers (engine/kv_tiers), SGLang's HiCache names
+HICACHE_FLAGS: tuple[Flag, ...] = (
+    Flag(("--hicache-ratio",), "hicache.ratio", positive_float,
+         "host KV tier size as a multiple of the device pool's pages"),
+    Flag(("--hicache-size",), "hicache.size_gb", non_negative_float,
+         "host KV tier size in GiB (0: use --hicache-ratio)"),
+    Flag(("--hicache-write-policy",), "hicache.write_policy", str,
+         "when pages go down a tier: write_through (at once), write_through_selective (pages hit twice), "
+         "write_back (when evicted)", HICACHE_WRITE_POLICIES),
+    Flag(("--hicache-storage-backend",), "hicache.storage_backend", str,
+         "a storage tier below host memory, shared by every instance that names the same store",
+         HICACHE_BACKENDS, shown="none"),
+    Flag(("--hicache-storage-backend-extra-config",), "hicache.storage_extra", str,
+         'the backend\'s JSON: file {"path": DIR, "max_bytes": "64gb"}; mooncake {"master_server_address": '
+         '"HOST:PORT", "metadata_server": "P2PHANDSHAKE", "protocol": "tcp", "global_segment_size": "4gb", '
+         '"local_buffer_size": "64mb"} (or MOONCAKE_* variables)', metavar="JSON"),
+    Flag(("--hicache-storage-prefetch-policy",), "hicache.prefetch_policy", str,
+         "a request whose prefix continues in storage: best_effort (never waits for it), wait_complete, "
+         "timeout (waits at most --hicache-storage-prefetch-timeout)", HICACHE_PREFETCH_POLICIES),
+    Flag(("--hicache-storage-prefetch-timeout",), "hicache.prefetch_timeout_s", positive_float,
+         "seconds a request waits for its prefix from storage under the timeout policy", metavar="SECONDS"),
+)
+HICACHE_SWITCH = Flag(("--enable-hierarchical-cache",), "hicache.enable", None,
+                      "KV tiers below the device pool: evicted pages go to host memory (and a storage backend), "
+                      "a prefix found there is loaded back instead of recomputed")
+
 
 MODEL_FLAG = Flag(("--model", "--model-path"), "model", str,
                   "HF folder, .gguf file, or 'default' (bundled SmolLM2-135M-Instruct)")
@@ -96,6 +123,7 @@ ENGINE_SWITCHES: tuple[Flag, ...] = (
     Flag(("--enable-priority-scheduling",), "enable_priority_scheduling", None,
          "admit and preempt by each request's `priority` (lower value first; FCFS within a priority); "
          "without it a priority other than 0 is refused (400)"),
+    HICACHE_SWITCH,
 )
 
 
@@ -103,6 +131,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The engine's flags (--help shows EngineConfig's defaults; a flag not given is None)."""
     add_flags(p.add_argument_group("model and engine (SGLang's and vLLM's spellings are aliases)"),
               (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES), EngineConfig())
+    add_flags(p.add_argument_group("KV tiers (SGLang's HiCache flags; with --enable-hierarchical-cache)"),
+              HICACHE_FLAGS, EngineConfig())
     add_flags(p.add_argument_group("speculative decoding (engine/spec/)"), SPEC_FLAGS, EngineConfig())
 
 
@@ -110,6 +140,13 @@ def check_engine_args(args: argparse.Namespace) -> None:
     """Flag combinations that cannot work; raises ValueError with one sentence."""
     config = engine_config_from_args(args)
     config.check_parallel()
+    given = [f.names[0] for f in HICACHE_FLAGS if getattr(args, f.dest) is not None]
+    if given and not config.hicache.enable:
+        raise ValueError(f"{given[0]} needs --enable-hierarchical-cache")
+    if config.hicache.storage_backend is not None:
+        from pdserve.engine.kv_tiers.backends import check_backend_config
+
+        check_backend_config(config.hicache.storage_backend, config.hicache.storage_extra)
     config.speculative.check()
     if args.mem_fraction_static is not None and (args.num_pages is not None or args.kv_cache_gb is not None):
         raise ValueError("--mem-fraction-static sizes the KV pool: do not combine it with --num-pages or "
@@ -128,7 +165,8 @@ def check_engine_args(args: argparse.Namespace) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    values = flag_values(args, (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES, *SPEC_FLAGS), EngineConfig())
+    values = flag_values(args, (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES, *HICACHE_FLAGS, *SPEC_FLAGS),
+                         EngineConfig())
     template = values.get("chat_template")
     if template is not None and "{" not in template and Path(template).is_file():
         values["chat_template"] = Path(template).read_text(encoding="utf-8")

@@ -11,7 +11,8 @@
                                       share of the same tokens (parallel/ep.py; engine/tp_worker.py)
     model                             the weights, RoPE tables up to the context length
     KV pool, KV manager               the pool's memory comes from the PD mode (shm: shared);
-                                      the manager's prefix cache gets its tier (NoTier: none)
+                                      the manager's prefix cache gets its tier (NoTier: none;
+                                      --enable-hierarchical-cache: engine/kv_tiers' TieredKVManager)
     scheduler, stats, DP rank, runner, sampler, stop checker, grammars
     speculator                        NoSpeculation: plain decoding (engine/speculate.py), or with
                                       --speculative-algorithm engine/spec/ (its draft model, the
@@ -115,6 +116,16 @@ def kv_budget_gb(config: EngineConfig, device: torch.device) -> float:
     return fraction * available / (1 << 30)
 
 
+def build_kv(config: EngineConfig, pool: Pool, model_name: str, disagg: DisaggConfig | None) -> KVManager:
+    """The KV manager: the device pool only (NoTier), or with --enable-hierarchical-cache the
+    tiered one (engine/kv_tiers: host memory, storage; a PD decode writes finished requests back)."""
+    if not config.hicache.enable:
+        return KVManager(pool.num_pages, config.page_size, config.enable_prefix_cache, NoTier())
+    from pdserve.engine.kv_tiers.manager import TieredKVManager
+
+    return TieredKVManager.build(config, pool, model_name, decode=disagg is not None and disagg.mode == "decode")
+
+
 def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> EngineParts:
     device = dp_device(config, resolve_device(config.device))
     dtype = resolve_dtype(config.dtype)
@@ -156,7 +167,7 @@ def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> Eng
     pool = new_pool(local, num_pages, ps, device, dtype, tensors)
     log.info("KV pool: %d pages of %d tokens = %d tokens, %.2f GB; context length %d", num_pages, ps,
              num_pages * ps, num_pages * pool.page_bytes() / 2**30, max_model_len)
-    kv = KVManager(num_pages, ps, config.enable_prefix_cache, NoTier())
+    kv = build_kv(config, pool, model_path.name, disagg)
     scheduler = Scheduler(kv, config.chunk_budget, config.max_running, config.decode_headroom,
                           config.enable_priority_scheduling)
     keep_freed_memory()  # after the weights and the pool: they keep their own mappings

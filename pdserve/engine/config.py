@@ -97,6 +97,49 @@ class ParallelConfig:
         return host.strip("[]"), int(port)
 
 
+HICACHE_WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
+HICACHE_PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
+HICACHE_BACKENDS = ("file", "mooncake")
+
+
+@dataclass(frozen=True)
+class HiCacheConfig:
+    """KV tiers below the device pool (engine/kv_tiers; SGLang's HiCache flags): a host tier of
+    `ratio` x the device pool's pages (or `size_gb`), and optionally a storage tier shared by
+    instances (`storage_backend` with its JSON `storage_extra`)."""
+
+    enable: bool = False  # --enable-hierarchical-cache
+    ratio: float = 2.0  # host-tier pages per device page
+    size_gb: float = 0.0  # host tier in GiB (> 0 wins over ratio)
+    write_policy: str = "write_through"  # when pages go down a tier (kv_tiers/tiers.py)
+    storage_backend: str | None = None  # None | file | mooncake
+    storage_extra: str | None = None  # --hicache-storage-backend-extra-config (JSON object)
+    # how long a request waits for its prefix from storage: SGLang's default best_effort never
+    # waits, so a request an idle server admits at once gains nothing; a bounded wait does
+    prefetch_policy: str = "timeout"
+    prefetch_timeout_s: float = 1.0  # prefetch_policy timeout: the wait's bound
+
+    def check(self, prefix_cache: bool, layout: ParallelConfig) -> None:
+        """Raise ValueError (one sentence) for tiers that cannot work with this engine."""
+        if not self.enable:
+            return
+        if not prefix_cache:
+            raise ValueError("--enable-hierarchical-cache needs the radix cache: drop --disable-radix-cache")
+        if layout.tp_size > 1 or layout.dp_size > 1:
+            raise ValueError("--enable-hierarchical-cache with --tp-size or --dp-size > 1 is not supported yet "
+                             "(every rank would copy its own KV heads between tiers)")
+        if self.ratio <= 0 or self.size_gb < 0:
+            raise ValueError("--hicache-ratio must be > 0 and --hicache-size >= 0")
+        if self.write_policy not in HICACHE_WRITE_POLICIES:
+            raise ValueError(f"--hicache-write-policy must be one of {', '.join(HICACHE_WRITE_POLICIES)}")
+        if self.prefetch_policy not in HICACHE_PREFETCH_POLICIES:
+            raise ValueError(f"--hicache-storage-prefetch-policy must be one of {', '.join(HICACHE_PREFETCH_POLICIES)}")
+        if self.storage_backend is not None and self.storage_backend not in HICACHE_BACKENDS:
+            raise ValueError(f"--hicache-storage-backend must be one of {', '.join(HICACHE_BACKENDS)}")
+        if self.storage_extra is not None and self.storage_backend is None:
+            raise ValueError("--hicache-storage-backend-extra-config needs --hicache-storage-backend")
+
+
 LAYOUT_FIELDS = tuple(f.name for f in dataclasses.fields(ParallelConfig))
 _LAYOUT_READS = LAYOUT_FIELDS + ("attn_tp_size", "ep_ranks", "num_processes", "ranks_per_node", "rendezvous")
 
@@ -147,12 +190,14 @@ class EngineConfig:
     warmup: bool = True  # the engine process runs one short request before it reports ready
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the tp/dp layout (flat keywords fold in)
     kv_events_config: str | None = None  # JSON (pdserve/kv_events): publish KV events; None = off
+    hicache: HiCacheConfig = field(default_factory=HiCacheConfig)  # KV tiers below the pool (off by default)
     speculative: SpecConfig = field(default_factory=SpecConfig)  # speculative decoding (engine/spec/); off
     enable_priority_scheduling: bool = False  # admit and preempt by the request's priority (lower first)
 
     def check_parallel(self) -> None:
         """Raise ValueError (one sentence) for a layout that cannot work, here or with the engine's knobs."""
         self.parallel.check_parallel()
+        self.hicache.check(self.enable_prefix_cache, self.parallel)
         if self.parallel.dp_size > 1 and self.kv_events_config is not None:
             raise ValueError("--kv-events-config with --dp-size > 1 is not supported yet (one publisher per dp rank "
                              "would need advertising)")

@@ -149,6 +149,7 @@ class Engine:
                                      params=SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)))
         while self.has_work():
             self.step()
+        self.kv.flush()  # KV tiers: its copies land before the cache is dropped
         self.kv.cache.reset()
         self.stats.reset()
         self.check_integrity()
@@ -305,7 +306,8 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens_computed=self.stats.prompt_tokens,
             cache_queries=self.stats.cache_queries, cache_hits=self.stats.cache_hits,
             dp_rank=self.config.parallel.dp_rank, pid=os.getpid(), steps=st.steps, step_seconds=st.step_seconds,
-            idle_steps=st.idle_steps, step_trace=list(st.trace) if step_trace else None, spec=self.speculator.stats,
+            idle_steps=st.idle_steps, step_trace=list(st.trace) if step_trace else None, tiers=self.kv.tier_load(),
+            spec=self.speculator.stats,
             experts=expert_load(self.model, self.config.parallel.ep_ranks))
 
     def brief(self) -> LoadBrief:
@@ -323,7 +325,15 @@ class Engine:
                                     used, kv.capacity * self.config.page_size, self.scheduler.num_preemptions)
 
     def flush_cache(self) -> bool:
+        self.kv.flush()  # KV tiers: copies in flight land first
         return self.kv.cache.reset()
+
+    def set_storage(self, backend: str | None, extra: str | None = None) -> None:
+        """Attach / detach the KV tiers' storage backend; ValueError unless idle (SGLang's rule)."""
+        if self.has_work():
+            raise ValueError("the server is not idle: attach or detach the storage backend with no request "
+                             "running or waiting")
+        self.kv.set_storage(backend, extra)
 
     def switch_stage(self, disagg: DisaggConfig) -> None:
         """A live role switch: close the PD stage and build `disagg`'s (its mode and epoch) over the
@@ -346,6 +356,7 @@ class Engine:
             self.stage = self.make_stage(self.disagg)
             raise
         self.disagg = disagg
+        self.kv.set_role(disagg.mode == "decode")
         self.check_integrity()
 
     def close(self) -> None:
@@ -353,6 +364,7 @@ class Engine:
         shutdown)."""
         self.stage.close()
         self.grammars.close()
+        self.kv.close()  # KV tiers: queued copies finish, the storage client closes
         if self.ranks is not None:
             self.ranks.close()
             self.ranks = None

@@ -4,8 +4,9 @@ Lifecycle: the engine process (engine/process.py, `--kv-events-config`) attaches
 `KVEventLog` to the prefix cache at start (`attach`); from then on each insert, eviction and
 flush appends an event (pdserve/kv_events: BlockStored / BlockRemoved / AllBlocksCleared);
 after every engine step or control message the engine process `take()`s them and publishes
-them as one batch (engine/kv_publisher.py). `snapshot(seq)` lists every cached page with its
-parent's hash, current as of batch `seq` (events not yet taken must be published first).
+them as one batch (engine/kv_publisher.py). With KV tiers each event names its tier (`medium`).
+`snapshot(seq)` lists every cached page with its parent's hash (once per tier holding it),
+current as of batch `seq` (events not yet taken must be published first).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import time
 
 from pdserve.engine.prefix_cache import Node, PrefixCache
-from pdserve.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVBlock, KVEvent, KVSnapshot
+from pdserve.kv_events import MEDIUM_DEVICE, AllBlocksCleared, BlockRemoved, BlockStored, KVBlock, KVEvent, KVSnapshot
 
 
 class KVEventLog:
@@ -26,16 +27,17 @@ class KVEventLog:
         self.cache.attach_listener(self)
 
     # -- CacheListener ----------------------------------------------------------------------
-    def stored(self, parent_hash: int, nodes: list[Node]) -> None:
+    def stored(self, parent_hash: int, nodes: list[Node], medium: str = MEDIUM_DEVICE) -> None:
         tokens: list[int] = []
         for n in nodes:
             tokens.extend(n.key)
         self.events.append(BlockStored(block_hashes=[n.hash for n in nodes],
                                        parent_block_hash=parent_hash or None, token_ids=tokens,
-                                       block_size=self.page_size))
+                                       block_size=self.page_size,
+                                       medium=None if medium == MEDIUM_DEVICE else medium))
 
-    def removed(self, nodes: list[Node]) -> None:
-        self.events.append(BlockRemoved(block_hashes=[n.hash for n in nodes]))
+    def removed(self, nodes: list[Node], medium: str | None = None) -> None:
+        self.events.append(BlockRemoved(block_hashes=[n.hash for n in nodes], medium=medium))
 
     def cleared(self) -> None:
         self.events.append(AllBlocksCleared())
@@ -46,6 +48,8 @@ class KVEventLog:
         return out
 
     def snapshot(self, seq: int) -> KVSnapshot:
-        blocks = [KVBlock(n.hash, n.parent.hash if n.parent is not None else 0, list(n.key))
-                  for n in self.cache.nodes()]
+        """Every cached page, once per tier that holds it (the cache's `media`)."""
+        blocks = [KVBlock(n.hash, n.parent.hash if n.parent is not None else 0, list(n.key),
+                          None if medium == MEDIUM_DEVICE else medium)
+                  for n in self.cache.nodes() for medium in self.cache.media(n)]
         return KVSnapshot(seq=seq, block_size=self.page_size, blocks=blocks, ts=time.time())

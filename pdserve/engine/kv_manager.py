@@ -9,6 +9,11 @@ by private pages it allocated. Release either hands the computed full pages to t
 (finish, abort, preemption) or frees them (failed transfers: their bytes cannot be trusted).
 KV tiers plug in under the cache (`tier`, engine/prefix_cache.py's KVTier): a match may bring
 pages back from a lower tier, an eviction may demote them; NoTier (the default) holds none.
+A tier that loads off the engine step needs admission to wait for its loads: the scheduler calls
+`poll()` once per schedule and `prepare(req)` before admitting a waiting request. Here (no
+tiers) nothing is ever elsewhere: `prepare` is always ready, `poll`, `flush` and the rest do
+nothing. engine/kv_tiers' TieredKVManager overrides them (prepare starts loading a prefix found
+in a lower tier and says "not yet" while it moves; poll applies finished copies).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from pdserve.engine.kv_cache import PageAllocator, pages_needed
+from pdserve.engine.messages import TierLoad
 from pdserve.engine.prefix_cache import KVTier, PrefixCache
 from pdserve.engine.request import Request
 
@@ -33,6 +39,38 @@ class KVManager:
     def available(self) -> int:
         """Pages obtainable now: free plus evictable cached pages."""
         return self.allocator.num_free + self.cache.evictable_pages()
+
+    def prepare(self, req: Request) -> bool:
+        """Ready to admit `req`? (KV tiers: False while its prefix is being loaded.)"""
+        return True
+
+    def poll(self) -> None:
+        """Apply copies between KV tiers that finished (KV tiers only)."""
+
+    @property
+    def copies_pending(self) -> bool:
+        """Copies between KV tiers still moving (the engine process keeps polling while they do)."""
+        return False
+
+    def flush(self) -> None:
+        """Wait for every copy between KV tiers and apply it."""
+
+    def pages_completed(self, req: Request) -> None:
+        """A PD decode's request completed pages (KV tiers: written through to storage)."""
+
+    def set_storage(self, backend: str | None, extra: str | None = None) -> None:
+        """Attach (or, None, detach) the storage tier at run time."""
+        raise ValueError("this server has no KV tiers (start it with --enable-hierarchical-cache)")
+
+    def set_role(self, decode: bool) -> None:
+        """A live role switch (KV tiers: a PD decode writes finished requests back to storage)."""
+
+    def close(self) -> None:
+        """Stop the KV tiers' threads and storage client."""
+
+    def tier_load(self) -> TierLoad | None:
+        """Use of each KV tier and what moved between them (/get_load): None without tiers."""
+        return None
 
     def attach_prefix(self, req: Request) -> None:
         """Reuse the longest cached prefix (leaving at least one token to compute, and the prompt

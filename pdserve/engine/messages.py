@@ -138,6 +138,31 @@ class StepSample(msgspec.Struct, frozen=True, array_like=True):
     idle: bool
 
 
+class TierLoad(msgspec.Struct, frozen=True):
+    """KV tiers below the device pool (engine/kv_tiers): use of each tier and what moved (cumulative)."""
+
+    host_pages: int  # host-tier slots
+    host_used: int  # held by cache nodes or copies in flight
+    page_bytes: int  # bytes of one page in the host tier and in storage (payload)
+    storage_backend: str | None = None  # None: no storage tier
+    storage_up: bool = True
+    hit_tokens: dict[str, int] = {}  # admitted prompt tokens found in each tier: device, host, storage
+    host_pages_read: int = 0  # host -> device (loads)
+    host_pages_written: int = 0  # device -> host (write-through backups and demotions)
+    storage_pages_read: int = 0
+    storage_bytes_read: int = 0
+    storage_pages_written: int = 0
+    storage_bytes_written: int = 0
+    storage_write_failures: int = 0  # refused (full) or skipped while down
+    storage_misses: int = 0
+    storage_bad_pages: int = 0  # corrupt, truncated, another layout's: misses too
+    storage_outages: int = 0  # times the store went away
+    loads: int = 0  # host -> device load batches finished
+    load_seconds: float = 0.0
+    prefetches: int = 0  # storage lookups + fetches finished
+    prefetch_seconds: float = 0.0
+
+
 class ExpertLoad(msgspec.Struct, frozen=True):
     """A mixture-of-experts engine's routed (token, expert) pairs since start, of its own tokens:
     per sparse layer and expert, and per expert-parallel rank (the pairs its experts received).
@@ -178,6 +203,7 @@ class LoadInfo(msgspec.Struct, frozen=True):
     step_seconds: float = 0.0  # their total time (a DP-attention rank's includes waiting for the others)
     idle_steps: int = 0  # DP attention: forwards run with no tokens of its own (the others' collectives)
     step_trace: list[StepSample] | None = None  # the last steps, when asked (GetLoadReq.step_trace)
+    tiers: TierLoad | None = None  # --enable-hierarchical-cache only
     spec: SpecStats | None = None  # speculative decoding (None: off)
     experts: ExpertLoad | None = None  # a mixture-of-experts model's routing counts
 
@@ -204,6 +230,15 @@ class KVSnapshotReq(msgspec.Struct, frozen=True, tag=True):
     """Every cached page and the KV-event seq it is current at (`--kv-events-config` only)."""
 
     cid: int
+
+
+class HiCacheStorageReq(msgspec.Struct, frozen=True, tag=True):
+    """Attach (`backend` set) or detach (None) the KV tiers' storage backend at run time (SGLang's
+    /hicache/storage-backend); refused unless the engine is idle."""
+
+    cid: int
+    backend: str | None
+    extra: str | None = None  # the backend's JSON config
 
 
 class SwitchStageReq(msgspec.Struct, frozen=True, tag=True):
@@ -280,6 +315,11 @@ class KVSnapshotResp(msgspec.Struct, frozen=True, tag=True):
     snapshot: KVSnapshot | None  # None: KV events are off
 
 
+class HiCacheStorageResp(msgspec.Struct, frozen=True, tag=True):
+    cid: int
+    error: str | None = None  # why it was refused (not idle, no tiers, a bad config)
+
+
 class SwitchStageResp(msgspec.Struct, frozen=True, tag=True):
     cid: int
     error: str | None = None  # None: the engine serves in the new mode
@@ -287,9 +327,9 @@ class SwitchStageResp(msgspec.Struct, frozen=True, tag=True):
 
 
 EngineInMsg = GenerateReq | AbortReq | GetLoadReq | FlushCacheReq | KVSnapshotReq | ShutdownReq | WakeReq | \
-    SwitchStageReq
+    SwitchStageReq | HiCacheStorageReq
 EngineOutMsg = EngineReady | EngineFailed | TokenOutBatch | LoadResp | FlushCacheResp | KVSnapshotResp | \
-    SwitchStageResp
+    SwitchStageResp | HiCacheStorageResp
 
 
 # ---- rank 0 -> the other tensor-parallel ranks (engine/tp_worker.py), once per step -------

@@ -15,10 +15,13 @@ Lifecycle of a request against the cache:
   unlock  → at finish/abort/preemption; unreferenced leaves become evictable (LRU first).
 Only partial last pages and pages beyond the tree stay private to a request.
 
-Lower tiers (the seam for host memory / shared storage; none is built yet): `tier` is a KVTier.
-`match` offers it the device hit, and it may extend the hit with pages it brings back (into
-pages of this pool, as new nodes); `evict` hands it the leaves before their pages are freed, so
-it may keep their bytes (demote). NoTier, the default, holds nothing.
+Lower tiers (host memory, shared storage: engine/kv_tiers, picked by engine/build.py): `tier` is
+a KVTier. `match` offers it the device hit (a tier may extend it, or count it); `evict` hands it
+pages before they are freed, so it may keep their bytes (demote). With tiers a node also says
+which lower tiers hold its page (`host` slot, `stored`), and `page` may be NO_PAGE (not on the
+device: demoted to host or read from storage, loaded back before use); a match stops there, and
+an insert adopts a request's freshly computed page for such a node (`_adopt`). NoTier, the
+default, holds nothing: every node is on the device.
 
 Events: with a `listener` (engine/kv_event_log.py, for `--kv-events-config`), every node gets its
 chained page hash (pdserve/kv_events) when created, and the listener hears each insert's new
@@ -33,13 +36,15 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pdserve.engine.kv_cache import PageAllocator
-from pdserve.kv_events import NO_PARENT, page_hash
+from pdserve.kv_events import MEDIUM_DEVICE, NO_PARENT, page_hash
 
 
 class CacheListener(Protocol):
-    def stored(self, parent_hash: int, nodes: list["Node"]) -> None: ...
+    """Hears the cache's changes (medium: the tier, pdserve/kv_events; None in `removed`: every tier)."""
 
-    def removed(self, nodes: list["Node"]) -> None: ...
+    def stored(self, parent_hash: int, nodes: list["Node"], medium: str = MEDIUM_DEVICE) -> None: ...
+
+    def removed(self, nodes: list["Node"], medium: str | None = None) -> None: ...
 
     def cleared(self) -> None: ...
 
@@ -50,11 +55,12 @@ class KVTier(Protocol):
     def promote(self, tokens: list[int], pages: list[int], node: "Node") -> tuple[list[int], "Node"]:
         """After a device match (`pages`, ending at `node`): bring back the following full pages of
         `tokens` this tier holds, and return the longer match (as it is when it holds none; a tier
-        that loads off the engine step starts the load here and returns the device match)."""
+        that loads off the engine step has started its loads before admission, KVManager.prepare,
+        and returns the device match)."""
         ...
 
     def demote(self, nodes: list["Node"]) -> None:
-        """Eviction is about to free these leaves' pages: keep their bytes (their hashes name them)."""
+        """Eviction is about to free these nodes' pages: keep their bytes (their hashes name them)."""
         ...
 
 
@@ -68,6 +74,10 @@ class NoTier:
         pass
 
 
+NO_PAGE = -1  # Node.page of a node whose page is not on the device (KV tiers)
+NO_SLOT = -1  # Node.host of a node with no host-tier copy
+
+
 @dataclass(eq=False)
 class Node:
     key: tuple[int, ...]
@@ -77,7 +87,13 @@ class Node:
     ref: int = 0
     last_access: int = 0
     depth: int = 0  # pages from the root
-    hash: int = NO_PARENT  # chained page hash (kv_events), set only while a listener is attached
+    hash: int = NO_PARENT  # chained page hash (kv_events), set while a listener is attached or tiers are on
+    # KV tiers only (engine/kv_tiers): lower tiers holding the page, copies in flight, matches seen
+    host: int = NO_SLOT  # host-tier slot with a copy of the page
+    stored: bool = False  # written to (or read from) the storage tier
+    copying: int = 0  # device <-> host copies of this page in flight: it stays in both places
+    storing: int = 0  # storage writes reading its host slot in flight
+    hits: int = 0  # times a match reached it (write_through_selective)
 
 
 class PrefixCache:
@@ -108,7 +124,7 @@ class PrefixCache:
             return pages, node
         for key in self._keys(tokens, len(tokens) // self.page_size):
             child = node.children.get(key)
-            if child is None:
+            if child is None or child.page == NO_PAGE:  # (KV tiers) not on the device: loaded before admission
                 break
             node = child
             self._touch(node)
@@ -135,6 +151,8 @@ class PrefixCache:
             child = node.children.get(key)
             if child is None:
                 child = self._new_node(key, pages[i], node, new)
+            elif child.page == NO_PAGE:
+                self._adopt(child, pages[i])
             elif child.page != pages[i]:
                 dup.append(pages[i])
             node = child
@@ -155,6 +173,8 @@ class PrefixCache:
             child = node.children.get(key)
             if child is None:
                 child = self._new_node(key, pages[i], node, new)
+            elif child.page == NO_PAGE:
+                self._adopt(child, pages[i])
             elif child.page != pages[i]:
                 break
             node = child
@@ -171,6 +191,11 @@ class PrefixCache:
         parent.children[key] = child
         self.num_pages += 1
         return child
+
+    def _adopt(self, node: Node, page: int) -> None:
+        """A node whose page is in a lower tier only takes the request's freshly computed page."""
+        node.page = page
+        self.num_pages += 1
 
     def _report_stored(self, new: list[Node]) -> None:
         """New nodes of one insert form one chain (once a page is missing, all below are new)."""
@@ -213,6 +238,10 @@ class PrefixCache:
         if self.listener is not None:
             self.listener.cleared()
         return True
+
+    def media(self, node: Node) -> tuple[str, ...]:
+        """The tiers holding a node's page (KV events' `medium`): the device only, without tiers."""
+        return (MEDIUM_DEVICE,)
 
     def nodes(self):
         """Every cached node, parents before children (snapshots)."""

@@ -10,17 +10,19 @@ Lifecycle:
   3. `EngineLoop.run`: each iteration drains the inbox without blocking; with work it runs
      `step()` and sends the step's TokenOuts as one `TokenOutBatch` and, every
      --log-stats-interval, the stats line (engine/stats.py); idle, it runs `check_integrity()`
-     once. Then the round decides how it waits: a plain engine (SoloRound) naps 1 ms on the
-     inbox after a step that made no progress (instead of spinning) and sleeps on it when idle;
-     a DP-attention rank (DPAttentionRound) joins one round with the other ranks every
-     iteration and sleeps only when no rank is busy. A bad request (add_request raises) is
-     answered at once with a TokenOut whose `error` is set; control requests are answered
-     between steps (`SwitchStageReq`: a live role switch of the idle engine, Engine.switch_stage).
-     With `--kv-events-config` a KVPublisher (engine/kv_publisher.py) publishes
-     the prefix cache's events after every step and control message, a heartbeat after a
-     quiet second (busy or idle), and answers `KVSnapshotReq`;
+     once (KV tiers: once their copies have landed; while they move it applies them every
+     TIER_POLL_MS, so a decode's write-back reaches storage with nothing else to do). Then the
+     round decides how it waits: a plain engine (SoloRound) naps 1 ms on the inbox after a step
+     that made no progress (instead of spinning) and sleeps on it when idle; a DP-attention rank
+     (DPAttentionRound) joins one round with the others every iteration and sleeps only when no
+     rank is busy. A bad request (add_request raises) is answered at once with a TokenOut whose
+     `error` is set; control requests are answered between steps (`SwitchStageReq`: a live role
+     switch of the idle engine, Engine.switch_stage). With `--kv-events-config` a KVPublisher
+     (engine/kv_publisher.py) publishes the prefix cache's events after every step and control
+     message, a heartbeat after a quiet second (busy or idle), and answers `KVSnapshotReq`;
   4. `ShutdownReq` (or the parent's death) ends the loop; an exception in `step()` sends
-     `EngineFailed` and exits 1.
+     `EngineFailed` and exits 1; either way `engine.close()` stops the PD machinery and the KV
+     tiers (queued copies finish, the storage client closes).
 Nothing is pickled on the sockets; the config crosses the spawn boundary as JSON bytes.
 """
 
@@ -54,6 +56,8 @@ from pdserve.engine.messages import (
     FlushCacheResp,
     GenerateReq,
     GetLoadReq,
+    HiCacheStorageReq,
+    HiCacheStorageResp,
     KVSnapshotReq,
     KVSnapshotResp,
     LoadResp,
@@ -76,6 +80,7 @@ logger = logging.getLogger("pdserve.engine.process")
 IDLE_POLL_MS = 1000  # how often an idle engine checks that its parent is alive; under DP attention,
 # every rank idle, the beat of their rounds (the front wakes them all with each request: WakeReq)
 NAP_MS = 1  # nap between steps that made no progress (KV in transit, nothing admissible)
+TIER_POLL_MS = 5  # idle with copies between KV tiers moving: how often their results are applied
 
 
 def spawn_engine_process(config: EngineConfig, in_addr: str, out_addr: str,
@@ -234,13 +239,19 @@ class EngineLoop:
                 stalled = True  # no step ran
                 self.rounds.idle()
                 self._send_outs([])
-                if not checked_idle:
+                copying = self.engine.kv.copies_pending  # KV tiers: writes land (and are seen) while idle
+                if copying:
+                    self.engine.kv.poll()
+                    checked_idle = False
+                elif not checked_idle:
                     self._check_integrity()
                     checked_idle = True
                 self.engine.log_stats()  # the last busy window's line, then nothing while idle
                 self._heartbeat()
             wait = self.rounds.wait(busy, stalled)
-            if wait is Wait.NAP:
+            if wait is Wait.SLEEP and not busy and self.engine.kv.copies_pending:
+                poller.poll(TIER_POLL_MS)
+            elif wait is Wait.NAP:
                 poller.poll(NAP_MS)  # don't spin a core while nothing can move
             elif wait is Wait.SLEEP and not poller.poll(IDLE_POLL_MS) and os.getppid() != self.parent_pid:
                 logger.warning("parent process is gone; engine exits")
@@ -313,6 +324,13 @@ class EngineLoop:
         elif isinstance(msg, KVSnapshotReq):
             snap = self.kv_events.snapshot() if self.kv_events is not None else None
             self._send(KVSnapshotResp(cid=msg.cid, snapshot=snap))
+        elif isinstance(msg, HiCacheStorageReq):
+            try:
+                self.engine.set_storage(msg.backend, msg.extra)
+                error = None
+            except (ValueError, OSError) as exc:  # not idle, no tiers, a config or store that does not work
+                error = str(exc) or repr(exc)
+            self._send(HiCacheStorageResp(cid=msg.cid, error=error))
         elif isinstance(msg, SwitchStageReq):
             t0 = time.perf_counter()
             try:

@@ -7,7 +7,9 @@ Each `schedule()` builds one forward under a token budget:
   2. waiting requests, FCFS, while budget, `max_running` and pages allow: a request is
      admitted only if its whole remaining prompt fits with headroom kept for the decode of
      those already running (`decode_headroom` × their remaining new tokens). A copy of a
-     prompt (n > 1) waits, without blocking the queue, until its leader's prompt is cached.
+     prompt (n > 1) waits, without blocking the queue, until its leader's prompt is cached;
+     so does a request whose cached prefix the KV manager is still loading from a lower KV
+     tier (`kv.prepare`; finished copies are applied by `kv.poll` first thing each schedule).
 
 Priority scheduling (`--enable-priority-scheduling`; vLLM's and SGLang's `priority`, lower value
 first): the waiting queue and the running batch are kept in (priority, arrival) order, so the
@@ -115,6 +117,7 @@ class Scheduler:
         return bool(self.running) or bool(self.waiting)
 
     def schedule(self) -> ScheduleBatch | None:
+        self.kv.poll()
         chunks: list[Chunk] = []
         if self.by_priority and self.waiting and self.running:
             self._preempt_for_priority()
@@ -147,8 +150,8 @@ class Scheduler:
                 break
             if outranking and rank(req) >= rank(self.running[-1]):
                 break
-            if self._waits_for_leader(req):
-                continue  # admitted once its leader's prompt pages are in the prefix cache
+            if self._waits_for_leader(req) or not self.kv.prepare(req):
+                continue  # admitted once its leader's prompt pages are cached / its prefix is loaded
             req.leader = None
             self.kv.attach_prefix(req)
             need = pages_needed(len(req.tokens), self.kv.page_size) - len(req.pages) + self.decode_headroom_pages()

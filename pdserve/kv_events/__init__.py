@@ -13,7 +13,12 @@ from pdserve.kv_events.events import (
     KVEventBatch,
     KVEventsConfig,
     KVSnapshot,
+    MEDIUM_DEVICE,
+    MEDIUM_DISK,
+    MEDIUM_EXTERNAL,
+    MEDIUM_HOST,
     NO_PARENT,
+    STORAGE_MEDIA,
     chain_hashes,
     decode_batch,
     encode_batch,
@@ -24,5 +29,6 @@ from pdserve.kv_events.events import (
 )
 
 __all__ = ["AllBlocksCleared", "BlockRemoved", "BlockStored", "KVBlock", "KVEvent", "KVEventBatch",
-           "KVEventsConfig", "KVSnapshot", "NO_PARENT", "chain_hashes", "decode_batch", "encode_batch",
+           "KVEventsConfig", "KVSnapshot", "MEDIUM_DEVICE", "MEDIUM_DISK", "MEDIUM_EXTERNAL", "MEDIUM_HOST",
+           "NO_PARENT", "STORAGE_MEDIA", "chain_hashes", "decode_batch", "encode_batch",
            "page_hash", "parse_kv_events_config", "seq_frame", "seq_of"]

@@ -17,11 +17,20 @@ router/kv_index.py):
 
 Message shapes (vLLM's `KVEventBatch`, tagged msgspec Structs encoded with msgpack, array-like):
     KVEventBatch[ts: float, events: [BlockStored | BlockRemoved | AllBlocksCleared], dp_rank]
-    BlockStored[block_hashes, parent_block_hash | None, token_ids, block_size, lora_id=None]
+    BlockStored[block_hashes, parent_block_hash | None, token_ids, block_size, lora_id=None, medium=None]
         a chain of new pages under `parent_block_hash` (None: at the root); `token_ids` holds
         len(block_hashes) * block_size tokens, page after page
-    BlockRemoved[block_hashes]      pages dropped (evicted leaves)
+    BlockRemoved[block_hashes, medium=None]      pages dropped (evicted leaves)
     AllBlocksCleared[]              the whole cache was flushed
+
+The tier (vLLM's and SGLang's `medium`; KV tiers, engine/kv_tiers): a page is stored in and
+removed from each tier of a server on its own. BlockStored's medium None is the device pool
+("GPU" in SGLang's names, whatever the device); MEDIUM_HOST is the host tier; MEDIUM_DISK
+(file) and MEDIUM_EXTERNAL (Mooncake Store) say the page is in the shared storage the server
+advertises (`/server_info` `hicache_storage`), where any server of that store can fetch it.
+BlockRemoved's medium names the tier the page left while the server still holds it in another;
+None means it left every tier of the server (the only case without tiers). Nothing says when
+shared storage evicts a page: a subscriber ages what it learnt of a store.
 
 Page hash (identical in every process, never Python's salted `hash`): for page i of a token
 sequence, `h_i = page_hash(h_{i-1}, tokens[i*P:(i+1)*P])` with `h_{-1} = NO_PARENT (0)`, where
@@ -44,6 +53,11 @@ import msgspec
 
 NO_PARENT = 0
 SEQ_BYTES = 8
+MEDIUM_DEVICE = "GPU"  # SGLang's L1 name for the device pool (sent as None in BlockStored)
+MEDIUM_HOST = "CPU_PINNED"
+MEDIUM_DISK = "DISK"
+MEDIUM_EXTERNAL = "EXTERNAL"
+STORAGE_MEDIA = (MEDIUM_DISK, MEDIUM_EXTERNAL)
 DEFAULT_TOPIC = "kv-events"
 
 
@@ -67,10 +81,12 @@ class BlockStored(msgspec.Struct, array_like=True, omit_defaults=True, tag=True)
     token_ids: list[int]
     block_size: int
     lora_id: int | None = None
+    medium: str | None = None  # None: the device pool (see the module docstring)
 
 
 class BlockRemoved(msgspec.Struct, array_like=True, omit_defaults=True, tag=True):
     block_hashes: list[int]
+    medium: str | None = None  # None: left every tier of the server
 
 
 class AllBlocksCleared(msgspec.Struct, array_like=True, omit_defaults=True, tag=True):
@@ -92,6 +108,7 @@ class KVBlock(msgspec.Struct, array_like=True):
     block_hash: int
     parent_block_hash: int
     token_ids: list[int]
+    medium: str | None = None  # None: the device pool; a page in several tiers is listed once per tier
 
 
 class KVSnapshot(msgspec.Struct):

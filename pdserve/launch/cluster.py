@@ -19,7 +19,11 @@ Lifecycle of `run_launch(args)`:
   4. print the URL, an example `curl` and where the logs are, then supervise: if a child
      dies, everything stops (exit 1);
   5. Ctrl-C or SIGTERM: stop the router first (it drains), then the servers, each with
+     SIGTERM, a bounded wait, then SIGKILL of its process group; exit 0.
      SIGTERM, a bounded wait, then SIGKILL of its process group, then the local etcd; exit 0.
+With `--hicache-storage-backend` every server gets KV tiers over one shared store; for mooncake
+launch runs the store itself (a mooncake_master and a store holder, started before the servers
+and stopped after them: launch/kv_store.py says why).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pdserve.disagg.config import DECODE_RADIX_FLAG
 from pdserve.flags.argtypes import OneLineParser
 from pdserve.flags.table import add_flags
 from pdserve.launch.config import LAUNCH_FLAGS, LOCAL_ETCD, LaunchConfig, config_from_args
+from pdserve.launch.kv_store import check_store, kv_store
 from pdserve.launch.procs import Child, plan_cpus, python_module
 
 
@@ -71,6 +76,11 @@ class Cluster:
         self.cfg = cfg = config_from_args(args) if isinstance(args, argparse.Namespace) else args
         self.log_dir = log_dir
         self.servers: list[Child] = []
+        self.stores: list[Child] = []  # the KV tiers' shared store (launch/kv_store.py), started first
+        store_flags: list[str] = []
+        if cfg.hicache_storage_backend is not None:
+            self.stores, store_flags = kv_store(cfg.hicache_storage_backend, cfg.hicache_storage_backend_extra_config,
+                                                cfg.hicache_store_gb, log_dir)
         self.router: Child | None = None
         self.etcd: Child | None = None
         self.discovery = cfg.discovery
@@ -115,7 +125,7 @@ class Cluster:
                 cmd += ["--kv-events-config", "{}"]
             if self.discovery:
                 cmd += ["--discovery", self.discovery]
-            cmd += shlex.split(cfg.server_args)
+            cmd += store_flags + shlex.split(cfg.server_args)
             self.servers.append(Child(f"{role}-{i}", cmd, log_dir / f"{role}-{i}.log",
                                       f"http://127.0.0.1:{port}/health",
                                       cpu_set if cfg.pin else None, threads))
@@ -135,10 +145,20 @@ class Cluster:
 
     @property
     def children(self) -> list[Child]:
-        return [*([self.etcd] if self.etcd else []), *self.servers, *([self.router] if self.router else [])]
+        return [*self.stores, *([self.etcd] if self.etcd else []), *self.servers,
+                *([self.router] if self.router else [])]
 
-    def start(self) -> None:
-        for child in self.children:
+    def start(self, store_timeout: float = 60.0) -> None:
+        """The store first (a server's store client needs its master at start-up), then the rest."""
+        deadline = time.monotonic() + store_timeout
+        for child in self.stores:
+            child.start()
+            while not child.healthy():
+                if child.exited() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{child.name} did not start; last lines of {child.log_path}:\n"
+                                       f"{child.log_tail()}")
+                time.sleep(0.2)
+        for child in self.children[len(self.stores):]:
             child.start()
 
     def wait_ready(self, timeout: float) -> None:
@@ -178,6 +198,9 @@ class Cluster:
             child.terminate()
         for child in self.servers:
             child.wait_or_kill(timeout)
+        for child in reversed(self.stores):  # the store holder, then its master
+            child.terminate()
+            child.wait_or_kill(timeout)
         if self.etcd is not None:  # last: the servers deregister on their way out
             self.etcd.terminate()
             self.etcd.wait_or_kill(timeout)
@@ -213,6 +236,7 @@ class _Stop(Exception):
 
 RESERVED = ("--host", "--port", "--model", "--model-path", "--api-key", "--tp-size", "--tensor-parallel-size",
             DECODE_RADIX_FLAG)  # flags of serve/router that launch sets itself
+STORE_RESERVED = ("--hicache-storage-backend", "--hicache-storage-backend-extra-config")  # ... with a store
 
 
 def preflight(args: argparse.Namespace) -> LaunchConfig:
@@ -227,9 +251,12 @@ def preflight(args: argparse.Namespace) -> LaunchConfig:
         raise ValueError("--discovery without a URL starts a local etcd, and there is none: install etcd-server "
                          "(scripts/install_system_deps.sh) or give --discovery etcd://HOST:PORT")
     for flag, text in (("--server-args", cfg.server_args), ("--router-args", cfg.router_args)):
-        reserved = set(RESERVED) & {a.split("=")[0] for a in shlex.split(text)}
+        taken = RESERVED + (STORE_RESERVED if cfg.hicache_storage_backend else ())
+        reserved = set(taken) & {a.split("=")[0] for a in shlex.split(text)}
         if reserved:
             raise ValueError(f"{flag} may not set {', '.join(sorted(reserved))}: launch sets it (use its own flag)")
+    if cfg.hicache_storage_backend is not None:
+        check_store(cfg.hicache_storage_backend, cfg.hicache_storage_backend_extra_config)
     if cfg.port:
         bind_socket(cfg.host, cfg.port).close()
     return cfg

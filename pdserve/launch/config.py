@@ -16,6 +16,7 @@ from pdserve.flags.table import Flag, flag_values, with_values
 from pdserve.router.config import POLICIES
 
 MODES = ("pd", "unified")
+STORE_BACKENDS = ("file", "mooncake")  # engine/config.py's HICACHE_BACKENDS (launch imports no engine)
 LOCAL_ETCD = "local"  # `--discovery` given bare
 
 
@@ -43,11 +44,16 @@ class LaunchConfig:
     discovery: str | None = None  # "local": start an etcd here; an etcd:// URL: use that one; None: a fixed shape
     server_args: str = ""  # extra flags for every `pdserve serve`
     router_args: str = ""  # extra flags for `pdserve router`
+    hicache_storage_backend: str | None = None  # KV tiers' shared store for every server (launch/kv_store.py)
+    hicache_storage_backend_extra_config: str | None = None  # its JSON (mooncake: none starts a master here)
+    hicache_store_gb: float = 4.0  # mooncake: the memory launch's store holder gives the store
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
         check_decode_radix_cache(self.decode_radix_cache, "decode" if self.mode == "pd" else "null")
+        if self.hicache_storage_backend_extra_config is not None and self.hicache_storage_backend is None:
+            raise ValueError("--hicache-storage-backend-extra-config needs --hicache-storage-backend")
         if self.discovery not in (None, LOCAL_ETCD):
             parse_discovery_url(self.discovery)  # ValueError with one line
 
@@ -83,6 +89,14 @@ LAUNCH_FLAGS: tuple[Flag, ...] = (
     Flag(("--server-args",), "server_args", str, "extra flags for every `pdserve serve`, one string",
          shown="none"),
     Flag(("--router-args",), "router_args", str, "extra flags for `pdserve router`, one string", shown="none"),
+    Flag(("--hicache-storage-backend",), "hicache_storage_backend", str,
+         "KV tiers for every server with this shared store; mooncake: launch runs a mooncake_master and a store "
+         "holder (127.0.0.1) and stops them with the cluster", STORE_BACKENDS, shown="none"),
+    Flag(("--hicache-storage-backend-extra-config",), "hicache_storage_backend_extra_config", str,
+         "the store's JSON (file: {\"path\": DIR}, default a folder in --log-dir; mooncake: a "
+         "master_server_address uses that store instead of starting one)", metavar="JSON"),
+    Flag(("--hicache-store-gb",), "hicache_store_gb", positive_float,
+         "mooncake: memory of the store holder launch starts (the store's capacity)"),
 )
 
 

@@ -118,7 +118,7 @@ class KVSync:
 
     async def follow(self, w: Worker, address: str) -> None:
         sock = self._socket(address)
-        idx = self.index.workers[w.url] = WorkerIndex()
+        idx = self.index.follow(w.url, w.info.hicache_storage if w.info is not None else None)
         logger.info("following KV events of %s at %s", w.url, address)
         try:
             await asyncio.sleep(JOIN_DELAY_S)

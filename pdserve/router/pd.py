@@ -42,7 +42,8 @@ Conditional disaggregation (`decide`, before a prefill is picked; off unless a f
 single-prompt request goes to the chosen decode alone, without bootstrap fields (the decode then
 prefills locally, as it does for a migrated stream) when its uncached part on that decode —
 prompt tokens minus the decode's page-aligned prefix hit from the exact KV index
-(router/kv_index.py; 0 for a decode that publishes no events) — is at most
+(router/kv_index.py; pages it can fetch from its KV tiers' shared store included; 0 for a
+decode that publishes no events) — is at most
 `--pd-local-prefill-threshold` tokens ("local_threshold"), or when every routable prefill's
 queue (max of its polled /get_load and this router's in-flight count) is over
 `--pd-prefill-queue-limit` ("local_queue"); otherwise "remote". Each decision is counted in
@@ -221,7 +222,8 @@ class PDForwarder:
         if cfg.pd_local_prefill_threshold is not None:
             ids = await prompt_ids(ctx, d, self.pool, self.timeout)
             if ids:
-                hit = self.index.hits([d.url], ids).get(d.url, 0) if self.index is not None else 0
+                # pages the decode can fetch from its store count whole: it computes only the rest
+                hit = self.index.hits([d.url], ids, store_weight=1.0).get(d.url, 0) if self.index is not None else 0
                 if len(ids) - hit <= cfg.pd_local_prefill_threshold:
                     return "local_threshold"
         limit = cfg.pd_prefill_queue_limit

@@ -14,8 +14,9 @@ request only through a `text()` callable, evaluated only by policies that need i
      (matched chars / text chars) is above `cache_threshold`;
   3. else the worker with the smallest tree (least cached text) gets it.
 Workers that publish KV events are matched exactly instead (`exact`: cached prefix tokens /
-prompt tokens, from router/kv_index.py); the approximate tree still answers for the others,
-and the better rate of the two decides rule 2.
+prompt tokens, from router/kv_index.py, where a page a worker can fetch from its KV tiers' shared
+store counts 0.75 of one it holds); the approximate tree still answers for the others, and the
+better rate of the two decides rule 2.
 The chosen worker's tree then takes the text. `maintain()` (run every
 `eviction_interval_s` by the app) evicts LRU leaves down to `max_tree_size` per worker.
 

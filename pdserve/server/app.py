@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from pdserve.server import native_generate, openai_chat, openai_completions, routes_admin, routes_elastic, \
-    routes_tokenize
+    routes_hicache, routes_tokenize
 from pdserve.server.config import ServerConfig
 from pdserve.server.elastic import Elastic
 from pdserve.server.dp_client import EngineHandle, engine_client
@@ -72,6 +72,7 @@ def build_fastapi(config: ServerConfig) -> FastAPI:
     app.include_router(openai_chat.router)
     app.include_router(native_generate.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_hicache.router)
     app.include_router(routes_tokenize.router)
     app.include_router(routes_elastic.router)
     return app

@@ -190,6 +190,10 @@ class DPEngineClient:
         oks = await asyncio.gather(*(c.flush_cache(timeout) for c in self.ranks))
         return all(oks)
 
+    async def hicache_storage(self, backend: str | None, extra: str | None, timeout: float = 30.0) -> str | None:
+        errors = await asyncio.gather(*(c.hicache_storage(backend, extra, timeout) for c in self.ranks))
+        return next((e for e in errors if e), None)
+
 
 EngineHandle = EngineClient | DPEngineClient  # what the routes hold: one engine or dp ranks
 

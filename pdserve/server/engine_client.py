@@ -38,6 +38,8 @@ from pdserve.engine.messages import (
     EngineReady,
     FlushCacheReq,
     FlushCacheResp,
+    HiCacheStorageReq,
+    HiCacheStorageResp,
     KVSnapshotReq,
     KVSnapshotResp,
     GenerateReq,
@@ -267,6 +269,11 @@ class EngineClient:
     async def kv_snapshot(self, timeout: float = 30.0) -> KVSnapshotResp:
         return await self._call(lambda cid: KVSnapshotReq(cid=cid), timeout)
 
+    async def hicache_storage(self, backend: str | None, extra: str | None, timeout: float = 30.0) -> str | None:
+        """Attach (backend) or detach (None) the KV tiers' storage; the engine's refusal, or None."""
+        resp: HiCacheStorageResp = await self._call(lambda cid: HiCacheStorageReq(cid, backend, extra), timeout)
+        return resp.error
+
     async def switch_stage(self, disagg: DisaggConfig, timeout: float = 60.0) -> SwitchStageResp:
         """A live role switch of the idle engine (server/elastic.py); on success it runs `disagg`."""
         resp: SwitchStageResp = await self._call(lambda cid: SwitchStageReq(cid=cid, disagg=disagg), timeout)
@@ -291,7 +298,7 @@ class EngineClient:
                     queue = self._queues.get(out.rid)
                     if queue is not None:
                         queue.put_nowait(out)
-            elif isinstance(msg, (LoadResp, FlushCacheResp, KVSnapshotResp, SwitchStageResp)):
+            elif isinstance(msg, (LoadResp, FlushCacheResp, KVSnapshotResp, SwitchStageResp, HiCacheStorageResp)):
                 fut = self._futures.get(msg.cid)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)

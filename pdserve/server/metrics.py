@@ -22,7 +22,8 @@ SGLang has no metric, vLLM's name is used under the same prefix. Label: `model_n
     proposer on counters): gauges spec_accept_length (mean tokens per verify: accepted drafts +
     the target's own), spec_accept_rate, spec_num_draft_tokens, counters spec_verify_calls_total,
     spec_decode_num_draft_tokens_total and spec_decode_num_accepted_tokens_total (vLLM's names),
-    spec_adaptive_skipped_total, histogram spec_accept_length_histogram (tokens per verify).
+    spec_adaptive_skipped_total, histogram spec_accept_length_histogram (tokens per verify). KV tiers:
+    server/tier_metrics.py.
 With `--log-requests`, `RequestTimer.finish` also logs one line per finished request.
 """
 
@@ -37,6 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from pdserve.engine.messages import LoadInfo, SpecStats, TokenOut
+from pdserve.server.tier_metrics import tier_metrics
 
 disable_created_metrics()  # no `*_created` series: they double the scrape for no use here
 log = logging.getLogger("pdserve.server.requests")
@@ -89,6 +91,8 @@ class EngineCollector(Collector):
         yield self._counter("prefill_compute_tokens", "Prompt tokens computed (recomputation included)",
                             load.prompt_tokens_computed)
         yield from self._per_rank()
+        if load.tiers is not None:
+            yield from tier_metrics(self.p, self.model_name, load.tiers, load)
         if load.spec is not None:
             yield from self._spec(load.spec)
         yield from self._experts()

@@ -32,6 +32,7 @@ from pdserve.server.handler import Route, json_response, read_body
 from pdserve.server.params import decode_json_object
 from pdserve.server.protocol import AbortRequest
 from pdserve.server.state import ServerState, get_state
+from pdserve.server.tier_metrics import tier_figures
 
 router = APIRouter()
 
@@ -39,7 +40,7 @@ VERSION = "0.1.0"
 _ABORT = Route(None, AbortRequest)
 
 
-def _unavailable(exc: BaseException) -> APIError:
+def unavailable(exc: BaseException) -> APIError:
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return APIError(503, "the engine did not answer in time", code="engine_timeout")
     return APIError(503, f"the engine is unavailable: {exc}", code="engine_unavailable")
@@ -73,7 +74,7 @@ async def health_generate(request: Request) -> Response:
     try:
         await asyncio.wait_for(run(), state.config.health_generate_timeout_s)
     except (asyncio.TimeoutError, EngineDeadError) as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     return Response(status_code=200)
 
 
@@ -88,7 +89,8 @@ def _server_info(state: ServerState, draining: bool = False) -> dict[str, Any]:
         disaggregation_decode_enable_radix_cache=pd.decode_enable_radix_cache,
         kv_events_endpoint=state.info.kv_events_endpoint, max_model_len=state.max_model_len,
         tp_size=layout.tp_size, dp_size=layout.dp_size, enable_dp_attention=layout.enable_dp_attention,
-        load_balance_method=layout.load_balance_method, epoch=pd.epoch, draining=draining)
+        load_balance_method=layout.load_balance_method, epoch=pd.epoch, draining=draining,
+        hicache_storage=state.hicache_storage)
     return encode_server_info(shared, {
         "version": VERSION,
         "model_path": state.info.model_path,
@@ -172,11 +174,11 @@ def _rank_load(x: LoadInfo) -> dict[str, Any]:
     return out
 
 
-async def _load(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
+async def load_figures(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
     try:
         resp = await state.client.get_load(state.config.control_timeout_s, step_trace)
     except (asyncio.TimeoutError, EngineDeadError) as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     load = resp.load
     ranks = resp.ranks if isinstance(resp, DPLoadResp) else [load]
     state.metrics.set_load(load, state.client.num_in_flight, ranks)
@@ -196,6 +198,7 @@ async def _load(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
         "dp_size": len(ranks),
         "dp_ranks": [_rank_load(x) for x in ranks],
         "admission": state.admission.figures(state.client.brief),  # what admission control sees
+        **({"kv_tiers": tier_figures(load.tiers, load)} if load.tiers is not None else {}),
         **({} if load.experts is None else {"expert_load": {  # routed (token, expert) pairs since start
             "experts": load.experts.experts, "ep_ranks": load.experts.ep_ranks, "layers": load.experts.layers}}),
     }
@@ -205,7 +208,7 @@ async def _load(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
 async def get_load(request: Request) -> Response:
     """The server's load; `dp_ranks` has each data-parallel rank's (`?step_trace=1`: its last steps)."""
     trace = request.query_params.get("step_trace", "0") not in ("0", "false", "")
-    return json_response(await _load(get_state(request), trace))
+    return json_response(await load_figures(get_state(request), trace))
 
 
 @router.get("/admission")
@@ -242,7 +245,7 @@ async def abort_request(request: Request) -> Response:
         else:
             raise APIError(400, "send 'rid' or 'abort_all': true", param="rid")
     except EngineDeadError as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     return json_response({"success": True, "aborted": aborted})
 
 
@@ -252,7 +255,7 @@ async def flush_cache(request: Request) -> Response:
     try:
         ok = await state.client.flush_cache(state.config.control_timeout_s)
     except (asyncio.TimeoutError, EngineDeadError) as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     if not ok:
         raise APIError(400, "cache not flushed: requests are still running; retry when idle", code="flush_failed")
     return json_response({"success": True, "message": "cache flushed"})
@@ -266,7 +269,7 @@ async def kv_events_snapshot(request: Request) -> Response:
     try:
         resp = await state.client.kv_snapshot(state.config.control_timeout_s)
     except (asyncio.TimeoutError, EngineDeadError) as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     if resp.snapshot is None:
         raise APIError(404, "KV events are off on this server (start it with --kv-events-config)",
                        code="kv_events_off")
@@ -277,5 +280,5 @@ async def kv_events_snapshot(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state = get_state(request)
     with contextlib.suppress(APIError):
-        await _load(state)
+        await load_figures(state)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -3,7 +3,8 @@
 Created in `app.lifespan` after `EngineClient.start()` returns the engine's `EngineReady`:
 the tokenizer is loaded from the model folder the engine resolved, the metrics registry is
 made, and the caps are fixed. Stored in `app.state.server`; read-only afterwards, but for
-`config`, which a live role switch replaces with one of the new PD mode and epoch (server/elastic.py).
+`hicache_storage`, which /hicache/storage-backend changes, and `config`, which a live role switch
+replaces with one of the new PD mode and epoch (server/elastic.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from fastapi import Request
 
+from pdserve.engine.kv_tiers.backends import storage_id
 from pdserve.engine.messages import EngineReady
 from pdserve.model.config import sampling_defaults
 from pdserve.model.tokenizer import Tokenizer
@@ -39,6 +41,7 @@ class ServerState:
     started: float = field(default_factory=time.time)
     admission: Admission = field(default_factory=lambda: Admission(AdmissionConfig()))
     tracer: Tracer = field(default_factory=NoTracer)  # OpenTelemetry spans (pdserve/tracing), off: NoTracer
+    hicache_storage: str | None = None  # the KV tiers' store now attached (/server_info; storage_id)
 
     @property
     def max_model_len(self) -> int:
@@ -64,9 +67,11 @@ class ServerState:
         metrics = ServerMetrics(name, config.metrics_prefix, config.log_requests)
         role = {"null": "server"}.get(config.disagg.mode, config.disagg.mode)
         tracer = make_tracer(f"pdserve-{role}", config.otlp_traces_endpoint) if config.enable_trace else NoTracer()
+        h = config.engine.hicache
         return cls(config=config, client=client, info=info, tokenizer=tokenizer, metrics=metrics, model_name=name,
                    model_names=tuple(dict.fromkeys(names)), sampling_defaults=sampling_defaults(gen) if gen else {},
-                   admission=Admission(config.admission, metrics.admission_rejected), tracer=tracer)
+                   admission=Admission(config.admission, metrics.admission_rejected), tracer=tracer,
+                   hicache_storage=storage_id(h.storage_backend, h.storage_extra) if h.enable else None)
 
 
 def model_display_name(model_arg: str, model_path: str) -> str:

@@ -130,6 +130,7 @@ def wait_settled_keyed(url: str, mark: int, timeout: float) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def chaos_cluster(tmp: Path, server_args: list[str] | None = None, **router_kw: Any) -> Iterator[Chaos]:
+    """`server_args`: more `pdserve serve` flags for every server (e.g. KV tiers)."""
     pair = PDPair(tmp, "tcp", [*ENGINE_ARGS, *(server_args or [])], prefill_env=HB, decode_env=HB)
     decode2: ServerProcess | None = None
     router: EmbeddedRouter | None = None

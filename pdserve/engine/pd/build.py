@@ -62,7 +62,7 @@ def build_stage(disagg: DisaggConfig | None, layout: KVLayout, pool: Pool, sched
         except BaseException:
             rooms.close()
             raise
-        return PrefillStage(scheduler, pool.page_size, rooms, server)
+        return PrefillStage(scheduler, pool.page_size, rooms, server, kv)
     try:
         disagg.check_decode_radix_cache(prefix_cache=kv.cache.enabled)
     except ValueError:

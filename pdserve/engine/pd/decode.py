@@ -28,6 +28,13 @@ the prompt's full pages join the cache (concurrent turns sharing the prefix hit 
 each counted once (both hits are prefixes). A failed transfer frees only the reserved pages (the
 cached prefix is this engine's own KV and stays cached); the recompute re-matches it. Off: no
 match, the RoomInfo names every prompt page, exactly as without a decode cache.
+
+KV tiers with a storage backend (--enable-hierarchical-cache --hicache-storage-backend): the
+engine's KV manager writes every finished request's pages, prompt and reply, to the store
+(whether or not the decode cache flag is on; its radix tree is the tiers' index either way), so
+the next turn's prefill finds them; under write_through it also writes each page as it completes
+(`after_forward` -> `kv.pages_completed`), so another decode continuing a migrated stream, or
+this one recomputing a failed transfer, loads the prefix from the store instead of computing it.
 """
 
 from __future__ import annotations
@@ -102,7 +109,10 @@ class DecodeStage:
         return out
 
     def after_forward(self, chunks: list[Chunk]) -> set[Request]:
-        """Nothing to push on the decode side: its requests run like any other once committed."""
+        """Nothing to push on the decode side: its requests run like any other once committed
+        (KV tiers, write-through to storage: the pages they completed are written as they do)."""
+        for c in chunks:
+            self.kv.pages_completed(c.req)
         return set()
 
     def _preallocate(self, out: StagePoll) -> None:
@@ -127,13 +137,15 @@ class DecodeStage:
             if routes is None:
                 self._unlock(req)
                 continue  # still fetching its prefill's routes (up to fetch_timeout): serve the others
+            if not self.kv.ensure_pages(req, req.prompt_len):  # `available` was an estimate (KV tiers: pages
+                self._unlock(req)  # being copied cannot go yet): it waits, its room not yet opened
+                break
             self.prealloc.remove(req)
             try:
                 t.receiver = self.manager.open(t.boot.room, routes)
             except ValueError as e:  # another live request holds this room: refuse this one, keep serving
                 out.finished.append(self._fail(req, f"bootstrap_room {t.boot.room} is taken: {e}", status=400))
                 continue
-            self.kv.ensure_pages(req, req.prompt_len)
             dst = req.pages[req.tree_pages: pages_needed(req.prompt_len, self.kv.page_size)]
             t.num_pages = len(dst)
             t.receiver.init(dst, t.decode_prefix_len)

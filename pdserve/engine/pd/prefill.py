@@ -23,6 +23,11 @@ decode holding 8 tokens (2 pages):
     chunk 2 → last: pages[2:3] → send(src=pages[2:3], start_page=2) (the sender maps it to
               decode's first reserved page); a full hit sends no page but still the metadata
 The record's cached_tokens is this prefill's own hit; the decode reports the larger of the two.
+
+KV tiers (--enable-hierarchical-cache): `add` already asks the KV manager to prepare the prompt
+(`kv.prepare`: a prefix in host memory is loaded, one in shared storage fetched), so the copy
+overlaps the wait for the decode's page list; the scheduler admits it once its prefix is on the
+device (per the prefetch policy), and it computes only the rest.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import time
 from pdserve.disagg import BootstrapServer, KVPoll, MetadataRecord, ServerRooms
 from pdserve.engine.batch import Chunk
 from pdserve.engine.kv_cache import pages_needed
+from pdserve.engine.kv_manager import KVManager
 from pdserve.engine.messages import Bootstrap, TransferStats
 from pdserve.engine.pd.stage import Finished, StagePoll
 from pdserve.engine.pd.state import PrefillTransfer
@@ -46,8 +52,9 @@ def _transfer(req: Request) -> PrefillTransfer:
 
 class PrefillStage:
     def __init__(self, scheduler: Scheduler, page_size: int, manager: ServerRooms,
-                 bootstrap: BootstrapServer | None) -> None:
+                 bootstrap: BootstrapServer | None, kv: KVManager | None = None) -> None:
         self.scheduler = scheduler
+        self.kv = kv  # KV tiers: a prompt's prefix is fetched while it waits for its decode
         self.page_size = page_size
         self.manager = manager
         self.bootstrap_server = bootstrap  # None on dp ranks > 0 (dp rank 0 hosts it)
@@ -61,6 +68,8 @@ class PrefillStage:
     def add(self, req: Request, boot: Bootstrap) -> None:
         req.transfer = PrefillTransfer(self.manager.sender(boot.room), boot.room, time.monotonic())
         self.bootstrap.append(req)
+        if self.kv is not None:
+            self.kv.prepare(req)  # KV tiers: start bringing its prefix in now, overlapping the wait
 
     def live(self) -> list[Request]:
         return [*self.bootstrap, *self.inflight]
