@@ -22,6 +22,7 @@ Lifecycle of `run_launch(args)`:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
@@ -46,6 +47,7 @@ def free_port() -> int:
 
 
 def add_launch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model, as --model")
     add_flags(p, LAUNCH_FLAGS, LaunchConfig())
 
 
@@ -101,6 +103,10 @@ class Cluster:
                 decode_args.append(f"http://127.0.0.1:{port}")
             if api_key:
                 cmd += ["--api-key", api_key]
+            if cfg.served_model_name:
+                cmd += ["--served-model-name", *cfg.served_model_name]
+            if cfg.tool_call_parser:
+                cmd += ["--tool-call-parser", cfg.tool_call_parser]
             if wants_events:
                 cmd += ["--kv-events-config", "{}"]
             cmd += shlex.split(cfg.server_args)
@@ -164,10 +170,18 @@ class Cluster:
         for child in self.servers:
             child.wait_or_kill(timeout)
 
+    @property
+    def model_name(self) -> str:
+        """The name the servers answer to (what a request's `model` must say)."""
+        from pdserve.model.bundled import served_name
+
+        return self.cfg.served_model_name[0] if self.cfg.served_model_name else served_name(self.cfg.model)
+
     def banner(self) -> str:
         auth = f" -H 'Authorization: Bearer {self.api_key}'" if self.api_key else ""
-        body = '{"model": "default", "messages": [{"role": "user", "content": "What is the capital of France?"}], ' \
-               '"max_tokens": 32, "temperature": 0}'
+        body = json.dumps({"model": self.model_name, "messages": [{"role": "user", "content":
+                                                                  "What is the capital of France?"}],
+                           "max_tokens": 32, "temperature": 0})
         lines = [f"pdserve is ready: {self.router_url}  ({len(self.servers)} servers, mode {self.cfg.mode})"]
         for c in self.children:
             pin = f", cores {','.join(map(str, c.cpus))}" if c.cpus else ""
@@ -181,8 +195,8 @@ class _Stop(Exception):
     pass
 
 
-RESERVED = ("--host", "--port", "--model", "--model-path", "--api-key", "--tp-size", "--tensor-parallel-size",
-            DECODE_RADIX_FLAG)  # flags of serve/router that launch sets itself
+RESERVED = ("--host", "--port", "--model", "--model-path", "--api-key", "--tp-size", "--tensor-parallel-size", "-tp",
+            "--served-model-name", "--tool-call-parser", DECODE_RADIX_FLAG)  # flags of serve/router launch sets itself
 
 
 def preflight(args: argparse.Namespace) -> LaunchConfig:

@@ -118,7 +118,7 @@ async def _build(state: ServerState, body: ChatCompletionRequest, rid: str,
 
 async def _plan(state: ServerState, body: ChatCompletionRequest) -> AsyncIterator[bytes] | Whole:
     head = response_head(state, body, "chatcmpl")
-    plan = tool_plan(body, state.config.tool_call_parser)
+    plan = tool_plan(body, state.tool_parser)
     subs = await _build(state, body, head["id"], plan)
     texts = TokenTexts(state)
     if body.stream:

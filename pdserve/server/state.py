@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 
 from pdserve.engine.messages import EngineReady
-from pdserve.model.config import sampling_defaults
+from pdserve.model.bundled import served_name
+from pdserve.model.config import ModelConfig, sampling_defaults
 from pdserve.model.tokenizer import Tokenizer
 from pdserve.server.config import ServerConfig
 from pdserve.server.dp_client import EngineHandle
 from pdserve.server.errors import APIError
 from pdserve.server.metrics import ServerMetrics
+from pdserve.server.tool_parsers import family_parser
 
 
 @dataclass
@@ -32,6 +33,7 @@ class ServerState:
     metrics: ServerMetrics
     model_name: str
     model_names: tuple[str, ...] = ()  # every name a request's `model` may use (404 otherwise)
+    tool_parser: str = "hermes"  # tool_choice "auto": --tool-call-parser, else the model family's
     sampling_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
     started: float = field(default_factory=time.time)
 
@@ -51,21 +53,16 @@ class ServerState:
     @classmethod
     def create(cls, config: ServerConfig, client: EngineHandle, info: EngineReady) -> "ServerState":
         tokenizer = Tokenizer(info.tokenizer_path or info.model_path, config.engine.chat_template)
-        name = config.served_model_name or model_display_name(config.engine.model, info.model_path)
+        name = config.served_model_name or served_name(config.engine.model, info.model_path)
         names = (name, *config.served_model_aliases)
         if not config.served_model_name:  # no explicit names: the --model argument is one too
             names += (config.engine.model, info.model_path)
         gen = {"auto": info.model_path, "none": None}.get(config.generation_config, config.generation_config)
         return cls(config=config, client=client, info=info, tokenizer=tokenizer,
                    metrics=ServerMetrics(name, config.metrics_prefix, config.log_requests), model_name=name,
-                   model_names=tuple(dict.fromkeys(names)), sampling_defaults=sampling_defaults(gen) if gen else {})
-
-
-def model_display_name(model_arg: str, model_path: str) -> str:
-    """The name /v1/models shows: "default" stays "default", else the folder/file stem."""
-    if model_arg.strip() in ("", "default"):
-        return "default"
-    return Path(model_arg).name or Path(model_path).name
+                   model_names=tuple(dict.fromkeys(names)), sampling_defaults=sampling_defaults(gen) if gen else {},
+                   tool_parser=config.tool_call_parser or family_parser(
+                       ModelConfig.from_folder(info.model_path).architecture, tokenizer.chat_template))
 
 
 def get_state(request: Request) -> ServerState:
