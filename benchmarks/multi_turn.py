@@ -25,7 +25,7 @@ the same conversations at the same offsets (greedy replies are the same on every
 
 Measured per system: TTFT p50/p99 and ITL p50/p99 over every turn, goodput (turns/s meeting
 both SLOs), KV bytes moved per request (the decode's `sglang:kv_transfer_bytes_total` delta /
-turns) and the router's `sglang:router_pd_decisions_total`. Output (in --out): report.md (table,
+turns) and the router's `sgl_router_pd_decisions_total`. Output (in --out): report.md (table,
 ratios, targets met/missed), results.json and PNGs (bars per metric, TTFT and ITL CDFs).
 Targets: pd_cache moves <= 0.3x pd's KV bytes with TTFT p50 <= 0.6x pd's; pd_cache_cond keeps
 p99 ITL <= 0.5x unified's with TTFT p50 <= 1.2x unified's.

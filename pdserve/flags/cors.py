@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pdserve.flags.table import Flag
 
 PREFLIGHT_MAX_AGE = "600"
+ALLOW_ORIGIN = "access-control-allow-origin"
 _SAFE_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
@@ -74,7 +75,7 @@ def response_headers(cfg: CorsConfig, origin: str | None) -> list[tuple[str, str
     allowed = _allow_origin(cfg, origin)
     if allowed is None:
         return []
-    out = [("access-control-allow-origin", allowed)]
+    out = [(ALLOW_ORIGIN, allowed)]
     if cfg.allow_credentials:
         out.append(("access-control-allow-credentials", "true"))
     if allowed != "*":
@@ -97,7 +98,7 @@ def preflight_headers(cfg: CorsConfig, origin: str, method: str, headers: str | 
         if any(h not in permitted for h in asked):
             return None
         allow_headers = ", ".join(sorted(permitted))
-    out = [("access-control-allow-origin", allowed), ("access-control-allow-methods", ", ".join(methods)),
+    out = [(ALLOW_ORIGIN, allowed), ("access-control-allow-methods", ", ".join(methods)),
            ("access-control-max-age", PREFLIGHT_MAX_AGE), ("vary", "Origin")]
     if allow_headers:
         out.append(("access-control-allow-headers", allow_headers))

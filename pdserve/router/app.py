@@ -11,9 +11,11 @@ Lifecycle of `RouterApp`:
     PD prefill queue limit, tree eviction for cache_aware, KV-event subscribers feeding the
     exact index (router/kv_sync.py) when cache_aware or conditional PD uses it);
   - `handle(request)` (called by the HTTP server for every request) tags it with a request
-    id, routes it, checks the API key (all routes except /health, /liveness, /readiness,
+    id, answers a CORS preflight (flags/cors.py; before the key: browsers send none with it),
+    routes it, checks the API key (all routes except /health, /liveness, /readiness,
     /metrics), and for generation routes takes a concurrency slot (429/408), forwards it and
-    records metrics; every error is an OpenAI-style body with the request id header;
+    records metrics; every error is an OpenAI-style body with the request id header, and every
+    answer to an allowed origin its CORS headers;
   - `stop()` cancels the loops and closes the pools.
 """
 
@@ -28,6 +30,7 @@ from typing import Any
 
 import aiohttp
 
+from pdserve.flags.cors import ALLOW_ORIGIN, preflight_headers, response_headers
 from pdserve.router.admin import Admin
 from pdserve.router.config import RouterConfig
 from pdserve.router.forward import Forwarder, RegularForwarder
@@ -137,6 +140,27 @@ class RouterApp:
 
     async def handle(self, req: Request) -> Response | None:
         rid = pick_request_id(req.headers, self.cfg.request_id_headers)
+        origin = req.headers.get("origin")
+        wanted = req.headers.get("access-control-request-method")
+        if req.method == "OPTIONS" and origin is not None and wanted is not None:
+            allowed = preflight_headers(self.cfg.cors, origin, wanted, req.headers.get("access-control-request-headers"))
+            if allowed is None:
+                return Response(b"Disallowed CORS request", 400, "text/plain", [("x-request-id", rid)])
+            return Response(b"", 200, None, [("x-request-id", rid), *allowed])
+        resp = await self._route(req, rid)
+        if resp is not None and origin is not None and not any(k == ALLOW_ORIGIN for k, _ in resp.headers):
+            resp.headers = [*resp.headers, *response_headers(self.cfg.cors, origin)]  # (generate's has them)
+        return resp
+
+    async def metrics_only(self, req: Request) -> Response | None:
+        """The `--prometheus-port` listener: GET /metrics and nothing else."""
+        rid = pick_request_id(req.headers, self.cfg.request_id_headers)
+        if req.path != "/metrics" or req.method != "GET":
+            return Response(error_body(404, f"no route {req.path} here (metrics only)"), 404,
+                            headers=[("x-request-id", rid)])
+        return await self.admin.prometheus(req, rid)
+
+    async def _route(self, req: Request, rid: str) -> Response | None:
         try:
             methods = self.routes.get(req.path)
             if methods is None and req.path.startswith("/workers/"):
@@ -171,6 +195,7 @@ class RouterApp:
             try:
                 ctx = RequestCtx(req, rid, req.path,
                                  req.headers.get("authorization") if self._forward_client_auth else None)
+                ctx.resp_headers += response_headers(self.cfg.cors, req.headers.get("origin"))  # a stream's too
                 resp = await self.forwarder.handle(ctx)
                 status = resp.status if resp is not None else req.writer.status
                 return resp

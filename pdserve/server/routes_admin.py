@@ -173,6 +173,7 @@ async def _load(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
         "num_pages": load.num_pages,
         "free_pages": load.free_pages,
         "cached_pages": load.cached_pages,
+        "evictable_pages": load.evictable_pages,
         "used_pages": load.num_pages - load.free_pages - load.cached_pages,
         "page_size": load.page_size,
         "kv_usage": load.kv_usage,

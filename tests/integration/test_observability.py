@@ -154,7 +154,7 @@ def test_stats_line_at_the_interval_and_counters_only_increase(stack: Stack) -> 
         grew |= {key[0] for key, (kind, value) in after.items()  # labelled series appear with the first request
                  if kind in ("counter", "histogram") and value > before[url].get(key, (kind, 0.0))[1]}
     for name in ("sglang:generation_tokens_total", "sglang:prompt_tokens_total", "sglang:num_requests_total",
-                 "sglang:kv_transfers_total", "sglang:kv_transfer_bytes_total", "sglang:router_requests_total",
+                 "sglang:kv_transfers_total", "sglang:kv_transfer_bytes_total", "sgl_router_requests_total",
                  "sglang:e2e_request_latency_seconds_count", "sglang:queue_time_seconds_count"):
         assert name in grew, name
 

@@ -106,9 +106,9 @@ def test_payload_cap_bad_routes_and_metrics(keyed: EmbeddedRouter, worker: MockW
         assert c.post("/v1/completions", json={"prompt": "x" * 3000}).status_code == 200
         assert c.get("/nowhere").status_code == 404 and c.get("/v1/completions").status_code == 405
         metrics = c.get("/metrics").text
-        for name in ("sglang:router_requests_total", "sglang:router_worker_in_flight",
-                     "sglang:router_worker_circuit_state", "sglang:router_worker_healthy",
-                     "sglang:router_request_duration_seconds", "sglang:router_pd_ttft_seconds"):
+        for name in ("sgl_router_requests_total", "sgl_router_running_requests",
+                     "sgl_router_cb_state", "sgl_router_worker_health",
+                     "sgl_router_request_duration_seconds", "sgl_router_pd_ttft_seconds"):
             assert name in metrics
         assert c.get("/get_loads").json()["workers"][0]["url"] == worker.url
     assert worker.generation_records()[-1].body["prompt"] == "x" * 3000  # the 413 never reached it
