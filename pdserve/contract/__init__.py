@@ -20,6 +20,7 @@ from pdserve.contract.fields import (
     DEFAULT_SERVER_PORT,
     DP_RANK,
     IDS_COMMENT,
+    PREVIOUS_RESPONSE,
     RESPONSE_ID,
     RESUME_IDS,
     SERVER_INFO_PATH,
@@ -34,6 +35,6 @@ from pdserve.contract.server_info import (FAILURE_POLICY, MODE_OF_ROLE, RECOMPUT
 
 __all__ = ["API_KEY_ENV", "BODY_FIELDS", "BOOTSTRAP_HOST", "BOOTSTRAP_KEYS", "BOOTSTRAP_PORT", "BOOTSTRAP_ROOM",
            "CREATED", "DEFAULT_BOOTSTRAP_PORT", "DEFAULT_ROUTER_PORT", "DEFAULT_SERVER_PORT", "DP_RANK",
-           "FAILURE_POLICY", "IDS_COMMENT", "MODE_OF_ROLE", "RECOMPUTE", "RESPONSE_ID", "RESUME_IDS",
+           "FAILURE_POLICY", "IDS_COMMENT", "MODE_OF_ROLE", "PREVIOUS_RESPONSE", "RECOMPUTE", "RESPONSE_ID", "RESUME_IDS",
            "SERVER_INFO_PATH", "SERVER_INFO_PATHS", "STREAM_IDS", "ServerInfo", "decode_server_info",
            "encode_server_info", "per_sequence", "prefill_dp_rank", "resolve_api_key", "sequence_count"]

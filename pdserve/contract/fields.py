@@ -28,6 +28,9 @@ RESUME_IDS = "pdserve_resume_ids"
 RESPONSE_ID = "pdserve_response_id"
 CREATED = "pdserve_created"
 IDS_COMMENT = b": pdserve-ids "
+# /v1/responses through a router: the router replaced `previous_response_id` by the conversation it
+# names (the worker that stored it may not be the one serving now); the answer still names it
+PREVIOUS_RESPONSE = "pdserve_previous_response_id"
 
 # `GET /server_info` (and SGLang's older `/get_server_info`): the struct is server_info.ServerInfo
 SERVER_INFO_PATH = "/server_info"
@@ -51,6 +54,7 @@ BODY_FIELDS: tuple[tuple[str, object, object], ...] = (
     (RESUME_IDS, list[int] | None, None),
     (RESPONSE_ID, str | None, None),
     (CREATED, int | None, None),
+    (PREVIOUS_RESPONSE, str | None, None),
 )
 
 

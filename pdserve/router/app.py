@@ -44,10 +44,11 @@ from pdserve.router.pd import PDForwarder
 from pdserve.router.policies import Policy, make_policy
 from pdserve.router.request import RequestCtx, RouteFn, RouterError, error_body, pick_request_id
 from pdserve.router.resilience import ConcurrencyLimiter
+from pdserve.router.responses import Responses
 from pdserve.router.workers import Worker, WorkerRegistry, new_worker
 
 logger = logging.getLogger("pdserve.router")
-GENERATE_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
+GENERATE_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/responses")
 OPEN_PATHS = frozenset({"/health", "/liveness", "/readiness", "/metrics"})
 
 
@@ -78,8 +79,9 @@ class RouterApp:
         self._key = cfg.api_key.encode() if cfg.api_key else None
         self._forward_client_auth = cfg.worker_key is None
         self.admin = Admin(cfg, self.registry, self.health, self.limiter, self.metrics, self.pool, self.kv_index)
+        self.responses = Responses(cfg, self.registry, self.pool)
         self.routes: dict[str, dict[str, RouteFn]] = {path: {"POST": self.generate} for path in GENERATE_ROUTES}
-        for path, methods in self.admin.routes().items():
+        for path, methods in (*self.admin.routes().items(), *self.responses.routes().items()):
             self.routes.setdefault(path, {}).update(methods)
 
     def _on_registry_change(self, event: str, worker: Worker) -> None:
@@ -167,6 +169,8 @@ class RouterApp:
                 methods = self.routes.get("/workers/{url}")
             if methods is None and req.path.startswith("/v1/models/"):
                 methods = self.routes.get("/v1/models/{id}")
+            if methods is None and req.path.startswith("/v1/responses/"):
+                methods = self.routes.get("/v1/responses/{id}")
             if methods is None:
                 raise RouterError(404, f"no route {req.path}")
             if self._key is not None and req.path not in OPEN_PATHS and not self.authorized(req.headers):
@@ -196,6 +200,8 @@ class RouterApp:
                 ctx = RequestCtx(req, rid, req.path,
                                  req.headers.get("authorization") if self._forward_client_auth else None)
                 ctx.resp_headers += response_headers(self.cfg.cors, req.headers.get("origin"))  # a stream's too
+                if req.path == "/v1/responses" and b"previous_response_id" in req.body:
+                    await self.responses.expand(ctx)
                 resp = await self.forwarder.handle(ctx)
                 status = resp.status if resp is not None else req.writer.status
                 return resp

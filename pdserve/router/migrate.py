@@ -37,9 +37,10 @@ logger = logging.getLogger("pdserve.router")
 _enc = msgspec.json.Encoder()
 
 
-def migratable(body: dict[str, Any], limit: int) -> bool:
-    """Can this request's stream move to another worker mid-way?"""
-    if limit <= 0 or body.get("stream") is not True:
+def migratable(body: dict[str, Any], limit: int, route: str = "") -> bool:
+    """Can this request's stream move to another worker mid-way? (Not /v1/responses: its events
+    are items, not token deltas a resumed stream could continue.)"""
+    if limit <= 0 or body.get("stream") is not True or route == "/v1/responses":
         return False
     n = body.get("n", 1)
     sp = body.get("sampling_params")

@@ -143,7 +143,7 @@ class PDForwarder:
         body = ctx.json()
         batch = batch_size(body)
         want_lp = wants_prompt_logprobs(body)
-        track = migratable(body, self.cfg.migration_limit)
+        track = migratable(body, self.cfg.migration_limit, ctx.route)
         tried_p: set[str] = set()
         tried_d: set[str] = set()
         last: Failure | None = None

@@ -4,7 +4,8 @@
   startup  - `EngineClient.start()` spawns the engine process and waits until its model is
              loaded (uvicorn binds the port only after this, so /health answers only when
              ready), then `ServerState` (tokenizer, metrics, caps) goes into `app.state.server`;
-  serving  - routers: OpenAI (/v1/...), native (/generate), admin (health, info, load, ...);
+  serving  - routers: OpenAI (/v1/completions, chat, responses, ...), native (/generate), admin
+             (health, info, load, ...);
              errors always come back as OpenAI error bodies; CORS, API key and body cap run
              as ASGI middleware around everything;
   shutdown - `begin_shutdown(app)` (called from the signal handler) refuses new work and ends
@@ -22,7 +23,8 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from pdserve.server import native_generate, openai_chat, openai_completions, routes_admin, routes_tokenize
+from pdserve.server import (native_generate, openai_chat, openai_completions, openai_responses, routes_admin,
+                            routes_tokenize)
 from pdserve.server.config import ServerConfig
 from pdserve.server.dp_client import EngineHandle, engine_client
 from pdserve.server.errors import install_error_handlers
@@ -57,6 +59,7 @@ def build_fastapi(config: ServerConfig) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_completions.router)
     app.include_router(openai_chat.router)
+    app.include_router(openai_responses.router)
     app.include_router(native_generate.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_tokenize.router)

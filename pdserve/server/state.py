@@ -21,6 +21,7 @@ from pdserve.server.config import ServerConfig
 from pdserve.server.dp_client import EngineHandle
 from pdserve.server.errors import APIError
 from pdserve.server.metrics import ServerMetrics
+from pdserve.server.responses import ResponseStore
 from pdserve.server.tool_parsers import family_parser
 
 
@@ -34,6 +35,7 @@ class ServerState:
     model_name: str
     model_names: tuple[str, ...] = ()  # every name a request's `model` may use (404 otherwise)
     tool_parser: str = "hermes"  # tool_choice "auto": --tool-call-parser, else the model family's
+    responses: ResponseStore = field(default_factory=lambda: ResponseStore(0))  # /v1/responses answers kept
     sampling_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
     started: float = field(default_factory=time.time)
 
@@ -62,7 +64,8 @@ class ServerState:
                    metrics=ServerMetrics(name, config.metrics_prefix, config.log_requests), model_name=name,
                    model_names=tuple(dict.fromkeys(names)), sampling_defaults=sampling_defaults(gen) if gen else {},
                    tool_parser=config.tool_call_parser or family_parser(
-                       ModelConfig.from_folder(info.model_path).architecture, tokenizer.chat_template))
+                       ModelConfig.from_folder(info.model_path).architecture, tokenizer.chat_template),
+                   responses=ResponseStore(config.responses_kept))
 
 
 def get_state(request: Request) -> ServerState:
