@@ -34,6 +34,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from pdserve.disagg.backends import missing_extra
 from pdserve.disagg.config import DECODE_RADIX_FLAG
 from pdserve.flags.table import add_flags
 from pdserve.launch.config import LAUNCH_FLAGS, LaunchConfig, config_from_args
@@ -206,6 +207,8 @@ def preflight(args: argparse.Namespace) -> LaunchConfig:
 
     cfg = config_from_args(args)  # its flag-combination rules: LaunchConfig.__post_init__
     check_model(cfg.model)
+    if cfg.mode == "pd" and (missing := missing_extra(cfg.transfer_backend)) is not None:
+        raise ValueError(missing)
     for flag, text in (("--server-args", cfg.server_args), ("--router-args", cfg.router_args)):
         reserved = set(RESERVED) & {a.split("=")[0] for a in shlex.split(text)}
         if reserved:

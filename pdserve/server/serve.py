@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from pdserve.contract import API_KEY_ENV, resolve_api_key
-from pdserve.disagg.backends import BACKENDS
+from pdserve.disagg.backends import BACKENDS, missing_extra
 from pdserve.disagg.config import DECODE_RADIX_FLAG, ENV_PREFIX, FAILURE_POLICIES, MODES, TOKEN_ENV, DisaggConfig
 from pdserve.engine.args import ENGINE_EXTRAS, add_engine_arguments, check_engine_args, engine_config_from_args
 from pdserve.flags.argtypes import metrics_prefix, non_negative_int, port_number, positive_float, positive_int
@@ -137,6 +137,8 @@ def preflight(args: argparse.Namespace) -> tuple[ServerConfig, socket.socket]:
     if engine.tokenizer:
         check_model(engine.tokenizer, download_dir=engine.download_dir, weights=False)
     pd = config.disagg
+    if pd.mode != "null" and (missing := missing_extra(pd.backend)) is not None:
+        raise ValueError(missing)
     if pd.mode == "prefill" and pd.bootstrap_port == config.port:
         raise ValueError(f"--disaggregation-bootstrap-port {config.port} is the HTTP --port too; pick another")
     pd.check_decode_radix_cache(config.engine.enable_prefix_cache)
