@@ -43,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pdserve.bench.report import machine  # noqa: E402
 from pdserve.flags.procs import kill_group  # noqa: E402
 
 SERVER = [sys.executable, "-m", "pdserve.cli", "serve", "--model", "default", "--threads", "1",
@@ -189,7 +190,15 @@ def traces(urls: list[str]) -> list[list[list[float]]]:
 args_chunk_marker = 32  # a rank-0 step forwarding more tokens than this holds a prefill chunk
 
 
-def plot(results: dict[str, Any], out: Path) -> None:
+def run_title(results: dict[str, Any], args: argparse.Namespace) -> str:
+    """What every plot of the run says it shows: machine, model, load, date (of the run's start)."""
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(min(r["t0_wall"] for r in results.values())))
+    return (f"{machine()} · model default (bundled SmolLM2-135M), tp 2 dp 2 · streams {args.stream_rate:g}/s "
+            f"{args.stream_input}/{args.stream_output} tokens on rank 1, long prompts {args.long_rate:g}/s "
+            f"{args.long_input}/{args.long_output} on rank 0, {args.duration:g} s · {date}")
+
+
+def plot(results: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,7 +224,8 @@ def plot(results: dict[str, Any], out: Path) -> None:
     axes[1].set_xlabel("seconds since the workload started")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
-    fig.suptitle(f"DP-attention step times per rank (bundled SmolLM2-135M, 2 CPU cores, {time.strftime('%Y-%m-%d')})")
+    run = run_title(results, args)
+    fig.suptitle(f"DP-attention step times per rank\n{run}", fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(out / "steps.png", dpi=110)
     plt.close(fig)
@@ -227,6 +237,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
     ax.set_xlabel("inter-token latency of rank 1's streams (ms)")
     ax.set_ylabel("CDF")
     ax.legend()
+    fig.suptitle(f"Rank 1 streams' inter-token latency CDF\n{run}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "itl_cdf.png", dpi=110)
     plt.close(fig)
@@ -267,7 +278,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
         results = json.loads((args.out / "results.json").read_text())
-        plot(results, args.out)
+        plot(results, args.out, args)
         print(report(results, args, args.out))
         return
     reqs = workload(args)
@@ -286,7 +297,7 @@ def main() -> None:
         finally:
             cluster.stop()
     (args.out / "results.json").write_text(json.dumps(results))
-    plot(results, args.out)
+    plot(results, args.out, args)
     print(report(results, args, args.out))
 
 

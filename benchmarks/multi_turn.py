@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pdserve.bench.metrics import RequestRecord, summarize  # noqa: E402
-from pdserve.bench.report import plot_compare  # noqa: E402
+from pdserve.bench.report import machine, plot_compare, titled_figure  # noqa: E402
 from pdserve.bench.runner import BenchConfig, BenchResult  # noqa: E402
 from pdserve.flags.procs import kill_group  # noqa: E402
 
@@ -274,15 +274,20 @@ def run_system(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], Ben
 
 
 # -- report -------------------------------------------------------------------------------------
-def plot_bars(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    from matplotlib.figure import Figure  # no pyplot: nothing to close, no backend to pick
+def run_title(args: argparse.Namespace, started: float) -> str:
+    """What every plot of the run says it shows: machine, model, load, date."""
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
+    return (f"{machine()} · model {args.model} · {args.conversations} conversations x {args.turns} turns, Poisson "
+            f"starts at {args.rate:g}/s, replies {args.reply_len} tokens, seed {args.seed} · {date}")
 
+
+def plot_bars(rows: list[dict[str, Any]], out: Path, run: str) -> list[Path]:
     paths = []
     for keys, label, fname in ((("ttft_p50", "ttft_p99"), "TTFT (ms)", "ttft.png"),
                                (("itl_p50", "itl_p99"), "inter-token latency (ms)", "itl.png"),
                                (("kv_bytes_per_req",), "KV bytes moved per request", "kv_bytes.png"),
                                (("goodput",), "goodput (turns/s within SLOs)", "goodput.png")):
-        fig = Figure(figsize=(7, 4), layout="tight")
+        fig = titled_figure((7, 4.6), f"Multi-turn chat: {label}", run)
         ax = fig.subplots()
         width = 0.8 / len(keys)
         for j, key in enumerate(keys):
@@ -368,6 +373,7 @@ def main() -> int:
         args.conversations, args.turns, args.system_len, args.user_len, args.reply_len = 3, 4, 120, 12, 8
         args.rate, args.think_s, args.threshold = 1.0, 0.2, 64
     args.out.mkdir(parents=True, exist_ok=True)
+    run = run_title(args, time.time())
     rows, results, skipped = [], {}, []
     for name in args.configs:
         try:
@@ -381,7 +387,7 @@ def main() -> int:
     if not rows:
         return 1
     args.skipped = skipped
-    plots = plot_bars(rows, args.out) + plot_compare(results, args.out, prefix="cdf_")
+    plots = plot_bars(rows, args.out, run) + plot_compare(results, args.out, prefix="cdf_", run=run)
     (args.out / "results.json").write_text(json.dumps(
         {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
     print(write_report(args, rows, plots))
