@@ -2,10 +2,15 @@
 
     python benchmarks/dp_attention_imbalance.py                     # ~6 min on 2 cores; writes the report
     python benchmarks/dp_attention_imbalance.py --duration 30 --out /tmp/dpai
+    python benchmarks/dp_attention_imbalance.py --model mla-moe --ep-size 2   # issue 28: the MLA + MoE model
+    python benchmarks/dp_attention_imbalance.py --model mla-moe --ep-size 2 --quick   # smoke run, small model
 
 With DP attention every rank joins every layer's MLP collectives in every step, so a rank that
 runs a prefill chunk makes every other rank's decode step wait for it. One seeded workload, two
-systems on the bundled model, each behind pdserve's router and given both cores:
+systems on the bundled model (or, `--model mla-moe`, the random DeepSeek-V3-shaped model of
+benchmarks/_moe_model.py, whose DP-attention ranks are also its EP ranks with `--ep-size 2`: each
+layer's experts then wait on an all-to-all as the dense MLP waits on its gather), each behind
+pdserve's router and given both cores:
 
   (a) unified:  `pdserve serve --tp-size 2 --dp-size 2 --enable-dp-attention` (one core per rank);
   (b) PD:       a prefill `--dp-size 2` (replicas) on core 0 and a decode `--tp-size 2 --dp-size 2
@@ -46,9 +51,9 @@ sys.path.insert(0, str(ROOT))
 from pdserve.bench.report import machine  # noqa: E402
 from pdserve.flags.procs import kill_group  # noqa: E402
 
-SERVER = [sys.executable, "-m", "pdserve.cli", "serve", "--model", "default", "--threads", "1",
-          "--log-stats-interval", "0"]
+SERVER = [sys.executable, "-m", "pdserve.cli", "serve", "--threads", "1", "--log-stats-interval", "0"]
 DPA = ["--tp-size", "2", "--dp-size", "2", "--enable-dp-attention"]
+MLA_MOE = "mla-moe"  # --model: benchmarks/_moe_model.py's model (its small size under --quick)
 
 
 def free_port() -> int:
@@ -98,11 +103,12 @@ def wait_ready(url: str, path: str = "/health", timeout: float = 600) -> None:
 def start(system: str, out: Path, args: argparse.Namespace) -> tuple[Cluster, str, list[str]]:
     """The cluster, the router URL, and the URLs of the servers whose ranks decode."""
     c = Cluster(out, system)
-    common = ["--chunk-budget", str(args.chunk_budget), "--num-pages", str(args.num_pages)]
+    common = ["--model", args.model_dir, "--chunk-budget", str(args.chunk_budget), "--num-pages", str(args.num_pages)]
+    dpa = [*DPA, "--ep-size", str(args.ep_size)]
     rport = free_port()
     if system == "unified":
         url = f"http://127.0.0.1:{free_port()}"
-        c.spawn("server", [*SERVER, *common, *DPA, "--port", url.rsplit(":", 1)[1]], "0-1")
+        c.spawn("server", [*SERVER, *common, *dpa, "--port", url.rsplit(":", 1)[1]], "0-1")
         wait_ready(url)
         router = [sys.executable, "-m", "pdserve.cli", "router", "--worker-urls", url]
         decoders = [url]
@@ -111,7 +117,7 @@ def start(system: str, out: Path, args: argparse.Namespace) -> tuple[Cluster, st
         pd = ["--disaggregation-transfer-backend", args.backend]
         c.spawn("prefill", [*SERVER, *common, "--dp-size", "2", "--disaggregation-mode", "prefill", *pd,
                             "--disaggregation-bootstrap-port", str(boot), "--port", pre.rsplit(":", 1)[1]], "0")
-        c.spawn("decode", [*SERVER, *common, *DPA, "--disaggregation-mode", "decode", *pd,
+        c.spawn("decode", [*SERVER, *common, *dpa, "--disaggregation-mode", "decode", *pd,
                            "--disaggregation-bootstrap-port", str(free_port()), "--port", dec.rsplit(":", 1)[1]], "1")
         wait_ready(pre)
         wait_ready(dec)
@@ -192,8 +198,10 @@ args_chunk_marker = 32  # a rank-0 step forwarding more tokens than this holds a
 
 def run_title(results: dict[str, Any], args: argparse.Namespace) -> str:
     """What every plot of the run says it shows: machine, model, load, date (of the run's start)."""
-    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(min(r["t0_wall"] for r in results.values())))
-    return (f"{machine()} · model default (bundled SmolLM2-135M), tp 2 dp 2 · streams {args.stream_rate:g}/s "
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(min(r["t0_wall"] for r in results.values()
+                                                                 if isinstance(r, dict))))
+    model = results.get("model", "bundled SmolLM2-135M")
+    return (f"{machine()} · model {model}, tp 2 dp 2 · streams {args.stream_rate:g}/s "
             f"{args.stream_input}/{args.stream_output} tokens on rank 1, long prompts {args.long_rate:g}/s "
             f"{args.long_input}/{args.long_output} on rank 0, {args.duration:g} s · {date}")
 
@@ -256,6 +264,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, out: Path) -> str:
     met = ratio <= 0.5 and p["goodput_req_s"] >= u["goodput_req_s"]
     lines += ["", f"p99 ITL PD / unified = {ratio:.2f} (target <= 0.5); goodput PD / unified = "
               f"{p['goodput_req_s'] / max(u['goodput_req_s'], 1e-9):.2f} (target >= 1): **{'met' if met else 'missed'}**",
+              "", f"model: {results.get('model', 'bundled SmolLM2-135M')}",
               "", f"workload: {args.duration:.0f} s, streams {args.stream_rate}/s x ({args.stream_input} in, "
               f"{args.stream_output} out) on rank 1, long {args.long_rate}/s x ({args.long_input} in, {args.long_output} "
               f"out) on rank 0, chunk budget {args.chunk_budget}, seed {args.seed}; SLO: TTFT <= {args.slo_ttft_s} s "
@@ -267,7 +276,13 @@ def report(results: dict[str, Any], args: argparse.Namespace, out: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dp_attention_imbalance")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default results/dp_attention_imbalance (--model mla-moe: ..._mla_moe; --quick: ..._quick)")
+    ap.add_argument("--model", default="default",
+                    help=f"'default' (the bundled model), '{MLA_MOE}' (benchmarks/_moe_model.py), or an HF folder")
+    ap.add_argument("--ep-size", type=int, default=1, help="the DP-attention servers' --ep-size (1 or 2)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"a short smoke run: 20 s, 512-token long prompts ({MLA_MOE}: its small size)")
     defaults = {"duration": 60.0, "stream_rate": 0.4, "stream_input": 64, "stream_output": 48, "long_rate": 0.08,
                 "long_input": 1024, "long_output": 4, "chunk_budget": 256, "num_pages": 1200, "backend": "shm",
                 "slo_ttft_s": 5.0, "slo_ttft_long_s": 40.0, "slo_itl_max_s": 1.0, "seed": 0}
@@ -275,6 +290,17 @@ def main() -> None:
         ap.add_argument("--" + dest.replace("_", "-"), type=type(default), default=default)
     ap.add_argument("--plot-only", action="store_true", help="redraw the plots and report from --out/results.json")
     args = ap.parse_args()
+    if args.quick:
+        args.duration, args.long_input, args.long_rate = 20.0, 512, 0.15
+    if args.model == MLA_MOE:
+        from _moe_model import moe_model
+
+        args.model_dir = str(moe_model("quick" if args.quick else "full"))
+    else:
+        args.model_dir = args.model
+    tag = {"default": "", MLA_MOE: "_mla_moe"}.get(args.model, "_" + Path(args.model).name)
+    tag += "_quick" if args.quick else ""
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"dp_attention_imbalance{tag}"
     args.out.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
         results = json.loads((args.out / "results.json").read_text())
@@ -284,7 +310,8 @@ def main() -> None:
     reqs = workload(args)
     print(f"{len(reqs)} requests ({sum(r['kind'] == 'long' for r in reqs)} long) over {args.duration:.0f} s; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"model": f"{Path(args.model_dir).name}, ep size {args.ep_size}"
+                               if args.model != "default" else "bundled SmolLM2-135M"}
     for system in ("unified", "pd"):
         cluster, url, decoders = start(system, args.out, args)
         try:

@@ -247,10 +247,10 @@ def main() -> int:
             stop_cluster(proc)
     if set(args.systems) != set(SYSTEMS):
         return 0
-    run = run_title(args, started)
-    plots = plot_sweep(rows, args.out, run)
+    title = run_title(args, started)
+    plots = plot_sweep(rows, args.out, title)
     for rate in args.rates:
-        plots += plot_compare(results[rate], args.out, prefix=f"rate{rate:g}_", run=f"{rate:g} req/s · {run}")
+        plots += plot_compare(results[rate], args.out, prefix=f"rate{rate:g}_", run=f"{rate:g} req/s · {title}")
     (args.out / "results.json").write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v)
                                                                 for k, v in vars(args).items()},
                                                        "rows": rows}, indent=1))

@@ -27,6 +27,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, bundled_model_dir: 
 
 
 @pytest.fixture(scope="session")
+def moe_dir(tmp_path_factory: pytest.TempPathFactory, bundled_model_dir: Path):
+    """moe_dir(arch): a tiny random MoE / MLA model of tests/tiny_moe.py's ARCHS, built once."""
+    from tests.tiny_moe import build_tiny_moe
+
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = build_tiny_moe(tmp_path_factory.mktemp(arch), bundled_model_dir, arch)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_llm(tiny_model_dir: Path):
     """One engine on the tiny model shared by tests that leave it idle and intact."""
     from pdserve import LLM

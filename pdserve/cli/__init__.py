@@ -1,4 +1,4 @@
-"""`pdserve` command line: generate | convert | serve | router | launch | bench.
+"""`pdserve` command line: generate | convert | serve | router | launch | bench | profile | planner.
 
 Also `python -m pdserve`. Building the parser imports no torch (each subcommand imports its
 heavy modules only when it runs), so `pdserve --help` is fast.
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pdserve.cli.convert import add_convert_parser
     from pdserve.cli.generate import add_generate_parser
     from pdserve.launch.cluster import add_launch_parser
+    from pdserve.planner.cli import add_planner_parser, add_profile_parser
     from pdserve.router.cli import add_router_parser
     from pdserve.server.serve import add_serve_parser
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pdserve {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_generate_parser, add_convert_parser, add_serve_parser, add_router_parser, add_launch_parser,
-                add_bench_parser):
+                add_bench_parser, add_profile_parser, add_planner_parser):
         p = add(sub)
         p.add_argument("--version", action="version", version=f"pdserve {version()}")
     return parser

@@ -32,6 +32,20 @@ IDS_COMMENT = b": pdserve-ids "
 # names (the worker that stored it may not be the one serving now); the answer still names it
 PREVIOUS_RESPONSE = "pdserve_previous_response_id"
 
+# Live role switches (issue 26): a server's epoch starts at 1 and grows with each switch of its role.
+# A router that knows a worker's epoch (its discovery record, its /server_info) puts it in the leg it
+# sends that worker (EPOCH) and the prefill's in both legs (BOOTSTRAP_EPOCH: the decode carries it in
+# its route lookup to the prefill's bootstrap server). A server or bootstrap server at another epoch
+# answers 409 with the error code STALE_EPOCH (the router then retries another pair); a server that
+# drains answers new work 503 with DRAINING. PROMPT_TOKENS_HEADER / COMPLETION_TOKENS_HEADER: the
+# token counts a generation answer reports to the router (completion tokens of whole answers only).
+EPOCH = "pdserve_epoch"
+BOOTSTRAP_EPOCH = "pdserve_bootstrap_epoch"
+STALE_EPOCH = "stale_epoch"
+DRAINING = "draining"
+PROMPT_TOKENS_HEADER = "x-pdserve-prompt-tokens"
+COMPLETION_TOKENS_HEADER = "x-pdserve-completion-tokens"
+
 # `GET /server_info` (and SGLang's older `/get_server_info`): the struct is server_info.ServerInfo
 SERVER_INFO_PATH = "/server_info"
 SERVER_INFO_PATHS = (SERVER_INFO_PATH, "/get_server_info")
@@ -55,7 +69,15 @@ BODY_FIELDS: tuple[tuple[str, object, object], ...] = (
     (RESPONSE_ID, str | None, None),
     (CREATED, int | None, None),
     (PREVIOUS_RESPONSE, str | None, None),
+    (EPOCH, int | None, None),
+    (BOOTSTRAP_EPOCH, int | None, None),
 )
+
+
+def error_code_is(body: bytes, code: str) -> bool:
+    """Does an OpenAI-style error body carry this error `code`? (a byte search: the router need not
+    parse every error body it relays)."""
+    return b'"code":"' + code.encode() + b'"' in body.replace(b'": "', b'":"')
 
 
 def resolve_api_key(flag: str | None, env: Mapping[str, str] = os.environ) -> str | None:

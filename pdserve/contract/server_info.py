@@ -31,6 +31,8 @@ class ServerInfo(msgspec.Struct, kw_only=True):
     dp_size: int = 1
     enable_dp_attention: bool = False
     load_balance_method: str | None = None
+    epoch: int | None = None  # its role epoch (a live role switch bumps it; None: it does not say)
+    draining: bool = False  # it finishes what it runs and takes nothing new (POST /drain, /switch_role)
 
     def prefill_bootstrap_port(self) -> int | None:
         """The bootstrap port a prefill reports, if a valid one."""

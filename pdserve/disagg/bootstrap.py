@@ -11,7 +11,9 @@ Lifecycle (prefill server):
 
 HTTP (JSON bodies from pdserve.disagg.messages):
     PUT /route          RouteRegistration -> 200 | 400 bad body | 401 token | 409 layout conflict
-    GET /route?rank=N&dp_rank=M -> RouteInfo (404 until registered; both default to 0)
+    GET /route?rank=N&dp_rank=M[&epoch=E] -> RouteInfo (404 until registered; both default to 0;
+                        409 when E is not this server's role epoch: a lookup for an earlier role
+                        of this server, never paired with its KV)
 Routes are keyed by (dp rank, tp rank): a prefill server with --dp-size D runs D engines, each
 registering its tp ranks with its dp rank; a room's KV lives on dp rank bootstrap_room % D.
     GET /health         -> Health {status, instance}; `instance` changes when the server restarts
@@ -60,8 +62,9 @@ def _loopback(remote: str | None) -> bool:
 
 class BootstrapServer:
     def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_BOOTSTRAP_PORT,
-                 cluster_token: str | None = None) -> None:
+                 cluster_token: str | None = None, epoch: int = 1) -> None:
         self.host = host
+        self.epoch = epoch
         self.requested_port = port
         self.cluster_token = cluster_token
         self.instance = uuid.uuid4().hex
@@ -75,7 +78,7 @@ class BootstrapServer:
 
     @classmethod
     def from_config(cls, config: DisaggConfig) -> BootstrapServer:
-        return cls(config.bootstrap_host, config.bootstrap_port, config.cluster_token)
+        return cls(config.bootstrap_host, config.bootstrap_port, config.cluster_token, config.epoch)
 
     @property
     def port(self) -> int:
@@ -109,7 +112,7 @@ class BootstrapServer:
                 return None
             num_ranks = sum(1 for d, _ in self._routes if d == dp_rank)
             return RouteInfo(rank=rank, endpoint=reg.endpoint, layout=reg.layout, instance=self.instance,
-                             num_ranks=num_ranks, dp_rank=dp_rank, dp_size=reg.dp_size)
+                             num_ranks=num_ranks, dp_rank=dp_rank, dp_size=reg.dp_size, epoch=self.epoch)
 
     # --- HTTP handlers ------------------------------------------------------------------------
 
@@ -132,10 +135,14 @@ class BootstrapServer:
         if (refused := self._refused(request, write=False)) is not None:
             return refused
         raw, raw_dp = request.query.get("rank", "0"), request.query.get("dp_rank", "0")
+        raw_epoch = request.query.get("epoch", str(self.epoch))
         try:
-            rank, dp_rank = int(raw), int(raw_dp)
+            rank, dp_rank, epoch = int(raw), int(raw_dp), int(raw_epoch)
         except ValueError:
-            return _json(HttpError(error=f"rank and dp_rank must be integers, got {raw!r}, {raw_dp!r}"), 400)
+            return _json(HttpError(error=f"rank, dp_rank and epoch must be integers, got {raw!r}, {raw_dp!r}, "
+                                         f"{raw_epoch!r}"), 400)
+        if epoch != self.epoch:
+            return _json(HttpError(error=f"stale epoch {epoch}: this prefill is at epoch {self.epoch}"), 409)
         info = self.route(rank, dp_rank)
         if info is None:
             return _json(HttpError(error=f"prefill rank {rank} of dp rank {dp_rank} is not registered"), 404)

@@ -3,7 +3,7 @@
 Lifecycle (decode server):
     client = BootstrapClient(my_layout, config)        # starts the heartbeat thread
     manager.watch(client)                               # dead prefill -> its rooms fail
-    sources = client.routes(host, port, room)         # engine loop: never blocks (None = not yet)
+    sources = client.routes(host, port, room, epoch)  # engine loop: never blocks (None = not yet)
     ... rooms.open(room, sources) ...                  # (endpoint, KV heads) of each prefill tp rank
       or  client.poll_route(host, port, rank, dp_rank)  # one rank's route, non-blocking
       or  client.get_route(host, port, rank, dp_rank=d)   # blocking, bounded (tools, tests)
@@ -17,6 +17,8 @@ it, with the head range each rank's pool holds:
 
     room 7, prefill dp 2 x tp 2:  route(dp 0, tp 0) says dp_size 2 -> dp rank 7 % 2 = 1
                                   -> [(endpoint of (1, 0), heads (0, h/2)), (endpoint of (1, 1), heads (h/2, h/2))]
+    an MLA model (latent pool):   every tp rank says heads (0, 1) of 1: each holds every latent, and
+                                  transfer/tp/links.py takes each page from one of them
 
 First contact with a prefill fetches GET /route and checks its KV layout against ours
 (LayoutMismatch names the differing fields). The heartbeat polls GET /health of every known
@@ -24,6 +26,13 @@ prefill each `heartbeat_interval`; after `heartbeat_max_failure` consecutive mis
 server's instance id changes (a restart at the same address), the prefill is declared dead:
 its generation counter goes up, the dead callbacks get its endpoints, and its cached routes are
 forgotten so that the next lookup re-learns a restarted prefill instead of serving stale data.
+
+Role epochs (a prefill server's live role switches, server/elastic.py): a lookup may name the
+epoch the router knew the prefill at. The bootstrap server refuses another epoch (409:
+`StaleEpoch`); a cached route of an earlier epoch than the one named is dropped (the prefill
+switched away and back: its earlier rooms are gone) and fetched again; a route of a later epoch
+than the one named refuses the lookup at once (`StaleEpoch`), so a request never pairs with KV
+of a role its router did not know.
 """
 
 from __future__ import annotations
@@ -59,6 +68,10 @@ class BootstrapError(RuntimeError):
         self.unreachable = unreachable  # nothing answered (vs. a refusal)
 
 
+class StaleEpoch(BootstrapError):
+    """The lookup named another role epoch than the prefill's (HTTP 409 from its bootstrap server)."""
+
+
 class PrefillAddr(NamedTuple):
     host: str
     port: int
@@ -75,6 +88,7 @@ class Route:
     num_ranks: int = 1  # the prefill's tensor-parallel ranks (routes 0..num_ranks-1)
     dp_rank: int = 0
     dp_size: int = 1  # the prefill's data-parallel ranks: room r lives on dp rank r % dp_size
+    epoch: int = 1  # the prefill's role epoch when this route was learnt
 
 
 DeadCallback = Callable[[PrefillAddr, list[str], str], None]  # (addr, transfer endpoints, reason)
@@ -130,15 +144,26 @@ class BootstrapClient:
             peer = self._peers.get(PrefillAddr(host, port))
             return None if peer is None else peer.routes.get((dp_rank, rank))
 
-    def get_route(self, host: str, port: int, rank: int = 0, timeout: float | None = None,
-                  dp_rank: int = 0) -> Route:
-        """The cached route, or fetch it (retrying while the server is down or the rank is not yet
-        registered, up to `timeout`, default fetch_timeout). Raises LayoutMismatch/BootstrapError."""
+    def _current(self, host: str, port: int, rank: int, dp_rank: int, epoch: int | None) -> Route | None:
+        """The cached route if it is of `epoch` (None: any); see the module docstring for the others."""
         route = self.cached(host, port, rank, dp_rank)
+        if route is None or epoch is None or route.epoch == epoch:
+            return route
+        if epoch < route.epoch:
+            raise StaleEpoch(f"prefill {host}:{port} is at epoch {route.epoch}, the request names {epoch}")
+        self.forget(host, port, f"a new role epoch ({route.epoch} -> {epoch})")
+        return None
+
+    def get_route(self, host: str, port: int, rank: int = 0, timeout: float | None = None,
+                  dp_rank: int = 0, epoch: int | None = None) -> Route:
+        """The cached route, or fetch it (retrying while the server is down or the rank is not yet
+        registered, up to `timeout`, default fetch_timeout). Raises LayoutMismatch/BootstrapError
+        (StaleEpoch: the prefill is not at `epoch`)."""
+        route = self._current(host, port, rank, dp_rank, epoch)
         if route is not None:
             return route
         addr = PrefillAddr(host, port)
-        url = http_url(host, port, f"/route?rank={rank}&dp_rank={dp_rank}")
+        url = http_url(host, port, f"/route?rank={rank}&dp_rank={dp_rank}" + (f"&epoch={epoch}" if epoch else ""))
         deadline = time.monotonic() + (self.fetch_timeout if timeout is None else timeout)
         while True:
             try:
@@ -146,6 +171,8 @@ class BootstrapClient:
                                   token=self.config.cluster_token)
                 break
             except _HttpStatus as exc:
+                if exc.code == 409:
+                    raise StaleEpoch(f"bootstrap server {host}:{port}: {exc}") from None
                 if exc.code != 404 or time.monotonic() >= deadline:
                     raise BootstrapError(f"bootstrap server {host}:{port}: {exc}") from None
             except (OSError, msgspec.DecodeError) as exc:
@@ -155,10 +182,11 @@ class BootstrapClient:
         self.layout.check_compatible(info.layout, mine="decode", theirs=f"prefill {host}:{port}")
         return self._store(addr, info)
 
-    def poll_route(self, host: str, port: int, rank: int = 0, dp_rank: int = 0) -> Route | None:
+    def poll_route(self, host: str, port: int, rank: int = 0, dp_rank: int = 0,
+                   epoch: int | None = None) -> Route | None:
         """Non-blocking: the route, or None while a background fetch runs; raises that fetch's
         error (LayoutMismatch / BootstrapError) once, after which a later call retries."""
-        route = self.cached(host, port, rank, dp_rank)
+        route = self._current(host, port, rank, dp_rank, epoch)
         if route is not None:
             return route
         key = (PrefillAddr(host, port), dp_rank, rank)
@@ -167,31 +195,32 @@ class BootstrapClient:
             if error is not None:
                 raise error
             if key not in self._inflight:
-                t = threading.Thread(target=self._fetch, args=key, name="pd-route-fetch", daemon=True)
+                t = threading.Thread(target=self._fetch, args=(*key, epoch), name="pd-route-fetch", daemon=True)
                 self._inflight[key] = t
                 t.start()
         return None
 
-    def routes(self, host: str, port: int, room: int) -> list[tuple[str, HeadRange]] | None:
+    def routes(self, host: str, port: int, room: int, epoch: int | None = None) -> list[tuple[str, HeadRange]] | None:
         """Non-blocking: (transfer endpoint, KV heads) of every tp rank, in rank order, of the
         prefill dp rank that holds `room`; None while one is still being fetched (every missing
-        rank's fetch starts at once). Raises a fetch's error as poll_route does."""
-        first = self.poll_route(host, port)
+        rank's fetch starts at once). Raises a fetch's error as poll_route does; `epoch`: the
+        prefill's role epoch the request names (None: any)."""
+        first = self.poll_route(host, port, epoch=epoch)
         if first is None:
             return None
         dp_rank = prefill_dp_rank(room, first.dp_size)
         if dp_rank != 0:
-            first = self.poll_route(host, port, 0, dp_rank)
+            first = self.poll_route(host, port, 0, dp_rank, epoch)
             if first is None:
                 return None
-        rest = [self.poll_route(host, port, rank, dp_rank) for rank in range(1, first.num_ranks)]
+        rest = [self.poll_route(host, port, rank, dp_rank, epoch) for rank in range(1, first.num_ranks)]
         if any(r is None for r in rest):
             return None
         return [(r.endpoint, head_range(r.layout)) for r in (first, *rest) if r is not None]
 
-    def _fetch(self, addr: PrefillAddr, dp_rank: int, rank: int) -> None:
+    def _fetch(self, addr: PrefillAddr, dp_rank: int, rank: int, epoch: int | None = None) -> None:
         try:
-            self.get_route(addr.host, addr.port, rank, dp_rank=dp_rank)
+            self.get_route(addr.host, addr.port, rank, dp_rank=dp_rank, epoch=epoch)
         except (BootstrapError, LayoutMismatch) as exc:
             with self._lock:
                 self._errors[(addr, dp_rank, rank)] = exc
@@ -209,7 +238,7 @@ class BootstrapClient:
             peer.instance = info.instance
             route = Route(addr=addr, rank=info.rank, endpoint=info.endpoint, layout=info.layout,
                           instance=info.instance, generation=self._generations.get(addr, 0),
-                          num_ranks=info.num_ranks, dp_rank=info.dp_rank, dp_size=info.dp_size)
+                          num_ranks=info.num_ranks, dp_rank=info.dp_rank, dp_size=info.dp_size, epoch=info.epoch)
             peer.routes[(info.dp_rank, info.rank)] = route
         if restarted:
             self._notify(addr, restarted, "restarted")

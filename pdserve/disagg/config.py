@@ -97,6 +97,8 @@ class DisaggConfig:
     # decode: match prompts against its own radix cache; only pages past the hit move
     # (--disaggregation-decode-enable-radix-cache, SGLang's name; engine/pd/decode.py)
     decode_enable_radix_cache: bool = False
+    epoch: int = 1  # the server's role epoch: a live role switch bumps it (server/elastic.py); a route lookup
+    # naming another epoch is refused (409, bootstrap.py), so a stale request never pairs with this server's KV
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -122,6 +124,8 @@ class DisaggConfig:
         if not self.nixl_backend or not self.mooncake_metadata:
             raise ValueError("nixl_backend and mooncake_metadata must be non-empty")
         self.check_decode_radix_cache()
+        if self.epoch < 1:
+            raise ValueError(f"epoch must be >= 1, got {self.epoch}")
         if self.cluster_token is not None and not self.cluster_token:
             raise ValueError("cluster_token must be non-empty when set")
 

@@ -35,6 +35,10 @@ class LayoutMismatch(ValueError):
 
 
 class KVLayout(msgspec.Struct, frozen=True):
+    """A pool of `tensors` tensors [num_layers, slots, kv_heads, head_dim]: K and V (2), or an
+    MLA latent (1: K only, one "head" of the latent's width; every TP rank holds all of it, so
+    tp/links.py takes each page from one rank)."""
+
     model: str
     num_layers: int
     kv_heads: int
@@ -43,16 +47,17 @@ class KVLayout(msgspec.Struct, frozen=True):
     page_size: int
     head_start: int = 0  # tensor parallelism: the pool holds global KV heads
     total_kv_heads: int = 0  # [head_start, head_start + kv_heads) of total_kv_heads (0: kv_heads)
+    tensors: int = 2  # pool tensors: K and V, or 1 (a latent)
 
     @classmethod
     def for_pool(cls, model: str, k: torch.Tensor, page_size: int, head_start: int = 0,
-                 total_kv_heads: int = 0) -> KVLayout:
+                 total_kv_heads: int = 0, tensors: int = 2) -> KVLayout:
         """The layout of a pool tensor shaped [num_layers, num_pages*page_size, kv_heads, head_dim]."""
         if k.dim() != 4:
             raise ValueError(f"KV pool tensor must be 4-D [layers, slots, kv_heads, head_dim], got {tuple(k.shape)}")
         return cls(model=model, num_layers=k.shape[0], kv_heads=k.shape[2], head_dim=k.shape[3],
                    dtype=str(k.dtype).removeprefix("torch."), page_size=page_size, head_start=head_start,
-                   total_kv_heads=total_kv_heads if total_kv_heads != k.shape[2] else 0)
+                   total_kv_heads=total_kv_heads if total_kv_heads != k.shape[2] else 0, tensors=tensors)
 
     @property
     def all_kv_heads(self) -> int:
@@ -78,8 +83,8 @@ class KVLayout(msgspec.Struct, frozen=True):
 
     @property
     def page_bytes(self) -> int:
-        """Bytes of one page over all layers, K and V."""
-        return 2 * self.num_layers * self.span_bytes
+        """Bytes of one page over all layers and tensors (K and V, or the latent)."""
+        return self.tensors * self.num_layers * self.span_bytes
 
     @property
     def model_page_bytes(self) -> int:
@@ -90,13 +95,17 @@ class KVLayout(msgspec.Struct, frozen=True):
         """Raise LayoutMismatch naming each differing field with both values. Which slice of the
         heads each side holds may differ (tensor parallelism: transfer/tp/links.py pairs the slices)."""
         diffs = [f"{name} ({mine}={getattr(self, name)!r}, {theirs}={getattr(other, name)!r})"
-                 for name in ("model", "num_layers", "all_kv_heads", "head_dim", "dtype", "page_size")
+                 for name in ("model", "num_layers", "tensors", "all_kv_heads", "head_dim", "dtype", "page_size")
                  if getattr(self, name) != getattr(other, name)]
         if diffs:
             raise LayoutMismatch(f"KV layout mismatch between {mine} and {theirs}: " + "; ".join(diffs))
 
-    def check_pool(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Raise ValueError unless k and v are pool tensors of this layout."""
+    def check_pool(self, k: torch.Tensor, v: torch.Tensor | None) -> None:
+        """Raise ValueError unless k and v (None: a one-tensor pool) are pool tensors of this layout."""
+        if (v is None) != (self.tensors == 1):
+            raise ValueError(f"the layout has {self.tensors} pool tensors, the pool {1 if v is None else 2}")
+        if v is None:
+            v = k
         for name, t in (("k", k), ("v", v)):
             if t.dim() != 4 or (t.shape[0], t.shape[2], t.shape[3]) != (self.num_layers, self.kv_heads, self.head_dim):
                 raise ValueError(f"KV pool {name} has shape {tuple(t.shape)}, layout wants "
@@ -138,6 +147,7 @@ class RouteInfo(msgspec.Struct, frozen=True):
     num_ranks: int  # tensor-parallel ranks of this dp rank
     dp_rank: int = 0
     dp_size: int = 1
+    epoch: int = 1  # the prefill server's role epoch (DisaggConfig.epoch)
 
 
 class Health(msgspec.Struct, frozen=True):
@@ -166,7 +176,7 @@ class ShmRegion(msgspec.Struct, frozen=True):
     path: str
     size: int
     k_offset: int
-    v_offset: int
+    v_offset: int  # -1: no V (a latent pool)
     num_slots: int  # decode's num_pages * page_size
     heads: int = 0  # KV heads per slot of decode's pool (0: as many as the prefill's)
 
@@ -177,7 +187,7 @@ class PoolRegion(msgspec.Struct, frozen=True):
     slot s starts at base + (l * num_slots + s) * slot_bytes."""
 
     k_base: int
-    v_base: int
+    v_base: int  # 0: no V (a latent pool, K only)
     num_slots: int  # decode's num_pages * page_size
     slot_bytes: int  # heads * head_dim * itemsize
     head_bytes: int = 0  # head_dim * itemsize (0: slot_bytes, one head)

@@ -2,10 +2,11 @@
 
 Lifecycle (what the engine's PD build does, per server; engine/pd/build.py):
 
-    k, v = shared_kv_pool(config, shape, dtype, device) or the pool's own   # shm decode: /dev/shm
-    rooms = open_rooms(config, layout, k, v, page_size, tp)    # rank 0: the mode's backend manager,
-                                                               # with TP one over every rank
-    rank r > 0:  agent = join_rooms(config, layout, k, v, page_size, rank, lookup)
+    tensors = shared_kv_pool(config, shape, dtype, device, count) or the pool's own   # shm decode
+    rooms = open_rooms(config, layout, tensors, page_size, tp)    # rank 0: the mode's backend manager,
+                                                                  # with TP one over every rank
+    rank r > 0:  agent = join_rooms(config, layout, tensors, page_size, rank, lookup)
+    (tensors: (K, V), or an MLA latent pool's one tensor: layout.tensors says which)
     prefill:     server = publish_routes(config, rooms.ranks, dp_rank, dp_size)   (bootstrap.py)
                  s = rooms.sender(room)
     decode:      client = BootstrapClient(layout, config); rooms.watch(client)
@@ -90,16 +91,22 @@ class TPChannel:
     publish: Callable[[str, str], object]  # the TP group's store: (key, value), the hub's address
 
 
-def _manager(config: DisaggConfig, layout: KVLayout, k: torch.Tensor, v: torch.Tensor,
-             page_size: int) -> TransferManager:
-    return create_manager(config.backend, config.mode, k, v, page_size, layout, config, host=config.bootstrap_host)
+PoolTensors = tuple[torch.Tensor, ...]  # a pool's memory: K and V, or one latent
 
 
-def open_rooms(config: DisaggConfig, layout: KVLayout, k: torch.Tensor, v: torch.Tensor, page_size: int,
+def _manager(config: DisaggConfig, layout: KVLayout, tensors: PoolTensors, page_size: int) -> TransferManager:
+    if len(tensors) != layout.tensors:
+        raise ValueError(f"the layout has {layout.tensors} pool tensors, {len(tensors)} given")
+    v = tensors[1] if len(tensors) > 1 else None
+    return create_manager(config.backend, config.mode, tensors[0], v, page_size, layout, config,
+                          host=config.bootstrap_host)
+
+
+def open_rooms(config: DisaggConfig, layout: KVLayout, tensors: PoolTensors, page_size: int,
                tp: TPChannel | None = None) -> ServerRooms:
     """Rank 0's rooms for the config's mode and backend; with `tp`, spanning every rank (waits for
     the other ranks' agents to say hello). Raises BackendUnavailable / ValueError / TimeoutError."""
-    manager = _manager(config, layout, k, v, page_size)
+    manager = _manager(config, layout, tensors, page_size)
     if tp is None:
         return LocalRooms(manager)
     try:
@@ -109,11 +116,11 @@ def open_rooms(config: DisaggConfig, layout: KVLayout, k: torch.Tensor, v: torch
         raise
 
 
-def join_rooms(config: DisaggConfig, layout: KVLayout, k: torch.Tensor, v: torch.Tensor, page_size: int,
+def join_rooms(config: DisaggConfig, layout: KVLayout, tensors: PoolTensors, page_size: int,
                rank: int, lookup: Callable[[str], bytes]) -> RankAgent:
     """Rank r's part of its server's rooms: a manager over its own pool, driven by rank 0's hub
     (whose address `lookup` reads from the TP group's store). `agent.join()` after rank 0 stopped it."""
-    manager = _manager(config, layout, k, v, page_size)
+    manager = _manager(config, layout, tensors, page_size)
     try:
         return RankAgent(rank, manager, lookup(STORE_KEY).decode())
     except BaseException:
@@ -122,14 +129,14 @@ def join_rooms(config: DisaggConfig, layout: KVLayout, k: torch.Tensor, v: torch
 
 
 def shared_kv_pool(config: DisaggConfig | None, shape: tuple[int, ...], dtype: torch.dtype,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """K/V tensors in shared memory for a shm decode server (prefill writes straight into them);
-    None: the engine's pool allocates its own."""
+                   device: torch.device, count: int = 2) -> PoolTensors | None:
+    """The pool's `count` tensors (K and V, or a latent) in shared memory for a shm decode server
+    (prefill writes straight into them); None: the engine's pool allocates its own."""
     if config is None or config.mode != "decode" or config.backend != "shm":
         return None
     if device.type != "cpu":
         raise ValueError("the shm transfer backend moves host memory: use it with --device cpu")
     from pdserve.disagg.transfer.backends.shm_pool import allocate_shared_pool
 
-    pool = allocate_shared_pool(shape, dtype)
-    return pool.k, pool.v
+    pool = allocate_shared_pool(shape, dtype, tensors=count)
+    return (pool.k,) if pool.v is None else (pool.k, pool.v)

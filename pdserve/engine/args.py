@@ -61,6 +61,9 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
     Flag(("--dp-size", "--data-parallel-size", "-dp"), "dp_size", positive_int,
          "data-parallel ranks behind one HTTP front: engine replicas, each with its own scheduler and KV pool "
          "(with --enable-dp-attention: attention ranks sharing one tensor-parallel MLP)"),
+    Flag(("--ep-size", "--expert-parallel-size"), "ep_size", positive_int,
+         "expert-parallel ranks of a mixture-of-experts model: 1, or --tp-size (each rank holds 1/ep of the "
+         "routed experts, whole; under --enable-dp-attention the dp ranks, tokens sent all-to-all)"),
     Flag(("--load-balance-method",), "load_balance_method", str,
          "how the front spreads requests over dp ranks (a request's data_parallel_rank wins; a PD prefill "
          "puts each room on bootstrap_room %% dp-size)", ("round_robin", "shortest_queue")),
@@ -87,6 +90,8 @@ ENGINE_SWITCHES: tuple[Flag, ...] = (
     Flag(("--enable-dp-attention",), "enable_dp_attention", None,
          "dp ranks keep their own requests, KV pools and whole attention while the MLP is "
          "tensor-parallel over all of them (needs --tp-size == --dp-size)"),
+    Flag(("--enable-expert-parallel",), "ep_size", None,
+         "vLLM's spelling of --ep-size equal to --tp-size", const=0),
     Flag(("--disable-cpu-prepack",), "cpu_prepack", None,
          "CPU: keep GEMM weights dense (F.linear) instead of prepacked for oneDNN", const=False),
     Flag(("--skip-server-warmup", "--skip-warmup"), "warmup", None,

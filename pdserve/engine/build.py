@@ -2,18 +2,21 @@
 
     device, dtype, torch threads      a DP rank's own device (engine/dp_attention.py)
     model config, tokenizer           from --model / --tokenizer (bundled names resolved)
-    TP shard                          a tp size that does not fit fails here, before any weight loads
+    TP shard                          a tp / ep size that does not fit fails here, before any weight loads
     dtype, pool size                  engine/memory.py: --dtype auto; the pool from --num-pages /
                                       --kv-cache-gb before the weights load, from the device's
                                       memory after them (tp ranks: before, on the checkpoint's size)
     TP ranks 1..N-1                   their processes start before rank 0 loads (engine/tp_worker.py)
     DP-attention group                the MLP's collectives (parallel/dp_attention.py)
+    experts                           EP: all-to-all over the DP-attention ranks, or each tp rank's
+                                      share of the same tokens (parallel/ep.py; engine/tp_worker.py)
     model                             the weights, RoPE tables up to the context length
     KV pool, KV manager               the pool's memory comes from the PD mode (shm: shared);
                                       the manager's prefix cache gets its tier (NoTier: none)
     scheduler, stats, DP rank, runner, sampler, stop checker, grammars
     speculator                        NoSpeculation: plain decoding (engine/speculate.py)
-    stage                             the PD mode's stage and transfer machinery (engine/pd/build.py)
+    stage                             the PD mode's stage and transfer machinery (engine/pd/build.py);
+                                      `make_stage` builds another for a live role switch (same pool)
 
 `Engine.build(config, disagg)` is `Engine(build_parts(config, disagg))`: the Engine only runs
 what it is given, so a test or a new feature can hand it other parts.
@@ -23,16 +26,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pdserve.disagg import DisaggConfig, KVLayout
+from pdserve.disagg import DisaggConfig
 from pdserve.engine.config import EngineConfig, keep_freed_memory, set_torch_threads
 from pdserve.engine.dp_attention import DPAttentionRank, dp_device, join_dp_attention
 from pdserve.engine.grammar import Grammars
-from pdserve.engine.kv_cache import KVPool, Pool, new_pool
+from pdserve.engine.kv_cache import KVPool, Pool, new_pool, pool_shape
 from pdserve.engine.kv_manager import KVManager
 from pdserve.engine.memory import NO_MEMORY, activation_bytes, device_memory, memory_based, pool_gib, with_dtype
 from pdserve.engine.pd.build import DPPlace, build_stage, pool_tensors
@@ -44,13 +48,14 @@ from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.speculate import NoSpeculation, Speculator
 from pdserve.engine.stats import EngineStats
 from pdserve.engine.stop import StopChecker
-from pdserve.engine.tp_worker import TPRanks, rank_threads, resolved_config
+from pdserve.engine.tp_worker import (TPRanks, check_model_fits, expert_comm, rank_layout, rank_shard, rank_threads,
+                                      resolved_config)
 from pdserve.model.bundled import resolve_model
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaForCausalLM
 from pdserve.model.loader import load_model, resolve_device, resolve_dtype
 from pdserve.model.tokenizer import Tokenizer
-from pdserve.model.tp import Collectives, NoCollectives, TPShard
+from pdserve.model.tp import Collectives, NoCollectives
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,8 @@ class EngineParts:
     grammars: Grammars
     speculator: Speculator
     stage: Stage
+    disagg: DisaggConfig | None  # the PD mode `stage` serves
+    make_stage: Callable[[DisaggConfig | None], Stage]  # the stage of a PD mode over this pool (role switch)
 
 
 def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> EngineParts:
@@ -95,9 +102,9 @@ def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> Eng
     tokenizer = Tokenizer(tokenizer_path, config.chat_template)
     ps = config.page_size
     par = config.parallel
-    shard = TPShard(par.dp_rank, par.tp_size, dp_attention=True) if par.enable_dp_attention else \
-        TPShard(0, par.tp_size)
-    local = shard.local_config(cfg)  # a tp size that does not fit fails here, before any weight loads
+    check_model_fits(par, cfg)  # a tp / ep size that does not fit fails here, before any weight loads
+    shard = rank_shard(par, par.dp_rank if par.enable_dp_attention else 0)
+    local = shard.local_config(cfg)
     wanted_len = config.max_model_len or cfg.max_position_embeddings
     log.info("loading weights of %s (%d layers, hidden %d) on %s in %s", model_path.name,
              cfg.num_hidden_layers, cfg.hidden_size, device, config.dtype)
@@ -117,7 +124,8 @@ def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> Eng
     comm: Collectives = dp_group or (ranks.group if ranks is not None else NoCollectives())
     t0 = time.perf_counter()
     rope_len = min(wanted_len, (num_pages - 1) * ps) if num_pages else wanted_len
-    model = load_model(model_path, device, dtype, rope_len + 1, shard, comm, config.cpu_prepack)
+    model = load_model(model_path, device, dtype, rope_len + 1, shard, comm, config.cpu_prepack,
+                       expert_comm(shard, dp_group))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     load_weights_s = time.perf_counter() - t0
     log.info("weights loaded in %.1f s (%.2f GB)", load_weights_s, weights / 2**30)
@@ -125,7 +133,7 @@ def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> Eng
         gib = pool_gib(config, device, device_memory(device), weights, activation_bytes(cfg, config, dtype.itemsize))
         num_pages = KVPool.pages_for_budget(local, ps, gib, dtype.itemsize)
     max_model_len = min(wanted_len, (num_pages - 1) * ps)
-    tensors = pool_tensors(disagg, KVPool.shape(local, num_pages, ps), dtype, device)
+    tensors = pool_tensors(disagg, pool_shape(local, num_pages, ps), dtype, device)
     pool = new_pool(local, num_pages, ps, device, dtype, tensors)
     log.info("KV pool: %d pages of %d tokens = %d tokens, %.2f GB; context length %d", num_pages, ps,
              num_pages * ps, num_pages * pool.page_bytes() / 2**30, max_model_len)
@@ -137,12 +145,17 @@ def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> Eng
     publish = ranks.publish if ranks is not None else dp.before_forward if dp else None
     eos_ids = frozenset(tokenizer.eos_token_ids) | frozenset(cfg.eos_token_id)
     stops = StopChecker(tokenizer, eos_ids, max_model_len)
-    layout = KVLayout.for_pool(model_path.name, pool.tensors[0], ps, shard.kv_heads(cfg)[0], cfg.num_key_value_heads)
-    stage = build_stage(disagg, layout, pool, scheduler, kv, stops, cfg.vocab_size,
-                        ranks.peers(config) if ranks is not None else None, DPPlace(par.dp_rank, par.dp_size))
+    layout = rank_layout(model_path.name, pool, shard, cfg)
+
+    def make_stage(mode: DisaggConfig | None) -> Stage:
+        return build_stage(mode, layout, pool, scheduler, kv, stops, cfg.vocab_size,
+                           ranks.peers(config) if ranks is not None else None, DPPlace(par.dp_rank, par.dp_size))
+
+    stage = make_stage(disagg)
     return EngineParts(
         config=config, device=device, model_path=model_path, model_config=cfg, tokenizer_path=tokenizer_path,
         tokenizer=tokenizer, model=model, load_weights_s=load_weights_s, max_model_len=max_model_len, pool=pool,
         kv=kv, scheduler=scheduler, stats=stats, ranks=ranks, dp=dp, runner=ModelRunner(model, pool, device, publish),
         sampler=Sampler(cfg.vocab_size, device), eos_ids=eos_ids, stops=stops,
-        grammars=Grammars(tokenizer.hf, cfg.vocab_size, eos_ids), speculator=NoSpeculation(), stage=stage)
+        grammars=Grammars(tokenizer.hf, cfg.vocab_size, eos_ids), speculator=NoSpeculation(), stage=stage,
+        disagg=disagg, make_stage=make_stage)

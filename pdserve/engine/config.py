@@ -37,6 +37,8 @@ class ParallelConfig:
     dp_size: int = 1  # data-parallel ranks behind one front (replicas, or attention ranks)
     enable_dp_attention: bool = False  # dp attention ranks share one tensor-parallel MLP (tp == dp)
     load_balance_method: str = "round_robin"  # how the front spreads requests over dp ranks
+    ep_size: int = 1  # a mixture's routed experts over the tp ranks (DP attention: the dp ranks): 1 or tp_size;
+    # 0 = tp_size (vLLM's --enable-expert-parallel)
     dp_rank: int = 0  # set by the front for each dp rank's engine process
     dp_store: str | None = None  # DP attention: the FileStore path the ranks meet at (set by the front)
 
@@ -50,6 +52,9 @@ class ParallelConfig:
                              f"{self.tp_size} and dp {self.dp_size}")
         if self.enable_dp_attention and self.dp_size < 2:
             raise ValueError("--enable-dp-attention needs --dp-size >= 2")
+        if self.ep_size < 0 or self.ep_ranks not in (1, self.tp_size):
+            raise ValueError(f"--ep-size must be 1 or --tp-size {self.tp_size} (the experts spread over the tp "
+                             f"ranks, or under DP attention the dp ranks), got {self.ep_size}")
         if self.dp_size > 1 and self.nnodes > 1:
             raise ValueError("--dp-size > 1 runs on one machine: it cannot be combined with --nnodes > 1 yet")
         if self.tp_size < 1 or self.nnodes < 1 or self.tp_size % self.nnodes:
@@ -69,6 +74,11 @@ class ParallelConfig:
         return 1 if self.enable_dp_attention else self.tp_size
 
     @property
+    def ep_ranks(self) -> int:
+        """Expert-parallel ranks (1: every rank holds every expert, sliced under TP)."""
+        return self.tp_size if self.ep_size == 0 else self.ep_size
+
+    @property
     def num_processes(self) -> int:
         """Engine processes of the whole server on this machine (they share its cores)."""
         per_dp = 1 if self.enable_dp_attention else self.ranks_per_node
@@ -85,7 +95,7 @@ class ParallelConfig:
 
 
 LAYOUT_FIELDS = tuple(f.name for f in dataclasses.fields(ParallelConfig))
-_LAYOUT_READS = LAYOUT_FIELDS + ("attn_tp_size", "num_processes", "ranks_per_node", "rendezvous")
+_LAYOUT_READS = LAYOUT_FIELDS + ("attn_tp_size", "ep_ranks", "num_processes", "ranks_per_node", "rendezvous")
 
 
 def _flat_layout(cls: type) -> type:

@@ -17,7 +17,8 @@ computes is counted in `self.stats` (engine/stats.py: the periodic stats line, g
 Seams, each a Protocol with a do-nothing default, where a feature plugs in without touching the step:
   stage        PD (engine/pd/stage.py): a PD request waits in its stage's queues while its KV
                moves; the stage hands it to the scheduler and back, and says what finished.
-               NullStage: unified.
+               NullStage: unified. A live role switch (`switch_stage`, server/elastic.py) swaps it
+               for another mode's on the same weights and pool once the engine is idle.
   speculator   speculative decoding around the forward (engine/speculate.py): drafts proposed
                before it, verified after sampling, each accepted token through accept_token.
                NoSpeculation: plain decoding.
@@ -42,6 +43,7 @@ from pdserve.engine.pd.stage import StagePoll
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import SampleResult, SampleRow, score_prompt
 from pdserve.engine.sampling_params import SamplingError, SamplingParams, check_prompt
+from pdserve.engine.stats import expert_load
 
 
 class Engine:
@@ -53,6 +55,7 @@ class Engine:
         self.pool, self.kv, self.scheduler, self.stats = p.pool, p.kv, p.scheduler, p.stats
         self.ranks, self.dp, self.runner, self.sampler = p.ranks, p.dp, p.runner, p.sampler
         self.stops, self.grammars, self.speculator, self.stage = p.stops, p.grammars, p.speculator, p.stage
+        self.disagg, self.make_stage = p.disagg, p.make_stage
         self.grammar_wait: GrammarQueue[Request] = GrammarQueue(self.grammars)  # compiling
         self._requests: dict[str, Request] = {}
         self._aborted: list[str] = []
@@ -271,7 +274,8 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens_computed=self.stats.prompt_tokens,
             cache_queries=self.stats.cache_queries, cache_hits=self.stats.cache_hits,
             dp_rank=self.config.parallel.dp_rank, pid=os.getpid(), steps=st.steps, step_seconds=st.step_seconds,
-            idle_steps=st.idle_steps, step_trace=list(st.trace) if step_trace else None)
+            idle_steps=st.idle_steps, step_trace=list(st.trace) if step_trace else None,
+            experts=expert_load(self.model, self.config.parallel.ep_ranks))
 
     def log_stats(self) -> str | None:
         """The periodic stats line (engine/stats.py), when it is due."""
@@ -282,6 +286,29 @@ class Engine:
 
     def flush_cache(self) -> bool:
         return self.kv.cache.reset()
+
+    def switch_stage(self, disagg: DisaggConfig) -> None:
+        """A live role switch: close the PD stage and build `disagg`'s (its mode and epoch) over the
+        same weights and KV pool. Only an idle engine of one process switches (the front drained it;
+        ValueError otherwise). The prefix cache is flushed: the other role's pages go, and KV-event
+        subscribers start clean. If the new stage cannot be built the old mode is rebuilt and the
+        error raised."""
+        if self._requests or self.has_work():
+            raise ValueError("the engine still has requests: drain it first")
+        if self.ranks is not None or self.dp is not None or self.config.parallel.dp_size > 1:
+            raise ValueError("a live role switch needs --tp-size 1 and --dp-size 1")
+        if disagg.backend == "shm":
+            raise ValueError("a live role switch needs a transfer backend whose decode pool is the engine's own "
+                             "(not shm: its decode pool lives in shared memory from the start)")
+        self.stage.close()
+        self.flush_cache()
+        try:
+            self.stage = self.make_stage(disagg)
+        except BaseException:
+            self.stage = self.make_stage(self.disagg)
+            raise
+        self.disagg = disagg
+        self.check_integrity()
 
     def close(self) -> None:
         """Stop PD threads and sockets and the other tp ranks (the engine process calls this on

@@ -104,12 +104,14 @@ class LatentPool:
     """MLA's pool: per layer one [c_kv | k_pe] row per token, shared by every query head."""
 
     def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, tensors: tuple[torch.Tensor, ...] | None = None) -> None:
         assert cfg.mla is not None
         self.page_size = page_size
         self.num_pages = num_pages
         self.num_layers = cfg.num_hidden_layers
-        self.kv = torch.zeros(self.shape(cfg, num_pages, page_size), device=device, dtype=dtype)
+        shape = self.shape(cfg, num_pages, page_size)
+        self.kv = tensors[0] if tensors is not None else torch.zeros(shape, device=device, dtype=dtype)
+        assert tuple(self.kv.shape) == shape
 
     @staticmethod
     def shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
@@ -131,14 +133,19 @@ class LatentPool:
 Pool = KVPool | LatentPool
 
 
-def new_pool(cfg: ModelConfig, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype,
-             tensors: tuple[torch.Tensor, torch.Tensor] | None = None) -> Pool:
-    """The model's kind of pool (`tensors`: a KVPool's memory allocated elsewhere, shm)."""
+def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[tuple[int, int, int, int], int]:
+    """(the shape of each of the model's pool tensors, how many: K and V, or one latent)."""
     if cfg.mla is None:
-        return KVPool(cfg, num_pages, page_size, device, dtype, tensors)
-    if tensors is not None:
-        raise ValueError("a latent (MLA) KV pool cannot live in a shm transfer pool yet")
-    return LatentPool(cfg, num_pages, page_size, device, dtype)
+        return KVPool.shape(cfg, num_pages, page_size), 2
+    return LatentPool.shape(cfg, num_pages, page_size), 1
+
+
+def new_pool(cfg: ModelConfig, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype,
+             tensors: tuple[torch.Tensor, ...] | None = None) -> Pool:
+    """The model's kind of pool (`tensors`: its memory allocated elsewhere, pool_shape's: shm)."""
+    if cfg.mla is None:
+        return KVPool(cfg, num_pages, page_size, device, dtype, None if tensors is None else (tensors[0], tensors[1]))
+    return LatentPool(cfg, num_pages, page_size, device, dtype, tensors)
 
 
 def pages_needed(num_tokens: int, page_size: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
+from pdserve.disagg import DisaggConfig
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_events import KVSnapshot
 
@@ -18,6 +19,8 @@ class Bootstrap(msgspec.Struct, frozen=True):
     host: str
     port: int
     room: int
+    epoch: int | None = None  # the prefill's role epoch the router knew (None: any); the decode's route
+    # lookup names it, and a prefill at another epoch refuses it (409: disagg's StaleEpoch)
 
 
 class GenerateReq(msgspec.Struct, frozen=True, tag=True):
@@ -103,6 +106,24 @@ class StepSample(msgspec.Struct, frozen=True, array_like=True):
     idle: bool
 
 
+class ExpertLoad(msgspec.Struct, frozen=True):
+    """A mixture-of-experts engine's routed (token, expert) pairs since start, of its own tokens:
+    per sparse layer and expert, and per expert-parallel rank (the pairs its experts received).
+    Summed over DP-attention ranks it is the server's load; an EPLB-style rebalance reads it."""
+
+    layers: list[list[int]]  # [sparse layer][expert]
+    ep_ranks: list[int]  # [ep rank]: pairs routed to the experts it holds (one entry without EP)
+
+    @property
+    def experts(self) -> list[int]:
+        """Per expert, over every sparse layer."""
+        return [sum(col) for col in zip(*self.layers)]
+
+    def __add__(self, other: ExpertLoad) -> ExpertLoad:
+        return ExpertLoad([[a + b for a, b in zip(x, y)] for x, y in zip(self.layers, other.layers)],
+                          [a + b for a, b in zip(self.ep_ranks, other.ep_ranks)])
+
+
 class LoadInfo(msgspec.Struct, frozen=True):
     num_running: int
     num_waiting: int
@@ -126,6 +147,7 @@ class LoadInfo(msgspec.Struct, frozen=True):
     step_seconds: float = 0.0  # their total time (a DP-attention rank's includes waiting for the others)
     idle_steps: int = 0  # DP attention: forwards run with no tokens of its own (the others' collectives)
     step_trace: list[StepSample] | None = None  # the last steps, when asked (GetLoadReq.step_trace)
+    experts: ExpertLoad | None = None  # a mixture-of-experts model's routing counts
 
     @property
     def kv_usage(self) -> float:
@@ -152,6 +174,14 @@ class KVSnapshotReq(msgspec.Struct, frozen=True, tag=True):
     """Every cached page and the KV-event seq it is current at (`--kv-events-config` only)."""
 
     cid: int
+
+
+class SwitchStageReq(msgspec.Struct, frozen=True, tag=True):
+    """A live role switch (server/elastic.py): rebuild the PD stage for `disagg` (its mode and epoch)
+    on the same weights and KV pool. The front sends it only once the engine is idle (drained)."""
+
+    cid: int
+    disagg: DisaggConfig
 
 
 class ShutdownReq(msgspec.Struct, frozen=True, tag=True):
@@ -206,8 +236,16 @@ class KVSnapshotResp(msgspec.Struct, frozen=True, tag=True):
     snapshot: KVSnapshot | None  # None: KV events are off
 
 
-EngineInMsg = GenerateReq | AbortReq | GetLoadReq | FlushCacheReq | KVSnapshotReq | ShutdownReq | WakeReq
-EngineOutMsg = EngineReady | EngineFailed | TokenOutBatch | LoadResp | FlushCacheResp | KVSnapshotResp
+class SwitchStageResp(msgspec.Struct, frozen=True, tag=True):
+    cid: int
+    error: str | None = None  # None: the engine serves in the new mode
+    seconds: float = 0.0  # the stage's close and build
+
+
+EngineInMsg = GenerateReq | AbortReq | GetLoadReq | FlushCacheReq | KVSnapshotReq | ShutdownReq | WakeReq | \
+    SwitchStageReq
+EngineOutMsg = EngineReady | EngineFailed | TokenOutBatch | LoadResp | FlushCacheResp | KVSnapshotResp | \
+    SwitchStageResp
 
 
 # ---- rank 0 -> the other tensor-parallel ranks (engine/tp_worker.py), once per step -------

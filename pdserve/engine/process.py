@@ -15,7 +15,8 @@ Lifecycle:
      a DP-attention rank (DPAttentionRound) joins one round with the other ranks every
      iteration and sleeps only when no rank is busy. A bad request (add_request raises) is
      answered at once with a TokenOut whose `error` is set; control requests are answered
-     between steps. With `--kv-events-config` a KVPublisher (engine/kv_publisher.py) publishes
+     between steps (`SwitchStageReq`: a live role switch of the idle engine, Engine.switch_stage).
+     With `--kv-events-config` a KVPublisher (engine/kv_publisher.py) publishes
      the prefix cache's events after every step and control message, a heartbeat after a
      quiet second (busy or idle), and answers `KVSnapshotReq`;
   4. `ShutdownReq` (or the parent's death) ends the loop; an exception in `step()` sends
@@ -57,6 +58,8 @@ from pdserve.engine.messages import (
     KVSnapshotResp,
     LoadResp,
     ShutdownReq,
+    SwitchStageReq,
+    SwitchStageResp,
     TokenOut,
     TokenOutBatch,
 )
@@ -91,15 +94,27 @@ def spawn_engine_process(config: EngineConfig, in_addr: str, out_addr: str,
     return proc
 
 
-def _model_summary(engine: Engine) -> dict[str, int | float | str | bool | None]:
-    """The model config's scalar fields (for /model_info); lists and tuples become strings."""
+Scalar = int | float | str | bool | None
+
+
+def _scalar(value: object) -> Scalar:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
+
+
+def _model_summary(engine: Engine) -> dict[str, Scalar]:
+    """The model config's scalar fields (for /model_info, /server_info); lists and tuples become
+    strings, the MoE / MLA records' fields are named "moe.<field>" / "mla.<field>"."""
     mc = engine.model_config
-    out: dict[str, int | float | str | bool | None] = {}
+    out: dict[str, Scalar] = {"attention_kind": mc.attention_kind,
+                              "kv_bytes_per_token": mc.kv_elements_per_token * engine.pool.tensors[0].element_size()}
     for f in dataclasses.fields(mc):
         value = getattr(mc, f.name)
-        if isinstance(value, (list, tuple)):
-            value = ",".join(map(str, value))
-        out[f.name] = value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
+        if dataclasses.is_dataclass(value):
+            out.update({f"{f.name}.{k}": _scalar(v) for k, v in dataclasses.asdict(value).items()})  # type: ignore
+        else:
+            out[f.name] = _scalar(value)
     return out
 
 
@@ -298,6 +313,17 @@ class EngineLoop:
         elif isinstance(msg, KVSnapshotReq):
             snap = self.kv_events.snapshot() if self.kv_events is not None else None
             self._send(KVSnapshotResp(cid=msg.cid, snapshot=snap))
+        elif isinstance(msg, SwitchStageReq):
+            t0 = time.perf_counter()
+            try:
+                self.engine.switch_stage(msg.disagg)
+                error = None
+                logger.info("serving as %s (epoch %d) after a live role switch in %.2f s", msg.disagg.mode,
+                            msg.disagg.epoch, time.perf_counter() - t0)
+            except Exception as exc:  # refused (not idle, tp/dp, backend) or the new stage failed: old mode kept
+                error = f"{type(exc).__name__}: {exc}"
+                logger.error("live role switch to %s refused: %s", msg.disagg.mode, error)
+            self._send(SwitchStageResp(cid=msg.cid, error=error, seconds=time.perf_counter() - t0))
         elif isinstance(msg, ShutdownReq):
             self.stopping = True
 

@@ -25,7 +25,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pdserve.engine.messages import StepSample
+from pdserve.engine.messages import ExpertLoad, StepSample
+from pdserve.model.llama import LlamaForCausalLM
+from pdserve.model.moe_lm import MoEForCausalLM
+from pdserve.parallel.ep import expert_bounds
 
 log = logging.getLogger("pdserve.engine.stats")
 
@@ -135,3 +138,15 @@ class EngineStats:
                 f"forward+sample {w.forward_s / max(w.busy_s, 1e-9):.1%} of busy")
         log.info("%s", line)
         return line
+
+
+def expert_load(model: LlamaForCausalLM, ep_ranks: int) -> ExpertLoad | None:
+    """The routing counts of a mixture's sparse layers (None for a dense model): this engine's
+    tokens' pairs per layer and expert (model/moe.py counts them as it routes), and per EP rank
+    (placement: parallel/ep.py)."""
+    if not isinstance(model, MoEForCausalLM) or not model.moe_blocks():
+        return None
+    layers = model.expert_load().tolist()
+    bounds = expert_bounds(len(layers[0]), ep_ranks)
+    per_expert = [sum(col) for col in zip(*layers)]
+    return ExpertLoad(layers, [sum(per_expert[a:b]) for a, b in zip(bounds, bounds[1:])])

@@ -5,8 +5,9 @@ Lifecycle:
           `python -m pdserve.engine.tp_worker` process per other rank (its RankSpec, msgspec JSON,
           on stdin, so no secret shows in argv; the process dies with its parent), then joins the
           group itself.
-  rank r  joins the group, loads its weight slices, allocates its KV pool (rank 0's page count,
-          its own KV heads); in a PD server it also starts its transfer manager and the agent that
+  rank r  joins the group, loads its weight slices (under EP its whole experts: parallel/ep.py's
+          EPShare), allocates its KV pool (rank 0's page count, its own KV heads; MLA: the whole
+          latent); in a PD server it also starts its transfer manager and the agent that
           runs rank 0's transfer commands on it (pdserve.disagg.join_rooms); then it loops on RankMsg
           from rank 0:
             StepPlan  -> run it, joining the forward's collectives (the same plan on every rank)
@@ -31,8 +32,8 @@ import msgspec
 import torch
 
 from pdserve.disagg import DisaggConfig, KVLayout, TPChannel, join_rooms
-from pdserve.engine.config import EngineConfig, default_threads, keep_freed_memory, set_torch_threads
-from pdserve.engine.kv_cache import KVPool
+from pdserve.engine.config import EngineConfig, ParallelConfig, default_threads, keep_freed_memory, set_torch_threads
+from pdserve.engine.kv_cache import KVPool, Pool, new_pool, pool_shape
 from pdserve.engine.memory import planned_pool_gib, with_dtype
 from pdserve.engine.messages import RankMsg, StepPlan, StopRanks
 from pdserve.engine.pd.build import pool_tensors
@@ -42,7 +43,10 @@ from pdserve.model.bundled import resolve_model
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaForCausalLM
 from pdserve.model.loader import load_model, resolve_device, resolve_dtype
+from pdserve.model.moe import ExpertComm
 from pdserve.model.tp import NoCollectives, TPShard
+from pdserve.parallel.dp_attention import DPAttentionGroup
+from pdserve.parallel.ep import EPShare
 from pdserve.parallel.group import TPGroup, host_store
 
 log = logging.getLogger(__name__)
@@ -64,11 +68,33 @@ def rank_threads(config: EngineConfig) -> int:
     return config.threads or max(1, default_threads() // config.parallel.num_processes)
 
 
+def rank_shard(par: ParallelConfig, rank: int) -> TPShard:
+    """What rank `rank` (a tp rank, or under DP attention the dp rank) holds of the model."""
+    return TPShard(rank, par.tp_size, dp_attention=par.enable_dp_attention, expert_parallel=par.ep_ranks > 1)
+
+
+def check_model_fits(par: ParallelConfig, cfg: ModelConfig) -> None:
+    """Raise ValueError (one sentence) for a layout the model cannot run with, before any weight loads."""
+    if par.ep_ranks > 1 and cfg.moe is None:
+        raise ValueError(f"--ep-size {par.ep_ranks}: {cfg.architecture} has no experts (expert parallelism is for "
+                         "mixture-of-experts models)")
+    rank_shard(par, 0).local_config(cfg)  # a tp / dp-attention size that does not fit raises here
+
+
+def expert_comm(shard: TPShard, dp_group: DPAttentionGroup | None = None) -> ExpertComm | None:
+    """Where this rank's routed experts are reached: all-to-all over the DP-attention ranks, or
+    each tp rank's share of the same tokens (parallel/ep.py); None without EP."""
+    if not shard.expert_parallel:
+        return None
+    return dp_group.experts() if dp_group is not None else EPShare(shard.rank, shard.size)
+
+
 def resolved_config(config: EngineConfig, cfg: ModelConfig, folder: Path, device: torch.device) -> EngineConfig:
     """`config` with dtype, num_pages and max_model_len fixed the way every rank must agree on
     (a memory-based pool is planned before loading: engine/memory.py)."""
     config.check_parallel()
-    local, ps = TPShard(0, config.parallel.tp_size).local_config(cfg), config.page_size  # raises on a bad tp
+    check_model_fits(config.parallel, cfg)
+    local, ps = rank_shard(config.parallel, 0).local_config(cfg), config.page_size
     config = with_dtype(config, device, folder)
     itemsize = torch.empty((), dtype=resolve_dtype(config.dtype)).element_size()
     num_pages = config.num_pages or KVPool.pages_for_budget(local, ps, planned_pool_gib(config, device, cfg, folder),
@@ -90,23 +116,27 @@ def _spawn(config: EngineConfig, ranks: range, host: str, port: int,
 
 
 def build_rank(config: EngineConfig, shard: TPShard, group: TPGroup | None, device: torch.device,
-               disagg: DisaggConfig | None = None) -> tuple[LlamaForCausalLM, KVPool, ModelConfig]:
+               disagg: DisaggConfig | None = None) -> tuple[LlamaForCausalLM, Pool, ModelConfig]:
     """This rank's model slice and KV pool (config.num_pages and max_model_len resolved)."""
     assert config.num_pages is not None and config.max_model_len is not None
     path = resolve_model(config.model, revision=config.revision, download_dir=config.download_dir)
     cfg = ModelConfig.from_folder(path)
     dtype = resolve_dtype(config.dtype)
     model = load_model(path, device, dtype, config.max_model_len + 1, shard, group or NoCollectives(),
-                       config.cpu_prepack)
+                       config.cpu_prepack, expert_comm(shard))
     local = shard.local_config(cfg)
-    shape = KVPool.shape(local, config.num_pages, config.page_size)
-    pool = KVPool(local, config.num_pages, config.page_size, device, dtype, pool_tensors(disagg, shape, dtype, device))
+    shape = pool_shape(local, config.num_pages, config.page_size)
+    tensors = pool_tensors(disagg, shape, dtype, device)
+    pool = new_pool(local, config.num_pages, config.page_size, device, dtype, tensors)
     return model, pool, cfg
 
 
-def rank_layout(model_name: str, pool: KVPool, shard: TPShard, cfg: ModelConfig) -> KVLayout:
-    """The layout a rank's transfer manager announces: its pool and which heads it holds."""
-    return KVLayout.for_pool(model_name, pool.k, pool.page_size, shard.kv_heads(cfg)[0], cfg.num_key_value_heads)
+def rank_layout(model_name: str, pool: Pool, shard: TPShard, cfg: ModelConfig) -> KVLayout:
+    """The layout a rank's transfer manager announces: its pool and which heads it holds (an MLA
+    latent: the one "head", every rank all of it)."""
+    total = 1 if cfg.mla is not None else cfg.num_key_value_heads
+    return KVLayout.for_pool(model_name, pool.tensors[0], pool.page_size, shard.kv_heads(cfg)[0], total,
+                             len(pool.tensors))
 
 
 class TPRanks:
@@ -181,7 +211,7 @@ def follow(spec: RankSpec) -> None:
         device = torch.device("cuda", (first + spec.rank % par.ranks_per_node) % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
     group = TPGroup.join(spec.rank, par.tp_size, spec.host, spec.port, device)
-    shard = TPShard(spec.rank, par.tp_size)
+    shard = rank_shard(par, spec.rank)
     disagg = spec.disagg if spec.disagg is not None and spec.disagg.mode != "null" else None
     model, pool, cfg = build_rank(config, shard, group, device, disagg)
     keep_freed_memory()
@@ -189,7 +219,7 @@ def follow(spec: RankSpec) -> None:
     if disagg is not None:
         layout = rank_layout(resolve_model(config.model, revision=config.revision,
                                            download_dir=config.download_dir).name, pool, shard, cfg)
-        agent = join_rooms(disagg, layout, pool.k, pool.v, pool.page_size, spec.rank, group.store.get)
+        agent = join_rooms(disagg, layout, pool.tensors, pool.page_size, spec.rank, group.store.get)
     runner = ModelRunner(model, pool, device)
     decoder = msgspec.msgpack.Decoder(RankMsg)
     while True:

@@ -34,7 +34,7 @@ class Flag:
     help: str
     choices: tuple[str, ...] | None = None
     metavar: str | tuple[str, ...] | None = None
-    nargs: str | None = None  # argparse's: "+", "*"
+    nargs: str | None = None  # argparse's: "+", "*", "?" (given bare, the flag's value is `const`)
     repeat: bool = False  # each use appends a value (argparse's action="append")
     const: Any = True  # a switch: the field's value when the switch is present
     unit: float = 1.0  # the field holds value x unit (a flag in ms over a field in seconds: 0.001)
@@ -110,6 +110,8 @@ def add_flags(group: Any, flags: Iterable[Flag], config: object) -> None:
             metavar = f.metavar or (None if f.choices else f.names[0].lstrip("-").replace("-", "_").upper())
             kwargs.update(type=f.type, choices=f.choices, metavar=metavar, nargs=f.nargs, default=None,
                           action="append" if f.repeat else "store")
+            if f.nargs == "?":
+                kwargs["const"] = f.const
         group.add_argument(*f.names, **kwargs)
 
 

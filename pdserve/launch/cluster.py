@@ -4,6 +4,9 @@ Lifecycle of `run_launch(args)`:
   1. plan: free local ports for every server (and each prefill's bootstrap port), the cores
      each server is pinned to and its torch thread count (`procs.plan_cpus`), a log
      folder (`--log-dir`, default a fresh temp folder) with one log per process;
+     With `--discovery` (bare: a local etcd is started first, on free ports, its data in the log
+     folder) every server registers in etcd and the router follows it instead of a fixed list;
+     every PD server then gets a bootstrap port, so a decode can later switch to prefill;
   2. start the model servers (`pdserve serve`, bundled model unless `--model`): `--prefill N`
      prefill + `--decode M` decode servers in PD mode, or `--workers K` unified servers with
      `--mode unified`; then the router (`pdserve router`) over them, which health-checks them
@@ -16,7 +19,7 @@ Lifecycle of `run_launch(args)`:
   4. print the URL, an example `curl` and where the logs are, then supervise: if a child
      dies, everything stops (exit 1);
   5. Ctrl-C or SIGTERM: stop the router first (it drains), then the servers, each with
-     SIGTERM, a bounded wait, then SIGKILL of its process group; exit 0.
+     SIGTERM, a bounded wait, then SIGKILL of its process group, then the local etcd; exit 0.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -37,7 +41,7 @@ from typing import Any
 from pdserve.disagg.backends import missing_extra
 from pdserve.disagg.config import DECODE_RADIX_FLAG
 from pdserve.flags.table import add_flags
-from pdserve.launch.config import LAUNCH_FLAGS, LaunchConfig, config_from_args
+from pdserve.launch.config import LAUNCH_FLAGS, LOCAL_ETCD, LaunchConfig, config_from_args
 from pdserve.launch.procs import Child, plan_cpus, python_module
 
 
@@ -70,6 +74,10 @@ class Cluster:
         self.log_dir = log_dir
         self.servers: list[Child] = []
         self.router: Child | None = None
+        self.etcd: Child | None = None
+        self.discovery = cfg.discovery
+        if cfg.discovery == LOCAL_ETCD:
+            self.etcd, self.discovery = local_etcd(log_dir)
         self.router_url = ""
         self.api_key = api_key = cfg.api_key
         roles = (["prefill"] * cfg.prefill + ["decode"] * cfg.decode) if cfg.mode == "pd" \
@@ -92,9 +100,10 @@ class Cluster:
                 cmd += ["--tp-size", str(tp)]
             if role != "unified":
                 cmd += ["--disaggregation-mode", role, "--disaggregation-transfer-backend", cfg.transfer_backend]
-            if role == "prefill":
+            if role == "prefill" or (role == "decode" and self.discovery):  # a decode may switch to prefill
                 bport = free_port()
                 cmd += ["--disaggregation-bootstrap-port", str(bport)]
+            if role == "prefill":
                 prefill_args += ["--prefill", f"http://127.0.0.1:{port}", str(bport)]
             elif role == "decode":
                 decode_args += ["--decode", f"http://127.0.0.1:{port}"]
@@ -110,6 +119,8 @@ class Cluster:
                 cmd += ["--tool-call-parser", cfg.tool_call_parser]
             if wants_events:
                 cmd += ["--kv-events-config", "{}"]
+            if self.discovery:
+                cmd += ["--discovery", self.discovery]
             cmd += shlex.split(cfg.server_args)
             self.servers.append(Child(f"{role}-{i}", cmd, log_dir / f"{role}-{i}.log",
                                       f"http://127.0.0.1:{port}/health",
@@ -118,8 +129,11 @@ class Cluster:
         self.router_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{rport}"
         rcmd = python_module("pdserve.router", "--host", cfg.host, "--port", str(rport), "--policy", cfg.policy,
                              "--health-check-interval-secs", "5")
-        rcmd += (["--pd-disaggregation", *prefill_args, *decode_args] if cfg.mode == "pd"
-                 else ["--worker-urls", *decode_args])
+        if self.discovery:
+            rcmd += [*(["--pd-disaggregation"] if cfg.mode == "pd" else []), "--discovery", self.discovery]
+        else:
+            rcmd += (["--pd-disaggregation", *prefill_args, *decode_args] if cfg.mode == "pd"
+                     else ["--worker-urls", *decode_args])
         if api_key:
             rcmd += ["--api-key", api_key]
         rcmd += shlex.split(cfg.router_args)
@@ -127,7 +141,7 @@ class Cluster:
 
     @property
     def children(self) -> list[Child]:
-        return [*self.servers, *([self.router] if self.router else [])]
+        return [*([self.etcd] if self.etcd else []), *self.servers, *([self.router] if self.router else [])]
 
     def start(self) -> None:
         for child in self.children:
@@ -170,6 +184,9 @@ class Cluster:
             child.terminate()
         for child in self.servers:
             child.wait_or_kill(timeout)
+        if self.etcd is not None:  # last: the servers deregister on their way out
+            self.etcd.terminate()
+            self.etcd.wait_or_kill(timeout)
 
     @property
     def model_name(self) -> str:
@@ -184,12 +201,24 @@ class Cluster:
                                                                   "What is the capital of France?"}],
                            "max_tokens": 32, "temperature": 0})
         lines = [f"pdserve is ready: {self.router_url}  ({len(self.servers)} servers, mode {self.cfg.mode})"]
+        if self.discovery:
+            lines.append(f"  discovery  {self.discovery}  (pdserve planner --router {self.router_url} ... acts on it)")
         for c in self.children:
             pin = f", cores {','.join(map(str, c.cpus))}" if c.cpus else ""
             lines.append(f"  {c.name:<10} pid {c.pid}{pin}  log {c.log_path}")
         lines += ["try:", f"  curl -s {self.router_url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
                           f"-d '{body}'", "Ctrl-C stops everything."]
         return "\n".join(lines)
+
+
+def local_etcd(log_dir: Path) -> tuple[Child, str]:
+    """An etcd of its own on free 127.0.0.1 ports, its data in the log folder; the `--discovery` URL."""
+    binary = shutil.which("etcd") or "etcd"  # preflight said whether there is one
+    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    cmd = [binary, "--name", "pdserve-launch", "--data-dir", str(log_dir / "etcd-data"), "--listen-client-urls",
+           client, "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls",
+           peer, "--initial-cluster", f"pdserve-launch={peer}", "--log-level", "warn"]
+    return Child("etcd", cmd, log_dir / "etcd.log", f"{client}/health"), f"etcd://{client.split('//')[1]}/pdserve"
 
 
 class _Stop(Exception):
@@ -209,6 +238,9 @@ def preflight(args: argparse.Namespace) -> LaunchConfig:
     check_model(cfg.model)
     if cfg.mode == "pd" and (missing := missing_extra(cfg.transfer_backend)) is not None:
         raise ValueError(missing)
+    if cfg.discovery == LOCAL_ETCD and shutil.which("etcd") is None:
+        raise ValueError("--discovery without a URL starts a local etcd, and there is none: install etcd-server "
+                         "(scripts/install_system_deps.sh) or give --discovery etcd://HOST:PORT")
     for flag, text in (("--server-args", cfg.server_args), ("--router-args", cfg.router_args)):
         reserved = set(RESERVED) & {a.split("=")[0] for a in shlex.split(text)}
         if reserved:

@@ -10,11 +10,13 @@ from pathlib import Path
 from pdserve.contract import API_KEY_ENV, DEFAULT_ROUTER_PORT, resolve_api_key
 from pdserve.disagg.backends import BACKENDS
 from pdserve.disagg.config import DECODE_RADIX_FLAG, check_decode_radix_cache
+from pdserve.discovery import parse_discovery_url
 from pdserve.flags.argtypes import port_number, positive_float, positive_int
 from pdserve.flags.table import Flag, flag_values, with_values
 from pdserve.router.config import POLICIES
 
 MODES = ("pd", "unified")
+LOCAL_ETCD = "local"  # `--discovery` given bare
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class LaunchConfig:
     log_dir: Path | None = None  # None = a new temp folder
     start_timeout_s: float = 600.0
     stop_timeout_s: float = 30.0  # each process's to stop
+    discovery: str | None = None  # "local": start an etcd here; an etcd:// URL: use that one; None: a fixed shape
     server_args: str = ""  # extra flags for every `pdserve serve`
     router_args: str = ""  # extra flags for `pdserve router`
 
@@ -47,6 +50,8 @@ class LaunchConfig:
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
         check_decode_radix_cache(self.decode_radix_cache, "decode" if self.mode == "pd" else "null")
+        if self.discovery not in (None, LOCAL_ETCD):
+            parse_discovery_url(self.discovery)  # ValueError with one line
 
 
 LAUNCH_FLAGS: tuple[Flag, ...] = (
@@ -79,6 +84,9 @@ LAUNCH_FLAGS: tuple[Flag, ...] = (
     Flag(("--log-dir",), "log_dir", Path, "folder for the logs", shown="a new temp folder"),
     Flag(("--start-timeout",), "start_timeout_s", positive_float, "seconds to wait for everything to be ready"),
     Flag(("--stop-timeout",), "stop_timeout_s", positive_float, "seconds each process gets to stop"),
+    Flag(("--discovery",), "discovery", str, "servers register in etcd and the router follows it (workers may then "
+         "come, go and switch roles: `pdserve planner`); bare: start a local etcd (etcd-server) on free ports",
+         metavar="etcd://HOST:PORT[/PREFIX]", nargs="?", const=LOCAL_ETCD, shown="off: a fixed shape"),
     Flag(("--server-args",), "server_args", str, "extra flags for every `pdserve serve`, one string",
          shown="none"),
     Flag(("--router-args",), "router_args", str, "extra flags for `pdserve router`, one string", shown="none"),

@@ -53,6 +53,14 @@ class ModelConfig:
         return self.num_hidden_layers * per_layer + emb + h
 
     @property
+    def attention_kind(self) -> str:
+        """mla (one latent per token), else by KV heads per query head: mha, gqa or mqa."""
+        if self.mla is not None:
+            return "mla"
+        kv = self.num_key_value_heads
+        return "mha" if kv == self.num_attention_heads else "mqa" if kv == 1 else "gqa"
+
+    @property
     def rotary_dim(self) -> int:
         """The dims RoPE rotates: the whole head, or MLA's rope part."""
         return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim

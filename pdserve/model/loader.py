@@ -16,6 +16,7 @@ from safetensors import safe_open
 from pdserve.model.config import ModelConfig
 from pdserve.model.linear import can_prepack
 from pdserve.model.llama import LlamaForCausalLM
+from pdserve.model.moe import ExpertComm
 from pdserve.model.moe_lm import MoEForCausalLM
 from pdserve.model.rope import RotaryEmbedding
 from pdserve.model.tp import Collectives, NoCollectives, TPShard
@@ -71,12 +72,15 @@ def checkpoint_numel(folder: str | Path) -> int:
 
 def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, max_positions: int,
                tp: TPShard = TPShard(), comm: Collectives = NoCollectives(),
-               cpu_prepack: bool = True) -> LlamaForCausalLM:
+               cpu_prepack: bool = True, experts: ExpertComm | None = None) -> LlamaForCausalLM:
+    """`experts`: where a mixture's routed experts live (parallel/ep.py under EP; None: all here)."""
     folder = Path(folder)
     cfg = ModelConfig.from_folder(folder)
-    kind = LlamaForCausalLM if cfg.moe is None and cfg.mla is None else MoEForCausalLM
     with torch.device("meta"):
-        model = kind(cfg, max_positions=1, tp=tp, comm=comm)
+        if cfg.moe is None and cfg.mla is None:
+            model = LlamaForCausalLM(cfg, max_positions=1, tp=tp, comm=comm)
+        else:
+            model = MoEForCausalLM(cfg, max_positions=1, tp=tp, comm=comm, experts=experts)
     model = model.to_empty(device=device).to(dtype)
     model.keep_fp32()
     model.rope = RotaryEmbedding(cfg, max_positions).to(device)  # fp32 tables, rebuilt off meta

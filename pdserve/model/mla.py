@@ -40,6 +40,7 @@ from pdserve.model.linear import Linear
 from pdserve.model.llama import RMSNorm
 from pdserve.model.moe_config import MLAConfig
 from pdserve.model.rope import Rotation, softmax_scale
+from pdserve.model.tp import Collectives, NoCollectives
 
 LATENT_NORM_EPS = 1e-6  # DeepSeek's q_a_layernorm / kv_a_layernorm keep RMSNorm's default eps, not the config's
 
@@ -94,11 +95,14 @@ class LatentAttnFn(Protocol):
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    """`cfg` is this rank's (model/tp.py): under TP its H heads are a slice, the latent
+    projections whole, and o_proj's partial sums are all-reduced (`comm`)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, comm: Collectives = NoCollectives()) -> None:
         super().__init__()
         assert cfg.mla is not None
         m, h, hidden = cfg.mla, cfg.num_attention_heads, cfg.hidden_size
-        self.layer, self.mla, self.h = layer, m, h
+        self.layer, self.mla, self.h, self.comm = layer, m, h, comm
         if m.q_lora_rank is None:
             self.q_proj = Linear(hidden, h * m.qk_head_dim, bias=False)
         else:
@@ -144,7 +148,7 @@ class MLAttention(nn.Module):
         pe = rot.apply(torch.cat((q[..., m.qk_nope_head_dim:], k_pe.unsqueeze(1)), dim=1))  # q heads + k: one pass
         latent = torch.cat((self.kv_a_layernorm(c_kv), pe[:, h]), dim=-1)
         out = attn.latent(self.layer, q[..., : m.qk_nope_head_dim], pe[:, :h], latent, self.heads)
-        return self.o_proj(out.reshape(t, h * m.v_head_dim))
+        return self.comm.all_reduce(self.o_proj(out.reshape(t, h * m.v_head_dim)))
 
 
 def deinterleave_rope(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -156,7 +160,7 @@ def deinterleave_rope(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> torc
     p = m.qk_rope_head_dim
     perm = torch.cat((torch.arange(0, p, 2), torch.arange(1, p, 2)))
     if name.endswith((".self_attn.q_proj.weight", ".self_attn.q_b_proj.weight")):
-        per_head = tensor.view(cfg.num_attention_heads, m.qk_head_dim, -1)
+        per_head = tensor.view(-1, m.qk_head_dim, tensor.shape[-1])  # this rank's heads (model/tp.py)
         rope = per_head[:, m.qk_nope_head_dim:].index_select(1, perm)
         return torch.cat((per_head[:, : m.qk_nope_head_dim], rope), dim=1).view_as(tensor)
     if ".self_attn.kv_a_proj_with_mqa." in name:

@@ -3,7 +3,8 @@ dispatch seam expert parallelism plugs into (parallel/ep.py; like attention, pas
 
 One sparse layer over T tokens with top-k routing:
 
-    x [T, H] ── router (fp32 logits) ──▶ ids [T, k], weights [T, k]
+    x [T, H] ── mlp_in (DP attention with TP-MoE: every rank's rows; else x itself)
+      ── router (fp32 logits) ──▶ ids [T, k], weights [T, k]
       │
       ├─ dispatch(x, ids) ──▶ rows [N, H] grouped by expert, counts per local expert
       │     one rank: the T*k (token, slot) pairs sorted by expert, N = T*k
@@ -11,7 +12,10 @@ One sparse layer over T tokens with top-k routing:
       │               this rank's experts receive
       ├─ experts: gate_up and down as grouped GEMMs over the experts' row groups (no token loop)
       ├─ combine(out) ──▶ [T*k, H] back in (token, slot) order (EP: the reverse all-to-all)
-      └─ y = sum over k of weights x that, + shared expert(s) (Qwen2-MoE: x sigmoid gate)
+      ├─ y = sum over k of weights x that, + shared expert(s) (Qwen2-MoE: x sigmoid gate)
+      └─ mlp_out(y): under TP the ranks' partial sums (sliced experts, or each rank's own
+            experts' pairs: parallel/ep.py's EPShare) are all-reduced (DP attention with TP-MoE:
+            reduce-scattered back to their ranks); EP all-to-all needs none (model/tp.py)
 
 Expert weights are stacked as HF's in-memory layout: gate_up_proj [E, 2I, H], down_proj
 [E, H, I] (loaded from the checkpoint's per-expert gate/up/down). Which way to run the expert
@@ -43,6 +47,7 @@ from torch import nn
 from pdserve.model.linear import Linear
 from pdserve.model.llama import MLP
 from pdserve.model.moe_config import MoEConfig
+from pdserve.model.tp import Collectives, NoCollectives
 
 
 class Dispatched(Protocol):
@@ -156,14 +161,17 @@ class Experts(nn.Module):
 
 class SparseMoeBlock(nn.Module):
     """Router + routed experts (this rank's, under EP) + shared expert(s). Two load counters:
-    `expert_load` [E], the (token, slot) pairs this rank's router sent to each expert (summed
-    over EP ranks: the global load), and `expert_rows` [local experts], the rows this rank's
-    experts computed (the same figure for its experts, seen from where the work happens)."""
+    `expert_load` [E], the (token, slot) pairs of this rank's own tokens sent to each expert
+    (summed over DP-attention ranks: the global load; under TP every rank sees every token, so
+    any one rank's is), and `expert_rows` [local experts], the rows this rank's experts computed
+    (the same figure for its experts, seen from where the work happens)."""
 
-    def __init__(self, hidden: int, moe: MoEConfig, comm: ExpertComm | None = None) -> None:
+    def __init__(self, hidden: int, moe: MoEConfig, comm: ExpertComm | None = None,
+                 mlp_comm: Collectives = NoCollectives()) -> None:
         super().__init__()
         self.moe = moe
         self.comm: ExpertComm = comm or LocalExperts()
+        self.mlp_comm = mlp_comm
         first, stop = self.comm.local_range(moe.num_experts)
         self.gate = Router(hidden, moe)
         self.experts = Experts(hidden, moe.intermediate_size, first, stop - first)
@@ -174,8 +182,9 @@ class SparseMoeBlock(nn.Module):
         self.register_buffer("expert_rows", torch.zeros(stop - first, dtype=torch.int64), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp_comm.mlp_in(x)
         ids, weights = self.gate(x)
-        self.expert_load += torch.bincount(ids.flatten(), minlength=self.moe.num_experts)
+        self.expert_load += torch.bincount(self.mlp_comm.own_rows(ids).flatten(), minlength=self.moe.num_experts)
         routed = self.comm.dispatch(x, ids, self.moe.num_experts)
         self.expert_rows += torch.tensor(routed.counts, dtype=torch.int64, device=self.expert_rows.device)
         pairs = routed.combine(self.experts(routed.rows, routed.counts))  # [T*k, H]
@@ -185,4 +194,4 @@ class SparseMoeBlock(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             y = y + shared
-        return y
+        return self.mlp_comm.mlp_out(y)

@@ -40,14 +40,19 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 class MoEForCausalLM(LlamaForCausalLM):
     def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPShard = TPShard(),
                  comm: Collectives = NoCollectives(), experts: ExpertComm | None = None) -> None:
+        if tp.expert_parallel and experts is None:
+            raise ValueError("an expert-parallel shard needs the experts' placement (parallel/ep.py)")
         self.expert_comm: ExpertComm = experts or LocalExperts()  # read by make_layer (in super().__init__)
         super().__init__(cfg, max_positions, tp, comm)
 
     def make_layer(self, cfg: ModelConfig, layer: int, attn_comm: Collectives, mlp_comm: Collectives) -> nn.Module:
-        attn = MLAttention(cfg, layer) if cfg.mla is not None else None
+        attn = MLAttention(cfg, layer, attn_comm) if cfg.mla is not None else None
         moe = cfg.moe
         if moe is not None and layer in moe.sparse_layers:
-            mlp: nn.Module = SparseMoeBlock(cfg.hidden_size, moe, self.expert_comm)
+            # DP attention with EP: each rank's own tokens go to the experts all-to-all, nothing to reduce
+            own = self.tp.dp_attention and self.tp.expert_parallel
+            mlp: nn.Module = SparseMoeBlock(cfg.hidden_size, moe, self.expert_comm,
+                                            NoCollectives() if own else mlp_comm)
         else:
             mlp = MLP(cfg.hidden_size, cfg.intermediate_size, mlp_comm)
         return DecoderLayer(cfg, layer, attn_comm, mlp_comm, self_attn=attn, mlp=mlp)

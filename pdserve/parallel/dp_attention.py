@@ -34,6 +34,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pdserve.parallel.ep import EPGroup
 from pdserve.parallel.group import COMPUTE_TIMEOUT, interface_of, socket_interface
 
 SYNC_TIMEOUT = timedelta(minutes=10)  # a rank waiting for the others' next round
@@ -107,6 +108,15 @@ class DPAttentionGroup:
         out = y.new_empty(self._max, y.shape[1])
         dist.reduce_scatter_tensor(out, y.contiguous(), group=self._compute)
         return out[: self._mine]
+
+    def own_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        start = self.rank * self._max
+        return rows[start:start + self._mine]
+
+    def experts(self) -> EPGroup:
+        """The expert-parallel group of a mixture's sparse layers: these ranks (SGLang's DP attention
+        with --ep-size == --dp-size), on the compute group."""
+        return EPGroup(self.rank, self.size, self._compute)
 
     def close(self) -> None:
         if dist.is_initialized():

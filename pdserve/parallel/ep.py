@@ -5,6 +5,14 @@ collectives: the model knows no process group).
 
 Placement: rank r of n holds experts [r*E//n, (r+1)*E//n) (contiguous; n need not divide E).
 
+Two ways to reach the experts, by what the ranks hold:
+
+  EPGroup   DP attention: each rank has its own tokens; pairs travel all-to-all (below)
+  EPShare   TP attention: every rank has every token (the attention's all-reduce made them
+            equal), so no pair needs to travel: each rank computes the pairs of its own experts
+            and leaves zeros for the others'; the layer's all-reduce (model/moe.py, mlp_out) sums
+            the ranks' partial outputs, as SGLang's EP MoE does with ep_size == tp_size
+
 Lifecycle of one sparse layer on every rank (a rank with no tokens joins with zero rows):
 
   dispatch  this rank's T*k pairs, sorted by expert (stable): grouped by destination rank
@@ -99,3 +107,37 @@ class EPGroup:
         total = load.clone()
         dist.all_reduce(total, group=self.group)
         return total
+
+
+class LocalPairs:
+    """EPShare's dispatch: the (token, slot) pairs whose expert this rank holds, grouped by expert;
+    combine puts their outputs back and zeros for the other ranks' pairs."""
+
+    def __init__(self, x: torch.Tensor, ids: torch.Tensor, lo: int, hi: int) -> None:
+        flat = ids.flatten()
+        mine = ((flat >= lo) & (flat < hi)).nonzero().squeeze(1)
+        order = torch.argsort(flat[mine], stable=True)
+        self.pairs = mine[order]  # pair indices, expert-major
+        self.total = flat.numel()
+        self.rows = x.index_select(0, self.pairs // ids.shape[1])
+        self.counts: list[int] = torch.bincount(flat[self.pairs] - lo, minlength=hi - lo).tolist()
+
+    def combine(self, out: torch.Tensor) -> torch.Tensor:
+        back = out.new_zeros(self.total, out.shape[1])
+        back[self.pairs] = out
+        return back
+
+
+class EPShare:
+    """model/moe.py's ExpertComm for EP ranks that hold the same tokens (TP attention)."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        if not 0 <= rank < size:
+            raise ValueError(f"ep rank {rank} out of range for ep size {size}")
+        self.rank, self.size = rank, size
+
+    def local_range(self, num_experts: int) -> tuple[int, int]:
+        return EPGroup(self.rank, self.size).local_range(num_experts)
+
+    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, num_experts: int) -> LocalPairs:
+        return LocalPairs(x, ids, *self.local_range(num_experts))

@@ -118,6 +118,9 @@ class TPGroup:
     def mlp_out(self, y: torch.Tensor) -> torch.Tensor:
         return self.all_reduce(y)
 
+    def own_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows  # every rank has every token
+
     # ---- step plans (rank 0 -> the others) -------------------------------------------------
     def send_bytes(self, data: bytes) -> None:
         n = torch.tensor([len(data)], dtype=torch.int64)

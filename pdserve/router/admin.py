@@ -4,8 +4,9 @@
 - `GET /readiness`: 200 when traffic can be served — a routable worker in regular mode, a
   routable prefill *and* decode in PD mode — else 503 with the counts.
 - `GET/POST/DELETE /workers` (and `DELETE /workers/{url}`): list, add (probed at once, then
-  health-checked like the others) and remove workers at runtime; API-key protected. SGLang's
-  router's spellings answer too: `POST /add_worker?url=URL[&worker_type=prefill|decode]
+  health-checked like the others) and remove workers at runtime; API-key protected. With
+  `--discovery` the list also says what etcd gave (`discovery`: url, connected, workers).
+  SGLang's router's spellings answer too: `POST /add_worker?url=URL[&worker_type=prefill|decode]
   [&bootstrap_port=N]`, `POST /remove_worker?url=URL`, `GET /list_workers` (`{"urls": [...]}`).
 - `GET /metrics`: Prometheus text. `GET /get_loads`: per-worker load.
 - `GET /v1/models`, `/v1/models/{id}`, `/version`, `/server_info`, `/model_info`,
@@ -26,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from pdserve.contract import SERVER_INFO_PATHS
 from pdserve.router.config import RouterConfig, WorkerSpec
+from pdserve.router.discovery import DiscoveredWorkers
 from pdserve.router.health import HealthChecker
 from pdserve.router.http.client import UpstreamError, UpstreamPool
 from pdserve.router.http.protocol import Request, Response
@@ -51,6 +53,7 @@ class Admin:
     metrics: RouterMetrics
     pool: UpstreamPool
     kv_index: KVIndex | None = None
+    discovery: DiscoveredWorkers | None = None
 
     def routes(self) -> dict[str, dict[str, RouteFn]]:
         info: dict[str, RouteFn] = {"GET": self.pass_through}
@@ -91,12 +94,14 @@ class Admin:
         return _json(body, rid, 200 if ready else 503)
 
     async def prometheus(self, req: Request, rid: str) -> Response:
-        text = self.metrics.render(self.registry.all(), self.limiter.active, self.limiter.queued)
+        text = self.metrics.render(self.registry.all(), self.limiter.active, self.limiter.queued,
+                                   self.discovery.connected if self.discovery is not None else None)
         return Response(text, 200, CONTENT_TYPE_LATEST, [("x-request-id", rid)])
 
     async def list_workers(self, req: Request, rid: str) -> Response:
         workers = [w.describe() for w in self.registry.all()]
-        return _json({"workers": workers, "total": len(workers), **self._counts()}, rid)
+        found = {"discovery": self.discovery.describe()} if self.discovery is not None else {}
+        return _json({"workers": workers, "total": len(workers), **self._counts(), **found}, rid)
 
     async def list_urls(self, req: Request, rid: str) -> Response:
         """SGLang's router's `/list_workers`: the urls (in PD mode also by role)."""

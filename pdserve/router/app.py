@@ -5,7 +5,8 @@ Lifecycle of `RouterApp`:
     unhealthy until a first good health check, or healthy when checks are off), one policy
     per role, the health checker, the upstream connection pool, the limiter, metrics, the
     regular or PD forwarder, and the route table (generation routes here, the operational
-    ones from admin.py);
+    ones from admin.py), and with `--discovery` the etcd watch that adds and removes workers
+    (router/discovery.py);
   - `start()` opens the control-plane aiohttp session, runs one round of health checks and
     starts the background loops (health checks, `/get_load` polling for power_of_two and the
     PD prefill queue limit, tree eviction for cache_aware, KV-event subscribers feeding the
@@ -33,6 +34,7 @@ import aiohttp
 from pdserve.flags.cors import ALLOW_ORIGIN, preflight_headers, response_headers
 from pdserve.router.admin import Admin
 from pdserve.router.config import RouterConfig
+from pdserve.router.discovery import DiscoveredWorkers
 from pdserve.router.forward import Forwarder, RegularForwarder
 from pdserve.router.health import HealthChecker, LoadMonitor
 from pdserve.router.http.client import UpstreamPool
@@ -67,6 +69,7 @@ class RouterApp:
         self.registry.subscribe(self._on_registry_change)
         for spec in cfg.workers:
             self.registry.add(new_worker(spec, cfg))
+        self.discovery = DiscoveredWorkers(cfg, cfg.discovery, self.registry, self.metrics) if cfg.discovery else None
         self.kv_index = KVIndex() if cfg.uses_kv_index else None
         self.forwarder: Forwarder
         if cfg.pd:
@@ -78,7 +81,8 @@ class RouterApp:
         self._tasks: list[asyncio.Task[Any]] = []
         self._key = cfg.api_key.encode() if cfg.api_key else None
         self._forward_client_auth = cfg.worker_key is None
-        self.admin = Admin(cfg, self.registry, self.health, self.limiter, self.metrics, self.pool, self.kv_index)
+        self.admin = Admin(cfg, self.registry, self.health, self.limiter, self.metrics, self.pool, self.kv_index,
+                           self.discovery)
         self.responses = Responses(cfg, self.registry, self.pool)
         self.routes: dict[str, dict[str, RouteFn]] = {path: {"POST": self.generate} for path in GENERATE_ROUTES}
         for path, methods in (*self.admin.routes().items(), *self.responses.routes().items()):
@@ -95,6 +99,8 @@ class RouterApp:
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        if self.discovery is not None:  # first: the round of health checks below probes discovered workers too
+            await self.discovery.start()
         await self.health.start(self.session)
         if self.cfg.health.enabled:
             self._tasks.append(asyncio.create_task(self.health.run(), name="health-checks"))
@@ -123,6 +129,8 @@ class RouterApp:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self.session is not None:
             await self.session.close()
         self.pool.close()
@@ -145,7 +153,8 @@ class RouterApp:
         origin = req.headers.get("origin")
         wanted = req.headers.get("access-control-request-method")
         if req.method == "OPTIONS" and origin is not None and wanted is not None:
-            allowed = preflight_headers(self.cfg.cors, origin, wanted, req.headers.get("access-control-request-headers"))
+            asked = req.headers.get("access-control-request-headers")
+            allowed = preflight_headers(self.cfg.cors, origin, wanted, asked)
             if allowed is None:
                 return Response(b"Disallowed CORS request", 400, "text/plain", [("x-request-id", rid)])
             return Response(b"", 200, None, [("x-request-id", rid), *allowed])
@@ -189,6 +198,7 @@ class RouterApp:
     async def generate(self, req: Request, rid: str) -> Response | None:
         t0 = time.perf_counter()
         status = 500
+        ctx: RequestCtx | None = None
         try:
             try:
                 await self.limiter.acquire()
@@ -215,3 +225,5 @@ class RouterApp:
                 self.limiter.release()
         finally:
             self.metrics.request_done(req.path, status, time.perf_counter() - t0)
+            if status == 200 and ctx is not None and ctx.usage is not None:
+                self.metrics.generation(ctx.usage)

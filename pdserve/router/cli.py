@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from pdserve.contract import API_KEY_ENV, SERVER_INFO_PATH, resolve_api_key
+from pdserve.discovery import parse_discovery_url
 from pdserve.flags.argtypes import metrics_prefix, non_negative_float, non_negative_int, port_number, positive_float, \
     positive_int, unit_interval
 from pdserve.flags.cors import CORS_FLAGS
@@ -31,6 +32,9 @@ ROUTER_FLAGS: dict[str, tuple[Flag, ...]] = {  # argument group -> its flags, ov
              f"it is read from the worker's {SERVER_INFO_PATH}", nargs="+", repeat=True,
              metavar=("URL", "BOOTSTRAP_PORT")),
         Flag(("--decode",), None, str, "decode worker (repeatable)", repeat=True, metavar="URL"),
+        Flag(("--discovery",), None, str, "also follow the workers registered in etcd by `pdserve serve --discovery` "
+             "(prefill and decode in PD mode, unified otherwise); they join and leave as they come and go",
+             metavar="etcd://HOST:PORT[/PREFIX]", shown="off"),
     ),
     "policy": (
         Flag(("--policy",), "policy.name", str, "worker selection", POLICIES),
@@ -142,7 +146,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     workers += [_prefill_spec(items) for items in args.prefill or ()]
     workers += [WorkerSpec(u, "decode") for u in args.decode or ()]
     cfg = with_values(RouterConfig(), {**flag_values(args, ALL_FLAGS, RouterConfig()), "workers": tuple(workers),
-                                       "api_key": resolve_api_key(args.api_key)})
+                                       "api_key": resolve_api_key(args.api_key),
+                                       "discovery": parse_discovery_url(args.discovery) if args.discovery else None})
     per_role = {f"{role}_policy": dataclasses.replace(cfg.policy, name=name)
                 for role, name in (("prefill", args.prefill_policy), ("decode", args.decode_policy)) if name}
     return with_values(cfg, per_role)

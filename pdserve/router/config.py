@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from pdserve.contract import DEFAULT_ROUTER_PORT
 from pdserve.flags.cors import CorsConfig
+from pdserve.discovery import DiscoveryConfig
 
 ROLES = ("regular", "prefill", "decode")
 POLICIES = ("random", "round_robin", "power_of_two", "cache_aware")
@@ -39,14 +40,15 @@ class WorkerSpec:
     url: str
     role: str = "regular"  # regular | prefill | decode
     bootstrap_port: int | None = None  # prefill only; None = ask /server_info, else none
+    bootstrap_host: str | None = None  # prefill only; None = the url's host (a discovered record names it)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", normalize_url(self.url))
         if self.role not in ROLES:
             raise ValueError(f"worker role {self.role!r}: expected one of {', '.join(ROLES)}")
+        if (self.bootstrap_port is not None or self.bootstrap_host is not None) and self.role != "prefill":
+            raise ValueError("bootstrap_port/host apply to prefill workers only")
         if self.bootstrap_port is not None:
-            if self.role != "prefill":
-                raise ValueError("bootstrap_port applies to prefill workers only")
             if not 0 < self.bootstrap_port < 65536:
                 raise ValueError(f"bootstrap_port {self.bootstrap_port} out of range")
 
@@ -155,6 +157,7 @@ class RouterConfig:
     pd_local_prefill_threshold: int | None = None  # PD: uncached tokens at most this -> decode alone
     pd_prefill_queue_limit: int | None = None  # PD: every prefill's queue over this -> decode alone
     kv_events: bool = True  # follow workers' KV events (exact index) when a policy or PD needs it
+    discovery: DiscoveryConfig | None = None  # --discovery: workers also come and go with etcd (router/discovery.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "request_id_headers", tuple(h.lower() for h in self.request_id_headers))

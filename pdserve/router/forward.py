@@ -10,7 +10,8 @@ has not received a byte. When every attempt failed, the client gets the last wor
 
 `relay_stream` writes a streaming answer through as it arrives (no buffering beyond one TCP
 read): the response head goes out with the first body bytes, which is the moment after
-which a request can no longer be retried; a stream that breaks after that migrates to another
+which a request can no longer be retried; its token events are metered on the way (router/usage.py:
+`ctx.usage`, a whole answer's from its headers). A stream that breaks after that migrates to another
 worker when it can (migrate.py, `--migration-limit`). A worker that fails mid-stream ends an SSE stream
 with an OpenAI-style `data: {"error": ...}` event (other streams are cut). `Failure` records a
 failed attempt: what to tell the client if no retry succeeds, and whether a retry is allowed.
@@ -20,11 +21,13 @@ failed attempt: what to tell the client if no retry succeeds, and whether a retr
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import msgspec
 
+from pdserve.contract import STALE_EPOCH, error_code_is
 from pdserve.router.config import RouterConfig
 from pdserve.router.http.client import UpstreamError, UpstreamPool, UpstreamResponse
 from pdserve.router.http.protocol import Response
@@ -35,7 +38,10 @@ from pdserve.router.policies import Policy
 from pdserve.router.prompt_ids import exact_hits
 from pdserve.router.request import RequestCtx, RouterError, error_body
 from pdserve.router.resilience import backoff_s, breaker_failure, retryable_status
+from pdserve.router.usage import StreamMeter, Usage
 from pdserve.router.workers import Worker, WorkerRegistry
+
+logger = logging.getLogger("pdserve.router")
 
 
 class Failure:
@@ -56,10 +62,26 @@ class Failure:
 
     @classmethod
     def answer(cls, status: int, body: bytes, content_type: str | None) -> Failure:
-        return cls(status, body, content_type, retryable=retryable_status(status))
+        """A worker's error answer; retryable as retryable_status says, or a 409 stale_epoch (the worker
+        changed role since this router last looked: another worker or pair can serve it)."""
+        return cls(status, body, content_type, retryable=retryable_status(status) or stale_epoch(status, body))
 
     def response(self, ctx: RequestCtx) -> Response:
         return Response(self.body, self.status, self.content_type, ctx.resp_headers)
+
+
+def stale_epoch(status: int, body: bytes) -> bool:
+    """Did a worker refuse a leg for the role epoch it named (server/elastic.py)?"""
+    return status == 409 and error_code_is(body, STALE_EPOCH)
+
+
+def note_stale(w: Worker, status: int, body: bytes) -> None:
+    """A stale_epoch answer takes `w` out until its /server_info is read again (router/health.py)."""
+    if stale_epoch(status, body) and not w.stale:
+        w.stale = True
+        w.info = None
+        logger.warning("worker %s (%s) is at another role epoch than %s: out until its /server_info is read "
+                       "again", w.url, w.role, w.epoch)
 
 
 def is_sse(content_type: str | None) -> bool:
@@ -79,6 +101,7 @@ async def relay_stream(ctx: RequestCtx, resp: UpstreamResponse, first: bytes | N
     writer = ctx.req.writer
     ctype = resp.content_type
     headers = ctx.resp_headers + ([("cache-control", "no-cache")] if is_sse(ctype) else [])
+    meter = StreamMeter(resp.headers, ctx.t0)
     await writer.start(resp.status, headers, ctype)
     try:
         chunk = first
@@ -87,7 +110,9 @@ async def relay_stream(ctx: RequestCtx, resp: UpstreamResponse, first: bytes | N
                 chunk = await resp.next_chunk()
                 if chunk is None:
                     break
+            meter.feed(chunk)
             await writer.write(transform(chunk) if transform else chunk)
+            ctx.usage = meter.usage()
             chunk = None
         if flush is not None:
             await writer.write(flush())
@@ -179,6 +204,7 @@ class RegularForwarder:
             if resp.buffered:
                 body = await resp.read()
                 w.record(True)
+                ctx.usage = Usage.whole(resp.headers)
                 return Response(body, status, resp.content_type, ctx.resp_headers)
             first = await resp.next_chunk()  # a failure before this byte can still be retried
             w.record(True)

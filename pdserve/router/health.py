@@ -6,7 +6,9 @@ router takes traffic (with checks off it only reads their `/server_info`); `run(
 probes each worker every `interval_s` (a worker that has never been healthy, e.g. still
 loading its model, every 0.5 s), with `timeout_s` per probe. A first success makes a new
 worker healthy at once; afterwards `failure_threshold` consecutive failures eject it and
-`success_threshold` consecutive successes bring it back. Every probe of a worker that has
+`success_threshold` consecutive successes bring it back. A worker marked `stale` (a leg answered
+409 stale_epoch) has its /server_info read again at its next good probe (every 0.5 s): its epoch
+is refreshed and it routes again if its mode still fits its role. Every probe of a worker that has
 been healthy once also feeds its circuit breaker, so a dead worker both leaves rotation and
 opens its circuit (a server still loading its model trips nothing). Fast rejoin: a worker that
 is unhealthy or whose circuit is open is probed every 0.5 s, and a probe that succeeds while
@@ -96,14 +98,14 @@ class HealthChecker:
         if worker.removed:
             return ok
         self.apply(worker, ok, error)
-        if ok and worker.info is None:
+        if ok and (worker.info is None or worker.stale):
             await self.fetch_info(worker)
         self._last[worker.url] = time.monotonic()
         return ok
 
     def _next_check(self, worker: Worker) -> float:
         """When `worker` is due: every interval_s, or every 0.5 s while it is unhealthy or open."""
-        fast = not worker.healthy or worker.breaker.state == OPEN
+        fast = not worker.healthy or worker.stale or worker.breaker.state == OPEN
         interval = min(self.cfg.interval_s, STARTING_INTERVAL_S) if fast else self.cfg.interval_s
         return self._last.get(worker.url, 0.0) + interval
 
@@ -113,10 +115,17 @@ class HealthChecker:
         if info is None:
             return
         worker.info = info
+        if info.epoch is not None:
+            worker.epoch = info.epoch
         mode = info.disaggregation_mode
         if mode is not None and mode != MODE_OF_ROLE[worker.role]:
+            if worker.stale:  # said once, when it answered stale_epoch (router/forward.py)
+                return
             logger.warning("worker %s was added as %s but reports disaggregation_mode=%s", worker.url,
                            worker.role, mode)
+        elif worker.stale and not info.draining:
+            worker.stale = False
+            logger.info("worker %s (%s) is at epoch %s: routable again", worker.url, worker.role, worker.epoch)
         if worker.role == "prefill" and worker.bootstrap_port is None:
             port = info.prefill_bootstrap_port()
             if port is not None:

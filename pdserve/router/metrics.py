@@ -13,7 +13,12 @@ limiter), `active_requests` / `queued_requests`, `worker_requests_total{worker,o
 (conditional disaggregation: remote, local_threshold, local_queue), `kv_index_resyncs_total
 {worker}` (KV-event index snapshots), `pd_transfer_failures_total{leg,reason}` (worker-side
 failures: connection errors, 5xx, 408/429), `pd_client_errors_total{leg,status}` (a leg's 4xx
-about the client's own request: not a transfer failure), `migrations_total{outcome}`.
+about the client's own request: not a transfer failure), `migrations_total{outcome}`;
+discovery: `discovery_changes_total{kind}` (records added / updated / removed in etcd) and
+`discovery_connected` (1 while the etcd watch is up); per finished generation (router/usage.py;
+what `pdserve planner` reads) `generations_total`, `prompt_tokens_total`, `output_tokens_total`
+(token events of streams), `ttft_seconds` and `itl_seconds` (streams: first token event; mean
+gap between events).
 
 Labels with a known, closed set of values (decisions, migration outcomes, limiter reasons)
 start at 0, so a dashboard's query has data before the first event. Per-worker gauges are
@@ -30,11 +35,13 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from pdserve.router.resilience import STATE_CODES
+from pdserve.router.usage import Usage
 
 DECISIONS = ("remote", "local_threshold", "local_queue")
 
 disable_created_metrics()
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5)
 
 
 class _Processed(Collector):
@@ -77,6 +84,18 @@ class RouterMetrics:
                                   ["worker"], registry=r)
         self.migrations = Counter(P + "migrations_total", "Streams moved to another worker mid-way, by outcome",
                                   ["outcome"], registry=r)
+        self.discovery_changes = Counter(P + "discovery_changes_total", "Worker records seen in etcd, by kind",
+                                         ["kind"], registry=r)
+        self.discovery_connected = Gauge(P + "discovery_connected", "1 while the etcd watch is up (--discovery)",
+                                         registry=r)
+        self.generations = Counter(P + "generations_total", "Generation requests answered 200", registry=r)
+        self.prompt_tokens = Counter(P + "prompt_tokens_total", "Prompt tokens of answered generations", registry=r)
+        self.output_tokens = Counter(P + "output_tokens_total", "Output tokens (stream token events) of answered "
+                                     "generations", registry=r)
+        self.ttft = Histogram(P + "ttft_seconds", "Streams: request start to the first token event", buckets=_BUCKETS,
+                              registry=r)
+        self.itl = Histogram(P + "itl_seconds", "Streams: mean gap between token events, one per request",
+                             buckets=_ITL_BUCKETS, registry=r)
         self.active = Gauge(P + "active_requests", "Requests holding a concurrency slot", registry=r)
         self.queued = Gauge(P + "queued_requests", "Requests waiting for a slot", registry=r)
         self.active_workers = Gauge(P + "active_workers", "Workers healthy now", registry=r)
@@ -112,6 +131,17 @@ class RouterMetrics:
             h = self._dur[route] = self.duration.labels(route)
         h.observe(seconds)
 
+    def generation(self, usage: Usage) -> None:
+        self.generations.inc()
+        if usage.prompt_tokens:
+            self.prompt_tokens.inc(usage.prompt_tokens)
+        if usage.output_tokens:
+            self.output_tokens.inc(usage.output_tokens)
+        if usage.ttft_s is not None:
+            self.ttft.observe(usage.ttft_s)
+        if usage.itl_s is not None:
+            self.itl.observe(usage.itl_s)
+
     def retry(self, route: str) -> None:
         c = self._retry.get(route)
         if c is None:
@@ -130,6 +160,9 @@ class RouterMetrics:
             c = self._dec[decision] = self.pd_decisions.labels(decision)
         c.inc()
 
+    def discovery_change(self, kind: str) -> None:
+        self.discovery_changes.labels(kind).inc()
+
     def pd_failure(self, leg: str, reason: str) -> None:
         self.pd_failures.labels(leg, reason).inc()
 
@@ -140,7 +173,9 @@ class RouterMetrics:
         else:
             self.pd_failures.labels(leg, str(status)).inc()
 
-    def render(self, workers: list[Any], active: int, queued: int) -> bytes:
+    def render(self, workers: list[Any], active: int, queued: int, discovery_connected: bool | None = None) -> bytes:
+        if discovery_connected is not None:
+            self.discovery_connected.set(1 if discovery_connected else 0)
         self.active.set(active)
         self.queued.set(queued)
         for g in (self.w_in_flight, self.w_load, self.w_healthy, self.w_circuit):

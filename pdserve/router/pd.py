@@ -7,16 +7,20 @@ Per attempt:
      prefill policy picks a prefill the same way;
   2. the body gets `bootstrap_host`/`bootstrap_port` of the chosen prefill and a random
      63-bit `bootstrap_room` (lists of them, one per sequence = prompts x n, for batches and
-     n > 1, SGLang's batched form);
-  3. the same body goes to both workers concurrently; the prefill's answer is read whole in
-     its own task; the decode's head and first body bytes are awaited in another;
+     n > 1, SGLang's batched form), and the prefill's role epoch when known (BOOTSTRAP_EPOCH:
+     the decode names it in its route lookup);
+  3. the same body goes to both workers concurrently, each leg with the role epoch of the
+     worker it goes to when known (contract.EPOCH: a worker at another epoch answers 409
+     stale_epoch, which is retried on a new pair and takes the worker out until its
+     /server_info is read again); the prefill's answer is read whole in its own task; the
+     decode's head and first body bytes are awaited in another;
   4. whichever leg fails first (connection error or an error status) cancels the other at
      once — closing its connection, which makes that worker abort the room and free its KV
      pages — and the attempt fails (retried on a new pair, with backoff, if nothing reached
      the client yet);
   5. the decode's answer is relayed (streamed unbuffered), with the prefill's input logprobs
      merged in front when `return_logprob` is set.
-A client error (a 4xx but 408/429) from either leg, whichever answers first, decides the
+A client error (a 4xx but 408/429 and a 409 stale_epoch) from either leg, whichever answers first, decides the
 request: that answer is relayed as is (status and body), nothing is retried (the same body
 fails on any pair) and no leg counts as failed (`router_pd_client_errors_total{leg,status}`
 counts it; the worker's circuit is untouched). The other leg is cancelled at once, in
@@ -25,9 +29,12 @@ room; a leg not yet written is never sent (the router does not send a leg only t
 it), so a worker may never see a request its peer refused.
 A prefill failure after the decode started answering cannot hurt the answer and is only
 counted; one before it keeps the decode leg when that decode recomputes failed transfers
-(`recomputes`): it then runs the prompt itself, so the client sees no error. A decode stream that breaks after bytes reached the client migrates (migrate.py) to another
-decode. A client that goes away in any phase (before the decode answers or mid-stream)
-cancels both legs at once, so neither worker keeps the room until its bootstrap timeout. Metrics: PD TTFT (start → first decode byte) and failed legs by reason.
+(`recomputes`): it then runs the prompt itself, so the client sees no error (not when the
+prefill refused it because it drains: a new pair is quicker than the decode's transfer
+timeout). A decode stream that breaks after bytes reached the client migrates (migrate.py) to
+another decode. A client that goes away in any phase (before the decode answers or mid-stream)
+cancels both legs at once, so neither worker keeps the room until its bootstrap timeout.
+Metrics: PD TTFT (start → first decode byte) and failed legs by reason.
 
 Conditional disaggregation (`decide`, before a prefill is picked; off unless a flag is set): a
 single-prompt request goes to the chosen decode alone, without bootstrap fields (the decode then
@@ -37,7 +44,7 @@ prompt tokens minus the decode's page-aligned prefix hit from the exact KV index
 `--pd-local-prefill-threshold` tokens ("local_threshold"), or when every routable prefill's
 queue (max of its polled /get_load and this router's in-flight count) is over
 `--pd-prefill-queue-limit` ("local_queue"); otherwise "remote". Each decision is counted in
-`<prefix>:router_pd_decisions_total{decision}`.
+`<prefix>_router_pd_decisions_total{decision}`.
 
 Prompt logprobs: the prefill computed the prompt, the decode did not, so a `/generate` with
 `return_logprob: true` or a completion with `echo` + `logprobs` gets the prompt's logprobs from
@@ -54,9 +61,10 @@ from typing import Any
 
 import msgspec
 
-from pdserve.contract import BOOTSTRAP_HOST, BOOTSTRAP_PORT, BOOTSTRAP_ROOM, STREAM_IDS, sequence_count
+from pdserve.contract import (BOOTSTRAP_EPOCH, BOOTSTRAP_HOST, BOOTSTRAP_PORT, BOOTSTRAP_ROOM, DRAINING, EPOCH,
+                              STREAM_IDS, error_code_is, sequence_count)
 from pdserve.router.config import RouterConfig
-from pdserve.router.forward import Failure, RegularForwarder, relay_stream
+from pdserve.router.forward import Failure, RegularForwarder, note_stale, relay_stream
 from pdserve.router.http.client import UpstreamError, UpstreamPool, UpstreamResponse
 from pdserve.router.http.protocol import Response
 from pdserve.router.metrics import RouterMetrics
@@ -67,6 +75,7 @@ from pdserve.router.prompt_ids import exact_hits, prompt_ids
 from pdserve.router.prompt_logprobs import SSEMerger, merge_body, prefill_metas, wants_prompt_logprobs
 from pdserve.router.request import RequestCtx, RouterError
 from pdserve.router.resilience import backoff_s, breaker_failure
+from pdserve.router.usage import Usage
 from pdserve.router.workers import Worker, WorkerRegistry
 
 logger = logging.getLogger("pdserve.router")
@@ -107,7 +116,16 @@ def inject_bootstrap(body: dict[str, Any], prefill: Worker, batch: int | None, t
                  BOOTSTRAP_ROOM: [_rand.getrandbits(63) for _ in range(batch)]}
     if track:  # the decode tells the ids of each event (a stream that may migrate: migrate.py)
         extra[STREAM_IDS] = True
-    return _enc.encode({**body, **extra})
+    if prefill.epoch is not None:
+        extra[BOOTSTRAP_EPOCH] = prefill.epoch
+    merged = {**body, **extra}
+    merged.pop(EPOCH, None)  # each leg gets its own worker's (with_epoch)
+    return _enc.encode(merged)
+
+
+def with_epoch(payload: bytes, w: Worker) -> bytes:
+    """The leg of `payload` (a JSON object) for `w`: with `w`'s role epoch when known."""
+    return payload if w.epoch is None else payload[:-1] + b',"%s":%d}' % (EPOCH.encode(), w.epoch)
 
 
 def recomputes(d: Worker, p_task: asyncio.Task[Any], fail: Failure) -> bool:
@@ -116,6 +134,8 @@ def recomputes(d: Worker, p_task: asyncio.Task[Any], fail: Failure) -> bool:
     broken connection, and the decode says (/server_info) it recomputes a failed transfer."""
     exc = p_task.exception()
     if fail.status < 500 or (isinstance(exc, UpstreamError) and exc.kind == "connect"):
+        return False
+    if error_code_is(fail.body, DRAINING):
         return False
     return d.info is not None and d.info.recomputes
 
@@ -205,7 +225,7 @@ class PDForwarder:
 
     async def _prefill(self, ctx: RequestCtx, p: Worker, payload: bytes) -> Leg:
         resp = await self.pool.request(p.host, p.port, "POST", ctx.req.target, p.fwd_headers + ctx.fwd_headers,
-                                       payload, self.timeout)
+                                       with_epoch(payload, p), self.timeout)
         try:
             return resp.status, await resp.read(), resp.content_type
         finally:
@@ -214,7 +234,7 @@ class PDForwarder:
     async def _decode(self, ctx: RequestCtx, d: Worker, payload: bytes) -> tuple[UpstreamResponse, bytes | None, bool]:
         """The decode's response with its first bytes (all of them for a whole answer)."""
         resp = await self.pool.request(d.host, d.port, "POST", ctx.req.target, d.fwd_headers + ctx.fwd_headers,
-                                       payload, self.timeout)
+                                       with_epoch(payload, d), self.timeout)
         try:
             if resp.buffered or resp.status >= 400:
                 return resp, await resp.read(), True
@@ -233,8 +253,9 @@ class PDForwarder:
             p.record(False, str(exc))
             self.metrics.pd_failure("prefill", getattr(exc, "kind", "error"))
             return
-        status = task.result()[0]
+        status, body, _ = task.result()
         if status >= 400:
+            note_stale(p, status, body)
             p.record(not breaker_failure(status), f"answered {status}")
             self.metrics.pd_answer("prefill", status)
         else:
@@ -283,6 +304,7 @@ class PDForwarder:
                 return Failure.upstream(exc, f"decode {d.url}"), blame
             status = resp.status
             if status >= 400:
+                note_stale(d, status, first or b"")
                 d.record(not breaker_failure(status), f"answered {status}")
                 self.metrics.pd_answer("decode", status)
                 return Failure.answer(status, first or b"", resp.content_type), blame
@@ -298,6 +320,7 @@ class PDForwarder:
                     pass  # the decode has its KV already; answer without the prompt logprobs
             ok = True
             if complete:
+                ctx.usage = Usage.whole(resp.headers)
                 return Response(merge_body(first or b"", metas) if metas else first or b"", status,
                                 resp.content_type, ctx.resp_headers), None
             merger = SSEMerger(metas) if metas else None

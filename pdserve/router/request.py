@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 
 from pdserve.router.http.protocol import Request, Response
+from pdserve.router.usage import Usage
 
 # -- errors ------------------------------------------------------------------------------------
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -120,7 +121,7 @@ def routing_text(route: str, body: dict[str, Any]) -> str:
 
 
 class RequestCtx:
-    __slots__ = ("_json", "_text", "fwd_headers", "prompt_ids", "req", "resp_headers", "rid", "route", "t0")
+    __slots__ = ("_json", "_text", "fwd_headers", "prompt_ids", "req", "resp_headers", "rid", "route", "t0", "usage")
 
     def __init__(self, req: Request, rid: str, route: str, client_auth: str | None) -> None:
         self.req = req
@@ -130,6 +131,7 @@ class RequestCtx:
         self._json: dict[str, Any] | None = None
         self._text: str | None = None
         self.prompt_ids: list[int] | None | bool = False  # router/prompt_ids.py: False = not looked up yet
+        self.usage: Usage | None = None  # what the answer cost (router/usage.py), once relayed
         extra = f"x-request-id: {rid}\r\n"
         if client_auth is not None:
             extra += f"authorization: {client_auth}\r\n"

@@ -84,7 +84,7 @@ async def serve(cfg: RouterConfig, sock: socket.socket | None = None, stop: asyn
         mode = "PD" if cfg.pd else "regular"
         policy = ", ".join(f"{r}: {p.name}" for r, p in app.policies.items())
         logger.info("pdserve router on http://%s:%d (%s mode, %d workers, policy %s)", cfg.host, port, mode,
-                    len(cfg.workers), policy)
+                    len(app.registry.all()), policy)
         if ready is not None:
             ready(app, port)
         await stop.wait()

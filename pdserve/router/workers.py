@@ -1,13 +1,17 @@
 """The workers as the router sees them: one `Worker` each, and the `WorkerRegistry` that holds them by role.
 
-Worker lifecycle: created from a `WorkerSpec` when the router starts or on `POST /workers`;
+Worker lifecycle: created from a `WorkerSpec` when the router starts, on `POST /workers`, or
+when discovery (router/discovery.py) sees a server register;
 the health checker moves `healthy` (it starts False until a first successful check, or True
 when health checks are off); requests bump `in_flight` while they run and report their
 outcome to the worker's circuit breaker; the load monitor refreshes `load` from the worker's
 `/get_load`; `removed` is set by `DELETE /workers` so that requests still holding the object
-finish but no new one picks it.
+finish but no new one picks it (discovery removes the same way when a record goes). `epoch` is
+the worker's role epoch as its discovery record or /server_info says (None: unknown); a leg that
+answered 409 `stale_epoch` marks the worker `stale` (not routable) until the health checker has
+read its /server_info again and its mode still fits its role (router/health.py).
 
-Registry: filled from the config at start, changed at runtime by `POST/DELETE /workers`.
+Registry: filled from the config at start, changed at runtime by `POST/DELETE /workers` and discovery.
 Lists per role are rebuilt on every change (rare) so the per-request `routable(role)` is a
 plain filter over a short list. Listeners (policies' trees, the health checker) hear of
 additions and removals.
@@ -25,9 +29,9 @@ from pdserve.router.resilience import CircuitBreaker
 
 
 class Worker:
-    __slots__ = ("bootstrap_host", "bootstrap_port", "breaker", "ever_healthy", "fwd_headers", "health_failures",
-                 "health_successes", "healthy", "host", "in_flight", "info", "last_error", "load", "port",
-                 "processed", "removed", "role", "url")
+    __slots__ = ("bootstrap_host", "bootstrap_port", "breaker", "epoch", "ever_healthy", "fwd_headers",
+                 "health_failures", "health_successes", "healthy", "host", "in_flight", "info", "last_error", "load",
+                 "port", "processed", "removed", "role", "stale", "url")
 
     def __init__(self, spec: WorkerSpec, circuit: CircuitConfig, api_key: str | None, healthy: bool) -> None:
         self.url = spec.url
@@ -35,7 +39,7 @@ class Worker:
         parts = urlsplit(spec.url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
-        self.bootstrap_host = self.host
+        self.bootstrap_host = spec.bootstrap_host or self.host
         self.bootstrap_port = spec.bootstrap_port
         self.breaker = CircuitBreaker(circuit, name=f"{spec.url} ({spec.role})")
         self.healthy = healthy
@@ -48,11 +52,13 @@ class Worker:
         self.removed = False
         self.last_error: str | None = None
         self.info: ServerInfo | None = None  # its /server_info, once read
+        self.epoch: int | None = None  # its role epoch (discovery record or /server_info)
+        self.stale = False  # it answered a leg 409 stale_epoch: out until its /server_info is read again
         auth = f"authorization: Bearer {api_key}\r\n" if api_key else ""
         self.fwd_headers = f"content-type: application/json\r\n{auth}".encode("latin-1")
 
     def routable(self) -> bool:
-        return self.healthy and not self.removed and self.breaker.allow()
+        return self.healthy and not self.removed and not self.stale and self.breaker.allow()
 
     def record(self, success: bool, error: str | None = None) -> None:
         self.breaker.record(success)
@@ -62,7 +68,8 @@ class Worker:
     def describe(self) -> dict[str, Any]:
         return {"url": self.url, "role": self.role, "bootstrap_port": self.bootstrap_port,
                 "healthy": self.healthy, "circuit": self.breaker.state, "in_flight": self.in_flight,
-                "load": self.load, "processed": self.processed, "last_error": self.last_error}
+                "load": self.load, "processed": self.processed, "last_error": self.last_error, "epoch": self.epoch,
+                "stale": self.stale}
 
 
 def new_worker(spec: WorkerSpec, cfg: RouterConfig) -> Worker:

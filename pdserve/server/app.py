@@ -5,7 +5,7 @@
              loaded (uvicorn binds the port only after this, so /health answers only when
              ready), then `ServerState` (tokenizer, metrics, caps) goes into `app.state.server`;
   serving  - routers: OpenAI (/v1/completions, chat, responses, ...), native (/generate), admin
-             (health, info, load, ...);
+             (health, info, load, ...), elastic (/drain, /switch_role: server/elastic.py);
              errors always come back as OpenAI error bodies; CORS, API key and body cap run
              as ASGI middleware around everything;
   shutdown - `begin_shutdown(app)` (called from the signal handler) refuses new work and ends
@@ -24,8 +24,9 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from pdserve.server import (native_generate, openai_chat, openai_completions, openai_responses, routes_admin,
-                            routes_tokenize)
+                            routes_elastic, routes_tokenize)
 from pdserve.server.config import ServerConfig
+from pdserve.server.elastic import Elastic
 from pdserve.server.dp_client import EngineHandle, engine_client
 from pdserve.server.errors import install_error_handlers
 from pdserve.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
@@ -56,6 +57,7 @@ def build_fastapi(config: ServerConfig) -> FastAPI:
     app.state.server = None
     app.state.client = None
     app.state.request_exit = None  # set by the launcher: ask the HTTP server to stop
+    app.state.elastic = Elastic(config)  # drain, live role switch, discovery record (server/elastic.py)
     install_error_handlers(app)
     app.include_router(openai_completions.router)
     app.include_router(openai_chat.router)
@@ -63,6 +65,7 @@ def build_fastapi(config: ServerConfig) -> FastAPI:
     app.include_router(native_generate.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_tokenize.router)
+    app.include_router(routes_elastic.router)
     return app
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from pdserve.contract import DEFAULT_SERVER_PORT
 from pdserve.disagg.config import DisaggConfig
+from pdserve.discovery import DiscoveryConfig
 from pdserve.engine.config import EngineConfig
 from pdserve.flags.cors import CorsConfig
 
@@ -43,3 +44,5 @@ class ServerConfig:
     access_log: bool = False
     log_requests: bool = False  # one log line per finished request
     metrics_prefix: str = "sglang"  # /metrics names are "<prefix>:<name>" (SGLang's names)
+    discovery: DiscoveryConfig | None = None  # --discovery: register in etcd once ready (server/registration.py)
+    advertise_host: str | None = None  # the host routers reach (default --host, or this machine's name)

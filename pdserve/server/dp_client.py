@@ -24,7 +24,9 @@ Placement, first rule that applies:
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import operator
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -35,7 +37,7 @@ import msgspec
 from pdserve.contract import prefill_dp_rank
 from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.messages import EngineReady, GenerateReq, LoadInfo, LoadResp, TokenOut, TransferStats
+from pdserve.engine.messages import EngineReady, ExpertLoad, GenerateReq, LoadInfo, LoadResp, TokenOut, TransferStats
 from pdserve.server.engine_client import EngineClient
 
 
@@ -61,7 +63,13 @@ def merge_loads(loads: list[LoadInfo]) -> LoadInfo:
         prompt_tokens_computed=sum(x.prompt_tokens_computed for x in loads),
         cache_queries=queries, cache_hits=sum(x.cache_hits for x in loads),
         steps=sum(x.steps for x in loads), step_seconds=sum(x.step_seconds for x in loads),
-        idle_steps=sum(x.idle_steps for x in loads))
+        idle_steps=sum(x.idle_steps for x in loads), experts=_sum_experts(loads))
+
+
+def _sum_experts(loads: list[LoadInfo]) -> ExpertLoad | None:
+    """The ranks' routing counts summed (each counted only its own tokens)."""
+    parts = [x.experts for x in loads if x.experts is not None]
+    return functools.reduce(operator.add, parts) if parts else None
 
 
 class DPLoadResp(msgspec.Struct, frozen=True):

@@ -44,6 +44,8 @@ from pdserve.engine.messages import (
     GetLoadReq,
     LoadResp,
     ShutdownReq,
+    SwitchStageReq,
+    SwitchStageResp,
     TokenOut,
     TokenOutBatch,
     WakeReq,
@@ -263,6 +265,13 @@ class EngineClient:
     async def kv_snapshot(self, timeout: float = 30.0) -> KVSnapshotResp:
         return await self._call(lambda cid: KVSnapshotReq(cid=cid), timeout)
 
+    async def switch_stage(self, disagg: DisaggConfig, timeout: float = 60.0) -> SwitchStageResp:
+        """A live role switch of the idle engine (server/elastic.py); on success it runs `disagg`."""
+        resp: SwitchStageResp = await self._call(lambda cid: SwitchStageReq(cid=cid, disagg=disagg), timeout)
+        if resp.error is None:
+            self.disagg = disagg
+        return resp
+
     # ---------------------------------------------------------------- background tasks
     async def _recv_loop(self) -> None:
         assert self._pull is not None
@@ -278,7 +287,7 @@ class EngineClient:
                     queue = self._queues.get(out.rid)
                     if queue is not None:
                         queue.put_nowait(out)
-            elif isinstance(msg, (LoadResp, FlushCacheResp, KVSnapshotResp)):
+            elif isinstance(msg, (LoadResp, FlushCacheResp, KVSnapshotResp, SwitchStageResp)):
                 fut = self._futures.get(msg.cid)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from pdserve.contract import STALE_EPOCH
 from pdserve.engine.messages import Bootstrap, GenerateReq, TokenOut, TopLogprob
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.engine_client import DuplicateRequestError, EngineDeadError
@@ -115,8 +116,8 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
             async for out in outs:
                 if out.error is not None:
                     finished = True  # rejected by the engine, or its PD transfer failed
-                    raise APIError(out.error_status, out.error,
-                                   code="kv_transfer_failed" if out.error_status >= 500 else None)
+                    raise APIError(out.error_status, out.error, code="kv_transfer_failed" if out.error_status >= 500
+                                   else STALE_EPOCH if out.error_status == 409 else None)
                 ids = out.token_ids
                 timer.tokens(len(ids))
                 count += len(ids)

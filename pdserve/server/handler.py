@@ -7,11 +7,14 @@ request through `handle`:
   1. `read_body`: count the request under `route.kind`, decode the raw body as a JSON object
      (400 `invalid_json` otherwise), refuse unsupported fields (400 naming the field), validate
      the body with the model (a ValidationError: 400 naming the field) and check `model` (404);
+     then admission (server/elastic.py: 503 while the server drains, 409 for a stale role epoch);
   2. `plan(state, body)`: the route's prompts and sampling params, its sub-requests (built by
      `fan_out`), and either the SSE frames of a stream or a `Whole` answer;
   3. a stream goes out as an `SSEResponse` (an error mid-stream: an error frame, then
      `[DONE]`); a whole answer runs every sub-request to its end (`collect`; the client going
      away aborts them: 499) and answers the JSON that `Whole.shape` makes of the results.
+     Both carry the request's prompt tokens in a header (contract.PROMPT_TOKENS_HEADER; `fan_out`
+     counts them), a whole answer also its completion tokens: what a router's planner metrics read.
 Every failure is raised (`APIError`, ValidationError) to the app's error handlers.
 
 `fan_out` turns prompts x n into sub-requests alike for every route: choice j of prompt p is
@@ -23,6 +26,7 @@ its prompt's first copy, whose prompt pages it shares.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -31,7 +35,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from pdserve.contract import sequence_count
+from pdserve.contract import COMPLETION_TOKENS_HEADER, PROMPT_TOKENS_HEADER, sequence_count
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.generation import Result, SubRequest, collect, until_disconnect
 from pdserve.server.params import check_model, decode_json_object, dp_rank, pd_bootstrap, resume_ids, with_seed
@@ -41,6 +45,7 @@ from pdserve.server.state import ServerState, get_state
 from pdserve.server.unsupported import reject_unsupported
 
 B = TypeVar("B", bound=BaseModel)
+_prompt_tokens: ContextVar[int] = ContextVar("prompt_tokens", default=0)  # set by fan_out in the handling task
 
 
 @dataclass(frozen=True)
@@ -89,15 +94,18 @@ def generation_router(path: str, route: Route[B], plan: Plan[B]) -> APIRouter:
 
 async def handle(request: Request, route: Route[B], plan: Plan[B]) -> Response:
     state, body = await read_body(request, route)
+    request.app.state.elastic.admit(state, body)
     answer = await plan(state, body)
+    counts = {PROMPT_TOKENS_HEADER: str(_prompt_tokens.get())}
     if not isinstance(answer, Whole):
-        return SSEResponse(answer)
+        return SSEResponse(answer, headers=counts)
     results = await until_disconnect(request, collect(state, answer.subs))
-    return json_response(answer.shape(results))
+    counts[COMPLETION_TOKENS_HEADER] = str(sum(r.completion_tokens for r in results))
+    return json_response(answer.shape(results), headers=counts)
 
 
-def json_response(obj: object, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+def json_response(obj: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json", headers=headers)
 
 
 def sub_rids(base: str, total: int) -> list[str]:
@@ -110,6 +118,7 @@ def fan_out(state: ServerState, body: _BootstrapFields, prompts: list[tuple[list
     """The sub-requests of `prompts` (ids, params) x `n` (see the module docstring); `rids` has
     one id per sequence."""
     total = sequence_count(len(prompts), n)
+    _prompt_tokens.set(sum(len(ids) for ids, _ in prompts))
     boots = pd_bootstrap(state, body, len(prompts), n)
     subs = []
     for p, (ids, params) in enumerate(prompts):

@@ -4,8 +4,9 @@ Lifecycle of `serve_app(config, sock)`:
   1. build the app; uvicorn's start-up runs its lifespan, which spawns the engine process and
      waits for it (the engine logs its loading progress meanwhile);
   2. once uvicorn serves the socket (so /health answers 200), log the one "ready" line with
-     the URL; nothing before it claims the server is up;
-  3. on SIGTERM/SIGINT: stop accepting, abort in-flight requests (streams end with
+     the URL; nothing before it claims the server is up; with --discovery, register in etcd
+     now (server/elastic.py, which also drains and switches roles live);
+  3. on SIGTERM/SIGINT: deregister (in the background), stop accepting, abort in-flight requests (streams end with
      finish_reason "abort"), wait (bounded) for connections to close, then the lifespan stops
      the engine process; a second SIGINT forces the exit. Returns 0 after a clean stop, 1 if
      the engine process died (the server then stops by itself).
@@ -19,7 +20,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from types import FrameType
 from typing import Any
 
@@ -35,9 +36,11 @@ class _Server(uvicorn.Server):
     """uvicorn.Server that aborts in-flight work on the first signal, logs "ready" once it
     serves, and exits normally."""
 
-    def __init__(self, config: uvicorn.Config, on_exit: Any, ready_line: str, t0: float) -> None:
+    def __init__(self, config: uvicorn.Config, on_exit: Any, ready_line: str, t0: float,
+                 on_ready: Callable[[], None]) -> None:
         super().__init__(config)
         self._on_exit = on_exit
+        self._on_ready = on_ready
         self._ready_line = ready_line
         self._t0 = t0
 
@@ -45,6 +48,7 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started and not self.should_exit:
             logger.info("%s (started in %.1f s)", self._ready_line, time.monotonic() - self._t0)
+            self._on_ready()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:
@@ -75,11 +79,23 @@ def serve_app(config: ServerConfig, sock: socket.socket) -> int:
     host = f"[{config.host}]" if ":" in config.host else config.host
     ready = f"pdserve is ready: http://{host}:{config.port} (model {config.engine.model}" + \
             (f", {config.disagg.mode}" if config.disagg.mode != "null" else "") + ")"
-    server = _Server(uv_config, on_exit=lambda: _schedule_shutdown(app), ready_line=ready, t0=t0)
+    elastic = app.fastapi.state.elastic
+
+    def on_ready() -> None:
+        elastic.register(app.fastapi.state.server)
+
+    def on_exit() -> None:
+        elastic.deregister_soon()
+        _schedule_shutdown(app)
+
+    server = _Server(uv_config, on_exit=on_exit, ready_line=ready, t0=t0, on_ready=on_ready)
     app.fastapi.state.request_exit = lambda: setattr(server, "should_exit", True)
     logger.info("starting the engine for model %s (port %d is reserved; the server answers once it is ready)",
                 config.engine.model, config.port)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        elastic.stop_registration()  # bounded; a server whose engine died leaves etcd now, not a lease TTL later
     if not server.started:
         logger.error("server failed to start")
         return 1

@@ -91,6 +91,7 @@ class EngineCollector(Collector):
         yield self._counter("prefill_compute_tokens", "Prompt tokens computed (recomputation included)",
                             load.prompt_tokens_computed)
         yield from self._per_rank()
+        yield from self._experts()
         x = load.transfer
         if x is None:
             return
@@ -110,6 +111,25 @@ class EngineCollector(Collector):
         speed = x.bytes / x.latency_sum_s / 1e9 if x.latency_sum_s > 0 else 0.0
         yield self._gauge("kv_transfer_speed_gb_s", "Mean KV transfer speed of successful rooms (GB/s)", speed)
 
+
+    def _experts(self) -> Iterator[Metric]:
+        """A mixture-of-experts model's routing: pairs per expert (all sparse layers) and per EP rank,
+        and the EP ranks' imbalance (busiest over mean: what an expert rebalance would lower)."""
+        moe = self.load.experts if self.load is not None else None
+        if moe is None:
+            return
+        for name, doc, label, values in (
+                ("moe_expert_routed_tokens", "Tokens routed to each expert, summed over sparse layers", "expert",
+                 moe.experts),
+                ("moe_ep_rank_routed_tokens", "Tokens routed to each expert-parallel rank's experts", "ep_rank",
+                 moe.ep_ranks)):
+            m = CounterMetricFamily(f"{self.p}:{name}", doc, labels=["model_name", label])
+            for i, v in enumerate(values):
+                m.add_metric([self.model_name, str(i)], v)
+            yield m
+        mean = sum(moe.ep_ranks) / len(moe.ep_ranks)
+        yield self._gauge("moe_ep_imbalance", "Busiest expert-parallel rank's routed tokens over the mean (1: even)",
+                          max(moe.ep_ranks) / mean if mean else 1.0)
 
     def _per_rank(self) -> Iterator[Metric]:
         """Each data-parallel rank's queue and steps (label dp_rank)."""

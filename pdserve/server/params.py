@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from pdserve.contract import (BOOTSTRAP_HOST, BOOTSTRAP_KEYS, BOOTSTRAP_PORT, BOOTSTRAP_ROOM, DP_RANK, RESUME_IDS,
-                              per_sequence, sequence_count)
+from pdserve.contract import (BOOTSTRAP_EPOCH, BOOTSTRAP_HOST, BOOTSTRAP_KEYS, BOOTSTRAP_PORT, BOOTSTRAP_ROOM, DP_RANK,
+                              RESUME_IDS, per_sequence, sequence_count)
 from pdserve.engine.messages import Bootstrap
 from pdserve.engine.sampling_params import SamplingError, SamplingParams, check_prompt
 from pdserve.server.errors import APIError, bad_request
@@ -237,7 +237,8 @@ def pd_bootstrap(state: ServerState, body: Any, num_prompts: int, n: int) -> lis
         if not host:
             raise bad_request(f"{BOOTSTRAP_HOST} must be non-empty", param=BOOTSTRAP_HOST)
         j = 0 if per_seq else (k % n if isinstance(body.bootstrap_room, list) else k)
-        out.append(Bootstrap(host=host, port=port, room=(room + j * _ROOM_STEP) & SEED_LIMIT))
+        out.append(Bootstrap(host=host, port=port, room=(room + j * _ROOM_STEP) & SEED_LIMIT,
+                             epoch=getattr(body, BOOTSTRAP_EPOCH, None)))
     if len({b.room for b in out}) != len(out):
         raise bad_request(f"{BOOTSTRAP_ROOM}: every sequence needs its own room", param=BOOTSTRAP_ROOM)
     return out

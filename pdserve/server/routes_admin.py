@@ -1,6 +1,7 @@
 """Health, info, load, abort, cache and metrics endpoints (SGLang-compatible shapes).
 
-Stateless handlers over `ServerState`: `/health` is cheap (engine process alive),
+Stateless handlers over `ServerState`: `/health` is cheap (engine process alive, and 503 while
+the server drains or switches roles: server/elastic.py),
 `/health_generate` runs one 1-token generation, `/get_load`, `/flush_cache` and
 `/kv_events/snapshot` are control round trips to the engine process, `/metrics` refreshes the engine gauges then renders
 Prometheus text. `/server_info` never shows the API key.
@@ -19,7 +20,7 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from pdserve.contract import SERVER_INFO_PATHS, ServerInfo, encode_server_info
+from pdserve.contract import DRAINING, SERVER_INFO_PATHS, ServerInfo, encode_server_info
 from pdserve.engine.messages import GenerateReq, LoadInfo
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.server.dp_client import DPLoadResp
@@ -46,6 +47,9 @@ async def health(request: Request) -> Response:
     state = get_state(request)
     if not state.client.alive or state.client.closing:
         raise APIError(503, state.client.dead_reason or "the server is shutting down", code="unhealthy")
+    elastic = request.app.state.elastic
+    if not elastic.serving:
+        raise APIError(503, f"the server is {elastic.phase}", code=DRAINING)
     return Response(status_code=200)
 
 
@@ -70,7 +74,7 @@ async def health_generate(request: Request) -> Response:
     return Response(status_code=200)
 
 
-def _server_info(state: ServerState) -> dict[str, Any]:
+def _server_info(state: ServerState, draining: bool = False) -> dict[str, Any]:
     """The contract's ServerInfo (what a router reads) with this server's own keys beside it."""
     cfg = state.config
     server = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("engine", "api_key", "disagg")}
@@ -81,7 +85,7 @@ def _server_info(state: ServerState) -> dict[str, Any]:
         disaggregation_decode_enable_radix_cache=pd.decode_enable_radix_cache,
         kv_events_endpoint=state.info.kv_events_endpoint, max_model_len=state.max_model_len,
         tp_size=layout.tp_size, dp_size=layout.dp_size, enable_dp_attention=layout.enable_dp_attention,
-        load_balance_method=layout.load_balance_method)
+        load_balance_method=layout.load_balance_method, epoch=pd.epoch, draining=draining)
     return encode_server_info(shared, {
         "version": VERSION,
         "model_path": state.info.model_path,
@@ -94,6 +98,7 @@ def _server_info(state: ServerState) -> dict[str, Any]:
         "page_size": state.info.page_size,
         "max_running_requests": state.info.max_running,
         "device": state.info.device,
+        **_model_kind(state),
         "engine_pid": state.info.pid,
         "uptime_s": round(time.time() - state.started, 3),
         **server,
@@ -101,10 +106,18 @@ def _server_info(state: ServerState) -> dict[str, Any]:
     })
 
 
+def _model_kind(state: ServerState) -> dict[str, Any]:
+    """What /server_info says of the model's attention and experts, and how the experts are placed."""
+    mc = state.info.model_config
+    return {"attention_kind": mc.get("attention_kind"), "kv_bytes_per_token": mc.get("kv_bytes_per_token"),
+            "num_experts": mc.get("moe.num_experts", 0), "num_experts_per_tok": mc.get("moe.top_k", 0),
+            "ep_size": state.config.engine.parallel.ep_ranks if "moe.num_experts" in mc else 1}
+
+
 @router.get(SERVER_INFO_PATHS[0])
 @router.get(SERVER_INFO_PATHS[1])
 async def server_info(request: Request) -> Response:
-    return json_response(_server_info(get_state(request)))
+    return json_response(_server_info(get_state(request), not request.app.state.elastic.serving))
 
 
 @router.get("/model_info")
@@ -180,6 +193,8 @@ async def _load(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
         "integrity_errors": resp.integrity_errors,
         "dp_size": len(ranks),
         "dp_ranks": [_rank_load(x) for x in ranks],
+        **({} if load.experts is None else {"expert_load": {  # routed (token, expert) pairs since start
+            "experts": load.experts.experts, "ep_ranks": load.experts.ep_ranks, "layers": load.experts.layers}}),
     }
 
 

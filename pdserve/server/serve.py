@@ -23,12 +23,13 @@ from typing import Any
 from pdserve.contract import API_KEY_ENV, resolve_api_key
 from pdserve.disagg.backends import BACKENDS, missing_extra
 from pdserve.disagg.config import DECODE_RADIX_FLAG, ENV_PREFIX, FAILURE_POLICIES, MODES, TOKEN_ENV, DisaggConfig
+from pdserve.discovery import DEFAULT_TTL_S, MIN_TTL_S, DiscoveryConfig, parse_discovery_url
 from pdserve.engine.args import ENGINE_EXTRAS, add_engine_arguments, check_engine_args, engine_config_from_args
 from pdserve.flags.argtypes import metrics_prefix, non_negative_int, port_number, positive_float, positive_int
 from pdserve.flags.cors import CORS_FLAGS
 from pdserve.flags.sockets import bind_socket
 from pdserve.flags.table import Flag, add_flags, flag_values, noop_warnings, with_values
-from pdserve.model.hub import TOKEN_ENV
+from pdserve.model.hub import TOKEN_ENV as HF_TOKEN_ENV
 from pdserve.server.config import ServerConfig
 from pdserve.server.tool_parsers import PARSERS
 
@@ -87,7 +88,16 @@ LOG_FLAGS: tuple[Flag, ...] = (
     Flag(("--metrics-prefix",), "metrics_prefix", metrics_prefix,
          "/metrics names are PREFIX:name with SGLang's names, so SGLang's dashboards work"),
 )
-SERVE_FLAGS = HTTP_FLAGS + PD_FLAGS + LOG_FLAGS + CORS_FLAGS
+DISCOVERY_FLAGS: tuple[Flag, ...] = (
+    Flag(("--discovery",), None, str, "register this server in etcd once ready (role, URL, bootstrap port, model, "
+         "...), under a lease it keeps alive; routers given the same --discovery find it",
+         metavar="etcd://HOST:PORT[/PREFIX]", shown="off"),
+    Flag(("--discovery-ttl",), None, int, f"lease TTL: a server that dies leaves the routers this long after "
+         f"(>= {MIN_TTL_S})", metavar="SECONDS", shown=str(DEFAULT_TTL_S)),
+    Flag(("--discovery-advertise-host",), "advertise_host", str, "the host routers reach this server at",
+         metavar="HOST", shown="--host, or this machine's name when --host is a wildcard"),
+)
+SERVE_FLAGS = HTTP_FLAGS + PD_FLAGS + DISCOVERY_FLAGS + LOG_FLAGS + CORS_FLAGS
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,6 +105,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     d = ServerConfig()
     add_flags(p.add_argument_group("HTTP server"), HTTP_FLAGS, d)
     add_flags(p.add_argument_group("PD disaggregation (knobs: PDSERVE_DISAGGREGATION_* env, see README)"), PD_FLAGS, d)
+    add_flags(p.add_argument_group("discovery"), DISCOVERY_FLAGS, d)
     add_flags(p.add_argument_group("logging and metrics"), LOG_FLAGS, d)
     add_flags(p.add_argument_group("CORS (vLLM's flags)"), CORS_FLAGS, d)
 
@@ -118,7 +129,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     disagg = DisaggConfig.from_env(cluster_token=os.environ.get(TOKEN_ENV) or api_key, **pd)
     return with_values(ServerConfig(), {**values, "engine": engine_config_from_args(args), "disagg": disagg,
                                         "api_key": api_key, "served_model_name": names[0],
-                                        "served_model_aliases": tuple(names[1:])})
+                                        "served_model_aliases": tuple(names[1:]),
+                                        "discovery": _discovery(args)})
+
+
+def _discovery(args: argparse.Namespace) -> DiscoveryConfig | None:
+    if not args.discovery:
+        return None
+    return parse_discovery_url(args.discovery, DEFAULT_TTL_S if args.discovery_ttl is None else args.discovery_ttl)
 
 
 def preflight(args: argparse.Namespace) -> tuple[ServerConfig, socket.socket]:
@@ -129,7 +147,7 @@ def preflight(args: argparse.Namespace) -> tuple[ServerConfig, socket.socket]:
     check_engine_args(args)
     config = config_from_args(args)
     if args.hf_token:
-        os.environ[TOKEN_ENV] = args.hf_token  # huggingface_hub's, here and in the engine process
+        os.environ[HF_TOKEN_ENV] = args.hf_token  # huggingface_hub's, here and in the engine process
     for line in noop_warnings(args, SERVE_FLAGS + ENGINE_EXTRAS):
         print(f"pdserve serve: warning: {line}", file=sys.stderr)
     engine = config.engine

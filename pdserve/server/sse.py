@@ -33,7 +33,7 @@ def frame(obj: Any) -> bytes:
 def ids_comment(ids: list[int]) -> bytes:
     """An SSE comment with the token ids of the event it precedes (contract.STREAM_IDS asked for
     them): SSE clients ignore comments; pdserve's router reads (and strips) them to migrate a stream."""
-    return IDS_COMMENT + b",".join(map(str, ids)).encode() + b"\n"
+    return IDS_COMMENT + ",".join(map(str, ids)).encode() + b"\n"
 
 
 def with_ids(want: bool, ids: list[int], data: bytes | None) -> bytes:
@@ -61,9 +61,10 @@ async def guarded(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 
 class SSEResponse(StreamingResponse):
-    def __init__(self, frames: AsyncIterator[bytes], status_code: int = 200) -> None:
+    def __init__(self, frames: AsyncIterator[bytes], status_code: int = 200,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(guarded(frames), status_code=status_code, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -2,7 +2,8 @@
 
 Created in `app.lifespan` after `EngineClient.start()` returns the engine's `EngineReady`:
 the tokenizer is loaded from the model folder the engine resolved, the metrics registry is
-made, and the caps are fixed. Stored in `app.state.server`; read-only afterwards.
+made, and the caps are fixed. Stored in `app.state.server`; read-only afterwards, but for
+`config`, which a live role switch replaces with one of the new PD mode and epoch (server/elastic.py).
 """
 
 from __future__ import annotations

@@ -192,7 +192,8 @@ def pd_router(tmp_path_factory: pytest.TempPathFactory, bundled_model_dir: Path)
 
 def test_pd_equals_unified_streamed_and_not_with_tools(pd_router: EmbeddedRouter, base_url: str) -> None:
     # PD equals the decode server answering the same requests itself (no bootstrap fields: it prefills)
-    assert text_runs(client(pd_router.url)) == text_runs(client(pd_router.pair.decode.url))  # type: ignore[attr-defined]
+    decode_url = pd_router.pair.decode.url  # type: ignore[attr-defined]
+    assert text_runs(client(pd_router.url)) == text_runs(client(decode_url))
     c = client(pd_router.url)
     first = c.responses.create(model="default", input="My name is Ada.", max_output_tokens=N, temperature=0)
     second = c.responses.create(model="default", input="What is my name?", previous_response_id=first.id,

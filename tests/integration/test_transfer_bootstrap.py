@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 from pdserve.disagg.bootstrap import BootstrapServer, publish_routes
-from pdserve.disagg.bootstrap_client import BootstrapClient, BootstrapError, PrefillAddr, register_route
+from pdserve.disagg.bootstrap_client import BootstrapClient, BootstrapError, PrefillAddr, StaleEpoch, register_route
 from pdserve.disagg.config import DisaggConfig
 from pdserve.disagg.messages import KVLayout, LayoutMismatch
 
@@ -202,3 +202,32 @@ def test_heartbeat_declares_death_and_relearns_a_restart(server: BootstrapServer
             restarted.close()
     finally:
         client.close()
+
+
+def test_a_lookup_naming_another_role_epoch_is_refused() -> None:
+    """A prefill at role epoch 3 (two live switches on): a lookup naming epoch 1 gets 409 and the client's
+    StaleEpoch, never a route; its own epoch (or none) gets the route. A cached route of epoch 3 refuses an
+    older lookup at once; a newer one (the prefill switched away and back) drops it and asks again."""
+    srv = BootstrapServer("127.0.0.1", 0, cluster_token="tok", epoch=3).start()
+    srv.register(0, "127.0.0.1:5555", LAYOUT)
+    client = BootstrapClient(LAYOUT, DisaggConfig(cluster_token="tok"), heartbeat=False, fetch_timeout=2)
+    dead: list[str] = []
+    client.add_dead_callback(lambda addr, eps, why: dead.append(why))
+    auth = {"Authorization": "Bearer tok"}
+    try:
+        status, body = _http("GET", srv.url + "/route?rank=0&epoch=1", headers=auth)
+        assert status == 409 and "stale epoch 1" in body["error"]
+        assert _http("GET", srv.url + "/route?rank=0&epoch=3", headers=auth)[1]["epoch"] == 3
+        assert _http("GET", srv.url + "/route?rank=0", headers=auth)[1]["epoch"] == 3
+        with pytest.raises(StaleEpoch, match="409"):
+            client.get_route("127.0.0.1", srv.port, epoch=1)
+        assert client.cached("127.0.0.1", srv.port) is None  # nothing learnt from a refused lookup
+        assert _poll(lambda: client.routes("127.0.0.1", srv.port, 7, epoch=3)) == [("127.0.0.1:5555", (0, 2))]
+        with pytest.raises(StaleEpoch, match="at epoch 3, the request names 2"):
+            client.routes("127.0.0.1", srv.port, 7, epoch=2)
+        srv.epoch = 5  # switched away and back: the cached epoch-3 route goes, the lookup asks again
+        assert client.get_route("127.0.0.1", srv.port, epoch=5).epoch == 5
+        assert dead == ["a new role epoch (3 -> 5)"]
+    finally:
+        client.close()
+        srv.close()

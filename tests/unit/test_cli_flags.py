@@ -23,7 +23,7 @@ SAMPLE = {  # a non-default value per EngineConfig field, as typed on the comman
     "decode_headroom": "0.25", "threads": "3", "max_top_logprobs": "5", "seed": "123",
     "tokenizer": "/some/tokenizer", "chat_template": "{{ messages }}", "log_stats_interval_s": "2.5",
     "tp_size": "2", "nnodes": "2", "node_rank": "1", "dist_init_addr": "10.0.0.1:5000",
-    "dp_size": "2", "load_balance_method": "shortest_queue",
+    "dp_size": "2", "ep_size": "2", "load_balance_method": "shortest_queue",
     "kv_events_config": '{"endpoint": "tcp://127.0.0.1:5557"}', "revision": "v1.0", "download_dir": "/some/hf-cache",
     "gpu_memory_utilization": "0.8",
 }
@@ -57,6 +57,12 @@ def test_named_aliases_exist() -> None:
                   "--max-num-batched-tokens", "--random-seed", "--mem-fraction-static", "--tokenizer",
                   "--chat-template"):
         assert alias in names
+
+
+def test_enable_expert_parallel_is_ep_over_the_tp_ranks() -> None:
+    cfg = engine_config_from_args(_serve(["--tp-size", "2", "--enable-expert-parallel"]))
+    assert cfg.parallel.ep_ranks == 2 == engine_config_from_args(_serve(["--tp-size", "2", "--ep-size", "2"])).ep_ranks
+    assert engine_config_from_args(_serve(["--tp-size", "2"])).parallel.ep_ranks == 1
 
 
 @pytest.mark.parametrize("alias", ["--disable-prefix-cache", "--disable-radix-cache", "--no-enable-prefix-caching"])
@@ -109,7 +115,8 @@ def test_help_and_version_import_no_torch() -> None:
         import contextlib, io, sys
         from pdserve.cli import main
         for argv in (["--help"], ["serve", "--help"], ["router", "--help"], ["launch", "--help"],
-                     ["bench", "--help"], ["generate", "--help"], ["convert", "--help"], ["--version"]):
+                     ["bench", "--help"], ["generate", "--help"], ["convert", "--help"], ["planner", "--help"],
+                     ["profile", "--help"], ["--version"]):
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 try:
@@ -162,6 +169,8 @@ def test_taken_port_exits_2_with_one_line() -> None:
       "--disable-radix-cache"], "needs the radix cache"),
     (["launch", "--model", "/no/such/model"], "does not exist"),
     (["router", "--prefill", "http://127.0.0.1:1"], "--pd-disaggregation"),
+    (["router", "--discovery", "http://127.0.0.1:2379"], "etcd://HOST:PORT"),
+    (["serve", "--discovery", "etcd://127.0.0.1:2379", "--discovery-ttl", "1"], "TTL"),
 ])
 def test_bad_combinations_exit_2_with_one_line(argv: list[str], words: str) -> None:
     r = _run("-m", "pdserve", *argv)
@@ -204,3 +213,27 @@ def test_decode_radix_cache_flag_reaches_decode_servers_only(tmp_path: Path) -> 
     for argv in (["--mode", "unified", flag], [f"--server-args={flag}"]):
         with pytest.raises(ValueError, match=flag):
             preflight(build_parser().parse_args(["launch", *argv]))
+
+
+def test_launch_discovery_wires_etcd_servers_and_router(tmp_path: Path) -> None:
+    """`launch --discovery`: a local etcd child first, every server registers in it (decodes get a
+    bootstrap port for a later switch to prefill), the router follows it instead of a worker list;
+    `--discovery URL` uses that etcd; without it the shape is fixed as before."""
+    from pdserve.launch.cluster import Cluster
+
+    local = Cluster(build_parser().parse_args(["launch", "--discovery", "--decode", "2"]), tmp_path)
+    assert local.etcd is not None and local.children[0] is local.etcd and local.discovery is not None
+    assert local.discovery.startswith("etcd://127.0.0.1:") and "--data-dir" in local.etcd.cmd
+    for s in local.servers:
+        assert s.cmd[s.cmd.index("--discovery") + 1] == local.discovery
+        assert "--disaggregation-bootstrap-port" in s.cmd
+    assert local.router is not None
+    rcmd = local.router.cmd
+    assert rcmd[rcmd.index("--discovery") + 1] == local.discovery and "--prefill" not in rcmd and "--decode" not in rcmd
+    given = Cluster(build_parser().parse_args(["launch", "--discovery", "etcd://10.0.0.5:2379/team"]), tmp_path)
+    assert given.etcd is None and given.discovery == "etcd://10.0.0.5:2379/team"
+    fixed = Cluster(build_parser().parse_args(["launch"]), tmp_path)
+    assert fixed.etcd is None and "--discovery" not in fixed.router.cmd and "--prefill" in fixed.router.cmd  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="--discovery"):
+        from pdserve.launch.config import config_from_args
+        config_from_args(build_parser().parse_args(["launch", "--discovery", "http://nope"]))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from pdserve.contract import (BODY_FIELDS, BOOTSTRAP_KEYS, FAILURE_POLICY, RESUME_IDS, STREAM_IDS, ServerInfo,
-                              decode_server_info, encode_server_info, per_sequence, prefill_dp_rank, resolve_api_key,
-                              sequence_count)
-from pdserve.router.pd import batch_size, inject_bootstrap
+from pdserve.contract import (BODY_FIELDS, BOOTSTRAP_EPOCH, BOOTSTRAP_KEYS, DRAINING, EPOCH, FAILURE_POLICY,
+                              RESUME_IDS, STALE_EPOCH, STREAM_IDS, ServerInfo, decode_server_info, encode_server_info,
+                              error_code_is, per_sequence, prefill_dp_rank, resolve_api_key, sequence_count)
+from pdserve.router.pd import batch_size, inject_bootstrap, with_epoch
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
 
@@ -25,7 +25,7 @@ def test_a_body_the_router_writes_is_one_the_server_pairs() -> None:
     """The router's room lists have one entry per sequence (prompts x n); the server reads them back."""
 
     class Prefill:
-        bootstrap_host, bootstrap_port = "10.0.0.7", 8998
+        bootstrap_host, bootstrap_port, epoch = "10.0.0.7", 8998, None
 
     body = {"prompt": ["a", "b"], "n": 3}
     count = batch_size(body)
@@ -35,6 +35,31 @@ def test_a_body_the_router_writes_is_one_the_server_pairs() -> None:
     assert parsed.pdserve_stream_ids is True and len(parsed.bootstrap_room) == 6
     assert per_sequence(parsed.bootstrap_room, 2, 3) == wire["bootstrap_room"]
     assert batch_size({"prompt": "a"}) is None  # scalar fields for one sequence
+
+
+def test_each_leg_names_its_worker_epoch_and_both_the_prefill_one() -> None:
+    """A PD body names the prefill's role epoch (the decode's route lookup carries it) and each leg its
+    own worker's; a client's own EPOCH field never reaches a worker; unknown epochs add nothing."""
+
+    class Worker:
+        def __init__(self, epoch: int | None) -> None:
+            self.bootstrap_host, self.bootstrap_port, self.epoch = "10.0.0.7", 8998, epoch
+
+    prefill, decode = Worker(3), Worker(5)
+    shared = inject_bootstrap({"prompt": "a", EPOCH: 99}, prefill, None)  # type: ignore[arg-type]
+    p_leg = CompletionRequest.model_validate(msgspec.json.decode(with_epoch(shared, prefill)))  # type: ignore[arg-type]
+    d_leg = CompletionRequest.model_validate(msgspec.json.decode(with_epoch(shared, decode)))  # type: ignore[arg-type]
+    assert (getattr(p_leg, EPOCH), getattr(p_leg, BOOTSTRAP_EPOCH)) == (3, 3)
+    assert (getattr(d_leg, EPOCH), getattr(d_leg, BOOTSTRAP_EPOCH)) == (5, 3)
+    unknown = inject_bootstrap({"prompt": "a"}, Worker(None), None)  # type: ignore[arg-type]
+    assert with_epoch(unknown, Worker(None)) == unknown  # type: ignore[arg-type]
+    assert EPOCH not in msgspec.json.decode(unknown) and BOOTSTRAP_EPOCH not in msgspec.json.decode(unknown)
+
+
+def test_error_codes_are_found_in_either_json_spelling() -> None:
+    body = msgspec.json.encode({"error": {"message": "m", "code": STALE_EPOCH}})
+    assert error_code_is(body, STALE_EPOCH) and not error_code_is(body, DRAINING)
+    assert error_code_is(b'{"error": {"code": "draining"}}', DRAINING)
 
 
 def test_per_sequence_pairs_scalars_prompt_lists_and_sequence_lists() -> None:
@@ -47,7 +72,7 @@ def test_per_sequence_pairs_scalars_prompt_lists_and_sequence_lists() -> None:
 
 def test_server_info_round_trip_and_foreign_workers() -> None:
     info = ServerInfo(disaggregation_mode="decode", disaggregation_failure_policy="recompute",
-                      kv_events_endpoint="tcp://127.0.0.1:5557", dp_size=2)
+                      kv_events_endpoint="tcp://127.0.0.1:5557", dp_size=2, epoch=4, draining=True)
     body = msgspec.json.encode(encode_server_info(info, {"engine_pid": 7, "uptime_s": 1.5}))
     assert FAILURE_POLICY in msgspec.json.decode(body)
     back = decode_server_info(body)

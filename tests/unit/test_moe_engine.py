@@ -12,30 +12,16 @@ import pytest
 import torch
 
 from pdserve import LLM, SamplingParams
-from pdserve.disagg import DisaggConfig, KVLayout
+from pdserve.disagg import KVLayout
 from pdserve.engine.kv_cache import KVPool, LatentPool
-from pdserve.engine.pd.build import build_stage
 from pdserve.model import moe as moe_mod
 from pdserve.model.config import ModelConfig
 from pdserve.model.moe import Experts, LocalExperts, Router
 from pdserve.model.moe_config import moe_from_dict
-from pdserve.model.tp import TPShard
 from tests.hf_reference import hf_greedy_rows
-from tests.tiny_moe import ARCHS, build_tiny_moe, tiny_moe_config
+from tests.tiny_moe import ARCHS, tiny_moe_config
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory: pytest.TempPathFactory, bundled_model_dir: Path):
-    built: dict[str, Path] = {}
-
-    def get(arch: str) -> Path:
-        if arch not in built:
-            built[arch] = build_tiny_moe(tmp_path_factory.mktemp(arch), bundled_model_dir, arch)
-        return built[arch]
-
-    return get
 
 
 def prompts(n: int, lo: int, hi: int, seed: int, prefix: list[int] | None = None) -> list[list[int]]:
@@ -179,14 +165,11 @@ def test_sparse_layers_follow_each_family() -> None:
         moe_from_dict("DeepseekV3ForCausalLM", {**base, "n_routed_experts": 8, "n_group": 3, "topk_group": 1})
 
 
-def test_parallel_and_pd_are_refused_for_now(moe_dir) -> None:
+def test_a_latent_pool_moves_as_one_head(moe_dir) -> None:
     cfg = ModelConfig.from_folder(moe_dir("deepseek_v3"))
-    with pytest.raises(ValueError, match="not supported for it yet"):
-        TPShard(0, 2).local_config(cfg)
-    with pytest.raises(ValueError, match="not supported for it yet"):
-        TPShard(1, 2, dp_attention=True).local_config(cfg)
     pool = LatentPool(cfg, 4, 4, torch.device("cpu"), torch.float32)
-    layout = KVLayout.for_pool("tiny", pool.tensors[0], 4)
+    layout = KVLayout.for_pool("tiny", pool.tensors[0], 4, tensors=len(pool.tensors))
     assert (layout.kv_heads, layout.head_dim, layout.span_bytes) == (1, 40, 4 * 40 * 4)  # one "head": the latent
-    with pytest.raises(ValueError, match="latent"):
-        build_stage(DisaggConfig(mode="prefill"), layout, pool, None, None, None, 64)  # type: ignore[arg-type]
+    assert layout.page_bytes == 3 * 4 * 40 * 4 == pool.page_bytes()  # K only: no V
+    with pytest.raises(ValueError, match="2 pool tensors, the pool 1"):
+        KVLayout.for_pool("tiny", pool.tensors[0], 4).check_pool(pool.tensors[0], None)

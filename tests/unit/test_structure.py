@@ -5,6 +5,8 @@ through a chain), and no product file outgrows 400 lines.
     disagg ──▶ (never engine/server/router)      engine ──▶ disagg
     model  ──▶ (nothing else of pdserve)
     kv_events ◀── engine, server, router  (the KV-event wire format; imports only msgspec/stdlib)
+    discovery ◀── server, router          (etcd registration and watch; no torch, no engine)
+    planner   ──▶ (no torch, engine, server, model, disagg: it reads metrics and decides)
 
 Every import counts, also lazy ones inside functions and those under TYPE_CHECKING: a reader
 follows them all.
@@ -25,6 +27,10 @@ FORBIDDEN = {  # folder → import prefixes its modules must not use
     "model": ("pdserve.engine", "pdserve.server", "pdserve.router", "pdserve.disagg", "pdserve.bench",
               "pdserve.launch", "pdserve.cli"),
     "parallel": ("pdserve.engine", "pdserve.server", "pdserve.router", "pdserve.disagg", "pdserve.model"),
+    # bottom: router and server both import it (etcd3gw, stdlib, contract)
+    "discovery": ("torch", "pdserve.engine", "pdserve.server", "pdserve.router", "pdserve.model", "pdserve.disagg",
+                  "pdserve.launch", "pdserve.planner"),
+    "planner": ("torch", "pdserve.engine", "pdserve.server", "pdserve.model", "pdserve.disagg"),
 }
 KV_EVENTS_ALLOWED = ("msgspec", "pdserve.kv_events", "__future__", "hashlib", "json", "struct", "dataclasses",
                      "typing")

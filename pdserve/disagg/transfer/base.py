@@ -4,6 +4,7 @@ Lifecycle, per rank and per room:
 
     prefill rank                                      decode rank
     mgr = create_manager(backend, "prefill", k, v..)  mgr = create_manager(backend, "decode", k, v..)
+                                        (v None: a pool of one tensor, an MLA latent; layout.tensors 1)
     bootstrap.register(rank, mgr.endpoint, layout)    route = client.get_route(host, port, rank)
                                                       mgr.watch(client)   # heartbeat -> peer_dead
     s = mgr.sender(room)          Bootstrapping       r = mgr.receiver(room, route.endpoint)
@@ -153,7 +154,7 @@ class TransferManager(ABC):
 
     endpoint: str  # what the peer needs; the prefill publishes it through the bootstrap server
 
-    def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor, page_size: int, layout: KVLayout,
+    def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor | None, page_size: int, layout: KVLayout,
                  config: DisaggConfig, host: str = "127.0.0.1") -> None:
         if role not in ROLES:
             raise ValueError(f"transfer role must be one of {ROLES}, got {role!r}")
@@ -162,7 +163,8 @@ class TransferManager(ABC):
         layout.check_pool(k, v)
         self.role = role
         self.k = k
-        self.v = v
+        self.v = v  # None: a one-tensor pool (an MLA latent: layout.tensors == 1)
+        self.tensors = (k,) if v is None else (k, v)
         self.page_size = page_size
         self.num_pages = k.shape[1] // page_size
         self.layout = layout
@@ -199,8 +201,9 @@ class TransferManager(ABC):
         self.close()
 
 
-def create_manager(backend: str, role: str, k: torch.Tensor, v: torch.Tensor, page_size: int, layout: KVLayout,
-                   config: DisaggConfig, host: str = "127.0.0.1", **kwargs: object) -> TransferManager:
+def create_manager(backend: str, role: str, k: torch.Tensor, v: torch.Tensor | None, page_size: int,
+                   layout: KVLayout, config: DisaggConfig, host: str = "127.0.0.1",
+                   **kwargs: object) -> TransferManager:
     """Build the backend's manager; a missing optional backend raises BackendUnavailable (one line)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown transfer backend {backend!r}; choose one of {sorted(BACKENDS)}")

@@ -8,6 +8,7 @@ decode:  manager (receiver side; for shm its pool lives in shared memory) + Boot
          with decode_enable_radix_cache its stage matches prompts against the engine's prefix cache
 The transfer itself is `pdserve.disagg`'s (open_rooms, publish_routes, BootstrapClient): with tensor
 parallelism rank 0's rooms wait for the other ranks' agents and span each room over every rank.
+An MLA model's latent pool moves as any pool (one tensor, one "head"; the layout says so).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pdserve.disagg import (
     publish_routes,
     shared_kv_pool,
 )
-from pdserve.engine.kv_cache import KVPool, Pool
+from pdserve.engine.kv_cache import Pool
 from pdserve.engine.kv_manager import KVManager
 from pdserve.engine.pd.decode import DecodeStage
 from pdserve.engine.pd.prefill import PrefillStage
@@ -34,10 +35,11 @@ from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.stop import StopChecker
 
 
-def pool_tensors(disagg: DisaggConfig | None, shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The KV pool's memory for the PD mode: shared memory for a shm decode, else None (its own)."""
-    return shared_kv_pool(disagg, shape, dtype, device)
+def pool_tensors(disagg: DisaggConfig | None, shape: tuple[tuple[int, ...], int], dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, ...] | None:
+    """The KV pool's memory for the PD mode (`shape`: kv_cache.pool_shape's, the tensors' shape and
+    count): shared memory for a shm decode, else None (its own)."""
+    return shared_kv_pool(disagg, shape[0], dtype, device, shape[1])
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,7 @@ def build_stage(disagg: DisaggConfig | None, layout: KVLayout, pool: Pool, sched
                 dp: DPPlace = DPPlace()) -> Stage:
     if disagg is None or disagg.mode == "null":
         return NullStage(scheduler)
-    if not isinstance(pool, KVPool):
-        raise ValueError("PD disaggregation of a latent (MLA) KV cache is not supported yet: serve this model "
-                         "with --disaggregation-mode null")
-    rooms = open_rooms(disagg, layout, pool.k, pool.v, pool.page_size, peers)
+    rooms = open_rooms(disagg, layout, pool.tensors, pool.page_size, peers)  # a latent pool: one tensor
     if disagg.mode == "prefill":
         try:
             server = publish_routes(disagg, rooms.ranks, dp.rank, dp.size)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import time
 
-from pdserve.disagg import BootstrapClient, KVPoll, MetadataRecord, ServerRooms
+from pdserve.disagg import BootstrapClient, KVPoll, MetadataRecord, ServerRooms, StaleEpoch
 from pdserve.engine.accept import accept_token
 from pdserve.engine.batch import Chunk
 from pdserve.engine.kv_cache import pages_needed
@@ -121,10 +121,10 @@ class DecodeStage:
                 self._unlock(req)
                 break
             try:  # non-blocking: the first contact with a prefill is fetched in the background
-                routes = self.client.routes(t.boot.host, t.boot.port, t.boot.room)
-            except Exception as e:  # unreachable prefill or layout mismatch: recompute, or a clean error
-                self.prealloc.remove(req)
-                self._failed(req, f"cannot use the prefill server: {e}", out)
+                routes = self.client.routes(t.boot.host, t.boot.port, t.boot.room, t.boot.epoch)
+            except Exception as e:  # unreachable prefill, layout mismatch or another role epoch: recompute,
+                self.prealloc.remove(req)  # or a clean error (409 for the epoch: the router tries another pair)
+                self._failed(req, f"cannot use the prefill server: {e}", out, 409 if isinstance(e, StaleEpoch) else 503)
                 continue
             if routes is None:
                 self._unlock(req)
@@ -190,10 +190,10 @@ class DecodeStage:
         if not accept_token(req, rec.first_token, rec.logprob, top, self.stops):
             self.scheduler.resume(req)
 
-    def _failed(self, req: Request, error: str, out: StagePoll) -> None:
+    def _failed(self, req: Request, error: str, out: StagePoll, status: int = 503) -> None:
         """A transfer that failed for good (the receiver is terminal: no write can land)."""
         if not self.recompute:
-            out.finished.append(self._fail(req, error))
+            out.finished.append(self._fail(req, error, status))
             return
         room = _transfer(req).boot.room
         log.warning("request %s (room %d): %s; recomputing the prompt locally", req.rid, room, error)

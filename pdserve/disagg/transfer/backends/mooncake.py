@@ -136,7 +136,7 @@ class MooncakeTransferManager(SessionTransferManager):
     backend_name = "mooncake"
     one_sided = True
 
-    def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor, page_size: int, layout: KVLayout,
+    def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor | None, page_size: int, layout: KVLayout,
                  config: DisaggConfig, host: str = "127.0.0.1", **kwargs: Any) -> None:
         if k.device.type == "cuda" and not getattr(_mc_engine, "SUPPORT_CUDA", False):
             raise ValueError(f"this mooncake build has no CUDA support and the KV pool is on {k.device}: "
@@ -144,7 +144,7 @@ class MooncakeTransferManager(SessionTransferManager):
         if k.device.type not in ("cpu", "cuda"):
             raise ValueError(f"the mooncake backend moves host or CUDA memory; the KV pool is on {k.device}")
         self._local = pool_region(k, v)  # (the base class checks the layout)
-        ranges = {(t.data_ptr(), t.numel() * t.element_size()) for t in (k, v)}
+        ranges = {(t.data_ptr(), t.numel() * t.element_size()) for t in (k, v) if t is not None}
         self._ranges = sorted(ranges)
         protocol, device = engine_protocol(config)
         self._spec = EngineSpec(advertised_host(host), config.mooncake_metadata, protocol, device)

@@ -159,7 +159,7 @@ class NixlTransferManager(SessionTransferManager):
     backend_name = "nixl"
     one_sided = True
 
-    def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor, page_size: int, layout: KVLayout,
+    def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor | None, page_size: int, layout: KVLayout,
                  config: DisaggConfig, host: str = "127.0.0.1", **kwargs: Any) -> None:
         self._local = pool_region(k, v)  # raises unless K and V are contiguous
         self._closing = threading.Event()
@@ -178,7 +178,7 @@ class NixlTransferManager(SessionTransferManager):
             if config.nixl_backend not in self._agent.backends:
                 raise RuntimeError(f"NIXL backend plugin {config.nixl_backend!r} is not available "
                                    f"(plugins: {', '.join(self._agent.get_plugin_list())})")
-            self._reg = self._agent.register_memory([k, v])
+            self._reg = self._agent.register_memory([t for t in (k, v) if t is not None])
         except Exception:
             self.close()
             raise

@@ -4,7 +4,8 @@ Lifecycle: a manager wraps its pool once (`PoolBytes(k, v, page_size)`); per sen
 (src_pages, dst_pages) into runs, plans frames/copies over (runs x layer groups), and maps each
 (layer, K|V, run) to a byte span of the pool.
 
-Pool memory (one tensor each for K and V, contiguous):
+Pool memory (one tensor each for K and V, contiguous; an MLA latent pool is K alone, v None:
+every "K|V" below is then K only, and a frame carries half the spans):
 
     k: [num_layers, num_slots = num_pages * page_size, kv_heads, head_dim]
 
@@ -73,18 +74,20 @@ class FramePlan:
 
 
 def plan_frames(runs: list[Run], num_layers: int, span_bytes: int,
-                max_iov: int = MAX_IOV, max_bytes: int = MAX_FRAME_BYTES) -> list[FramePlan]:
+                max_iov: int = MAX_IOV, max_bytes: int = MAX_FRAME_BYTES, tensors: int = 2) -> list[FramePlan]:
     """Cut runs x layers into frames of at most `max_iov` spans and about `max_bytes` bytes
-    (a single layer of a single run may exceed max_bytes; it is never split)."""
+    (a single layer of a single run may exceed max_bytes; it is never split); `tensors` per layer."""
     plans: list[FramePlan] = []
+    n = tensors
     a = 0
     while a < len(runs):
         b, pages = a, 0
-        while b < len(runs) and 2 * (b - a + 1) <= max_iov and (b == a or 2 * (pages + runs[b][2]) * span_bytes <= max_bytes):
+        while b < len(runs) and n * (b - a + 1) <= max_iov and \
+                (b == a or n * (pages + runs[b][2]) * span_bytes <= max_bytes):
             pages += runs[b][2]
             b += 1
-        per_layer = 2 * pages * span_bytes
-        layers = max(1, min(num_layers, max_iov // (2 * (b - a)), max_bytes // max(per_layer, 1)))
+        per_layer = n * pages * span_bytes
+        layers = max(1, min(num_layers, max_iov // (n * (b - a)), max_bytes // max(per_layer, 1)))
         for l0 in range(0, num_layers, layers):
             l1 = min(num_layers, l0 + layers)
             plans.append(FramePlan(a, b, l0, l1, (l1 - l0) * per_layer))
@@ -139,12 +142,13 @@ def copy_head_runs(dst: np.ndarray, src: np.ndarray, runs: list[Run], page_size:
 
 
 class PoolBytes:
-    """Byte views of a CPU KV pool (k, v): numpy rows, and flat memoryviews for socket I/O."""
+    """Byte views of a CPU KV pool (k, v; v None: K alone), numpy rows and flat memoryviews for
+    socket I/O, one per tensor (`rows`, `bytes`, `head_views`: K's, then V's)."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, page_size: int) -> None:
-        self.k_rows, self.v_rows = byte_rows(k), byte_rows(v)
-        self.k_bytes = memoryview(self.k_rows.reshape(-1))
-        self.v_bytes = memoryview(self.v_rows.reshape(-1))
+    def __init__(self, k: torch.Tensor, v: torch.Tensor | None, page_size: int) -> None:
+        tensors = (k,) if v is None else (k, v)
+        self.rows = [byte_rows(t) for t in tensors]
+        self.bytes = [memoryview(r.reshape(-1)) for r in self.rows]
         self.num_layers = k.shape[0]
         self.num_pages = k.shape[1] // page_size
         self.page_size = page_size
@@ -152,8 +156,11 @@ class PoolBytes:
         self.head_bytes = k.shape[3] * k.element_size()
         self.span = page_size * k.shape[2] * k.shape[3] * k.element_size()
         self.layer_bytes = self.num_pages * self.span
-        self.k_heads = head_view(self.k_rows, self.heads, self.head_bytes)
-        self.v_heads = head_view(self.v_rows, self.heads, self.head_bytes)
+        self.head_views = [head_view(r, self.heads, self.head_bytes) for r in self.rows]
+
+    @property
+    def tensors(self) -> int:
+        return len(self.rows)
 
     def slice_span(self, heads: HeadSlice) -> int:
         """Wire bytes of one page of one layer of K (or V) of a head slice."""
@@ -163,7 +170,8 @@ class PoolBytes:
         """A contiguous buffer for a head-sliced frame, in wire order:
         [layers, K|V, slots of runs[a:b] in order, count, head_bytes]."""
         slots = sum(r[2] for r in runs[plan.run_start:plan.run_end]) * self.page_size
-        return np.empty((plan.layer_end - plan.layer_start, 2, slots, heads.count, self.head_bytes), np.uint8)
+        shape = (plan.layer_end - plan.layer_start, self.tensors, slots, heads.count, self.head_bytes)
+        return np.empty(shape, np.uint8)
 
     def gather_heads(self, runs: list[Run], plan: FramePlan, heads: HeadSlice) -> np.ndarray:
         """The frame's head slices of the source pages, contiguous in wire order (staging shape):
@@ -171,7 +179,7 @@ class PoolBytes:
         out = self.staging(runs, plan, heads)
         idx = slot_index(runs[plan.run_start:plan.run_end], 0, self.page_size)
         layers, start = slice(plan.layer_start, plan.layer_end), heads.src_start
-        for kv, pool in enumerate((self.k_heads, self.v_heads)):
+        for kv, pool in enumerate(self.head_views):
             out[:, kv] = pool[layers, idx, start:start + heads.count]
         return out
 
@@ -179,14 +187,14 @@ class PoolBytes:
         """Inverse of gather_heads into the destination pages."""
         idx = slot_index(runs[plan.run_start:plan.run_end], 1, self.page_size)
         layers, start = slice(plan.layer_start, plan.layer_end), heads.dst_start
-        for kv, pool in enumerate((self.k_heads, self.v_heads)):
+        for kv, pool in enumerate(self.head_views):
             pool[layers, idx, start:start + heads.count] = staged[:, kv]
 
     def spans(self, runs: list[Run], plan: FramePlan, side: int) -> Iterator[memoryview]:
         """The frame's byte spans in wire order; side 0 = source pages, 1 = destination pages."""
         for layer in range(plan.layer_start, plan.layer_end):
             base = layer * self.layer_bytes
-            for buf in (self.k_bytes, self.v_bytes):
+            for buf in self.bytes:
                 for run in runs[plan.run_start:plan.run_end]:
                     start = base + run[side] * self.span
                     yield buf[start:start + run[2] * self.span]

@@ -12,7 +12,7 @@ Addresses (see pages.py for the page layout; both pools are [layers, slots, head
 
 Segments are listed layer-major; neighbours contiguous on BOTH sides merge, so a run that
 covers whole layers of two equal pools is one segment for all layers. K and V never merge:
-engines register them as separate buffers.
+engines register them as separate buffers. A latent pool (MLA) is K alone: v_base 0.
 
 A head-sliced room (tp/links.py) moves per (layer, slot) one range of count * head_bytes bytes:
 
@@ -33,12 +33,12 @@ from pdserve.disagg.messages import HeadSlice, PoolRegion
 from pdserve.disagg.transfer.backends.pages import Run
 
 
-def pool_region(k: torch.Tensor, v: torch.Tensor) -> PoolRegion:
-    """Where a contiguous [layers, slots, heads, head_dim] K/V pool lives in this process."""
+def pool_region(k: torch.Tensor, v: torch.Tensor | None) -> PoolRegion:
+    """Where a contiguous [layers, slots, heads, head_dim] K/V pool (v None: K alone) lives in this process."""
     for name, t in (("k", k), ("v", v)):
-        if not t.is_contiguous():
+        if t is not None and not t.is_contiguous():
             raise ValueError(f"the KV pool tensor {name} must be contiguous")
-    return PoolRegion(k_base=k.data_ptr(), v_base=v.data_ptr(), num_slots=k.shape[1],
+    return PoolRegion(k_base=k.data_ptr(), v_base=0 if v is None else v.data_ptr(), num_slots=k.shape[1],
                       slot_bytes=k.shape[2] * k.shape[3] * k.element_size(), head_bytes=k.shape[3] * k.element_size())
 
 
@@ -50,8 +50,10 @@ def check_region(region: PoolRegion, local: PoolRegion, page_size: int) -> int:
                          f"{region.slot_bytes} B do not match the prefill's {local.head_bytes or local.slot_bytes} B heads")
     if region.num_slots <= 0 or region.num_slots % page_size:
         raise ValueError(f"decode pool has {region.num_slots} slots, not a positive multiple of {page_size}")
-    if not region.k_base or not region.v_base:
+    if not region.k_base:
         raise ValueError("decode pool has a null base address")
+    if (region.v_base == 0) != (local.v_base == 0):
+        raise ValueError("decode pool and prefill pool differ in their tensors (K and V, or a latent alone)")
     return region.num_slots // page_size
 
 
@@ -98,12 +100,14 @@ def slice_segments(runs: list[Run], num_layers: int, page_size: int, src: PoolRe
 
 def kv_segments(runs: list[Run], num_layers: int, page_size: int, src: PoolRegion,
                 dst: PoolRegion, heads: HeadSlice | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Absolute (src address, dst address, length) of every segment: K's, then V's."""
+    """Absolute (src address, dst address, length) of every segment: K's, then V's (if any)."""
     if heads is not None:
         off_s, off_d, length = slice_segments(runs, num_layers, page_size, src, dst, heads)
     else:
         span = page_size * src.slot_bytes
         off_s, off_d, length = segments(runs, num_layers, span, src.num_slots * src.slot_bytes,
                                         dst.num_slots * dst.slot_bytes)
+    if not src.v_base:
+        return src.k_base + off_s, dst.k_base + off_d, length
     return (np.concatenate([src.k_base + off_s, src.v_base + off_s]),
             np.concatenate([dst.k_base + off_d, dst.v_base + off_d]), np.concatenate([length, length]))

@@ -36,8 +36,7 @@ from pdserve.disagg.transfer.sessions.wire import FrameSocket
 
 @dataclass(eq=False)
 class MappedPool:
-    k: np.ndarray | None  # decode's K as uint8 rows [num_layers, layer_bytes]
-    v: np.ndarray | None
+    rows: list[np.ndarray] | None  # decode's K (and V) as uint8 rows [num_layers, layer_bytes]; None: closed
     num_pages: int
     heads: int  # KV heads per slot of decode's pool
 
@@ -46,7 +45,7 @@ class ShmTransferManager(SessionTransferManager):
     backend_name = "shm"
     one_sided = True
 
-    def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor, page_size: int, layout: KVLayout,
+    def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor | None, page_size: int, layout: KVLayout,
                  config: DisaggConfig, host: str = "127.0.0.1", **kwargs: Any) -> None:
         if k.device.type != "cpu":
             raise ValueError(f"the shm backend moves host memory; the KV pool is on {k.device}")
@@ -71,12 +70,14 @@ class ShmTransferManager(SessionTransferManager):
             raise ValueError(f"decode pool has {region.num_slots} slots, not a multiple of {self.page_size}")
         L, _, H, D = self.k.shape
         H = region.heads or H
+        if (region.v_offset < 0) != (self.v is None):
+            raise ValueError("decode pool and prefill pool differ in their tensors (K and V, or a latent alone)")
         k, v = map_shared_pool(region.path, region.size, region.k_offset, region.v_offset,
                                (L, region.num_slots, H, D), self.k.dtype)
-        return MappedPool(byte_rows(k), byte_rows(v), region.num_slots // self.page_size, H)
+        return MappedPool([byte_rows(t) for t in (k, v) if t is not None], region.num_slots // self.page_size, H)
 
     def close_region(self, region: Any) -> None:
-        region.k = region.v = None  # the mapping goes with the last tensor view
+        region.rows = None  # the mapping goes with the last tensor view
 
     def write_pages(self, sock: FrameSocket, region: Any, room: int, runs: list[Run],
                     executor: ThreadPoolExecutor | None, heads: HeadSlice | None = None) -> int:
@@ -95,13 +96,12 @@ class ShmTransferManager(SessionTransferManager):
         return 0
 
     def _copy(self, dst: MappedPool, runs: list[Run], l0: int, l1: int, heads: HeadSlice | None) -> None:
-        dk, dv = dst.k, dst.v
-        if dk is None or dv is None:
+        rows = dst.rows
+        if rows is None:
             raise RuntimeError("decode session closed")
-        if heads is None:
-            copy_runs(dk, self.pool.k_rows, runs, self.pool.span, l0, l1)
-            copy_runs(dv, self.pool.v_rows, runs, self.pool.span, l0, l1)
-            return
         hb, ps = self.pool.head_bytes, self.page_size
-        copy_head_runs(head_view(dk, dst.heads, hb), self.pool.k_heads, runs, ps, heads, l0, l1)
-        copy_head_runs(head_view(dv, dst.heads, hb), self.pool.v_heads, runs, ps, heads, l0, l1)
+        for d, src_rows, src_heads in zip(rows, self.pool.rows, self.pool.head_views):
+            if heads is None:
+                copy_runs(d, src_rows, runs, self.pool.span, l0, l1)
+            else:
+                copy_head_runs(head_view(d, dst.heads, hb), src_heads, runs, ps, heads, l0, l1)

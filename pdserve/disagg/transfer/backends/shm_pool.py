@@ -11,7 +11,7 @@ Lifecycle:
 
 File layout (offsets 4 KiB-aligned):
     [0, k_bytes)                      K: [num_layers, num_slots, kv_heads, head_dim]
-    [v_offset, v_offset + k_bytes)    V: same shape
+    [v_offset, v_offset + k_bytes)    V: same shape (none in a latent pool: v_offset -1, v None)
 
 A killed decode cannot unlink its file: `allocate_shared_pool` first sweeps files named
 `pdserve-kv-<pid>-*` that we own and whose pid is gone.
@@ -41,7 +41,7 @@ _MADV_POPULATE_WRITE = 23  # Linux >= 5.14: prefault writable page tables, data 
 @dataclass(eq=False)
 class SharedKVPool:
     k: torch.Tensor
-    v: torch.Tensor
+    v: torch.Tensor | None  # None: a one-tensor (latent) pool
     path: str
     size: int
     k_offset: int
@@ -93,20 +93,21 @@ def _map(path: str, size: int, create: bool) -> mmap.mmap:
 
 
 def _tensors(mm: mmap.mmap, shape: tuple[int, ...], dtype: torch.dtype, k_offset: int,
-             v_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+             v_offset: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     numel = math.prod(shape)
     k = torch.frombuffer(mm, dtype=dtype, count=numel, offset=k_offset).view(shape)
-    v = torch.frombuffer(mm, dtype=dtype, count=numel, offset=v_offset).view(shape)
+    v = None if v_offset < 0 else torch.frombuffer(mm, dtype=dtype, count=numel, offset=v_offset).view(shape)
     return k, v
 
 
-def allocate_shared_pool(shape: tuple[int, ...], dtype: torch.dtype, directory: str = SHM_DIR) -> SharedKVPool:
-    """Zeroed K and V tensors of `shape` in one shared-memory file (decode side of shm)."""
+def allocate_shared_pool(shape: tuple[int, ...], dtype: torch.dtype, directory: str = SHM_DIR,
+                         tensors: int = 2) -> SharedKVPool:
+    """Zeroed K and V tensors (`tensors` 1: K alone) of `shape` in one shared-memory file (decode side of shm)."""
     sweep_stale_pools(directory)
     shape = tuple(int(s) for s in shape)
     k_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    v_offset = _aligned(k_bytes)
-    size = v_offset + _aligned(k_bytes)
+    v_offset = _aligned(k_bytes) if tensors == 2 else -1
+    size = _aligned(k_bytes) * tensors
     path = os.path.join(directory, f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
     try:
         mm = _map(path, size, create=True)
@@ -118,21 +119,23 @@ def allocate_shared_pool(shape: tuple[int, ...], dtype: torch.dtype, directory: 
     return pool
 
 
-def lookup_shared_pool(k: torch.Tensor, v: torch.Tensor) -> SharedKVPool | None:
+def lookup_shared_pool(k: torch.Tensor, v: torch.Tensor | None) -> SharedKVPool | None:
     """The live SharedKVPool whose tensors k and v are (views of the whole pool)."""
     pool = _POOLS.get(k.data_ptr())
-    if pool is None or pool.closed or pool.v.data_ptr() != v.data_ptr() or pool.k.shape != k.shape:
+    if pool is None or pool.closed or pool.k.shape != k.shape or (pool.v is None) != (v is None):
+        return None
+    if pool.v is not None and v is not None and pool.v.data_ptr() != v.data_ptr():
         return None
     return pool
 
 
 def map_shared_pool(path: str, size: int, k_offset: int, v_offset: int, shape: tuple[int, ...],
-                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Map another process's pool (prefill side); the tensors keep the mapping alive."""
     if not _NAME.match(os.path.basename(path)) or os.path.dirname(path) == "":
         raise ValueError(f"refusing to map {path!r}: not a pdserve shared KV pool")
     k_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if k_offset + k_bytes > size or v_offset + k_bytes > size:
+    if k_offset + k_bytes > size or v_offset + k_bytes > size or v_offset < -1:
         raise ValueError(f"pool of shape {shape} does not fit in {size} bytes at offsets {k_offset}/{v_offset}")
     mm = _map(path, size, create=False)
     threading.Thread(target=_prefault, args=(mm,), name="pd-shm-prefault", daemon=True).start()

@@ -33,17 +33,18 @@ class TcpTransferManager(SessionTransferManager):
     backend_name = "tcp"
     one_sided = False
 
-    def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor, page_size: int, layout: KVLayout,
+    def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor | None, page_size: int, layout: KVLayout,
                  config: DisaggConfig, host: str = "127.0.0.1", **kwargs: Any) -> None:
         self.pool = PoolBytes(k, v, page_size)  # zero-copy byte views of the pool, made once
         super().__init__(role, k, v, page_size, layout, config, host, **kwargs)
 
     def write_pages(self, sock: FrameSocket, region: Any, room: int, runs: list[Run],
                     executor: ThreadPoolExecutor | None, heads: HeadSlice | None = None) -> int:
+        n = self.pool.tensors
         if heads is None:
-            plans = plan_frames(runs, self.pool.num_layers, self.pool.span)
+            plans = plan_frames(runs, self.pool.num_layers, self.pool.span, tensors=n)
         else:  # gathered into one buffer per frame: no iovec limit, only the frame size
-            plans = plan_frames(runs, self.pool.num_layers, self.pool.slice_span(heads), max_iov=1 << 30)
+            plans = plan_frames(runs, self.pool.num_layers, self.pool.slice_span(heads), max_iov=1 << 30, tensors=n)
         for seq, plan in enumerate(plans):
             header = DataFrame(room=room, seq=seq, layer_start=plan.layer_start, layer_end=plan.layer_end,
                                runs=[(d, n) for _, d, n in runs[plan.run_start:plan.run_end]], nbytes=plan.nbytes)
@@ -92,7 +93,7 @@ class TcpTransferManager(SessionTransferManager):
                 return f"pages {d}..{d + n - 1} were not reserved for room {receiver.room}"
             pages += n
         span = self.pool.span if receiver.heads is None else self.pool.slice_span(receiver.heads)
-        expected = 2 * (frame.layer_end - frame.layer_start) * pages * span
+        expected = self.pool.tensors * (frame.layer_end - frame.layer_start) * pages * span
         if expected != frame.nbytes:
             return f"payload of {frame.nbytes} bytes, expected {expected}"
         return None

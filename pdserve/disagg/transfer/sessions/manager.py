@@ -66,7 +66,7 @@ class SessionTransferManager(TransferManager):
     backend_name = "peer"
     one_sided = False  # True: the prefill process writes into decode memory itself
 
-    def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor, page_size: int, layout: KVLayout,
+    def __init__(self, role: str, k: torch.Tensor, v: torch.Tensor | None, page_size: int, layout: KVLayout,
                  config: DisaggConfig, host: str = "127.0.0.1", *, port: int = 0,
                  advertise_host: str | None = None) -> None:
         super().__init__(role, k, v, page_size, layout, config, host)

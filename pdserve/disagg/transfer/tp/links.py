@@ -10,6 +10,13 @@ Every decode head comes from exactly one prefill rank; replicated heads (kv_head
 taken round-robin over the ranks holding them. A prefill rank whose heads no decode rank needs
 still gets a link of count 0 (it sends only Done), so every rank of both sides is in the room.
 
+An MLA latent pool is one "head" (KVLayout.tensors 1) that every TP rank holds whole: each
+decode rank takes every page from ONE prefill rank (round-robin), the others send none:
+
+    prefill tp 2, decode tp 1:  p0->d0 (0, 0, 1)   p1->d0 count 0 (Done only)
+    prefill tp 1, decode tp 2:  p0->d0, p0->d1     (each decode rank's pool needs every latent)
+    prefill tp 2, decode tp 2:  p0->d0, p1->d1
+
 Example: 4 KV heads, prefill tp 2, decode tp 4, then prefill tp 4, decode tp 1:
 
     global head         0     1     2     3            0     1     2     3
