@@ -177,3 +177,33 @@ def _ok(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_sglang_admin_routes_and_cors(worker: MockWorker) -> None:
+    """sglang-router's /add_worker, /list_workers, /remove_worker beside /workers; a CORS preflight
+    answered for an allowed origin, refused for another, and the origin echoed on answers."""
+    from pdserve.flags.cors import CorsConfig
+
+    cors = CorsConfig(allowed_origins=("http://ui.example",), allow_credentials=True)
+    cfg = RouterConfig(port=0, workers=(WorkerSpec(worker.url),), policy=PolicyConfig("round_robin"), health=HEALTH,
+                       cors=cors)
+    extra = MockWorker().start()
+    try:
+        with EmbeddedRouter(cfg) as r, httpx.Client(base_url=r.url, timeout=10) as c:
+            assert c.post("/add_worker", params={"url": extra.url}).status_code in (200, 201)
+            assert set(c.get("/list_workers").json()["urls"]) == {worker.url, extra.url}
+            assert {w["url"] for w in c.get("/workers").json()["workers"]} == {worker.url, extra.url}
+            assert c.post("/remove_worker", params={"url": extra.url}).status_code == 200
+            assert c.get("/list_workers").json()["urls"] == [worker.url]
+            asked = {"Origin": "http://ui.example", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "content-type"}
+            pre = c.options("/v1/chat/completions", headers=asked)
+            assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://ui.example"
+            assert "POST" in pre.headers["access-control-allow-methods"]
+            assert pre.headers["access-control-allow-credentials"] == "true"
+            assert c.options("/v1/chat/completions", headers={**asked, "Origin": "http://evil.example"}) \
+                .status_code == 400
+            answer = c.post("/v1/completions", json={"prompt": "x"}, headers={"Origin": "http://ui.example"})
+            assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "http://ui.example"
+    finally:
+        extra.kill()
