@@ -11,12 +11,20 @@ GEMMs' achieved GFLOP/s against the machine's matmul rate measured in the same r
 Caveat, measured: at large decode batches (64 x 288) the profiled step allocates differently
 and its index_select self time exceeds the unprofiled step's wall time; read the op shares of
 small batches from here, and time large ones without the profiler.
+
+Issue 29, `--ab` (no profiler): a decode step at each of `--ab-batches` (default 1 and 64) x
+`--context` tokens for each variant, all in this one process and interleaved (A, B, C, A, ...):
+    gather      fp32 weights, decode attention gathers the pages for SDPA (--attention-backend torch_native)
+    kernel      fp32 weights, decode attention reads the pages in place (the C++ op, the default)
+    fp16        --quantization fp16 weights, kernel attention (a second engine)
+medians of `--rounds` rounds and their ratio to "gather". Check `uptime` first.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -38,7 +46,7 @@ from pdserve.engine.sampling_params import SamplingParams  # noqa: E402
 
 CLASSES = [  # (class, substrings of aten op names), first match wins
     ("gemm", ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm", "mkldnn::_linear")),
-    ("attention", ("scaled_dot_product", "_flash_attention", "aten::_scaled")),
+    ("attention", ("scaled_dot_product", "_flash_attention", "aten::_scaled", "pdserve::paged_decode")),
     ("kv gather/write", ("index_select", "index_copy", "index_put")),
     ("norm", ("rms_norm", "aten::rsqrt", "aten::pow", "aten::mean")),
     ("elementwise", ("aten::add", "aten::mul", "aten::silu", "aten::cat", "aten::neg", "aten::sub")),
@@ -82,7 +90,7 @@ def profile_step(llm: LLM, batch: ScheduleBatch, steps: int) -> tuple[float, dic
             runner.forward(batch)
     by_class: dict[str, float] = defaultdict(float)
     for avg in prof.key_averages():  # self time: each microsecond in exactly one op
-        if avg.key.startswith(("aten::", "mkldnn::")):
+        if avg.key.startswith(("aten::", "mkldnn::", "pdserve::")):
             by_class[classify(avg.key)] += avg.self_cpu_time_total / 1e3 / steps
     gemm_flops = 0.0
     for ev in prof.events():
@@ -114,6 +122,42 @@ def report(title: str, wall_ms: float, by_class: dict[str, float], gemm_flops: f
         print(f"GEMM: {gemm_flops / 1e9:.2f} GFLOP per step at {rate:.1f} GFLOP/s = {rate / peak:.0%} of matmul")
 
 
+def ab(args: argparse.Namespace) -> None:
+    """Interleaved A/B of a decode step: gather vs kernel attention (fp32), and fp16 weights."""
+    print(f"load average {os.getloadavg()[0]:.2f} before")
+    kw = dict(enable_prefix_cache=False, kv_cache_gb=args.kv_cache_gb, threads=args.threads)
+    with LLM(args.model, **kw) as llm, LLM(args.model, quantization="fp16", **kw) as q:
+        runner = llm.engine.runner
+        if not runner.in_place:
+            sys.exit("the C++ kernel did not load (see the log): nothing to compare")
+
+        def use(in_place: bool) -> None:
+            runner.in_place = in_place
+
+        variants = {"gather": (llm, lambda: use(False)), "kernel": (llm, lambda: use(True)),
+                    "fp16": (q, lambda: None)}
+        for rows in args.ab_batches:
+            batches = {id(e): make_batch(e, rows, args.context, 1) for e in (llm, q)}
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            for r in range(args.rounds + 1):
+                for name, (engine, prepare) in variants.items():
+                    prepare()
+                    t0 = time.perf_counter()
+                    engine.engine.runner.forward(batches[id(engine)])
+                    if r:  # round 0 warms up
+                        times[name].append((time.perf_counter() - t0) * 1e3)
+            base = statistics.median(times["gather"])
+            print(f"\n## decode step, batch {rows} at {args.context} tokens ({args.rounds} interleaved rounds)")
+            print("| variant | median ms | vs gather |")
+            print("|---|---|---|")
+            for name, ts in times.items():
+                print(f"| {name} | {statistics.median(ts):.1f} | {statistics.median(ts) / base:.2f}x |")
+            for engine in (llm, q):
+                engine.engine.kv.allocator.free([p for c in batches[id(engine)].chunks for p in c.req.pages])
+        use(True)
+    print(f"\nload average {os.getloadavg()[0]:.2f} after")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=1)
@@ -121,7 +165,15 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--model", default="default")
+    ap.add_argument("--ab", action="store_true", help="issue 29's interleaved A/B of a decode step (no profiler)")
+    ap.add_argument("--ab-batches", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--kv-cache-gb", type=float, default=1.5, help="--ab: each engine's KV pool")
+    ap.add_argument("--threads", type=int, default=None, help="--ab: torch threads (default: every core)")
     args = ap.parse_args()
+    if args.ab:
+        ab(args)
+        return
     torch.manual_seed(0)
     peak = matmul_flops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, matmul {peak:.1f} GFLOP/s")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pdserve.engine.config import DTYPE_CHOICES, EngineConfig
+from pdserve.engine.config import ATTENTION_BACKENDS, DTYPE_CHOICES, QUANTIZATIONS, EngineConfig
 from pdserve.flags.argtypes import device, fraction, non_negative_float, non_negative_int, positive_float, \
     positive_int
 from pdserve.flags.table import Flag, add_flags, flag_values, with_values
@@ -27,6 +27,12 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
     Flag(("--dtype",), "dtype", str, "compute dtype; auto: the model's on CUDA (a float32 model: bfloat16, "
          "else float16), float32 on CPU; half = float16", DTYPE_CHOICES),
     Flag(("--page-size", "--block-size"), "page_size", positive_int, "tokens per KV page"),
+    Flag(("--quantization",), "quantization", str,
+         "weight-only quantization of the GEMM weights (CPU, float32 compute): fp16 halves the bytes a decode "
+         "step reads (fbgemm)", QUANTIZATIONS),
+    Flag(("--attention-backend",), "attention_backend", str,
+         "decode attention: cpp reads the KV pages in place (C++ kernel, built once and cached), torch_native "
+         "gathers them for SDPA, auto = cpp where it builds (CPU, float32)", ATTENTION_BACKENDS),
     Flag(("--kv-cache-gb",), "kv_cache_gb", positive_float, "KV pool size in GiB",
          shown="1 on CPU; on CUDA the pool is sized by --gpu-memory-utilization 0.9"),
     Flag(("--num-pages", "--num-gpu-blocks-override"), "num_pages", positive_int,

@@ -125,7 +125,7 @@ def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> Eng
     t0 = time.perf_counter()
     rope_len = min(wanted_len, (num_pages - 1) * ps) if num_pages else wanted_len
     model = load_model(model_path, device, dtype, rope_len + 1, shard, comm, config.cpu_prepack,
-                       expert_comm(shard, dp_group))
+                       expert_comm(shard, dp_group), config.quantization)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     load_weights_s = time.perf_counter() - t0
     log.info("weights loaded in %.1f s (%.2f GB)", load_weights_s, weights / 2**30)
@@ -155,7 +155,8 @@ def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> Eng
     return EngineParts(
         config=config, device=device, model_path=model_path, model_config=cfg, tokenizer_path=tokenizer_path,
         tokenizer=tokenizer, model=model, load_weights_s=load_weights_s, max_model_len=max_model_len, pool=pool,
-        kv=kv, scheduler=scheduler, stats=stats, ranks=ranks, dp=dp, runner=ModelRunner(model, pool, device, publish),
+        kv=kv, scheduler=scheduler, stats=stats, ranks=ranks, dp=dp,
+        runner=ModelRunner(model, pool, device, publish, config.attention_backend),
         sampler=Sampler(cfg.vocab_size, device), eos_ids=eos_ids, stops=stops,
         grammars=Grammars(tokenizer.hf, cfg.vocab_size, eos_ids), speculator=NoSpeculation(), stage=stage,
         disagg=disagg, make_stage=make_stage)

@@ -22,6 +22,8 @@ def default_threads() -> int:
 # the names model.loader.DTYPES accepts (kept here as strings so the CLI needs no torch), and
 # "auto" (engine/memory.py: the model's dtype on CUDA, float32 on CPU) and vLLM's half / float
 DTYPE_CHOICES = ("auto", "float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "half")
+ATTENTION_BACKENDS = ("auto", "cpp", "torch_native")  # engine/attention.py's decode_in_place
+QUANTIZATIONS = ("fp16",)  # weight-only, model/linear.py (int8/int4: no CPU kernel that pays, see there)
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,8 @@ class EngineConfig:
     chat_template: str | None = None  # Jinja source (default: the tokenizer's)
     log_stats_interval_s: float = 10.0  # engine stats line while busy; 0 = never
     cpu_prepack: bool = True  # CPU: GEMM weights prepacked for oneDNN at load (model/linear.py)
+    attention_backend: str = "auto"  # decode attention: auto | cpp (pages read in place) | torch_native (gather)
+    quantization: str | None = None  # weight-only: fp16 (fbgemm) instead of the prepacked fp32 weights
     warmup: bool = True  # the engine process runs one short request before it reports ready
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the tp/dp layout (flat keywords fold in)
     kv_events_config: str | None = None  # JSON (pdserve/kv_events): publish KV events; None = off

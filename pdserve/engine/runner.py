@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from pdserve.engine.attention import PagedAttention, build_metadata
+from pdserve.engine.attention import PagedAttention, build_metadata, decode_in_place
 from pdserve.engine.batch import Chunk, ScheduleBatch
 from pdserve.engine.kv_cache import Pool
 from pdserve.engine.messages import StepPlan
@@ -58,11 +58,12 @@ def plan_step(batch: ScheduleBatch) -> tuple[StepPlan, list[Chunk], list[tuple[C
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: Pool, device: torch.device,
-                 publish: Callable[[StepPlan], None] | None = None) -> None:
+                 publish: Callable[[StepPlan], None] | None = None, attention_backend: str = "auto") -> None:
         self.model = model
         self.pool = pool
         self.device = device
         self.publish = publish  # tensor parallelism: send the plan to the other ranks
+        self.in_place = decode_in_place(attention_backend, pool)  # decode attention reads pages in place
 
     def forward(self, batch: ScheduleBatch) -> tuple[torch.Tensor | None, list[Chunk], PromptRows]:
         plan, sampled, scored = plan_step(batch)
@@ -76,7 +77,7 @@ class ModelRunner:
     def run(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """The forward of `plan`: the sampled rows' logits (None when none samples) and each
         score span's logits (None on tp ranks other than 0)."""
-        meta = build_metadata(plan.spans, self.pool.page_size, self.device)
+        meta = build_metadata(plan.spans, self.pool.page_size, self.device, self.in_place)
         hidden = self.model(
             torch.tensor(plan.input_ids, dtype=torch.long, device=self.device),
             torch.tensor(plan.positions, dtype=torch.long, device=self.device),

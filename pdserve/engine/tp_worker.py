@@ -123,7 +123,7 @@ def build_rank(config: EngineConfig, shard: TPShard, group: TPGroup | None, devi
     cfg = ModelConfig.from_folder(path)
     dtype = resolve_dtype(config.dtype)
     model = load_model(path, device, dtype, config.max_model_len + 1, shard, group or NoCollectives(),
-                       config.cpu_prepack, expert_comm(shard))
+                       config.cpu_prepack, expert_comm(shard), config.quantization)
     local = shard.local_config(cfg)
     shape = pool_shape(local, config.num_pages, config.page_size)
     tensors = pool_tensors(disagg, shape, dtype, device)
@@ -220,7 +220,7 @@ def follow(spec: RankSpec) -> None:
         layout = rank_layout(resolve_model(config.model, revision=config.revision,
                                            download_dir=config.download_dir).name, pool, shard, cfg)
         agent = join_rooms(disagg, layout, pool.tensors, pool.page_size, spec.rank, group.store.get)
-    runner = ModelRunner(model, pool, device)
+    runner = ModelRunner(model, pool, device, attention_backend=config.attention_backend)
     decoder = msgspec.msgpack.Decoder(RankMsg)
     while True:
         msg = decoder.decode(group.recv_bytes())

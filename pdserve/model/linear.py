@@ -15,6 +15,25 @@ The packed weight replaces the dense one (no second copy); a weight oneDNN canno
 dtype the CPU has no kernel for: bf16 without AVX-512/AVX-NE-CONVERT) stays dense. On CUDA
 nothing is packed and the model runs the same `F.linear`. Results differ from `F.linear` by
 float rounding only (a different summation order).
+
+Weight-only quantization (`--quantization fp16`, issue 29): fbgemm's fp16 GEMM (in every x86
+torch build, `torch.ops.quantized.linear_dynamic_fp16`) keeps the weights in half precision,
+packed once, and computes in fp32: half the bytes a decode step streams. The candidates, one
+thread, every GEMM of 10 layers of the bundled model's shapes, interleaved A/B (ratio to the
+prepacked fp32 time; a 2-core AVX2/AVX-512 box at load 7-11):
+
+    rows                                      1      4      16     64
+    fp16, fbgemm                            0.27   0.83   0.94   0.99     (256 rows 0.91, 512 1.12)
+    int8 per channel, aten _weight_int8pack_mm  2.4   14     30     39
+    int4 groups of 32, aten _weight_int4pack_mm_for_cpu (30 layers + head)  5.2  22  56  83
+
+On the whole bundled model (benchmarks/quant_agreement.py, 2 threads, load 7.6): greedy output
+equal to fp32's on 61/64 prompts' first 32 tokens; decode step batch 1 x 256 0.66x, batch 64
+0.95x the prepacked fp32 time. torchao 0.18 has no CPU kernel of its own for these (its wheel carries CUDA extensions only;
+its CPU int4 layout is a prototype over the same aten op), so int8/int4 are not offered: they
+would slow decode down. A GGUF's Q4_1/Q8_0 blocks map exactly onto the int4 layout (scale d,
+zero m + 8d) but no kernel that pays exists for them here either; GGUF weights are served as
+converted (fp32, or fp16 with this flag).
 """
 
 from __future__ import annotations
@@ -36,6 +55,20 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+def can_quantize(method: str, device: torch.device, dtype: torch.dtype) -> bool:
+    return (method == "fp16" and device.type == "cpu" and dtype == torch.float32
+            and "fbgemm" in torch.backends.quantized.supported_engines)
+
+
+def pack_fp16(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.ScriptObject:
+    """`weight` [out, in] (and `bias`) as fbgemm's packed fp16 matrix; `linear_fp16` multiplies by it."""
+    return torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), bias)
+
+
+def linear_fp16(x: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic_fp16(x, packed)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias for a dense or a prepacked `weight`."""
     if weight.is_mkldnn:
@@ -44,9 +77,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose weight may be swapped for its prepacked form (`pack`)."""
+    """nn.Linear whose weight may be swapped for its prepacked form (`pack`) or its fp16 packed
+    form (`quantize`; the fp32 weight is then dropped)."""
+
+    fp16: torch.ScriptObject | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp16 is not None:
+            return linear_fp16(x, self.fp16)
         return linear(x, self.weight, self.bias)
 
     def pack(self) -> bool:
@@ -55,3 +93,9 @@ class Linear(nn.Linear):
             return False
         self.weight = nn.Parameter(packed, requires_grad=False)
         return True
+
+    def quantize(self) -> None:
+        """fp16 weights (fbgemm): the bias goes into the packed params, weight and bias are freed."""
+        self.fp16 = pack_fp16(self.weight, self.bias)
+        self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.bias = None

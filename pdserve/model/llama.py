@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve.model.config import ModelConfig
-from pdserve.model.linear import Linear, linear, prepack
+from pdserve.model.linear import Linear, linear, linear_fp16, pack_fp16, prepack
 from pdserve.model.rope import RotaryEmbedding, Rotation
 from pdserve.model.tp import Collectives, NoCollectives, TPShard
 
@@ -138,6 +138,7 @@ class LlamaForCausalLM(nn.Module):
         vocab = cfg.vocab_size // tp.attn_size
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, vocab, bias=False)
         self.tied_head: torch.Tensor | None = None  # prepacked copy of a tied embedding (prepack)
+        self.tied_fp16: torch.ScriptObject | None = None  # fp16 copy of a tied embedding (quantize)
 
     def make_layer(self, cfg: ModelConfig, layer: int, attn_comm: Collectives, mlp_comm: Collectives) -> nn.Module:
         return DecoderLayer(cfg, layer, attn_comm, mlp_comm)
@@ -159,6 +160,8 @@ class LlamaForCausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self.lm_head is not None:
             return self.comm.gather_vocab(self.lm_head(hidden).float())
+        if self.tied_fp16 is not None:
+            return self.comm.gather_vocab(linear_fp16(hidden, self.tied_fp16))
         weight = self.model.embed_tokens.weight if self.tied_head is None else self.tied_head
         return self.comm.gather_vocab(linear(hidden, weight).float())
 
@@ -170,6 +173,16 @@ class LlamaForCausalLM(nn.Module):
             self.tied_head = prepack(self.model.embed_tokens.weight)
             packed += self.tied_head is not None
         return packed
+
+    def quantize(self) -> int:
+        """fp16 weights for every GEMM (model/linear.py), a tied LM head included (the embedding
+        lookup keeps its fp32 rows). Returns how many."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        for m in linears:
+            m.quantize()
+        if self.lm_head is None:
+            self.tied_fp16 = pack_fp16(self.model.embed_tokens.weight)
+        return len(linears) + (self.lm_head is None)
 
     # ---- weights ---------------------------------------------------------------------------
     _FUSED = {  # HF name fragment -> (fused parameter fragment, shard index)

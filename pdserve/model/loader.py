@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from pdserve.model.config import ModelConfig
-from pdserve.model.linear import can_prepack
+from pdserve.model.linear import can_prepack, can_quantize
 from pdserve.model.llama import LlamaForCausalLM
 from pdserve.model.moe import ExpertComm
 from pdserve.model.moe_lm import MoEForCausalLM
@@ -72,10 +72,18 @@ def checkpoint_numel(folder: str | Path) -> int:
 
 def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, max_positions: int,
                tp: TPShard = TPShard(), comm: Collectives = NoCollectives(),
-               cpu_prepack: bool = True, experts: ExpertComm | None = None) -> LlamaForCausalLM:
-    """`experts`: where a mixture's routed experts live (parallel/ep.py under EP; None: all here)."""
+               cpu_prepack: bool = True, experts: ExpertComm | None = None,
+               quantization: str | None = None) -> LlamaForCausalLM:
+    """The model on `device`, its GEMM weights prepacked for oneDNN (CPU, `cpu_prepack`) or
+    quantized (`quantization`: "fp16"; ValueError where this device has no kernel for it).
+    `experts`: where a mixture's routed experts live (parallel/ep.py under EP; None: all here)."""
+    if quantization is not None and not can_quantize(quantization, device, dtype):
+        raise ValueError(f"--quantization {quantization} needs --dtype float32 on a CPU with fbgemm (x86), "
+                         f"not {dtype} on {device}")
     folder = Path(folder)
     cfg = ModelConfig.from_folder(folder)
+    if quantization is not None and (cfg.moe is not None or cfg.mla is not None):
+        raise ValueError(f"--quantization {quantization} covers dense models only (not MoE or MLA yet)")
     with torch.device("meta"):
         if cfg.moe is None and cfg.mla is None:
             model = LlamaForCausalLM(cfg, max_positions=1, tp=tp, comm=comm)
@@ -87,6 +95,8 @@ def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, max
     model.load_weights(iter_safetensors(folder, lambda name: tp.weight_slice(cfg, name)))
     model.after_load()
     model.eval().requires_grad_(False)
-    if cpu_prepack and can_prepack(device) and not model.prepack():
+    if quantization is not None:
+        log.info("%d GEMM weights quantized to %s", model.quantize(), quantization)
+    elif cpu_prepack and can_prepack(device) and not model.prepack():
         log.info("GEMM weights stay dense: oneDNN has no %s kernel on this CPU", dtype)
     return model

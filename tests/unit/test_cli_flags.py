@@ -26,6 +26,7 @@ SAMPLE = {  # a non-default value per EngineConfig field, as typed on the comman
     "dp_size": "2", "ep_size": "2", "load_balance_method": "shortest_queue",
     "kv_events_config": '{"endpoint": "tcp://127.0.0.1:5557"}', "revision": "v1.0", "download_dir": "/some/hf-cache",
     "gpu_memory_utilization": "0.8",
+    "attention_backend": "torch_native", "quantization": "fp16",
 }
 
 
