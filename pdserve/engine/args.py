@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from pdserve.engine.config import ATTENTION_BACKENDS, DTYPE_CHOICES, QUANTIZATIONS, EngineConfig
+from pdserve.engine.spec.config import SPEC_FLAGS
 from pdserve.flags.argtypes import device, fraction, non_negative_float, non_negative_int, positive_float, \
     positive_int
 from pdserve.flags.table import Flag, add_flags, flag_values, with_values
@@ -124,11 +125,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("model and engine (SGLang's and vLLM's spellings are aliases)")
     group.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model, as --model")
     add_flags(group, (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES, *ENGINE_EXTRAS), EngineConfig())
+    add_flags(p.add_argument_group("speculative decoding (engine/spec/)"), SPEC_FLAGS, EngineConfig())
 
 
 def check_engine_args(args: argparse.Namespace) -> None:
     """Flag combinations that cannot work; raises ValueError with one sentence."""
-    engine_config_from_args(args).check_parallel()
+    config = engine_config_from_args(args)
+    config.check_parallel()
+    config.speculative.check()
     sizes = [flag for name, flag in _SIZES.items() if getattr(args, name, None) is not None]
     if len(sizes) > 1:
         raise ValueError(f"{' and '.join(sizes)} each size the KV pool: give one of them")
@@ -148,7 +152,7 @@ def check_engine_args(args: argparse.Namespace) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    values = flag_values(args, (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES), EngineConfig())
+    values = flag_values(args, (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES, *SPEC_FLAGS), EngineConfig())
     tag = getattr(args, "model_tag", None)
     if tag is not None:
         if args.model is not None and args.model != tag:

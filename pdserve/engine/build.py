@@ -14,7 +14,9 @@
     KV pool, KV manager               the pool's memory comes from the PD mode (shm: shared);
                                       the manager's prefix cache gets its tier (NoTier: none)
     scheduler, stats, DP rank, runner, sampler, stop checker, grammars
-    speculator                        NoSpeculation: plain decoding (engine/speculate.py)
+    speculator                        NoSpeculation: plain decoding (engine/speculate.py), or with
+                                      --speculative-algorithm engine/spec/ (its draft model, the
+                                      start-up probes of the forward's cost: engine/spec/build.py)
     stage                             the PD mode's stage and transfer machinery (engine/pd/build.py);
                                       `make_stage` builds another for a live role switch (same pool)
 
@@ -45,7 +47,8 @@ from pdserve.engine.prefix_cache import NoTier
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import Scheduler
-from pdserve.engine.speculate import NoSpeculation, Speculator
+from pdserve.engine.spec.build import build_speculator
+from pdserve.engine.speculate import Speculator
 from pdserve.engine.stats import EngineStats
 from pdserve.engine.stop import StopChecker
 from pdserve.engine.tp_worker import (TPRanks, check_model_fits, expert_comm, rank_layout, rank_shard, rank_threads,
@@ -152,11 +155,14 @@ def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> Eng
                            ranks.peers(config) if ranks is not None else None, DPPlace(par.dp_rank, par.dp_size))
 
     stage = make_stage(disagg)
+    runner = ModelRunner(model, pool, device, publish, config.attention_backend)
+    grammars = Grammars(tokenizer.hf, cfg.vocab_size, eos_ids)
+    speculator = build_speculator(config.speculative, disagg.mode if disagg is not None else "null", kv, runner, cfg,
+                                  stops, grammars, config.chunk_budget, max_model_len, probe=dp is None, dtype=dtype,
+                                  cpu_prepack=config.cpu_prepack)
     return EngineParts(
         config=config, device=device, model_path=model_path, model_config=cfg, tokenizer_path=tokenizer_path,
         tokenizer=tokenizer, model=model, load_weights_s=load_weights_s, max_model_len=max_model_len, pool=pool,
-        kv=kv, scheduler=scheduler, stats=stats, ranks=ranks, dp=dp,
-        runner=ModelRunner(model, pool, device, publish, config.attention_backend),
+        kv=kv, scheduler=scheduler, stats=stats, ranks=ranks, dp=dp, runner=runner,
         sampler=Sampler(cfg.vocab_size, device), eos_ids=eos_ids, stops=stops,
-        grammars=Grammars(tokenizer.hf, cfg.vocab_size, eos_ids), speculator=NoSpeculation(), stage=stage,
-        disagg=disagg, make_stage=make_stage)
+        grammars=grammars, speculator=speculator, stage=stage, disagg=disagg, make_stage=make_stage)

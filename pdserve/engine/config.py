@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdserve.engine.spec.config import SpecConfig
+
 
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
@@ -149,6 +151,7 @@ class EngineConfig:
     warmup: bool = True  # the engine process runs one short request before it reports ready
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the tp/dp layout (flat keywords fold in)
     kv_events_config: str | None = None  # JSON (pdserve/kv_events): publish KV events; None = off
+    speculative: SpecConfig = field(default_factory=SpecConfig)  # speculative decoding (engine/spec/); off
 
     def check_parallel(self) -> None:
         """Raise ValueError (one sentence) for a layout that cannot work, here or with the engine's knobs."""

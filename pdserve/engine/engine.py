@@ -21,7 +21,7 @@ Seams, each a Protocol with a do-nothing default, where a feature plugs in witho
                for another mode's on the same weights and pool once the engine is idle.
   speculator   speculative decoding around the forward (engine/speculate.py): drafts proposed
                before it, verified after sampling, each accepted token through accept_token.
-               NoSpeculation: plain decoding.
+               NoSpeculation: plain decoding; engine/spec/: n-gram, suffix, draft model.
   KV tier      under the prefix cache (engine/prefix_cache.py's KVTier): a match may promote
                pages from a lower tier, an eviction may demote them. NoTier: the device only.
 """
@@ -210,28 +210,26 @@ class Engine:
             if c.req.t_admitted is None:
                 c.req.t_admitted = now
         self.stats.on_forward(sum(c.length for c in batch.chunks if c.end <= c.req.prompt_len or c.length > 1), 0)
-        self.speculator.propose(batch)
+        batch = self.speculator.propose(batch)
         self.num_forward_tokens += batch.num_tokens
         t0 = time.perf_counter()
         logits, sampled, prompt_rows = self.runner.forward(batch)
         for c in batch.chunks:
-            c.req.num_computed = c.end
+            c.req.num_computed = c.end  # drafts: the speculator moves it on by what it accepts
         for c, positions, rows in prompt_rows:
             score_prompt(c.req, positions, rows)
         if logits is not None:
-            states = [c.req.grammar for c in sampled]
-            if any(s is not None for s in states):
-                self.grammars.mask(logits, states)  # disallowed tokens -> -inf, constrained rows only
-            result = self.sampler.sample(logits, [self._sample_row(c.req) for c in sampled])
-            for c, rows in self.speculator.verify(sampled, result):
-                for i in rows:
-                    if self._accept(c.req, i, result):
-                        break
+            states = [c.req.grammar for c, _ in sampled]
+            if any(s is not None for s in states):  # disallowed tokens -> -inf, constrained rows only
+                self.grammars.mask(logits, states, [c.drafts[:j] for c, j in sampled])
+            rows = [self._sample_row(c.req, c.drafts[:j]) for c, j in sampled]
+            self.speculator.verify(sampled, logits, rows, self.sampler.sample(logits, rows), self._accept)
         self.stats.on_forward_time(time.perf_counter() - t0, batch.num_tokens)
 
-    def _sample_row(self, r: Request) -> SampleRow:
-        return SampleRow(r.params, r.generator, r.tokens[: r.prompt_len], r.output_ids,
-                         self.stops.suppressed(r))
+    def _sample_row(self, r: Request, ahead: tuple[int, ...] = ()) -> SampleRow:
+        """Row of `r` after its output and `ahead` (the drafts before a verified row)."""
+        out = r.output_ids + list(ahead) if ahead else r.output_ids
+        return SampleRow(r.params, r.generator, r.tokens[: r.prompt_len], out, self.stops.suppressed(r, len(ahead)))
 
     def _accept(self, r: Request, i: int, result: SampleResult) -> bool:
         """Accept row `i`'s token into `r`; True if `r` is finished (accept no more of its rows)."""
@@ -252,6 +250,7 @@ class Engine:
                        status: int = 400) -> TokenOut:
         """Release `r` (pages back) and answer it; `error` (HTTP `status`) when it failed."""
         self.scheduler.finish(r, keep_in_cache=keep_in_cache)
+        self.speculator.release(r)
         del self._requests[r.rid]
         r.finish_reason = reason
         self.stats.on_finish(r.prompt_len, r.cached_tokens)
@@ -274,7 +273,7 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens_computed=self.stats.prompt_tokens,
             cache_queries=self.stats.cache_queries, cache_hits=self.stats.cache_hits,
             dp_rank=self.config.parallel.dp_rank, pid=os.getpid(), steps=st.steps, step_seconds=st.step_seconds,
-            idle_steps=st.idle_steps, step_trace=list(st.trace) if step_trace else None,
+            idle_steps=st.idle_steps, step_trace=list(st.trace) if step_trace else None, spec=self.speculator.stats,
             experts=expert_load(self.model, self.config.parallel.ep_ranks))
 
     def log_stats(self) -> str | None:

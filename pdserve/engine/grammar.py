@@ -14,6 +14,9 @@ Lifecycle of a constrained request (its `SamplingParams.grammar` is a `GrammarSp
                                                      request (engine/stop.py reads it)
   PD: the prefill masks the first token like any step; the decode's matcher starts from the
   transferred first token (DecodeStage commits it through state.accept).
+  speculative decoding: `state.valid_prefix(drafts)` cuts a proposal at the first token the
+  grammar refuses; a verified row j is masked from the matcher after drafts[:j] (accepted, the
+  mask filled, rolled back: `state.fill`); accepted tokens then advance it as usual.
 
 The engine step never compiles: a request joins the batch only with its grammar compiled.
 Nothing here crosses a socket: only the spec (two strings) travels in SamplingParams.
@@ -82,6 +85,36 @@ class GrammarState:
             log.warning("grammar refused token %d; ending the request", token_id)
             self.rejected = True
 
+    def _advance(self, tokens: tuple[int, ...]) -> int:
+        """Accept `tokens` while the grammar allows them and is not terminated; how many went in."""
+        n = 0
+        for t in tokens:
+            if self.matcher.is_terminated() or not self.matcher.accept_token(t):
+                break
+            n += 1
+        return n
+
+    def valid_prefix(self, drafts: tuple[int, ...]) -> int:
+        """How many of `drafts` the grammar allows in a row (up to one that terminates it);
+        the matcher is left as it was."""
+        if self.terminated:
+            return 0
+        n = self._advance(drafts)
+        if n:
+            self.matcher.rollback(n)
+        return n
+
+    def fill(self, bitmask: torch.Tensor, row: int, ahead: tuple[int, ...] = ()) -> bool:
+        """Row `row` of `bitmask`: the tokens allowed after `ahead` (False, nothing filled: the
+        grammar is over there, the row is free)."""
+        n = self._advance(ahead)
+        live = n == len(ahead) and not self.matcher.is_terminated()
+        if live:
+            self.matcher.fill_next_token_bitmask(bitmask, row)
+        if n:
+            self.matcher.rollback(n)
+        return live
+
 
 class Grammars:
     """The engine's grammar compiler (one thread, LRU cache of futures) and bitmask buffer."""
@@ -126,21 +159,22 @@ class Grammars:
         """Drop a failed compile from the cache (the engine thread calls it; the next try recompiles)."""
         self._cache.pop((spec.kind, spec.source, spec.strict), None)
 
-    def mask(self, logits: torch.Tensor, states: list[GrammarState | None]) -> None:
-        """-inf (in place) every logit the row's grammar disallows; rows with None are free."""
+    def mask(self, logits: torch.Tensor, states: list[GrammarState | None],
+             ahead: list[tuple[int, ...]] | None = None) -> None:
+        """-inf (in place) every logit the row's grammar disallows, after the row's `ahead` tokens
+        (a verified row's drafts); rows with None are free."""
         import xgrammar as xgr
 
-        rows = [i for i, s in enumerate(states) if s is not None and not s.terminated]
-        if not rows:
+        if not any(s is not None and not s.terminated for s in states):
             return
         n = len(states)
         if self._bitmask is None or self._bitmask.shape[0] < n:
             self._bitmask = xgr.allocate_token_bitmask(max(n, 16), self.vocab_size)
         bitmask = self._bitmask
-        for i in rows:
-            state = states[i]
-            assert state is not None
-            state.matcher.fill_next_token_bitmask(bitmask, i)
+        rows = [i for i, s in enumerate(states)
+                if s is not None and not s.terminated and s.fill(bitmask, i, ahead[i] if ahead else ())]
+        if not rows:
+            return
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True)[:n],
                                         vocab_size=self.vocab_size, indices=rows)
 

@@ -58,6 +58,14 @@ class KVManager:
         req.pages.extend(self.allocator.alloc(need))
         return True
 
+    def trim(self, req: Request, num_tokens: int) -> None:
+        """Free the request's private pages past those holding `num_tokens` (rejected drafts'
+        pages after a speculative step); cached pages stay."""
+        keep = max(pages_needed(num_tokens, self.page_size), req.tree_pages)
+        if keep < len(req.pages):
+            self.allocator.free(req.pages[keep:])
+            del req.pages[keep:]
+
     def cache_prefix(self, req: Request) -> None:
         """Insert the request's computed full pages into the cache while it keeps running."""
         if not self.cache.enabled:

@@ -72,6 +72,9 @@ class TokenOut(msgspec.Struct, tag=True):
     # given the tokens before it, for i from GenerateReq.prompt_logprobs_from (None for token 0)
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[TopLogprob]] | None = None
+    # speculative decoding, cumulative: this request's verify forwards and its accepted drafts
+    spec_verify_ct: int = 0
+    spec_accepted_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -94,6 +97,31 @@ class TransferStats(msgspec.Struct):
             self.latency_sum_s += seconds
         else:
             self.failed += 1
+
+
+class SpecStats(msgspec.Struct):
+    """Speculative decoding of one engine, cumulative (/metrics: SGLang's spec_* names, vLLM's
+    spec_decode_* where SGLang has none)."""
+
+    proposer: str  # ngram | suffix | draft_model
+    num_draft_tokens: int  # k: the most drafts a request gets in one step
+    verify_calls: int = 0  # chunks verified with at least one draft (vLLM's num_drafts)
+    draft_tokens: int = 0  # drafts verified
+    accepted_tokens: int = 0  # of those, accepted
+    accept_lengths: list[int] = []  # [n - 1]: verifies that gave n tokens (accepted drafts + the target's own)
+    skipped: int = 0  # decode chunks with a proposal that the adaptive rule ran without it
+
+    @staticmethod
+    def total(stats: list[SpecStats]) -> SpecStats | None:
+        """Several engines' (dp ranks') counts summed; None if none speculates."""
+        if not stats:
+            return None
+        width = max(len(s.accept_lengths) for s in stats)
+        return SpecStats(stats[0].proposer, max(s.num_draft_tokens for s in stats),
+                         sum(s.verify_calls for s in stats), sum(s.draft_tokens for s in stats),
+                         sum(s.accepted_tokens for s in stats),
+                         [sum(s.accept_lengths[i] for s in stats if i < len(s.accept_lengths)) for i in range(width)],
+                         sum(s.skipped for s in stats))
 
 
 class StepSample(msgspec.Struct, frozen=True, array_like=True):
@@ -147,6 +175,7 @@ class LoadInfo(msgspec.Struct, frozen=True):
     step_seconds: float = 0.0  # their total time (a DP-attention rank's includes waiting for the others)
     idle_steps: int = 0  # DP attention: forwards run with no tokens of its own (the others' collectives)
     step_trace: list[StepSample] | None = None  # the last steps, when asked (GetLoadReq.step_trace)
+    spec: SpecStats | None = None  # speculative decoding (None: off)
     experts: ExpertLoad | None = None  # a mixture-of-experts model's routing counts
 
     @property

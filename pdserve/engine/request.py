@@ -57,6 +57,8 @@ class Request:
     prompt_top: list[list[TopLogprob]] | None = None
     prompt_lp_from: int = 1
     leader: "Request | None" = None  # same prompt, arrived first (n > 1): wait for its pages, then share them
+    spec_verify_ct: int = 0  # speculative decoding: forwards that verified drafts of this request
+    spec_accepted: int = 0  # drafts accepted (they are output tokens too; usage reports them)
 
     @property
     def output_ids(self) -> list[int]:
@@ -94,7 +96,8 @@ class Request:
             logprobs=self.new_logprobs if p.logprobs or p.top_logprobs > 0 else None,
             top_logprobs=self.new_top if p.top_logprobs > 0 else None,
             finish_reason=finish_reason, matched_stop=self.matched_stop if finish_reason else None,
-            prompt_tokens=self.prompt_len, completion_tokens=self.num_output, cached_tokens=self.cached_tokens)
+            prompt_tokens=self.prompt_len, completion_tokens=self.num_output, cached_tokens=self.cached_tokens,
+            spec_verify_ct=self.spec_verify_ct, spec_accepted_tokens=self.spec_accepted)
         self.new_ids, self.new_logprobs, self.new_top = [], [], []
         if self.prompt_lp is not None and (self.num_computed >= self.prompt_len or finish_reason is not None):
             out.prompt_logprobs = self.prompt_lp[self.prompt_lp_from:]  # once: the prompt ran (or never will)

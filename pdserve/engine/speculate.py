@@ -1,42 +1,72 @@
-"""The seam where speculative decoding plugs into the engine step (no proposer is built yet).
+"""The seam where speculative decoding plugs into the engine step.
 
 Around each forward (Engine._forward):
 
-    speculator.propose(batch)        before the forward: it may give decode chunks draft tokens
-                                     (n-gram, suffix, a draft model), so that one forward
-                                     computes them all
-    ... forward, grammar masks, sample (one sampled row per position that verifies) ...
-    for chunk, rows in speculator.verify(sampled, result):
-        each row's token in turn goes through accept_token (engine/accept.py) until the request
-        finishes; rows past the first refused draft are not listed (their KV rolls back)
+    batch = speculator.propose(batch)     before the forward: decode chunks may get draft tokens
+                                          (n-gram, suffix, a draft model: engine/spec/), so that
+                                          one forward computes them all (engine/batch.py's rows)
+    ... forward; each sampled row's grammar mask and sampling state see the drafts before it
+        (row j of a chunk: its output so far + drafts[:j]), exactly as if they had come one by one ...
+    speculator.verify(rows, logits, sample_rows, result, accept)
+                                          per chunk, each accepted row's token goes through
+                                          `accept(req, row, result)` (the engine's accept_token
+                                          path) in order, until a draft is refused or the request
+                                          finishes; the speculator then rolls the chunk back to
+                                          what was accepted (num_computed, pages, generators)
+    speculator.release(req)               the request left the engine (finished or aborted)
 
-NoSpeculation (the default, engine/build.py): proposes nothing; every sampled chunk accepts its
-one sampled row, which is plain decoding.
+NoSpeculation (the default, engine/build.py): proposes nothing; every sampled row is accepted,
+which is plain decoding. engine/spec/speculator.py is the real one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
-from pdserve.engine.batch import Chunk, ScheduleBatch
-from pdserve.engine.sampler import SampleResult
+import torch
+
+from pdserve.engine.batch import Row, ScheduleBatch
+from pdserve.engine.messages import SpecStats
+from pdserve.engine.request import Request
+from pdserve.engine.sampler import SampleResult, SampleRow
+
+Accept = Callable[[Request, int, SampleResult], bool]  # (request, row, result) -> the request finished
 
 
 class Speculator(Protocol):
-    def propose(self, batch: ScheduleBatch) -> None:
-        """Before the forward: add draft tokens to decode chunks (or nothing)."""
+    def propose(self, batch: ScheduleBatch) -> ScheduleBatch:
+        """Before the forward: the batch, its decode chunks with draft tokens (or as it is)."""
         ...
 
-    def verify(self, sampled: list[Chunk], result: SampleResult) -> list[tuple[Chunk, list[int]]]:
-        """After sampling: per sampled chunk, the rows of `result` whose tokens it accepts, in order."""
+    def verify(self, rows: list[Row], logits: torch.Tensor, sample_rows: list[SampleRow], result: SampleResult,
+               accept: Accept) -> None:
+        """After sampling (`sample_rows`: what the sampler got per row): accept each chunk's verified
+        rows in order (see the module docstring)."""
+        ...
+
+    def release(self, req: Request) -> None:
+        """`req` left the engine: forget what was kept for it."""
+        ...
+
+    @property
+    def stats(self) -> SpecStats | None:
+        """Cumulative counts for /metrics (None: no speculation)."""
         ...
 
 
 class NoSpeculation:
-    """Plain decoding: no drafts; each sampled chunk accepts its own row."""
+    """Plain decoding: no drafts; each sampled row is accepted."""
 
-    def propose(self, batch: ScheduleBatch) -> None:
+    stats: SpecStats | None = None
+
+    def propose(self, batch: ScheduleBatch) -> ScheduleBatch:
+        return batch
+
+    def verify(self, rows: list[Row], logits: torch.Tensor, sample_rows: list[SampleRow], result: SampleResult,
+               accept: Accept) -> None:
+        for i, (c, _) in enumerate(rows):
+            accept(c.req, i, result)
+
+    def release(self, req: Request) -> None:
         pass
-
-    def verify(self, sampled: list[Chunk], result: SampleResult) -> list[tuple[Chunk, list[int]]]:
-        return [(c, [i]) for i, c in enumerate(sampled)]

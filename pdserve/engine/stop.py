@@ -18,9 +18,10 @@ class StopChecker:
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
 
-    def suppressed(self, r: Request) -> tuple[int, ...]:
+    def suppressed(self, r: Request, ahead: int = 0) -> tuple[int, ...]:
+        """Ids to ban for `r`'s next token (`ahead` drafts after its output: a verified row)."""
         p = r.params
-        if r.num_output >= p.min_new_tokens:
+        if r.num_output + ahead >= p.min_new_tokens:
             return ()
         return tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_ids))
 

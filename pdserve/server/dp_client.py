@@ -37,7 +37,8 @@ import msgspec
 from pdserve.contract import prefill_dp_rank
 from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.messages import EngineReady, ExpertLoad, GenerateReq, LoadInfo, LoadResp, TokenOut, TransferStats
+from pdserve.engine.messages import (EngineReady, ExpertLoad, GenerateReq, LoadInfo, LoadResp, SpecStats, TokenOut,
+                                      TransferStats)
 from pdserve.server.engine_client import EngineClient
 
 
@@ -63,7 +64,8 @@ def merge_loads(loads: list[LoadInfo]) -> LoadInfo:
         prompt_tokens_computed=sum(x.prompt_tokens_computed for x in loads),
         cache_queries=queries, cache_hits=sum(x.cache_hits for x in loads),
         steps=sum(x.steps for x in loads), step_seconds=sum(x.step_seconds for x in loads),
-        idle_steps=sum(x.idle_steps for x in loads), experts=_sum_experts(loads))
+        idle_steps=sum(x.idle_steps for x in loads), experts=_sum_experts(loads),
+        spec=SpecStats.total([x.spec for x in loads if x.spec is not None]))
 
 
 def _sum_experts(loads: list[LoadInfo]) -> ExpertLoad | None:

@@ -68,6 +68,8 @@ class Result:
     e2e_latency: float = 0.0
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[TopLogprob]] | None = None
+    spec_verify_ct: int = 0  # speculative decoding: verify forwards, accepted drafts (the last delta)
+    spec_accepted_tokens: int = 0
 
     def add(self, d: Delta) -> None:
         if d.prompt_logprobs is not None:
@@ -86,6 +88,7 @@ class Result:
             self.finish_reason, self.matched = d.finish_reason, d.matched
             self.prompt_tokens, self.completion_tokens = d.prompt_tokens, d.completion_tokens
             self.cached_tokens, self.e2e_latency = d.cached_tokens, d.e2e_latency
+            self.spec_verify_ct, self.spec_accepted_tokens = d.spec_verify_ct, d.spec_accepted_tokens
 
 
 Delta = Result  # one engine step's share of a Result (see its docstring)
@@ -133,7 +136,8 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
                 finished = True
                 e2e = timer.finish(out, prompt, count)
                 yield Delta(sub.index, sub.rid, piece, ids, out.logprobs, out.top_logprobs, reason, matched,
-                            prompt, count, out.cached_tokens, e2e, out.prompt_logprobs, out.prompt_top_logprobs)
+                            prompt, count, out.cached_tokens, e2e, out.prompt_logprobs, out.prompt_top_logprobs,
+                            out.spec_verify_ct, out.spec_accepted_tokens)
                 return
     except (EngineDeadError, DuplicateRequestError) as exc:
         raise _engine_error(exc) from None

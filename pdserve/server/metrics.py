@@ -20,7 +20,11 @@ SGLang has no metric, vLLM's name is used under the same prefix. Label: `model_n
     prefix_cache_hits_total, prefill_compute_tokens_total; PD: kv_transfers_total{result},
     kv_transfer_bytes_total, num_transfer_failed_reqs_total, kv_transfer_seconds_total,
     kv_transfer_recomputed_total, gauges kv_transfer_latency_ms and
-    kv_transfer_speed_gb_s (means over successful transfers).
+    kv_transfer_speed_gb_s (means over successful transfers); speculative decoding (label
+    proposer on counters): gauges spec_accept_length (mean tokens per verify: accepted drafts +
+    the target's own), spec_accept_rate, spec_num_draft_tokens, counters spec_verify_calls_total,
+    spec_decode_num_draft_tokens_total and spec_decode_num_accepted_tokens_total (vLLM's names),
+    spec_adaptive_skipped_total, histogram spec_accept_length_histogram (tokens per verify).
 With `--log-requests`, `RequestTimer.finish` also logs one line per finished request.
 """
 
@@ -31,10 +35,10 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pdserve.engine.messages import LoadInfo, TokenOut
+from pdserve.engine.messages import LoadInfo, SpecStats, TokenOut
 
 disable_created_metrics()  # no `*_created` series: they double the scrape for no use here
 log = logging.getLogger("pdserve.server.requests")
@@ -91,6 +95,8 @@ class EngineCollector(Collector):
         yield self._counter("prefill_compute_tokens", "Prompt tokens computed (recomputation included)",
                             load.prompt_tokens_computed)
         yield from self._per_rank()
+        if load.spec is not None:
+            yield from self._spec(load.spec)
         yield from self._experts()
         x = load.transfer
         if x is None:
@@ -111,6 +117,25 @@ class EngineCollector(Collector):
         speed = x.bytes / x.latency_sum_s / 1e9 if x.latency_sum_s > 0 else 0.0
         yield self._gauge("kv_transfer_speed_gb_s", "Mean KV transfer speed of successful rooms (GB/s)", speed)
 
+    def _spec(self, s: SpecStats) -> Iterator[Metric]:
+        """Speculative decoding: SGLang's spec_* gauges (means since start), counters per proposer."""
+        label = ("proposer", s.proposer)
+        yield self._gauge("spec_accept_length", "Mean tokens per verify (accepted drafts + the target's own)",
+                          (s.accepted_tokens + s.verify_calls) / s.verify_calls if s.verify_calls else 0.0)
+        yield self._gauge("spec_accept_rate", "Accepted drafts / drafts verified",
+                          s.accepted_tokens / s.draft_tokens if s.draft_tokens else 0.0)
+        yield self._gauge("spec_num_draft_tokens", "Most drafts per request and step", s.num_draft_tokens)
+        yield self._counter("spec_verify_calls", "Chunks verified with drafts", s.verify_calls, label)
+        yield self._counter("spec_decode_num_draft_tokens", "Drafts verified", s.draft_tokens, label)
+        yield self._counter("spec_decode_num_accepted_tokens", "Drafts accepted", s.accepted_tokens, label)
+        yield self._counter("spec_adaptive_skipped", "Decode steps with a proposal the adaptive rule did not verify",
+                            s.skipped, label)
+        h = HistogramMetricFamily(f"{self.p}:spec_accept_length_histogram", "Tokens per verify (accepted drafts + 1)",
+                                  labels=["model_name", "proposer"])
+        cumulative = [sum(s.accept_lengths[:n]) for n in range(1, len(s.accept_lengths) + 1)]
+        h.add_metric([self.model_name, s.proposer], [(str(n), c) for n, c in enumerate(cumulative, start=1)]
+                     + [("+Inf", s.verify_calls)], sum(n * c for n, c in enumerate(s.accept_lengths, start=1)))
+        yield h
 
     def _experts(self) -> Iterator[Metric]:
         """A mixture-of-experts model's routing: pairs per expert (all sparse layers) and per EP rank,

@@ -137,6 +137,8 @@ def _meta(r: Result, want_lp: bool, top_n: int, texts: TokenTexts | None,
         "cached_tokens": r.cached_tokens,
         "e2e_latency": r.e2e_latency,
     }
+    if r.spec_verify_ct:  # speculative decoding (SGLang's spec_verify_ct) and the drafts it accepted
+        meta["spec_verify_ct"], meta["spec_accepted_tokens"] = r.spec_verify_ct, r.spec_accepted_tokens
     if want_lp:
         meta["output_token_logprobs"] = _lp_triples(texts, r.token_ids, r.logprobs)
         if top_n > 0:

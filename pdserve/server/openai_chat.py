@@ -22,6 +22,7 @@ from pdserve.server.generation import Result, SubRequest, merge
 from pdserve.server.handler import Route, Whole, fan_out, generation_router, sub_rids
 from pdserve.server.openai_common import (
     TokenTexts,
+    accepted_drafts,
     chat_logprobs,
     include_usage,
     openai_params,
@@ -136,7 +137,8 @@ async def _plan(state: ServerState, body: ChatCompletionRequest) -> AsyncIterato
                 "matched_stop": r.matched,
             })
         return dict(head, object="chat.completion", choices=choices, usage=usage(
-            len(subs[0].prompt_ids), sum(r.completion_tokens for r in results), results[0].cached_tokens))
+            len(subs[0].prompt_ids), sum(r.completion_tokens for r in results), results[0].cached_tokens,
+            accepted_drafts(results)))
 
     return Whole(subs, shape)
 
@@ -194,6 +196,7 @@ async def _stream(state: ServerState, subs: list[SubRequest], head: dict[str, An
         if s.resume_ids is None:  # a resumed stream had its role delta from its first server
             yield chunk(s.index, {"role": "assistant", "content": ""})
     completion_tokens = cached = 0
+    ends: list[Result] = []  # each sub-request's last delta (its counts)
     streams = {s.index: plan.stream() for s in subs}
     calls = {s.index: 0 for s in subs}
     it = merge(state, subs)
@@ -215,8 +218,10 @@ async def _stream(state: ServerState, subs: list[SubRequest], head: dict[str, An
                 yield chunk(d.index, {}, _finish(plan, d.finish_reason, calls[d.index] > 0), matched=d.matched)
                 completion_tokens += d.completion_tokens
                 cached = d.cached_tokens if d.index == 0 else cached
+                ends.append(d)
     if inc_usage:
-        yield frame(dict(base, choices=[], usage=usage(len(subs[0].prompt_ids), completion_tokens, cached)))
+        yield frame(dict(base, choices=[], usage=usage(len(subs[0].prompt_ids), completion_tokens, cached,
+                                                       accepted_drafts(ends))))
 
 
 router = generation_router("/v1/chat/completions", Route("chat", ChatCompletionRequest, CHAT), _plan)

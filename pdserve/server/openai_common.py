@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from pdserve.engine.messages import TopLogprob
 from pdserve.engine.sampling_params import GrammarSpec, SamplingParams
+from pdserve.server.generation import Result
 from pdserve.server.params import make_params, stop_ids, stop_list
 from pdserve.server.protocol import _SamplingFields
 from pdserve.server.state import ServerState
@@ -60,10 +62,20 @@ def openai_params(state: ServerState, body: _SamplingFields, max_new_tokens: int
     )
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+          accepted_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage; `accepted_tokens` (drafts speculative decoding accepted; None: it did not
+    run) as completion_tokens_details.accepted_prediction_tokens."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    if accepted_tokens is not None:
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted_tokens}
+    return out
+
+
+def accepted_drafts(results: Sequence[Result]) -> int | None:
+    """Drafts accepted over `results` (usage's accepted_prediction_tokens); None if none speculated."""
+    return sum(r.spec_accepted_tokens for r in results) if any(r.spec_verify_ct for r in results) else None
 
 
 class TokenTexts:

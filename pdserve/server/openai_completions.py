@@ -21,6 +21,7 @@ from pdserve.server.generation import Result, SubRequest, merge
 from pdserve.server.handler import Route, Whole, fan_out, generation_router, sub_rids
 from pdserve.server.openai_common import (
     TokenTexts,
+    accepted_drafts,
     completion_logprobs,
     include_usage,
     join_logprobs,
@@ -98,7 +99,8 @@ async def _plan(state: ServerState, body: CompletionRequest) -> AsyncIterator[by
             choices.append(_choice(r.index, prefix + r.text, lp, r.finish_reason, r.matched))
         prompt_tokens = sum(len(s.prompt_ids) for s in subs if s.index % body.n == 0)
         return dict(head, choices=choices, usage=usage(prompt_tokens, sum(r.completion_tokens for r in results),
-                                                       sum(r.cached_tokens for r in results if r.index % body.n == 0)))
+                                                       sum(r.cached_tokens for r in results if r.index % body.n == 0),
+                                                       accepted_drafts(results)))
 
     return Whole(subs, shape)
 
@@ -116,6 +118,7 @@ async def _stream(state: ServerState, subs: list[SubRequest], n: int, head: dict
         if index not in held:
             yield frame(dict(head, choices=[_choice(index, prefix, None, None, None)], **extra))
     completion_tokens = cached = 0
+    ends: list[Result] = []  # each sub-request's last delta (its counts)
     it = merge(state, subs)
     async with contextlib.aclosing(it):
         async for d in it:
@@ -134,9 +137,10 @@ async def _stream(state: ServerState, subs: list[SubRequest], n: int, head: dict
             if d.finish_reason is not None:
                 completion_tokens += d.completion_tokens
                 cached += d.cached_tokens if d.index % n == 0 else 0
+                ends.append(d)
     if inc_usage:
         prompt_tokens = sum(len(s.prompt_ids) for s in subs if s.index % n == 0)
-        yield frame(dict(head, choices=[], usage=usage(prompt_tokens, completion_tokens, cached)))
+        yield frame(dict(head, choices=[], usage=usage(prompt_tokens, completion_tokens, cached, accepted_drafts(ends))))
 
 
 router = generation_router("/v1/completions", Route("completions", CompletionRequest, COMPLETIONS), _plan)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from pdserve.engine.accept import accept_token
-from pdserve.engine.batch import Chunk, ScheduleBatch
+from pdserve.engine.batch import Row, ScheduleBatch
 from pdserve.engine.build import build_parts
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import Engine
@@ -16,9 +18,9 @@ from pdserve.engine.messages import GenerateReq, TopLogprob
 from pdserve.engine.prefix_cache import Node, NoTier
 from pdserve.engine.process import DPAttentionRound, SoloRound, Wait
 from pdserve.engine.request import Request
-from pdserve.engine.sampler import SampleResult
+from pdserve.engine.sampler import SampleResult, SampleRow
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.speculate import NoSpeculation
+from pdserve.engine.speculate import Accept, NoSpeculation
 from pdserve.engine.stop import StopChecker
 from pdserve.model.tokenizer import Tokenizer
 from pdserve.parallel.dp_attention import RoundView
@@ -29,12 +31,14 @@ class CountingSpeculator(NoSpeculation):
         self.proposed = 0  # forwards
         self.verified = 0  # sampled rows
 
-    def propose(self, batch: ScheduleBatch) -> None:
+    def propose(self, batch: ScheduleBatch) -> ScheduleBatch:
         self.proposed += 1
+        return batch
 
-    def verify(self, sampled: list[Chunk], result: SampleResult) -> list[tuple[Chunk, list[int]]]:
-        self.verified += len(sampled)
-        return super().verify(sampled, result)
+    def verify(self, rows: list[Row], logits: torch.Tensor, sample_rows: list[SampleRow], result: SampleResult,
+               accept: Accept) -> None:
+        self.verified += len(rows)
+        super().verify(rows, logits, sample_rows, result, accept)
 
 
 class RecordingTier(NoTier):
