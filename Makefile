@@ -29,7 +29,7 @@ $(RUN_STAMP): pyproject.toml | $(PY)
 
 $(TEST_STAMP): $(RUN_STAMP)
 	bash scripts/install_system_deps.sh
-	$(PIP) install -e '.[test,nixl,mooncake]'
+	$(PIP) install -e '.[test,trace,nixl,mooncake]'
 	touch $@
 
 setup: $(RUN_STAMP)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pdserve.flags.argtypes import OneLineParser
+
 
 def version() -> str:
     from importlib.metadata import PackageNotFoundError
@@ -29,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pdserve.router.cli import add_router_parser
     from pdserve.server.serve import add_serve_parser
 
-    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="pdserve", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"pdserve {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_generate_parser, add_convert_parser, add_serve_parser, add_router_parser, add_launch_parser,

@@ -31,6 +31,17 @@ IDS_COMMENT = b": pdserve-ids "
 # /v1/responses through a router: the router replaced `previous_response_id` by the conversation it
 # names (the worker that stored it may not be the one serving now); the answer still names it
 PREVIOUS_RESPONSE = "pdserve_previous_response_id"
+# a non-streaming request that asks for STREAM_IDS gets its progress as such comments, then its whole
+# answer as one `data:` event; an error after the first token is a STATUS_COMMENT (its HTTP status)
+# before the error's event (server/handler.py's progress; the router's router/whole.py reads it)
+STATUS_COMMENT = b": pdserve-status "
+
+# fields a client sends that the router reads too: vLLM's and SGLang's `priority` (lower value first;
+# the router's queue orders by it, both PD legs get it) and pdserve's TTFT deadline (milliseconds from
+# when the request reached the first pdserve process: the router forwards what is left of it, a
+# server drops a request whose prefill cannot begin in time)
+PRIORITY = "priority"
+TTFT_DEADLINE = "ttft_deadline_ms"
 
 # Live role switches (issue 26): a server's epoch starts at 1 and grows with each switch of its role.
 # A router that knows a worker's epoch (its discovery record, its /server_info) puts it in the leg it
@@ -57,8 +68,8 @@ def prefill_dp_rank(room: int, dp_size: int) -> int:
     return room % dp_size
 
 
-# (name, type, default) of every field a router may add to a request body: the server's request
-# models take exactly these (server/protocol.py builds its pydantic base from this table)
+# (name, type, default) of every field a router may add to (or read from) a request body: the server's
+# request models take exactly these (server/protocol.py builds its pydantic base from this table)
 BODY_FIELDS: tuple[tuple[str, object, object], ...] = (
     (BOOTSTRAP_HOST, str | list[str] | None, None),
     (BOOTSTRAP_PORT, int | list[int] | None, None),
@@ -69,6 +80,8 @@ BODY_FIELDS: tuple[tuple[str, object, object], ...] = (
     (RESPONSE_ID, str | None, None),
     (CREATED, int | None, None),
     (PREVIOUS_RESPONSE, str | None, None),
+    (PRIORITY, int | None, None),
+    (TTFT_DEADLINE, float | None, None),
     (EPOCH, int | None, None),
     (BOOTSTRAP_EPOCH, int | None, None),
 )

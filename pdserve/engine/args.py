@@ -103,6 +103,9 @@ ENGINE_SWITCHES: tuple[Flag, ...] = (
          "CPU: keep GEMM weights dense (F.linear) instead of prepacked for oneDNN", const=False),
     Flag(("--skip-server-warmup", "--skip-warmup"), "warmup", None,
          "report ready without running the warm-up request", const=False),
+    Flag(("--enable-priority-scheduling",), "enable_priority_scheduling", None,
+         "admit and preempt by each request's `priority` (lower value first; FCFS within a priority); "
+         "without it a priority other than 0 is refused (400)"),
 )
 
 

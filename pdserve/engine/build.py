@@ -141,7 +141,8 @@ def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> Eng
     log.info("KV pool: %d pages of %d tokens = %d tokens, %.2f GB; context length %d", num_pages, ps,
              num_pages * ps, num_pages * pool.page_bytes() / 2**30, max_model_len)
     kv = KVManager(num_pages, ps, config.enable_prefix_cache, NoTier())
-    scheduler = Scheduler(kv, config.chunk_budget, config.max_running, config.decode_headroom)
+    scheduler = Scheduler(kv, config.chunk_budget, config.max_running, config.decode_headroom,
+                          config.enable_priority_scheduling)
     keep_freed_memory()  # after the weights and the pool: they keep their own mappings
     stats = EngineStats(config.log_stats_interval_s)
     dp = DPAttentionRank(dp_group, model, stats) if dp_group is not None else None

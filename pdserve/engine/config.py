@@ -152,6 +152,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the tp/dp layout (flat keywords fold in)
     kv_events_config: str | None = None  # JSON (pdserve/kv_events): publish KV events; None = off
     speculative: SpecConfig = field(default_factory=SpecConfig)  # speculative decoding (engine/spec/); off
+    enable_priority_scheduling: bool = False  # admit and preempt by the request's priority (lower first)
 
     def check_parallel(self) -> None:
         """Raise ValueError (one sentence) for a layout that cannot work, here or with the engine's knobs."""

@@ -34,6 +34,9 @@ class GenerateReq(msgspec.Struct, frozen=True, tag=True):
     # this one is admitted once that one's prompt is computed and reuses its pages
     data_parallel_rank: int | None = None  # the front's placement over dp ranks (SGLang's field)
     output_ids: list[int] = []  # already generated (a migrated stream): counted as output, not re-sent
+    priority: int = 0  # --enable-priority-scheduling: lower first (vLLM's and SGLang's field)
+    deadline: float | None = None  # wall clock (s) by which the first token is due: dropped (503) if
+    # its prefill cannot begin in time (the front sets it from the body's TTFT deadline)
 
 
 class AbortReq(msgspec.Struct, frozen=True, tag=True):
@@ -64,6 +67,7 @@ class TokenOut(msgspec.Struct, tag=True):
     cached_tokens: int = 0
     error: str | None = None
     error_status: int = 400  # HTTP status for `error`: 400 bad input, 503 a failed PD transfer
+    error_code: str | None = None  # OpenAI error code for `error` (e.g. "deadline_exceeded")
     # set on the finishing TokenOut: arrival -> first forward -> first token -> finish (seconds)
     queue_time_s: float = 0.0
     prefill_time_s: float = 0.0
@@ -243,10 +247,24 @@ class EngineFailed(msgspec.Struct, frozen=True, tag=True):
     message: str
 
 
+class LoadBrief(msgspec.Struct, frozen=True, array_like=True):
+    """The engine's load as the front's admission control reads it, sent with every TokenOutBatch:
+    KV pages held by requests (neither free nor evictable cache), the running requests past their
+    prompt (decode rows of every step) and the measured step time (engine/stats.py's StepModel)."""
+
+    num_pages: int
+    held_pages: int
+    decode_rows: int
+    chunk_budget: int
+    step_s: float  # a step's fixed seconds ...
+    token_s: float  # ... plus these per token it forwards
+
+
 class TokenOutBatch(msgspec.Struct, tag=True):
-    """All TokenOuts of one engine step (plus immediate add_request errors)."""
+    """All TokenOuts of one engine step (plus immediate add_request errors) and the load after it."""
 
     outs: list[TokenOut]
+    load: LoadBrief | None = None
 
 
 class LoadResp(msgspec.Struct, frozen=True, tag=True):

@@ -268,7 +268,7 @@ class EngineLoop:
             outs = self.pending + list(outs)
             self.pending = []
         if outs:
-            self._send(TokenOutBatch(outs=list(outs)))
+            self._send(TokenOutBatch(outs=list(outs), load=self.engine.brief()))
 
     def _check_integrity(self) -> None:
         try:

@@ -59,6 +59,8 @@ class Request:
     leader: "Request | None" = None  # same prompt, arrived first (n > 1): wait for its pages, then share them
     spec_verify_ct: int = 0  # speculative decoding: forwards that verified drafts of this request
     spec_accepted: int = 0  # drafts accepted (they are output tokens too; usage reports them)
+    priority: int = 0  # lower first, under priority scheduling (engine/scheduler.py)
+    deadline: float | None = None  # wall clock by which the first token is due (GenerateReq.deadline)
 
     @property
     def output_ids(self) -> list[int]:

@@ -8,10 +8,19 @@ Each `schedule()` builds one forward under a token budget:
      admitted only if its whole remaining prompt fits with headroom kept for the decode of
      those already running (`decode_headroom` × their remaining new tokens). A copy of a
      prompt (n > 1) waits, without blocking the queue, until its leader's prompt is cached.
+
+Priority scheduling (`--enable-priority-scheduling`; vLLM's and SGLang's `priority`, lower value
+first): the waiting queue and the running batch are kept in (priority, arrival) order, so the
+budget goes to the most important requests first and FCFS holds within a priority; the victim
+of a preemption is the least important running request (the newest of its priority); a waiting
+request that does not fit (`max_running` or pages) preempts running requests of a strictly
+lower priority until it fits. A PD prefill's request is never preempted for priority: its pages
+may be in flight to its decode. Off, every request has priority 0: plain FCFS, as above.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 
 from pdserve.engine.batch import Chunk, ScheduleBatch
@@ -20,11 +29,18 @@ from pdserve.engine.kv_manager import KVManager
 from pdserve.engine.request import Request
 
 
-class WaitingQueue:
-    """FCFS queue; preempted requests re-enter at the front."""
+def rank(req: Request) -> tuple[int, int]:
+    """Scheduling order under priority scheduling: priority (lower first), then arrival."""
+    return req.priority, req.arrival
 
-    def __init__(self) -> None:
+
+class WaitingQueue:
+    """FCFS queue; preempted requests re-enter at the front. With `by_priority`, kept in `rank`
+    order instead (a preempted request re-enters at the front of its priority)."""
+
+    def __init__(self, by_priority: bool = False) -> None:
         self._q: deque[Request] = deque()
+        self.by_priority = by_priority
 
     def __len__(self) -> int:
         return len(self._q)
@@ -33,10 +49,16 @@ class WaitingQueue:
         return iter(self._q)
 
     def push(self, req: Request) -> None:
-        self._q.append(req)
+        if self.by_priority and self._q and rank(req) < rank(self._q[-1]):
+            self._q.insert(bisect.bisect(self._q, rank(req), key=rank), req)
+        else:
+            self._q.append(req)
 
     def push_front(self, req: Request) -> None:
-        self._q.appendleft(req)
+        if self.by_priority:
+            self.push(req)
+        else:
+            self._q.appendleft(req)
 
     def peek(self) -> Request:
         return self._q[0]
@@ -53,12 +75,14 @@ class WaitingQueue:
 
 
 class Scheduler:
-    def __init__(self, kv: KVManager, chunk_budget: int, max_running: int, decode_headroom: float) -> None:
+    def __init__(self, kv: KVManager, chunk_budget: int, max_running: int, decode_headroom: float,
+                 by_priority: bool = False) -> None:
         self.kv = kv
         self.chunk_budget = chunk_budget
         self.max_running = max_running
         self.decode_headroom = decode_headroom
-        self.waiting = WaitingQueue()
+        self.by_priority = by_priority  # --enable-priority-scheduling (see the module docstring)
+        self.waiting = WaitingQueue(by_priority)
         self.running: list[Request] = []
         self.num_preemptions = 0
 
@@ -67,7 +91,13 @@ class Scheduler:
 
     def resume(self, req: Request) -> None:
         """Join the running batch directly: its KV is already in its pages (a PD decode commit)."""
-        self.running.append(req)
+        self._run(req)
+
+    def _run(self, req: Request) -> None:
+        if self.by_priority and self.running and rank(req) < rank(self.running[-1]):
+            self.running.insert(bisect.bisect(self.running, rank(req), key=rank), req)
+        else:
+            self.running.append(req)
 
     def detach(self, req: Request) -> bool:
         """Take `req` out of the scheduler keeping its pages (a PD stage holds it from now on);
@@ -86,6 +116,9 @@ class Scheduler:
 
     def schedule(self) -> ScheduleBatch | None:
         chunks: list[Chunk] = []
+        if self.by_priority and self.waiting and self.running:
+            self._preempt_for_priority()
+            self._admit_waiting(chunks, self.chunk_budget, outranking=True)  # they go first below
         budget = self._schedule_running(chunks, self.chunk_budget)
         self._admit_waiting(chunks, budget)
         return ScheduleBatch(chunks) if chunks else None
@@ -96,7 +129,7 @@ class Scheduler:
             req = self.running[i]
             n = min(req.todo, budget)
             while req in self.running and not self.kv.ensure_pages(req, req.num_computed + n):
-                self.preempt(self.running[-1])
+                self.preempt(self.running[-1])  # after req in the batch order: it has no chunk yet
             if req not in self.running:
                 break  # it preempted itself: everything after it went too
             chunks.append(Chunk(req, req.num_computed, n))
@@ -104,9 +137,15 @@ class Scheduler:
             i += 1
         return budget
 
-    def _admit_waiting(self, chunks: list[Chunk], budget: int) -> None:
+    def _admit_waiting(self, chunks: list[Chunk], budget: int, outranking: bool = False) -> None:
+        """Admit waiting requests in order while budget, `max_running` and pages allow (module
+        docstring), each with its first chunk. `outranking` (priority scheduling, before the
+        running requests are scheduled): only those more important than the least important
+        running request, with no chunk yet: they join the batch in their rank's place."""
         for req in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_running:
+                break
+            if outranking and rank(req) >= rank(self.running[-1]):
                 break
             if self._waits_for_leader(req):
                 continue  # admitted once its leader's prompt pages are in the prefix cache
@@ -121,9 +160,31 @@ class Scheduler:
             self.waiting.remove(req)
             if not req.admitted:
                 req.cached_tokens, req.admitted = req.num_computed, True
-            self.running.append(req)
-            chunks.append(Chunk(req, req.num_computed, n))
-            budget -= n
+            self._run(req)
+            if not outranking:
+                chunks.append(Chunk(req, req.num_computed, n))
+                budget -= n
+
+    def _preempt_for_priority(self) -> None:
+        """Before the step is built: waiting requests more important than the least important
+        running one take its place (preempt it) while they would not fit otherwise (`max_running`,
+        or pages for their whole prompt with headroom, the prefix hit not counted)."""
+        for req in list(self.waiting):
+            while True:
+                need = pages_needed(len(req.tokens), self.kv.page_size) + self.decode_headroom_pages()
+                if len(self.running) < self.max_running and self.kv.available() >= need:
+                    break  # it fits: the next one may need room
+                if not self.make_room(req):
+                    return  # nothing it may preempt: the rest of the queue is no more important
+
+    def make_room(self, req: Request) -> bool:
+        """Priority scheduling: preempt the least important running request if `req` is strictly
+        more important and it is not a PD prefill's; True if one was preempted."""
+        victim = self.running[-1] if self.by_priority and self.running else None
+        if victim is None or victim.priority <= req.priority or victim.transfer is not None:
+            return False
+        self.preempt(victim)
+        return True
 
     def _waits_for_leader(self, req: Request) -> bool:
         """n copies of one prompt: the first computes it, the others wait until it has sampled

@@ -14,7 +14,8 @@ sending outputs); what is not forward+sample there is the loop's and the schedul
 per-step overhead (issue 18: it must stay small at concurrency 16).
 
 The window's rates also go into `LoadInfo` (gauges for /metrics), the cumulative counts into
-counters; nothing here is reset except the window.
+counters; nothing here is reset except the window. Every forward also feeds `StepModel`, the
+measured step time (a + b x tokens) that admission control and deadline checks predict with.
 """
 
 from __future__ import annotations
@@ -53,6 +54,43 @@ class Window:
         return bool(self.prompt_tokens or self.gen_tokens or self.cache_queries)
 
 
+class StepModel:
+    """Seconds of one forward as `a + b * tokens`, a least-squares line over recent steps (each
+    sum decays by `1 - alpha` per step, so it follows the machine's current speed). Before any
+    step: 0 (nothing measured, nothing refused)."""
+
+    def __init__(self, alpha: float = 0.05) -> None:
+        self.alpha = alpha
+        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        k = 1.0 - self.alpha
+        self.w, self.sx, self.sy = self.w * k + 1.0, self.sx * k + tokens, self.sy * k + seconds
+        self.sxx, self.sxy = self.sxx * k + tokens * tokens, self.sxy * k + tokens * seconds
+
+    def line(self) -> tuple[float, float]:
+        """(a, b): fixed seconds per step, seconds per token (both >= 0)."""
+        if self.w <= 0.0 or self.sx <= 0.0:
+            return 0.0, 0.0
+        mx, my = self.sx / self.w, self.sy / self.w
+        var = self.sxx / self.w - mx * mx
+        b = (self.sxy / self.w - mx * my) / var if var > 1e-6 * max(mx * mx, 1.0) else 0.0
+        a = my - b * mx
+        if b <= 0.0 or a < 0.0:  # too little spread (or noise): proportional through the mean
+            return (0.0, my / mx) if b > 0.0 else (my, 0.0)
+        return a, b
+
+
+def prefill_seconds(tokens: int, budget: int, decode_rows: int, a: float, b: float) -> float:
+    """Predicted seconds to compute `tokens` prompt tokens queued ahead in chunks of `budget`
+    per step, each step also carrying `decode_rows` decode tokens (StepModel's line a + b x n)."""
+    if tokens <= 0:
+        return 0.0
+    per_step = max(1, budget - decode_rows)
+    full, rest = divmod(tokens, per_step)
+    return full * (a + b * (per_step + decode_rows)) + (a + b * (rest + decode_rows) if rest else 0.0)
+
+
 class EngineStats:
     def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval_s = interval_s
@@ -73,6 +111,7 @@ class EngineStats:
         self.step_seconds = 0.0
         self.idle_steps = 0
         self.trace: deque[StepSample] = deque(maxlen=TRACE_STEPS)
+        self.step_model = StepModel()
 
     def on_forward(self, prompt_tokens: int, gen_tokens: int) -> None:
         self.window.prompt_tokens += prompt_tokens
@@ -86,6 +125,7 @@ class EngineStats:
         self.steps += 1
         self.step_seconds += seconds
         self.trace.append(StepSample(time.time() - seconds, seconds, tokens, False))
+        self.step_model.add(tokens, seconds)
 
     def on_idle_step(self, seconds: float) -> None:
         """DP attention: a step in which this rank only joined the other ranks' collectives."""

@@ -74,3 +74,12 @@ def metrics_prefix(text: str) -> str:
     if not _PREFIX.match(text):
         raise argparse.ArgumentTypeError(f"not a Prometheus name prefix: {text!r}")
     return text
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line naming it (`pdserve serve: error: ...`) and exit code 2, not the
+    whole usage text: a supervisor's log shows what is wrong at a glance (`--help` has the rest).
+    Sub-command parsers inherit it (argparse makes them of their parent's class)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")

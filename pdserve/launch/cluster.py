@@ -40,6 +40,7 @@ from typing import Any
 
 from pdserve.disagg.backends import missing_extra
 from pdserve.disagg.config import DECODE_RADIX_FLAG
+from pdserve.flags.argtypes import OneLineParser
 from pdserve.flags.table import add_flags
 from pdserve.launch.config import LAUNCH_FLAGS, LOCAL_ETCD, LaunchConfig, config_from_args
 from pdserve.launch.procs import Child, plan_cpus, python_module
@@ -233,9 +234,10 @@ def preflight(args: argparse.Namespace) -> LaunchConfig:
     """Start-up checks before any process spawns; raises ValueError / OSError with one line."""
     from pdserve.flags.sockets import bind_socket
     from pdserve.model.bundled import check_model
+    from pdserve.model.config import check_architecture
 
     cfg = config_from_args(args)  # its flag-combination rules: LaunchConfig.__post_init__
-    check_model(cfg.model)
+    check_architecture(check_model(cfg.model))  # here, not in each server it would start
     if cfg.mode == "pd" and (missing := missing_extra(cfg.transfer_backend)) is not None:
         raise ValueError(missing)
     if cfg.discovery == LOCAL_ETCD and shutil.which("etcd") is None:
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "launch":
         argv = argv[1:]
-    parser = argparse.ArgumentParser(prog="pdserve launch", description=__doc__,
+    parser = OneLineParser(prog="pdserve launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_launch_arguments(parser)
     return run_launch(parser.parse_args(argv))

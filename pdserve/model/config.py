@@ -121,6 +121,20 @@ class ModelConfig:
         return cls.from_dict(json.loads(path.read_text()))
 
 
+def check_architecture(model: Path) -> None:
+    """Start-up check of an HF folder (no weights read): its config.json parses and names an
+    architecture pdserve serves; raises ValueError with one line. A .gguf file is left to the
+    engine (its conversion reads the architecture from the GGUF metadata)."""
+    if model.is_dir():
+        try:
+            ModelConfig.from_folder(model)
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"model {model}: config.json is not a usable model config ({type(exc).__name__}: "
+                             f"{exc})") from None
+        except ValueError as exc:
+            raise ValueError(f"model {model}: {exc}") from None
+
+
 _QKV_BIAS = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
 
 

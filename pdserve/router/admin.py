@@ -9,6 +9,7 @@
   SGLang's router's spellings answer too: `POST /add_worker?url=URL[&worker_type=prefill|decode]
   [&bootstrap_port=N]`, `POST /remove_worker?url=URL`, `GET /list_workers` (`{"urls": [...]}`).
 - `GET /metrics`: Prometheus text. `GET /get_loads`: per-worker load.
+- `GET/POST /admission`: admission control's thresholds and what it sees; change them at runtime.
 - `GET /v1/models`, `/v1/models/{id}`, `/version`, `/server_info`, `/model_info`,
   `/health_generate`, `POST /tokenize`, `/detokenize`: answered by one routable (decode or
   regular) worker; `POST /flush_cache`: sent to every worker.
@@ -26,6 +27,7 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pdserve.contract import SERVER_INFO_PATHS
+from pdserve.router.admission import RouterAdmission
 from pdserve.router.config import RouterConfig, WorkerSpec
 from pdserve.router.discovery import DiscoveredWorkers
 from pdserve.router.health import HealthChecker
@@ -53,6 +55,7 @@ class Admin:
     metrics: RouterMetrics
     pool: UpstreamPool
     kv_index: KVIndex | None = None
+    admission: RouterAdmission | None = None
     discovery: DiscoveredWorkers | None = None
 
     def routes(self) -> dict[str, dict[str, RouteFn]]:
@@ -70,7 +73,25 @@ class Admin:
             "/tokenize": {"POST": self.pass_through}, "/detokenize": {"POST": self.pass_through},
             "/flush_cache": {"POST": self.flush_cache, "GET": self.flush_cache},
             "/kv_index": {"GET": self.kv_index_dump},
+            "/admission": {"GET": self.get_admission, "POST": self.set_admission},
         }
+
+    async def get_admission(self, req: Request, rid: str) -> Response:
+        """Admission control's thresholds and each worker's figures (router/admission.py)."""
+        assert self.admission is not None
+        return _json(self.admission.describe(), rid)
+
+    async def set_admission(self, req: Request, rid: str) -> Response:
+        """Change admission control at runtime (a JSON object of its fields)."""
+        assert self.admission is not None
+        try:
+            body = msgspec.json.decode(req.body) if req.body else {}
+            if not isinstance(body, dict):
+                raise ValueError("send a JSON object of admission fields")
+            self.admission.update(body)
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+            raise RouterError(400, str(exc), param="admission") from None
+        return _json(self.admission.describe(), rid)
 
     async def kv_index_dump(self, req: Request, rid: str) -> Response:
         """The exact KV index per worker (router/kv_index.py): seq, sync state, block hashes."""

@@ -14,9 +14,12 @@ Lifecycle of `RouterApp`:
   - `handle(request)` (called by the HTTP server for every request) tags it with a request
     id, answers a CORS preflight (flags/cors.py; before the key: browsers send none with it),
     routes it, checks the API key (all routes except /health, /liveness, /readiness,
-    /metrics), and for generation routes takes a concurrency slot (429/408), forwards it and
-    records metrics; every error is an OpenAI-style body with the request id header, and every
-    answer to an allowed origin its CORS headers;
+    /metrics), and for generation routes: admission control (router/admission.py: 503 +
+    Retry-After), a concurrency slot in the body's priority order (429/408), forwarding (the
+    legs get what is left of its TTFT deadline; /v1/responses' previous_response_id expanded
+    first) and metrics; with --enable-trace a `pdserve.router` span (its child "router pick";
+    the legs carry its traceparent); every error is an OpenAI-style body with the request id
+    header, and every answer to an allowed origin its CORS headers;
   - `stop()` cancels the loops and closes the pools.
 """
 
@@ -31,8 +34,10 @@ from typing import Any
 
 import aiohttp
 
+from pdserve.contract import PRIORITY, TTFT_DEADLINE
 from pdserve.flags.cors import ALLOW_ORIGIN, preflight_headers, response_headers
 from pdserve.router.admin import Admin
+from pdserve.router.admission import RouterAdmission, deadline_left_s
 from pdserve.router.config import RouterConfig
 from pdserve.router.discovery import DiscoveredWorkers
 from pdserve.router.forward import Forwarder, RegularForwarder
@@ -48,8 +53,10 @@ from pdserve.router.request import RequestCtx, RouteFn, RouterError, error_body,
 from pdserve.router.resilience import ConcurrencyLimiter
 from pdserve.router.responses import Responses
 from pdserve.router.workers import Worker, WorkerRegistry, new_worker
+from pdserve.tracing import TRACEPARENT, NoTracer, Tracer, make_tracer
 
 logger = logging.getLogger("pdserve.router")
+_PRIORITY, _DEADLINE = f'"{PRIORITY}"'.encode(), f'"{TTFT_DEADLINE}"'.encode()
 GENERATE_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/responses")
 OPEN_PATHS = frozenset({"/health", "/liveness", "/readiness", "/metrics"})
 
@@ -81,8 +88,11 @@ class RouterApp:
         self._tasks: list[asyncio.Task[Any]] = []
         self._key = cfg.api_key.encode() if cfg.api_key else None
         self._forward_client_auth = cfg.worker_key is None
+        self.admission = RouterAdmission(cfg.admission, self.registry, self.metrics, cfg.pd)
+        self.tracer: Tracer = make_tracer("pdserve-router", cfg.otlp_traces_endpoint) if cfg.enable_trace \
+            else NoTracer()
         self.admin = Admin(cfg, self.registry, self.health, self.limiter, self.metrics, self.pool, self.kv_index,
-                           self.discovery)
+                           self.admission, self.discovery)
         self.responses = Responses(cfg, self.registry, self.pool)
         self.routes: dict[str, dict[str, RouteFn]] = {path: {"POST": self.generate} for path in GENERATE_ROUTES}
         for path, methods in (*self.admin.routes().items(), *self.responses.routes().items()):
@@ -108,7 +118,8 @@ class RouterApp:
             sync = KVSync(self.registry, self.kv_index, lambda: self.session, self.cfg.worker_key,
                           self.cfg.health.timeout_s, lambda url: self.metrics.kv_resyncs.labels(url).inc())
             self._tasks.append(asyncio.create_task(sync.run(), name="kv-events"))
-        if any(p.name == "power_of_two" for p in self.policies.values()) or self.cfg.pd_prefill_queue_limit is not None:
+        polled = self.cfg.pd_prefill_queue_limit is not None or self.cfg.admission.enabled
+        if polled or any(p.name == "power_of_two" for p in self.policies.values()):
             monitor = LoadMonitor(self.cfg.health.load_interval_s, self.cfg.health.timeout_s, self.registry,
                                   self.session, self.cfg.worker_key)
             self._tasks.append(asyncio.create_task(monitor.run(), name="load-monitor"))
@@ -134,6 +145,7 @@ class RouterApp:
         if self.session is not None:
             await self.session.close()
         self.pool.close()
+        self.tracer.close()
 
     # -- requests ---------------------------------------------------------------------------
     def authorized(self, headers: dict[str, str]) -> bool:
@@ -189,7 +201,7 @@ class RouterApp:
                 raise RouterError(405, f"{req.method} is not allowed on {req.path}; use {', '.join(methods)}")
             return await fn(req, rid)
         except RouterError as exc:
-            headers = [("x-request-id", rid)]
+            headers = [("x-request-id", rid), *exc.headers]
             if exc.status == 401:
                 headers.append(("www-authenticate", "Bearer"))
             return Response(error_body(exc.status, exc.message, exc.code, exc.param), exc.status,
@@ -199,16 +211,23 @@ class RouterApp:
         t0 = time.perf_counter()
         status = 500
         ctx: RequestCtx | None = None
+        span = None
+        if self.tracer.enabled:
+            span = self.tracer.begin("pdserve.router", req.headers.get(TRACEPARENT), time.time_ns(),
+                                     {"pdserve.request_id": rid, "pdserve.route": req.path})
         try:
+            ctx = RequestCtx(req, rid, req.path, req.headers.get("authorization") if self._forward_client_auth
+                             else None, self.tracer, span)
             try:
-                await self.limiter.acquire()
+                priority, left = self._queue_fields(ctx)
+                self.admission.check(left)
+                await self.limiter.acquire(priority)
             except RouterError as exc:
                 status = exc.status
-                self.metrics.rejected.labels("queue_full" if exc.status == 429 else "queue_timeout").inc()
+                if exc.status in (408, 429):
+                    self.metrics.rejected.labels("queue_full" if exc.status == 429 else "queue_timeout").inc()
                 raise
             try:
-                ctx = RequestCtx(req, rid, req.path,
-                                 req.headers.get("authorization") if self._forward_client_auth else None)
                 ctx.resp_headers += response_headers(self.cfg.cors, req.headers.get("origin"))  # a stream's too
                 if req.path == "/v1/responses" and b"previous_response_id" in req.body:
                     await self.responses.expand(ctx)
@@ -227,3 +246,17 @@ class RouterApp:
             self.metrics.request_done(req.path, status, time.perf_counter() - t0)
             if status == 200 and ctx is not None and ctx.usage is not None:
                 self.metrics.generation(ctx.usage)
+            if span is not None:
+                span.end(time.time_ns())
+
+    @staticmethod
+    def _queue_fields(ctx: RequestCtx) -> tuple[int, float | None]:
+        """The body's priority (the queue's order) and the seconds left of its TTFT deadline; the
+        body is parsed only when it names one of them."""
+        raw = ctx.req.body
+        if _PRIORITY not in raw and _DEADLINE not in raw:
+            return 0, None
+        body = ctx.json()
+        value = body.get(PRIORITY)
+        priority = value if isinstance(value, int) and not isinstance(value, bool) else 0
+        return priority, deadline_left_s(body, ctx.t0)

@@ -14,8 +14,8 @@ from typing import Any
 
 from pdserve.contract import API_KEY_ENV, SERVER_INFO_PATH, resolve_api_key
 from pdserve.discovery import parse_discovery_url
-from pdserve.flags.argtypes import metrics_prefix, non_negative_float, non_negative_int, port_number, positive_float, \
-    positive_int, unit_interval
+from pdserve.flags.argtypes import OneLineParser, metrics_prefix, non_negative_float, non_negative_int, port_number, \
+    positive_float, positive_int, unit_interval
 from pdserve.flags.cors import CORS_FLAGS
 from pdserve.flags.table import Flag, add_flags, flag_values, with_values
 from pdserve.router.config import POLICIES, RouterConfig, WorkerSpec
@@ -104,6 +104,21 @@ ROUTER_FLAGS: dict[str, tuple[Flag, ...]] = {  # argument group -> its flags, ov
         Flag(("--load-check-interval-secs",), "health.load_interval_s", positive_float,
              "seconds between /get_load polls of each worker"),
     ),
+    "admission control and tracing": (
+        Flag(("--admission-control",), "admission.enabled", None,
+             "refuse (503 + Retry-After) requests no worker can serve in time, from the workers' polled /get_load "
+             "(thresholds below, a request's ttft_deadline_ms); GET/POST /admission changes them at runtime"),
+        Flag(("--admission-max-kv-usage",), "admission.max_kv_usage", unit_interval,
+             "refuse when every decode (regular: worker) holds more than this fraction of its KV pool"),
+        Flag(("--admission-max-queue-wait",), "admission.max_queue_wait_s", positive_float,
+             "refuse when every prefill (regular: worker) predicts a longer queue (seconds)", shown="no limit"),
+        Flag(("--admission-retry-after",), "admission.retry_after_s", non_negative_float,
+             "the smallest Retry-After (seconds) a refusal carries"),
+        Flag(("--enable-trace",), "enable_trace", None,
+             "OpenTelemetry spans: the router's and its pick; the legs carry their W3C traceparent (pdserve[trace])"),
+        Flag(("--otlp-traces-endpoint",), "otlp_traces_endpoint", str,
+             "http://HOST:PORT[/path]: OTLP over HTTP/protobuf; HOST:PORT: OTLP over gRPC"),
+    ),
     "security and logging": (
         Flag(("--api-key",), None, str, "required on every route but /health, /liveness, /readiness, /metrics",
              shown=f"${API_KEY_ENV}, else none"),
@@ -168,8 +183,12 @@ def run_router(args: argparse.Namespace) -> int:
 
     try:
         cfg = config_from_args(args)
+        if cfg.enable_trace:
+            from pdserve.tracing import exporter_for
+
+            exporter_for(cfg.otlp_traces_endpoint).shutdown()
         sock = bind_socket(cfg.host, cfg.port)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ImportError) as exc:
         print(f"pdserve router: error: {exc}", file=sys.stderr)
         return 2
     import uvloop
@@ -189,6 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "router":
         argv = argv[1:]
-    parser = argparse.ArgumentParser(prog="pdserve router", description="Route requests over pdserve workers.")
+    parser = OneLineParser(prog="pdserve router", description="Route requests over pdserve workers.")
     add_router_arguments(parser)
     return run_router(parser.parse_args(argv))

@@ -132,6 +132,22 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class AdmissionConfig:
+    """The router's admission control (router/admission.py); GET/POST /admission changes it at runtime."""
+
+    enabled: bool = False
+    max_kv_usage: float = 0.95  # every decode (regular: worker) holds more of its KV pool: refuse
+    max_queue_wait_s: float | None = None  # every prefill (regular: worker) predicts a longer queue: refuse
+    retry_after_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.max_kv_usage <= 1.0 or self.retry_after_s < 0:
+            raise ValueError("admission: max_kv_usage in (0, 1], retry_after >= 0")
+        if self.max_queue_wait_s is not None and self.max_queue_wait_s <= 0:
+            raise ValueError("admission: max_queue_wait must be > 0")
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_ROUTER_PORT
@@ -157,6 +173,9 @@ class RouterConfig:
     pd_local_prefill_threshold: int | None = None  # PD: uncached tokens at most this -> decode alone
     pd_prefill_queue_limit: int | None = None  # PD: every prefill's queue over this -> decode alone
     kv_events: bool = True  # follow workers' KV events (exact index) when a policy or PD needs it
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    enable_trace: bool = False  # OpenTelemetry spans (pdserve/tracing): router pick, the legs' parent
+    otlp_traces_endpoint: str = "localhost:4317"  # http://... : OTLP HTTP/protobuf; host:port: gRPC
     discovery: DiscoveryConfig | None = None  # --discovery: workers also come and go with etcd (router/discovery.py)
 
     def __post_init__(self) -> None:

@@ -27,7 +27,8 @@ from typing import Protocol
 
 import msgspec
 
-from pdserve.contract import STALE_EPOCH, error_code_is
+from pdserve.contract import STALE_EPOCH, TTFT_DEADLINE, error_code_is
+from pdserve.router.admission import deadline_left_s, with_deadline_left
 from pdserve.router.config import RouterConfig
 from pdserve.router.http.client import UpstreamError, UpstreamPool, UpstreamResponse
 from pdserve.router.http.protocol import Response
@@ -44,16 +45,21 @@ from pdserve.router.workers import Worker, WorkerRegistry
 logger = logging.getLogger("pdserve.router")
 
 
+_DEADLINE = TTFT_DEADLINE.encode()
+_enc = msgspec.json.Encoder()
+
+
 class Failure:
-    __slots__ = ("body", "content_type", "retryable", "sent", "status")
+    __slots__ = ("body", "content_type", "retry_after", "retryable", "sent", "status")
 
     def __init__(self, status: int, body: bytes, content_type: str | None = "application/json",
-                 retryable: bool = True, sent: bool = False) -> None:
+                 retryable: bool = True, sent: bool = False, retry_after: str | None = None) -> None:
         self.status = status
         self.body = body
         self.content_type = content_type
         self.retryable = retryable
         self.sent = sent
+        self.retry_after = retry_after  # a worker's admission refusal (503): relayed to the client
 
     @classmethod
     def upstream(cls, exc: UpstreamError, who: str) -> Failure:
@@ -61,13 +67,22 @@ class Failure:
         return cls(status, error_body(status, f"{who}: {exc}", code=f"worker_{exc.kind}"))
 
     @classmethod
-    def answer(cls, status: int, body: bytes, content_type: str | None) -> Failure:
+    def answer(cls, status: int, body: bytes, content_type: str | None, retry_after: str | None = None) -> Failure:
         """A worker's error answer; retryable as retryable_status says, or a 409 stale_epoch (the worker
         changed role since this router last looked: another worker or pair can serve it)."""
-        return cls(status, body, content_type, retryable=retryable_status(status) or stale_epoch(status, body))
+        return cls(status, body, content_type, retryable=retryable_status(status) or stale_epoch(status, body),
+                   retry_after=retry_after)
 
     def response(self, ctx: RequestCtx) -> Response:
-        return Response(self.body, self.status, self.content_type, ctx.resp_headers)
+        extra = [("retry-after", self.retry_after)] if self.retry_after else []
+        return Response(self.body, self.status, self.content_type, ctx.resp_headers + extra)
+
+    def gives_up(self, registry: WorkerRegistry, role: str, tried: set[str]) -> bool:
+        """No retry: a byte reached the client, the answer is final, or every worker of `role`
+        refused it for overload already (Retry-After): the client gets that 503 now."""
+        if self.sent or not self.retryable:
+            return True
+        return self.retry_after is not None and all(w.url in tried for w in registry.routable(role))
 
 
 def stale_epoch(status: int, body: bytes) -> bool:
@@ -154,6 +169,7 @@ class RegularForwarder:
             if attempt:
                 self.metrics.retry(ctx.route)
                 await asyncio.sleep(backoff_s(self.cfg.retry, attempt - 1))
+            ctx.mark()
             candidates = self.registry.routable("regular")
             if not candidates:
                 break
@@ -161,11 +177,12 @@ class RegularForwarder:
             worker = self.policy.select(fresh, ctx.text, await exact_hits(
                 ctx, self.policy, self.index, fresh, self.pool, self.timeout))
             tried.add(worker.url)
+            ctx.picked()
             outcome = await self.attempt(ctx, worker)
             if not isinstance(outcome, Failure):
                 return outcome
             last = outcome
-            if outcome.sent or not outcome.retryable:
+            if outcome.gives_up(self.registry, "regular", tried):
                 break
         if last is None:
             raise RouterError(503, "no healthy worker is available", code="no_healthy_workers")
@@ -192,6 +209,10 @@ class RegularForwarder:
         resp = None
         track = self._tracked(ctx)
         payload = tracked_payload(ctx.json()) if track else ctx.req.body
+        if _DEADLINE in ctx.req.body:  # the worker gets what is left of the client's deadline
+            left = deadline_left_s(ctx.json(), ctx.t0)
+            payload = tracked_payload(with_deadline_left(ctx.json(), left)) if track else \
+                _enc.encode(with_deadline_left(ctx.json(), left))
         try:
             resp = await self.pool.request(w.host, w.port, ctx.req.method, ctx.req.target,
                                            w.fwd_headers + ctx.fwd_headers, payload, self.timeout)
@@ -200,7 +221,7 @@ class RegularForwarder:
                 body = await resp.read()
                 w.record(not breaker_failure(status), f"answered {status}")
                 self.metrics.worker_outcome(w.url, str(status))
-                return Failure.answer(status, body, resp.content_type)
+                return Failure.answer(status, body, resp.content_type, resp.headers.get("retry-after"))
             if resp.buffered:
                 body = await resp.read()
                 w.record(True)

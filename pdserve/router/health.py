@@ -178,6 +178,11 @@ class LoadMonitor:
         if isinstance(data, dict):
             value = data.get("num_reqs", data.get("load", 0))
             worker.load = int(value) if isinstance(value, (int, float)) else 0
+            adm = data.get("admission")  # a pdserve server's admission figures (router/admission.py)
+            if isinstance(adm, dict):
+                wait, held = adm.get("est_queue_wait_s"), adm.get("kv_held")
+                worker.queue_wait_s = float(wait) if isinstance(wait, (int, float)) else None
+                worker.kv_held = float(held) if isinstance(held, (int, float)) else None
 
     async def run(self) -> None:
         while True:

@@ -15,19 +15,21 @@ local prefill, as it does any request without bootstrap fields — with `pdserve
 ids already delivered: that worker prefills prompt + delivered ids, counts them as output (so
 max_tokens, stop checks and usage see every token once), sends no role delta or echo again, and
 continues the same client stream from the next token. Up to `migration_limit` times, each on a
-worker not tried yet; when none is left, the client gets the usual SSE error event.
+worker not tried yet; when none is left, the client gets the usual SSE error event. A
+non-streaming PD request moves the same way (`progress_tracked`, router/whole.py): the decode
+streams its progress to the router, which answers the client once.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
-from pdserve.contract import BOOTSTRAP_KEYS, CREATED, IDS_COMMENT, RESPONSE_ID, RESUME_IDS, STREAM_IDS
+from pdserve.contract import BOOTSTRAP_KEYS, CREATED, IDS_COMMENT, RESPONSE_ID, RESUME_IDS, STREAM_IDS, TTFT_DEADLINE
 from pdserve.router.http.client import UpstreamError, UpstreamPool
 from pdserve.router.policies import Policy
 from pdserve.router.request import RequestCtx
@@ -38,9 +40,20 @@ _enc = msgspec.json.Encoder()
 
 
 def migratable(body: dict[str, Any], limit: int, route: str = "") -> bool:
-    """Can this request's stream move to another worker mid-way? (Not /v1/responses: its events
-    are items, not token deltas a resumed stream could continue.)"""
-    if limit <= 0 or body.get("stream") is not True or route == "/v1/responses":
+    """Can this request's stream move to another worker mid-way?"""
+    return body.get("stream") is True and _one_plain_sequence(body, limit, route)
+
+
+def progress_tracked(body: dict[str, Any], limit: int, route: str = "") -> bool:
+    """Can this non-streaming request move to another worker mid-way (router/whole.py)?"""
+    return body.get("stream") is not True and _one_plain_sequence(body, limit, route)
+
+
+def _one_plain_sequence(body: dict[str, Any], limit: int, route: str) -> bool:
+    """One sequence (n = 1, one prompt), no logprobs nor echo, and migration on. Not /v1/responses:
+    its events are items, not token deltas a resumed stream could continue, nor the chat answer
+    router/whole.py assembles."""
+    if limit <= 0 or route == "/v1/responses":
         return False
     n = body.get("n", 1)
     sp = body.get("sampling_params")
@@ -116,10 +129,13 @@ def tracked_payload(body: dict[str, Any], extra: dict[str, Any] | None = None) -
 
 async def migrate(ctx: RequestCtx, body: dict[str, Any], tracker: StreamTracker, tried: set[str],
                   registry: WorkerRegistry, role: str, policy: Policy, pool: UpstreamPool, limit: int,
-                  timeout: float, on_move: Callable[[Worker, float], None] | None = None) -> bool:
-    """Continue the client's stream on other workers; True once it ended with `[DONE]`."""
-    resume = {k: v for k, v in body.items() if k not in BOOTSTRAP_KEYS}  # local prefill there
-    writer = ctx.req.writer
+                  timeout: float, on_move: Callable[[Worker, float], None] | None = None,
+                  write: Callable[[bytes], Awaitable[None]] | None = None) -> bool:
+    """Continue the client's stream on other workers (`write`: where its bytes go, the client by
+    default; router/whole.py collects a whole answer); True once it ended with `[DONE]`."""
+    # a local prefill there; its first token came already: no deadline to drop it for
+    resume = {k: v for k, v in body.items() if k not in BOOTSTRAP_KEYS and k != TTFT_DEADLINE}
+    write = write or ctx.req.writer.write
     for _ in range(limit):
         if tracker.done:
             return True
@@ -146,8 +162,8 @@ async def migrate(ctx: RequestCtx, body: dict[str, Any], tracker: StreamTracker,
                 if first and on_move is not None:
                     on_move(w, time.perf_counter() - t0)
                 first = False
-                await writer.write(tracker.feed(chunk))
-            await writer.write(tracker.flush())
+                await write(tracker.feed(chunk))
+            await write(tracker.flush())
             w.record(True)
             return tracker.done
         except UpstreamError as exc:

@@ -33,8 +33,10 @@ counted; one before it keeps the decode leg when that decode recomputes failed t
 prefill refused it because it drains: a new pair is quicker than the decode's transfer
 timeout). A decode stream that breaks after bytes reached the client migrates (migrate.py) to
 another decode. A client that goes away in any phase (before the decode answers or mid-stream)
-cancels both legs at once, so neither worker keeps the room until its bootstrap timeout.
-Metrics: PD TTFT (start → first decode byte) and failed legs by reason.
+cancels both legs at once, so neither worker keeps the room until its bootstrap timeout. A
+non-streaming request's decode streams its progress to the router (router/whole.py), so a decode
+that dies mid-way is continued on another one too; the client gets one answer. Metrics: PD TTFT
+(start → first decode byte) and failed legs by reason.
 
 Conditional disaggregation (`decide`, before a prefill is picked; off unless a flag is set): a
 single-prompt request goes to the chosen decode alone, without bootstrap fields (the decode then
@@ -63,12 +65,13 @@ import msgspec
 
 from pdserve.contract import (BOOTSTRAP_EPOCH, BOOTSTRAP_HOST, BOOTSTRAP_PORT, BOOTSTRAP_ROOM, DRAINING, EPOCH,
                               STREAM_IDS, error_code_is, sequence_count)
+from pdserve.router.admission import deadline_left_s, with_deadline_left
 from pdserve.router.config import RouterConfig
 from pdserve.router.forward import Failure, RegularForwarder, note_stale, relay_stream
 from pdserve.router.http.client import UpstreamError, UpstreamPool, UpstreamResponse
 from pdserve.router.http.protocol import Response
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.migrate import StreamTracker, migrate, migratable
+from pdserve.router.migrate import StreamTracker, migratable, migrate, progress_tracked
 from pdserve.router.kv_index import KVIndex
 from pdserve.router.policies import Policy
 from pdserve.router.prompt_ids import exact_hits, prompt_ids
@@ -76,13 +79,14 @@ from pdserve.router.prompt_logprobs import SSEMerger, merge_body, prefill_metas,
 from pdserve.router.request import RequestCtx, RouterError
 from pdserve.router.resilience import backoff_s, breaker_failure
 from pdserve.router.usage import Usage
+from pdserve.router.whole import Write, answer_whole
 from pdserve.router.workers import Worker, WorkerRegistry
 
 logger = logging.getLogger("pdserve.router")
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
 _rand = random.SystemRandom()
-Leg = tuple[int, bytes, "str | None"]
+Leg = tuple[int, bytes, "str | None", "str | None"]  # status, body, content type, retry-after
 
 
 def batch_size(body: dict[str, Any]) -> int | None:
@@ -133,8 +137,8 @@ def recomputes(d: Worker, p_task: asyncio.Task[Any], fail: Failure) -> bool:
     got the request (not a refused connection: then a new pair is quicker) with a 5xx or a
     broken connection, and the decode says (/server_info) it recomputes a failed transfer."""
     exc = p_task.exception()
-    if fail.status < 500 or (isinstance(exc, UpstreamError) and exc.kind == "connect"):
-        return False
+    if fail.status < 500 or fail.retry_after is not None or (isinstance(exc, UpstreamError) and exc.kind == "connect"):
+        return False  # (an admission refusal: the prefill never took the room)
     if error_code_is(fail.body, DRAINING):
         return False
     return d.info is not None and d.info.recomputes
@@ -163,7 +167,8 @@ class PDForwarder:
         body = ctx.json()
         batch = batch_size(body)
         want_lp = wants_prompt_logprobs(body)
-        track = migratable(body, self.cfg.migration_limit, ctx.route)
+        track = migratable(body, self.cfg.migration_limit, ctx.route) \
+            or progress_tracked(body, self.cfg.migration_limit, ctx.route)
         tried_p: set[str] = set()
         tried_d: set[str] = set()
         last: Failure | None = None
@@ -171,6 +176,7 @@ class PDForwarder:
             if attempt:
                 self.metrics.retry(ctx.route)
                 await asyncio.sleep(backoff_s(self.cfg.retry, attempt - 1))
+            ctx.mark()
             prefills = self.registry.routable("prefill")
             decodes = self.registry.routable("decode")
             if not prefills or not decodes:
@@ -181,26 +187,27 @@ class PDForwarder:
             decision = await self.decide(ctx, d, prefills, batch, want_lp)
             self.metrics.pd_decision(decision)
             if decision != "remote":
+                ctx.picked()
                 local = await self.local.attempt(ctx, d)
                 if not isinstance(local, Failure):
                     return local
                 last = local
                 tried_d.add(d.url)
-                if local.sent or not local.retryable:
+                if local.gives_up(self.registry, "decode", tried_d):
                     break
                 continue
             p_cands = [w for w in prefills if w.url not in tried_p] or prefills
             p = self.prefill_policy.select(p_cands, ctx.text, await exact_hits(
                 ctx, self.prefill_policy, self.index, p_cands, self.pool, self.timeout))
-            outcome, blame = await self.pair(ctx, inject_bootstrap(body, p, batch, track), p, d, want_lp, track)
+            ctx.picked()
+            sent = with_deadline_left(body, deadline_left_s(body, ctx.t0))  # what is left of its deadline
+            outcome, blame = await self.pair(ctx, inject_bootstrap(sent, p, batch, track), p, d, want_lp, track)
             if not isinstance(outcome, Failure):
                 return outcome
             last = outcome
-            if blame == "prefill":
-                tried_p.add(p.url)
-            else:
-                tried_d.add(d.url)
-            if outcome.sent or not outcome.retryable:
+            tried = tried_p if blame == "prefill" else tried_d
+            tried.add(p.url if blame == "prefill" else d.url)
+            if outcome.gives_up(self.registry, blame or "decode", tried):
                 break
         if last is None:
             raise RouterError(503, "no healthy prefill/decode pair is available", code="no_healthy_workers")
@@ -227,7 +234,7 @@ class PDForwarder:
         resp = await self.pool.request(p.host, p.port, "POST", ctx.req.target, p.fwd_headers + ctx.fwd_headers,
                                        with_epoch(payload, p), self.timeout)
         try:
-            return resp.status, await resp.read(), resp.content_type
+            return resp.status, await resp.read(), resp.content_type, resp.headers.get("retry-after")
         finally:
             resp.release()
 
@@ -253,7 +260,7 @@ class PDForwarder:
             p.record(False, str(exc))
             self.metrics.pd_failure("prefill", getattr(exc, "kind", "error"))
             return
-        status, body, _ = task.result()
+        status, body, _, _ = task.result()
         if status >= 400:
             note_stale(p, status, body)
             p.record(not breaker_failure(status), f"answered {status}")
@@ -261,11 +268,12 @@ class PDForwarder:
         else:
             p.record(True)
 
-    async def _migrate(self, ctx: RequestCtx, tracker: StreamTracker, d: Worker, exc: UpstreamError) -> bool:
+    async def _migrate(self, ctx: RequestCtx, tracker: StreamTracker, d: Worker, exc: UpstreamError,
+                       write: Write | None = None) -> bool:
         """The decode's stream broke mid-way: continue it on another decode (local prefill)."""
         d.record(False, str(exc))
         ok = await migrate(ctx, ctx.json(), tracker, {d.url}, self.registry, "decode", self.decode_policy,
-                           self.pool, self.cfg.migration_limit, self.timeout)
+                           self.pool, self.cfg.migration_limit, self.timeout, write=write)
         self.metrics.migrations.labels("ok" if ok else "failed").inc()
         return ok
 
@@ -276,8 +284,8 @@ class PDForwarder:
             return Failure.upstream(exc, f"prefill {p.url}")
         if exc is not None:
             raise exc
-        status, body, ctype = task.result()
-        return Failure.answer(status, body, ctype) if status >= 400 else None
+        status, body, ctype, retry_after = task.result()
+        return Failure.answer(status, body, ctype, retry_after) if status >= 400 else None
 
     async def pair(self, ctx: RequestCtx, payload: bytes, p: Worker, d: Worker, want_lp: bool,
                    track: bool = False) -> tuple[Response | Failure | None, str | None]:
@@ -307,13 +315,13 @@ class PDForwarder:
                 note_stale(d, status, first or b"")
                 d.record(not breaker_failure(status), f"answered {status}")
                 self.metrics.pd_answer("decode", status)
-                return Failure.answer(status, first or b"", resp.content_type), blame
+                return Failure.answer(status, first or b"", resp.content_type, resp.headers.get("retry-after")), blame
             d.record(True)
             self.metrics.pd_ttft.observe(time.perf_counter() - ctx.t0)
             metas: list[dict[str, Any]] = []
             if want_lp:
                 try:
-                    p_status, p_body, p_ctype = await p_task
+                    p_status, p_body, p_ctype, _ = await p_task
                     if p_status < 400:
                         metas = prefill_metas(p_body, p_ctype)
                 except UpstreamError:
@@ -323,6 +331,10 @@ class PDForwarder:
                 ctx.usage = Usage.whole(resp.headers)
                 return Response(merge_body(first or b"", metas) if metas else first or b"", status,
                                 resp.content_type, ctx.resp_headers), None
+            if ctx.json().get("stream") is not True:  # a whole answer's progress (router/whole.py)
+                tracker = StreamTracker()
+                return await answer_whole(ctx, resp, first, tracker,
+                                          lambda exc, keep: self._migrate(ctx, tracker, d, exc, keep)), None
             merger = SSEMerger(metas) if metas else None
             if track and merger is None:
                 tracker = StreamTracker()

@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 
 from pdserve.router.http.protocol import Request, Response
+from pdserve.tracing import TRACEPARENT, Span, Tracer
 from pdserve.router.usage import Usage
 
 # -- errors ------------------------------------------------------------------------------------
@@ -39,12 +40,14 @@ _CODES = {400: "bad_request", 401: "invalid_api_key", 404: "not_found", 405: "me
 
 
 class RouterError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: list[tuple[str, str]] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code or _CODES.get(status)
         self.param = param
+        self.headers = headers or []  # e.g. retry-after on an overload refusal
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> bytes:
@@ -121,9 +124,11 @@ def routing_text(route: str, body: dict[str, Any]) -> str:
 
 
 class RequestCtx:
-    __slots__ = ("_json", "_text", "fwd_headers", "prompt_ids", "req", "resp_headers", "rid", "route", "t0", "usage")
+    __slots__ = ("_json", "_mark", "_text", "fwd_headers", "prompt_ids", "req", "resp_headers", "rid", "route",
+                 "span", "t0", "tracer", "usage")
 
-    def __init__(self, req: Request, rid: str, route: str, client_auth: str | None) -> None:
+    def __init__(self, req: Request, rid: str, route: str, client_auth: str | None, tracer: Tracer | None = None,
+                 span: Span | None = None) -> None:
         self.req = req
         self.rid = rid
         self.route = route
@@ -131,8 +136,12 @@ class RequestCtx:
         self._json: dict[str, Any] | None = None
         self._text: str | None = None
         self.prompt_ids: list[int] | None | bool = False  # router/prompt_ids.py: False = not looked up yet
+        self.tracer, self.span = tracer, span  # the request's router span (tracing on): the legs' parent
+        self._mark = time.time_ns() if span is not None else 0
         self.usage: Usage | None = None  # what the answer cost (router/usage.py), once relayed
         extra = f"x-request-id: {rid}\r\n"
+        if span is not None and span.traceparent:
+            extra += f"{TRACEPARENT}: {span.traceparent}\r\n"
         if client_auth is not None:
             extra += f"authorization: {client_auth}\r\n"
         self.fwd_headers = extra.encode("latin-1")
@@ -153,6 +162,16 @@ class RequestCtx:
         """Forward `body` instead of what the client sent (router/responses.py)."""
         self._json, self._text = body, None
         self.req.body = msgspec.json.encode(body)
+
+    def mark(self) -> None:
+        """A pick begins (tracing: the next `picked` span starts here)."""
+        if self.span is not None:
+            self._mark = time.time_ns()
+
+    def picked(self) -> None:
+        """The worker(s) are picked: a "router pick" span since the last `mark` (tracing on)."""
+        if self.span is not None and self.tracer is not None:
+            self.tracer.span("router pick", self.span, self._mark, time.time_ns(), {"pdserve.request_id": self.rid})
 
     def text(self) -> str:
         if self._text is None:

@@ -12,19 +12,22 @@ Retries (on a newly chosen worker or pair, only before the client saw a byte): 4
 5xx, and connection-level failures. Backoff: `initial * multiplier**n`, capped at `max`, with
 +/- `jitter` of randomness so retries from many requests do not synchronise.
 
-Concurrency limit with a bounded FIFO queue (`--max-concurrent-requests`, `--queue-size`), per
-request: `acquire()` takes a slot at once if one is free; else it waits in the queue (429 when
-the queue is full, 408 after `queue_timeout_s`); `release()` hands the slot straight to the
-oldest waiter, so a queued request never races newcomers. Disabled when `max_concurrent` is -1.
+Concurrency limit with a bounded queue (`--max-concurrent-requests`, `--queue-size`), per
+request: `acquire(priority)` takes a slot at once if one is free; else it waits in the queue
+(429 when the queue is full, 408 after `queue_timeout_s`); `release()` hands the slot straight
+to the waiter first in (priority, arrival) order: the request's `priority` (lower first, vLLM's
+and SGLang's field), FIFO within one; a queued request never races newcomers. Disabled when
+`max_concurrent` is -1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Callable
 
 from pdserve.router.config import CircuitConfig, RetryConfig
@@ -125,7 +128,8 @@ class ConcurrencyLimiter:
         self.queue_size = queue_size
         self.timeout = queue_timeout_s
         self.active = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap: (priority, arrival, slot)
+        self._arrivals = itertools.count()
         self.rejected_full = 0
         self.rejected_timeout = 0
 
@@ -137,7 +141,7 @@ class ConcurrencyLimiter:
     def queued(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
+    async def acquire(self, priority: int = 0) -> None:
         if self.max <= 0:
             return
         if self.active < self.max and not self._waiters:
@@ -148,7 +152,8 @@ class ConcurrencyLimiter:
             raise RouterError(429, f"too many requests: {self.active} running and {len(self._waiters)} queued",
                               code="queue_full")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        entry = (priority, next(self._arrivals), fut)
+        heapq.heappush(self._waiters, entry)
         try:
             async with asyncio.timeout(self.timeout):
                 await fut
@@ -156,10 +161,9 @@ class ConcurrencyLimiter:
             got_slot = fut.done() and not fut.cancelled()
             if not fut.done():
                 fut.cancel()
-            try:
-                self._waiters.remove(fut)
-            except ValueError:
-                pass
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+                heapq.heapify(self._waiters)
             if got_slot:
                 self.release()  # it was handed to us just as we gave up: pass it on
             if isinstance(exc, TimeoutError):
@@ -172,7 +176,7 @@ class ConcurrencyLimiter:
         if self.max <= 0:
             return
         while self._waiters:
-            fut = self._waiters.popleft()
+            fut = heapq.heappop(self._waiters)[2]
             if not fut.done():
                 fut.set_result(None)  # the slot moves to the waiter; `active` is unchanged
                 return

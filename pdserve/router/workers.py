@@ -30,8 +30,8 @@ from pdserve.router.resilience import CircuitBreaker
 
 class Worker:
     __slots__ = ("bootstrap_host", "bootstrap_port", "breaker", "epoch", "ever_healthy", "fwd_headers",
-                 "health_failures", "health_successes", "healthy", "host", "in_flight", "info", "last_error", "load",
-                 "port", "processed", "removed", "role", "stale", "url")
+                 "health_failures", "health_successes", "healthy", "host", "in_flight", "info", "kv_held",
+                 "last_error", "load", "port", "processed", "queue_wait_s", "removed", "role", "stale", "url")
 
     def __init__(self, spec: WorkerSpec, circuit: CircuitConfig, api_key: str | None, healthy: bool) -> None:
         self.url = spec.url
@@ -48,6 +48,8 @@ class Worker:
         self.health_successes = 0
         self.in_flight = 0
         self.load = 0
+        self.queue_wait_s: float | None = None  # its admission figures from /get_load (router/admission.py)
+        self.kv_held: float | None = None
         self.processed = 0
         self.removed = False
         self.last_error: str | None = None

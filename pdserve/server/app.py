@@ -4,6 +4,7 @@
   startup  - `EngineClient.start()` spawns the engine process and waits until its model is
              loaded (uvicorn binds the port only after this, so /health answers only when
              ready), then `ServerState` (tokenizer, metrics, caps) goes into `app.state.server`;
+             an engine that fails to start leaves one line in `app.state.startup_error`;
   serving  - routers: OpenAI (/v1/completions, chat, responses, ...), native (/generate), admin
              (health, info, load, ...), elastic (/drain, /switch_role: server/elastic.py);
              errors always come back as OpenAI error bodies; CORS, API key and body cap run
@@ -28,6 +29,7 @@ from pdserve.server import (native_generate, openai_chat, openai_completions, op
 from pdserve.server.config import ServerConfig
 from pdserve.server.elastic import Elastic
 from pdserve.server.dp_client import EngineHandle, engine_client
+from pdserve.server.engine_client import EngineDeadError
 from pdserve.server.errors import install_error_handlers
 from pdserve.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from pdserve.server.state import ServerState
@@ -42,12 +44,19 @@ def build_fastapi(config: ServerConfig) -> FastAPI:
                                config.disagg)
         app.state.client = client
         try:
-            info = await client.start()
+            try:
+                info = await client.start()
+            except EngineDeadError as exc:  # one line (serve_app prints it, exit 2), not a traceback
+                app.state.startup_error = one_line(str(exc))
+                raise
             app.state.server = ServerState.create(config, client, info)
             logger.info("engine loaded: model %s, max_model_len %d, %d KV pages of %d tokens",
                         info.model_path, info.max_model_len, info.num_pages, info.page_size)
             yield
         finally:
+            state = app.state.server
+            if state is not None:
+                state.tracer.close()  # exports the spans still queued
             app.state.server = None
             await client.close(config.shutdown_timeout_s)
             logger.info("engine stopped")
@@ -57,6 +66,7 @@ def build_fastapi(config: ServerConfig) -> FastAPI:
     app.state.server = None
     app.state.client = None
     app.state.request_exit = None  # set by the launcher: ask the HTTP server to stop
+    app.state.startup_error = None  # why the engine did not start (one line)
     app.state.elastic = Elastic(config)  # drain, live role switch, discovery record (server/elastic.py)
     install_error_handlers(app)
     app.include_router(openai_completions.router)
@@ -82,6 +92,12 @@ def build_app(config: ServerConfig) -> Any:
                              allow_headers=list(cors.allowed_headers), allow_credentials=cors.allow_credentials)
     app.fastapi = fastapi_app  # type: ignore[attr-defined]
     return app
+
+
+def one_line(message: str) -> str:
+    """The line that names a failure: a traceback's last line (the exception and its message)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "the engine failed to start"
 
 
 def _request_exit(app: FastAPI) -> None:

@@ -6,13 +6,51 @@ app, the engine client and the request handlers for the life of the server.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from pdserve.contract import DEFAULT_SERVER_PORT
 from pdserve.disagg.config import DisaggConfig
 from pdserve.discovery import DiscoveryConfig
 from pdserve.engine.config import EngineConfig
 from pdserve.flags.cors import CorsConfig
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Admission control's thresholds (server/admission.py says what each one refuses)."""
+
+    enabled: bool = False  # --admission-control
+    max_kv_usage: float = 0.95  # fraction of the KV pool held by requests
+    max_queued_tokens: int | None = None  # prompt tokens admitted, first token not yet out
+    max_queue_wait_s: float | None = None  # their predicted compute time
+    retry_after_s: float = 1.0  # the smallest Retry-After a refusal carries
+
+    def check(self) -> None:
+        """Raise ValueError (one sentence) for a value that cannot work."""
+        if not 0.0 < self.max_kv_usage <= 1.0:
+            raise ValueError(f"max_kv_usage must be in (0, 1], got {self.max_kv_usage}")
+        if self.max_queued_tokens is not None and self.max_queued_tokens < 1:
+            raise ValueError(f"max_queued_tokens must be >= 1, got {self.max_queued_tokens}")
+        if self.max_queue_wait_s is not None and self.max_queue_wait_s <= 0:
+            raise ValueError(f"max_queue_wait_s must be > 0, got {self.max_queue_wait_s}")
+        if not self.retry_after_s >= 0:
+            raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
+
+    def updated(self, values: dict[str, Any]) -> AdmissionConfig:
+        """A copy with `values` (JSON from the admin API) applied and checked; ValueError names the field."""
+        known = {f.name: f.type for f in fields(self)}
+        for name, value in values.items():
+            if name not in known:
+                raise ValueError(f"unknown admission field {name!r} (known: {', '.join(known)})")
+            ok = value is None and "None" in str(known[name]) or (
+                isinstance(value, bool) if name == "enabled" else
+                isinstance(value, (int, float)) and not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"admission field {name!r} got {value!r}")
+        new = replace(self, **values)
+        new.check()
+        return new
 
 
 @dataclass(frozen=True)
@@ -44,5 +82,8 @@ class ServerConfig:
     access_log: bool = False
     log_requests: bool = False  # one log line per finished request
     metrics_prefix: str = "sglang"  # /metrics names are "<prefix>:<name>" (SGLang's names)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # at start; POST /admission changes it
+    enable_trace: bool = False  # OpenTelemetry spans per request (pdserve/tracing)
+    otlp_traces_endpoint: str = "localhost:4317"  # http://... : OTLP HTTP/protobuf; host:port: OTLP gRPC
     discovery: DiscoveryConfig | None = None  # --discovery: register in etcd once ready (server/registration.py)
     advertise_host: str | None = None  # the host routers reach (default --host, or this machine's name)

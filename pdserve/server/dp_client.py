@@ -37,8 +37,8 @@ import msgspec
 from pdserve.contract import prefill_dp_rank
 from pdserve.disagg.config import DisaggConfig
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.messages import (EngineReady, ExpertLoad, GenerateReq, LoadInfo, LoadResp, SpecStats, TokenOut,
-                                      TransferStats)
+from pdserve.engine.messages import (EngineReady, ExpertLoad, GenerateReq, LoadBrief, LoadInfo, LoadResp, SpecStats,
+                                      TokenOut, TransferStats)
 from pdserve.server.engine_client import EngineClient
 
 
@@ -169,6 +169,18 @@ class DPEngineClient:
     def abort_all(self, reason: str = "aborted") -> None:
         for c in self.ranks:
             c.abort_all(reason)
+
+    @property
+    def brief(self) -> LoadBrief | None:
+        """The ranks' latest load as one engine D times as wide (admission control): pages, held
+        pages, decode rows and chunk budgets summed, the step line's per-token cost over D."""
+        briefs = [c.brief for c in self.ranks if c.brief is not None]
+        if not briefs:
+            return None
+        d = len(briefs)
+        return LoadBrief(sum(b.num_pages for b in briefs), sum(b.held_pages for b in briefs),
+                         sum(b.decode_rows for b in briefs), sum(b.chunk_budget for b in briefs),
+                         sum(b.step_s for b in briefs) / d, sum(b.token_s for b in briefs) / d / d)
 
     async def get_load(self, timeout: float = 30.0, step_trace: bool = False) -> DPLoadResp:
         resps: list[LoadResp] = await asyncio.gather(*(c.get_load(timeout, step_trace) for c in self.ranks))

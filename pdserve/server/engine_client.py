@@ -41,6 +41,7 @@ from pdserve.engine.messages import (
     KVSnapshotReq,
     KVSnapshotResp,
     GenerateReq,
+    LoadBrief,
     GetLoadReq,
     LoadResp,
     ShutdownReq,
@@ -75,6 +76,7 @@ class EngineClient:
         self.proc: BaseProcess | None = None
         self.dead_reason: str | None = None
         self.closing = False
+        self.brief: LoadBrief | None = None  # the engine's load after its last step with outputs
         self._queues: dict[str, asyncio.Queue[TokenOut | BaseException]] = {}
         self._futures: dict[int, asyncio.Future[Any]] = {}
         self._cids = itertools.count(1)
@@ -283,6 +285,8 @@ class EngineClient:
                 logger.error("undecodable message from the engine: %s", exc)
                 continue
             if isinstance(msg, TokenOutBatch):
+                if msg.load is not None:
+                    self.brief = msg.load
                 for out in msg.outs:
                     queue = self._queues.get(out.rid)
                     if queue is not None:

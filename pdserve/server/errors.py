@@ -29,13 +29,14 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | int | None = None, type: str | None = None) -> None:
+                 code: str | int | None = None, type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.type = type or _TYPES.get(status, "invalid_request_error")
+        self.headers = headers  # e.g. Retry-After on an overload refusal
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -55,7 +56,7 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 def api_error_response(exc: APIError) -> Response:
-    return error_response(exc.status, exc.message, exc.param, exc.code, exc.type)
+    return error_response(exc.status, exc.message, exc.param, exc.code, exc.type, exc.headers)
 
 
 def _clean_loc(loc: Any) -> list[str]:

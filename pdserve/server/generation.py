@@ -27,6 +27,7 @@ from pdserve.server.errors import APIError
 from pdserve.server.metrics import RequestTimer
 from pdserve.server.state import ServerState
 from pdserve.server.text_stream import TextStream
+from pdserve.server.traces import trace_request
 
 T = TypeVar("T")
 
@@ -43,6 +44,8 @@ class SubRequest:
     score_from: int | None = None  # score the prompt from this position (echo + logprobs); None: no
     resume_ids: tuple[int, ...] | None = None  # a migrated stream: output already delivered elsewhere
     dp_rank: int | None = None  # the request's data_parallel_rank (SGLang's field): which dp rank serves it
+    sched_priority: int = 0  # the request's priority: lower first (--enable-priority-scheduling)
+    deadline: float | None = None  # wall clock by which its first token is due (contract.TTFT_DEADLINE)
 
 
 @dataclass
@@ -94,6 +97,14 @@ class Result:
 Delta = Result  # one engine step's share of a Result (see its docstring)
 
 
+def engine_error(out: TokenOut) -> APIError:
+    """The engine's error answer to a request as an APIError (a deadline drop carries Retry-After)."""
+    code = out.error_code or ("kv_transfer_failed" if out.error_status >= 500
+                              else STALE_EPOCH if out.error_status == 409 else None)
+    headers = {"Retry-After": "1"} if code == "deadline_exceeded" else None
+    return APIError(out.error_status, out.error or "failed", code=code, headers=headers)
+
+
 def _engine_error(exc: Exception) -> APIError:
     if isinstance(exc, DuplicateRequestError):
         return APIError(400, str(exc), param="rid")
@@ -112,15 +123,18 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
     req = GenerateReq(rid=sub.rid, input_ids=sub.prompt_ids, params=sub.params, bootstrap=sub.bootstrap,
                      share_prompt_with=sub.share_with, return_prompt_logprobs=sub.score_from is not None,
                      prompt_logprobs_from=sub.score_from or 0,
-                     output_ids=list(resumed), data_parallel_rank=sub.dp_rank)
+                     output_ids=list(resumed), data_parallel_rank=sub.dp_rank, priority=sub.sched_priority,
+                     deadline=sub.deadline)
+    state.admission.started(sub.rid)  # its prompt tokens count as queued until its first token
     try:
         outs = state.client.generate(req)
         async with contextlib.aclosing(outs):
             async for out in outs:
                 if out.error is not None:
                     finished = True  # rejected by the engine, or its PD transfer failed
-                    raise APIError(out.error_status, out.error, code="kv_transfer_failed" if out.error_status >= 500
-                                   else STALE_EPOCH if out.error_status == 409 else None)
+                    raise engine_error(out)
+                if out.token_ids or out.finished:
+                    state.admission.done(sub.rid)
                 ids = out.token_ids
                 timer.tokens(len(ids))
                 count += len(ids)
@@ -135,6 +149,7 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
                 prompt = out.prompt_tokens or len(sub.prompt_ids)
                 finished = True
                 e2e = timer.finish(out, prompt, count)
+                trace_request(state, sub.rid, sub.sched_priority, sub.bootstrap is not None, out, e2e)
                 yield Delta(sub.index, sub.rid, piece, ids, out.logprobs, out.top_logprobs, reason, matched,
                             prompt, count, out.cached_tokens, e2e, out.prompt_logprobs, out.prompt_top_logprobs,
                             out.spec_verify_ct, out.spec_accepted_tokens)
@@ -142,8 +157,18 @@ async def run_one(state: ServerState, sub: SubRequest) -> AsyncIterator[Delta]:
     except (EngineDeadError, DuplicateRequestError) as exc:
         raise _engine_error(exc) from None
     finally:
+        state.admission.done(sub.rid)
         if not finished:  # client gone, error or cancellation: count it as aborted
             timer.finish(TokenOut(rid=sub.rid, token_ids=[], finish_reason="abort"), len(sub.prompt_ids), count)
+
+
+def resumed_result(state: ServerState, s: SubRequest) -> Result:
+    """A request's result so far: empty, or a migrated request's delivered ids and their text."""
+    r = Result(s.index, s.rid, prompt_tokens=len(s.prompt_ids))
+    if s.resume_ids is not None:
+        text = TextStream(state.tokenizer, s.prompt_ids, s.params.stop, s.params.skip_special_tokens, s.include_stop)
+        r.text, r.token_ids = text.add(s.resume_ids), list(s.resume_ids)
+    return r
 
 
 _DONE = object()

@@ -9,7 +9,8 @@ Lifecycle of `serve_app(config, sock)`:
   3. on SIGTERM/SIGINT: deregister (in the background), stop accepting, abort in-flight requests (streams end with
      finish_reason "abort"), wait (bounded) for connections to close, then the lifespan stops
      the engine process; a second SIGINT forces the exit. Returns 0 after a clean stop, 1 if
-     the engine process died (the server then stops by itself).
+     the engine process died (the server then stops by itself), 2 (one line on stderr) if the
+     engine failed to start (a model it cannot load, an unsupported architecture, ...).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Generator
 from types import FrameType
@@ -92,11 +94,21 @@ def serve_app(config: ServerConfig, sock: socket.socket) -> int:
     app.fastapi.state.request_exit = lambda: setattr(server, "should_exit", True)
     logger.info("starting the engine for model %s (port %d is reserved; the server answers once it is ready)",
                 config.engine.model, config.port)
+    quiet = _StartupFailure(app.fastapi)
+    logging.getLogger("uvicorn.error").addFilter(quiet)
     try:
         server.run(sockets=[sock])
+    except SystemExit:  # uvicorn exits (3) when the app's start-up fails: answered just below
+        if server.started:
+            raise
     finally:
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
         elastic.stop_registration()  # bounded; a server whose engine died leaves etcd now, not a lease TTL later
     if not server.started:
+        why = app.fastapi.state.startup_error
+        if why is not None:  # the engine's own failure: one line naming it, exit 2
+            print(f"pdserve serve: error: {why}", file=sys.stderr)
+            return 2
         logger.error("server failed to start")
         return 1
     client = app.fastapi.state.client
@@ -105,6 +117,18 @@ def serve_app(config: ServerConfig, sock: socket.socket) -> int:
         logging.shutdown()  # the engine is gone and every socket closed: exit now, so a supervisor
         os._exit(1)  # restarts us within seconds (interpreter teardown took ~3 s more here)
     return 0
+
+
+class _StartupFailure(logging.Filter):
+    """Drops uvicorn's traceback and "Application startup failed" once the engine's start-up
+    failure is known: serve_app prints it as one line instead."""
+
+    def __init__(self, fastapi_app: Any) -> None:
+        super().__init__()
+        self.app = fastapi_app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.app.state.startup_error is None
 
 
 def _schedule_shutdown(app: Any) -> None:

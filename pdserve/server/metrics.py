@@ -6,7 +6,8 @@ SGLang has no metric, vLLM's name is used under the same prefix. Label: `model_n
 
   front, per request (`RequestTimer`): counters num_requests_total, prompt_tokens_total,
     generation_tokens_total, cached_tokens_total, num_aborted_requests_total,
-    request_success_total{finished_reason}, request_errors_total{status}; histograms
+    request_success_total{finished_reason}, request_errors_total{status},
+    admission_rejected_total{reason} (server/admission.py); histograms
     time_to_first_token_seconds, inter_token_latency_seconds, time_per_output_token_seconds
     (per request, SGLang's: (E2E - TTFT) / (output tokens - 1)), e2e_request_latency_seconds,
     queue_time_seconds, request_prefill_time_seconds, request_decode_time_seconds,
@@ -207,11 +208,15 @@ class ServerMetrics:
         self._decode = histogram("request_decode_time_seconds", "First token to finish", _E2E_BUCKETS)
         self._prompt_hist = histogram("prompt_tokens_histogram", "Prompt tokens per request", _TOKEN_BUCKETS)
         self._gen_hist = histogram("generation_tokens_histogram", "Generated tokens per request", _TOKEN_BUCKETS)
+        self._admission = counter("admission_rejected", "Requests refused by admission control (503)", ["reason"])
         self.engine = EngineCollector(prefix, model_name)
         r.register(self.engine)
 
     def request(self, endpoint: str) -> None:
         self._requests.labels(self.model_name, endpoint).inc()
+
+    def admission_rejected(self, reason: str) -> None:
+        self._admission.labels(self.model_name, reason).inc()
 
     def error(self, status: int) -> None:
         self._errors.labels(self.model_name, str(status)).inc()

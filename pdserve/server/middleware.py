@@ -5,12 +5,17 @@ Both wrap the FastAPI app once at build time and run on every HTTP request:
   `X-API-Key: KEY`) matches; `/health` and `/metrics` stay open.
 - `BodyLimitMiddleware` answers 413 when `Content-Length` or the streamed body exceeds the cap;
   otherwise it buffers the body (JSON bodies are read whole anyway) and replays it, then hands
-  later `receive()` calls (client disconnects) to the server unchanged.
+  later `receive()` calls (client disconnects) to the server unchanged. Before a 413 it reads
+  and discards the rest of the body (up to `DISCARD_BYTES` / `DISCARD_S`): a client that writes
+  its whole body before reading (Python's urllib, curl without Expect) would otherwise see the
+  connection reset by unread bytes instead of the 413. A larger body gets its 413 at once.
 Streaming responses pass through untouched (no BaseHTTPMiddleware buffering).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -24,6 +29,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+DISCARD_BYTES = 256 * 1024 * 1024  # at most this much of a too-large body is read (and dropped) before its 413
+DISCARD_S = 30.0  # ... for at most this long
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -61,7 +68,19 @@ class BodyLimitMiddleware:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, seen: int = 0,
+                         more: bool = True) -> None:
+        """Discard the rest of the body (bounded; `seen` bytes were read), then answer 413."""
+        if more:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DISCARD_S):
+                    while seen <= DISCARD_BYTES:
+                        message = await receive()
+                        if message["type"] != "http.request":
+                            return  # the client left
+                        seen += len(message.get("body", b""))
+                        if not message.get("more_body", False):
+                            break
         resp = error_response(413, f"request body is larger than {self.max_bytes} bytes",
                               code="request_too_large", headers={"Connection": "close"})
         await resp(scope, receive, send)
@@ -77,7 +96,7 @@ class BodyLimitMiddleware:
             except ValueError:
                 declared = -1
             if declared > self.max_bytes:
-                await self._too_large(scope, receive, send)
+                await self._too_large(scope, receive, send, more=declared <= DISCARD_BYTES)
                 return
         chunks: list[bytes] = []
         size = 0
@@ -88,7 +107,7 @@ class BodyLimitMiddleware:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_bytes:
-                await self._too_large(scope, receive, send)
+                await self._too_large(scope, receive, send, size, message.get("more_body", False))
                 return
             chunks.append(body)
             if not message.get("more_body", False):

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from pdserve.contract import sequence_count
 from pdserve.engine.messages import TopLogprob
 from pdserve.server.errors import bad_request, from_validation_error
-from pdserve.server.generation import Result, SubRequest, merge
+from pdserve.server.generation import Result, SubRequest, merge, resumed_result
 from pdserve.server.handler import Route, Whole, fan_out, generation_router, sub_rids
 from pdserve.server.openai_common import TokenTexts
 from pdserve.server.params import (
@@ -43,7 +43,6 @@ from pdserve.server.protocol import GenerateRequest, NativeSamplingParams
 from pdserve.server.sse import frame, with_ids
 from pdserve.server.state import ServerState
 from pdserve.server.structured import checked, native_grammar
-from pdserve.server.text_stream import TextStream
 from pdserve.server.unsupported import GENERATE, GENERATE_SAMPLING, reject_unsupported
 
 
@@ -176,7 +175,7 @@ async def _plan(state: ServerState, body: GenerateRequest) -> AsyncIterator[byte
 
 async def _stream(state: ServerState, subs: list[SubRequest], body: GenerateRequest,
                   texts: TokenTexts | None) -> AsyncIterator[bytes]:
-    acc = {s.index: _resumed(state, s) for s in subs}
+    acc = {s.index: resumed_result(state, s) for s in subs}
     many = len(subs) > 1
     prompts = _scored_prompts(subs)
     it = merge(state, subs)
@@ -193,15 +192,6 @@ async def _stream(state: ServerState, subs: list[SubRequest], body: GenerateRequ
             if many:
                 out["index"] = d.index
             yield with_ids(body.pdserve_stream_ids, d.token_ids, frame(out))
-
-
-def _resumed(state: ServerState, s: SubRequest) -> Result:
-    """A stream's cumulative result so far: empty, or a migrated stream's delivered ids and text."""
-    r = Result(s.index, s.rid, prompt_tokens=len(s.prompt_ids))
-    if s.resume_ids is not None:
-        text = TextStream(state.tokenizer, s.prompt_ids, s.params.stop, s.params.skip_special_tokens, s.include_stop)
-        r.text, r.token_ids = text.add(s.resume_ids), list(s.resume_ids)
-    return r
 
 
 router = generation_router("/generate", Route("generate", GenerateRequest, GENERATE), _plan)

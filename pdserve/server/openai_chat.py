@@ -192,9 +192,9 @@ async def _stream(state: ServerState, subs: list[SubRequest], head: dict[str, An
             choice["matched_stop"] = matched
         return frame(dict(base, choices=[choice], **extra))
 
-    for s in subs:
-        if s.resume_ids is None:  # a resumed stream had its role delta from its first server
-            yield chunk(s.index, {"role": "assistant", "content": ""})
+    # the role deltas go out with the first token (a refusal or failure before it is then an ordinary
+    # error answer: server/handler.py's `primed`); a resumed stream had them from its first server
+    roles = [chunk(s.index, {"role": "assistant", "content": ""}) for s in subs if s.resume_ids is None]
     completion_tokens = cached = 0
     ends: list[Result] = []  # each sub-request's last delta (its counts)
     streams = {s.index: plan.stream() for s in subs}
@@ -202,6 +202,9 @@ async def _stream(state: ServerState, subs: list[SubRequest], head: dict[str, An
     it = merge(state, subs)
     async with contextlib.aclosing(it):
         async for d in it:
+            for f in roles:
+                yield f
+            roles = []
             lp = chat_logprobs(texts, d.token_ids, d.logprobs, d.top_logprobs) if want_lp and d.token_ids else None
             events = streams[d.index].feed(d.text)
             if d.finish_reason is not None:

@@ -9,6 +9,7 @@ caps and the context, and `SamplingParams` are built and validated. Every failur
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from pdserve.contract import (BOOTSTRAP_EPOCH, BOOTSTRAP_HOST, BOOTSTRAP_KEYS, BOOTSTRAP_PORT, BOOTSTRAP_ROOM, DP_RANK,
-                              RESUME_IDS, per_sequence, sequence_count)
+                              PRIORITY, RESUME_IDS, STREAM_IDS, TTFT_DEADLINE, per_sequence, sequence_count)
 from pdserve.engine.messages import Bootstrap
 from pdserve.engine.sampling_params import SamplingError, SamplingParams, check_prompt
 from pdserve.server.errors import APIError, bad_request
@@ -27,6 +28,8 @@ INT_LIMIT = 2**31 - 1  # ints beyond this are never meaningful here (and must en
 SEED_LIMIT = 2**63 - 1
 LONG_TEXT = 8192  # characters; longer texts are tokenized off the event loop
 _TOKENIZE_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-tokenize")
+DEADLINE_SHARE = 0.8  # of a TTFT deadline, the part the server aims its first token at: the rest is
+# for what follows it (a PD decode's commit after the KV transfer, the router's relay)
 
 
 async def off_loop(size: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -183,8 +186,9 @@ def resume_ids(state: ServerState, body: Any, num_subs: int, max_new: int) -> tu
     if ids is None:
         return None
     param = RESUME_IDS
-    if num_subs != 1 or not body.stream:
-        raise bad_request("a resumed stream carries one streamed sequence (n = 1, one prompt, stream)", param=param)
+    if num_subs != 1 or not (body.stream or body.pdserve_stream_ids):
+        raise bad_request("a resumed request carries one sequence (n = 1, one prompt) that is streamed, or whose "
+                          f"progress is ({STREAM_IDS})", param=param)
     vocab = state.vocab_size
     if not all(0 <= t < vocab for t in ids):
         raise bad_request(f"{param}: token ids must be in 0..{vocab - 1}", param=param)
@@ -203,6 +207,28 @@ def _per_sequence(body: Any, name: str, num_prompts: int, n: int) -> list[Any]:
         return per_sequence(getattr(body, name), num_prompts, n)
     except ValueError as exc:
         raise bad_request(f"{name} {exc}", param=name) from None
+
+
+def priority(state: ServerState, body: Any) -> int:
+    """The request's priority (lower first); anything but 0 needs --enable-priority-scheduling (as vLLM)."""
+    value = body.priority
+    if value is None or value == 0:
+        return 0
+    if not state.config.engine.enable_priority_scheduling:
+        raise bad_request(f"{PRIORITY} {value} is not supported here: start the server with "
+                          "--enable-priority-scheduling", param=PRIORITY)
+    check_int(value, PRIORITY, -INT_LIMIT, INT_LIMIT)
+    return value
+
+
+def deadline(body: Any) -> float | None:
+    """The wall clock by which the first token is due (contract.TTFT_DEADLINE: ms from now), or None."""
+    ms = body.ttft_deadline_ms
+    if ms is None:
+        return None
+    if not 0 < ms < 1e9:
+        raise bad_request(f"{TTFT_DEADLINE} must be in (0, 1e9) milliseconds, got {ms}", param=TTFT_DEADLINE)
+    return time.time() + DEADLINE_SHARE * ms / 1000.0
 
 
 def dp_rank(state: ServerState, body: Any) -> int | None:

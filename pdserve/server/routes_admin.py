@@ -1,7 +1,9 @@
 """Health, info, load, abort, cache and metrics endpoints (SGLang-compatible shapes).
 
-Stateless handlers over `ServerState`: `/health` is cheap (engine process alive, and 503 while
-the server drains or switches roles: server/elastic.py),
+Stateless handlers over `ServerState` (`/admission` reads and changes admission control's
+thresholds at runtime, API-key protected like every route but /health and /metrics):
+`/health` is cheap (engine process alive, and 503 while the server drains or switches roles:
+server/elastic.py),
 `/health_generate` runs one 1-token generation, `/get_load`, `/flush_cache` and
 `/kv_events/snapshot` are control round trips to the engine process, `/metrics` refreshes the engine gauges then renders
 Prometheus text. `/server_info` never shows the API key.
@@ -27,6 +29,7 @@ from pdserve.server.dp_client import DPLoadResp
 from pdserve.server.engine_client import EngineDeadError
 from pdserve.server.errors import APIError
 from pdserve.server.handler import Route, json_response, read_body
+from pdserve.server.params import decode_json_object
 from pdserve.server.protocol import AbortRequest
 from pdserve.server.state import ServerState, get_state
 
@@ -193,6 +196,7 @@ async def _load(state: ServerState, step_trace: bool = False) -> dict[str, Any]:
         "integrity_errors": resp.integrity_errors,
         "dp_size": len(ranks),
         "dp_ranks": [_rank_load(x) for x in ranks],
+        "admission": state.admission.figures(state.client.brief),  # what admission control sees
         **({} if load.experts is None else {"expert_load": {  # routed (token, expert) pairs since start
             "experts": load.experts.experts, "ep_ranks": load.experts.ep_ranks, "layers": load.experts.layers}}),
     }
@@ -203,6 +207,27 @@ async def get_load(request: Request) -> Response:
     """The server's load; `dp_ranks` has each data-parallel rank's (`?step_trace=1`: its last steps)."""
     trace = request.query_params.get("step_trace", "0") not in ("0", "false", "")
     return json_response(await _load(get_state(request), trace))
+
+
+@router.get("/admission")
+async def admission(request: Request) -> Response:
+    """Admission control's thresholds, what it sees now and its refusals by reason."""
+    state = get_state(request)
+    adm = state.admission
+    return json_response({**dataclasses.asdict(adm.config), **adm.figures(state.client.brief),
+                          "rejected": dict(adm.rejected)})
+
+
+@router.post("/admission")
+async def set_admission(request: Request) -> Response:
+    """Change admission control at runtime: a JSON object of AdmissionConfig fields (400 naming a bad one)."""
+    state = get_state(request)
+    data = decode_json_object(await request.body())
+    try:
+        state.admission.config = state.admission.config.updated(data)
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, str(exc), param="admission") from None
+    return await admission(request)
 
 
 @router.post("/abort_request")

@@ -25,7 +25,8 @@ from pdserve.disagg.backends import BACKENDS, missing_extra
 from pdserve.disagg.config import DECODE_RADIX_FLAG, ENV_PREFIX, FAILURE_POLICIES, MODES, TOKEN_ENV, DisaggConfig
 from pdserve.discovery import DEFAULT_TTL_S, MIN_TTL_S, DiscoveryConfig, parse_discovery_url
 from pdserve.engine.args import ENGINE_EXTRAS, add_engine_arguments, check_engine_args, engine_config_from_args
-from pdserve.flags.argtypes import metrics_prefix, non_negative_int, port_number, positive_float, positive_int
+from pdserve.flags.argtypes import fraction, metrics_prefix, non_negative_int, port_number, positive_float, \
+    positive_int
 from pdserve.flags.cors import CORS_FLAGS
 from pdserve.flags.sockets import bind_socket
 from pdserve.flags.table import Flag, add_flags, flag_values, noop_warnings, with_values
@@ -88,6 +89,27 @@ LOG_FLAGS: tuple[Flag, ...] = (
     Flag(("--metrics-prefix",), "metrics_prefix", metrics_prefix,
          "/metrics names are PREFIX:name with SGLang's names, so SGLang's dashboards work"),
 )
+ADMISSION_FLAGS: tuple[Flag, ...] = (
+    Flag(("--admission-control",), "admission.enabled", None,
+         "refuse (503 + Retry-After) requests this server cannot serve in time (thresholds below; a request's "
+         "ttft_deadline_ms too); GET/POST /admission reads and changes them at runtime"),
+    Flag(("--admission-max-kv-usage",), "admission.max_kv_usage", fraction,
+         "refuse while requests hold more than this fraction of the KV pool"),
+    Flag(("--admission-max-queued-tokens",), "admission.max_queued_tokens", positive_int,
+         "refuse when more prompt tokens than this would wait for their first token", shown="no limit"),
+    Flag(("--admission-max-queue-wait",), "admission.max_queue_wait_s", positive_float,
+         "refuse when the queue ahead is predicted to take longer than this (seconds, from measured step times)",
+         shown="no limit"),
+    Flag(("--admission-retry-after",), "admission.retry_after_s", positive_float,
+         "the smallest Retry-After (seconds) a refusal carries"),
+)
+TRACE_FLAGS: tuple[Flag, ...] = (
+    Flag(("--enable-trace",), "enable_trace", None,
+         "OpenTelemetry spans per request (queue, prefill forward, KV transfer, decode), parented by the "
+         "request's W3C traceparent (needs pdserve[trace])"),
+    Flag(("--otlp-traces-endpoint",), "otlp_traces_endpoint", str,
+         "where spans go: http://HOST:PORT[/path] exports OTLP over HTTP/protobuf, HOST:PORT over gRPC"),
+)
 DISCOVERY_FLAGS: tuple[Flag, ...] = (
     Flag(("--discovery",), None, str, "register this server in etcd once ready (role, URL, bootstrap port, model, "
          "...), under a lease it keeps alive; routers given the same --discovery find it",
@@ -97,7 +119,7 @@ DISCOVERY_FLAGS: tuple[Flag, ...] = (
     Flag(("--discovery-advertise-host",), "advertise_host", str, "the host routers reach this server at",
          metavar="HOST", shown="--host, or this machine's name when --host is a wildcard"),
 )
-SERVE_FLAGS = HTTP_FLAGS + PD_FLAGS + DISCOVERY_FLAGS + LOG_FLAGS + CORS_FLAGS
+SERVE_FLAGS = HTTP_FLAGS + PD_FLAGS + DISCOVERY_FLAGS + LOG_FLAGS + ADMISSION_FLAGS + TRACE_FLAGS + CORS_FLAGS
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -107,6 +129,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_flags(p.add_argument_group("PD disaggregation (knobs: PDSERVE_DISAGGREGATION_* env, see README)"), PD_FLAGS, d)
     add_flags(p.add_argument_group("discovery"), DISCOVERY_FLAGS, d)
     add_flags(p.add_argument_group("logging and metrics"), LOG_FLAGS, d)
+    add_flags(p.add_argument_group("admission control"), ADMISSION_FLAGS, d)
+    add_flags(p.add_argument_group("tracing"), TRACE_FLAGS, d)
     add_flags(p.add_argument_group("CORS (vLLM's flags)"), CORS_FLAGS, d)
 
 
@@ -143,6 +167,7 @@ def preflight(args: argparse.Namespace) -> tuple[ServerConfig, socket.socket]:
     """Start-up checks before any process spawns; raises ValueError / OSError with one line.
     Returns the config and the bound (not yet listening) socket."""
     from pdserve.model.bundled import check_model
+    from pdserve.model.config import check_architecture
 
     check_engine_args(args)
     config = config_from_args(args)
@@ -151,7 +176,7 @@ def preflight(args: argparse.Namespace) -> tuple[ServerConfig, socket.socket]:
     for line in noop_warnings(args, SERVE_FLAGS + ENGINE_EXTRAS):
         print(f"pdserve serve: warning: {line}", file=sys.stderr)
     engine = config.engine
-    check_model(engine.model, engine.revision, engine.download_dir)
+    check_architecture(check_model(engine.model, engine.revision, engine.download_dir))
     if engine.tokenizer:
         check_model(engine.tokenizer, download_dir=engine.download_dir, weights=False)
     pd = config.disagg
@@ -160,6 +185,9 @@ def preflight(args: argparse.Namespace) -> tuple[ServerConfig, socket.socket]:
     if pd.mode == "prefill" and pd.bootstrap_port == config.port:
         raise ValueError(f"--disaggregation-bootstrap-port {config.port} is the HTTP --port too; pick another")
     pd.check_decode_radix_cache(config.engine.enable_prefix_cache)
+    config.admission.check()
+    if config.enable_trace:
+        check_tracing(config.otlp_traces_endpoint)
     sock = bind_socket(config.host, config.port)
     if pd.mode == "prefill":
         try:  # the bootstrap server binds it later, in the engine process: fail now, not after the load
@@ -168,6 +196,16 @@ def preflight(args: argparse.Namespace) -> tuple[ServerConfig, socket.socket]:
             sock.close()
             raise
     return config, sock
+
+
+def check_tracing(endpoint: str) -> None:
+    """--enable-trace: the SDK is installed and the endpoint parses (ValueError with one line)."""
+    from pdserve.tracing import exporter_for
+
+    try:
+        exporter_for(endpoint).shutdown()
+    except ImportError as exc:
+        raise ValueError(f"--enable-trace needs OpenTelemetry (pip install 'pdserve[trace]'): {exc}") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -18,12 +18,14 @@ from pdserve.engine.messages import EngineReady
 from pdserve.model.bundled import served_name
 from pdserve.model.config import ModelConfig, sampling_defaults
 from pdserve.model.tokenizer import Tokenizer
+from pdserve.server.admission import Admission, AdmissionConfig
 from pdserve.server.config import ServerConfig
 from pdserve.server.dp_client import EngineHandle
 from pdserve.server.errors import APIError
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.responses import ResponseStore
 from pdserve.server.tool_parsers import family_parser
+from pdserve.tracing import NoTracer, Tracer, make_tracer
 
 
 @dataclass
@@ -39,6 +41,8 @@ class ServerState:
     responses: ResponseStore = field(default_factory=lambda: ResponseStore(0))  # /v1/responses answers kept
     sampling_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
     started: float = field(default_factory=time.time)
+    admission: Admission = field(default_factory=lambda: Admission(AdmissionConfig()))
+    tracer: Tracer = field(default_factory=NoTracer)  # OpenTelemetry spans (pdserve/tracing), off: NoTracer
 
     @property
     def max_model_len(self) -> int:
@@ -61,12 +65,15 @@ class ServerState:
         if not config.served_model_name:  # no explicit names: the --model argument is one too
             names += (config.engine.model, info.model_path)
         gen = {"auto": info.model_path, "none": None}.get(config.generation_config, config.generation_config)
-        return cls(config=config, client=client, info=info, tokenizer=tokenizer,
-                   metrics=ServerMetrics(name, config.metrics_prefix, config.log_requests), model_name=name,
+        metrics = ServerMetrics(name, config.metrics_prefix, config.log_requests)
+        role = {"null": "server"}.get(config.disagg.mode, config.disagg.mode)
+        tracer = make_tracer(f"pdserve-{role}", config.otlp_traces_endpoint) if config.enable_trace else NoTracer()
+        return cls(config=config, client=client, info=info, tokenizer=tokenizer, metrics=metrics, model_name=name,
                    model_names=tuple(dict.fromkeys(names)), sampling_defaults=sampling_defaults(gen) if gen else {},
                    tool_parser=config.tool_call_parser or family_parser(
                        ModelConfig.from_folder(info.model_path).architecture, tokenizer.chat_template),
-                   responses=ResponseStore(config.responses_kept))
+                   responses=ResponseStore(config.responses_kept),
+                   admission=Admission(config.admission, metrics.admission_rejected), tracer=tracer)
 
 
 def get_state(request: Request) -> ServerState:

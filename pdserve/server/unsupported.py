@@ -27,7 +27,6 @@ _OPENAI: dict[str, Any] = {
     "logits_processors": ANY,
     "return_tokens_as_token_ids": False,
     "spaces_between_special_tokens": True,
-    "priority": 0,
     "mm_processor_kwargs": ANY,
     "kv_transfer_params": ANY,
     "vllm_xargs": ANY,

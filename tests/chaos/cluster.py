@@ -94,6 +94,16 @@ class Chaos:
 
         return asyncio.run(run())
 
+    def revive(self) -> None:
+        """Every server up again (a test before may have taken decode2 down for good), routable,
+        and the pools marked."""
+        if self.decode2.proc.poll() is not None:
+            self.decode2 = self.pair.launch_extra_decode("revived", port=self.decode2.port)
+            self.decode2.wait_healthy()
+        for s in self.servers.values():
+            _wait_routable(self.router, s.url)
+        self.mark()
+
     def logs(self) -> str:
         out = [self.pair.logs()]
         out.append(f"--- decode2 ({self.decode2.log_path}) ---\n{self.decode2.log_tail(40)}")
@@ -119,10 +129,11 @@ def wait_settled_keyed(url: str, mark: int, timeout: float) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def chaos_cluster(tmp: Path, **router_kw: Any) -> Iterator[Chaos]:
-    pair = PDPair(tmp, "tcp", ENGINE_ARGS, prefill_env=HB, decode_env=HB)
+def chaos_cluster(tmp: Path, server_args: list[str] | None = None, **router_kw: Any) -> Iterator[Chaos]:
+    pair = PDPair(tmp, "tcp", [*ENGINE_ARGS, *(server_args or [])], prefill_env=HB, decode_env=HB)
     decode2: ServerProcess | None = None
     router: EmbeddedRouter | None = None
+    c: Chaos | None = None
     try:
         pair.launch_prefill()
         pair.launch_decode()
@@ -143,9 +154,21 @@ def chaos_cluster(tmp: Path, **router_kw: Any) -> Iterator[Chaos]:
     finally:
         if router is not None:
             router.stop()
-        if decode2 is not None:
-            decode2.stop(timeout=15)
+        held = c.decode2 if c is not None else None  # a test may have replaced decode2 (restarted it)
+        for extra in (decode2, held if held is not decode2 else None):
+            if extra is not None:
+                extra.stop(timeout=15)
         pair.stop()
+
+
+def _wait_routable(router: EmbeddedRouter, url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        worker = router.app.registry.get(url) if router.app is not None else None
+        if worker is not None and worker.routable():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never became routable")
 
 
 def _wait_ready(router: EmbeddedRouter, timeout: float = 30.0) -> None:

@@ -1,6 +1,6 @@
 """Chaos suite (issue 14): faults an operator causes, against one prefill + two decodes + a PD
-router (tests/chaos/cluster.py; one module cluster, tests run in file order and each leaves it
-whole). Every test prints its figures.
+router (tests/chaos/cluster.py; the session's cluster from tests/chaos/conftest.py, tests run in
+file order and each leaves it whole but the last). Every test prints its figures.
 
   auth sweep        every route but health/metrics: 401 without and with a wrong key, on the
                     servers, the router and the bootstrap server (whose table is unchanged)
@@ -22,26 +22,17 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
-import pytest
 
 from pdserve.disagg.messages import KVLayout
 from pdserve.router.config import LimitsConfig
 from pdserve.router.server import EmbeddedRouter
-from tests.chaos.cluster import AUTH, KEY, Chaos, chaos_cluster, engine_pid, router_config, rss_kib
+from tests.chaos.cluster import AUTH, KEY, Chaos, engine_pid, router_config, rss_kib
 from tests.integration.conftest import ServerProcess
 from tests.integration.pd_cluster import Reply, call, wait_for
-
-
-@pytest.fixture(scope="module")
-def chaos(tmp_path_factory: pytest.TempPathFactory, bundled_model_dir: Path) -> Iterator[Chaos]:
-    with chaos_cluster(tmp_path_factory.mktemp("chaos")) as c:
-        yield c
 
 
 def ids(n: int, seed: int) -> list[int]:

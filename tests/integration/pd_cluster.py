@@ -166,11 +166,12 @@ class PDPair:
         self.decode = ServerProcess(args, self._log("decode"), env={**self.decode_env, **(env or {})}, port=port)
         return self.decode
 
-    def launch_extra_decode(self, tag: str) -> ServerProcess:
-        """Another decode server on the same prefill (a mixed fleet); the caller stops it."""
+    def launch_extra_decode(self, tag: str, port: int | None = None) -> ServerProcess:
+        """Another decode server on the same prefill (a mixed fleet; `port`: at that HTTP port, e.g.
+        the one it had before a kill); the caller stops it."""
         args = [*self.args, "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", self.backend,
                 "--disaggregation-bootstrap-port", str(free_port())]
-        return ServerProcess(args, self._log(f"decode-{tag}"), env=self.decode_env)
+        return ServerProcess(args, self._log(f"decode-{tag}"), env=self.decode_env, port=port)
 
     def start(self) -> PDPair:
         self.launch_prefill()

@@ -147,6 +147,48 @@ def test_bad_model_exits_2_with_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "no-such-model" in lines[0] and "does not exist" in lines[0], r.stderr
 
 
+def _model_folder(tmp_path: Path, **config: object) -> Path:
+    """A tiny Llama's config.json (changed by `config`) in a folder without weights."""
+    import json
+
+    tiny = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+            "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**tiny, **config}))
+    return folder
+
+
+def test_unsupported_architecture_exits_2_with_one_line(tmp_path: Path) -> None:
+    """Checked before any process spawns (it once ended in uvicorn's 'Application startup failed' traceback)."""
+    folder = _model_folder(tmp_path, architectures=["MambaForCausalLM"])
+    for argv in (["serve", "--model", str(folder), "--port", "0"], ["launch", "--model", str(folder)]):
+        r = _run("-m", "pdserve", *argv)
+        assert r.returncode == 2, (argv, r.returncode, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "MambaForCausalLM" in lines[0] and "unsupported" in lines[0], r.stderr
+
+
+def test_engine_that_cannot_start_exits_2_with_one_line(tmp_path: Path) -> None:
+    """A model whose config passes the start-up checks but whose engine fails (no weights): the
+    engine's error in one line, exit 2, no traceback."""
+    folder = _model_folder(tmp_path)
+    r = _run("-m", "pdserve", "serve", "--model", str(folder), "--port", "0", "--log-level", "error", timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.stderr and "startup failed" not in r.stderr, r.stderr[-2000:]
+    assert lines[-1].startswith("pdserve serve: error: "), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("cmd", ["serve", "router", "launch"])
+def test_unknown_flag_is_one_line(cmd: str) -> None:
+    r = _run("-m", "pdserve", cmd, "--no-such-flag")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--no-such-flag" in lines[0] and "usage" not in lines[0], r.stderr
+
+
 def test_taken_port_exits_2_with_one_line() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -153,3 +153,25 @@ def test_cli_pd_and_regular() -> None:
                 ["--pd-disaggregation", "--prefill", "http://a:1", "1", "2"]):
         with pytest.raises(ValueError):
             parse(*bad)
+
+
+def test_limiter_hands_slots_out_by_priority_then_arrival() -> None:
+    async def run() -> list[str]:
+        lim = ConcurrencyLimiter(max_concurrent=1, queue_size=10, queue_timeout_s=5.0)
+        await lim.acquire()
+        order: list[str] = []
+
+        async def one(name: str, priority: int) -> None:
+            await lim.acquire(priority)
+            order.append(name)
+            lim.release()
+
+        tasks = []
+        for name, priority in (("low-a", 5), ("high-a", 0), ("low-b", 5), ("high-b", 0), ("urgent", -1)):
+            tasks.append(asyncio.create_task(one(name, priority)))
+            await asyncio.sleep(0)  # each one queued before the next arrives
+        lim.release()
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(run()) == ["urgent", "high-a", "high-b", "low-a", "low-b"]

@@ -75,3 +75,69 @@ def test_preemption_under_memory_pressure_recomputes() -> None:
     kv.check_integrity(s.live())
     plan = run_forward(s)  # b comes back, hitting its own cached first page
     assert plan[0][0] == "b" and plan[0][1] > 0
+
+
+def prio(rid: str, n: int, priority: int, arrival: int, new: int = 4) -> Request:
+    r = make(rid, n, new)
+    r.priority, r.arrival = priority, arrival
+    return r
+
+
+def test_priority_orders_admission_fcfs_within_a_priority() -> None:
+    kv = KVManager(num_pages=64, page_size=4, enable_prefix_cache=False)
+    s = Scheduler(kv, chunk_budget=100, max_running=2, decode_headroom=0.0, by_priority=True)
+    for rid, p, t in (("low0", 5, 1), ("high0", 0, 2), ("low1", 5, 3), ("high1", 0, 4)):
+        s.add(prio(rid, 4, p, t))
+    assert [p[0] for p in run_forward(s)] == ["high0", "high1"]
+    assert [r.rid for r in s.waiting] == ["low0", "low1"]
+
+
+def test_priority_off_is_fcfs() -> None:
+    kv = KVManager(num_pages=64, page_size=4, enable_prefix_cache=False)
+    s = Scheduler(kv, chunk_budget=100, max_running=2, decode_headroom=0.0)
+    for rid, p, t in (("low0", 5, 1), ("high0", 0, 2), ("low1", 5, 3)):
+        s.add(prio(rid, 4, p, t))
+    assert [p[0] for p in run_forward(s)] == ["low0", "high0"]
+
+
+def test_a_more_important_request_preempts_the_least_important_running() -> None:
+    kv = KVManager(num_pages=64, page_size=4, enable_prefix_cache=True)
+    s = Scheduler(kv, chunk_budget=100, max_running=2, decode_headroom=0.0, by_priority=True)
+    low_old, low_new = prio("low_old", 4, 5, 1, new=50), prio("low_new", 4, 5, 2, new=50)
+    s.add(low_old)
+    s.add(low_new)
+    run_forward(s)
+    run_forward(s)  # both decoding; the batch is full
+    high = prio("high", 6, 0, 3)
+    s.add(high)
+    plan = run_forward(s)
+    assert plan[0][0] == "high" and plan[0][1] + plan[0][2] == 6  # first in the batch (its prefix cached)
+    assert [r.rid for r in s.running] == ["high", "low_old"]  # the newest of the lowest priority went
+    assert s.num_preemptions == 1 and low_new.num_computed == 0 and s.waiting.peek() is low_new
+    same = prio("same", 4, 5, 4)
+    s.add(same)  # a request of the running ones' priority never preempts
+    run_forward(s)
+    assert s.num_preemptions == 1 and [r.rid for r in s.waiting] == ["low_new", "same"]
+    kv.check_integrity(s.live())
+    while s.has_work():  # the preempted request still completes
+        for r in list(s.running):
+            if r.num_output >= r.params.max_new_tokens:
+                s.finish(r)
+        if s.has_work():
+            run_forward(s)
+    assert low_new.num_output >= 50
+    kv.check_integrity(s.live())
+
+
+def test_step_model_fits_a_line_and_predicts_queue_time() -> None:
+    from pdserve.engine.stats import StepModel, prefill_seconds
+
+    m = StepModel()
+    assert m.line() == (0.0, 0.0)
+    for tokens in (1, 64, 128, 1, 32, 128, 8):
+        m.add(tokens, 0.02 + 0.001 * tokens)
+    a, b = m.line()
+    assert abs(a - 0.02) < 1e-6 and abs(b - 0.001) < 1e-8
+    # 300 prompt tokens, 128 a step with 8 decode rows: 120 + 120 + 60 → two full steps and one of 68
+    assert abs(prefill_seconds(300, 128, 8, a, b) - (2 * (0.02 + 0.128) + 0.02 + 0.068)) < 1e-9
+    assert prefill_seconds(0, 128, 8, a, b) == 0.0

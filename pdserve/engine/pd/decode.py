@@ -45,7 +45,7 @@ from pdserve.engine.pd.stage import Finished, StagePoll
 from pdserve.engine.pd.state import DecodeTransfer
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import skip_draw
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import Scheduler, rank
 from pdserve.engine.stop import StopChecker
 
 log = logging.getLogger(__name__)
@@ -109,16 +109,14 @@ class DecodeStage:
         for req in [r for r in self.prealloc if _transfer(r).aborting]:  # anywhere in the queue
             self.prealloc.remove(req)
             out.finished.append(Finished(req, "abort", keep_in_cache=False))
-        for req in list(self.prealloc):  # FCFS for pages; a prefill not yet reached blocks only its own
-            t = _transfer(req)
-            if self.scheduler.num_running + len(self.transfer) >= self.scheduler.max_running:
-                break
-            if self.prefix_cache:  # lock the cached prefix first: its pages are then not evictable
-                t.decode_prefix_len = self.kv.lock_prefix(req, req.prompt_len)
-            need = pages_needed(req.prompt_len + 1, self.kv.page_size) - len(req.pages) \
-                + self.scheduler.decode_headroom_pages()
-            if self.kv.available() < need:
-                self._unlock(req)
+        if self.scheduler.by_priority:
+            self.prealloc.sort(key=rank)
+        for req in list(self.prealloc):  # FCFS for pages (by priority: see engine/scheduler.py); a
+            t = _transfer(req)  # prefill not yet reached blocks only its own
+            fits = self._fits(req)
+            while not fits and self.scheduler.make_room(req):  # priority scheduling: a less
+                fits = self._fits(req)  # important running request went back to the queue
+            if not fits:
                 break
             try:  # non-blocking: the first contact with a prefill is fetched in the background
                 routes = self.client.routes(t.boot.host, t.boot.port, t.boot.room, t.boot.epoch)
@@ -139,8 +137,23 @@ class DecodeStage:
             dst = req.pages[req.tree_pages: pages_needed(req.prompt_len, self.kv.page_size)]
             t.num_pages = len(dst)
             t.receiver.init(dst, t.decode_prefix_len)
-            t.started = time.monotonic()
+            t.started = req.t_admitted = time.monotonic()  # its queue ends: KV on its way (traces)
             self.transfer.append(req)
+
+    def _fits(self, req: Request) -> bool:
+        """A running slot and pages for `req`'s prompt (with decode headroom); its cached prefix is
+        locked first when it fits (its pages are then not evictable)."""
+        t = _transfer(req)
+        if self.scheduler.num_running + len(self.transfer) >= self.scheduler.max_running:
+            return False
+        if self.prefix_cache:
+            t.decode_prefix_len = self.kv.lock_prefix(req, req.prompt_len)
+        need = pages_needed(req.prompt_len + 1, self.kv.page_size) - len(req.pages) \
+            + self.scheduler.decode_headroom_pages()
+        if self.kv.available() < need:
+            self._unlock(req)
+            return False
+        return True
 
     def _poll_transfers(self, out: StagePoll) -> None:
         for req in list(self.transfer):
@@ -178,6 +191,7 @@ class DecodeStage:
         """The prompt's KV is in place: take the first token as if this engine sampled it."""
         hit = _transfer(req).decode_prefix_len
         req.transfer = None
+        req.t_first_token = time.monotonic()
         req.num_computed = req.prompt_len
         req.prompt_lp = req.prompt_top = None  # the prefill scored the prompt; the router merges its answer
         req.admitted = True
@@ -200,6 +214,7 @@ class DecodeStage:
         self.kv.release(req, keep_in_cache=False)  # reserved pages back: their bytes are not trusted
         req.transfer = None
         req.num_computed = 0
+        req.t_admitted = None  # not admitted yet: a deadline may still drop it (engine._expire)
         self.scheduler.add(req)  # an ordinary prefill from here on
         assert self.stats is not None
         self.stats.recomputed += 1

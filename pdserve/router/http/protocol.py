@@ -2,8 +2,11 @@
 
 Lifecycle of a connection:
   1. bytes arrive → the head is parsed (bounded size; strict framing); `Expect: 100-continue`
-     is answered; a declared body over `max_body` gets 413 at once and the connection closes
-     without reading the body; a chunked body is decoded and capped the same way;
+     is answered; a body over `max_body` (declared, or a chunked one once it grows past it)
+     gets its 413 at once, then the rest of the body is read and dropped before the connection
+     closes (a lingering close, bounded by `MAX_DISCARD` bytes and the idle timeout): a client
+     that writes its whole body before reading (Python's urllib) sees the 413, not a reset;
+     with `Expect: 100-continue` the body never comes, so the connection closes at once;
   2. a complete request starts one handler task (requests on a connection run one at a time,
      pipelined ones wait in the buffer, which is bounded by pausing reads);
   3. the handler returns a `Response` (sent with Content-Length) or streams through
@@ -28,6 +31,7 @@ logger = logging.getLogger("pdserve.router.http")
 
 ErrorBody = Callable[[int, str], bytes]
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+MAX_DISCARD = 1 << 30  # bytes of a refused body read (and dropped) before the connection closes
 
 
 class ClientGone(ConnectionError):
@@ -140,6 +144,7 @@ class HttpProtocol(asyncio.Protocol):
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._closed = False
+        self._discard: int | None = None  # lingering after a 413: body bytes still allowed in
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
@@ -171,6 +176,9 @@ class HttpProtocol(asyncio.Protocol):
         self._drain = None
 
     def data_received(self, data: bytes) -> None:
+        if self._discard is not None:
+            self._drop(data)
+            return
         self.buf += data
         if self.task is None:
             self._parse()
@@ -197,7 +205,10 @@ class HttpProtocol(asyncio.Protocol):
                 self._cancel_timer()
                 self.task = self._loop.create_task(self._run(req))
         except ParseError as exc:
-            self._fail(exc.status, str(exc))
+            if exc.status == 413 and self.req is not None and self._chunks is not None:
+                self._refuse_body(str(exc))  # a chunked body past the cap: drop the rest of it
+            else:
+                self._fail(exc.status, str(exc))
 
     def _start_request(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
@@ -209,7 +220,12 @@ class HttpProtocol(asyncio.Protocol):
         if self.s.closing:
             keep_alive = False
         if kind == FIXED and length > self.s.max_body:
-            self._fail(413, f"request body is larger than the limit of {self.s.max_body} bytes")
+            message = f"request body is larger than the limit of {self.s.max_body} bytes"
+            if headers.get("expect", "").lower() == "100-continue" or length > MAX_DISCARD:
+                self._fail(413, message)
+            else:
+                self._need, self._chunks = length, None
+                self._refuse_body(message)
             return
         self.req = Request(method, target, headers, keep_alive, StreamWriter(self))
         self._need = length if kind == FIXED else 0
@@ -236,7 +252,35 @@ class HttpProtocol(asyncio.Protocol):
             return self._need == 0
         return True
 
-    def _fail(self, status: int, message: str) -> None:
+    def _refuse_body(self, message: str) -> None:
+        """413 now; the body's remaining bytes (`_need`, or the chunked decoder's) are dropped as
+        they come, then the connection closes (see the module docstring)."""
+        self.req, self._parts = None, []
+        self._discard = MAX_DISCARD
+        self._fail(413, message, close=False)
+        data, self.buf = bytes(self.buf), bytearray()
+        self._drop(data)
+
+    def _drop(self, data: bytes) -> None:
+        """Lingering after a 413: count `data` off the refused body; close once it is all in."""
+        assert self._discard is not None
+        self._discard -= len(data)
+        if self._chunks is not None:
+            self.buf += data
+            try:
+                self._chunks.feed(self.buf)
+            except ParseError:
+                self._discard = -1
+            done = self._chunks.done
+        else:
+            self._need -= len(data)
+            done = self._need <= 0
+        if done or self._discard < 0:
+            self.close()
+        else:
+            self._arm_timer()  # a client that stops sending: closed when idle
+
+    def _fail(self, status: int, message: str, close: bool = True) -> None:
         """Answer a protocol-level error and close the connection."""
         if self.transport is None or self._closed:
             return
@@ -244,7 +288,8 @@ class HttpProtocol(asyncio.Protocol):
         self.write_head(status, [("content-type", "application/json"), ("content-length", str(len(body))),
                                  ("connection", "close")])
         self.transport.write(body)
-        self.close()
+        if close:
+            self.close()
 
     # -- running a request ----------------------------------------------------------------------
     async def _run(self, req: Request) -> None:
@@ -331,7 +376,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def _on_idle(self) -> None:
         self._timer = None
-        if self.task is None:
+        if self._discard is not None:
+            self.close()
+        elif self.task is None:
             if self.req is not None or self.buf:
                 self._fail(408, "request not received in time")
             else:
