@@ -48,6 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pdserve.bench.report import machine  # noqa: E402
 from pdserve.flags.procs import kill_group  # noqa: E402
 
 SERVER = [sys.executable, "-m", "pdserve.cli", "serve", "--threads", "1", "--log-stats-interval", "0"]
@@ -195,7 +196,17 @@ def traces(urls: list[str]) -> list[list[list[float]]]:
 args_chunk_marker = 32  # a rank-0 step forwarding more tokens than this holds a prefill chunk
 
 
-def plot(results: dict[str, Any], out: Path) -> None:
+def run_title(results: dict[str, Any], args: argparse.Namespace) -> str:
+    """What every plot of the run says it shows: machine, model, load, date (of the run's start)."""
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(min(r["t0_wall"] for r in results.values()
+                                                                 if isinstance(r, dict))))
+    model = results.get("model", "bundled SmolLM2-135M")
+    return (f"{machine()} · model {model}, tp 2 dp 2 · streams {args.stream_rate:g}/s "
+            f"{args.stream_input}/{args.stream_output} tokens on rank 1, long prompts {args.long_rate:g}/s "
+            f"{args.long_input}/{args.long_output} on rank 0, {args.duration:g} s · {date}")
+
+
+def plot(results: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,8 +232,8 @@ def plot(results: dict[str, Any], out: Path) -> None:
     axes[1].set_xlabel("seconds since the workload started")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
-    fig.suptitle(f"DP-attention step times per rank ({results.get('model', 'bundled SmolLM2-135M')}, 2 CPU cores, "
-                 f"{time.strftime('%Y-%m-%d')})")
+    run = run_title(results, args)
+    fig.suptitle(f"DP-attention step times per rank\n{run}", fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(out / "steps.png", dpi=110)
     plt.close(fig)
@@ -234,6 +245,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
     ax.set_xlabel("inter-token latency of rank 1's streams (ms)")
     ax.set_ylabel("CDF")
     ax.legend()
+    fig.suptitle(f"Rank 1 streams' inter-token latency CDF\n{run}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "itl_cdf.png", dpi=110)
     plt.close(fig)
@@ -292,7 +304,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
         results = json.loads((args.out / "results.json").read_text())
-        plot(results, args.out)
+        plot(results, args.out, args)
         print(report(results, args, args.out))
         return
     reqs = workload(args)
@@ -312,7 +324,7 @@ def main() -> None:
         finally:
             cluster.stop()
     (args.out / "results.json").write_text(json.dumps(results))
-    plot(results, args.out)
+    plot(results, args.out, args)
     print(report(results, args, args.out))
 
 

@@ -41,7 +41,7 @@ the same conversations at the same offsets (greedy replies are the same on every
 
 Measured per system: TTFT p50/p99 and ITL p50/p99 over every turn, goodput (turns/s meeting
 both SLOs), KV bytes moved per request (the decode's `sglang:kv_transfer_bytes_total` delta /
-turns) and the router's `sglang:router_pd_decisions_total`. Output (in --out): report.md (table,
+turns) and the router's `sgl_router_pd_decisions_total`. Output (in --out): report.md (table,
 ratios, targets met/missed), results.json and PNGs (bars per metric, TTFT and ITL CDFs).
 Targets: pd_cache moves <= 0.3x pd's KV bytes with TTFT p50 <= 0.6x pd's; pd_cache_cond keeps
 p99 ITL <= 0.5x unified's with TTFT p50 <= 1.2x unified's; pd_hicache_* TTFT p50 <= 0.6x pd's and
@@ -71,7 +71,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pdserve.bench.metrics import RequestRecord, summarize  # noqa: E402
-from pdserve.bench.report import plot_compare  # noqa: E402
+from pdserve.bench.report import machine, plot_compare, titled_figure  # noqa: E402
 from pdserve.bench.runner import BenchConfig, BenchResult  # noqa: E402
 from pdserve.flags.procs import kill_group  # noqa: E402
 from benchmarks._hicache import hicache_flags, start_stores, stop_stores, tier_totals  # noqa: E402
@@ -317,15 +317,20 @@ def run_system(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], Ben
 
 
 # -- report -------------------------------------------------------------------------------------
-def plot_bars(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    from matplotlib.figure import Figure  # no pyplot: nothing to close, no backend to pick
+def run_title(args: argparse.Namespace, started: float) -> str:
+    """What every plot of the run says it shows: machine, model, load, date."""
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
+    return (f"{machine()} · model {args.model} · {args.conversations} conversations x {args.turns} turns, Poisson "
+            f"starts at {args.rate:g}/s, replies {args.reply_len} tokens, seed {args.seed} · {date}")
 
+
+def plot_bars(rows: list[dict[str, Any]], out: Path, run: str) -> list[Path]:
     paths = []
     for keys, label, fname in ((("ttft_p50", "ttft_p99"), "TTFT (ms)", "ttft.png"),
                                (("itl_p50", "itl_p99"), "inter-token latency (ms)", "itl.png"),
                                (("kv_bytes_per_req",), "KV bytes moved per request", "kv_bytes.png"),
                                (("goodput",), "goodput (turns/s within SLOs)", "goodput.png")):
-        fig = Figure(figsize=(7, 4), layout="tight")
+        fig = titled_figure((7, 4.6), f"Multi-turn chat: {label}", run)
         ax = fig.subplots()
         width = 0.8 / len(keys)
         for j, key in enumerate(keys):
@@ -446,6 +451,7 @@ def main() -> int:
     if many and args.server_args == SERVER_ARGS:  # a context the small pool can hold
         args.server_args = f"--max-model-len {(args.small_pages - 1) * args.page_size} --page-size {args.page_size}"
     args.out.mkdir(parents=True, exist_ok=True)
+    run = run_title(args, time.time())
     rows, results, skipped = [], {}, []
     for name in args.configs:
         try:
@@ -459,7 +465,7 @@ def main() -> int:
     if not rows:
         return 1
     args.skipped = skipped
-    plots = plot_bars(rows, args.out) + plot_compare(results, args.out, prefix="cdf_")
+    plots = plot_bars(rows, args.out, run) + plot_compare(results, args.out, prefix="cdf_", run=run)
     (args.out / "results.json").write_text(json.dumps(
         {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "stores"},
          "rows": rows}, indent=1))

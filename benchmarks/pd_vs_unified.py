@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pdserve.bench.datasets import BenchRequest, TokenizerLike, random_requests  # noqa: E402
-from pdserve.bench.report import plot_compare, read_json, write_json  # noqa: E402
+from pdserve.bench.report import machine, plot_compare, read_json, titled_figure, write_json  # noqa: E402
 from pdserve.bench.runner import BenchConfig, BenchResult, load_tokenizer, run  # noqa: E402
 from pdserve.flags.procs import kill_group  # noqa: E402
 
@@ -116,14 +116,20 @@ def stalled_share(records: list[Any]) -> float:
     return sum(g > 3 * median for g in gaps) / len(gaps)
 
 
-def plot_sweep(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    from matplotlib.figure import Figure  # no pyplot: nothing to close, no backend to pick
+def run_title(args: argparse.Namespace, started: float) -> str:
+    """What every plot of the run says it shows: machine, model, load, date."""
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
+    return (f"{machine()} · model default (bundled SmolLM2-135M) · Poisson at "
+            f"{', '.join(f'{r:g}' for r in args.rates)} req/s, {args.long_frac:.0%} {args.long_input}/"
+            f"{args.long_output}, else {args.short_input}/{args.short_output} tokens, seed {args.seed} · {date}")
 
+
+def plot_sweep(rows: list[dict[str, Any]], out: Path, run: str) -> list[Path]:
     paths = []
     for key, label, fname in (("itl_p99", "p99 inter-token latency (ms)", "sweep_itl_p99.png"),
                               ("goodput", "goodput (req/s meeting both SLOs)", "sweep_goodput.png"),
                               ("ttft_p50", "median TTFT (ms)", "sweep_ttft_p50.png")):
-        fig = Figure(figsize=(6, 4), layout="tight")
+        fig = titled_figure((6.5, 4.6), f"PD vs unified: {label}", run)
         ax = fig.subplots()
         for system in SYSTEMS:
             pts = [(r["rate"], r[key]) for r in rows if r["system"] == system]
@@ -212,7 +218,8 @@ def main() -> int:
             saved = args.out / f"bench_{row['system']}_rate{row['rate']:g}.json"
             if "stalled" not in row and saved.exists():
                 row["stalled"] = stalled_share(read_json(saved).records)
-        plots = plot_sweep(rows, args.out) + sorted(args.out.glob("rate*_*.png"))
+        saved_at = (args.out / "results.json").stat().st_mtime
+        plots = plot_sweep(rows, args.out, run_title(args, saved_at)) + sorted(args.out.glob("rate*_*.png"))
         print(write_report(args, rows, args.out, plots))
         return 0
 
@@ -221,6 +228,7 @@ def main() -> int:
                 for rate in args.rates}
     rows: list[dict[str, Any]] = []
     results: dict[float, dict[str, BenchResult]] = {rate: {} for rate in args.rates}
+    started = time.time()
     for name in args.systems:
         print(f"== starting {name} cluster", flush=True)
         proc, url = start_cluster(name, args.out, args.backend, args.server_args)
@@ -239,9 +247,10 @@ def main() -> int:
             stop_cluster(proc)
     if set(args.systems) != set(SYSTEMS):
         return 0
-    plots = plot_sweep(rows, args.out)
+    title = run_title(args, started)
+    plots = plot_sweep(rows, args.out, title)
     for rate in args.rates:
-        plots += plot_compare(results[rate], args.out, prefix=f"rate{rate:g}_")
+        plots += plot_compare(results[rate], args.out, prefix=f"rate{rate:g}_", run=f"{rate:g} req/s · {title}")
     (args.out / "results.json").write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v)
                                                                 for k, v in vars(args).items()},
                                                        "rows": rows}, indent=1))

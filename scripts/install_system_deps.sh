@@ -4,7 +4,8 @@
 # fail with that same one-line message):
 #   libibverbs1  - Mooncake's non-CUDA build links libibverbs even for TCP;
 #   etcd-server  - the discovery store (`--discovery etcd://...`): `etcd` on PATH, which the
-#                  discovery tests and `pdserve launch --discovery` start.
+#                  discovery tests and `pdserve launch --discovery` start;
+#   prometheus   - the dashboard test scrapes a real stack with it (deploy/grafana/pdserve.json).
 set -uo pipefail
 SUDO=""
 if [ "$(id -u)" != "0" ]; then
@@ -14,6 +15,7 @@ UPDATED=0
 
 apt_install() {  # apt_install PACKAGE: 0 when installed
     command -v apt-get >/dev/null || return 1
+    export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get install -y --no-install-recommends "$1" >/dev/null 2>&1 && return 0
     if [ "$UPDATED" = "0" ]; then
         UPDATED=1
@@ -30,5 +32,9 @@ fi
 if ! command -v etcd >/dev/null; then
     apt_install etcd-server || echo "warning: etcd is missing and could not be installed; discovery" \
         "(--discovery etcd://...) and its tests need it (Debian/Ubuntu: apt-get install etcd-server)" >&2
+fi
+if ! command -v prometheus >/dev/null; then
+    apt_install prometheus || echo "warning: prometheus is missing and could not be installed; the dashboard" \
+        "test needs it (Debian/Ubuntu: apt-get install prometheus)" >&2
 fi
 exit 0

@@ -25,6 +25,7 @@ from pdserve.contract.fields import (
     DRAINING,
     EPOCH,
     IDS_COMMENT,
+    PREVIOUS_RESPONSE,
     PRIORITY,
     PROMPT_TOKENS_HEADER,
     RESPONSE_ID,
@@ -46,7 +47,8 @@ from pdserve.contract.worker import WORKER_ROLES, WorkerRecord, decode_record, e
 
 __all__ = ["API_KEY_ENV", "BODY_FIELDS", "BOOTSTRAP_HOST", "BOOTSTRAP_KEYS", "BOOTSTRAP_PORT", "BOOTSTRAP_ROOM",
            "CREATED", "DEFAULT_BOOTSTRAP_PORT", "DEFAULT_ROUTER_PORT", "DEFAULT_SERVER_PORT", "DP_RANK",
-           "FAILURE_POLICY", "IDS_COMMENT", "MODE_OF_ROLE", "PRIORITY", "RECOMPUTE", "RESPONSE_ID", "RESUME_IDS",
+           "FAILURE_POLICY", "IDS_COMMENT", "MODE_OF_ROLE", "PREVIOUS_RESPONSE", "PRIORITY", "RECOMPUTE",
+           "RESPONSE_ID", "RESUME_IDS",
            "SERVER_INFO_PATH", "SERVER_INFO_PATHS", "STATUS_COMMENT", "STREAM_IDS", "TTFT_DEADLINE", "ServerInfo",
            "decode_server_info", "encode_server_info", "per_sequence", "prefill_dp_rank", "resolve_api_key",
            "sequence_count", "WORKER_ROLES", "WorkerRecord", "decode_record", "encode_record", "BOOTSTRAP_EPOCH",

@@ -28,6 +28,9 @@ RESUME_IDS = "pdserve_resume_ids"
 RESPONSE_ID = "pdserve_response_id"
 CREATED = "pdserve_created"
 IDS_COMMENT = b": pdserve-ids "
+# /v1/responses through a router: the router replaced `previous_response_id` by the conversation it
+# names (the worker that stored it may not be the one serving now); the answer still names it
+PREVIOUS_RESPONSE = "pdserve_previous_response_id"
 # a non-streaming request that asks for STREAM_IDS gets its progress as such comments, then its whole
 # answer as one `data:` event; an error after the first token is a STATUS_COMMENT (its HTTP status)
 # before the error's event (server/handler.py's progress; the router's router/whole.py reads it)
@@ -76,6 +79,7 @@ BODY_FIELDS: tuple[tuple[str, object, object], ...] = (
     (RESUME_IDS, list[int] | None, None),
     (RESPONSE_ID, str | None, None),
     (CREATED, int | None, None),
+    (PREVIOUS_RESPONSE, str | None, None),
     (PRIORITY, int | None, None),
     (TTFT_DEADLINE, float | None, None),
     (EPOCH, int | None, None),

@@ -21,9 +21,13 @@ from pdserve.flags.table import Flag, add_flags, flag_values, with_values
 from pdserve.kv_events import parse_kv_events_config
 
 ENGINE_FLAGS: tuple[Flag, ...] = (
+    Flag(("--revision",), "revision", str, "a Hub model's branch, tag or commit", shown="its main branch"),
+    Flag(("--download-dir",), "download_dir", str, "Hugging Face cache folder for Hub models",
+         shown="$HF_HUB_CACHE, else ~/.cache/huggingface/hub", metavar="DIR"),
     Flag(("--device",), "device", device, "auto | cpu | cuda | cuda:N (auto: cuda when available)",
          metavar="DEVICE"),
-    Flag(("--dtype",), "dtype", str, "compute dtype (float32 on CPU)", DTYPE_CHOICES),
+    Flag(("--dtype",), "dtype", str, "compute dtype; auto: the model's on CUDA (a float32 model: bfloat16, "
+         "else float16), float32 on CPU; half = float16", DTYPE_CHOICES),
     Flag(("--page-size", "--block-size"), "page_size", positive_int, "tokens per KV page"),
     Flag(("--quantization",), "quantization", str,
          "weight-only quantization of the GEMM weights (CPU, float32 compute): fp16 halves the bytes a decode "
@@ -31,13 +35,16 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
     Flag(("--attention-backend",), "attention_backend", str,
          "decode attention: cpp reads the KV pages in place (C++ kernel, built once and cached), torch_native "
          "gathers them for SDPA, auto = cpp where it builds (CPU, float32)", ATTENTION_BACKENDS),
-    Flag(("--kv-cache-gb",), "kv_cache_gb", positive_float,
-         "KV pool size in GiB (when neither --num-pages nor --mem-fraction-static is given)"),
+    Flag(("--kv-cache-gb",), "kv_cache_gb", positive_float, "KV pool size in GiB",
+         shown="1 on CPU; on CUDA the pool is sized by --gpu-memory-utilization 0.9"),
     Flag(("--num-pages", "--num-gpu-blocks-override"), "num_pages", positive_int,
-         "KV pool size in pages (default: from --kv-cache-gb or --mem-fraction-static)"),
+         "KV pool size in pages", shown="from the size or the memory flags"),
+    Flag(("--gpu-memory-utilization",), "gpu_memory_utilization", fraction,
+         "vLLM's: this share of the device's total memory holds the weights, activations and the KV pool "
+         "(CPU: of this machine's memory)", shown="0.9 on CUDA when no other size is given"),
     Flag(("--mem-fraction-static",), "mem_fraction_static", fraction,
-         "KV pool = this fraction of the memory still available after the weights are loaded "
-         "(GPU: free device memory; CPU: MemAvailable) (default: use --kv-cache-gb)"),
+         "SGLang's: this share of the device's total memory holds the weights and the KV pool (static "
+         "memory); the rest stays for activations and other processes", shown="off"),
     Flag(("--max-model-len", "--context-length"), "max_model_len", positive_int,
          "context length (default: the model's max_position_embeddings, capped by the KV pool)"),
     Flag(("--max-running", "--max-running-requests", "--max-num-seqs"), "max_running", positive_int,
@@ -57,9 +64,9 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
          metavar="FILE_OR_TEXT"),
     Flag(("--log-stats-interval",), "log_stats_interval_s", non_negative_float,
          "seconds between the engine's stats lines while it has work (0: never)", metavar="SECONDS"),
-    Flag(("--tp-size", "--tensor-parallel-size"), "tp_size", positive_int,
+    Flag(("--tp-size", "--tensor-parallel-size", "-tp"), "tp_size", positive_int,
          "tensor-parallel ranks, one process each (gloo on CPU, NCCL on CUDA)"),
-    Flag(("--dp-size", "--data-parallel-size"), "dp_size", positive_int,
+    Flag(("--dp-size", "--data-parallel-size", "-dp"), "dp_size", positive_int,
          "data-parallel ranks behind one HTTP front: engine replicas, each with its own scheduler and KV pool "
          "(with --enable-dp-attention: attention ranks sharing one tensor-parallel MLP)"),
     Flag(("--ep-size", "--expert-parallel-size"), "ep_size", positive_int,
@@ -107,10 +114,13 @@ HICACHE_SWITCH = Flag(("--enable-hierarchical-cache",), "hicache.enable", None,
 
 
 MODEL_FLAG = Flag(("--model", "--model-path"), "model", str,
-                  "HF folder, .gguf file, or 'default' (bundled SmolLM2-135M-Instruct)")
+                  "HF folder, .gguf file, Hub id org/name, or 'default' (bundled SmolLM2-135M-Instruct); "
+                  "also positional: pdserve serve MODEL")
 ENGINE_SWITCHES: tuple[Flag, ...] = (
     Flag(("--disable-prefix-cache", "--disable-radix-cache", "--no-enable-prefix-caching"), "enable_prefix_cache",
          None, "turn the radix prefix cache off", const=False),
+    Flag(("--enable-prefix-caching",), "enable_prefix_cache", None, "vLLM's: the radix prefix cache (on by default)",
+         const=True),
     Flag(("--enable-dp-attention",), "enable_dp_attention", None,
          "dp ranks keep their own requests, KV pools and whole attention while the MLP is "
          "tensor-parallel over all of them (needs --tp-size == --dp-size)"),
@@ -127,10 +137,25 @@ ENGINE_SWITCHES: tuple[Flag, ...] = (
 )
 
 
+# read by the front itself (no EngineConfig field), and peers' flags that change nothing here
+TOKEN_FLAG = Flag(("--hf-token",), None, str, "token for gated or private Hub models (sets HF_TOKEN for the "
+                  "server and its engine)", shown="$HF_TOKEN, else huggingface_hub's login")
+NOOP_FLAGS: tuple[Flag, ...] = (
+    Flag(("--trust-remote-code",), None, None, "accepted (vLLM's and SGLang's)",
+         noop="pdserve runs its own code for each architecture it serves; none comes from the model repository"),
+    Flag(("--enable-metrics",), None, None, "accepted (SGLang's)", noop="/metrics is always served"),
+)
+ENGINE_EXTRAS = (TOKEN_FLAG, *NOOP_FLAGS)
+_SIZES = {"num_pages": "--num-pages", "kv_cache_gb": "--kv-cache-gb", "gpu_memory_utilization":
+          "--gpu-memory-utilization", "mem_fraction_static": "--mem-fraction-static"}
+
+
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    """The engine's flags (--help shows EngineConfig's defaults; a flag not given is None)."""
-    add_flags(p.add_argument_group("model and engine (SGLang's and vLLM's spellings are aliases)"),
-              (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES), EngineConfig())
+    """The engine's flags (--help shows EngineConfig's defaults; a flag not given is None) and
+    an optional positional MODEL (vLLM's `vllm serve MODEL`)."""
+    group = p.add_argument_group("model and engine (SGLang's and vLLM's spellings are aliases)")
+    group.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model, as --model")
+    add_flags(group, (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES, *ENGINE_EXTRAS), EngineConfig())
     add_flags(p.add_argument_group("KV tiers (SGLang's HiCache flags; with --enable-hierarchical-cache)"),
               HICACHE_FLAGS, EngineConfig())
     add_flags(p.add_argument_group("speculative decoding (engine/spec/)"), SPEC_FLAGS, EngineConfig())
@@ -148,9 +173,11 @@ def check_engine_args(args: argparse.Namespace) -> None:
 
         check_backend_config(config.hicache.storage_backend, config.hicache.storage_extra)
     config.speculative.check()
-    if args.mem_fraction_static is not None and (args.num_pages is not None or args.kv_cache_gb is not None):
-        raise ValueError("--mem-fraction-static sizes the KV pool: do not combine it with --num-pages or "
-                         "--kv-cache-gb")
+    sizes = [flag for name, flag in _SIZES.items() if getattr(args, name, None) is not None]
+    if len(sizes) > 1:
+        raise ValueError(f"{' and '.join(sizes)} each size the KV pool: give one of them")
+    if args.enable_prefix_caching and args.disable_prefix_cache:
+        raise ValueError("--enable-prefix-caching and --disable-prefix-cache contradict each other")
     if args.num_pages is not None and args.num_pages < 2:
         raise ValueError("--num-pages must be at least 2")
     if args.max_model_len is not None and args.num_pages is not None and args.page_size is not None:
@@ -167,6 +194,11 @@ def check_engine_args(args: argparse.Namespace) -> None:
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     values = flag_values(args, (MODEL_FLAG, *ENGINE_FLAGS, *ENGINE_SWITCHES, *HICACHE_FLAGS, *SPEC_FLAGS),
                          EngineConfig())
+    tag = getattr(args, "model_tag", None)
+    if tag is not None:
+        if args.model is not None and args.model != tag:
+            raise ValueError(f"the model is given twice: {tag!r} and --model {args.model!r}")
+        values["model"] = tag
     template = values.get("chat_template")
     if template is not None and "{" not in template and Path(template).is_file():
         values["chat_template"] = Path(template).read_text(encoding="utf-8")

@@ -3,8 +3,9 @@
     device, dtype, torch threads      a DP rank's own device (engine/dp_attention.py)
     model config, tokenizer           from --model / --tokenizer (bundled names resolved)
     TP shard                          a tp / ep size that does not fit fails here, before any weight loads
-    pool size                         from --num-pages / --kv-cache-gb before the weights load;
-                                      with --mem-fraction-static, from what is left after them
+    dtype, pool size                  engine/memory.py: --dtype auto; the pool from --num-pages /
+                                      --kv-cache-gb before the weights load, from the device's
+                                      memory after them (tp ranks: before, on the checkpoint's size)
     TP ranks 1..N-1                   their processes start before rank 0 loads (engine/tp_worker.py)
     DP-attention group                the MLP's collectives (parallel/dp_attention.py)
     experts                           EP: all-to-all over the DP-attention ranks, or each tp rank's
@@ -27,7 +28,6 @@ what it is given, so a test or a new feature can hand it other parts.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +41,7 @@ from pdserve.engine.dp_attention import DPAttentionRank, dp_device, join_dp_atte
 from pdserve.engine.grammar import Grammars
 from pdserve.engine.kv_cache import KVPool, Pool, new_pool, pool_shape
 from pdserve.engine.kv_manager import KVManager
+from pdserve.engine.memory import NO_MEMORY, activation_bytes, device_memory, memory_based, pool_gib, with_dtype
 from pdserve.engine.pd.build import DPPlace, build_stage, pool_tensors
 from pdserve.engine.pd.stage import Stage
 from pdserve.engine.prefix_cache import NoTier
@@ -93,29 +94,6 @@ class EngineParts:
     make_stage: Callable[[DisaggConfig | None], Stage]  # the stage of a PD mode over this pool (role switch)
 
 
-def available_host_memory() -> int:
-    """Bytes of host memory available to new allocations (Linux MemAvailable, else physical)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def kv_budget_gb(config: EngineConfig, device: torch.device) -> float:
-    """GiB for the KV pool: --mem-fraction-static of the memory left now (weights loaded)."""
-    fraction = config.mem_fraction_static
-    assert fraction is not None
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[0]
-    else:
-        available = available_host_memory()
-    return fraction * available / (1 << 30)
-
-
 def build_kv(config: EngineConfig, pool: Pool, model_name: str, disagg: DisaggConfig | None) -> KVManager:
     """The KV manager: the device pool only (NoTier), or with --enable-hierarchical-cache the
     tiered one (engine/kv_tiers: host memory, storage; a PD decode writes finished requests back)."""
@@ -128,11 +106,13 @@ def build_kv(config: EngineConfig, pool: Pool, model_name: str, disagg: DisaggCo
 
 def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> EngineParts:
     device = dp_device(config, resolve_device(config.device))
+    model_path = resolve_model(config.model, revision=config.revision, download_dir=config.download_dir)
+    config = with_dtype(config, device, model_path)  # "auto" made concrete before anything reads it
     dtype = resolve_dtype(config.dtype)
     set_torch_threads(config.threads)
-    model_path = resolve_model(config.model)
     cfg = ModelConfig.from_folder(model_path)
-    tokenizer_path = resolve_model(config.tokenizer) if config.tokenizer else model_path
+    tokenizer_path = resolve_model(config.tokenizer, download_dir=config.download_dir, weights=False) \
+        if config.tokenizer else model_path
     tokenizer = Tokenizer(tokenizer_path, config.chat_template)
     ps = config.page_size
     par = config.parallel
@@ -142,26 +122,30 @@ def build_parts(config: EngineConfig, disagg: DisaggConfig | None = None) -> Eng
     wanted_len = config.max_model_len or cfg.max_position_embeddings
     log.info("loading weights of %s (%d layers, hidden %d) on %s in %s", model_path.name,
              cfg.num_hidden_layers, cfg.hidden_size, device, config.dtype)
-    # the pool's size is known before the weights load, except with --mem-fraction-static
-    # (a fraction of what is left after them): RoPE tables then cover the model's length
-    num_pages = config.num_pages or (None if config.mem_fraction_static is not None else
-                                     KVPool.pages_for_budget(local, ps, config.kv_cache_gb, dtype.itemsize))
     ranks: TPRanks | None = None
     if par.num_processes > 1:
         set_torch_threads(rank_threads(config))
-    if par.attn_tp_size > 1:
-        ranks = TPRanks.start(resolved_config(config, cfg), device, disagg)
+    if par.attn_tp_size > 1:  # the ranks agree on the pool before loading (engine/memory.py)
+        config = resolved_config(config, cfg, model_path, device)
+        ranks = TPRanks.start(config, device, disagg)
+    # the pool's size is known before the weights load unless memory decides it (engine/memory.py):
+    # then RoPE tables cover the model's length
+    sized_by_memory = memory_based(config, device)
+    num_pages = config.num_pages or (None if sized_by_memory else
+                                     KVPool.pages_for_budget(local, ps, pool_gib(config, device, NO_MEMORY, 0, 0),
+                                                             dtype.itemsize))
     dp_group = join_dp_attention(config, device)  # DP attention: the MLP's group
     comm: Collectives = dp_group or (ranks.group if ranks is not None else NoCollectives())
     t0 = time.perf_counter()
     rope_len = min(wanted_len, (num_pages - 1) * ps) if num_pages else wanted_len
     model = load_model(model_path, device, dtype, rope_len + 1, shard, comm, config.cpu_prepack,
                        expert_comm(shard, dp_group), config.quantization)
-    weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     load_weights_s = time.perf_counter() - t0
-    log.info("weights loaded in %.1f s (%.2f GB)", load_weights_s, weights_gb)
+    log.info("weights loaded in %.1f s (%.2f GB)", load_weights_s, weights / 2**30)
     if num_pages is None:
-        num_pages = KVPool.pages_for_budget(local, ps, kv_budget_gb(config, device), dtype.itemsize)
+        gib = pool_gib(config, device, device_memory(device), weights, activation_bytes(cfg, config, dtype.itemsize))
+        num_pages = KVPool.pages_for_budget(local, ps, gib, dtype.itemsize)
     max_model_len = min(wanted_len, (num_pages - 1) * ps)
     tensors = pool_tensors(disagg, pool_shape(local, num_pages, ps), dtype, device)
     pool = new_pool(local, num_pages, ps, device, dtype, tensors)

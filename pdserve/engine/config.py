@@ -21,8 +21,9 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-# the names model.loader.DTYPES accepts (kept here as strings so the CLI needs no torch)
-DTYPE_CHOICES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+# the names model.loader.DTYPES accepts (kept here as strings so the CLI needs no torch), and
+# "auto" (engine/memory.py: the model's dtype on CUDA, float32 on CPU) and vLLM's half / float
+DTYPE_CHOICES = ("auto", "float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "half")
 ATTENTION_BACKENDS = ("auto", "cpp", "torch_native")  # engine/attention.py's decode_in_place
 QUANTIZATIONS = ("fp16",)  # weight-only, model/linear.py (int8/int4: no CPU kernel that pays, see there)
 
@@ -166,13 +167,16 @@ def _flat_layout(cls: type) -> type:
 @_flat_layout
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str = "default"  # HF folder, .gguf file, or "default" (bundled SmolLM2-135M)
+    model: str = "default"  # HF folder, .gguf file, Hub id org/name, or "default" (bundled SmolLM2-135M)
+    revision: str | None = None  # a Hub id's branch, tag or commit (default: its main branch)
+    download_dir: str | None = None  # the Hugging Face cache for Hub ids (default: HF_HUB_CACHE)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # compute dtype; fp32 on CPU (no native bf16 here)
+    dtype: str = "auto"  # compute dtype; auto: the model's on CUDA, float32 on CPU (engine/memory.py)
     page_size: int = 16
-    kv_cache_gb: float = 1.0  # KV pool size when neither num_pages nor mem_fraction_static is given
+    kv_cache_gb: float | None = None  # KV pool size in GiB (default: 1 on CPU; CUDA: from memory)
     num_pages: int | None = None
-    mem_fraction_static: float | None = None  # KV pool = this fraction of memory left after the weights
+    gpu_memory_utilization: float | None = None  # vLLM's: weights + activations + pool in this share
+    mem_fraction_static: float | None = None  # SGLang's: weights + pool in this share of the device
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped
     max_running: int = 64  # requests in the running batch
     chunk_budget: int = 512  # tokens per forward (chunked prefill + decode)

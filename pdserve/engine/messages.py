@@ -189,6 +189,7 @@ class LoadInfo(msgspec.Struct, frozen=True):
     cached_pages: int
     page_size: int
     transfer: TransferStats | None = None  # PD servers only
+    evictable_pages: int = 0  # cached pages no request holds: free for the taking (SGLang's evictable size)
     # engine/stats.py: the last stats window's rates, and cumulative counts
     gen_throughput: float = 0.0  # tokens/s
     prompt_throughput: float = 0.0  # prompt tokens computed/s
@@ -209,7 +210,9 @@ class LoadInfo(msgspec.Struct, frozen=True):
 
     @property
     def kv_usage(self) -> float:
-        return 1.0 - self.free_pages / max(self.num_pages, 1)
+        """SGLang's token usage: pages neither free nor evictable (cached pages no request holds
+        are free for the taking), over the pool."""
+        return (self.num_pages - self.free_pages - self.evictable_pages) / max(self.num_pages, 1)
 
 
 # --- Engine-process channel (pdserve/engine/process.py <-> pdserve/server/engine_client.py).

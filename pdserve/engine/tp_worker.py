@@ -26,6 +26,7 @@ import subprocess
 import sys
 
 from dataclasses import replace
+from pathlib import Path
 
 import msgspec
 import torch
@@ -33,6 +34,7 @@ import torch
 from pdserve.disagg import DisaggConfig, KVLayout, TPChannel, join_rooms
 from pdserve.engine.config import EngineConfig, ParallelConfig, default_threads, keep_freed_memory, set_torch_threads
 from pdserve.engine.kv_cache import KVPool, Pool, new_pool, pool_shape
+from pdserve.engine.memory import planned_pool_gib, with_dtype
 from pdserve.engine.messages import RankMsg, StepPlan, StopRanks
 from pdserve.engine.pd.build import pool_tensors
 from pdserve.engine.runner import ModelRunner
@@ -87,16 +89,16 @@ def expert_comm(shard: TPShard, dp_group: DPAttentionGroup | None = None) -> Exp
     return dp_group.experts() if dp_group is not None else EPShare(shard.rank, shard.size)
 
 
-def resolved_config(config: EngineConfig, cfg: ModelConfig) -> EngineConfig:
-    """`config` with num_pages and max_model_len fixed the way every rank must agree on."""
+def resolved_config(config: EngineConfig, cfg: ModelConfig, folder: Path, device: torch.device) -> EngineConfig:
+    """`config` with dtype, num_pages and max_model_len fixed the way every rank must agree on
+    (a memory-based pool is planned before loading: engine/memory.py)."""
     config.check_parallel()
     check_model_fits(config.parallel, cfg)
-    if config.num_pages is None and config.mem_fraction_static is not None:
-        raise ValueError("--mem-fraction-static with --tp-size > 1 is not supported yet: the ranks must agree on "
-                         "the pool size before loading; give --kv-cache-gb or --num-pages")
     local, ps = rank_shard(config.parallel, 0).local_config(cfg), config.page_size
+    config = with_dtype(config, device, folder)
     itemsize = torch.empty((), dtype=resolve_dtype(config.dtype)).element_size()
-    num_pages = config.num_pages or KVPool.pages_for_budget(local, ps, config.kv_cache_gb, itemsize)
+    num_pages = config.num_pages or KVPool.pages_for_budget(local, ps, planned_pool_gib(config, device, cfg, folder),
+                                                            itemsize)
     max_len = min(config.max_model_len or cfg.max_position_embeddings, (num_pages - 1) * ps)
     return replace(config, num_pages=num_pages, max_model_len=max_len)
 
@@ -117,7 +119,7 @@ def build_rank(config: EngineConfig, shard: TPShard, group: TPGroup | None, devi
                disagg: DisaggConfig | None = None) -> tuple[LlamaForCausalLM, Pool, ModelConfig]:
     """This rank's model slice and KV pool (config.num_pages and max_model_len resolved)."""
     assert config.num_pages is not None and config.max_model_len is not None
-    path = resolve_model(config.model)
+    path = resolve_model(config.model, revision=config.revision, download_dir=config.download_dir)
     cfg = ModelConfig.from_folder(path)
     dtype = resolve_dtype(config.dtype)
     model = load_model(path, device, dtype, config.max_model_len + 1, shard, group or NoCollectives(),
@@ -189,7 +191,8 @@ class TPRanks:
 
 def serve_node(config: EngineConfig, disagg: DisaggConfig | None = None) -> int:
     """A node other than 0 (`pdserve serve --node-rank N`): run its ranks until they end."""
-    config = resolved_config(config, ModelConfig.from_folder(resolve_model(config.model)))
+    path = resolve_model(config.model, revision=config.revision, download_dir=config.download_dir)
+    config = resolved_config(config, ModelConfig.from_folder(path), path, resolve_device(config.device))
     par = config.parallel
     host, port = par.rendezvous()
     first = par.node_rank * par.ranks_per_node
@@ -214,7 +217,8 @@ def follow(spec: RankSpec) -> None:
     keep_freed_memory()
     agent = None
     if disagg is not None:
-        layout = rank_layout(resolve_model(config.model).name, pool, shard, cfg)
+        layout = rank_layout(resolve_model(config.model, revision=config.revision,
+                                           download_dir=config.download_dir).name, pool, shard, cfg)
         agent = join_rooms(disagg, layout, pool.tensors, pool.page_size, spec.rank, group.store.get)
     runner = ModelRunner(model, pool, device, attention_backend=config.attention_backend)
     decoder = msgspec.msgpack.Decoder(RankMsg)

@@ -12,7 +12,8 @@ field to `const`, after every valued flag (`--disable-retries` wins over `--retr
 
 Every argparse default is None: the Namespace tells which flags the command line gave (the
 engine's combination rules need that), `flag_values` takes only those, and the config keeps its
-own default for the rest (and an environment knob under a flag keeps its say).
+own default for the rest (and an environment knob under a flag keeps its say). A peer's flag
+that changes nothing here is accepted with `noop` set (its field None): `noop_warnings` says so.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Flag:
     const: Any = True  # a switch: the field's value when the switch is present
     unit: float = 1.0  # the field holds value x unit (a flag in ms over a field in seconds: 0.001)
     shown: str | None = None  # the default --help names, where the config's is not what to say
+    noop: str | None = None  # accepted for a peer's sake but without effect here: why (`noop_warnings`)
 
     @property
     def dest(self) -> str:
@@ -45,6 +47,13 @@ class Flag:
         if self.type is None or self.field is None:
             return self.names[0].lstrip("-").replace("-", "_")
         return self.field.replace(".", "_")
+
+
+def noop_warnings(args: argparse.Namespace, flags: Iterable[Flag]) -> list[str]:
+    """One line per flag given that has no effect in pdserve (a peer's flag accepted so its
+    command lines run): the flag and why."""
+    return [f"{f.names[0]} has no effect: {f.noop}" for f in flags
+            if f.noop is not None and getattr(args, f.dest, None) not in (None, False)]
 
 
 def field_value(config: object, field: str) -> Any:

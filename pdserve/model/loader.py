@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 SliceFn = Callable[[str], "tuple[int, int, int] | None"]  # name -> (dim, start, stop) or None: all
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -55,6 +55,19 @@ def iter_safetensors(folder: Path, part: SliceFn = lambda name: None) -> Iterato
                     dim, start, stop = cut
                     sl = st.get_slice(name)
                     yield name, sl[start:stop] if dim == 0 else sl[:, start:stop]
+
+
+def checkpoint_numel(folder: str | Path) -> int:
+    """Elements in the checkpoint's tensors, read from the safetensors headers (nothing loads)."""
+    total = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                numel = 1
+                for dim in st.get_slice(name).get_shape():
+                    numel *= dim
+                total += numel
+    return total
 
 
 def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype, max_positions: int,

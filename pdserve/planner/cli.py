@@ -57,7 +57,7 @@ class PlannerRun:
     decision_log: Path | None = None
     metrics_port: int | None = None
     metrics_prefix: str = "pdserve"
-    router_metrics_prefix: str = "sglang"
+    router_metrics_prefix: str = "sgl"
     api_key: str | None = None
     duration_s: float = 0.0  # 0: until stopped
     log_level: str = "info"

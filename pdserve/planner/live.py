@@ -46,7 +46,7 @@ class LiveConfig:
     stable: int = 2  # intervals a decision must hold before it is acted on
     cooldown_s: float = 0.0  # after an action, the next waits this long (0: one interval)
     max_actions: int = 1  # per interval
-    router_prefix: str = "sglang"  # the router's --metrics-prefix
+    router_prefix: str = "sgl"  # the router's --metrics-prefix
     api_key: str | None = None
 
 

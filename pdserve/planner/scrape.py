@@ -2,11 +2,11 @@
 
 The router counts every answered generation (router/usage.py): prompt and output tokens,
 TTFT and ITL histograms, and per worker its in-flight requests and health. Names are
-`<prefix>:router_<name>` (the router's --metrics-prefix, default sglang):
+`<prefix>_router_<name>` (the router's --metrics-prefix, default sgl: sglang-router's names):
 
     generations_total, prompt_tokens_total, output_tokens_total     counters
     ttft_seconds_{sum,count}, itl_seconds_{sum,count}               histograms (streams)
-    worker_in_flight{worker,role}, worker_healthy{worker,role}      gauges
+    running_requests{worker,role}, worker_health{worker,role}       gauges
 
 `observation(before, after)` turns the counters' growth over the interval into planner.Observation:
 rate (finished requests / interval), mean prompt and output tokens, mean TTFT and ITL of the
@@ -46,8 +46,8 @@ class Snapshot:
     healthy: dict[str, int] = field(default_factory=dict)  # role -> healthy workers
 
 
-def parse_metrics(text: str, prefix: str = "sglang", t: float | None = None) -> Snapshot:
-    head = f"{prefix}:router_"
+def parse_metrics(text: str, prefix: str = "sgl", t: float | None = None) -> Snapshot:
+    head = f"{prefix}_router_"
     counters = dict.fromkeys(COUNTERS, 0.0)
     in_flight: dict[str, float] = {}
     healthy: dict[str, int] = {}
@@ -58,16 +58,16 @@ def parse_metrics(text: str, prefix: str = "sglang", t: float | None = None) -> 
             name = s.name[len(head):]
             if name in counters:
                 counters[name] = s.value
-            elif name == "worker_in_flight":
+            elif name == "running_requests":
                 role = s.labels.get("role", "")
                 in_flight[role] = in_flight.get(role, 0.0) + s.value
-            elif name == "worker_healthy" and s.value > 0:
+            elif name == "worker_health" and s.value > 0:
                 role = s.labels.get("role", "")
                 healthy[role] = healthy.get(role, 0) + 1
     return Snapshot(time.monotonic() if t is None else t, counters, in_flight, healthy)
 
 
-def scrape(router_url: str, prefix: str = "sglang", api_key: str | None = None) -> Snapshot:
+def scrape(router_url: str, prefix: str = "sgl", api_key: str | None = None) -> Snapshot:
     return parse_metrics(http_get(router_url.rstrip("/") + "/metrics", api_key).decode(), prefix)
 
 

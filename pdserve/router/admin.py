@@ -6,6 +6,8 @@
 - `GET/POST/DELETE /workers` (and `DELETE /workers/{url}`): list, add (probed at once, then
   health-checked like the others) and remove workers at runtime; API-key protected. With
   `--discovery` the list also says what etcd gave (`discovery`: url, connected, workers).
+  SGLang's router's spellings answer too: `POST /add_worker?url=URL[&worker_type=prefill|decode]
+  [&bootstrap_port=N]`, `POST /remove_worker?url=URL`, `GET /list_workers` (`{"urls": [...]}`).
 - `GET /metrics`: Prometheus text. `GET /get_loads`: per-worker load.
 - `GET/POST /admission`: admission control's thresholds and what it sees; change them at runtime.
 - `GET /v1/models`, `/v1/models/{id}`, `/version`, `/server_info`, `/model_info`,
@@ -63,6 +65,8 @@ class Admin:
             "/readiness": {"GET": self.readiness}, "/metrics": {"GET": self.prometheus},
             "/workers": {"GET": self.list_workers, "POST": self.add_worker, "DELETE": self.remove_worker},
             "/workers/{url}": {"DELETE": self.remove_worker, "GET": self.get_worker},
+            "/add_worker": {"POST": self.add_worker}, "/remove_worker": {"POST": self.remove_worker},
+            "/list_workers": {"GET": self.list_urls},
             "/get_loads": {"GET": self.loads},
             "/v1/models": info, **{path: info for path in SERVER_INFO_PATHS}, "/model_info": info,
             "/get_model_info": info, "/health_generate": info, "/version": info, "/v1/models/{id}": info,
@@ -120,6 +124,13 @@ class Admin:
         found = {"discovery": self.discovery.describe()} if self.discovery is not None else {}
         return _json({"workers": workers, "total": len(workers), **self._counts(), **found}, rid)
 
+    async def list_urls(self, req: Request, rid: str) -> Response:
+        """SGLang's router's `/list_workers`: the urls (in PD mode also by role)."""
+        out: dict[str, list[str]] = {"urls": [w.url for w in self.registry.all()]}
+        if self.cfg.pd:
+            out.update({role: [w.url for w in self.registry.by_role(role)] for role in ("prefill", "decode")})
+        return _json(out, rid)
+
     async def get_worker(self, req: Request, rid: str) -> Response:
         worker = self.registry.get(self._url_from(req))
         if worker is None:
@@ -130,13 +141,27 @@ class Admin:
         return _json({"workers": [{"url": w.url, "role": w.role, "load": w.load, "in_flight": w.in_flight}
                                   for w in self.registry.all()]}, rid)
 
-    async def add_worker(self, req: Request, rid: str) -> Response:
+    @staticmethod
+    def _worker_fields(req: Request) -> dict[str, Any]:
+        """The JSON body's fields, or SGLang's query (`url`, `worker_type`, `bootstrap_port`)."""
+        query = {k: v[0] for k, v in parse_qs(req.query).items()}
+        if "url" in query:
+            port = query.get("bootstrap_port")
+            if port is not None and port.lower() != "none":
+                if not port.isdigit():
+                    raise RouterError(400, "'bootstrap_port' must be an integer", param="bootstrap_port")
+            return {"url": query["url"], "role": query.get("worker_type", query.get("role")),
+                    "bootstrap_port": int(port) if port is not None and port.isdigit() else None}
         try:
             body = msgspec.json.decode(req.body) if req.body else {}
         except msgspec.DecodeError:
             raise RouterError(400, "request body is not valid JSON", code="invalid_json") from None
         if not isinstance(body, dict):
             raise RouterError(400, "request body must be a JSON object", code="invalid_json")
+        return body
+
+    async def add_worker(self, req: Request, rid: str) -> Response:
+        body = self._worker_fields(req)
         pd = self.cfg.pd
         url, role, port = body.get("url"), body.get("role"), body.get("bootstrap_port")
         if not isinstance(url, str):

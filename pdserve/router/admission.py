@@ -10,7 +10,7 @@ the request's TTFT deadline (contract.TTFT_DEADLINE, what is left of it). Per re
     deadline    every routable prefill (regular: worker) predicts a queue longer than the time left
 
 A worker that reported nothing yet counts as free. A refusal is counted in
-`<prefix>:router_rejected_total{reason}` ("admission_kv", ...). The router's concurrency queue
+`<prefix>_router_rejected_total{reason}` ("admission_kv", ...). The router's concurrency queue
 (429 when full, 408 after its timeout) stays the outer guard; a worker's own 503 is relayed
 with its Retry-After. `deadline_left_s` reads the deadline of a body (and says what to forward).
 """

@@ -12,12 +12,14 @@ Lifecycle of `RouterApp`:
     PD prefill queue limit, tree eviction for cache_aware, KV-event subscribers feeding the
     exact index (router/kv_sync.py) when cache_aware or conditional PD uses it);
   - `handle(request)` (called by the HTTP server for every request) tags it with a request
-    id, routes it, checks the API key (all routes except /health, /liveness, /readiness,
+    id, answers a CORS preflight (flags/cors.py; before the key: browsers send none with it),
+    routes it, checks the API key (all routes except /health, /liveness, /readiness,
     /metrics), and for generation routes: admission control (router/admission.py: 503 +
     Retry-After), a concurrency slot in the body's priority order (429/408), forwarding (the
-    legs get what is left of its TTFT deadline) and metrics; with --enable-trace a
-    `pdserve.router` span (its child "router pick"; the legs carry its traceparent); every
-    error is an OpenAI-style body with the request id header;
+    legs get what is left of its TTFT deadline; /v1/responses' previous_response_id expanded
+    first) and metrics; with --enable-trace a `pdserve.router` span (its child "router pick";
+    the legs carry its traceparent); every error is an OpenAI-style body with the request id
+    header, and every answer to an allowed origin its CORS headers;
   - `stop()` cancels the loops and closes the pools.
 """
 
@@ -33,6 +35,7 @@ from typing import Any
 import aiohttp
 
 from pdserve.contract import PRIORITY, TTFT_DEADLINE
+from pdserve.flags.cors import ALLOW_ORIGIN, preflight_headers, response_headers
 from pdserve.router.admin import Admin
 from pdserve.router.admission import RouterAdmission, deadline_left_s
 from pdserve.router.config import RouterConfig
@@ -48,12 +51,13 @@ from pdserve.router.pd import PDForwarder
 from pdserve.router.policies import Policy, make_policy
 from pdserve.router.request import RequestCtx, RouteFn, RouterError, error_body, pick_request_id
 from pdserve.router.resilience import ConcurrencyLimiter
+from pdserve.router.responses import Responses
 from pdserve.router.workers import Worker, WorkerRegistry, new_worker
 from pdserve.tracing import TRACEPARENT, NoTracer, Tracer, make_tracer
 
 logger = logging.getLogger("pdserve.router")
 _PRIORITY, _DEADLINE = f'"{PRIORITY}"'.encode(), f'"{TTFT_DEADLINE}"'.encode()
-GENERATE_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
+GENERATE_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/responses")
 OPEN_PATHS = frozenset({"/health", "/liveness", "/readiness", "/metrics"})
 
 
@@ -89,8 +93,9 @@ class RouterApp:
             else NoTracer()
         self.admin = Admin(cfg, self.registry, self.health, self.limiter, self.metrics, self.pool, self.kv_index,
                            self.admission, self.discovery)
+        self.responses = Responses(cfg, self.registry, self.pool)
         self.routes: dict[str, dict[str, RouteFn]] = {path: {"POST": self.generate} for path in GENERATE_ROUTES}
-        for path, methods in self.admin.routes().items():
+        for path, methods in (*self.admin.routes().items(), *self.responses.routes().items()):
             self.routes.setdefault(path, {}).update(methods)
 
     def _on_registry_change(self, event: str, worker: Worker) -> None:
@@ -157,12 +162,36 @@ class RouterApp:
 
     async def handle(self, req: Request) -> Response | None:
         rid = pick_request_id(req.headers, self.cfg.request_id_headers)
+        origin = req.headers.get("origin")
+        wanted = req.headers.get("access-control-request-method")
+        if req.method == "OPTIONS" and origin is not None and wanted is not None:
+            asked = req.headers.get("access-control-request-headers")
+            allowed = preflight_headers(self.cfg.cors, origin, wanted, asked)
+            if allowed is None:
+                return Response(b"Disallowed CORS request", 400, "text/plain", [("x-request-id", rid)])
+            return Response(b"", 200, None, [("x-request-id", rid), *allowed])
+        resp = await self._route(req, rid)
+        if resp is not None and origin is not None and not any(k == ALLOW_ORIGIN for k, _ in resp.headers):
+            resp.headers = [*resp.headers, *response_headers(self.cfg.cors, origin)]  # (generate's has them)
+        return resp
+
+    async def metrics_only(self, req: Request) -> Response | None:
+        """The `--prometheus-port` listener: GET /metrics and nothing else."""
+        rid = pick_request_id(req.headers, self.cfg.request_id_headers)
+        if req.path != "/metrics" or req.method != "GET":
+            return Response(error_body(404, f"no route {req.path} here (metrics only)"), 404,
+                            headers=[("x-request-id", rid)])
+        return await self.admin.prometheus(req, rid)
+
+    async def _route(self, req: Request, rid: str) -> Response | None:
         try:
             methods = self.routes.get(req.path)
             if methods is None and req.path.startswith("/workers/"):
                 methods = self.routes.get("/workers/{url}")
             if methods is None and req.path.startswith("/v1/models/"):
                 methods = self.routes.get("/v1/models/{id}")
+            if methods is None and req.path.startswith("/v1/responses/"):
+                methods = self.routes.get("/v1/responses/{id}")
             if methods is None:
                 raise RouterError(404, f"no route {req.path}")
             if self._key is not None and req.path not in OPEN_PATHS and not self.authorized(req.headers):
@@ -199,6 +228,9 @@ class RouterApp:
                     self.metrics.rejected.labels("queue_full" if exc.status == 429 else "queue_timeout").inc()
                 raise
             try:
+                ctx.resp_headers += response_headers(self.cfg.cors, req.headers.get("origin"))  # a stream's too
+                if req.path == "/v1/responses" and b"previous_response_id" in req.body:
+                    await self.responses.expand(ctx)
                 resp = await self.forwarder.handle(ctx)
                 status = resp.status if resp is not None else req.writer.status
                 return resp

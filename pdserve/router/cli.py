@@ -16,6 +16,7 @@ from pdserve.contract import API_KEY_ENV, SERVER_INFO_PATH, resolve_api_key
 from pdserve.discovery import parse_discovery_url
 from pdserve.flags.argtypes import OneLineParser, metrics_prefix, non_negative_float, non_negative_int, port_number, \
     positive_float, positive_int, unit_interval
+from pdserve.flags.cors import CORS_FLAGS
 from pdserve.flags.table import Flag, add_flags, flag_values, with_values
 from pdserve.router.config import POLICIES, RouterConfig, WorkerSpec
 
@@ -25,7 +26,7 @@ ROUTER_FLAGS: dict[str, tuple[Flag, ...]] = {  # argument group -> its flags, ov
         Flag(("--host",), "host", str, "bind address"),
         Flag(("--port",), "port", port_number, "HTTP port"),
         Flag(("--worker-urls",), None, str, "unified workers (regular mode)", nargs="*", metavar="URL",
-             shown="none; add them later with POST /add_worker"),
+             shown="none; add them later with POST /workers or POST /add_worker?url=URL"),
         Flag(("--pd-disaggregation",), "pd", None, "PD mode: --prefill and --decode workers"),
         Flag(("--prefill",), None, str, "prefill worker and optional bootstrap port (repeatable); without a port "
              f"it is read from the worker's {SERVER_INFO_PATH}", nargs="+", repeat=True,
@@ -126,11 +127,15 @@ ROUTER_FLAGS: dict[str, tuple[Flag, ...]] = {  # argument group -> its flags, ov
              metavar="HEADER"),
         Flag(("--log-level",), "log_level", str, "", ("debug", "info", "warning", "error")),
         Flag(("--metrics-prefix",), "metrics_prefix", metrics_prefix,
-             "/metrics names are PREFIX:router_name, like the servers'"),
+             "metric names are PREFIX_router_NAME (sglang-router's: sgl_router_requests_total, ...)"),
+        Flag(("--prometheus-port",), "prometheus_port", port_number,
+             "also serve /metrics on this port (sglang-router's flag)", shown="off: /metrics on --port only"),
+        Flag(("--prometheus-host",), "prometheus_host", str, "address the --prometheus-port listener binds"),
         Flag(("--shutdown-grace-period-secs",), "shutdown_timeout_s", non_negative_float,
              "seconds in-flight requests get to finish on SIGTERM"),
     ),
 }
+ROUTER_FLAGS["CORS (vLLM's flags)"] = CORS_FLAGS
 ALL_FLAGS = tuple(f for group in ROUTER_FLAGS.values() for f in group)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from pdserve.contract import DEFAULT_ROUTER_PORT
+from pdserve.flags.cors import CorsConfig
 from pdserve.discovery import DiscoveryConfig
 
 ROLES = ("regular", "prefill", "decode")
@@ -164,7 +165,10 @@ class RouterConfig:
     request_id_headers: tuple[str, ...] = ("x-request-id", "x-correlation-id", "request-id")
     log_level: str = "info"
     shutdown_timeout_s: float = 30.0
-    metrics_prefix: str = "sglang"  # /metrics names are "<prefix>:router_<name>"
+    metrics_prefix: str = "sgl"  # metric names are "<prefix>_router_<name>" (sglang-router's: sgl_router_*)
+    prometheus_port: int | None = None  # also serve /metrics on this port (sglang-router's --prometheus-port)
+    prometheus_host: str = "127.0.0.1"
+    cors: CorsConfig = field(default_factory=CorsConfig)  # browser pages on other origins (vLLM's flags)
     migration_limit: int = 3  # times a broken stream moves to another worker (Dynamo's name); 0 = never
     pd_local_prefill_threshold: int | None = None  # PD: uncached tokens at most this -> decode alone
     pd_prefill_queue_limit: int | None = None  # PD: every prefill's queue over this -> decode alone
@@ -192,6 +196,8 @@ class RouterConfig:
                 raise ValueError(f"--{name.replace('_', '-')} needs --pd-disaggregation and a value >= 0")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
+        if self.prometheus_port is not None and self.prometheus_port and self.prometheus_port == self.port:
+            raise ValueError(f"--prometheus-port {self.prometheus_port} is the router's --port too; pick another")
 
     @property
     def worker_key(self) -> str | None:

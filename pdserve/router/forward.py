@@ -193,7 +193,7 @@ class RegularForwarder:
         if self.cfg.migration_limit <= 0 or b'"stream"' not in ctx.req.body:
             return False
         try:
-            return migratable(ctx.json(), self.cfg.migration_limit)
+            return migratable(ctx.json(), self.cfg.migration_limit, ctx.route)
         except RouterError:
             return False
 

@@ -39,19 +39,21 @@ logger = logging.getLogger("pdserve.router")
 _enc = msgspec.json.Encoder()
 
 
-def migratable(body: dict[str, Any], limit: int) -> bool:
+def migratable(body: dict[str, Any], limit: int, route: str = "") -> bool:
     """Can this request's stream move to another worker mid-way?"""
-    return body.get("stream") is True and _one_plain_sequence(body, limit)
+    return body.get("stream") is True and _one_plain_sequence(body, limit, route)
 
 
-def progress_tracked(body: dict[str, Any], limit: int) -> bool:
+def progress_tracked(body: dict[str, Any], limit: int, route: str = "") -> bool:
     """Can this non-streaming request move to another worker mid-way (router/whole.py)?"""
-    return body.get("stream") is not True and _one_plain_sequence(body, limit)
+    return body.get("stream") is not True and _one_plain_sequence(body, limit, route)
 
 
-def _one_plain_sequence(body: dict[str, Any], limit: int) -> bool:
-    """One sequence (n = 1, one prompt), no logprobs nor echo, and migration on."""
-    if limit <= 0:
+def _one_plain_sequence(body: dict[str, Any], limit: int, route: str) -> bool:
+    """One sequence (n = 1, one prompt), no logprobs nor echo, and migration on. Not /v1/responses:
+    its events are items, not token deltas a resumed stream could continue, nor the chat answer
+    router/whole.py assembles."""
+    if limit <= 0 or route == "/v1/responses":
         return False
     n = body.get("n", 1)
     sp = body.get("sampling_params")

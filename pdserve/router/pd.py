@@ -47,7 +47,7 @@ decode that publishes no events) — is at most
 `--pd-local-prefill-threshold` tokens ("local_threshold"), or when every routable prefill's
 queue (max of its polled /get_load and this router's in-flight count) is over
 `--pd-prefill-queue-limit` ("local_queue"); otherwise "remote". Each decision is counted in
-`<prefix>:router_pd_decisions_total{decision}`.
+`<prefix>_router_pd_decisions_total{decision}`.
 
 Prompt logprobs: the prefill computed the prompt, the decode did not, so a `/generate` with
 `return_logprob: true` or a completion with `echo` + `logprobs` gets the prompt's logprobs from
@@ -168,7 +168,8 @@ class PDForwarder:
         body = ctx.json()
         batch = batch_size(body)
         want_lp = wants_prompt_logprobs(body)
-        track = migratable(body, self.cfg.migration_limit) or progress_tracked(body, self.cfg.migration_limit)
+        track = migratable(body, self.cfg.migration_limit, ctx.route) \
+            or progress_tracked(body, self.cfg.migration_limit, ctx.route)
         tried_p: set[str] = set()
         tried_d: set[str] = set()
         last: Failure | None = None

@@ -103,9 +103,20 @@ def _prompt_text(value: Any) -> str:
     return ""
 
 
+def _items_text(value: Any) -> str:
+    """/v1/responses' input: a string, or items (messages' text; tool outputs)."""
+    if isinstance(value, str) or not isinstance(value, list):
+        return value if isinstance(value, str) else ""
+    parts = [_messages_text([item]) or (item.get("output") if isinstance(item.get("output"), str) else "")
+             for item in value if isinstance(item, dict)]
+    return "\n".join(p for p in parts if p)
+
+
 def routing_text(route: str, body: dict[str, Any]) -> str:
     if route == "/v1/chat/completions":
         return _messages_text(body.get("messages"))
+    if route == "/v1/responses":
+        return _items_text(body.get("input"))
     if route == "/v1/completions":
         return _prompt_text(body.get("prompt"))
     text = body.get("text")
@@ -146,6 +157,11 @@ class RequestCtx:
                 raise RouterError(400, "request body must be a JSON object", code="invalid_json")
             self._json = obj
         return self._json
+
+    def replace_body(self, body: dict[str, Any]) -> None:
+        """Forward `body` instead of what the client sent (router/responses.py)."""
+        self._json, self._text = body, None
+        self.req.body = msgspec.json.encode(body)
 
     def mark(self) -> None:
         """A pick begins (tracing: the next `picked` span starts here)."""

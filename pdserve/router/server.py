@@ -5,7 +5,8 @@
      contacted);
   2. `RouterApp.start()`: one round of health checks (bounded by the health timeout), then
      the background loops;
-  3. the HTTP listener accepts connections; `ready` (if given) is called with the bound port;
+  3. the HTTP listener accepts connections (and, with `--prometheus-port`, a second one that
+     serves only /metrics, as sglang-router does); `ready` (if given) is called with the bound port;
      start-up objects are frozen out of the cyclic GC (short pauses under load);
   4. on SIGTERM/SIGINT (or `stop` being set): stop accepting, close idle connections, let
      in-flight requests finish for up to `shutdown_timeout_s`, abort the rest (which cancels
@@ -69,7 +70,13 @@ async def serve(cfg: RouterConfig, sock: socket.socket | None = None, stop: asyn
             loop.add_signal_handler(sig, on_signal, sig)
     app = RouterApp(cfg)
     listener = HttpListener(app.handle, protocol_error_body, max_body=cfg.limits.max_payload_bytes)
+    metrics_listener: HttpListener | None = None
     try:
+        if cfg.prometheus_port is not None:  # sglang-router's metrics port (bound before anything starts)
+            metrics_sock = bind_socket(cfg.prometheus_host, cfg.prometheus_port)
+            metrics_listener = HttpListener(app.metrics_only, protocol_error_body, max_body=1 << 16)
+            await metrics_listener.start(metrics_sock)
+            logger.info("metrics on http://%s:%d/metrics", cfg.prometheus_host, metrics_sock.getsockname()[1])
         await app.start()
         await listener.start(sock)
         gc.collect()
@@ -83,6 +90,8 @@ async def serve(cfg: RouterConfig, sock: socket.socket | None = None, stop: asyn
         await stop.wait()
         await listener.close(cfg.shutdown_timeout_s)
     finally:
+        if metrics_listener is not None:
+            await metrics_listener.close(1.0)
         await app.stop()
         sock.close()
         if signals:

@@ -1,7 +1,7 @@
 """What one generation request cost, as the router saw it: prompt and output tokens, TTFT, inter-token latency.
 
 The SLA planner (pdserve/planner) reads these from the router's /metrics every interval
-(`<prefix>:router_prompt_tokens_total`, `..._output_tokens_total`, `..._generations_total`,
+(`<prefix>_router_prompt_tokens_total`, `..._output_tokens_total`, `..._generations_total`,
 `..._ttft_seconds`, `..._itl_seconds`; router/metrics.py). Per request:
 
   prompt tokens   the worker's PROMPT_TOKENS_HEADER (decode leg in PD mode: same prompt)

@@ -5,10 +5,10 @@
              loaded (uvicorn binds the port only after this, so /health answers only when
              ready), then `ServerState` (tokenizer, metrics, caps) goes into `app.state.server`;
              an engine that fails to start leaves one line in `app.state.startup_error`;
-  serving  - routers: OpenAI (/v1/...), native (/generate), admin (health, info, load, ...),
-             elastic (/drain, /switch_role: server/elastic.py);
-             errors always come back as OpenAI error bodies; API key and body cap run as
-             ASGI middleware around everything;
+  serving  - routers: OpenAI (/v1/completions, chat, responses, ...), native (/generate), admin
+             (health, info, load, ...), elastic (/drain, /switch_role: server/elastic.py);
+             errors always come back as OpenAI error bodies; CORS, API key and body cap run
+             as ASGI middleware around everything;
   shutdown - `begin_shutdown(app)` (called from the signal handler) refuses new work and ends
              in-flight streams with finish_reason "abort"; the lifespan's exit then stops the
              engine process and removes its sockets.
@@ -22,9 +22,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
-from pdserve.server import native_generate, openai_chat, openai_completions, routes_admin, routes_elastic, \
-    routes_hicache, routes_tokenize
+from pdserve.server import (native_generate, openai_chat, openai_completions, openai_responses, routes_admin,
+                            routes_elastic, routes_hicache, routes_tokenize)
 from pdserve.server.config import ServerConfig
 from pdserve.server.elastic import Elastic
 from pdserve.server.dp_client import EngineHandle, engine_client
@@ -70,6 +71,7 @@ def build_fastapi(config: ServerConfig) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_completions.router)
     app.include_router(openai_chat.router)
+    app.include_router(openai_responses.router)
     app.include_router(native_generate.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_hicache.router)
@@ -79,11 +81,16 @@ def build_fastapi(config: ServerConfig) -> FastAPI:
 
 
 def build_app(config: ServerConfig) -> Any:
-    """The ASGI app to serve: FastAPI wrapped in the body cap and (if set) the API key check."""
+    """The ASGI app to serve: FastAPI wrapped in the body cap, (if set) the API key check and,
+    outermost, CORS (a browser's preflight carries no key; flags/cors.py)."""
     fastapi_app = build_fastapi(config)
     app: Any = BodyLimitMiddleware(fastapi_app, config.max_body_bytes)
     if config.api_key:
         app = ApiKeyMiddleware(app, config.api_key)
+    cors = config.cors
+    if cors.enabled:
+        app = CORSMiddleware(app, allow_origins=list(cors.allowed_origins), allow_methods=list(cors.allowed_methods),
+                             allow_headers=list(cors.allowed_headers), allow_credentials=cors.allow_credentials)
     app.fastapi = fastapi_app  # type: ignore[attr-defined]
     return app
 

@@ -13,6 +13,7 @@ from pdserve.contract import DEFAULT_SERVER_PORT
 from pdserve.disagg.config import DisaggConfig
 from pdserve.discovery import DiscoveryConfig
 from pdserve.engine.config import EngineConfig
+from pdserve.flags.cors import CorsConfig
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,9 @@ class ServerConfig:
     control_timeout_s: float = 30.0  # /get_load, /flush_cache round trips to the engine
     health_generate_timeout_s: float = 30.0
     shutdown_timeout_s: float = 10.0  # per stage: draining connections, stopping the engine
-    tool_call_parser: str | None = None  # tool_choice "auto": hermes | llama3_json (server/tool_parsers.py)
+    tool_call_parser: str | None = None  # tool_choice "auto" (server/tool_parsers.py); None: the model family's
+    cors: CorsConfig = field(default_factory=CorsConfig)  # browser pages on other origins (vLLM's defaults)
+    responses_kept: int = 1000  # /v1/responses stored for previous_response_id and GET (oldest dropped first)
     log_level: str = "info"
     access_log: bool = False
     log_requests: bool = False  # one log line per finished request

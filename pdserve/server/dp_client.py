@@ -56,7 +56,8 @@ def merge_loads(loads: list[LoadInfo]) -> LoadInfo:
     return LoadInfo(
         num_running=sum(x.num_running for x in loads), num_waiting=sum(x.num_waiting for x in loads),
         num_pages=sum(x.num_pages for x in loads), free_pages=sum(x.free_pages for x in loads),
-        cached_pages=sum(x.cached_pages for x in loads), page_size=first.page_size, transfer=transfer,
+        cached_pages=sum(x.cached_pages for x in loads), evictable_pages=sum(x.evictable_pages for x in loads),
+        page_size=first.page_size, transfer=transfer,
         gen_throughput=sum(x.gen_throughput for x in loads), prompt_throughput=sum(x.prompt_throughput for x in loads),
         cache_hit_rate=sum(x.cache_hits for x in loads) / queries if queries else first.cache_hit_rate,
         num_preemptions=sum(x.num_preemptions for x in loads),

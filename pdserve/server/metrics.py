@@ -8,11 +8,14 @@ SGLang has no metric, vLLM's name is used under the same prefix. Label: `model_n
     generation_tokens_total, cached_tokens_total, num_aborted_requests_total,
     request_success_total{finished_reason}, request_errors_total{status},
     admission_rejected_total{reason} (server/admission.py); histograms
-    time_to_first_token_seconds, inter_token_latency_seconds, e2e_request_latency_seconds,
+    time_to_first_token_seconds, inter_token_latency_seconds, time_per_output_token_seconds
+    (per request, SGLang's: (E2E - TTFT) / (output tokens - 1)), e2e_request_latency_seconds,
     queue_time_seconds, request_prefill_time_seconds, request_decode_time_seconds,
     prompt_tokens_histogram, generation_tokens_histogram;
   engine, read from /get_load data at each scrape (`EngineCollector`): gauges
-    num_running_reqs, num_queue_reqs, num_used_tokens, token_usage, max_total_num_tokens,
+    num_running_reqs, num_queue_reqs, num_used_tokens and token_usage (SGLang's meaning: slots
+    held by requests; cached pages no request holds are evictable, so free), num_cached_tokens,
+    max_total_num_tokens,
     gen_throughput, cache_hit_rate, num_in_flight_reqs; counters (the engine's cumulative
     counts) num_retracted_requests_total (preemptions), prefix_cache_queries_total,
     prefix_cache_hits_total, prefill_compute_tokens_total; PD: kv_transfers_total{result},
@@ -74,11 +77,15 @@ class EngineCollector(Collector):
         load = self.load
         if load is None:
             return
-        used = (load.num_pages - load.free_pages) * load.page_size
+        used = (load.num_pages - load.free_pages - load.evictable_pages) * load.page_size
         yield self._gauge("num_running_reqs", "Requests in the running batch", load.num_running)
         yield self._gauge("num_queue_reqs", "Requests waiting for admission (PD queues included)", load.num_waiting)
-        yield self._gauge("num_used_tokens", "KV slots not free (in use or cached)", used)
-        yield self._gauge("token_usage", "Fraction of KV slots not free", load.kv_usage)
+        yield self._gauge("num_used_tokens", "KV slots held by requests (SGLang's: evictable cached slots are free)",
+                          used)
+        yield self._gauge("token_usage", "Fraction of KV slots held by requests (evictable cached ones count as "
+                          "free, as in SGLang)", load.kv_usage)
+        yield self._gauge("num_cached_tokens", "KV slots in the prefix cache (held or evictable)",
+                          load.cached_pages * load.page_size)
         yield self._gauge("max_total_num_tokens", "KV pool size in tokens", load.num_pages * load.page_size)
         yield self._gauge("gen_throughput", "Generation throughput over the last stats window (tokens/s)",
                           load.gen_throughput)
@@ -197,6 +204,8 @@ class ServerMetrics:
         self._cached = counter("cached_tokens", "Prompt tokens served from the prefix cache")
         self._ttft = histogram("time_to_first_token_seconds", "Time to first token", _LATENCY_BUCKETS)
         self._itl = histogram("inter_token_latency_seconds", "Time between output tokens", _LATENCY_BUCKETS)
+        self._tpot = histogram("time_per_output_token_seconds", "Per request: (E2E - TTFT) / (output tokens - 1), "
+                               "SGLang's", _LATENCY_BUCKETS)
         self._e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency", _E2E_BUCKETS)
         self._queue = histogram("queue_time_seconds", "Engine arrival to first forward", _QUEUE_BUCKETS)
         self._prefill = histogram("request_prefill_time_seconds", "First forward to first token", _E2E_BUCKETS)
@@ -267,6 +276,8 @@ class RequestTimer:
             m._decode.labels(name).observe(out.decode_time_s)
         m._prompt_hist.labels(name).observe(prompt_tokens)
         m._gen_hist.labels(name).observe(completion_tokens)
+        if reason != "abort" and self.first_token_at is not None and completion_tokens > 1:
+            m._tpot.labels(name).observe((self.start + e2e - self.first_token_at) / (completion_tokens - 1))
         if m.log_requests:
             ttft = f"{self.first_token_at - self.start:.3f}" if self.first_token_at is not None else "-"
             log.info("request %s finished (%s): prompt %d tokens (%d cached), output %d tokens, queue %.3f s, "

@@ -93,7 +93,7 @@ async def chat_prompt_ids(state: ServerState, body: ChatCompletionRequest, plan:
     return ids
 
 
-async def _build(state: ServerState, body: ChatCompletionRequest, rid: str,
+async def build_subs(state: ServerState, body: ChatCompletionRequest, rid: str,
                  plan: ToolPlan) -> list[SubRequest]:
     check_n(state, body.n)
     grammar = openai_grammar(body)
@@ -119,8 +119,8 @@ async def _build(state: ServerState, body: ChatCompletionRequest, rid: str,
 
 async def _plan(state: ServerState, body: ChatCompletionRequest) -> AsyncIterator[bytes] | Whole:
     head = response_head(state, body, "chatcmpl")
-    plan = tool_plan(body, state.config.tool_call_parser)
-    subs = await _build(state, body, head["id"], plan)
+    plan = tool_plan(body, state.tool_parser)
+    subs = await build_subs(state, body, head["id"], plan)
     texts = TokenTexts(state)
     if body.stream:
         return _stream(state, subs, head, texts, body.logprobs, include_usage(body), plan, body.pdserve_stream_ids)
@@ -128,7 +128,7 @@ async def _plan(state: ServerState, body: ChatCompletionRequest) -> AsyncIterato
     def shape(results: list[Result]) -> dict[str, Any]:
         choices = []
         for r in results:
-            message, called = _message(plan, r.text)
+            message, called = assistant_message(plan, r.text)
             choices.append({
                 "index": r.index,
                 "message": message,
@@ -143,7 +143,7 @@ async def _plan(state: ServerState, body: ChatCompletionRequest) -> AsyncIterato
     return Whole(subs, shape)
 
 
-def _message(plan: ToolPlan, text: str) -> tuple[dict[str, Any], bool]:
+def assistant_message(plan: ToolPlan, text: str) -> tuple[dict[str, Any], bool]:
     """The assistant message of one choice: content and tool_calls, read by the plan's ToolStream."""
     stream = plan.stream()
     content, calls = "", []

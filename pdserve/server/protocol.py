@@ -192,3 +192,19 @@ class AbortRequest(_Model):
     rid: str = ""
     abort_all: bool = False
 
+
+
+class ResponsesRequest(_SamplingFields):
+    """OpenAI's Responses API body (/v1/responses); the extra sampling knobs of chat are accepted
+    too, as vLLM does. Items and tools stay dicts here: server/responses.py reads them."""
+
+    input: Union[str, list[dict[str, Any]]]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool = True
+    previous_response_id: str | None = None
+    store: bool = True
+    text: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None

@@ -191,6 +191,7 @@ async def load_figures(state: ServerState, step_trace: bool = False) -> dict[str
         "num_pages": load.num_pages,
         "free_pages": load.free_pages,
         "cached_pages": load.cached_pages,
+        "evictable_pages": load.evictable_pages,
         "used_pages": load.num_pages - load.free_pages - load.cached_pages,
         "page_size": load.page_size,
         "kv_usage": load.kv_usage,

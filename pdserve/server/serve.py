@@ -1,8 +1,9 @@
 """`pdserve serve`: CLI flags → start-up checks → ServerConfig → the HTTP server.
 
 Lifecycle of `run_serve(args)`:
-  1. check what can be checked before any process spawns (`preflight`): the model path, the
-     flag combinations, and the port, which is bound right away so a taken port fails in a
+  1. check what can be checked before any process spawns (`preflight`): the model path (a Hub
+     id is fetched into the Hugging Face cache here), the flag combinations (a peer's flag
+     with no effect here is a warning), and the port, which is bound right away so a taken port fails in a
      second, not after the model loads; any problem is one line on stderr and exit code 2;
   2. build the frozen ServerConfig (flags; API key also from contract.API_KEY_ENV);
   3. `http_server.serve_app`: uvicorn's start-up spawns the engine process and waits for it,
@@ -20,14 +21,18 @@ import sys
 from typing import Any
 
 from pdserve.contract import API_KEY_ENV, resolve_api_key
-from pdserve.disagg.backends import BACKENDS
+from pdserve.disagg.backends import BACKENDS, missing_extra
 from pdserve.disagg.config import DECODE_RADIX_FLAG, ENV_PREFIX, FAILURE_POLICIES, MODES, TOKEN_ENV, DisaggConfig
 from pdserve.discovery import DEFAULT_TTL_S, MIN_TTL_S, DiscoveryConfig, parse_discovery_url
-from pdserve.engine.args import add_engine_arguments, check_engine_args, engine_config_from_args
-from pdserve.flags.argtypes import fraction, metrics_prefix, port_number, positive_float, positive_int
+from pdserve.engine.args import ENGINE_EXTRAS, add_engine_arguments, check_engine_args, engine_config_from_args
+from pdserve.flags.argtypes import fraction, metrics_prefix, non_negative_int, port_number, positive_float, \
+    positive_int
+from pdserve.flags.cors import CORS_FLAGS
 from pdserve.flags.sockets import bind_socket
-from pdserve.flags.table import Flag, add_flags, flag_values, with_values
+from pdserve.flags.table import Flag, add_flags, flag_values, noop_warnings, with_values
+from pdserve.model.hub import TOKEN_ENV as HF_TOKEN_ENV
 from pdserve.server.config import ServerConfig
+from pdserve.server.tool_parsers import PARSERS
 
 logger = logging.getLogger("pdserve.server")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -47,8 +52,12 @@ HTTP_FLAGS: tuple[Flag, ...] = (
     Flag(("--max-prompts",), "max_prompts", positive_int, "cap on prompts per request"),
     Flag(("--max-tokens-cap",), "max_tokens_cap", positive_int, "cap on max_tokens", shown="the context length"),
     Flag(("--tool-call-parser",), "tool_call_parser", str, "reads the model's own tool calls for tool_choice "
-         "\"auto\" (hermes: Qwen/Hermes <tool_call>)", ("hermes", "llama3_json"),
-         shown='none; "auto" is then refused'),
+         "\"auto\" (hermes / SGLang's qwen25: Qwen/Hermes <tool_call>; llama3_json / SGLang's llama3)",
+         tuple(PARSERS), shown="chosen from the model's family"),
+    Flag(("--enable-auto-tool-choice",), None, None, "accepted (vLLM's)",
+         noop='tool_choice "auto" is always on (the parser: --tool-call-parser, else the model family\'s)'),
+    Flag(("--responses-kept",), "responses_kept", non_negative_int,
+         "/v1/responses answers kept for previous_response_id and GET /v1/responses/{id} (oldest dropped first)"),
     Flag(("--engine-start-timeout",), "engine_start_timeout_s", positive_float, "seconds the engine may take to load"),
     Flag(("--shutdown-timeout",), "shutdown_timeout_s", positive_float, "seconds per shutdown stage"),
 )
@@ -110,7 +119,7 @@ DISCOVERY_FLAGS: tuple[Flag, ...] = (
     Flag(("--discovery-advertise-host",), "advertise_host", str, "the host routers reach this server at",
          metavar="HOST", shown="--host, or this machine's name when --host is a wildcard"),
 )
-SERVE_FLAGS = HTTP_FLAGS + PD_FLAGS + DISCOVERY_FLAGS + LOG_FLAGS + ADMISSION_FLAGS + TRACE_FLAGS
+SERVE_FLAGS = HTTP_FLAGS + PD_FLAGS + DISCOVERY_FLAGS + LOG_FLAGS + ADMISSION_FLAGS + TRACE_FLAGS + CORS_FLAGS
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -122,6 +131,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_flags(p.add_argument_group("logging and metrics"), LOG_FLAGS, d)
     add_flags(p.add_argument_group("admission control"), ADMISSION_FLAGS, d)
     add_flags(p.add_argument_group("tracing"), TRACE_FLAGS, d)
+    add_flags(p.add_argument_group("CORS (vLLM's flags)"), CORS_FLAGS, d)
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -161,10 +171,17 @@ def preflight(args: argparse.Namespace) -> tuple[ServerConfig, socket.socket]:
 
     check_engine_args(args)
     config = config_from_args(args)
-    check_architecture(check_model(config.engine.model))
-    if config.engine.tokenizer:
-        check_model(config.engine.tokenizer)
+    if args.hf_token:
+        os.environ[HF_TOKEN_ENV] = args.hf_token  # huggingface_hub's, here and in the engine process
+    for line in noop_warnings(args, SERVE_FLAGS + ENGINE_EXTRAS):
+        print(f"pdserve serve: warning: {line}", file=sys.stderr)
+    engine = config.engine
+    check_architecture(check_model(engine.model, engine.revision, engine.download_dir))
+    if engine.tokenizer:
+        check_model(engine.tokenizer, download_dir=engine.download_dir, weights=False)
     pd = config.disagg
+    if pd.mode != "null" and (missing := missing_extra(pd.backend)) is not None:
+        raise ValueError(missing)
     if pd.mode == "prefill" and pd.bootstrap_port == config.port:
         raise ValueError(f"--disaggregation-bootstrap-port {config.port} is the HTTP --port too; pick another")
     pd.check_decode_radix_cache(config.engine.enable_prefix_cache)

@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 
 from pdserve.engine.kv_tiers.backends import storage_id
 from pdserve.engine.messages import EngineReady
-from pdserve.model.config import sampling_defaults
+from pdserve.model.bundled import served_name
+from pdserve.model.config import ModelConfig, sampling_defaults
 from pdserve.model.tokenizer import Tokenizer
 from pdserve.server.admission import Admission, AdmissionConfig
 from pdserve.server.config import ServerConfig
 from pdserve.server.dp_client import EngineHandle
 from pdserve.server.errors import APIError
 from pdserve.server.metrics import ServerMetrics
+from pdserve.server.responses import ResponseStore
+from pdserve.server.tool_parsers import family_parser
 from pdserve.tracing import NoTracer, Tracer, make_tracer
 
 
@@ -37,6 +39,8 @@ class ServerState:
     metrics: ServerMetrics
     model_name: str
     model_names: tuple[str, ...] = ()  # every name a request's `model` may use (404 otherwise)
+    tool_parser: str = "hermes"  # tool_choice "auto": --tool-call-parser, else the model family's
+    responses: ResponseStore = field(default_factory=lambda: ResponseStore(0))  # /v1/responses answers kept
     sampling_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
     started: float = field(default_factory=time.time)
     admission: Admission = field(default_factory=lambda: Admission(AdmissionConfig()))
@@ -59,7 +63,7 @@ class ServerState:
     @classmethod
     def create(cls, config: ServerConfig, client: EngineHandle, info: EngineReady) -> "ServerState":
         tokenizer = Tokenizer(info.tokenizer_path or info.model_path, config.engine.chat_template)
-        name = config.served_model_name or model_display_name(config.engine.model, info.model_path)
+        name = config.served_model_name or served_name(config.engine.model, info.model_path)
         names = (name, *config.served_model_aliases)
         if not config.served_model_name:  # no explicit names: the --model argument is one too
             names += (config.engine.model, info.model_path)
@@ -70,15 +74,11 @@ class ServerState:
         h = config.engine.hicache
         return cls(config=config, client=client, info=info, tokenizer=tokenizer, metrics=metrics, model_name=name,
                    model_names=tuple(dict.fromkeys(names)), sampling_defaults=sampling_defaults(gen) if gen else {},
+                   tool_parser=config.tool_call_parser or family_parser(
+                       ModelConfig.from_folder(info.model_path).architecture, tokenizer.chat_template),
+                   responses=ResponseStore(config.responses_kept),
                    admission=Admission(config.admission, metrics.admission_rejected), tracer=tracer,
                    hicache_storage=storage_id(h.storage_backend, h.storage_extra) if h.enable else None)
-
-
-def model_display_name(model_arg: str, model_path: str) -> str:
-    """The name /v1/models shows: "default" stays "default", else the folder/file stem."""
-    if model_arg.strip() in ("", "default"):
-        return "default"
-    return Path(model_arg).name or Path(model_path).name
 
 
 def get_state(request: Request) -> ServerState:

@@ -11,7 +11,9 @@ pieces. A non-streamed response feeds the whole text once, so both shapes come f
     Llama3Json   {"name", "parameters"|"arguments"}; ... (all or nothing)  auto, --tool-call-parser llama3_json
     RequiredJson [{"name", "parameters"}, ...] (the grammar forces it)      required
     NamedArgs    the arguments object itself (the grammar forces it)        named
-A block a parser cannot read as a call is given back as content, never dropped.
+A block a parser cannot read as a call is given back as content, never dropped. SGLang's parser
+names (qwen25, llama3) name the same parsers; with no --tool-call-parser, `family_parser` picks
+one from the model's chat template and architecture.
 """
 
 from __future__ import annotations
@@ -225,4 +227,18 @@ class NamedArgs:
         return [] if self.started else [Call(self.name, "")]
 
 
-PARSERS = {"hermes": Hermes, "llama3_json": Llama3Json}
+PARSERS = {"hermes": Hermes, "qwen25": Hermes, "llama3_json": Llama3Json, "llama3": Llama3Json}  # SGLang's names too
+
+
+def family_parser(architecture: str, chat_template: str | None) -> str:
+    """The parser for a model's own tool-call format when --tool-call-parser is not given: what its
+    chat template writes (`<tool_call>`: hermes; Llama 3's headers or python tag: llama3_json;
+    ChatML, Hermes' base), else its family (Qwen: hermes; Llama: llama3_json), else hermes."""
+    template = chat_template or ""
+    if "<tool_call>" in template:
+        return "hermes"
+    if "<|python_tag|>" in template or "<|start_header_id|>" in template:
+        return "llama3_json"
+    if "<|im_start|>" in template or architecture.startswith("Qwen"):
+        return "hermes"
+    return "llama3_json" if architecture.startswith("Llama") and template else "hermes"

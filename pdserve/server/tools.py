@@ -3,7 +3,8 @@
     tool_choice      the prompt                 the output is constrained to     read by
     none             tools reach the template   nothing                          ContentOnly
     auto (default    tools reach the template   nothing (the model's own format) --tool-call-parser
-     with tools)                                                                  (hermes, llama3_json)
+     with tools)                                                                  (hermes, llama3_json),
+                                                                                  else the family's
     required         tools reach the template   [{"name": one of the tools,      RequiredJson
                                                   "parameters": its schema}, ...]
     {"type": "function", "function": {"name"}}  that function's parameters       NamedArgs
@@ -26,7 +27,6 @@ from pdserve.server.errors import bad_request
 from pdserve.server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from pdserve.server.tool_parsers import PARSERS, ContentOnly, NamedArgs, RequiredJson, ToolStream
 
-TOOL_PARSERS = tuple(PARSERS)
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def _params_schema(fn: Any) -> dict[str, Any]:
     return fn.parameters if fn.parameters is not None else {"type": "object"}
 
 
-def plan(body: ChatCompletionRequest, parser: str | None) -> ToolPlan:
+def plan(body: ChatCompletionRequest, parser: str) -> ToolPlan:
     """The request's tool plan; a 400 naming the field when tools / tool_choice do not fit."""
     tools, choice = body.tools or [], body.tool_choice
     if not tools:
@@ -79,9 +79,6 @@ def plan(body: ChatCompletionRequest, parser: str | None) -> ToolPlan:
     if choice == "none":
         return ToolPlan("none", tools=listed)
     if choice == "auto":
-        if parser is None:
-            raise bad_request('tool_choice "auto" needs the server started with --tool-call-parser '
-                              f'(one of {list(TOOL_PARSERS)}); use "required" or a named function', param="tool_choice")
         return ToolPlan("auto", parser=parser, tools=listed)
     if choice == "required":
         one = [{"type": "object", "properties": {"name": {"const": t.function.name},

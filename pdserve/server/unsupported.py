@@ -51,6 +51,24 @@ CHAT: dict[str, Any] = {
 }
 _SERVICE_TIERS = ("auto", "default")
 
+# /v1/responses: OpenAI's fields pdserve does not implement (built-in tools, non-text parts and
+# hosted tool choices are refused where they are read, server/responses.py)
+RESPONSES: dict[str, Any] = {
+    **_OPENAI,
+    "background": False,
+    "conversation": ANY,
+    "prompt": ANY,
+    "include": [],
+    "reasoning": ANY,
+    "max_tool_calls": ANY,
+    "top_logprobs": 0,
+    "truncation": "disabled",
+    "context_management": ANY,
+    "service_tier": ANY,
+    "logprobs": False,
+    "n": 1,
+}
+
 GENERATE: dict[str, Any] = {
     "lora_path": ANY,
     "image_data": ANY,

@@ -380,7 +380,7 @@ def test_kill_decode_under_streams_they_migrate(chaos: Chaos) -> None:
     moved = httpx.get(chaos.router.url + "/metrics").text
     print(f"kill -9 a decode under {N_STREAMS} streams: {sum(completed)} completed ({sum(equal)} equal to the "
           f"no-fault run), {N_STREAMS - sum(completed)} failed; last ended {took:.1f} s after the kill; "
-          + " ".join(line for line in moved.splitlines() if line.startswith("sglang:router_migrations_total")))
+          + " ".join(line for line in moved.splitlines() if line.startswith("sgl_router_migrations_total")))
     assert sum(completed) >= 0.95 * N_STREAMS, [r.describe() for r in replies if not r.ok][:3]
     assert all(equal), [(i, stream_output(p, r), w) for i, ((p, _, _), r, w) in enumerate(zip(items, replies, expected))
                         if r.ok and stream_output(p, r) != w][:2]

@@ -117,7 +117,7 @@ def test_n_and_prompt_lists_through_pd_equal_unified(pair, router: EmbeddedRoute
     assert len(set(unified_sampled[0])) > 1  # seeded copies differ: the comparison is of sampled streams
     assert sampled_outputs(router.url) == unified_sampled
     failures = [x for x in httpx.get(router.url + "/metrics").text.splitlines()
-                if x.startswith("sglang:router_pd_transfer_failures_total{")]
+                if x.startswith("sgl_router_pd_transfer_failures_total{")]
     assert failures == []
 
 
@@ -131,7 +131,7 @@ def test_pdserve_router_equals_unified(pair, router: EmbeddedRouter, unified: li
     assert outputs(router.url) == unified
     assert all(unified)
     ttft = httpx.get(router.url + "/metrics").text
-    assert "sglang:router_pd_ttft_seconds_count" in ttft
+    assert "sgl_router_pd_ttft_seconds_count" in ttft
 
 
 def test_sglang_router_in_front_of_pdserve_workers(pair, unified: list, unified_sampled: list) -> None:

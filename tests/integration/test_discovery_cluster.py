@@ -492,7 +492,7 @@ def test_etcd_restart_servers_register_again_routers_watch_again(cluster: Cluste
 
 def removals(router_url: str) -> float:
     metrics = httpx.get(router_url + "/metrics", timeout=5).text
-    found = [x for x in metrics.splitlines() if x.startswith('sglang:router_discovery_changes_total{kind="removed"}')]
+    found = [x for x in metrics.splitlines() if x.startswith('sgl_router_discovery_changes_total{kind="removed"}')]
     return float(found[0].rsplit(" ", 1)[1]) if found else 0.0
 
 

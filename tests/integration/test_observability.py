@@ -6,7 +6,10 @@ router in front): start-up and stats logs, /metrics, and the shipped Grafana das
 - under load the decode prints the stats line at the configured interval (1 s here), and
   `--log-requests` one line per request;
 - every /metrics parses with prometheus-client's parser, and counters only increase across a load;
-- every metric that deploy/grafana/pdserve.json queries is exposed by a server or the router.
+- every metric that deploy/grafana/pdserve.json queries is exposed by a server or the router;
+- a real Prometheus (Debian's `prometheus`, installed by scripts/install_system_deps.sh) scrapes
+  the servers and the router's `--prometheus-port` every second: after a short load every
+  query of the dashboard returns data.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import asyncio
 import datetime as dt
 import json
 import re
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.router.config import HealthConfig, PolicyConfig, RouterConfig, WorkerSpec
 from pdserve.router.server import EmbeddedRouter
-from tests.integration.conftest import ROOT, START_TIMEOUT_S, ServerProcess
+from pdserve.flags.procs import kill_group
+from tests.integration.conftest import ROOT, START_TIMEOUT_S, ServerProcess, free_port
 from tests.integration.pd_cluster import PDPair
 
 ARGS = ["--model", "default", "--threads", "1", "--max-model-len", "512", "--num-pages", "200", "--page-size", "16",
@@ -41,6 +47,7 @@ class Stack:
     pair: PDPair
     router: EmbeddedRouter
     health_at_ready: dict[str, int]
+    metrics_port: int  # the router's --prometheus-port (sglang-router's metrics listener)
 
     @property
     def urls(self) -> list[str]:
@@ -68,11 +75,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, bundled_model_dir: Path) -> 
         pair.launch_decode()
         health = {role: _wait_ready_line(pair.server(role)) for role in ("prefill", "decode")}
         pair.mark()
+        metrics_port = free_port()
         cfg = RouterConfig(port=0, pd=True, workers=(WorkerSpec(pair.prefill.url, "prefill", pair.bootstrap_port),
                                                      WorkerSpec(pair.decode.url, "decode")),
-                           policy=PolicyConfig("round_robin"), health=HealthConfig(interval_s=0.5, timeout_s=2.0))
+                           policy=PolicyConfig("round_robin"), health=HealthConfig(interval_s=0.5, timeout_s=10.0),
+                           prometheus_port=metrics_port)
         router = EmbeddedRouter(cfg).start()
-        yield Stack(pair, router, health)
+        yield Stack(pair, router, health, metrics_port)
     finally:
         if router is not None:
             router.stop()
@@ -154,7 +163,7 @@ def test_stats_line_at_the_interval_and_counters_only_increase(stack: Stack) -> 
         grew |= {key[0] for key, (kind, value) in after.items()  # labelled series appear with the first request
                  if kind in ("counter", "histogram") and value > before[url].get(key, (kind, 0.0))[1]}
     for name in ("sglang:generation_tokens_total", "sglang:prompt_tokens_total", "sglang:num_requests_total",
-                 "sglang:kv_transfers_total", "sglang:kv_transfer_bytes_total", "sglang:router_requests_total",
+                 "sglang:kv_transfers_total", "sglang:kv_transfer_bytes_total", "sgl_router_requests_total",
                  "sglang:e2e_request_latency_seconds_count", "sglang:queue_time_seconds_count"):
         assert name in grew, name
 
@@ -165,13 +174,74 @@ def test_dashboard_queries_only_exposed_metrics(stack: Stack) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     exprs += [v["query"]["query"] for v in dashboard["templating"]["list"] if isinstance(v.get("query"), dict)]
-    names = {n for e in exprs for n in re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*:[a-zA-Z0-9_:]+", e)}
+    names = {n for e in exprs for n in re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*:[a-zA-Z0-9_:]+|sgl_router_\w+", e)}
     assert len(names) > 30
     assert not names - exposed, sorted(names - exposed)
     # SGLang's own dashboard's metrics (sglang-dashboard.json) are all there too
     for name in ("sglang:e2e_request_latency_seconds_bucket", "sglang:time_to_first_token_seconds_sum",
                  "sglang:num_running_reqs", "sglang:gen_throughput", "sglang:cache_hit_rate", "sglang:num_queue_reqs"):
         assert name in exposed, name
+
+
+def _prometheus_config(stack: Stack, port: int) -> str:
+    servers = ", ".join(f"'{u.removeprefix('http://')}'" for u in stack.urls[:2])
+    return (f"global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n"
+            f"scrape_configs:\n"
+            f"  - {{job_name: servers, static_configs: [{{targets: [{servers}]}}]}}\n"
+            f"  - {{job_name: router, static_configs: [{{targets: ['127.0.0.1:{stack.metrics_port}']}}]}}\n"
+            f"  - {{job_name: self, static_configs: [{{targets: ['127.0.0.1:{port}']}}]}}\n")
+
+
+def _dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every dashboard query, Grafana's variables filled in."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    out = [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
+    out += [("variable " + v["name"], re.sub(r"label_values\((\S+), \w+\)", r"\1", v["query"]["query"]))
+            for v in dashboard["templating"]["list"] if isinstance(v.get("query"), dict)
+            and v["query"]["query"] != "label_values(instance)"]
+    fill = {"$__rate_interval": "30s", "$model_name": ".*", "$instance": ".*"}
+    for name, value in fill.items():
+        out = [(title, q.replace(name, value)) for title, q in out]
+    return out
+
+
+def test_every_dashboard_query_has_data_in_a_real_prometheus(stack: Stack, tmp_path: Path) -> None:
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is missing: scripts/install_system_deps.sh installs it (apt-get install prometheus)"
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(_prometheus_config(stack, port))
+    log = open(tmp_path / "prometheus.log", "wb")
+    proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        def targets_up() -> bool:
+            try:
+                active = httpx.get(f"{api}/targets", timeout=5).json()["data"]["activeTargets"]
+            except (httpx.HTTPError, ValueError, KeyError):
+                return False
+            return len(active) == 4 and all(t["health"] == "up" for t in active)
+
+        deadline = time.monotonic() + 120
+        while not targets_up():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()
+            time.sleep(0.5)
+        _load(stack.router.url, n=4, concurrency=2, max_tokens=8)
+        time.sleep(6)  # a few scrapes after the load: every rate() has two samples in its window
+        queries = _dashboard_queries()
+        assert len(queries) > 50
+        empty = []
+        for title, query in queries:
+            r = httpx.get(f"{api}/query", params={"query": query}, timeout=30).json()
+            assert r["status"] == "success", (title, query, r)
+            if not r["data"]["result"]:
+                empty.append(f"{title}: {query}")
+        assert not empty, "\n".join(empty)
+    finally:
+        kill_group(proc)
+        log.close()
 
 
 def test_pools_back_after_the_load(stack: Stack) -> None:

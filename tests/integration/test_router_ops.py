@@ -106,9 +106,9 @@ def test_payload_cap_bad_routes_and_metrics(keyed: EmbeddedRouter, worker: MockW
         assert c.post("/v1/completions", json={"prompt": "x" * 3000}).status_code == 200
         assert c.get("/nowhere").status_code == 404 and c.get("/v1/completions").status_code == 405
         metrics = c.get("/metrics").text
-        for name in ("sglang:router_requests_total", "sglang:router_worker_in_flight",
-                     "sglang:router_worker_circuit_state", "sglang:router_worker_healthy",
-                     "sglang:router_request_duration_seconds", "sglang:router_pd_ttft_seconds"):
+        for name in ("sgl_router_requests_total", "sgl_router_running_requests",
+                     "sgl_router_cb_state", "sgl_router_worker_health",
+                     "sgl_router_request_duration_seconds", "sgl_router_pd_ttft_seconds"):
             assert name in metrics
         assert c.get("/get_loads").json()["workers"][0]["url"] == worker.url
     assert worker.generation_records()[-1].body["prompt"] == "x" * 3000  # the 413 never reached it
@@ -177,3 +177,33 @@ def _ok(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_sglang_admin_routes_and_cors(worker: MockWorker) -> None:
+    """sglang-router's /add_worker, /list_workers, /remove_worker beside /workers; a CORS preflight
+    answered for an allowed origin, refused for another, and the origin echoed on answers."""
+    from pdserve.flags.cors import CorsConfig
+
+    cors = CorsConfig(allowed_origins=("http://ui.example",), allow_credentials=True)
+    cfg = RouterConfig(port=0, workers=(WorkerSpec(worker.url),), policy=PolicyConfig("round_robin"), health=HEALTH,
+                       cors=cors)
+    extra = MockWorker().start()
+    try:
+        with EmbeddedRouter(cfg) as r, httpx.Client(base_url=r.url, timeout=10) as c:
+            assert c.post("/add_worker", params={"url": extra.url}).status_code in (200, 201)
+            assert set(c.get("/list_workers").json()["urls"]) == {worker.url, extra.url}
+            assert {w["url"] for w in c.get("/workers").json()["workers"]} == {worker.url, extra.url}
+            assert c.post("/remove_worker", params={"url": extra.url}).status_code == 200
+            assert c.get("/list_workers").json()["urls"] == [worker.url]
+            asked = {"Origin": "http://ui.example", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "content-type"}
+            pre = c.options("/v1/chat/completions", headers=asked)
+            assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://ui.example"
+            assert "POST" in pre.headers["access-control-allow-methods"]
+            assert pre.headers["access-control-allow-credentials"] == "true"
+            assert c.options("/v1/chat/completions", headers={**asked, "Origin": "http://evil.example"}) \
+                .status_code == 400
+            answer = c.post("/v1/completions", json={"prompt": "x"}, headers={"Origin": "http://ui.example"})
+            assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "http://ui.example"
+    finally:
+        extra.kill()

@@ -115,7 +115,7 @@ def test_dead_prefill_fails_fast_and_cancels_the_decode(pd: tuple[MockWorker, Mo
         wait_until(lambda: d.counts().get("cancelled") == 1, timeout=15, what="the decode leg to be cancelled")
         assert r.app.registry.get(d.url).in_flight == 0
         metrics = httpx.get(r.url + "/metrics").text
-        assert 'sglang:router_pd_transfer_failures_total{leg="prefill",reason="disconnect"} 1.0' in metrics
+        assert 'sgl_router_pd_transfer_failures_total{leg="prefill",reason="disconnect"} 1.0' in metrics
 
 
 def test_failing_decode_cancels_the_prefill(pd: tuple[MockWorker, MockWorker]) -> None:
@@ -185,8 +185,8 @@ def test_client_400_is_relayed_and_not_a_failed_leg(pd: tuple[MockWorker, MockWo
         wait_until(lambda: d.counts().get("cancelled") == 1, 10, "the decode leg to be cancelled")
         assert len(d.generation_records()[0].body["bootstrap_room"]) == 4  # one room per sequence
         metrics = httpx.get(r.url + "/metrics").text
-        assert "sglang:router_pd_transfer_failures_total{" not in metrics  # no leg counted as failed
-        assert 'sglang:router_pd_client_errors_total{leg="prefill",status="400"} 1.0' in metrics
+        assert "sgl_router_pd_transfer_failures_total{" not in metrics  # no leg counted as failed
+        assert 'sgl_router_pd_client_errors_total{leg="prefill",status="400"} 1.0' in metrics
 
 
 def test_client_errors_are_not_transfer_failures(pd: tuple[MockWorker, MockWorker]) -> None:
@@ -201,6 +201,6 @@ def test_client_errors_are_not_transfer_failures(pd: tuple[MockWorker, MockWorke
         assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 400
         assert d.counts()["received"] == 2  # a 400 is not retried
         metrics = c.get("/metrics").text
-        assert 'sglang:router_pd_client_errors_total{leg="prefill",status="400"} 1.0' in metrics
-        assert 'sglang:router_pd_client_errors_total{leg="decode",status="400"} 1.0' in metrics
-        assert "sglang:router_pd_transfer_failures_total{" not in metrics
+        assert 'sgl_router_pd_client_errors_total{leg="prefill",status="400"} 1.0' in metrics
+        assert 'sgl_router_pd_client_errors_total{leg="decode",status="400"} 1.0' in metrics
+        assert "sgl_router_pd_transfer_failures_total{" not in metrics

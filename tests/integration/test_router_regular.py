@@ -61,7 +61,7 @@ def test_500_is_retried_on_another_worker(workers: list[MockWorker]) -> None:
         answers = [c.post("/v1/completions", json=BODY) for _ in range(6)]
         assert all(a.status_code == 200 and a.json()["mock_worker"]["worker"] == good.url for a in answers)
         assert bad.counts().get("failed", 0) >= 2
-        assert 'sglang:router_retries_total{route="/v1/completions"}' in c.get("/metrics").text
+        assert 'sgl_router_retries_total{route="/v1/completions"}' in c.get("/metrics").text
 
 
 def test_every_attempt_failing_returns_the_workers_error(workers: list[MockWorker]) -> None:
@@ -95,7 +95,7 @@ def test_dead_worker_is_ejected_its_circuit_opens_and_it_comes_back(workers: lis
         wait_until(lambda: not state()["healthy"], what="health checks to eject the dead worker")
         assert state()["circuit"] in ("open", "half_open") and c.get("/readiness").status_code == 200
         assert r.app.registry.get(dead.url).breaker.opened_count >= 1
-        assert f'sglang:router_worker_healthy{{role="regular",worker="{dead.url}"}} 0.0' in c.get("/metrics").text
+        assert f'sgl_router_worker_health{{role="regular",worker="{dead.url}"}} 0.0' in c.get("/metrics").text
         dead.revive()
         wait_until(lambda: state()["healthy"] and state()["circuit"] == "closed", what="the worker to come back")
         seen = {c.post("/v1/completions", json=BODY).json()["mock_worker"]["worker"] for _ in range(4)}
@@ -162,7 +162,7 @@ def test_overload_answers_only_200_429_408(workers: list[MockWorker]) -> None:
             metrics = c.get("/metrics").text
     assert set(statuses) <= {200, 429, 408}
     assert statuses.count(200) >= 2 and 429 in statuses and 408 in statuses
-    assert 'sglang:router_rejected_total{reason="queue_full"}' in metrics
+    assert 'sgl_router_rejected_total{reason="queue_full"}' in metrics
 
 
 def test_no_routable_worker_gives_503_and_not_ready() -> None:

@@ -129,3 +129,38 @@ def test_table_follows_percentile_flags() -> None:
     text = format_table(_slow_run(), ("ttft", "e2el"), (50.0, 99.9))
     assert "P50 TTFT (ms):" in text and "P99.9 E2EL (ms):" in text
     assert "ITL" not in text and "P90" not in text
+
+
+def test_compare_and_benchmark_bar_plots_name_their_run(tmp_path, monkeypatch) -> None:
+    """plot_compare and benchmarks/multi_turn.py's bar charts: every figure's title says which run
+    it shows (machine, model, load, date)."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    from pdserve.bench.report import machine, plot_compare
+
+    titles: list[str] = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (titles.append(fig._suptitle.get_text()),
+                                                                  save(fig, *a, **k)))
+    run = _slow_run()
+    plot_compare({"pd": run, "unified": run}, tmp_path, "cmp")
+    spec = importlib.util.spec_from_file_location(
+        "multi_turn", Path(__file__).resolve().parents[2] / "benchmarks" / "multi_turn.py")
+    multi_turn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(multi_turn)
+    args = argparse.Namespace(model="default", conversations=24, turns=5, rate=0.1, reply_len=48, seed=0)
+    rows = [{"system": s, "ttft_p50": 1.0, "ttft_p99": 2.0, "itl_p50": 1.0, "itl_p99": 2.0, "kv_bytes_per_req": 3.0,
+             "goodput": 0.5} for s in ("unified", "pd")]
+    multi_turn.plot_bars(rows, tmp_path, multi_turn.run_title(args, STARTED))
+    assert len(titles) == 3 + 4
+    for title in titles:
+        flat = title.replace("\n", " · ")
+        assert machine() in flat and "model default" in flat and "2026-01-01 00:00 UTC" in flat, flat
+    for title in titles[:3]:
+        assert "2 req/s" in title.replace("\n", " ") and "pd, unified" in title
+    for title in titles[3:]:
+        assert "24 conversations x 5 turns" in title.replace("\n", " ") and "0.1/s" in title

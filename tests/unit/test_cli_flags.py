@@ -24,8 +24,9 @@ SAMPLE = {  # a non-default value per EngineConfig field, as typed on the comman
     "tokenizer": "/some/tokenizer", "chat_template": "{{ messages }}", "log_stats_interval_s": "2.5",
     "tp_size": "2", "nnodes": "2", "node_rank": "1", "dist_init_addr": "10.0.0.1:5000",
     "dp_size": "2", "ep_size": "2", "load_balance_method": "shortest_queue",
-    "kv_events_config": '{"endpoint": "tcp://127.0.0.1:5557"}', "attention_backend": "torch_native",
-    "quantization": "fp16",
+    "kv_events_config": '{"endpoint": "tcp://127.0.0.1:5557"}', "revision": "v1.0", "download_dir": "/some/hf-cache",
+    "gpu_memory_utilization": "0.8",
+    "attention_backend": "torch_native", "quantization": "fp16",
 }
 
 

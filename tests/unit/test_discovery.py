@@ -115,4 +115,4 @@ def test_router_applies_changes_like_the_admin_api() -> None:
     assert [x.url for x in reg.all()] == ["http://127.0.0.1:9"] and reg.by_role("prefill") == []
     assert found.describe()["workers"] == []
     text = RouterMetrics().render([], 0, 0, True).decode()
-    assert "sglang:router_discovery_connected 1.0" in text
+    assert "sgl_router_discovery_connected 1.0" in text

@@ -1,5 +1,6 @@
-"""Engine options behind the new flags: --tokenizer, --chat-template, --mem-fraction-static, the
-warm-up request, and the stats the engine keeps (tiny model, in this process)."""
+"""Engine options behind the new flags: --tokenizer, --chat-template, the warm-up request, and
+the stats the engine keeps (tiny model, in this process). The pool's size and dtype from the
+device: test_device_defaults.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from pdserve import LLM, SamplingParams
-from pdserve.engine.build import available_host_memory
 from pdserve.engine.stats import EngineStats
 from pdserve.model.tokenizer import Tokenizer
 
@@ -26,18 +26,6 @@ def test_tokenizer_folder_and_template_reach_the_engine(tiny_model_dir: Path, bu
               chat_template=TEMPLATE)
     assert llm.engine.tokenizer_path == bundled_model_dir
     assert llm.tokenizer.render_chat([{"role": "user", "content": "x"}]) == "<<user:x>>"
-
-
-def test_mem_fraction_static_sizes_the_pool(tiny_model_dir: Path) -> None:
-    fraction = 2e-5
-    before = available_host_memory()
-    llm = LLM(str(tiny_model_dir), page_size=4, threads=1, mem_fraction_static=fraction)
-    after = available_host_memory()
-    page_bytes = llm.engine.pool.page_bytes()
-    pages = llm.engine.kv.capacity
-    lo, hi = sorted((before, after))
-    assert int(fraction * lo * 0.8) // page_bytes <= pages <= int(fraction * hi * 1.2) // page_bytes + 1
-    assert llm.engine.max_model_len <= pages * 4  # capacity excludes the reserved page
 
 
 def test_warm_up_leaves_nothing_behind(tiny_model_dir: Path) -> None:
@@ -81,4 +69,4 @@ def test_dtype_choices_match_the_loader() -> None:
     from pdserve.engine.config import DTYPE_CHOICES
     from pdserve.model.loader import DTYPES
 
-    assert set(DTYPE_CHOICES) == set(DTYPES)
+    assert set(DTYPE_CHOICES) == set(DTYPES) | {"auto"}  # auto: engine/memory.py picks one of them

@@ -22,7 +22,7 @@ from tests.unit.test_planner import PROFILE
 
 
 def test_router_metrics_read_back_as_an_observation() -> None:
-    m = RouterMetrics("sglang")
+    m = RouterMetrics()
     workers = [new_worker(WorkerSpec(f"http://127.0.0.1:{9000 + i}", role), RouterConfig(pd=True))
                for i, role in enumerate(("prefill", "decode", "decode"))]
     workers[1].in_flight, workers[2].in_flight = 3, 2

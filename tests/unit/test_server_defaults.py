@@ -23,7 +23,7 @@ from tests.tiny_model import TOKENIZER_FILES
 def model_copy(tmp_path: Path, bundled: Path, gen: dict) -> Path:
     folder = tmp_path / "m"
     folder.mkdir()
-    for name in TOKENIZER_FILES:
+    for name in (*TOKENIZER_FILES, "config.json"):  # config.json: the model's family picks its tool parser
         if (bundled / name).exists() and name != "generation_config.json":
             (folder / name).symlink_to(bundled / name)
     (folder / "generation_config.json").write_text(json.dumps(gen))
