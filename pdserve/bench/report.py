@@ -8,7 +8,9 @@
   carries the run's parameters (:func:`run_subtitle`), log axes get 1-2-5 ticks, every panel
   with lines has a legend;
 - :func:`plot_compare`: overlaid, labelled ITL and TTFT CDFs (and output tokens/s over time)
-  of several runs, e.g. PD-disaggregated vs unified.
+  of several runs, e.g. PD-disaggregated vs unified, titled with the runs' parameters;
+- :func:`titled_figure` and :func:`machine`: for the benchmarks' own plots, whose titles name
+  their run the same way (machine, model, load, date).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import os
+import platform
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -150,8 +154,15 @@ def _ttft_ms(result: BenchResult) -> np.ndarray:
     return np.asarray([r.ttft for r in result.records if r.success], dtype=float) * 1000.0
 
 
-def run_subtitle(result: BenchResult) -> str:
-    """What a plot shows: URL, model, load (rate or concurrency), lengths, date."""
+def machine() -> str:
+    """The machine a benchmark ran on, for plot titles: its name, cores and architecture."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"machine {platform.node() or 'unknown'} ({cores} cores, {platform.machine()})"
+
+
+def run_subtitle(result: BenchResult, url: bool = True) -> str:
+    """What a plot shows: URL (unless `url` is False), model, load (rate or concurrency), lengths,
+    date and machine."""
     cfg = result.config
     load = []
     load.append("all at once" if math.isinf(cfg.request_rate) else f"{cfg.request_rate:g} req/s"
@@ -163,8 +174,9 @@ def run_subtitle(result: BenchResult) -> str:
                f"{cfg.dataset} in {cfg.input_len} / out {cfg.output_len} tokens"
                + (f" ±{cfg.range_ratio:.0%}" if cfg.range_ratio else ""))
     date = _dt.datetime.fromtimestamp(result.started_at, tz=_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"{cfg.base_url}{cfg.endpoint} · model {cfg.model} · {', '.join(load)} · {cfg.num_prompts} requests, "
-            f"{lengths} · {date}")
+    where = f"{cfg.base_url}{cfg.endpoint} · " if url else ""
+    return (f"{where}model {cfg.model} · {', '.join(load)} · {cfg.num_prompts} requests, {lengths} · {date} · "
+            f"{machine()}")
 
 
 def _log_ticks(ax: Axes) -> None:
@@ -188,7 +200,7 @@ def _no_data(ax: Axes) -> None:
     ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
 
 
-def _figure(size: tuple[float, float], title: str, subtitle: str) -> Figure:
+def titled_figure(size: tuple[float, float], title: str, subtitle: str) -> Figure:
     """A figure titled `title`, with `subtitle` wrapped at its " · " separators to the width."""
     fig = Figure(figsize=size, layout="constrained")
     width, lines = int(size[0] * 13), [""]
@@ -202,7 +214,7 @@ def _figure(size: tuple[float, float], title: str, subtitle: str) -> Figure:
 
 
 def _distribution(values: np.ndarray, name: str, subtitle: str) -> Figure:
-    fig = _figure((11, 4.4), f"{name} distribution", subtitle)
+    fig = titled_figure((11, 4.4), f"{name} distribution", subtitle)
     hist_ax, cdf_ax = fig.subplots(1, 2)
     if values.size:
         hist_ax.hist(values, bins=min(60, max(10, values.size // 5)), color="tab:blue", label=f"{values.size} samples")
@@ -259,7 +271,7 @@ def figures(result: BenchResult) -> dict[str, Figure]:
     ts = result.summary["time_series"]
     t = np.asarray(ts["t_s"], dtype=float)
 
-    fig = _figure((9, 4.4), "Output tokens/s over time", sub)
+    fig = titled_figure((9, 4.4), "Output tokens/s over time", sub)
     ax = fig.subplots()
     grid, rate, window = rolling_throughput(result)
     ax.plot(grid, rate, color="tab:blue", label=f"output tok/s (rolling {window:g} s window)")
@@ -271,7 +283,7 @@ def figures(result: BenchResult) -> dict[str, Figure]:
     ax.grid(alpha=0.3)
     figs["output_throughput_over_time"] = fig
 
-    fig = _figure((9, 4.4), "Inter-token latency over time", sub)
+    fig = titled_figure((9, 4.4), "Inter-token latency over time", sub)
     ax = fig.subplots()
     points = [(r.chunk_times[k + 1], g * 1000.0) for r in result.records if r.success
               for k, g in enumerate(r.itl) if k + 1 < len(r.chunk_times)]
@@ -307,13 +319,16 @@ def _label(name: str, values: np.ndarray) -> str:
     return f"{name} (p50 {np.percentile(values, 50):.1f}, p99 {np.percentile(values, 99):.1f} ms)"
 
 
-def plot_compare(results: dict[str, BenchResult], out_dir: str | Path, prefix: str = "compare") -> list[Path]:
-    """Overlaid ITL CDFs, TTFT CDFs and output tokens/s over time of ``results`` (label → run)."""
+def plot_compare(results: dict[str, BenchResult], out_dir: str | Path, prefix: str = "compare",
+                 run: str | None = None) -> list[Path]:
+    """Overlaid ITL CDFs, TTFT CDFs and output tokens/s over time of ``results`` (label → run);
+    each figure's title names the run: `run`, else the first result's parameters."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
+    sub = run or f"{', '.join(results)} · {run_subtitle(next(iter(results.values())), url=False)}"
     for stem, title, values_of in (("itl_cdf", "ITL", _itl_ms), ("ttft_cdf", "TTFT", _ttft_ms)):
-        fig = Figure(figsize=(8, 5), layout="constrained")
+        fig = titled_figure((8, 5), f"{title} CDF", sub)
         ax = fig.subplots()
         for name, result in results.items():
             values = values_of(result)
@@ -323,7 +338,7 @@ def plot_compare(results: dict[str, BenchResult], out_dir: str | Path, prefix: s
         ax.legend(loc="lower right")
         paths.append(_name(out, prefix, stem))
         fig.savefig(paths[-1], dpi=100)
-    fig = Figure(figsize=(9, 4), layout="constrained")
+    fig = titled_figure((9, 4.4), "Output tokens/s over time", sub)
     ax = fig.subplots()
     for name, result in results.items():
         grid, rate, window = rolling_throughput(result)
