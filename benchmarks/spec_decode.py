@@ -33,7 +33,8 @@ Reported per (system, workload, batch): output tokens/s, ITL p50/p99 (per stream
 `vllm bench serve` counts it: a verify that accepts several tokens sends them in one chunk),
 TPOT p50 (per token: (latency - TTFT) / (tokens - 1)), and the accepted length (tokens per
 verify, from the server's /metrics: sglang:spec_* counters before and after the load).
-Output: --out/report.md and results.json (default results/spec_decode/, --quick: spec_decode_quick/).
+Output: --out/report.md, results.json and spec_decode.png (default results/spec_decode/, --quick:
+spec_decode_quick/); --plot-only redraws the plot from --out's results.json without running anything.
 """
 
 from __future__ import annotations
@@ -55,9 +56,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _spec_plot import plot  # noqa: E402
 from _vllm_env import VLLM_PYTHON, vllm_env  # noqa: E402
 
 from pdserve.bench.datasets import BenchRequest  # noqa: E402
+from pdserve.bench.report import machine  # noqa: E402
 from pdserve.bench.runner import CHAT, BenchConfig, BenchResult, load_tokenizer, run  # noqa: E402
 from pdserve.flags.procs import kill_group  # noqa: E402
 from pdserve.model.bundled import resolve_model  # noqa: E402
@@ -270,7 +273,8 @@ def run_pd(args: argparse.Namespace, system: str, model: Path, tok: Any, loads: 
     log_dir = args.out / f"logs-pd-{system}"
     server_args = " ".join(["--num-speculative-tokens", str(K), *SPEC[system]])
     cmd = [sys.executable, "-m", "pdserve.cli", "launch", "--mode", "pd", "--prefill", "1", "--decode", "1",
-           "--model", str(model), *threads(args), "--port", str(port), "--transfer-backend", "tcp", "--log-dir", str(log_dir), "--server-args", server_args]
+           "--model", str(model), *threads(args), "--port", str(port), "--transfer-backend", "tcp",
+           "--log-dir", str(log_dir), "--server-args", server_args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -327,8 +331,13 @@ def main() -> int:
     p.add_argument("--skip-pd", action="store_true")
     p.add_argument("--resume", action="store_true", help="keep --out's rows.json and run only what it lacks")
     p.add_argument("--out", type=Path, default=None, help="default: results/spec_decode (--quick: spec_decode_quick)")
+    p.add_argument("--plot-only", action="store_true", help="draw --out/spec_decode.png from --out's results.json "
+                   "(an earlier run's) and exit: no servers")
     args = p.parse_args()
     args.out = args.out or ROOT / "benchmarks" / "results" / ("spec_decode_quick" if args.quick else "spec_decode")
+    if args.plot_only:
+        print("\n".join(map(str, plot(json.loads((args.out / "results.json").read_text()), args.out))))
+        return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a TERM stops the servers too (finally)
     args.output_len, args.batch1_requests, args.rounds = (32, 2, 1) if args.quick else (192, 9, 2)
     args.batches = (1, 16)
@@ -338,6 +347,7 @@ def main() -> int:
         args.systems = ["off", "ngram", "suffix", "adaptive"]
     args.out.mkdir(parents=True, exist_ok=True)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    started = time.time()
     model = resolve_model("default")
     tok = load_tokenizer(str(model))
     loads = workloads(args, tok)
@@ -360,10 +370,14 @@ def main() -> int:
                 run_pd(args, system, model, tok, {("repetitive", 1): loads[("repetitive", 1)]}, rows)
     if draft is not None:
         shutil.rmtree(draft, ignore_errors=True)
-    text = report(args, rows, vllm, load)
+    results = {"rows": rows, "vllm": vllm, "load": load, "quick": args.quick, "machine": machine(),
+               "started_at": started, "model": f"default (bundled {model.name.split('.')[0]})", "k": K,
+               "output_len": args.output_len, "batch1_requests": args.batch1_requests, "rounds": args.rounds,
+               "threads": args.threads}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    plots = plot(results, args.out)
+    text = report(args, rows, vllm, load) + "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
     (args.out / "report.md").write_text(text)
-    (args.out / "results.json").write_text(json.dumps({"rows": rows, "vllm": vllm, "load": load, "quick": args.quick},
-                                                      indent=1))
     print(text)
     return 0
 
