@@ -248,7 +248,8 @@ def test_bootstrap_timeout_without_decode(pair: PDPair) -> None:
         assert "bootstrap timeout" in reply.error["message"], reply.describe()
         assert BOOT_TIMEOUT - 0.5 <= reply.elapsed <= BOOT_TIMEOUT + 4, reply.elapsed
     assert native.status == 503 and native.error["type"] == "service_unavailable"
-    assert streamed.status == 200 and streamed.done  # an error frame, then [DONE]
+    # a stream's head goes out with its first token: a failure before it is an ordinary status
+    assert streamed.status == 503 and streamed.error["type"] == "service_unavailable", streamed.describe()
     pair.settled()
 
 
@@ -435,7 +436,7 @@ def test_injected_transfer_failures_under_concurrency(pair: PDPair) -> None:
         for reply in (res.prefill, res.decode):
             assert reply.status is not None, f"{path} stream={stream}: {reply.describe()}"  # no hang, no crash
             assert reply.ok or clean_error(reply), reply.describe()
-            if stream:
+            if stream and reply.status == 200:  # failed after its head: an error frame, then [DONE]
                 assert reply.done, reply.describe()
         assert res.prefill.ok == res.decode.ok, (res.prefill.describe(), res.decode.describe())
         if res.decode.ok:
