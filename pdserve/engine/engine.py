@@ -7,7 +7,7 @@ Lifecycle of a request:
   finish or abort ─▶ pages released (computed full pages stay in the prefix cache)
 A constrained request first waits in the grammar queue until its grammar is compiled off the
 loop (engine/grammar.py); each step masks its logits and advances its matcher. A request with a
-deadline whose prefill cannot begin in time is dropped with a 503 (`_expire`). Every output
+deadline whose prefill cannot begin in time is dropped with a 503 (engine/deadlines.py). Every output
 token enters its request through `accept_token` (engine/accept.py). Outputs are incremental
 `TokenOut`s: the tokens each request produced since the last step. When it goes idle the engine
 checks KV integrity (free + cached + in use == total). A DP-attention rank ends every step with
@@ -38,14 +38,13 @@ from pdserve.engine.accept import accept_token
 from pdserve.engine.batch import Chunk, ScheduleBatch
 from pdserve.engine.build import EngineParts, build_parts
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.deadlines import Deadlines
 from pdserve.engine.grammar import GrammarQueue
 from pdserve.engine.messages import Bootstrap, GenerateReq, LoadBrief, LoadInfo, TokenOut
 from pdserve.engine.pd.stage import StagePoll
-from pdserve.engine.pd.state import DecodeTransfer
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import SampleResult, SampleRow, score_prompt
 from pdserve.engine.sampling_params import SamplingError, SamplingParams, check_prompt
-from pdserve.engine.stats import prefill_seconds
 from pdserve.engine.stats import expert_load
 
 
@@ -62,8 +61,7 @@ class Engine:
         self.grammar_wait: GrammarQueue[Request] = GrammarQueue(self.grammars)  # compiling
         self._requests: dict[str, Request] = {}
         self._aborted: list[str] = []
-        self._deadlines: list[Request] = []  # requests with a deadline whose prefill has not begun
-        self._expired: dict[str, str] = {}  # rid -> why it was dropped (answered with a 503)
+        self.deadlines = Deadlines()  # TTFT deadlines of requests whose prefill has not begun
         self._arrivals = 0
         self.num_forward_tokens = 0
 
@@ -84,7 +82,7 @@ class Engine:
                     tokens=[*req.input_ids, *req.output_ids], arrival=self._arrivals, generator=gen,
                     t_arrival=time.monotonic(), priority=req.priority, deadline=req.deadline)
         if req.deadline is not None:
-            self._deadlines.append(r)
+            self.deadlines.add(r)
         if req.return_prompt_logprobs:
             r.prompt_lp, r.prompt_lp_from = [None] * r.prompt_len, min(max(req.prompt_logprobs_from, 0), r.prompt_len)
             r.prompt_top = [[] for _ in range(r.prompt_len)] if req.params.top_logprobs > 0 else None
@@ -165,8 +163,9 @@ class Engine:
         return outputs
 
     def _step(self) -> list[TokenOut]:
-        if self._deadlines:
-            self._expire()
+        if self.deadlines:
+            self._aborted += self.deadlines.expire(self._requests, self.config.chunk_budget,
+                                                   self.scheduler.num_running, *self.stats.step_model.line())
         outputs = self._abort_requests()
         if self.grammar_wait:
             outputs += self._poll_grammars()
@@ -191,27 +190,6 @@ class Engine:
             elif r.new_ids:
                 outputs.append(r.take_output())
         return outputs
-
-    def _expire(self) -> None:
-        """Requests whose prefill has not begun and whose first token can no longer come by their
-        deadline (now + their own prefill, predicted by the step model, is past it; a PD decode's
-        prealloc queue: the deadline itself) are aborted, answered with a 503 (`finish_request`):
-        not computed for a client who gave up."""
-        now, keep = time.time(), []
-        a, b = self.stats.step_model.line()
-        for r in self._deadlines:
-            if r.t_admitted is not None or self._requests.get(r.rid) is not r:
-                continue  # its prefill began (or it finished): no longer ours to drop
-            assert r.deadline is not None
-            local = not isinstance(r.transfer, DecodeTransfer)  # the decode's prefill runs elsewhere
-            eta = prefill_seconds(r.todo, self.config.chunk_budget, self.scheduler.num_running, a, b) if local else 0.0
-            if now + eta > r.deadline:
-                late = now + eta - r.deadline
-                self._expired[r.rid] = f"deadline exceeded: the first token would come {late:.3f} s after the deadline"
-                self._aborted.append(r.rid)
-            else:
-                keep.append(r)
-        self._deadlines = keep
 
     def _abort_requests(self) -> list[TokenOut]:
         """Aborts since the last step: a stage's request is answered once its transfer is terminal."""
@@ -286,8 +264,8 @@ class Engine:
         r.finish_reason = reason
         self.stats.on_finish(r.prompt_len, r.cached_tokens)
         out = r.take_output(reason)
-        expired = self._expired.pop(r.rid, None)
-        if error is None and expired is not None:  # dropped at its deadline (_expire)
+        expired = self.deadlines.reason(r.rid)
+        if error is None and expired is not None:  # dropped at its deadline (engine/deadlines.py)
             error, status, out.error_code = expired, 503, "deadline_exceeded"
         if error is not None:
             out.error, out.error_status = error, status

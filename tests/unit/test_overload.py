@@ -184,3 +184,31 @@ def test_a_first_token_past_its_due_time_is_a_503_and_aborts_the_request() -> No
 
     d = deadline(Body())
     assert d is not None and d.due - d.aim == pytest.approx((DUE_SHARE - DEADLINE_SHARE) * 1.0, abs=1e-3)
+
+
+def test_engine_deadlines_drop_only_a_prefill_that_cannot_end_in_time() -> None:
+    """engine/deadlines.py: a waiting request whose predicted prefill ends past its deadline is
+    returned to abort (its reason kept once); one that still fits stays; one whose prefill began
+    is forgotten (the front keeps its deadline from then on)."""
+    from pdserve.engine.deadlines import Deadlines
+    from pdserve.engine.request import Request
+    from pdserve.engine.sampling_params import SamplingParams
+
+    now = time.time()
+
+    def req(rid: str, prompt: int, deadline: float) -> Request:
+        return Request(rid=rid, prompt_len=prompt, params=SamplingParams(), tokens=[1] * prompt, deadline=deadline)
+
+    late, fits, begun = req("late", 1000, now + 0.5), req("fits", 10, now + 30), req("begun", 1000, now + 0.5)
+    begun.t_admitted = time.monotonic()
+    d = Deadlines()
+    assert not d
+    for r in (late, fits, begun):
+        d.add(r)
+    live = {r.rid: r for r in (late, fits, begun)}
+    # a step line of 10 ms + 1 ms per token: 1000 prompt tokens take ~1 s, 10 take 20 ms
+    assert d.expire(live, 2048, 0, 0.010, 0.001) == ["late"]
+    assert "0.51" in (d.reason("late") or "") and d.reason("late") is None and d.reason("fits") is None
+    assert d  # "fits" still waits; "begun" is forgotten
+    fits.t_admitted = time.monotonic()
+    assert d.expire(live, 2048, 0, 0.010, 0.001) == [] and not d

@@ -226,7 +226,7 @@ class DecodeStage:
         self.kv.release(req, keep_in_cache=False)  # reserved pages back: their bytes are not trusted
         req.transfer = None
         req.num_computed = 0
-        req.t_admitted = None  # not admitted yet: a deadline may still drop it (engine._expire)
+        req.t_admitted = None  # not admitted yet: a deadline may still drop it (engine/deadlines.py)
         self.scheduler.add(req)  # an ordinary prefill from here on
         assert self.stats is not None
         self.stats.recomputed += 1
