@@ -16,12 +16,13 @@ import shlex
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pdserve.flags.argtypes import metrics_prefix, non_negative_float, port_number, positive_float, positive_int
 from pdserve.flags.table import Flag, add_flags, flag_values, with_values
+from pdserve.planner.profiler import ProfileSpec
 
 CONNECTORS = ("local",)
 
@@ -99,15 +100,11 @@ PLANNER_FLAGS: tuple[Flag, ...] = (
 
 
 @dataclass(frozen=True)
-class ProfileRun:
+class ProfileRun(ProfileSpec):
+    """`pdserve profile`'s flags: what to measure (ProfileSpec's defaults) and where it goes."""
+
     url: str = "http://127.0.0.1:30000"
     out: Path = Path("profile.json")
-    prompt_lens: tuple[int, ...] = (32, 128, 512, 1024)
-    concurrency: tuple[int, ...] = (1, 4, 8)
-    decode_prompt_lens: tuple[int, ...] = (64, 512)
-    output_tokens: int = 48
-    repeats: int = 3
-    api_key: str | None = None
 
 
 PROFILE_FLAGS: tuple[Flag, ...] = (
@@ -144,13 +141,11 @@ def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_profile(args: argparse.Namespace) -> int:
     from pdserve.planner.profile import save_profile
-    from pdserve.planner.profiler import ProfileSpec, measure
+    from pdserve.planner.profiler import measure
 
     run: ProfileRun = with_values(ProfileRun(), flag_values(args, PROFILE_FLAGS, ProfileRun()))
-    spec = ProfileSpec(run.url.rstrip("/"), run.prompt_lens, run.concurrency, run.decode_prompt_lens,
-                       run.output_tokens, run.repeats, run.api_key)
     try:
-        profile = measure(spec)
+        profile = measure(replace(run, url=run.url.rstrip("/")))
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"pdserve profile: {exc}", file=sys.stderr)
         return 1

@@ -119,16 +119,10 @@ async def relay_stream(ctx: RequestCtx, resp: UpstreamResponse, first: bytes | N
     meter = StreamMeter(resp.headers, ctx.t0)
     await writer.start(resp.status, headers, ctype)
     try:
-        chunk = first
-        while True:
-            if chunk is None:
-                chunk = await resp.next_chunk()
-                if chunk is None:
-                    break
+        async for chunk in resp.iter_chunks(first):
             meter.feed(chunk)
             await writer.write(transform(chunk) if transform else chunk)
             ctx.usage = meter.usage()
-            chunk = None
         if flush is not None:
             await writer.write(flush())
     except UpstreamError as exc:

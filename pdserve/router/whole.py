@@ -46,14 +46,8 @@ async def answer_whole(ctx: RequestCtx, resp: UpstreamResponse, first: bytes | N
         got.extend(data)
 
     try:
-        chunk = first
-        while True:
-            if chunk is None:
-                chunk = await resp.next_chunk()
-                if chunk is None:
-                    break
+        async for chunk in resp.iter_chunks(first):
             got += tracker.feed(chunk)
-            chunk = None
         got += tracker.flush()
     except UpstreamError as exc:
         if not await on_break(exc, keep):

@@ -247,7 +247,10 @@ class UpstreamResponse:
                 return None
             await c.wait_data()
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
+    async def iter_chunks(self, first: bytes | None = None) -> AsyncIterator[bytes]:
+        """`first` (a piece already read with next_chunk, if any), then the rest of the body."""
+        if first is not None:
+            yield first
         while True:
             chunk = await self.next_chunk()
             if chunk is None:
