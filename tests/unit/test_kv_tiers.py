@@ -70,13 +70,17 @@ def run_checked(llm: LLM, ps: list[list[int]]) -> list[tuple[list[int], int]]:
     outs: dict[str, tuple[list[int], int]] = {rid: ([], 0) for rid in rids}
     for rid, p in zip(rids, ps):
         eng.add_request(GenerateReq(rid, p, GREEDY))
-    for _ in range(10_000):  # bounded: a request that can never be admitted fails here, not hangs
-        if not eng.has_work():
-            break
-        for o in eng.step():
+    # bounded in time, not in steps: a step that waits on a tier's copy thread returns at once, so
+    # a count of steps ran out while a loaded machine's copy was still in flight (a flaky failure)
+    deadline = time.monotonic() + 120  # a request that can never be admitted fails here, not hangs
+    while eng.has_work() and time.monotonic() < deadline:
+        step = eng.step()
+        for o in step:
             ids, cached = outs[o.rid]
             outs[o.rid] = (ids + list(o.token_ids), o.cached_tokens if o.finish_reason else cached)
         eng.check_integrity()
+        if not step:
+            time.sleep(0.001)  # leave the core to the copy thread
     assert not eng.has_work(), "the engine made no progress"
     return [outs[rid] for rid in rids]
 
